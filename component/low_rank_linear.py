@@ -1,0 +1,45 @@
+"""The one low-rank linear layer of the toolkit.
+
+W (out x in) is replaced by u @ v with v: in -> rank (no bias) and u: rank -> out (carrying
+the original bias), so y = u(v(x)). Parameters: rank * (in + out) (+ out for the bias).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.v = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.u = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    @classmethod
+    def from_factors(cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                     dtype: torch.dtype, device: torch.device | str) -> "LowRankLinear":
+        """Build from u (out x r) and v (r x in); the bias (out,) goes on u."""
+        out_features, rank = u.shape
+        module = cls(v.shape[1], out_features, rank, bias is not None, dtype=dtype, device=device)
+        with torch.no_grad():
+            module.u.weight.copy_(u)
+            module.v.weight.copy_(v)
+            if bias is not None:
+                module.u.bias.copy_(bias)
+        return module
+
+    @property
+    def weight_product(self) -> torch.Tensor:
+        """The dense matrix u @ v this module stands for (for tests and analysis)."""
+        return self.u.weight @ self.v.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.v(x))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.u.bias is not None}")

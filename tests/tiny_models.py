@@ -1,0 +1,39 @@
+"""Tiny random models from configs (2 layers, hidden 64) for fast tests, one per family."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "gemma3", "opt")
+
+
+def tiny_config(family: str):
+    from transformers import Gemma3TextConfig, LlamaConfig, OPTConfig, Qwen2Config
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=512)
+    if family == "llama":  # grouped KV heads: k/v narrower than q
+        return LlamaConfig(intermediate_size=160, num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if family == "qwen2":  # q/k/v carry biases
+        return Qwen2Config(intermediate_size=160, num_key_value_heads=2, **common)
+    if family == "gemma3":  # sliding + global attention layers, q/k norms
+        return Gemma3TextConfig(intermediate_size=160, num_key_value_heads=1, head_dim=16,
+                                sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                **common)
+    if family == "opt":
+        return OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         ffn_dim=160, word_embed_proj_dim=64, max_position_embeddings=512)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    return model.eval()
+
+
+def save_tiny_model(family: str, directory: str, seed: int = 0) -> str:
+    path = os.path.join(directory, f"tiny-{family}")
+    tiny_model(family, seed).save_pretrained(path)
+    return path

@@ -1,0 +1,145 @@
+"""Calibration windows and evaluation text.
+
+A dataset is named by --dataset / --eval_datasets:
+  wikitext2, ptb, c4   the Hugging Face sets used by GPTQ and SVD-LLM (need the hub or its cache)
+  pydoc                Python's own documentation (pydoc_data.topics): offline, always present
+  random               seeded random token ids (timing and memory runs only)
+  PATH                 a local file: .json/.jsonl rows with a "text" field, anything else plain text
+Any of them may end in a slice of its text, by fraction of lines: `wiki.valid.tokens[0:0.8]`
+for calibration and `wiki.valid.tokens[0.8:1]` for a held-back evaluation slice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+
+import torch
+
+HUB_DATASETS = ("wikitext2", "ptb", "c4")
+BUILTIN_DATASETS = HUB_DATASETS + ("pydoc", "random")
+_SLICE = re.compile(r"^(?P<name>.+?)\[(?P<start>[0-9.]*):(?P<end>[0-9.]*)\]$")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read; the message says what to use instead."""
+
+
+def parse_dataset(spec: str) -> tuple[str, float, float]:
+    """'name[a:b]' -> (name, a, b); no slice -> (name, 0, 1)."""
+    match = _SLICE.match(spec)
+    if not match:
+        return spec, 0.0, 1.0
+    start = float(match["start"] or 0.0)
+    end = float(match["end"] or 1.0)
+    if not 0.0 <= start < end <= 1.0:
+        raise DatasetError(f"dataset slice [{start}:{end}] must satisfy 0 <= start < end <= 1")
+    return match["name"], start, end
+
+
+def validate_dataset(spec: str) -> None:
+    """Cheap checks before any model is loaded."""
+    name, _, _ = parse_dataset(spec)
+    if name in BUILTIN_DATASETS:
+        return
+    if not os.path.isfile(name):
+        raise DatasetError(f"dataset {name!r} is neither one of {', '.join(BUILTIN_DATASETS)} "
+                           f"nor an existing file")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return True  # the user says the data sets are in the local cache
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_text(name: str, split: str) -> str:
+    """Text of a hub data set: split is 'train' (calibration) or 'test' (evaluation)."""
+    if not _hub_reachable():
+        raise DatasetError(f"dataset {name!r} needs the Hugging Face hub, which cannot be reached: "
+                           f"use --dataset FILE (e.g. ../shared/data/wikitext2/wiki.valid.tokens) "
+                           f"or --dataset pydoc")
+    from datasets import load_dataset
+    if name == "wikitext2":
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    elif name == "ptb":
+        rows = load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"]
+    else:  # c4: one training shard for calibration, GPTQ's validation subset for evaluation
+        if split == "train":
+            rows = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+                                split="train")["text"][:20000]
+        else:
+            rows = load_dataset("allenai/c4", data_files={
+                "validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation")["text"][:1100]
+    return "\n\n".join(rows)
+
+
+def _pydoc_text() -> str:
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def _file_text(path: str) -> str:
+    if path.endswith((".json", ".jsonl")):
+        with open(path, encoding="utf-8") as handle:
+            first = handle.read(1)
+            handle.seek(0)
+            rows = json.load(handle) if first == "[" else [json.loads(line) for line in handle if line.strip()]
+        if not rows or "text" not in rows[0]:
+            raise DatasetError(f"{path}: JSON rows need a 'text' field")
+        return "\n\n".join(row["text"] for row in rows)
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def load_text(spec: str, split: str) -> str:
+    """The text of a dataset spec; split 'train' or 'test' matters only for hub sets."""
+    name, start, end = parse_dataset(spec)
+    if name in HUB_DATASETS:
+        text = _hub_text(name, split)
+    elif name == "pydoc":
+        text = _pydoc_text()
+    elif name == "random":
+        raise DatasetError("dataset 'random' has no text (it is random token ids)")
+    else:
+        validate_dataset(name)
+        text = _file_text(name)
+    if (start, end) != (0.0, 1.0):
+        lines = text.splitlines(keepends=True)
+        text = "".join(lines[int(start * len(lines)):int(end * len(lines))])
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """One long 1-D tensor of token ids (no truncation; the length warning is irrelevant here)."""
+    previous = getattr(tokenizer, "model_max_length", None)
+    tokenizer.model_max_length = int(1e12)
+    try:
+        return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    finally:
+        if previous is not None:
+            tokenizer.model_max_length = previous
+
+
+def calibration_windows(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int,
+                        vocab_size: int | None = None) -> torch.Tensor:
+    """nsamples x seq_len token ids at seeded random offsets (same seed, same windows)."""
+    generator = torch.Generator().manual_seed(seed)
+    if parse_dataset(spec)[0] == "random":
+        if vocab_size is None:
+            raise DatasetError("dataset 'random' needs the model's vocabulary size")
+        return torch.randint(0, vocab_size, (nsamples, seq_len), generator=generator)
+    if tokenizer is None:
+        raise DatasetError(f"the model has no tokenizer, so dataset {spec!r} cannot be tokenized: "
+                           f"use --dataset random")
+    ids = tokenize(tokenizer, load_text(spec, "train"))
+    if ids.numel() <= seq_len:
+        raise DatasetError(f"dataset {spec!r} has {ids.numel()} tokens, fewer than one window of "
+                           f"{seq_len}: lower --model_seq_len or use a longer text")
+    starts = torch.randint(0, ids.numel() - seq_len, (nsamples,), generator=generator)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,194 @@
+"""Saving and loading compressed models and statistics: safetensors, JSON, atomic writes.
+
+A compressed model is either
+  DIR/   config.json (the base config plus a "compression" block), model.safetensors,
+         tokenizer files; or
+  NAME.pt  a dict of plain tensors and JSON-able values (no pickled modules), read with
+         torch.load(weights_only=True).
+The "compression" block records how the model was made (base model, method, ratio, the rank of
+every compressed module, whitening, decomposition, calibration, fallbacks), which is all that
+loading needs: the architecture is rebuilt from the config, the recorded modules are swapped
+for LowRankLinear of the recorded rank, and the tensors are loaded strictly.
+
+Every write goes to a temporary sibling first and is renamed into place only when complete,
+so a crash or Ctrl-C never leaves a complete-looking half-written output.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from component import LowRankLinear
+from utils.model import set_submodule
+
+FORMAT_VERSION = 1
+KEEP_SUBDIRS = ("stats",)
+
+
+class CompressedModelError(ValueError):
+    """A compressed model that cannot be loaded (message names the problem)."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.partial-{os.getpid()}"
+    _remove(temporary)
+    try:
+        yield temporary
+    except BaseException:
+        _remove(temporary)
+        raise
+    if os.path.isdir(path) and not os.path.isdir(temporary):
+        raise IsADirectoryError(f"{path} is a directory; cannot replace it with a file")
+    if os.path.isdir(temporary) and os.path.exists(path):
+        old = f"{path}.old-{os.getpid()}"
+        os.replace(path, old)
+        os.replace(temporary, path)
+        _remove(old)
+    else:
+        os.replace(temporary, path)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def write_json(path: str, data: dict) -> None:
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -> None:
+    """Write a compressed model (directory, or a single .pt file) atomically."""
+    from safetensors.torch import save_model
+    config = model.config.to_dict()
+    config["compression"] = compression
+    with atomic_path(path) as temporary:
+        if path.endswith(".pt"):
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            torch.save({"format_version": FORMAT_VERSION, "config": config,
+                        "compression": compression, "state_dict": state}, temporary)
+            return
+        os.makedirs(temporary)
+        save_model(model, os.path.join(temporary, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(temporary, "config.json"), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, indent=2, default=str)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(temporary)
+        # statistics written by step 1 inside the output directory survive its replacement
+        for keep in KEEP_SUBDIRS:
+            if os.path.isdir(os.path.join(path, keep)):
+                os.replace(os.path.join(path, keep), os.path.join(temporary, keep))
+
+
+def is_compressed_model(path: str) -> bool:
+    if path.endswith(".pt"):
+        return os.path.isfile(path)
+    config = os.path.join(path, "config.json")
+    return os.path.isfile(config) and "compression" in read_json(config)
+
+
+def _config_from_dict(config_dict: dict):
+    from transformers import AutoConfig
+    config_dict = {k: v for k, v in config_dict.items() if k != "compression"}
+    return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+
+
+def build_low_rank_model(config_dict: dict, compression: dict, dtype: torch.dtype) -> nn.Module:
+    """The architecture from the config with the recorded modules made low-rank (weights unset)."""
+    from transformers import AutoModelForCausalLM
+    config = _config_from_dict(config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, rank in compression.get("ranks", {}).items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError:
+            raise CompressedModelError(f"compression block names module {name!r}, "
+                                       f"which the {config.model_type} architecture does not have")
+        set_submodule(model, name, LowRankLinear(dense.in_features, dense.out_features, int(rank),
+                                                 bias=dense.bias is not None, dtype=dtype))
+    model.eval()
+    model.config.use_cache = True
+    return model
+
+
+def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, object, dict]:
+    """Load a compressed model on the CPU: (model, tokenizer or None, compression block)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        raise CompressedModelError(f"{path}: no such compressed model (run step 3 to write it)")
+    if path.endswith(".pt"):
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CompressedModelError(f"{path}: not a readable compressed model ({error})") from None
+        config_dict, compression, state = blob["config"], blob["compression"], blob["state_dict"]
+        tokenizer = None
+    else:
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise CompressedModelError(f"{path}: no config.json; not a compressed model directory")
+        config_dict = read_json(config_path)
+        if "compression" not in config_dict:
+            raise CompressedModelError(f"{path}: config.json has no 'compression' block; "
+                                       f"pass an uncompressed model with --model instead")
+        compression = config_dict["compression"]
+        try:
+            state = load_file(os.path.join(path, "model.safetensors"))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CompressedModelError(f"{path}/model.safetensors is damaged or truncated ({error}); "
+                                       f"rerun step 3") from None
+        tokenizer = _load_saved_tokenizer(path)
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
+    model = build_low_rank_model(config_dict, compression, dtype)
+    _load_state_strict(model, state, path)
+    return model, tokenizer, compression
+
+
+def _load_saved_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    expected = model.state_dict()
+    # a tied lm_head is stored once (safetensors) or twice (.pt): one name per tied group suffices
+    groups: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        groups.setdefault(tensor.data_ptr() or id(tensor), []).append(name)
+    missing = sorted(names[0] for names in groups.values() if not any(n in state for n in names))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CompressedModelError(f"{path}: tensors do not match the recorded architecture "
+                                   f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise CompressedModelError(f"{path}: {name} has shape {tuple(tensor.shape)} but the "
+                                       f"recorded rank implies {tuple(expected[name].shape)}; "
+                                       f"the config's ranks do not match the weights")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()

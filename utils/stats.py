@@ -1,0 +1,105 @@
+"""Input statistics of linear layers, accumulated from forward hooks (GPTQ's add_batch pattern).
+
+For every distinct input of a decoder layer's linears (q/k/v share one, gate/up share one):
+    gram      H = X^T X over all calibration tokens (in x in), float64
+    tokens    number of tokens seen
+    abs_sum   sum over tokens of |x| per channel (abs_mean = abs_sum / tokens), float64
+    abs_max   max over tokens of |x| per channel, float32
+
+Precision: each batch's Gram is computed with float32 accumulation (on CUDA straight from
+fp16/bf16 activations with torch.mm(..., out_dtype=float32), elsewhere after a cast to float32)
+and added into a float64 running sum, so the running sum's round-off does not grow with the
+number of tokens; the per-batch product has float32's relative error (about 1e-6).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def batch_gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x for x (tokens x in), accumulated in float32."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(x.T, x, out_dtype=torch.float32)
+    x = x.float()
+    return x.T @ x
+
+
+class InputStatistics:
+    """Running statistics of one input stream."""
+
+    def __init__(self, in_features: int, device: torch.device | str):
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.abs_max = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        self.gram += batch_gram(x)
+        absx = x.abs().float()
+        self.abs_sum += absx.sum(0)
+        torch.maximum(self.abs_max, absx.amax(0), out=self.abs_max)
+        self.tokens += x.shape[0]
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.gram": self.gram.cpu(), f"{prefix}.abs_sum": self.abs_sum.cpu(),
+                f"{prefix}.abs_max": self.abs_max.cpu(),
+                f"{prefix}.tokens": torch.tensor([self.tokens], dtype=torch.int64)}
+
+
+class LayerStatsCollector:
+    """Hooks every given linear of one decoder layer; linears fed the same tensor share one stream.
+
+    Sharing is detected from the forward pass itself (the same input tensor object reaching
+    several linears in one call), so no family-specific grouping table is needed.
+    """
+
+    def __init__(self, linears: dict[str, nn.Module], device: torch.device | str):
+        self.linears = linears
+        self.device = device
+        self.streams: dict[str, InputStatistics] = {}
+        self.stream_of: dict[str, str] = {}  # module name -> stream name
+        # stream -> its latest input tensor; holding the reference keeps it alive, so an identity
+        # test cannot be fooled by a freed tensor's memory being reused for a new one
+        self._last_input: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self) -> "LayerStatsCollector":
+        for name, module in self.linears.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._last_input.clear()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            x = inputs[0]
+            stream = self.stream_of.get(name)
+            if stream is None:
+                # first batch: join a stream whose latest input is this very tensor, else open one
+                stream = next((s for s, t in self._last_input.items() if t is x), name)
+                self.stream_of[name] = stream
+            if stream == name:
+                if stream not in self.streams:
+                    self.streams[stream] = InputStatistics(x.shape[-1], self.device)
+                self.streams[stream].add_batch(x)
+            self._last_input[stream] = x
+        return hook
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for stream, stats in self.streams.items():
+            out.update(stats.tensors(stream))
+        return out
+
+
+def stream_statistics(tensors: dict[str, torch.Tensor], stream: str) -> dict[str, torch.Tensor]:
+    """Read one stream back from a saved layer file: gram, abs_mean, abs_max, tokens."""
+    tokens = int(tensors[f"{stream}.tokens"][0])
+    return {"gram": tensors[f"{stream}.gram"], "abs_mean": tensors[f"{stream}.abs_sum"] / max(tokens, 1),
+            "abs_max": tensors[f"{stream}.abs_max"], "tokens": tokens}

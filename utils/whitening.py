@@ -1,0 +1,96 @@
+"""Truncation-aware data whitening (SVD-LLM).
+
+Let X (tokens x in) be a linear layer's calibration inputs and H = X^T X (in x in) their Gram
+matrix. Any S with S S^T = H makes S^-1 X^T have orthonormal rows, so for W' = (W S)_r S^-1
+(the rank-r truncation of W S mapped back):
+
+    ||(W - W') X^T||_F = ||(W S - (W S)_r) S^-1 X^T||_F = sqrt(sum_{i>r} sigma_i(W S)^2),
+
+i.e. the loss caused by truncating singular value i is exactly sigma_i: truncating the smallest
+singular values of W S is optimal for the layer's output error on its calibration data.
+
+Two factors are offered, both computed in float64:
+  cholesky: S = L, the lower Cholesky factor of H (SVD-LLM v1). If H is not positive definite
+            (fewer tokens than columns, dead channels), H is shifted by (-lambda_min + eps) I,
+            as SVD-LLM does, and the fallback is reported to the caller.
+  eigen:    S = Q diag(sqrt(l)) for H = Q diag(l) Q^T (SVD-LLM v2), Cholesky-free; eigenvalues
+            are clamped at a small floor relative to the largest.
+Any two such S differ by an orthogonal factor on the right, so both give the same W'.
+S^-1 is only ever applied through triangular solves (cholesky) or the orthogonal Q (eigen).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+WHITENING_METHODS = ("cholesky", "eigen", "none")
+
+
+@dataclass
+class WhiteningFactor:
+    """S with S S^T = H (float64), plus how it was obtained."""
+
+    method: str
+    factor: torch.Tensor  # S, (in x in)
+    fallback: bool = False  # True when H had to be shifted / clamped to be usable
+    eigvals: torch.Tensor | None = None  # eigen only: clamped eigenvalues
+    eigvecs: torch.Tensor | None = None  # eigen only: Q
+
+    def right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
+        """W S (float64)."""
+        return weight.to(torch.float64) @ self.factor
+
+    def right_solve(self, matrix: torch.Tensor) -> torch.Tensor:
+        """M S^-1 (float64), without forming the inverse."""
+        matrix = matrix.to(torch.float64)
+        if self.method == "cholesky":
+            return torch.linalg.solve_triangular(self.factor, matrix, upper=False, left=False)
+        # S^-1 = diag(1/sqrt(l)) Q^T
+        return (matrix / self.eigvals.sqrt()) @ self.eigvecs.T
+
+
+def cholesky_factor(gram: torch.Tensor, rel_eps: float = 1e-6) -> WhiteningFactor:
+    """Lower Cholesky factor of H in float64, shifting H when it is not positive definite.
+
+    The shift is (-lambda_min + eps) with eps = rel_eps * mean(diag(H)) (SVD-LLM uses an absolute
+    1e-6; scaling by the Gram's size keeps it meaningful for any activation scale).
+    """
+    gram = gram.to(torch.float64)
+    gram = (gram + gram.T) / 2
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) == 0 and torch.isfinite(factor).all():
+        return WhiteningFactor("cholesky", factor)
+    eps = rel_eps * float(gram.diagonal().mean().clamp_min(1e-30))
+    lambda_min = float(torch.linalg.eigvalsh(gram)[0])
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    shifted = gram + (max(-lambda_min, 0.0) + eps) * eye
+    factor, info = torch.linalg.cholesky_ex(shifted)
+    if int(info) != 0:  # still indefinite through round-off: take a larger step
+        factor = torch.linalg.cholesky(shifted + (abs(lambda_min) + eps) * eye)
+    return WhiteningFactor("cholesky", factor, fallback=True)
+
+
+def eigen_factor(gram: torch.Tensor, rel_floor: float = 1e-8) -> WhiteningFactor:
+    """S = Q diag(sqrt(l)) with eigenvalues clamped at rel_floor * max eigenvalue."""
+    gram = gram.to(torch.float64)
+    gram = (gram + gram.T) / 2
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    floor = rel_floor * float(eigvals[-1].clamp_min(1e-30))
+    clamped = eigvals.clamp_min(floor)
+    fallback = bool((eigvals < floor).any())
+    return WhiteningFactor("eigen", eigvecs * clamped.sqrt(), fallback=fallback,
+                           eigvals=clamped, eigvecs=eigvecs)
+
+
+def whitening_factor(gram: torch.Tensor | None, method: str) -> WhiteningFactor | None:
+    """Dispatch on --whitening; None for plain SVD."""
+    if method == "none":
+        return None
+    if gram is None:
+        raise ValueError(f"--whitening {method} needs calibration statistics (run step 1)")
+    if method == "cholesky":
+        return cholesky_factor(gram)
+    if method == "eigen":
+        return eigen_factor(gram)
+    raise ValueError(f"unknown whitening {method!r}; choose one of {WHITENING_METHODS}")
