@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the model runs in (statistics and decompositions are float32/64 regardless)")
     g.add_argument("--device", "--DEV", dest="device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    g.add_argument("--num_layers", type=int, default=None,
+                   help="keep only the first N decoder layers (timing and memory runs)")
     g.add_argument("--seed", type=int, default=0, help="seed of calibration windows and randomized SVD")
     c = p.add_argument_group("calibration")
     c.add_argument("--dataset", default="wikitext2",

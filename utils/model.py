@@ -81,15 +81,31 @@ def load_tokenizer(source: ModelSource):
         raise
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """Load a causal LM on the CPU in `dtype` (layers move to the device one at a time later)."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+               num_layers: int | None = None) -> tuple[nn.Module, object]:
+    """Load a causal LM on the CPU in `dtype` (layers move to the device one at a time later).
+
+    `num_layers` keeps only the first N decoder layers (for timing runs on a slice of a model).
+    """
     from transformers import AutoModelForCausalLM
     source = resolve_model(spec)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, low_cpu_mem_usage=True,
                                                  **source.pretrained_kwargs())
+    if num_layers is not None:
+        keep_first_layers(model, num_layers)
     model.eval()
     model.config.use_cache = False
     return model, load_tokenizer(source)
+
+
+def keep_first_layers(model: nn.Module, num_layers: int) -> None:
+    layers = decoder_layers(model)
+    if not 1 <= num_layers <= len(layers):
+        raise ValueError(f"--num_layers {num_layers}: the model has {len(layers)} decoder layers")
+    del layers[num_layers:]
+    model.config.num_hidden_layers = num_layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:num_layers]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

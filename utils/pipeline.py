@@ -61,7 +61,7 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
         session.model, session.tokenizer, session.compression = model, tokenizer, compression
     else:
-        session.model, session.tokenizer = load_model(args.model, dtype)
+        session.model, session.tokenizer = load_model(args.model, dtype, args.seed, args.num_layers)
     session.timings["load_s"] = round(time.perf_counter() - start, 3)
     return session
 
