@@ -71,8 +71,13 @@ def cholesky_factor(gram: torch.Tensor, rel_eps: float = 1e-6) -> WhiteningFacto
     return WhiteningFactor("cholesky", factor, fallback=True)
 
 
-def eigen_factor(gram: torch.Tensor, rel_floor: float = 1e-8) -> WhiteningFactor:
-    """S = Q diag(sqrt(l)) with eigenvalues clamped at rel_floor * max eigenvalue."""
+def eigen_factor(gram: torch.Tensor, rel_floor: float = 1e-12) -> WhiteningFactor:
+    """S = Q diag(sqrt(l)) with eigenvalues clamped at rel_floor * max eigenvalue.
+
+    The floor sits just above float64 round-off of eigh (about n * 1e-16 * max): real activation
+    Grams span 1e-10 of their largest eigenvalue, and clamping above that would change the
+    problem rather than regularise it.
+    """
     gram = gram.to(torch.float64)
     gram = (gram + gram.T) / 2
     eigvals, eigvecs = torch.linalg.eigh(gram)

@@ -1,0 +1,16 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+WIKI_VALID = os.path.join(SHARED_DATA, "wikitext2", "wiki.valid.tokens")
+
+
+@pytest.fixture(scope="session")
+def wiki_valid() -> str:
+    if not os.path.isfile(WIKI_VALID):
+        pytest.skip(f"shared data not found at {WIKI_VALID}")
+    return WIKI_VALID

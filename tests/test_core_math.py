@@ -1,0 +1,158 @@
+"""The algorithms without a model: whitening, truncation, ranks, closed-form update."""
+import pytest
+import torch
+
+from utils.decompose import low_rank_factors, low_rank_params, rank_for_ratio
+from utils.stats import InputStatistics
+from utils.update import closed_form_u, output_error, update_u
+from utils.whitening import cholesky_factor, eigen_factor, whitening_factor
+
+
+def correlated_inputs(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Activations with a strongly non-isotropic covariance, like real LLM inputs."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=g, dtype=torch.float64)
+    scales = torch.logspace(0, -3, width, dtype=torch.float64)
+    return torch.randn(tokens, width, generator=g, dtype=torch.float64) @ (mixing * scales) + \
+        torch.randn(width, generator=g, dtype=torch.float64) * 3
+
+
+def weight(out: int, inp: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(out, inp, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("out,inp,ratio", [(64, 64, 0.2), (96, 48, 0.4), (48, 128, 0.6)])
+def test_rank_for_ratio_formula(out, inp, ratio):
+    rank = rank_for_ratio(out, inp, ratio)
+    assert rank == int(out * inp * (1 - ratio) // (out + inp))
+    assert low_rank_params(out, inp, rank, bias=False) <= (1 - ratio) * out * inp
+    assert low_rank_params(out, inp, rank + 1, bias=False) > (1 - ratio) * out * inp
+
+
+def test_rank_for_ratio_edges():
+    assert rank_for_ratio(4096, 4096, 0.2) == 1638
+    assert rank_for_ratio(2, 2, 0.1) is None  # rank 1 would keep 4 of 4 parameters: stays dense
+    assert rank_for_ratio(1000, 1000, 0.9999) == 1  # at least 1
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            rank_for_ratio(10, 10, bad)
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigen"])
+@pytest.mark.parametrize("rank", [4, 16, 31])
+def test_whitened_truncation_loss_equals_discarded_singular_values(method, rank):
+    """SVD-LLM's theorem: ||(W - W')X^T||_F = sqrt(sum_{i>r} sigma_i(W S)^2)."""
+    x = correlated_inputs(800, 48)
+    w = weight(40, 48)
+    factor = whitening_factor(x.T @ x, method)
+    factors = low_rank_factors(w, rank, factor, compute_dtype=torch.float64)
+    actual = torch.linalg.norm((w - factors.u @ factors.v) @ x.T)
+    sigma = torch.linalg.svdvals(w @ factor.factor)
+    expected = sigma[rank:].square().sum().sqrt()
+    assert abs(float(actual) - float(expected)) <= 1e-5 * float(expected)
+    assert abs(factors.truncation_loss - float(expected)) <= 1e-5 * float(expected)
+
+
+@pytest.mark.parametrize("rank", [4, 12, 24])
+def test_whitened_svd_beats_plain_svd_on_output_error(rank):
+    x = correlated_inputs(800, 48)
+    w = weight(40, 48)
+    whitened = low_rank_factors(w, rank, cholesky_factor(x.T @ x), compute_dtype=torch.float64)
+    plain = low_rank_factors(w, rank, None, compute_dtype=torch.float64)
+    loss_whitened = torch.linalg.norm((w - whitened.u @ whitened.v) @ x.T)
+    loss_plain = torch.linalg.norm((w - plain.u @ plain.v) @ x.T)
+    assert loss_whitened < 0.9 * loss_plain
+    # and plain SVD is the optimum of the unweighted error
+    assert torch.linalg.norm(w - plain.u @ plain.v) <= torch.linalg.norm(w - whitened.u @ whitened.v)
+
+
+def test_cholesky_and_eigen_whitening_give_the_same_weight():
+    x = correlated_inputs(600, 32)
+    w = weight(24, 32)
+    gram = x.T @ x
+    a = low_rank_factors(w, 10, cholesky_factor(gram), compute_dtype=torch.float64)
+    b = low_rank_factors(w, 10, eigen_factor(gram), compute_dtype=torch.float64)
+    assert torch.allclose(a.u @ a.v, b.u @ b.v, rtol=0, atol=1e-7 * float(w.abs().max()))
+
+
+def test_factor_splits_sigma_evenly_and_keeps_shapes():
+    w = weight(30, 20)
+    factors = low_rank_factors(w, 7, None, compute_dtype=torch.float64)
+    assert factors.u.shape == (30, 7) and factors.v.shape == (7, 20)
+    # u = U sqrt(S), v = sqrt(S) V^T: both carry the same column/row norms
+    assert torch.allclose(factors.u.norm(dim=0), factors.v.norm(dim=1), rtol=1e-10)
+
+
+def test_rank_deficient_gram_takes_the_fallback_and_stays_finite():
+    x = correlated_inputs(20, 64)  # fewer tokens than columns: H has rank 20
+    gram = x.T @ x
+    factor = cholesky_factor(gram)
+    assert factor.fallback
+    assert torch.isfinite(factor.factor).all()
+    w = weight(32, 64)
+    factors = low_rank_factors(w, 8, factor)
+    assert torch.isfinite(factors.u).all() and torch.isfinite(factors.v).all()
+    assert eigen_factor(gram).fallback
+    # a healthy Gram takes no fallback
+    x = correlated_inputs(400, 64)
+    assert not cholesky_factor(x.T @ x).fallback
+
+
+def test_statistics_accumulate_gram_and_channel_stats_exactly():
+    x = correlated_inputs(300, 16).float()
+    stats = InputStatistics(16, "cpu")
+    for chunk in x.split(70):
+        stats.add_batch(chunk[None])  # (batch, tokens, width) like a decoder layer input
+    reference = x.double().T @ x.double()
+    assert stats.tokens == 300
+    assert torch.allclose(stats.gram, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+    assert torch.allclose(stats.abs_sum / 300, x.abs().double().mean(0), rtol=1e-5)
+    assert torch.equal(stats.abs_max, x.abs().amax(0))
+
+
+def drifted_problem(seed: int = 0):
+    """A compressed layer whose inputs drifted from the calibration inputs used for whitening."""
+    x_orig = correlated_inputs(600, 32, seed)
+    x_drift = x_orig + 0.3 * correlated_inputs(600, 32, seed + 7)
+    w = weight(24, 32, seed + 3)
+    factors = low_rank_factors(w, 8, cholesky_factor(x_orig.T @ x_orig), compute_dtype=torch.float64)
+    return w, factors.u, factors.v, x_drift
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_closed_form_update_never_increases_output_error(seed):
+    w, u, v, x = drifted_problem(seed)
+    fit, holdout = x[:450], x[450:]
+    result = update_u(w, u, v, fit.T @ fit, holdout.T @ holdout)
+    assert result.fit_error_after <= result.fit_error_before * (1 + 1e-12)
+    new_u = result.u
+    for part in (fit, holdout):
+        before = torch.linalg.norm((w - u @ v) @ part.T)
+        after = torch.linalg.norm((w - new_u @ v) @ part.T)
+        assert after <= before * (1 + 1e-9)
+    # the error computed from Grams is the real one
+    direct = torch.linalg.norm((w - u @ v) @ fit.T) ** 2
+    assert abs(output_error(w, u, v, fit.T @ fit) - float(direct)) <= 1e-8 * float(direct)
+
+
+def test_closed_form_update_is_least_squares_optimal_and_a_no_op_without_drift():
+    w, u, v, x = drifted_problem(1)
+    gram = x.T @ x
+    best = closed_form_u(w, v, gram, ridge=0.0)
+    lstsq = torch.linalg.lstsq(x @ v.T, x @ w.T).solution.T
+    assert torch.allclose(best, lstsq, rtol=1e-6, atol=1e-8)
+    # on the whitening data itself, the truncated whitened SVD is already optimal
+    x0 = correlated_inputs(600, 32, 1)
+    f = low_rank_factors(w, 8, cholesky_factor(x0.T @ x0), compute_dtype=torch.float64)
+    assert torch.allclose(closed_form_u(w, f.v, x0.T @ x0, ridge=0.0), f.u, rtol=1e-6, atol=1e-8)
+
+
+def test_update_rejected_when_it_hurts_held_out_error():
+    w, u, v, x = drifted_problem(2)
+    fit = x[:40]
+    holdout = correlated_inputs(500, 32, 99)  # a very different distribution
+    result = update_u(w, u, v, fit.T @ fit, holdout.T @ holdout)
+    if result.holdout_error_after >= result.holdout_error_before:
+        assert not result.accepted and torch.equal(result.u, u)
+    else:
+        assert result.accepted
