@@ -1,0 +1,410 @@
+"""Steps 4 (perplexity) and 5 (efficiency): the numbers a compression method is judged by.
+
+Perplexity protocol (the one GPTQ / SVD-LLM report, made explicit):
+  * the evaluation text (hub sets: the test split joined with "\\n\\n"; c4: the first 1100
+    documents of the validation shard 00000) is tokenized once into one long sequence;
+  * the sequence is cut into non-overlapping windows of seq_len tokens from its start; a tail
+    shorter than seq_len is not evaluated; --eval_limit N keeps the first N windows;
+  * every window is scored independently: the loss is taken on every token but the window's
+    first (seq_len - 1 predictions per window), from logits upcast to float32;
+  * perplexity = exp(mean token NLL over all scored tokens of all windows).
+A token whose NLL is not finite is counted (non_finite_tokens / non_finite_windows) and makes
+the perplexity null: it is never dropped silently nor replaced by a number. The perplexity of
+the finite windows alone is reported beside it, under a name that says so.
+
+Efficiency protocol: the model and (for a compressed model) the original base model are timed in
+the same process, with the same prompts and settings, repetitions interleaved so that machine
+load affects both alike. One warm-up run per model is discarded; each figure is the median of
+--repeats runs; CUDA work is synchronised before every clock read. Prefill: one forward pass
+over eval_batch_size x prefill_len prompt tokens with the KV cache on and logits for the last
+position only (as generation does). Decode: greedy, KV cache on, gen_seq_len single-token steps.
+Prompts are the first windows of the first evaluation text (seeded random ids if the model has
+no tokenizer). Peak memory: CUDA max allocated (weights included) on GPU; on CPU the growth of
+peak resident memory over the run (activations and cache; weights are reported separately).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import inspect
+import math
+import os
+import platform
+import re
+import statistics
+import threading
+import time
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from utils.data import DatasetError, load_text, tokenize
+from utils.io import read_json, write_json
+from utils.model import ModelSpecError, count_parameters, load_model, model_description
+
+RESULTS_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------- perplexity
+
+def eval_windows(ids: torch.Tensor, seq_len: int, limit: int | None = None) -> tuple[torch.Tensor, int]:
+    """Non-overlapping windows (n x seq_len) from the start of `ids`; returns (windows, available)."""
+    if ids.dim() != 1:
+        raise ValueError(f"token ids must be 1-D, got shape {tuple(ids.shape)}")
+    if seq_len < 2:
+        raise ValueError("seq_len must be at least 2 (the first token of a window is not scored)")
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise DatasetError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}: "
+                           f"lower --model_seq_len or use a longer text")
+    n = available if limit is None else min(limit, available)
+    if n < 1:
+        raise ValueError(f"--eval_limit {limit}: evaluate at least one window")
+    return ids[:n * seq_len].view(n, seq_len), available
+
+
+@torch.no_grad()
+def token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """NLL (float32) of tokens 1..L-1 of every row of `batch` (b x L) given the tokens before."""
+    logits = model(input_ids=batch, use_cache=False).logits
+    rows = []
+    for row in range(batch.shape[0]):  # upcast one window at a time: b x L x vocab float32 can be large
+        rows.append(nn.functional.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="none"))
+    return torch.stack(rows)
+
+
+def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 1,
+               device: str | torch.device = "cpu", limit: int | None = None, desc: str = "perplexity") -> dict:
+    """Perplexity of `model` (already on `device`) on the 1-D token ids, by the protocol above."""
+    windows, available = eval_windows(ids, seq_len, limit)
+    total = torch.zeros((), dtype=torch.float64)
+    finite_total = torch.zeros((), dtype=torch.float64)
+    non_finite_tokens = non_finite_windows = 0
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
+        nll = token_nll(model, windows[start:start + batch_size].to(device)).double().cpu()
+        finite = torch.isfinite(nll)
+        non_finite_tokens += int((~finite).sum())
+        bad_rows = ~finite.all(dim=1)
+        non_finite_windows += int(bad_rows.sum())
+        total += nll.sum()
+        finite_total += nll[~bad_rows].sum()
+    n, scored = windows.shape[0], windows.shape[0] * (seq_len - 1)
+    finite_scored = (n - non_finite_windows) * (seq_len - 1)
+    mean = float(total / scored)
+    result = {
+        "ppl": math.exp(mean) if non_finite_tokens == 0 else None,
+        "mean_nll": mean if non_finite_tokens == 0 else None,
+        "tokens": scored, "windows": n, "windows_available": available, "seq_len": seq_len,
+        "limit": limit, "batch_size": batch_size, "text_tokens": int(ids.numel()),
+        "non_finite_tokens": non_finite_tokens, "non_finite_windows": non_finite_windows,
+    }
+    if non_finite_tokens:
+        result["ppl_finite_windows_only"] = (math.exp(float(finite_total / finite_scored))
+                                             if finite_scored else None)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- results files
+
+def _json_default_path(args: argparse.Namespace, session) -> str:
+    """Next to the model: DIR/results.json, NAME.results.json; the original: results/NAME.json."""
+    target = args.model_path or (getattr(args, "save_path", None) if session.compression else None)
+    if target:
+        target = target.rstrip("/")
+        return target[:-3] + ".results.json" if target.endswith(".pt") else os.path.join(target, "results.json")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", args.model.strip("/")).strip("_")
+    return os.path.join("results", f"{name}.json")
+
+
+def results_path(args: argparse.Namespace, session) -> str:
+    return args.results or _json_default_path(args, session)
+
+
+def _compression_summary(compression: dict | None) -> dict | None:
+    """The compression block with the per-matrix maps reduced to a summary."""
+    if compression is None:
+        return None
+    summary = {k: v for k, v in compression.items() if k not in ("ranks", "truncation_loss")}
+    ranks = [r for r in compression.get("ranks", {}).values() if r is not None]
+    summary["ranks"] = {"matrices": len(ranks), "min": min(ranks, default=None), "max": max(ranks, default=None)}
+    return summary
+
+
+def _identity(args: argparse.Namespace, session) -> dict:
+    model_path = os.path.abspath(args.model_path) if args.model_path else None
+    if model_path is None and session.compression is not None and getattr(args, "save_path", None):
+        model_path = os.path.abspath(args.save_path)
+    base = session.compression["base_model"] if session.compression else args.model
+    return {"model_path": model_path, "base_model": base, "compressed": session.compression is not None}
+
+
+def update_results(path: str, args: argparse.Namespace, session, section: str, data: dict) -> dict:
+    """Write `data` under `section` of the results JSON; other sections survive only if they
+    describe the same model (same identity and compression block), else the file starts afresh."""
+    record = {"results_version": RESULTS_VERSION, "model": _identity(args, session),
+              "model_description": model_description(session.model),
+              "compression": _compression_summary(session.compression),
+              "timings": dict(session.timings)}
+    if os.path.isfile(path):
+        try:
+            old = read_json(path)
+        except ValueError:
+            old = {}
+        if old.get("model") == record["model"] and old.get("compression") == record["compression"]:
+            record = {**old, **{k: v for k, v in record.items() if k != "timings"},
+                      "timings": {**old.get("timings", {}), **record["timings"]}}
+    record[section] = data
+    write_json(path, record)
+    return record
+
+
+def _refuse_random(args: argparse.Namespace, session, what: str) -> None:
+    random_weights = (session.compression or {}).get("random_weights") or (
+        session.compression is None and args.model.startswith("random:"))
+    if random_weights:
+        raise ModelSpecError(f"{what} of a model built from random weights (a random: preset) measures "
+                             f"nothing about compression: evaluate a pretrained model")
+
+
+# ---------------------------------------------------------------------------------------- step 4
+
+def perplexity_step(args: argparse.Namespace, session) -> dict:
+    """Step 4: perplexity on every --eval_datasets entry; one JSON, one printed line per dataset."""
+    from utils.pipeline import ensure_model
+    ensure_model(args, session, prefer_compressed=True)
+    _refuse_random(args, session, "perplexity")
+    if session.tokenizer is None:
+        raise DatasetError("the model has no tokenizer, so evaluation text cannot be tokenized: "
+                           "save the tokenizer with the model (perplexity needs real text)")
+    model = session.model.to(args.device).eval()
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    results: dict[str, dict] = {}
+    for spec in args.eval_datasets.split(","):
+        ids = tokenize(session.tokenizer, load_text(spec, "test"))
+        start = time.perf_counter()
+        result = perplexity(model, ids, args.model_seq_len, args.eval_batch_size, args.device,
+                            args.eval_limit, desc=f"perplexity {spec}")
+        result.update(dtype=dtype, device=args.device, seconds=round(time.perf_counter() - start, 3))
+        results[spec] = result
+        ppl = f"{result['ppl']:.4f}" if result["ppl"] is not None else "not finite"
+        extra = (f"; {result['non_finite_windows']} of {result['windows']} windows non-finite "
+                 f"({result['non_finite_tokens']} tokens)" if result["non_finite_tokens"] else "")
+        print(f"perplexity {spec}: {ppl} ({result['windows']} windows of {result['seq_len']}, "
+              f"{result['tokens']} tokens, {dtype}{extra})")
+    path = results_path(args, session)
+    update_results(path, args, session, "perplexity", results)
+    print(f"perplexity: results -> {path}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------- step 5
+
+def _sync(device: str | torch.device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _forward_kwargs(model: nn.Module) -> dict:
+    """Logits for the last position only during prefill, where the architecture allows it."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers >= 5.x names the KV cache argument `cache`, earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(output) -> object:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+@torch.no_grad()
+def generate_timed(model: nn.Module, prompts: torch.Tensor, gen_len: int, device: str) -> dict:
+    """One greedy run with the KV cache: prefill seconds and the seconds of each decode step."""
+    batch, length = prompts.shape
+    prompts = prompts.to(device)
+    mask = torch.ones(batch, length + gen_len, dtype=torch.long, device=device)
+    _sync(device)
+    start = time.perf_counter()
+    out = model(input_ids=prompts, attention_mask=mask[:, :length], use_cache=True, **_forward_kwargs(model))
+    next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    steps = []
+    keyword = _cache_keyword(model)
+    for step in range(gen_len):
+        start = time.perf_counter()
+        out = model(input_ids=next_ids, attention_mask=mask[:, :length + step + 1], use_cache=True,
+                    **{keyword: _cache_of(out)})
+        next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        _sync(device)
+        steps.append(time.perf_counter() - start)
+    return {"prefill_s": prefill, "step_s": steps}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRss:
+    """Peak resident memory during a block, sampled every millisecond (Linux /proc)."""
+
+    def __enter__(self) -> "_PeakRss":
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS so that an RSS delta sees this run's allocations."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(model: nn.Module, prompts: torch.Tensor, gen_len: int, device: str) -> dict:
+    """Peak memory of one prefill + decode run (model already on `device`)."""
+    _release_freed_memory()
+    if str(device).startswith("cuda"):
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        generate_timed(model, prompts, gen_len, device)
+        return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
+    with _PeakRss() as rss:
+        generate_timed(model, prompts, gen_len, device)
+    return {"kind": "cpu_peak_rss_delta", "bytes": max(int(rss.peak - rss.start), 1)}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct parameters (a tied embedding counts once)."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def measure_efficiency(models: dict[str, nn.Module], prompts: torch.Tensor, gen_len: int, repeats: int,
+                       device: str, warmup: int = 1) -> dict[str, dict]:
+    """Time every model (each already on `device`) with the same prompts; repetitions interleaved.
+
+    Per model: prefill tokens/s, decode new tokens/s, per-step decode latency (median, p90),
+    peak memory, parameters and weight bytes; each timing the median over `repeats` runs after
+    `warmup` discarded runs."""
+    batch, length = prompts.shape
+    runs: dict[str, list[dict]] = {name: [] for name in models}
+    for index in tqdm(range(warmup + repeats), desc="efficiency", leave=False):
+        for name, model in models.items():
+            run = generate_timed(model, prompts, gen_len, device)
+            if index >= warmup:
+                runs[name].append(run)
+    figures = {}
+    for name, model in models.items():
+        prefill = [batch * length / r["prefill_s"] for r in runs[name]]
+        decode = [batch * gen_len / sum(r["step_s"]) for r in runs[name]]
+        steps = [s for r in runs[name] for s in r["step_s"]]
+        figures[name] = {
+            "prefill_tokens_per_s": statistics.median(prefill),
+            "prefill_s": statistics.median(r["prefill_s"] for r in runs[name]),
+            "decode_tokens_per_s": statistics.median(decode),
+            "decode_latency_ms": {"median": 1e3 * statistics.median(steps), "p90": 1e3 * _percentile(steps, 0.9)},
+            "peak_memory": peak_memory(model, prompts, gen_len, device),
+            "parameters": count_parameters(model), "weight_bytes": weight_bytes(model),
+            "runs": {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode},
+        }
+    return figures
+
+
+def efficiency_ratios(model: dict, original: dict) -> dict:
+    """model / original for every headline figure (> 1 is faster for throughputs)."""
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+    return {
+        "prefill_throughput": ratio(model["prefill_tokens_per_s"], original["prefill_tokens_per_s"]),
+        "decode_throughput": ratio(model["decode_tokens_per_s"], original["decode_tokens_per_s"]),
+        "decode_latency_median": ratio(model["decode_latency_ms"]["median"], original["decode_latency_ms"]["median"]),
+        "peak_memory": ratio(model["peak_memory"]["bytes"], original["peak_memory"]["bytes"]),
+        "parameters": ratio(model["parameters"], original["parameters"]),
+        "weight_bytes": ratio(model["weight_bytes"], original["weight_bytes"]),
+    }
+
+
+def _prompts(args: argparse.Namespace, session) -> tuple[torch.Tensor, str]:
+    batch, length = args.eval_batch_size, args.prefill_len
+    spec = args.eval_datasets.split(",")[0]
+    if session.tokenizer is None:
+        generator = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(0, session.model.config.vocab_size, (batch, length), generator=generator)
+        return ids, f"random ids (seed {args.seed}; the model has no tokenizer)"
+    ids = tokenize(session.tokenizer, load_text(spec, "test"))
+    if ids.numel() < batch * length:
+        raise DatasetError(f"{spec} has {ids.numel()} tokens, fewer than --eval_batch_size x --prefill_len "
+                           f"= {batch * length}")
+    return ids[:batch * length].view(batch, length), f"{spec}: first {batch} windows of {length} tokens"
+
+
+def efficiency_step(args: argparse.Namespace, session) -> dict:
+    """Step 5: speed and memory of the model and, if it is compressed, of its original."""
+    from utils.model import DTYPES
+    from utils.pipeline import ensure_model
+    ensure_model(args, session, prefer_compressed=True)
+    model = session.model.to(args.device).eval()
+    prompts, source = _prompts(args, session)
+    models = {"model": model}
+    if session.compression is not None:
+        base = session.compression.get("base_model") or args.model
+        original, _ = load_model(base, DTYPES[args.dtype])
+        models["original"] = original.to(args.device).eval()
+    for m in models.values():
+        m.config.use_cache = True
+    figures = measure_efficiency(models, prompts, args.gen_seq_len, args.repeats, args.device)
+    settings = {"device": args.device, "dtype": args.dtype, "batch_size": args.eval_batch_size,
+                "prefill_len": args.prefill_len, "gen_seq_len": args.gen_seq_len, "repeats": args.repeats,
+                "warmup": 1, "prompts": source, "decoding": "greedy, KV cache",
+                "prefill_logits": "last position" if _forward_kwargs(model) else "all positions",
+                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                "load_average_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
+                "machine": platform.processor() or platform.machine(),
+                "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None}
+    data = {"settings": settings, **figures}
+    if "original" in figures:
+        data["ratios"] = efficiency_ratios(figures["model"], figures["original"])
+        models.pop("original").to("cpu")
+    path = results_path(args, session)
+    update_results(path, args, session, "efficiency", data)
+    _print_efficiency(data)
+    print(f"efficiency: results -> {path}")
+    return data
+
+
+def _print_efficiency(data: dict) -> None:
+    for name in ("model", "original"):
+        if name in data:
+            f = data[name]
+            print(f"efficiency {name}: prefill {f['prefill_tokens_per_s']:.1f} tok/s, decode "
+                  f"{f['decode_tokens_per_s']:.1f} tok/s (latency median {f['decode_latency_ms']['median']:.2f} ms, "
+                  f"p90 {f['decode_latency_ms']['p90']:.2f} ms), peak memory {f['peak_memory']['bytes'] / 2**20:.1f} MiB "
+                  f"({f['peak_memory']['kind']}), {f['parameters']:,} parameters, {f['weight_bytes'] / 2**20:.1f} MiB weights")
+    if "ratios" in data:
+        r = data["ratios"]
+        print(f"efficiency ratios (model/original): prefill throughput {r['prefill_throughput']:.3f}, decode "
+              f"throughput {r['decode_throughput']:.3f}, peak memory {r['peak_memory']:.3f}, "
+              f"parameters {r['parameters']:.3f}, weight bytes {r['weight_bytes']:.3f}")
