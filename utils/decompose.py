@@ -33,9 +33,85 @@ def low_rank_params(out_features: int, in_features: int, rank: int, bias: bool) 
     return rank * (out_features + in_features) + (out_features if bias else 0)
 
 
-def exact_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-`rank` of torch.linalg.svd (full spectrum computed)."""
-    u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
+SVD_DRIVERS = ("auto", "default", "gesvda")
+# Largest accepted residual of a gesvda result (see svd_residual), by the SVD's dtype. A float32
+# SVD of a 4096-wide matrix is accurate to about 1e-6; 1e-4 still bounds the change of the
+# truncation error to ~1e-4 * ||A||_F, far below the loss of any useful truncation.
+GESVDA_RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+@dataclass
+class SVDInfo:
+    """How an SVD was computed: the driver that produced the result and its checked residual."""
+
+    driver: str = "default"  # "default" (LAPACK gesdd on CPU, torch's pick on CUDA) or "gesvda"
+    residual: float | None = None  # svd_residual of the gesvda result (None: not checked)
+    fallback: bool = False  # gesvda was tried and rejected
+
+
+def resolve_svd_driver(driver: str, device: torch.device | str) -> str | None:
+    """'auto' -> 'gesvda' on CUDA, the default driver (None) elsewhere; torch's driver= is CUDA-only."""
+    if driver not in SVD_DRIVERS:
+        raise ValueError(f"unknown SVD driver {driver!r}; choose one of {SVD_DRIVERS}")
+    cuda = torch.device(device).type == "cuda"
+    if driver == "gesvda" and not cuda:
+        raise ValueError("the gesvda SVD driver is CUDA-only")
+    if driver == "default" or not cuda:
+        return None
+    return "gesvda"
+
+
+def _linalg_svd(matrix: torch.Tensor, driver: str | None):
+    """The one call into torch.linalg.svd (tests replace it to simulate drivers)."""
+    if driver is None:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    return torch.linalg.svd(matrix, full_matrices=False, driver=driver)
+
+
+def svd_residual(matrix: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor, vh: torch.Tensor) -> float:
+    """max(||A - U S Vh||_F / ||A||_F, ||U^T U - I||_F / sqrt(k), ||Vh Vh^T - I||_F / sqrt(k)), in float64.
+
+    A small value means U S Vh is an SVD of a matrix within that relative distance of A, so (Weyl)
+    its singular values and its rank-r truncation error are those of A up to the same amount.
+    """
+    a = matrix.to(torch.float64)
+    u, sigma, vh = u.to(torch.float64), sigma.to(torch.float64), vh.to(torch.float64)
+    k = sigma.numel()
+    eye = torch.eye(k, dtype=torch.float64, device=a.device)
+    norm = float(torch.linalg.matrix_norm(a)) or 1.0
+    recon = float(torch.linalg.matrix_norm(a - (u * sigma) @ vh)) / norm
+    orth_u = float(torch.linalg.matrix_norm(u.T @ u - eye)) / k ** 0.5
+    orth_v = float(torch.linalg.matrix_norm(vh @ vh.T - eye)) / k ** 0.5
+    value = max(recon, orth_u, orth_v)
+    return value if value == value else float("inf")  # NaN -> inf
+
+
+def checked_svd(matrix: torch.Tensor, driver: str | None, rtol: float | None = None,
+                info: SVDInfo | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD with `driver`; a gesvda result is checked and replaced by the default driver's
+    when its residual exceeds rtol (or is not finite). gesvda runs on the tall orientation."""
+    info = info if info is not None else SVDInfo()
+    if driver != "gesvda":
+        info.driver = "default"
+        return _linalg_svd(matrix, driver)
+    wide = matrix.shape[0] < matrix.shape[1]
+    u, sigma, vh = _linalg_svd(matrix.T if wide else matrix, "gesvda")
+    if wide:  # A^T = U S Vh  =>  A = Vh^T S U^T
+        u, vh = vh.T, u.T
+    rtol = GESVDA_RTOL.get(matrix.dtype, 1e-4) if rtol is None else rtol
+    info.residual = svd_residual(matrix, u, sigma, vh)
+    if info.residual <= rtol:
+        info.driver, info.fallback = "gesvda", False
+        return u, sigma, vh
+    info.driver, info.fallback = "default", True
+    return _linalg_svd(matrix, None)
+
+
+def exact_svd(matrix: torch.Tensor, rank: int, driver: str = "auto",
+              info: SVDInfo | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` of a full thin SVD. driver 'auto': LAPACK on CPU (unchanged), checked gesvda
+    on CUDA with fallback to torch's default CUDA driver (see checked_svd)."""
+    u, sigma, vh = checked_svd(matrix, resolve_svd_driver(driver, matrix.device), info=info)
     return u[:, :rank], sigma[:rank], vh[:rank]
 
 
@@ -47,6 +123,7 @@ class Factors:
     v: torch.Tensor  # r x in
     kept_energy: float  # sum of kept sigma^2 (of W S, or W when not whitened)
     total_energy: float  # ||W S||_F^2
+    svd: SVDInfo | None = None  # exact SVD only: the driver used and its checked residual
 
     @property
     def truncation_loss(self) -> float:
@@ -57,21 +134,23 @@ class Factors:
 def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor | None = None,
                      decomposition: str = "svd", compute_dtype: torch.dtype = torch.float32,
                      oversamples: int = 10, n_iter: int = 2,
-                     generator: torch.Generator | None = None) -> Factors:
+                     generator: torch.Generator | None = None, svd_driver: str = "auto") -> Factors:
     """Truncated (whitened) SVD of `weight` (out x in).
 
     With whitening S: A = W S = U Sigma V^T, keep r, u = U_r sqrt(Sigma_r),
     v = sqrt(Sigma_r) V_r^T S^-1. Without: the same with S = I (plain SVD).
     The SVD runs in `compute_dtype` (float32 for speed, float64 for exactness); whitening
-    products and solves in float64.
+    products and solves in float64. `svd_driver` picks the exact SVD's driver (see exact_svd).
     """
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {DECOMPOSITIONS}")
     target = whitening.right_multiply(weight) if whitening is not None else weight.to(torch.float64)
     total_energy = float(target.square().sum())
     target = target.to(compute_dtype)
+    info = None
     if decomposition == "svd":
-        u, sigma, vh = exact_svd(target, rank)
+        info = SVDInfo()
+        u, sigma, vh = exact_svd(target, rank, svd_driver, info)
     else:
         u, sigma, vh = randomized_svd(target, rank, oversamples, n_iter, generator)
     root = sigma.to(torch.float64).sqrt()
@@ -80,4 +159,4 @@ def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor
     if whitening is not None:
         v = whitening.right_solve(v)
     return Factors(u=u, v=v, kept_energy=float(sigma.to(torch.float64).square().sum()),
-                   total_energy=total_energy)
+                   total_energy=total_energy, svd=info)

