@@ -1,0 +1,82 @@
+"""Randomized SVD (utils/rsvd.py): accuracy against the exact SVD, orthonormality, fallback, seeds."""
+from __future__ import annotations
+
+import torch
+
+from utils.rsvd import randomized_svd
+
+
+def decaying(m: int, n: int, alpha: float = 0.6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = Q1 diag(s) Q2^T with s_i = i^-alpha (float32) and its exact singular values (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    q1, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))
+    s = torch.arange(1, min(m, n) + 1, dtype=torch.float64).pow(-alpha)
+    return ((q1 * s) @ q2.T).float(), s
+
+
+def residual(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a.double() - (u.double() * s.double()) @ vh.double()))
+
+
+def test_n_iter_2_within_one_percent_of_exact_on_decaying_spectrum():
+    for m, n, rank in ((400, 300, 60), (300, 500, 30)):
+        a, s = decaying(m, n, alpha=1.0)
+        optimum = float(s[rank:].square().sum().sqrt())
+        u, sigma, vh = randomized_svd(a, rank, oversamples=10, n_iter=2,
+                                      generator=torch.Generator().manual_seed(0))
+        assert u.shape == (m, rank) and sigma.shape == (rank,) and vh.shape == (rank, n)
+        exact_u, exact_s, exact_vh = torch.linalg.svd(a, full_matrices=False)
+        exact = residual(a, exact_u[:, :rank], exact_s[:rank], exact_vh[:rank])
+        assert abs(exact / optimum - 1) < 1e-4
+        assert residual(a, u, sigma, vh) <= 1.01 * exact
+        # leading singular values are accurate; those near the cutoff may be a few percent low
+        assert torch.allclose(sigma[:rank // 2].double(), s[:rank // 2], rtol=0.01)
+        assert (sigma.double() <= s[:rank] * (1 + 1e-5)).all()
+
+
+def test_outputs_are_orthonormal_and_sorted():
+    a, _ = decaying(350, 250, alpha=0.6, seed=1)
+    u, sigma, vh = randomized_svd(a, 80, oversamples=10, n_iter=2, generator=torch.Generator().manual_seed(3))
+    eye = torch.eye(80)
+    assert torch.allclose(u.T @ u, eye, atol=1e-4)
+    assert torch.allclose(vh @ vh.T, eye, atol=1e-4)
+    assert (sigma[:-1] >= sigma[1:]).all() and (sigma > 0).all()
+    assert u.dtype == sigma.dtype == vh.dtype == torch.float32
+
+
+def test_exact_fallback_when_sketch_covers_the_matrix():
+    a, _ = decaying(120, 40, seed=2)
+    for rank, oversamples in ((35, 10), (40, 0), (30, 10)):
+        u, sigma, vh = randomized_svd(a, rank, oversamples=oversamples, n_iter=2,
+                                      generator=torch.Generator().manual_seed(0))
+        eu, es, evh = torch.linalg.svd(a, full_matrices=False)
+        assert torch.equal(sigma, es[:rank])
+        assert torch.equal(u, eu[:, :rank]) and torch.equal(vh, evh[:rank])
+
+
+def test_seeded_runs_reproduce_and_seeds_differ():
+    a, _ = decaying(200, 150, seed=4)
+    first = randomized_svd(a, 20, 5, 1, torch.Generator().manual_seed(7))
+    again = randomized_svd(a, 20, 5, 1, torch.Generator().manual_seed(7))
+    other = randomized_svd(a, 20, 5, 1, torch.Generator().manual_seed(8))
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_rank_deficient_matrix_gives_finite_exact_product():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(150, 6, generator=g) @ torch.randn(6, 120, generator=g)  # rank 6
+    u, sigma, vh = randomized_svd(a, 20, oversamples=10, n_iter=2, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(u).all() and torch.isfinite(sigma).all() and torch.isfinite(vh).all()
+    assert residual(a, u, sigma, vh) <= 1e-4 * float(torch.linalg.norm(a))
+
+
+def test_n_iter_0_and_power_iterations_improve_accuracy():
+    a, s = decaying(300, 300, alpha=0.6, seed=6)
+    rank = 100
+    optimum = float(s[rank:].square().sum().sqrt())
+    excess = [residual(a, *randomized_svd(a, rank, 10, q, torch.Generator().manual_seed(0))) / optimum - 1
+              for q in (0, 2, 4)]
+    assert excess[0] > excess[1] > excess[2] >= -1e-6
