@@ -19,7 +19,7 @@ EXPECTED_LINEARS = {
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},
     "opt": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"},
 }
-EXPECTED_LINEARS["qwen2"] = EXPECTED_LINEARS["gemma3"] = EXPECTED_LINEARS["llama"]
+EXPECTED_LINEARS["mistral"] = EXPECTED_LINEARS["qwen2"] = EXPECTED_LINEARS["gemma3"] = EXPECTED_LINEARS["llama"]
 
 
 def make_args(model_dir: str, save_path: str, *extra: str):
@@ -179,3 +179,24 @@ def test_closed_form_update_lowers_layer_error(model_dirs, tmp_path):
         if entry["accepted"]:
             assert after <= before
             assert entry["holdout_error"][1] < entry["holdout_error"][0]
+
+
+def test_step2_ranks_file_drives_step3(model_dirs, tmp_path):
+    """Step 2 writes per-matrix ranks; step 3 honours an edited file (None keeps a matrix dense)."""
+    out = str(tmp_path / "out")
+    ranks_path = str(tmp_path / "ranks.json")
+    assert compress.main(["--step", "1,2", "--model", model_dirs["llama"], "--dataset", "random",
+                          "--whitening_nsamples", "4", "--model_seq_len", "16", "--save_path", out,
+                          "--ranks_path", ranks_path, "--ratio", "0.4", "--device", "cpu"]) == 0
+    table = json.load(open(ranks_path))
+    assert table["ratio"] == 0.4 and len(table["ranks"]) == 14
+    assert table["ranks"]["model.layers.0.mlp.down_proj"] == rank_for_ratio(64, 160, 0.4)
+    table["ranks"]["model.layers.0.self_attn.q_proj"] = 5
+    table["ranks"]["model.layers.1.mlp.up_proj"] = None
+    json.dump(table, open(ranks_path, "w"))
+    assert compress.main(["--step", "3", "--model", model_dirs["llama"], "--save_path", out,
+                          "--ranks_path", ranks_path, "--device", "cpu"]) == 0
+    model, _, block = load_compressed(out)
+    assert model.get_submodule("model.layers.0.self_attn.q_proj").rank == 5
+    assert type(model.get_submodule("model.layers.1.mlp.up_proj")) is torch.nn.Linear
+    assert block["dense_modules"] == ["model.layers.1.mlp.up_proj"] and len(block["ranks"]) == 13

@@ -5,15 +5,17 @@ import os
 
 import torch
 
-FAMILIES = ("llama", "qwen2", "gemma3", "opt")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma3", "opt")
 
 
 def tiny_config(family: str):
-    from transformers import Gemma3TextConfig, LlamaConfig, OPTConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
     common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=512)
     if family == "llama":  # grouped KV heads: k/v narrower than q
         return LlamaConfig(intermediate_size=160, num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if family == "mistral":
+        return MistralConfig(intermediate_size=160, num_key_value_heads=2, sliding_window=16, **common)
     if family == "qwen2":  # q/k/v carry biases
         return Qwen2Config(intermediate_size=160, num_key_value_heads=2, **common)
     if family == "gemma3":  # sliding + global attention layers, q/k norms

@@ -60,7 +60,7 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
     sink: dict = {"hidden": [], "layer_args": []}
     non_layer_modules_to(model, device)
     try:
-        for i, window in enumerate(windows):
+        for i, window in enumerate(tqdm(windows, desc="capture inputs", leave=False)):
             for j in range(len(layers)):
                 layers[j] = _Recorder(j, len(layers) - 1, record_kwargs=(i == 0), sink=sink)
             try:
