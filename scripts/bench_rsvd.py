@@ -1,0 +1,159 @@
+"""Micro-benchmark: exact SVD vs randomized SVD (utils/rsvd.py) on LLM-sized matrices.
+
+    python scripts/bench_rsvd.py --out scripts/results/bench_rsvd_cpu.json
+
+Synthetic float32 A = Q1 diag(s) Q2^T with a power-law spectrum s_i = i^-0.6 (as in
+../shared/notes/decomposition-speed.md), rank r = floor(m n (1 - ratio) / (m + n)).
+For every shape, ratio and (oversamples, n_iter):
+  time ratio     exact seconds / randomized seconds (the exact SVD is timed before and after the
+                 randomized runs of that shape and the mean is used, so machine load hits both);
+  excess         ||A - A_r||_F / optimum - 1, optimum = sqrt(sum_{i>r} s_i^2) (Eckart-Young);
+  excess_vs_exact  ||A - A_r||_F / ||A - A_r(exact svd)||_F - 1 (the issue's "higher truncation loss").
+torch.svd_lowrank (q = r + 10, niter = 2) is run as the reference of the notes.
+Optionally (--stats_path from step 1, --model) the same on a few real whitened W S of the model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from utils.decompose import rank_for_ratio  # noqa: E402
+from utils.rsvd import randomized_svd  # noqa: E402
+
+
+def synthetic(m: int, n: int, alpha: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    q1, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
+    s = torch.arange(1, k + 1, dtype=torch.float64).pow(-alpha)
+    return (q1 * s.float()) @ q2.T, s
+
+
+def residual(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - (u * s) @ vh))
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowrank: bool, log) -> dict:
+    m, n = a.shape
+    (eu, es, evh), t0 = timed(lambda: torch.linalg.svd(a, full_matrices=False))
+    log(f"{name}: exact svd {t0:.2f} s")
+    rows = []
+    for ratio in ratios:
+        rank = rank_for_ratio(m, n, ratio)
+        exact_err = residual(a, eu[:, :rank], es[:rank], evh[:rank])
+        optimum = optimum_of(rank, es)
+        runs = [("rsvd", p, q) for p, q in configs] + ([("svd_lowrank", 10, 2)] if lowrank else [])
+        for kind, p, q in runs:
+            g = torch.Generator().manual_seed(0)
+            if kind == "rsvd":
+                (u, s, vh), t = timed(lambda: randomized_svd(a, rank, p, q, g))
+            else:
+                torch.manual_seed(0)
+                (u, s, v), t = timed(lambda: torch.svd_lowrank(a, q=min(rank + p, min(m, n)), niter=q))
+                u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
+            err = residual(a, u, s, vh)
+            rows.append({"ratio": ratio, "rank": rank, "method": kind, "oversamples": p, "n_iter": q,
+                         "seconds": round(t, 3), "excess": err / optimum - 1,
+                         "excess_vs_exact": err / exact_err - 1, "exact_excess": exact_err / optimum - 1})
+            log(f"{name} ratio {ratio} r={rank} {kind} p={p} q={q}: {t:.2f} s, excess {100 * (err / optimum - 1):.2f}% "
+                f"(vs exact {100 * (err / exact_err - 1):.2f}%)")
+    _, t1 = timed(lambda: torch.linalg.svd(a, full_matrices=False))
+    exact_s = (t0 + t1) / 2
+    log(f"{name}: exact svd again {t1:.2f} s")
+    for row in rows:
+        row["speedup"] = round(exact_s / row["seconds"], 3)
+    return {"shape": [m, n], "exact_svd_s": [round(t0, 3), round(t1, 3)], "exact_svd_mean_s": round(exact_s, 3),
+            "runs": rows}
+
+
+def whitened_matrices(stats_path: str, model: str, layers: list[int]) -> dict[str, torch.Tensor]:
+    """W S of q_proj, up_proj and down_proj of the given layers (float32), from step-1 statistics."""
+    from safetensors.torch import load_file
+    from utils.model import decoder_layers, load_model, target_linears
+    from utils.io import read_json
+    from utils.whitening import whitening_factor
+    meta = read_json(os.path.join(stats_path, "meta.json"))
+    net, _ = load_model(model)
+    out = {}
+    for index in layers:
+        stats = load_file(os.path.join(stats_path, f"layer_{index:04d}.safetensors"))
+        streams = meta["streams"][str(index)]
+        for name, linear in target_linears(decoder_layers(net)[index]).items():
+            if name.split(".")[-1] not in ("q_proj", "up_proj", "down_proj"):
+                continue
+            factor = whitening_factor(stats[f"{streams[name]}.gram"], "cholesky")
+            out[f"layer{index}.{name}"] = factor.right_multiply(linear.weight.detach()).float()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="4096x4096,11008x4096")
+    p.add_argument("--ratios", default="0.2,0.4,0.6")
+    p.add_argument("--configs", default="10:2,10:4,100:3,200:3",
+                   help="comma list of oversamples:n_iter for utils.rsvd.randomized_svd")
+    p.add_argument("--alpha", type=float, default=0.6)
+    p.add_argument("--no_lowrank", action="store_true", help="skip the torch.svd_lowrank reference")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stats_path", default=None, help="step-1 statistics for real whitened matrices")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layers", default="0,15,29")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "bench_rsvd_cpu.json"))
+    opts = p.parse_args(argv)
+    torch.set_num_threads(opts.threads)
+    ratios = [float(r) for r in opts.ratios.split(",")]
+    configs = [tuple(int(x) for x in c.split(":")) for c in opts.configs.split(",")]
+    record = {"settings": {**vars(opts), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                           "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                           "load_avg_start": os.getloadavg()},
+              "synthetic": {}, "whitened": {}}
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
+        with open(opts.out + ".tmp", "w") as handle:
+            json.dump(record, handle, indent=1)
+        os.replace(opts.out + ".tmp", opts.out)
+
+    def log(text):
+        print(text, flush=True)
+
+    for shape in opts.shapes.split(","):
+        m, n = (int(x) for x in shape.split("x"))
+        a, s = synthetic(m, n, opts.alpha, opts.seed)
+        record["synthetic"][shape] = bench_matrix(
+            shape, a, lambda rank, es, s=s: float(s[rank:].square().sum().sqrt()), ratios, configs,
+            not opts.no_lowrank, log)
+        save()
+    if opts.stats_path:
+        mats = whitened_matrices(opts.stats_path, opts.model, [int(x) for x in opts.layers.split(",")])
+        for name, a in mats.items():
+            # optimum: exact singular values in float64
+            s64 = torch.linalg.svdvals(a.double())
+            record["whitened"][name] = bench_matrix(
+                name, a, lambda rank, es, s64=s64: float(s64[rank:].square().sum().sqrt()), ratios, configs,
+                False, log)
+            save()
+    record["settings"]["load_avg_end"] = os.getloadavg()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
