@@ -297,6 +297,13 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def linear_flops_per_token(model: nn.Module) -> int:
+    """2 x the weights of every linear inside the decoder layers: the matmul work per token that
+    compression changes (attention scores, norms and the lm_head are left out)."""
+    from utils.model import decoder_layers
+    return 2 * sum(m.weight.numel() for m in decoder_layers(model).modules() if isinstance(m, nn.Linear))
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
@@ -328,6 +335,7 @@ def measure_efficiency(models: dict[str, nn.Module], prompts: torch.Tensor, gen_
             "decode_latency_ms": {"median": 1e3 * statistics.median(steps), "p90": 1e3 * _percentile(steps, 0.9)},
             "peak_memory": peak_memory(model, prompts, gen_len, device),
             "parameters": count_parameters(model), "weight_bytes": weight_bytes(model),
+            "linear_flops_per_token": linear_flops_per_token(model),
             "runs": {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode},
         }
     return figures
@@ -344,6 +352,7 @@ def efficiency_ratios(model: dict, original: dict) -> dict:
         "peak_memory": ratio(model["peak_memory"]["bytes"], original["peak_memory"]["bytes"]),
         "parameters": ratio(model["parameters"], original["parameters"]),
         "weight_bytes": ratio(model["weight_bytes"], original["weight_bytes"]),
+        "linear_flops": ratio(model["linear_flops_per_token"], original["linear_flops_per_token"]),
     }
 
 
@@ -407,4 +416,5 @@ def _print_efficiency(data: dict) -> None:
         r = data["ratios"]
         print(f"efficiency ratios (model/original): prefill throughput {r['prefill_throughput']:.3f}, decode "
               f"throughput {r['decode_throughput']:.3f}, peak memory {r['peak_memory']:.3f}, "
-              f"parameters {r['parameters']:.3f}, weight bytes {r['weight_bytes']:.3f}")
+              f"parameters {r['parameters']:.3f}, weight bytes {r['weight_bytes']:.3f}; linear-layer work "
+              f"{r['linear_flops']:.3f} (ideal prefill speedup about {1 / r['linear_flops']:.2f}x)")

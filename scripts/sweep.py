@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_seq_len", type=int, default=None, help="window length (default 2048)")
     p.add_argument("--eval_limit", type=int, default=None, help="evaluate the first N windows only")
     p.add_argument("--efficiency", action="store_true", help="also run step 5 for every compressed model")
-    p.add_argument("--keep_models", action="store_true", help="keep the compressed models (default: delete)")
+    p.add_argument("--keep_models", action="store_true",
+                   help="keep the compressed models and the statistics (default: delete them after use)")
     p.add_argument("--quick", action="store_true",
                    help="short runs: 4 calibration windows of 64 tokens, 4 evaluation windows; "
                         "without --model a tiny random Llama with a byte tokenizer")
@@ -134,6 +135,8 @@ def sweep(args: argparse.Namespace, extra: list[str]) -> int:
             write_json(results, record)
             if not args.keep_models:
                 shutil.rmtree(save, ignore_errors=True)
+    if not args.keep_models:
+        shutil.rmtree(stats, ignore_errors=True)
     table = markdown_table(load_runs([os.path.join(args.out, "original.json"), os.path.join(args.out, "runs")]))
     with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as handle:
         handle.write(f"Model {model}; calibration {s['dataset']} ({s['whitening_nsamples']} x {s['model_seq_len']}); "

@@ -163,8 +163,20 @@ def test_efficiency_fields_positive(family):
         assert f["peak_memory"]["bytes"] > 0 and f["peak_memory"]["kind"] == "cpu_peak_rss_delta"
         assert f["parameters"] > 0 and f["weight_bytes"] == 4 * f["parameters"]
         assert len(f["runs"]["prefill_tokens_per_s"]) == 3
+        assert f["linear_flops_per_token"] > 0
     ratios = evaluater.efficiency_ratios(figures["model"], figures["original"])
-    assert ratios["parameters"] == 1.0 and all(v > 0 for v in ratios.values())
+    assert ratios["parameters"] == 1.0 and ratios["linear_flops"] == 1.0 and all(v > 0 for v in ratios.values())
+
+
+def test_linear_flops_follow_the_ranks(llama):
+    from component import LowRankLinear
+    from utils.model import decoder_layers
+    linears = [m for m in decoder_layers(llama).modules() if type(m) is torch.nn.Linear]
+    assert evaluater.linear_flops_per_token(llama) == 2 * sum(m.weight.numel() for m in linears)
+    compressed = tiny_model("llama")
+    compressed.model.layers[0].mlp.down_proj = LowRankLinear(160, 64, 8, bias=False)
+    saved = 64 * 160 - 8 * (64 + 160)
+    assert evaluater.linear_flops_per_token(compressed) == evaluater.linear_flops_per_token(llama) - 2 * saved
 
 
 def test_greedy_decode_matches_generate(llama):

@@ -91,6 +91,7 @@ def test_quick_sweep_writes_runs_table_and_plots(tmp_path):
     assert record["compression"]["ratio"] == 0.6 and record["compression"]["whitening"] == "cholesky"
     assert record["perplexity"]["pydoc"]["windows"] == 4 and record["perplexity"]["pydoc"]["ppl"] > 1
     assert not (out / "models" / "whiten_svd_r0.6").exists()  # deleted without --keep_models
+    assert not (out / "stats").exists()
     table = (out / "table.md").read_text()
     assert table.count("\n| svd |") == 2 and table.count("\n| whiten_svd |") == 2 and "\n| original |" in table
     assert plot_results.main([str(out), "--out", str(out / "plots")]) == 0
