@@ -116,16 +116,21 @@ def _config_from_dict(config_dict: dict):
 def build_low_rank_model(config_dict: dict, compression: dict, dtype: torch.dtype) -> nn.Module:
     """The architecture from the config with the recorded modules made low-rank (weights unset)."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
     config = _config_from_dict(config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, rank in compression.get("ranks", {}).items():
-        try:
-            dense = model.get_submodule(name)
-        except AttributeError:
-            raise CompressedModelError(f"compression block names module {name!r}, "
-                                       f"which the {config.model_type} architecture does not have")
-        set_submodule(model, name, LowRankLinear(dense.in_features, dense.out_features, int(rank),
-                                                 bias=dense.bias is not None, dtype=dtype))
+    # every weight is overwritten by the strict load that follows, so skip random init (seconds
+    # for a small model, minutes for a 7B one); buffers such as rotary tables are still computed
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # tied embeddings are one tensor before the strict load checks names
+        for name, rank in compression.get("ranks", {}).items():
+            try:
+                dense = model.get_submodule(name)
+            except AttributeError:
+                raise CompressedModelError(f"compression block names module {name!r}, "
+                                           f"which the {config.model_type} architecture does not have")
+            set_submodule(model, name, LowRankLinear(dense.in_features, dense.out_features, int(rank),
+                                                     bias=dense.bias is not None, dtype=dtype))
     model.eval()
     model.config.use_cache = True
     return model
