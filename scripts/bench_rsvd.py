@@ -102,6 +102,38 @@ def whitened_matrices(stats_path: str, model: str, layers: list[int]) -> dict[st
     return out
 
 
+def summarize(record: dict, max_excess: float = 0.01, min_speedup: float = 2.0) -> dict:
+    """Per (oversamples, n_iter): worst speedup and worst excess_vs_exact over the synthetic runs,
+    and whether the issue's target (>= 2x faster, <= 1% higher truncation loss) holds everywhere."""
+    table: dict[str, dict] = {}
+    for shape, block in record["synthetic"].items():
+        for row in block["runs"]:
+            key = f"{row['method']} p={row['oversamples']} q={row['n_iter']}"
+            cell = table.setdefault(key, {"cases": {}})
+            cell["cases"][f"{shape}@{row['ratio']:g}"] = {"speedup": row["speedup"],
+                                                         "excess_vs_exact": round(row["excess_vs_exact"], 5)}
+    for cell in table.values():
+        cases = cell["cases"].values()
+        cell["min_speedup"] = min(c["speedup"] for c in cases)
+        cell["max_excess_vs_exact"] = max(c["excess_vs_exact"] for c in cases)
+        cell["meets_target"] = {name: c["speedup"] >= min_speedup and c["excess_vs_exact"] <= max_excess
+                                for name, c in cell["cases"].items()}
+    return table
+
+
+def merge(paths: list[str], out: str) -> None:
+    record: dict = {"settings": [], "synthetic": {}, "whitened": {}}
+    for path in paths:
+        with open(path) as handle:
+            part = json.load(handle)
+        record["settings"].append(part["settings"])
+        record["synthetic"].update(part.get("synthetic", {}))
+        record["whitened"].update(part.get("whitened", {}))
+    record["summary"] = summarize(record)
+    with open(out, "w") as handle:
+        json.dump(record, handle, indent=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4096x4096,11008x4096")
@@ -116,7 +148,11 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default="0,15,29")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "bench_rsvd_cpu.json"))
+    p.add_argument("--merge", nargs="+", default=None, help="merge these result files into --out and stop")
     opts = p.parse_args(argv)
+    if opts.merge:
+        merge(opts.merge, opts.out)
+        return 0
     torch.set_num_threads(opts.threads)
     ratios = [float(r) for r in opts.ratios.split(",")]
     configs = [tuple(int(x) for x in c.split(":")) for c in opts.configs.split(",")]
@@ -151,6 +187,7 @@ def main(argv=None) -> int:
                 False, log)
             save()
     record["settings"]["load_avg_end"] = os.getloadavg()
+    record["summary"] = summarize(record)
     save()
     return 0
 
