@@ -200,6 +200,8 @@ def fake_gesvda(monkeypatch):
         calls["shapes"].append(tuple(matrix.shape))
         calls["drivers"].append(driver)
         u, s, vh = real(matrix, None)
+        if driver == "gesvda" and calls["corrupt"] == "raise":
+            raise RuntimeError("linalg.svd: The algorithm failed to converge")
         if driver == "gesvda" and calls["corrupt"] is not None:
             u, s, vh = calls["corrupt"](u, s, vh)
         return u, s, vh
@@ -223,6 +225,7 @@ def test_gesvda_runs_tall_and_is_accepted(fake_gesvda, shape):
     lambda u, s, vh: (u, s * 1.01, vh),  # wrong singular values
     lambda u, s, vh: (u + 1e-2 * torch.randn_like(u), s, vh),  # non-orthogonal U
     lambda u, s, vh: (u, torch.full_like(s, float("nan")), vh),  # NaN
+    "raise",  # gesvda reports a failure
 ])
 def test_bad_gesvda_result_falls_back_to_default(fake_gesvda, corrupt):
     a = _spectrum_matrix(80, 40)

@@ -89,17 +89,21 @@ def svd_residual(matrix: torch.Tensor, u: torch.Tensor, sigma: torch.Tensor, vh:
 def checked_svd(matrix: torch.Tensor, driver: str | None, rtol: float | None = None,
                 info: SVDInfo | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD with `driver`; a gesvda result is checked and replaced by the default driver's
-    when its residual exceeds rtol (or is not finite). gesvda runs on the tall orientation."""
+    when its residual exceeds rtol, is not finite, or gesvda raised. gesvda runs on the tall
+    orientation."""
     info = info if info is not None else SVDInfo()
     if driver != "gesvda":
         info.driver = "default"
         return _linalg_svd(matrix, driver)
     wide = matrix.shape[0] < matrix.shape[1]
-    u, sigma, vh = _linalg_svd(matrix.T if wide else matrix, "gesvda")
-    if wide:  # A^T = U S Vh  =>  A = Vh^T S U^T
+    try:
+        u, sigma, vh = _linalg_svd(matrix.T if wide else matrix, "gesvda")
+    except RuntimeError:  # torch reports a failed convergence as an error
+        u = sigma = vh = None
+    if wide and u is not None:  # A^T = U S Vh  =>  A = Vh^T S U^T
         u, vh = vh.T, u.T
     rtol = GESVDA_RTOL.get(matrix.dtype, 1e-4) if rtol is None else rtol
-    info.residual = svd_residual(matrix, u, sigma, vh)
+    info.residual = float("inf") if u is None else svd_residual(matrix, u, sigma, vh)
     if info.residual <= rtol:
         info.driver, info.fallback = "gesvda", False
         return u, sigma, vh
