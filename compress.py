@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rsvd_n_iter", type=int, default=2, help="randomized SVD: power iterations")
     d.add_argument("--svd_dtype", default="float32", choices=["float32", "float64"],
                    help="precision of the SVD itself (whitening is always float64)")
+    d.add_argument("--svd_driver", default="auto", choices=["auto", "default", "gesvda"],
+                   help="exact SVD driver: auto = cuSOLVER gesvda with a residual check on CUDA "
+                        "(falls back to the default driver), LAPACK on CPU")
     d.add_argument("--update", default="none", choices=["none", "closed_form"],
                    help="closed-form update of u against the original layer outputs (SVD-LLM step 2)")
     e = p.add_argument_group("evaluation (steps 4-5)")
@@ -118,6 +121,8 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--device {args.device}: no CUDA device here; use --device cpu")
     elif args.device != "cpu":
         raise UsageError(f"--device {args.device}: use cpu, cuda or cuda:N")
+    if args.svd_driver == "gesvda" and not args.device.startswith("cuda"):
+        raise UsageError("--svd_driver gesvda is CUDA-only: use --svd_driver auto on the CPU")
     steps = set(args.steps)
     needs_base = steps & {1, 2, 3} or (steps & {4, 5} and not args.model_path)
     if needs_base:

@@ -40,6 +40,7 @@ def compressed_dir(tiny_dir, tmp_path_factory):
     (["--step", "4", "--model_path", "/nonexistent/compressed"], "no such"),
     (["--step", "1", "--device", "tpu"], "--device"),
     (["--step", "1", "--whitening_nsamples", "0"], "at least 1"),
+    (["--step", "3", "--svd_driver", "gesvda"], "CUDA-only"),
 ])
 def test_validation_errors_exit_2_before_loading(argv, needle, tiny_dir, tmp_path, capsys):
     full = list(argv)

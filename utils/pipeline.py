@@ -172,7 +172,9 @@ def _compress_layer(layer: torch.nn.Module, index: int, prefix: str, ranks: dict
         weight = linear.weight.detach()
         factors = low_rank_factors(weight.to(args.device), rank, whitening, args.decomposition,
                                    DTYPES[args.svd_dtype], args.rsvd_oversamples, args.rsvd_n_iter,
-                                   generator)
+                                   generator, svd_driver=args.svd_driver)
+        if factors.svd is not None and factors.svd.fallback:
+            report["svd_driver_fallbacks"] += 1
         report["truncation_loss"][full] = factors.truncation_loss
         originals[full] = weight
         bias = linear.bias.detach() if linear.bias is not None else None
@@ -196,8 +198,8 @@ def compress(args: argparse.Namespace, session: Session) -> dict:
         if stats_meta["num_layers"] != len(decoder_layers(model)):
             raise ValueError(f"statistics in {stats_path} are for {stats_meta['num_layers']} layers, "
                              f"the model has {len(decoder_layers(model))}: rerun step 1 for this model")
-    report = {"ranks": {}, "dense": [], "fallbacks": 0, "fallback_streams": [], "truncation_loss": {},
-              "update": {}}
+    report = {"ranks": {}, "dense": [], "fallbacks": 0, "svd_driver_fallbacks": 0, "fallback_streams": [],
+              "truncation_loss": {}, "update": {}}
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
 
@@ -249,7 +251,8 @@ def compress(args: argparse.Namespace, session: Session) -> dict:
         "ratio": args.ratio, "ranks": report["ranks"], "dense_modules": report["dense"],
         "whitening": args.whitening, "decomposition": args.decomposition,
         "rsvd": {"oversamples": args.rsvd_oversamples, "n_iter": args.rsvd_n_iter} if args.decomposition == "rsvd" else None,
-        "svd_dtype": args.svd_dtype, "update": args.update,
+        "svd_dtype": args.svd_dtype, "svd_driver": args.svd_driver,
+        "svd_driver_fallbacks": report["svd_driver_fallbacks"], "update": args.update,
         "updating_nsamples": args.updating_nsamples if args.update != "none" else 0,
         "updates_accepted": sum(u["accepted"] for u in report["update"].values()),
         "calibration": None if stats_meta is None else {k: stats_meta[k] for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")},
