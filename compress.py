@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from utils import pipeline
+    from utils.io import CompressedModelError
     session = pipeline.Session()
     try:
         for step in args.steps:
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                     evaluater.perplexity_step(args, session)
                 else:
                     evaluater.efficiency_step(args, session)
-    except (DatasetError, ModelSpecError, FileNotFoundError) as error:
+    except (DatasetError, ModelSpecError, FileNotFoundError, pipeline.PipelineError,
+            CompressedModelError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -133,3 +133,12 @@ def test_interrupted_save_keeps_the_previous_output(compressed_dir, tmp_path, mo
 def test_uncompressed_directory_is_not_a_compressed_model(tiny_dir):
     with pytest.raises(CompressedModelError, match="compression"):
         load_compressed(tiny_dir)
+
+
+def test_statistics_of_another_model_are_refused(compressed_dir, tmp_path, capsys):
+    other = save_tiny_model("qwen2", str(tmp_path))
+    rc = compress.main(["--step", "3", "--model", other, "--stats_path", os.path.join(compressed_dir, "stats"),
+                        "--save_path", str(tmp_path / "out"), "--device", "cpu"])
+    assert rc == 2
+    assert "rerun step 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")

@@ -28,6 +28,10 @@ from utils.whitening import whitening_factor
 STATS_META = "meta.json"
 
 
+class PipelineError(ValueError):
+    """Inputs of a step that do not fit together (message says how to fix it)."""
+
+
 @dataclass
 class Session:
     """What chained steps hand each other in memory."""
@@ -195,9 +199,14 @@ def compress(args: argparse.Namespace, session: Session) -> dict:
     stats_path = stats_path_of(args)
     if args.whitening != "none":
         stats_meta = read_stats_meta(stats_path)
-        if stats_meta["num_layers"] != len(decoder_layers(model)):
-            raise ValueError(f"statistics in {stats_path} are for {stats_meta['num_layers']} layers, "
-                             f"the model has {len(decoder_layers(model))}: rerun step 1 for this model")
+        described = stats_meta.get("model_description", {})
+        current = _describe(model)
+        mismatch = [k for k in ("model_type", "num_layers", "hidden_size", "parameters")
+                    if k in described and described[k] != current[k]]
+        if mismatch:
+            raise PipelineError(f"statistics in {stats_path} were collected on {stats_meta['model']} "
+                                f"({', '.join(f'{k} {described[k]}' for k in mismatch)}), not on this model "
+                                f"({', '.join(f'{k} {current[k]}' for k in mismatch)}): rerun step 1 for it")
     report = {"ranks": {}, "dense": [], "fallbacks": 0, "svd_driver_fallbacks": 0, "fallback_streams": [],
               "truncation_loss": {}, "update": {}}
     generator = torch.Generator().manual_seed(args.seed)
