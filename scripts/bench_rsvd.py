@@ -127,7 +127,12 @@ def merge(paths: list[str], out: str) -> None:
         with open(path) as handle:
             part = json.load(handle)
         record["settings"].append(part["settings"])
-        record["synthetic"].update(part.get("synthetic", {}))
+        for shape, block in part.get("synthetic", {}).items():
+            if shape not in record["synthetic"]:
+                record["synthetic"][shape] = {**block, "runs": list(block["runs"]), "parts": [block]}
+            else:  # the same shape measured in another run: keep every row, and each run's exact timings
+                record["synthetic"][shape]["runs"].extend(block["runs"])
+                record["synthetic"][shape]["parts"].append(block)
         record["whitened"].update(part.get("whitened", {}))
     record["summary"] = summarize(record)
     with open(out, "w") as handle:
