@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -85,22 +86,35 @@ def profile(args: argparse.Namespace, session: Session) -> dict:
     start = time.perf_counter()
     prefix = layer_prefix(model)
     streams: dict[str, dict[str, str]] = {}
+    # one background writer: layer i's statistics go to disk while layer i+1 runs; waiting on the
+    # previous write before queueing the next bounds the memory held to two layers' statistics
+    writer = ThreadPoolExecutor(max_workers=1)
+    pending: list = []
     with atomic_path(stats_path) as temporary:
         os.makedirs(temporary)
 
         def collect(index: int, layer: torch.nn.Module, run) -> torch.Tensor:
             with LayerStatsCollector(target_linears(layer), args.device) as collector:
                 outputs = run()
-            save_file(collector.tensors(), os.path.join(temporary, f"layer_{index:04d}.safetensors"))
+            tensors = collector.tensors()
+            if pending:
+                pending.pop().result()  # re-raises a failed write
+            pending.append(writer.submit(save_file, tensors,
+                                         os.path.join(temporary, f"layer_{index:04d}.safetensors")))
             streams[str(index)] = collector.stream_of
             return outputs
 
-        walk_layers(model, windows, args.device, collect, desc="profile")
+        try:
+            walk_layers(model, windows, args.device, collect, desc="profile")
+            for future in pending:
+                future.result()
+        finally:
+            writer.shutdown(wait=True)
         meta = {"model": args.model, "model_description": _describe(model),
                 "layer_prefix": prefix, "num_layers": len(decoder_layers(model)),
                 "dataset": args.dataset, "nsamples": args.whitening_nsamples,
                 "seq_len": args.model_seq_len, "seed": args.seed, "tokens": int(windows.numel()),
-                "dtype": args.dtype, "streams": streams}
+                "dtype": args.dtype, "gram_dtype": "float32", "streams": streams}
         write_json(os.path.join(temporary, STATS_META), meta)
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
     print(f"profile: {len(streams)} layers, {windows.numel()} tokens -> {stats_path} "

@@ -9,7 +9,8 @@ For every distinct input of a decoder layer's linears (q/k/v share one, gate/up 
 Precision: each batch's Gram is computed with float32 accumulation (on CUDA straight from
 fp16/bf16 activations with torch.mm(..., out_dtype=float32), elsewhere after a cast to float32)
 and added into a float64 running sum, so the running sum's round-off does not grow with the
-number of tokens; the per-batch product has float32's relative error (about 1e-6).
+number of tokens; the per-batch product has float32's relative error (about 1e-6). Saved Grams
+are float32 (see InputStatistics.tensors).
 """
 from __future__ import annotations
 
@@ -42,8 +43,12 @@ class InputStatistics:
         torch.maximum(self.abs_max, absx.amax(0), out=self.abs_max)
         self.tokens += x.shape[0]
 
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.gram": self.gram.cpu(), f"{prefix}.abs_sum": self.abs_sum.cpu(),
+    def tensors(self, prefix: str, gram_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The statistics for saving. The Gram is stored in float32 by default: rounding the
+        float64 sum to float32 (relative error 6e-8 per entry) adds far less than the float32
+        per-batch products already carry (about 1e-6), and halves the statistics on disk
+        (a LLaMA-7B layer: 0.7 GB instead of 1.4 GB). Readers cast back to float64."""
+        return {f"{prefix}.gram": self.gram.to(gram_dtype).cpu(), f"{prefix}.abs_sum": self.abs_sum.cpu(),
                 f"{prefix}.abs_max": self.abs_max.cpu(),
                 f"{prefix}.tokens": torch.tensor([self.tokens], dtype=torch.int64)}
 
@@ -91,15 +96,15 @@ class LayerStatsCollector:
             self._last_input[stream] = x
         return hook
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, gram_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for stream, stats in self.streams.items():
-            out.update(stats.tensors(stream))
+            out.update(stats.tensors(stream, gram_dtype))
         return out
 
 
 def stream_statistics(tensors: dict[str, torch.Tensor], stream: str) -> dict[str, torch.Tensor]:
     """Read one stream back from a saved layer file: gram, abs_mean, abs_max, tokens."""
     tokens = int(tensors[f"{stream}.tokens"][0])
-    return {"gram": tensors[f"{stream}.gram"], "abs_mean": tensors[f"{stream}.abs_sum"] / max(tokens, 1),
+    return {"gram": tensors[f"{stream}.gram"].double(), "abs_mean": tensors[f"{stream}.abs_sum"] / max(tokens, 1),
             "abs_max": tensors[f"{stream}.abs_max"], "tokens": tokens}
