@@ -21,7 +21,7 @@ from utils.decompose import low_rank_factors, low_rank_params, rank_for_ratio
 from utils.io import atomic_path, is_compressed_model, load_compressed, read_json, save_compressed, write_json
 from utils.layerwise import walk_layers
 from utils.model import (DTYPES, count_parameters, decoder_layers, layer_prefix, load_model,
-                         set_submodule, target_linears)
+                         model_description, set_submodule, target_linears)
 from utils.stats import LayerStatsCollector
 from utils.update import update_u
 from utils.whitening import whitening_factor
@@ -110,7 +110,7 @@ def profile(args: argparse.Namespace, session: Session) -> dict:
                 future.result()
         finally:
             writer.shutdown(wait=True)
-        meta = {"model": args.model, "model_description": _describe(model),
+        meta = {"model": args.model, "model_description": model_description(model),
                 "layer_prefix": prefix, "num_layers": len(decoder_layers(model)),
                 "dataset": args.dataset, "nsamples": args.whitening_nsamples,
                 "seq_len": args.model_seq_len, "seed": args.seed, "tokens": int(windows.numel()),
@@ -120,11 +120,6 @@ def profile(args: argparse.Namespace, session: Session) -> dict:
     print(f"profile: {len(streams)} layers, {windows.numel()} tokens -> {stats_path} "
           f"({session.timings['profile_s']:.1f} s)")
     return meta
-
-
-def _describe(model: torch.nn.Module) -> dict:
-    from utils.model import model_description
-    return model_description(model)
 
 
 def read_stats_meta(stats_path: str) -> dict:
@@ -214,7 +209,7 @@ def compress(args: argparse.Namespace, session: Session) -> dict:
     if args.whitening != "none":
         stats_meta = read_stats_meta(stats_path)
         described = stats_meta.get("model_description", {})
-        current = _describe(model)
+        current = model_description(model)
         mismatch = [k for k in ("model_type", "num_layers", "hidden_size", "parameters")
                     if k in described and described[k] != current[k]]
         if mismatch:
