@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -14,3 +15,12 @@ def wiki_valid() -> str:
     if not os.path.isfile(WIKI_VALID):
         pytest.skip(f"shared data not found at {WIKI_VALID}")
     return WIKI_VALID
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: a second OpenMP thread only adds waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -68,10 +68,15 @@ def test_hub_dataset_offline_fails_at_once_naming_alternatives(monkeypatch):
         data.load_text("wikitext2", "train")
 
 
-def test_truncated_safetensors_is_refused(compressed_dir, tmp_path):
+def copy_of(directory: str, tmp_path, name: str) -> str:
     import shutil
-    damaged = str(tmp_path / "damaged")
-    shutil.copytree(compressed_dir, damaged)
+    target = str(tmp_path / name)
+    shutil.copytree(directory, target)
+    return target
+
+
+def test_truncated_safetensors_is_refused(compressed_dir, tmp_path):
+    damaged = copy_of(compressed_dir, tmp_path, "damaged")
     weights = os.path.join(damaged, "model.safetensors")
     size = os.path.getsize(weights)
     with open(weights, "r+b") as handle:
@@ -81,9 +86,7 @@ def test_truncated_safetensors_is_refused(compressed_dir, tmp_path):
 
 
 def test_ranks_that_do_not_match_the_tensors_are_refused(compressed_dir, tmp_path):
-    import shutil
-    bad = str(tmp_path / "bad")
-    shutil.copytree(compressed_dir, bad)
+    bad = copy_of(compressed_dir, tmp_path, "bad")
     config_path = os.path.join(bad, "config.json")
     config = json.load(open(config_path))
     name = next(iter(config["compression"]["ranks"]))
@@ -94,9 +97,7 @@ def test_ranks_that_do_not_match_the_tensors_are_refused(compressed_dir, tmp_pat
 
 
 def test_missing_tensor_is_refused(compressed_dir, tmp_path):
-    import shutil
-    bad = str(tmp_path / "missing")
-    shutil.copytree(compressed_dir, bad)
+    bad = copy_of(compressed_dir, tmp_path, "missing")
     path = os.path.join(bad, "model.safetensors")
     tensors = load_file(path)
     tensors.pop(next(k for k in tensors if k.endswith(".v.weight")))
@@ -119,9 +120,7 @@ def test_interrupted_save_leaves_no_complete_looking_output(compressed_dir, tmp_
 
 
 def test_interrupted_save_keeps_the_previous_output(compressed_dir, tmp_path, monkeypatch):
-    import shutil
-    target = str(tmp_path / "previous")
-    shutil.copytree(compressed_dir, target)
+    target = copy_of(compressed_dir, tmp_path, "previous")
     model, tokenizer, compression = load_compressed(target)
     monkeypatch.setattr("safetensors.torch.save_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk")))
     with pytest.raises(RuntimeError):

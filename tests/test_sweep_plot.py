@@ -13,12 +13,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("perplexity.png", "throughput.png", "compression_time.png", "parameters.png")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixture_record(variant: str | None, ratio: float, ppl: float | None, prefill: float | None) -> dict:
