@@ -115,8 +115,8 @@ def validate(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
     if args.device is None:
-        import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        from utils.model import default_device
+        args.device = default_device()
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():

@@ -52,6 +52,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from utils.model import default_device  # noqa: E402
+
 GIB = 1024 ** 3
 TARGETS = {  # issue 10, one GPU, llama2-7b preset, fp16, 64 x 2048, ratio 0.2
     "profile_over_forward": 3.0, "decompose_s": 45.0, "total_s": 60.0, "peak_gpu_gib": 6.0}
@@ -276,7 +278,7 @@ def truncation_check(model, args, stats_path: str | None, count: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     options = build_parser().parse_args(argv)
     if options.device is None:
-        options.device = "cuda" if torch.cuda.is_available() else "cpu"
+        options.device = default_device()
     import compress
     from utils import decompose, layerwise, pipeline, stats as stats_module
     from utils.data import calibration_windows

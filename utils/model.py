@@ -23,6 +23,11 @@ BUNDLED = {
 }
 
 
+def default_device() -> str:
+    """--device when none is given: the first GPU if there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class ModelSpecError(ValueError):
     """A --model value that cannot be resolved (message says how to fix it)."""
 
