@@ -42,6 +42,8 @@ from tqdm import tqdm
 
 from utils.data import DatasetError, load_text, tokenize
 from utils.io import read_json, write_json
+from utils.measure import rss_bytes, synchronize
+from utils.presets import is_random_spec
 from utils.model import ModelSpecError, count_parameters, load_model, model_description
 
 RESULTS_VERSION = 1
@@ -162,7 +164,7 @@ def update_results(path: str, args: argparse.Namespace, session, section: str, d
 
 def _refuse_random(args: argparse.Namespace, session, what: str) -> None:
     random_weights = (session.compression or {}).get("random_weights") or (
-        session.compression is None and args.model.startswith("random:"))
+        session.compression is None and is_random_spec(args.model))
     if random_weights:
         raise ModelSpecError(f"{what} of a model built from random weights (a random: preset) measures "
                              f"nothing about compression: evaluate a pretrained model")
@@ -201,11 +203,6 @@ def perplexity_step(args: argparse.Namespace, session) -> dict:
 
 # ---------------------------------------------------------------------------------------- step 5
 
-def _sync(device: str | torch.device) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def _forward_kwargs(model: nn.Module) -> dict:
     """Logits for the last position only during prefill, where the architecture allows it."""
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -227,11 +224,11 @@ def generate_timed(model: nn.Module, prompts: torch.Tensor, gen_len: int, device
     batch, length = prompts.shape
     prompts = prompts.to(device)
     mask = torch.ones(batch, length + gen_len, dtype=torch.long, device=device)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     out = model(input_ids=prompts, attention_mask=mask[:, :length], use_cache=True, **_forward_kwargs(model))
     next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-    _sync(device)
+    synchronize(device)
     prefill = time.perf_counter() - start
     steps = []
     keyword = _cache_keyword(model)
@@ -240,21 +237,16 @@ def generate_timed(model: nn.Module, prompts: torch.Tensor, gen_len: int, device
         out = model(input_ids=next_ids, attention_mask=mask[:, :length + step + 1], use_cache=True,
                     **{keyword: _cache_of(out)})
         next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
-        _sync(device)
+        synchronize(device)
         steps.append(time.perf_counter() - start)
     return {"prefill_s": prefill, "step_s": steps}
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class _PeakRss:
     """Peak resident memory during a block, sampled every millisecond (Linux /proc)."""
 
     def __enter__(self) -> "_PeakRss":
-        self.start = self.peak = _rss_bytes()
+        self.start = self.peak = rss_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -262,12 +254,12 @@ class _PeakRss:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, rss_bytes())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+        self.peak = max(self.peak, rss_bytes())
 
 
 def _release_freed_memory() -> None:
@@ -283,7 +275,7 @@ def peak_memory(model: nn.Module, prompts: torch.Tensor, gen_len: int, device: s
     """Peak memory of one prefill + decode run (model already on `device`)."""
     _release_freed_memory()
     if str(device).startswith("cuda"):
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         generate_timed(model, prompts, gen_len, device)
         return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}

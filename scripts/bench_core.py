@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import sys
@@ -33,6 +32,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from utils.measure import peak_rss_bytes, rss_bytes  # noqa: E402
+
 VARIANTS = {
     "svd": dict(whitening="none", decomposition="svd", update="none"),
     "whiten_svd": dict(whitening="cholesky", decomposition="svd", update="none"),
@@ -43,12 +44,11 @@ DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "wikitext2", "wiki.
 
 
 def rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return rss_bytes() / 2**20
 
 
 def max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_bytes() / 2**20
 
 
 class LayerRss:
@@ -93,26 +93,10 @@ def plain_forward(model, windows) -> float:
     return time.perf_counter() - start
 
 
-def local_perplexity(model, ids, seq_len, limit):
-    """exp(mean NLL) over non-overlapping windows, loss on every token but each window's first."""
-    import math
-    n = ids.numel() // seq_len if limit is None else min(limit, ids.numel() // seq_len)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for w in ids[:n * seq_len].view(n, seq_len):
-            logits = model(w[None], use_cache=False).logits[0, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum"))
-            count += seq_len - 1
-    return {"ppl": math.exp(total / count), "windows": n, "tokens": count, "seq_len": seq_len}
-
-
 def perplexity(model, ids, seq_len, limit):
-    try:
-        import evaluater
-        result = evaluater.perplexity(model, ids, seq_len, 1, "cpu", limit, desc="ppl")
-        return {k: result[k] for k in ("ppl", "windows", "tokens", "seq_len")}
-    except (ImportError, AttributeError):
-        return local_perplexity(model, ids, seq_len, limit)
+    import evaluater
+    result = evaluater.perplexity(model, ids, seq_len, 1, "cpu", limit, desc="ppl")
+    return {k: result[k] for k in ("ppl", "windows", "tokens", "seq_len")}
 
 
 def pipeline_args(opts, **overrides) -> argparse.Namespace:

@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -52,7 +51,9 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from utils.measure import peak_rss_bytes, rss_bytes, synchronize  # noqa: E402
 from utils.model import default_device  # noqa: E402
+from utils.presets import is_random_spec  # noqa: E402
 
 GIB = 1024 ** 3
 TARGETS = {  # issue 10, one GPU, llama2-7b preset, fp16, 64 x 2048, ratio 0.2
@@ -85,16 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------ helpers
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 def _rss_gib() -> dict:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # ru_maxrss: KiB on Linux
-    with open("/proc/self/statm") as handle:
-        current = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
-    return {"peak_rss_gib": round(peak, 3), "rss_gib": round(current, 3)}
+    return {"peak_rss_gib": round(peak_rss_bytes() / GIB, 3), "rss_gib": round(rss_bytes() / GIB, 3)}
 
 
 class StageMeter:
@@ -110,7 +103,7 @@ class StageMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         result = fn(*args, **kwargs)
-        _sync(self.device)
+        synchronize(self.device)
         record = {"seconds": round(time.perf_counter() - start, 3), **_rss_gib()}
         if cuda:
             record["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(self.device) / GIB, 3)
@@ -137,10 +130,10 @@ class Breakdown:
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
-            _sync(self.device)
+            synchronize(self.device)
             start = time.perf_counter()
             result = original(*args, **kwargs)
-            _sync(self.device)
+            synchronize(self.device)
             self.seconds[key] += time.perf_counter() - start
             self.calls[key] += 1
             if after is not None:
@@ -241,20 +234,20 @@ def truncation_check(model, args, stats_path: str | None, count: int) -> dict:
             target = factor.right_multiply(weight)
         else:
             target = weight.to(torch.float64)
-        _sync(args.device)
+        synchronize(args.device)
         start = time.perf_counter()
         s64 = torch.linalg.svdvals(target)
-        _sync(args.device)
+        synchronize(args.device)
         row["float64_svdvals_s"] = round(time.perf_counter() - start, 3)
         optimum = float(s64[rank:].square().sum().sqrt())
         drivers = ["auto"] + (["default"] if args.device.startswith("cuda") else [])
         for driver in drivers:
             info = SVDInfo()
             low = target.to(dtype)
-            _sync(args.device)
+            synchronize(args.device)
             start = time.perf_counter()
             u, sigma, vh = exact_svd(low, rank, driver, info)
-            _sync(args.device)
+            synchronize(args.device)
             seconds = time.perf_counter() - start
             error = float(torch.linalg.matrix_norm(target - (u.double() * sigma.double()) @ vh.double()))
             key = "chosen" if driver == "auto" else "default_driver"
@@ -375,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         value = results.get(key)
         targets[key] = {"target": limit, "value": value,
                         "met": (value is not None and value <= limit) if cuda and full_7b else None}
-    random_weights = options.model.startswith("random:")
+    random_weights = is_random_spec(options.model)
     output = {
         "benchmark": "bench_scale (issue 10)",
         "random_weights": random_weights,

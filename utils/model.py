@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from utils.presets import build_random_model, is_random_spec, preset_name
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Bundled models: alias -> (pip package, how to get the file). Installed with pip, no hub access.
@@ -50,8 +52,7 @@ def _package_dir(module: str) -> str | None:
 
 def resolve_model(spec: str) -> ModelSource:
     """Turn --model into something from_pretrained can read; raise ModelSpecError if impossible."""
-    if spec.startswith("random:"):  # random-weight architecture preset (utils/presets.py)
-        from utils.presets import preset_name
+    if is_random_spec(spec):  # random-weight architecture preset
         try:
             preset_name(spec)
         except ValueError as error:
@@ -101,8 +102,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     """
     from transformers import AutoModelForCausalLM
     source = resolve_model(spec)
-    if spec.startswith("random:"):  # seeded random weights, no tokenizer (use --dataset random)
-        from utils.presets import build_random_model
+    if is_random_spec(spec):  # seeded random weights, no tokenizer (use --dataset random)
         return build_random_model(spec, dtype, seed, num_layers, device="cpu"), None
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, low_cpu_mem_usage=True,
                                                  **source.pretrained_kwargs())

@@ -22,6 +22,7 @@ from utils.io import atomic_path, is_compressed_model, load_compressed, read_jso
 from utils.layerwise import walk_layers
 from utils.model import (DTYPES, count_parameters, decoder_layers, layer_prefix, load_model,
                          model_description, set_submodule, target_linears)
+from utils.presets import is_random_spec
 from utils.stats import LayerStatsCollector
 from utils.update import update_u
 from utils.whitening import whitening_factor
@@ -275,7 +276,7 @@ def compress(args: argparse.Namespace, session: Session) -> dict:
         "updates_accepted": sum(u["accepted"] for u in report["update"].values()),
         "calibration": None if stats_meta is None else {k: stats_meta[k] for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")},
         "fallbacks": report["fallbacks"], "fallback_streams": report["fallback_streams"],
-        "seed": args.seed, "dtype": args.dtype, "random_weights": args.model.startswith("random:"),
+        "seed": args.seed, "dtype": args.dtype, "random_weights": is_random_spec(args.model),
         "parameters": {"original": params_before, "compressed": params_after,
                        "removed_fraction": round(1 - params_after / params_before, 6)},
     }
