@@ -102,9 +102,3 @@ class LayerStatsCollector:
             out.update(stats.tensors(stream, gram_dtype))
         return out
 
-
-def stream_statistics(tensors: dict[str, torch.Tensor], stream: str) -> dict[str, torch.Tensor]:
-    """Read one stream back from a saved layer file: gram, abs_mean, abs_max, tokens."""
-    tokens = int(tensors[f"{stream}.tokens"][0])
-    return {"gram": tensors[f"{stream}.gram"].double(), "abs_mean": tensors[f"{stream}.abs_sum"] / max(tokens, 1),
-            "abs_max": tensors[f"{stream}.abs_max"], "tokens": tokens}
