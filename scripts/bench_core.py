@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--eval_limit", type=int, default=None, help="evaluate the first N windows of the slice")
     p.add_argument("--updating_nsamples", type=int, default=16)
-    p.add_argument("--rsvd_oversamples", type=int, default=10)
-    p.add_argument("--rsvd_n_iter", type=int, default=2)
+    p.add_argument("--rsvd_oversamples", type=int, default=100)
+    p.add_argument("--rsvd_n_iter", type=int, default=4)
     p.add_argument("--num_layers", type=int, default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads made LAPACK "

@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from utils.decompose import rank_for_ratio  # noqa: E402
-from utils.rsvd import randomized_svd  # noqa: E402
+from utils.rsvd import randomized_svd, route_cost  # noqa: E402
 
 
 def synthetic(m: int, n: int, alpha: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +49,8 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowrank: bool, log) -> dict:
+def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowrank: bool, log,
+                 routes: tuple[str, ...] = ("auto",)) -> dict:
     m, n = a.shape
     (eu, es, evh), t0 = timed(lambda: torch.linalg.svd(a, full_matrices=False))
     log(f"{name}: exact svd {t0:.2f} s")
@@ -58,11 +59,16 @@ def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowran
         rank = rank_for_ratio(m, n, ratio)
         exact_err = residual(a, eu[:, :rank], es[:rank], evh[:rank])
         optimum = optimum_of(rank, es)
-        runs = [("rsvd", p, q) for p, q in configs] + ([("svd_lowrank", 10, 2)] if lowrank else [])
+        runs = [(f"rsvd-{route}", p, q) for route in routes for p, q in configs]
+        runs += [("svd_lowrank", 10, 2)] if lowrank else []
         for kind, p, q in runs:
             g = torch.Generator().manual_seed(0)
-            if kind == "rsvd":
-                (u, s, vh), t = timed(lambda: randomized_svd(a, rank, p, q, g))
+            if kind.startswith("rsvd"):
+                route = kind.split("-", 1)[1]
+                if route == "auto":  # record the route auto picks
+                    cost = route_cost(m, n, rank, min(rank + p, m, n), q)
+                    kind = "rsvd-auto(" + ("gram" if cost["gram"] < cost["direct"] else "direct") + ")"
+                (u, s, vh), t = timed(lambda: randomized_svd(a, rank, p, q, g, route=route))
             else:
                 torch.manual_seed(0)
                 (u, s, v), t = timed(lambda: torch.svd_lowrank(a, q=min(rank + p, min(m, n)), niter=q))
@@ -145,6 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", default="0.2,0.4,0.6")
     p.add_argument("--configs", default="10:2,10:4,100:3,200:3",
                    help="comma list of oversamples:n_iter for utils.rsvd.randomized_svd")
+    p.add_argument("--routes", default="auto", help="comma list of randomized_svd routes: auto, gram, direct")
     p.add_argument("--alpha", type=float, default=0.6)
     p.add_argument("--no_lowrank", action="store_true", help="skip the torch.svd_lowrank reference")
     p.add_argument("--threads", type=int, default=1)
@@ -161,6 +168,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(opts.threads)
     ratios = [float(r) for r in opts.ratios.split(",")]
     configs = [tuple(int(x) for x in c.split(":")) for c in opts.configs.split(",")]
+    routes = tuple(opts.routes.split(","))
     record = {"settings": {**vars(opts), "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                            "load_avg_start": os.getloadavg()},
@@ -180,7 +188,7 @@ def main(argv=None) -> int:
         a, s = synthetic(m, n, opts.alpha, opts.seed)
         record["synthetic"][shape] = bench_matrix(
             shape, a, lambda rank, es, s=s: float(s[rank:].square().sum().sqrt()), ratios, configs,
-            not opts.no_lowrank, log)
+            not opts.no_lowrank, log, routes)
         save()
     if opts.stats_path:
         mats = whitened_matrices(opts.stats_path, opts.model, [int(x) for x in opts.layers.split(",")])
@@ -189,7 +197,7 @@ def main(argv=None) -> int:
             s64 = torch.linalg.svdvals(a.double())
             record["whitened"][name] = bench_matrix(
                 name, a, lambda rank, es, s64=s64: float(s64[rank:].square().sum().sqrt()), ratios, configs,
-                False, log)
+                False, log, routes)
             save()
     record["settings"]["load_avg_end"] = os.getloadavg()
     record["summary"] = summarize(record)

@@ -1,9 +1,11 @@
 """Randomized SVD (utils/rsvd.py): accuracy against the exact SVD, orthonormality, fallback, seeds."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from utils.rsvd import randomized_svd
+from utils.gram import symmetric_gram
+from utils.rsvd import _gram_route, randomized_svd, route_cost
 
 
 def decaying(m: int, n: int, alpha: float = 0.6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,12 +21,13 @@ def residual(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
     return float(torch.linalg.norm(a.double() - (u.double() * s.double()) @ vh.double()))
 
 
-def test_n_iter_2_within_one_percent_of_exact_on_decaying_spectrum():
+@pytest.mark.parametrize("route", ["auto", "direct", "gram"])
+def test_n_iter_2_within_one_percent_of_exact_on_decaying_spectrum(route):
     for m, n, rank in ((400, 300, 60), (300, 500, 30)):
         a, s = decaying(m, n, alpha=1.0)
         optimum = float(s[rank:].square().sum().sqrt())
         u, sigma, vh = randomized_svd(a, rank, oversamples=10, n_iter=2,
-                                      generator=torch.Generator().manual_seed(0))
+                                      generator=torch.Generator().manual_seed(0), route=route)
         assert u.shape == (m, rank) and sigma.shape == (rank,) and vh.shape == (rank, n)
         exact_u, exact_s, exact_vh = torch.linalg.svd(a, full_matrices=False)
         exact = residual(a, exact_u[:, :rank], exact_s[:rank], exact_vh[:rank])
@@ -35,9 +38,13 @@ def test_n_iter_2_within_one_percent_of_exact_on_decaying_spectrum():
         assert (sigma.double() <= s[:rank] * (1 + 1e-5)).all()
 
 
-def test_outputs_are_orthonormal_and_sorted():
-    a, _ = decaying(350, 250, alpha=0.6, seed=1)
-    u, sigma, vh = randomized_svd(a, 80, oversamples=10, n_iter=2, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("route", ["direct", "gram"])
+@pytest.mark.parametrize("shape", [(350, 250), (250, 350)])
+def test_outputs_are_orthonormal_and_sorted(route, shape):
+    a, _ = decaying(*shape, alpha=0.6, seed=1)
+    u, sigma, vh = randomized_svd(a, 80, oversamples=10, n_iter=2, generator=torch.Generator().manual_seed(3),
+                                  route=route)
+    assert u.shape == (shape[0], 80) and vh.shape == (80, shape[1])
     eye = torch.eye(80)
     assert torch.allclose(u.T @ u, eye, atol=1e-4)
     assert torch.allclose(vh @ vh.T, eye, atol=1e-4)
@@ -65,18 +72,73 @@ def test_seeded_runs_reproduce_and_seeds_differ():
     assert not torch.equal(first[0], other[0])
 
 
-def test_rank_deficient_matrix_gives_finite_exact_product():
+@pytest.mark.parametrize("route", ["direct", "gram"])
+def test_rank_deficient_matrix_gives_finite_exact_product(route):
+    """The Gram route cannot resolve sigma below ~3e-4 sigma_1 and hands over to the direct route."""
     g = torch.Generator().manual_seed(5)
     a = torch.randn(150, 6, generator=g) @ torch.randn(6, 120, generator=g)  # rank 6
-    u, sigma, vh = randomized_svd(a, 20, oversamples=10, n_iter=2, generator=torch.Generator().manual_seed(0))
+    u, sigma, vh = randomized_svd(a, 20, oversamples=10, n_iter=2, generator=torch.Generator().manual_seed(0),
+                                  route=route)
     assert torch.isfinite(u).all() and torch.isfinite(sigma).all() and torch.isfinite(vh).all()
     assert residual(a, u, sigma, vh) <= 1e-4 * float(torch.linalg.norm(a))
 
 
-def test_n_iter_0_and_power_iterations_improve_accuracy():
+@pytest.mark.parametrize("route", ["direct", "gram"])
+def test_n_iter_0_and_power_iterations_improve_accuracy(route):
     a, s = decaying(300, 300, alpha=0.6, seed=6)
     rank = 100
     optimum = float(s[rank:].square().sum().sqrt())
-    excess = [residual(a, *randomized_svd(a, rank, 10, q, torch.Generator().manual_seed(0))) / optimum - 1
+    excess = [residual(a, *randomized_svd(a, rank, 10, q, torch.Generator().manual_seed(0), route)) / optimum - 1
               for q in (0, 2, 4)]
     assert excess[0] > excess[1] > excess[2] >= -1e-6
+
+
+def test_gram_route_declines_only_unresolved_ranks():
+    """It returns None (and randomized_svd takes the direct route) exactly when the kept rank
+    reaches below what a float32 Gram resolves."""
+    a, _ = decaying(300, 200, alpha=0.6, seed=9)
+    assert _gram_route(a, 50, 60, 2, torch.Generator().manual_seed(0)) is not None
+    g = torch.Generator().manual_seed(5)
+    low = torch.randn(150, 6, generator=g) @ torch.randn(6, 120, generator=g)  # rank 6
+    assert _gram_route(low, 20, 30, 2, torch.Generator().manual_seed(0)) is None
+
+
+def test_routes_find_the_same_subspace():
+    """Both routes are the same subspace iteration: q power iterations on A span what G^(q+1) Omega
+    spans, so their truncation errors agree closely (not exactly: different round-off and sketches)."""
+    a, s = decaying(500, 200, alpha=0.8, seed=7)
+    errors = [residual(a, *randomized_svd(a, 60, 10, 3, torch.Generator().manual_seed(0), route))
+              for route in ("direct", "gram")]
+    assert abs(errors[0] / errors[1] - 1) < 2e-3
+
+
+def test_gram_route_kept_energy_is_exact_for_its_subspace():
+    """sigma_i = ||A v_i||, so ||A||^2 - sum sigma^2 is exactly the squared truncation error."""
+    a, _ = decaying(400, 250, alpha=0.6, seed=8)
+    u, sigma, vh = randomized_svd(a, 70, 10, 2, torch.Generator().manual_seed(0), route="gram")
+    reported = (a.double().square().sum() - sigma.double().square().sum()).sqrt()
+    assert abs(float(reported) / residual(a, u, sigma, vh) - 1) < 1e-4
+    assert (sigma[:-1] >= sigma[1:]).all()
+
+
+def test_auto_route_follows_the_cost_model():
+    # compression-sized ranks on an LLM shape: the Gram route needs far fewer multiply-adds
+    cost = route_cost(11008, 4096, 2388, 2398, 4)
+    assert cost["gram"] < 0.5 * cost["direct"]
+    # a thin sketch of a big matrix: forming the Gram would dominate, direct wins
+    cost = route_cost(4096, 4096, 20, 30, 2)
+    assert cost["direct"] < cost["gram"]
+
+
+def test_unknown_route_is_refused():
+    with pytest.raises(ValueError, match="route"):
+        randomized_svd(torch.randn(20, 10), 3, route="gramm")
+
+
+@pytest.mark.parametrize("shape,block", [((300, 100), 16), ((50, 130), 32), ((64, 40), 512)])
+def test_symmetric_gram_matches_the_plain_product(shape, block):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    gram = symmetric_gram(x, block)
+    reference = x.double().T @ x.double()
+    assert torch.allclose(gram, gram.T, rtol=0, atol=1e-6 * float(gram.abs().max()))
+    assert float((gram.double() - reference).abs().max() / reference.abs().max()) < 1e-6

@@ -137,7 +137,7 @@ class Factors:
 
 def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor | None = None,
                      decomposition: str = "svd", compute_dtype: torch.dtype = torch.float32,
-                     oversamples: int = 10, n_iter: int = 2,
+                     oversamples: int = 100, n_iter: int = 4,
                      generator: torch.Generator | None = None, svd_driver: str = "auto") -> Factors:
     """Truncated (whitened) SVD of `weight` (out x in).
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from utils.gram import symmetric_gram
+
 
 def batch_gram(x: torch.Tensor) -> torch.Tensor:
     """x^T x for x (tokens x in), accumulated in float32."""
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
         return torch.mm(x.T, x, out_dtype=torch.float32)
-    x = x.float()
-    return x.T @ x
+    return symmetric_gram(x.float())
 
 
 class InputStatistics:
