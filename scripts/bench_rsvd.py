@@ -10,7 +10,15 @@ For every shape, ratio and (oversamples, n_iter):
   excess         ||A - A_r||_F / optimum - 1, optimum = sqrt(sum_{i>r} s_i^2) (Eckart-Young);
   excess_vs_exact  ||A - A_r||_F / ||A - A_r(exact svd)||_F - 1 (the issue's "higher truncation loss").
 torch.svd_lowrank (q = r + 10, niter = 2) is run as the reference of the notes.
-Optionally (--stats_path from step 1, --model) the same on a few real whitened W S of the model.
+Optionally (--stats_path from step 1, --model) the same on a few real whitened W S of the model;
+--save_whitened writes those matrices to a safetensors file (a few MB) and --whitened_file reads
+them back, so they can travel to a GPU machine that has no model. On CUDA (--device cuda),
+--exact_driver picks the exact SVD's cuSOLVER driver (gesvda, or the default), and every row's
+exact_excess is that driver's truncation error against the float64 optimum.
+
+GPU run (no model needed there; the file comes from a CPU run with --save_whitened):
+    python scripts/bench_rsvd.py --device cuda --exact_driver gesvda --configs 10:2,100:4 \
+        --whitened_file .gpu_carry/whitened_smollm2.safetensors --out $OUT/bench_rsvd_gesvda.json
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from utils.decompose import rank_for_ratio  # noqa: E402
+from utils.measure import synchronize  # noqa: E402
 from utils.rsvd import randomized_svd, route_cost  # noqa: E402
 
 
@@ -44,15 +53,25 @@ def residual(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
 
 
 def timed(fn):
+    synchronize(DEVICE[0])
     start = time.perf_counter()
     out = fn()
+    synchronize(DEVICE[0])
     return out, time.perf_counter() - start
 
 
+DEVICE = ["cpu"]  # set once from --device; timed() syncs it
+
+
+def exact(a: torch.Tensor, driver: str | None):
+    return torch.linalg.svd(a, full_matrices=False, driver=driver if a.is_cuda else None)
+
+
 def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowrank: bool, log,
-                 routes: tuple[str, ...] = ("auto",)) -> dict:
+                 routes: tuple[str, ...] = ("auto",), driver: str | None = None) -> dict:
     m, n = a.shape
-    (eu, es, evh), t0 = timed(lambda: torch.linalg.svd(a, full_matrices=False))
+    exact(a, driver)  # warm-up (CUDA handles, workspace)
+    (eu, es, evh), t0 = timed(lambda: exact(a, driver))
     log(f"{name}: exact svd {t0:.2f} s")
     rows = []
     for ratio in ratios:
@@ -62,7 +81,7 @@ def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowran
         runs = [(f"rsvd-{route}", p, q) for route in routes for p, q in configs]
         runs += [("svd_lowrank", 10, 2)] if lowrank else []
         for kind, p, q in runs:
-            g = torch.Generator().manual_seed(0)
+            g = torch.Generator(device=a.device).manual_seed(0)
             if kind.startswith("rsvd"):
                 route = kind.split("-", 1)[1]
                 if route == "auto":  # record the route auto picks
@@ -79,17 +98,19 @@ def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowran
                          "excess_vs_exact": err / exact_err - 1, "exact_excess": exact_err / optimum - 1})
             log(f"{name} ratio {ratio} r={rank} {kind} p={p} q={q}: {t:.2f} s, excess {100 * (err / optimum - 1):.2f}% "
                 f"(vs exact {100 * (err / exact_err - 1):.2f}%)")
-    _, t1 = timed(lambda: torch.linalg.svd(a, full_matrices=False))
+    _, t1 = timed(lambda: exact(a, driver))
     exact_s = (t0 + t1) / 2
     log(f"{name}: exact svd again {t1:.2f} s")
     for row in rows:
         row["speedup"] = round(exact_s / row["seconds"], 3)
-    return {"shape": [m, n], "exact_svd_s": [round(t0, 3), round(t1, 3)], "exact_svd_mean_s": round(exact_s, 3),
+    return {"shape": [m, n], "device": str(a.device), "exact_driver": driver, "exact_svd_s": [round(t0, 3), round(t1, 3)], "exact_svd_mean_s": round(exact_s, 3),
             "runs": rows}
 
 
-def whitened_matrices(stats_path: str, model: str, layers: list[int]) -> dict[str, torch.Tensor]:
-    """W S of q_proj, up_proj and down_proj of the given layers (float32), from step-1 statistics."""
+def whitened_matrices(stats_path: str, model: str, layers: list[int], modules: str = "q_proj,up_proj,down_proj"
+                      ) -> dict[str, torch.Tensor]:
+    """W S of the named linears ("all": every target linear) of the given layers (float32), from step-1
+    statistics."""
     from safetensors.torch import load_file
     from utils.model import decoder_layers, load_model, target_linears
     from utils.io import read_json
@@ -101,7 +122,7 @@ def whitened_matrices(stats_path: str, model: str, layers: list[int]) -> dict[st
         stats = load_file(os.path.join(stats_path, f"layer_{index:04d}.safetensors"))
         streams = meta["streams"][str(index)]
         for name, linear in target_linears(decoder_layers(net)[index]).items():
-            if name.split(".")[-1] not in ("q_proj", "up_proj", "down_proj"):
+            if modules != "all" and name.split(".")[-1] not in modules.split(","):
                 continue
             factor = whitening_factor(stats[f"{streams[name]}.gram"], "cholesky")
             out[f"layer{index}.{name}"] = factor.right_multiply(linear.weight.detach()).float()
@@ -155,9 +176,15 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=0.6)
     p.add_argument("--no_lowrank", action="store_true", help="skip the torch.svd_lowrank reference")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="where the matrices are decomposed (cpu, cuda)")
+    p.add_argument("--exact_driver", default=None, choices=[None, "gesvd", "gesvdj", "gesvda"],
+                   help="cuSOLVER driver of the exact SVD on CUDA (default: torch's choice)")
+    p.add_argument("--save_whitened", default=None, help="write the whitened matrices to this safetensors file")
+    p.add_argument("--whitened_file", default=None, help="read whitened matrices from this safetensors file")
     p.add_argument("--stats_path", default=None, help="step-1 statistics for real whitened matrices")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--layers", default="0,15,29")
+    p.add_argument("--modules", default="q_proj,up_proj,down_proj", help="linears to take from each layer, or all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "bench_rsvd_cpu.json"))
     p.add_argument("--merge", nargs="+", default=None, help="merge these result files into --out and stop")
@@ -166,11 +193,13 @@ def main(argv=None) -> int:
         merge(opts.merge, opts.out)
         return 0
     torch.set_num_threads(opts.threads)
+    DEVICE[0] = opts.device
     ratios = [float(r) for r in opts.ratios.split(",")]
     configs = [tuple(int(x) for x in c.split(":")) for c in opts.configs.split(",")]
     routes = tuple(opts.routes.split(","))
     record = {"settings": {**vars(opts), "torch": torch.__version__, "threads": torch.get_num_threads(),
                            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                           "gpu": torch.cuda.get_device_name(opts.device) if opts.device.startswith("cuda") else None,
                            "load_avg_start": os.getloadavg()},
               "synthetic": {}, "whitened": {}}
 
@@ -183,22 +212,31 @@ def main(argv=None) -> int:
     def log(text):
         print(text, flush=True)
 
-    for shape in opts.shapes.split(","):
+    for shape in filter(None, opts.shapes.split(",")):
         m, n = (int(x) for x in shape.split("x"))
         a, s = synthetic(m, n, opts.alpha, opts.seed)
         record["synthetic"][shape] = bench_matrix(
-            shape, a, lambda rank, es, s=s: float(s[rank:].square().sum().sqrt()), ratios, configs,
-            not opts.no_lowrank, log, routes)
+            shape, a.to(opts.device), lambda rank, es, s=s: float(s[rank:].square().sum().sqrt()), ratios,
+            configs, not opts.no_lowrank, log, routes, opts.exact_driver)
         save()
+    mats = {}
     if opts.stats_path:
-        mats = whitened_matrices(opts.stats_path, opts.model, [int(x) for x in opts.layers.split(",")])
-        for name, a in mats.items():
-            # optimum: exact singular values in float64
-            s64 = torch.linalg.svdvals(a.double())
-            record["whitened"][name] = bench_matrix(
-                name, a, lambda rank, es, s64=s64: float(s64[rank:].square().sum().sqrt()), ratios, configs,
-                False, log, routes)
-            save()
+        mats = whitened_matrices(opts.stats_path, opts.model, [int(x) for x in opts.layers.split(",")],
+                                 opts.modules)
+        if opts.save_whitened:
+            from safetensors.torch import save_file
+            os.makedirs(os.path.dirname(os.path.abspath(opts.save_whitened)), exist_ok=True)
+            save_file({k: v.contiguous() for k, v in mats.items()}, opts.save_whitened,
+                      metadata={"model": opts.model, "stats_path": opts.stats_path, "layers": opts.layers})
+    if opts.whitened_file:
+        from safetensors.torch import load_file
+        mats.update(load_file(opts.whitened_file))
+    for name, a in mats.items():
+        s64 = torch.linalg.svdvals(a.double().cpu())  # optimum: exact singular values in float64
+        record["whitened"][name] = bench_matrix(
+            name, a.to(opts.device), lambda rank, es, s64=s64: float(s64[rank:].square().sum().sqrt()), ratios,
+            configs, False, log, routes, opts.exact_driver)
+        save()
     record["settings"]["load_avg_end"] = os.getloadavg()
     record["summary"] = summarize(record)
     save()
