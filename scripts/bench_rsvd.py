@@ -114,6 +114,7 @@ def whitened_matrices(stats_path: str, model: str, layers: list[int], modules: s
     from safetensors.torch import load_file
     from utils.model import decoder_layers, load_model, target_linears
     from utils.io import read_json
+    from utils.stats import saved_gram
     from utils.whitening import whitening_factor
     meta = read_json(os.path.join(stats_path, "meta.json"))
     net, _ = load_model(model)
@@ -124,7 +125,7 @@ def whitened_matrices(stats_path: str, model: str, layers: list[int], modules: s
         for name, linear in target_linears(decoder_layers(net)[index]).items():
             if modules != "all" and name.split(".")[-1] not in modules.split(","):
                 continue
-            factor = whitening_factor(stats[f"{streams[name]}.gram"], "cholesky")
+            factor = whitening_factor(saved_gram(stats, streams[name]), "cholesky")
             out[f"layer{index}.{name}"] = factor.right_multiply(linear.weight.detach()).float()
     return out
 

@@ -54,6 +54,7 @@ import torch  # noqa: E402
 from utils.measure import peak_rss_bytes, rss_bytes, synchronize  # noqa: E402
 from utils.model import default_device  # noqa: E402
 from utils.presets import is_random_spec  # noqa: E402
+from utils.stats import saved_gram  # noqa: E402
 
 GIB = 1024 ** 3
 TARGETS = {  # issue 10, one GPU, llama2-7b preset, fp16, 64 x 2048, ratio 0.2
@@ -229,7 +230,7 @@ def truncation_check(model, args, stats_path: str | None, count: int) -> dict:
         if meta is not None:
             tensors = load_file(os.path.join(stats_path, f"layer_{index:04d}.safetensors"))
             stream = meta["streams"][str(index)][name]
-            factor = whitening_factor(tensors[f"{stream}.gram"].to(args.device), args.whitening)
+            factor = whitening_factor(saved_gram(tensors, stream).to(args.device), args.whitening)
             row["whitening_fallback"] = factor.fallback
             target = factor.right_multiply(weight)
         else:

@@ -13,6 +13,7 @@ from utils import pipeline
 from utils.decompose import rank_for_ratio
 from utils.io import CompressedModelError, load_compressed
 from utils.model import count_parameters, decoder_layers, layer_prefix, target_linears
+from utils.stats import pack_upper, saved_gram, unpack_upper
 
 EXPECTED_LINEARS = {
     "llama": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -119,11 +120,27 @@ def test_layerwise_statistics_match_a_full_forward(family, model_dirs, tmp_path)
     streams = meta["streams"]["1"]
     assert len(set(streams.values())) == 4  # q/k/v share one Gram, gate/up share one
     for name, gram in grams.items():
-        saved = stats[f"{streams[name]}.gram"]
+        assert stats[f"{streams[name]}.gram_upper"].dim() == 1  # only the upper triangle is stored
+        saved = saved_gram(stats, streams[name])
         assert saved.dtype == torch.float32  # stored in float32, summed in float64
         saved = saved.double()
         assert torch.allclose(saved, gram, rtol=1e-4, atol=1e-4 * float(gram.abs().max()))
     assert int(stats[f"{streams['self_attn.q_proj']}.tokens"][0]) == 8 * 32
+
+
+def test_packed_gram_round_trip_and_the_full_layout_of_earlier_versions():
+    a = torch.randn(37, 37, generator=torch.Generator().manual_seed(0))
+    gram = a + a.T  # exactly symmetric
+    packed = pack_upper(gram)
+    assert packed.shape == (37 * 38 // 2,)
+    assert torch.equal(unpack_upper(packed, 37), gram)
+    abs_sum = torch.zeros(37, dtype=torch.float64)
+    assert torch.equal(saved_gram({"s.gram_upper": packed, "s.abs_sum": abs_sum}, "s"), gram)
+    assert torch.equal(saved_gram({"s.gram": gram, "s.abs_sum": abs_sum}, "s"), gram)  # earlier layout
+    with pytest.raises(ValueError, match="packed"):
+        unpack_upper(packed[:-1], 37)
+    with pytest.raises(KeyError, match="no Gram"):
+        saved_gram({"t.abs_sum": abs_sum}, "s")
 
 
 def test_step3_alone_reads_statistics_and_matches_chained_run(model_dirs, tmp_path):

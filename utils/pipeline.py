@@ -23,7 +23,7 @@ from utils.layerwise import walk_layers
 from utils.model import (DTYPES, count_parameters, decoder_layers, layer_prefix, load_model,
                          model_description, set_submodule, target_linears)
 from utils.presets import is_random_spec
-from utils.stats import LayerStatsCollector
+from utils.stats import LayerStatsCollector, saved_gram
 from utils.update import update_u
 from utils.whitening import whitening_factor
 
@@ -115,7 +115,7 @@ def profile(args: argparse.Namespace, session: Session) -> dict:
                 "layer_prefix": prefix, "num_layers": len(decoder_layers(model)),
                 "dataset": args.dataset, "nsamples": args.whitening_nsamples,
                 "seq_len": args.model_seq_len, "seed": args.seed, "tokens": int(windows.numel()),
-                "dtype": args.dtype, "gram_dtype": "float32", "streams": streams}
+                "dtype": args.dtype, "gram_dtype": "float32", "gram_layout": "upper", "streams": streams}
         write_json(os.path.join(temporary, STATS_META), meta)
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
     print(f"profile: {len(streams)} layers, {windows.numel()} tokens -> {stats_path} "
@@ -177,7 +177,7 @@ def _compress_layer(layer: torch.nn.Module, index: int, prefix: str, ranks: dict
         if args.whitening != "none":
             stream = streams[name]
             if stream not in factors_of_stream:  # q/k/v (gate/up) share one factorisation
-                gram = stats[f"{stream}.gram"].to(args.device)
+                gram = saved_gram(stats, stream).to(args.device)
                 factors_of_stream[stream] = whitening_factor(gram, args.whitening)
                 report["fallbacks"] += int(factors_of_stream[stream].fallback)
                 if factors_of_stream[stream].fallback:
