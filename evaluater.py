@@ -371,8 +371,11 @@ def efficiency_step(args: argparse.Namespace, session) -> dict:
     prompts, source = _prompts(args, session)
     models = {"model": model}
     if session.compression is not None:
+        # the same original the compression started from: its first num_layers layers, and for a
+        # random preset the same seeded weights
         base = session.compression.get("base_model") or args.model
-        original, _ = load_model(base, DTYPES[args.dtype])
+        original, _ = load_model(base, DTYPES[args.dtype], session.compression.get("seed", args.seed),
+                                 session.compression.get("num_layers"))
         models["original"] = original.to(args.device).eval()
     for m in models.values():
         m.config.use_cache = True

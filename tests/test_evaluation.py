@@ -132,6 +132,18 @@ def test_step4_original_and_compressed_json(tiny_dir, tmp_path, capsys):
     assert all(value > 0 for value in ratios.values())
 
 
+def test_step5_compares_with_the_same_truncated_original(tiny_dir, tmp_path):
+    """A model compressed with --num_layers is timed against the original cut to the same layers."""
+    saved = tmp_path / "c1"
+    assert compress.main(["--step", "3", "--model", tiny_dir, "--whitening", "none", "--ratio", "0.4",
+                          "--num_layers", "1", "--save_path", str(saved)]) == 0
+    assert compress.main(["--step", "5", "--model_path", str(saved), "--prefill_len", "16", "--gen_seq_len", "2",
+                          "--repeats", "1"] + EVAL) == 0
+    record = json.loads((saved / "results.json").read_text())
+    assert record["compression"]["num_layers"] == 1
+    assert record["efficiency"]["original"]["parameters"] == record["compression"]["parameters"]["original"]
+
+
 def test_step4_refuses_random_weights(tiny_dir, tmp_path, capsys):
     saved = tmp_path / "c"
     assert compress.main(["--step", "3", "--model", tiny_dir, "--whitening", "none", "--save_path", str(saved)]) == 0

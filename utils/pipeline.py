@@ -277,6 +277,7 @@ def compress(args: argparse.Namespace, session: Session) -> dict:
         "calibration": None if stats_meta is None else {k: stats_meta[k] for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")},
         "fallbacks": report["fallbacks"], "fallback_streams": report["fallback_streams"],
         "seed": args.seed, "dtype": args.dtype, "random_weights": is_random_spec(args.model),
+        "num_layers": args.num_layers,  # None: all of the base model's decoder layers were kept
         "parameters": {"original": params_before, "compressed": params_after,
                        "removed_fraction": round(1 - params_after / params_before, 6)},
     }
