@@ -103,6 +103,20 @@ def test_gram_route_declines_only_unresolved_ranks():
     assert _gram_route(low, 20, 30, 2, torch.Generator().manual_seed(0)) is None
 
 
+def test_gram_route_resolution_follows_the_working_precision():
+    """A sketch reaching sigma = 1e-4 sigma_1 is below what a float32 Gram resolves, not a float64 one."""
+    g = torch.Generator().manual_seed(10)
+    q1, _ = torch.linalg.qr(torch.randn(300, 200, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -6, 200, dtype=torch.float64)  # sigma_60 ~ 1.5e-2, sigma_70 ~ 8e-3 ... 1e-6
+    a = (q1 * s) @ q2.T
+    rank, width = 100, 110  # sigma_110 = 1.7e-4
+    assert _gram_route(a.float(), rank, width, 2, torch.Generator().manual_seed(0)) is None
+    u, sigma, vh = _gram_route(a, rank, width, 2, torch.Generator().manual_seed(0))
+    optimum = float(s[rank:].square().sum().sqrt())
+    assert residual(a, u, sigma, vh) <= 1.01 * optimum
+
+
 def test_routes_find_the_same_subspace():
     """Both routes are the same subspace iteration: q power iterations on A span what G^(q+1) Omega
     spans, so their truncation errors agree closely (not exactly: different round-off and sketches)."""

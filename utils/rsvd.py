@@ -17,7 +17,8 @@ with fewer flops for the shape and rank (`route="auto"`):
     Rayleigh-Ritz step when the sketch reaches them. On SmolLM2's whitened matrices the route
     was as accurate as the direct one whenever the sketch's smallest Ritz value stayed above
     3e-3 sigma_1, and up to 1.5 points worse below 1.2e-3 (layer 0's attention). So the route
-    checks that, from T's eigenvalues, and hands over to the direct route when it fails.
+    checks that (9 sqrt(eps) in other precisions), from T's eigenvalues, and hands over to the
+    direct route when it fails.
   * "direct": products with A and A^T, LU re-conditioning between them (the "LU" normaliser
     of fbpca / scikit-learn: P L of a partially pivoted LU spans the same columns and is well
     conditioned, at a quarter of a Householder QR), one QR at the end for the range basis Q,
@@ -56,6 +57,11 @@ def _exact(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,
 
 ROUTES = ("auto", "gram", "direct")
 GRAM_RESOLUTION = 3e-3  # smallest sigma_k / sigma_1 of the sketch the float32 Gram route trusts
+
+
+def gram_resolution(dtype: torch.dtype) -> float:
+    """GRAM_RESOLUTION scaled to the working precision: 9 sqrt(eps), 3e-3 in float32, 1.3e-7 in float64."""
+    return GRAM_RESOLUTION * (torch.finfo(dtype).eps / torch.finfo(torch.float32).eps) ** 0.5
 
 
 def route_cost(m: int, n: int, rank: int, width: int, n_iter: int) -> dict[str, float]:
@@ -103,7 +109,7 @@ def _gram_route(matrix: torch.Tensor, rank: int, width: int, n_iter: int, genera
     small = basis.T @ (gram @ basis)  # Rayleigh-Ritz: T = Z^T G Z, k x k
     # float32 is enough here: A V V^T below depends only on span(V) and V's orthonormality
     eigvals, eigvecs = torch.linalg.eigh((small + small.T) / 2)
-    if not bool(eigvals[0] >= GRAM_RESOLUTION ** 2 * eigvals[-1] > 0):
+    if not bool(eigvals[0] >= gram_resolution(matrix.dtype) ** 2 * eigvals[-1] > 0):
         return None  # the sketch reaches below what G resolves
     right = basis @ eigvecs.flip(1)[:, :rank]  # V_r, n x r
     left = matrix @ right  # U_r Sigma_r
