@@ -114,6 +114,9 @@ def validate(args: argparse.Namespace) -> None:
                  "prefill_len", "gen_seq_len", "repeats"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    for name in ("rsvd_oversamples", "rsvd_n_iter"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be 0 or more (defaults: --rsvd_oversamples 100 --rsvd_n_iter 4)")
     if args.device is None:
         from utils.model import default_device
         args.device = default_device()

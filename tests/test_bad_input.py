@@ -41,6 +41,8 @@ def compressed_dir(tiny_dir, tmp_path_factory):
     (["--step", "1", "--device", "tpu"], "--device"),
     (["--step", "1", "--whitening_nsamples", "0"], "at least 1"),
     (["--step", "3", "--svd_driver", "gesvda"], "CUDA-only"),
+    (["--step", "3", "--decomposition", "rsvd", "--rsvd_oversamples", "-1"], "0 or more"),
+    (["--step", "3", "--decomposition", "rsvd", "--rsvd_n_iter", "-2"], "0 or more"),
 ])
 def test_validation_errors_exit_2_before_loading(argv, needle, tiny_dir, tmp_path, capsys):
     full = list(argv)
