@@ -44,6 +44,7 @@ def parse_steps(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("pipeline")
     g.add_argument("--step", required=True, help="step(s) to run: N, a comma list (1,3) or a range (1-4)")
@@ -79,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--whitening", default="cholesky", choices=["cholesky", "eigen", "none"],
                    help="truncation-aware whitening: cholesky (SVD-LLM), eigen (SVD-LLM V2), none (plain SVD)")
     d.add_argument("--decomposition", default="svd", choices=["svd", "rsvd"], help="exact or randomized SVD")
-    d.add_argument("--rsvd_oversamples", type=int, default=100,
-                   help="randomized SVD: extra sketch columns (100 with 4 power iterations: at least 2x faster "
-                        "than exact SVD at under 1%% extra truncation loss: scripts/results/bench_rsvd_cpu.json)")
-    d.add_argument("--rsvd_n_iter", type=int, default=4, help="randomized SVD: power iterations")
+    d.add_argument("--rsvd_oversamples", type=int, default=DEFAULT_OVERSAMPLES,
+                   help="randomized SVD: extra sketch columns (default %(default)s; with the default "
+                        "--rsvd_n_iter: at least 2x faster than exact SVD at under 1%% extra truncation loss, "
+                        "scripts/results/bench_rsvd_cpu.json)")
+    d.add_argument("--rsvd_n_iter", type=int, default=DEFAULT_N_ITER,
+                   help="randomized SVD: power iterations (default %(default)s)")
     d.add_argument("--svd_dtype", default="float32", choices=["float32", "float64"],
                    help="precision of the SVD itself (whitening is always float64)")
     d.add_argument("--svd_driver", default="auto", choices=["auto", "default", "gesvda"],
@@ -106,6 +109,7 @@ def validate(args: argparse.Namespace) -> None:
     """Every check that needs no model, before anything slow starts."""
     from utils.data import validate_dataset
     from utils.io import is_compressed_model
+    from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     from utils.model import resolve_model
     args.steps = parse_steps(args.step)
     if not 0.0 < args.ratio < 1.0:
@@ -116,7 +120,8 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be at least 1")
     for name in ("rsvd_oversamples", "rsvd_n_iter"):
         if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be 0 or more (defaults: --rsvd_oversamples 100 --rsvd_n_iter 4)")
+            raise UsageError(f"--{name} must be 0 or more (defaults: --rsvd_oversamples {DEFAULT_OVERSAMPLES} "
+                             f"--rsvd_n_iter {DEFAULT_N_ITER})")
     if args.device is None:
         from utils.model import default_device
         args.device = default_device()

@@ -33,6 +33,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from utils.measure import peak_rss_bytes, rss_bytes  # noqa: E402
+from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES  # noqa: E402
 
 VARIANTS = {
     "svd": dict(whitening="none", decomposition="svd", update="none"),
@@ -123,8 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--eval_limit", type=int, default=None, help="evaluate the first N windows of the slice")
     p.add_argument("--updating_nsamples", type=int, default=16)
-    p.add_argument("--rsvd_oversamples", type=int, default=100)
-    p.add_argument("--rsvd_n_iter", type=int, default=4)
+    p.add_argument("--rsvd_oversamples", type=int, default=DEFAULT_OVERSAMPLES)
+    p.add_argument("--rsvd_n_iter", type=int, default=DEFAULT_N_ITER)
     p.add_argument("--num_layers", type=int, default=None)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads made LAPACK "

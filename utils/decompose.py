@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.rsvd import randomized_svd
+from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES, randomized_svd
 from utils.whitening import WhiteningFactor
 
 DECOMPOSITIONS = ("svd", "rsvd")
@@ -137,7 +137,7 @@ class Factors:
 
 def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor | None = None,
                      decomposition: str = "svd", compute_dtype: torch.dtype = torch.float32,
-                     oversamples: int = 100, n_iter: int = 4,
+                     oversamples: int = DEFAULT_OVERSAMPLES, n_iter: int = DEFAULT_N_ITER,
                      generator: torch.Generator | None = None, svd_driver: str = "auto") -> Factors:
     """Truncated (whitened) SVD of `weight` (out x in).
 
