@@ -52,15 +52,12 @@ def residual(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
     return float(torch.linalg.norm(a - (u * s) @ vh))
 
 
-def timed(fn):
-    synchronize(DEVICE[0])
+def timed(fn, device: torch.device | str = "cpu"):
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
-    synchronize(DEVICE[0])
+    synchronize(device)
     return out, time.perf_counter() - start
-
-
-DEVICE = ["cpu"]  # set once from --device; timed() syncs it
 
 
 def exact(a: torch.Tensor, driver: str | None):
@@ -71,7 +68,7 @@ def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowran
                  routes: tuple[str, ...] = ("auto",), driver: str | None = None) -> dict:
     m, n = a.shape
     exact(a, driver)  # warm-up (CUDA handles, workspace)
-    (eu, es, evh), t0 = timed(lambda: exact(a, driver))
+    (eu, es, evh), t0 = timed(lambda: exact(a, driver), a.device)
     log(f"{name}: exact svd {t0:.2f} s")
     rows = []
     for ratio in ratios:
@@ -87,10 +84,10 @@ def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowran
                 if route == "auto":  # record the route auto picks
                     cost = route_cost(m, n, rank, min(rank + p, m, n), q)
                     kind = "rsvd-auto(" + ("gram" if cost["gram"] < cost["direct"] else "direct") + ")"
-                (u, s, vh), t = timed(lambda: randomized_svd(a, rank, p, q, g, route=route))
+                (u, s, vh), t = timed(lambda: randomized_svd(a, rank, p, q, g, route=route), a.device)
             else:
                 torch.manual_seed(0)
-                (u, s, v), t = timed(lambda: torch.svd_lowrank(a, q=min(rank + p, min(m, n)), niter=q))
+                (u, s, v), t = timed(lambda: torch.svd_lowrank(a, q=min(rank + p, min(m, n)), niter=q), a.device)
                 u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
             err = residual(a, u, s, vh)
             rows.append({"ratio": ratio, "rank": rank, "method": kind, "oversamples": p, "n_iter": q,
@@ -98,7 +95,7 @@ def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowran
                          "excess_vs_exact": err / exact_err - 1, "exact_excess": exact_err / optimum - 1})
             log(f"{name} ratio {ratio} r={rank} {kind} p={p} q={q}: {t:.2f} s, excess {100 * (err / optimum - 1):.2f}% "
                 f"(vs exact {100 * (err / exact_err - 1):.2f}%)")
-    _, t1 = timed(lambda: exact(a, driver))
+    _, t1 = timed(lambda: exact(a, driver), a.device)
     exact_s = (t0 + t1) / 2
     log(f"{name}: exact svd again {t1:.2f} s")
     for row in rows:
@@ -194,7 +191,6 @@ def main(argv=None) -> int:
         merge(opts.merge, opts.out)
         return 0
     torch.set_num_threads(opts.threads)
-    DEVICE[0] = opts.device
     ratios = [float(r) for r in opts.ratios.split(",")]
     configs = [tuple(int(x) for x in c.split(":")) for c in opts.configs.split(",")]
     routes = tuple(opts.routes.split(","))

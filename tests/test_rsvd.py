@@ -156,3 +156,14 @@ def test_symmetric_gram_matches_the_plain_product(shape, block):
     reference = x.double().T @ x.double()
     assert torch.allclose(gram, gram.T, rtol=0, atol=1e-6 * float(gram.abs().max()))
     assert float((gram.double() - reference).abs().max() / reference.abs().max()) < 1e-6
+
+
+def test_low_rank_factors_take_the_exact_svd_when_the_sketch_covers_the_matrix():
+    """rank + oversamples >= min(m, n): the rsvd request goes through exact_svd (driver choice and check)."""
+    from utils.decompose import low_rank_factors
+    a, _ = decaying(120, 40, seed=11)
+    exact = low_rank_factors(a, 30, decomposition="svd")
+    covered = low_rank_factors(a, 30, decomposition="rsvd", oversamples=10)
+    assert covered.svd is not None and covered.svd.driver == "default"
+    assert torch.equal(covered.u, exact.u) and torch.equal(covered.v, exact.v)
+    assert low_rank_factors(a, 20, decomposition="rsvd", oversamples=10).svd is None  # a real sketch

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES, randomized_svd
+from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES, randomized_svd, sketch_covers
 from utils.whitening import WhiteningFactor
 
 DECOMPOSITIONS = ("svd", "rsvd")
@@ -152,7 +152,8 @@ def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor
     total_energy = float(target.square().sum())
     target = target.to(compute_dtype)
     info = None
-    if decomposition == "svd":
+    # a sketch as wide as the matrix is the exact SVD: take it here, with the driver choice and check
+    if decomposition == "svd" or sketch_covers(*target.shape, rank, oversamples):
         info = SVDInfo()
         u, sigma, vh = exact_svd(target, rank, svd_driver, info)
     else:

@@ -67,6 +67,12 @@ def gram_resolution(dtype: torch.dtype) -> float:
     return GRAM_RESOLUTION * (torch.finfo(dtype).eps / torch.finfo(torch.float32).eps) ** 0.5
 
 
+def sketch_covers(m: int, n: int, rank: int, oversamples: int) -> bool:
+    """Whether a sketch of width rank + oversamples would span all of an m x n matrix (then only
+    the exact SVD makes sense)."""
+    return rank + oversamples >= min(m, n)
+
+
 def route_cost(m: int, n: int, rank: int, width: int, n_iter: int) -> dict[str, float]:
     """Dominant multiply-adds of each route for an m x n matrix (sketch width k = `width`)."""
     long, short = max(m, n), min(m, n)
@@ -146,9 +152,9 @@ def randomized_svd(matrix: torch.Tensor, rank: int, oversamples: int = DEFAULT_O
         raise ValueError(f"rank {rank} must be in [1, {min(m, n)}] for a {m} x {n} matrix")
     if oversamples < 0 or n_iter < 0:
         raise ValueError(f"oversamples ({oversamples}) and n_iter ({n_iter}) must be >= 0")
-    width = min(rank + oversamples, m, n)
-    if width >= min(m, n):
+    if sketch_covers(m, n, rank, oversamples):
         return _exact(matrix, rank)
+    width = rank + oversamples
     if route == "auto":
         cost = route_cost(m, n, rank, width, n_iter)
         route = "gram" if cost["gram"] < cost["direct"] else "direct"
