@@ -124,17 +124,19 @@ class Breakdown:
         self.svd_residual_max: float | None = None
         self._patches: list[tuple[object, str, object]] = []
 
-    def wrap(self, owner, attr: str, key: str, after=None) -> None:
+    def wrap(self, owner, attr: str, key: str, after=None, sync: bool = True) -> None:
         if not self.enabled:
             return
         original = getattr(owner, attr)
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
-            synchronize(self.device)
+            if sync:
+                synchronize(self.device)
             start = time.perf_counter()
             result = original(*args, **kwargs)
-            synchronize(self.device)
+            if sync:
+                synchronize(self.device)
             self.seconds[key] += time.perf_counter() - start
             self.calls[key] += 1
             if after is not None:
@@ -230,7 +232,7 @@ def truncation_check(model, args, stats_path: str | None, count: int) -> dict:
         if meta is not None:
             tensors = load_file(os.path.join(stats_path, f"layer_{index:04d}.safetensors"))
             stream = meta["streams"][str(index)][name]
-            factor = whitening_factor(saved_gram(tensors, stream).to(args.device), args.whitening)
+            factor = whitening_factor(saved_gram(tensors, stream, args.device), args.whitening)
             row["whitening_fallback"] = factor.fallback
             target = factor.right_multiply(weight)
         else:
@@ -319,7 +321,9 @@ def main(argv: list[str] | None = None) -> dict:
         check = (meter.run("check", truncation_check, model, args, pipeline.stats_path_of(args),
                            options.check_matrices) if options.check_matrices > 0 else None)
 
-        breakdown.wrap(pipeline, "load_file", "statistics load")
+        # statistics are read in a background thread (next layer while this one is decomposed): their
+        # timer must not synchronise the device; session.timings["stats_wait_s"] is what it cost
+        breakdown.wrap(pipeline, "load_file", "statistics load (background thread)", sync=False)
         breakdown.wrap(pipeline, "whitening_factor", "whitening factor (cholesky/eigen)")
         breakdown.wrap(pipeline, "low_rank_factors", "low_rank_factors (W S, SVD, solve)")
         breakdown.wrap(decompose, "checked_svd", "svd (incl. gesvda residual check)", after=breakdown.note_svd)
@@ -342,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "load_s": stages["load"]["seconds"], "forward_s": forward_s, "profile_s": profile_s,
         "profile_over_forward": round(profile_s / max(forward_s, 1e-9), 3),
-        "decompose_s": decompose_s, "save_s": save_s, "total_s": round(profile_s + decompose_s, 3),
+        "decompose_s": decompose_s, "stats_wait_s": session.timings.get("stats_wait_s"), "save_s": save_s,
+        "total_s": round(profile_s + decompose_s, 3),
         "peak_rss_gib": _rss_gib()["peak_rss_gib"],
     }
     cuda = options.device.startswith("cuda")

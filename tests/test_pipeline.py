@@ -134,6 +134,10 @@ def test_packed_gram_round_trip_and_the_full_layout_of_earlier_versions():
     packed = pack_upper(gram)
     assert packed.shape == (37 * 38 // 2,)
     assert torch.equal(unpack_upper(packed, 37), gram)
+    # the CPU row-copy path keeps the masked (accelerator) path's order, for any mirror block
+    assert torch.equal(packed, torch.masked_select(gram, torch.ones(37, 37, dtype=torch.bool).triu()))
+    for block in (1, 8, 36, 37, 64):
+        assert torch.equal(unpack_upper(packed, 37, block=block), gram)
     abs_sum = torch.zeros(37, dtype=torch.float64)
     assert torch.equal(saved_gram({"s.gram_upper": packed, "s.abs_sum": abs_sum}, "s"), gram)
     assert torch.equal(saved_gram({"s.gram": gram, "s.abs_sum": abs_sum}, "s"), gram)  # earlier layout

@@ -11,7 +11,7 @@ from utils import decompose, presets
 from utils.decompose import (SVDInfo, checked_svd, exact_svd, low_rank_factors, rank_for_ratio,
                              resolve_svd_driver, svd_residual)
 from utils.model import ModelSpecError, decoder_layers, load_model, resolve_model
-from utils.stats import InputStatistics, batch_gram
+from utils.stats import InputStatistics, batch_gram, pack_upper, saved_gram, unpack_upper
 
 # shrunken widths for the real presets (test-only): same families, same head structure ratios
 TINY = dict(hidden_size=64, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
@@ -168,6 +168,18 @@ def test_cuda_out_dtype_gram_matches_float64(dtype):
     assert error < 1e-5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the masked pack/unpack path runs off the CPU")
+def test_cuda_packed_gram_matches_the_cpu_layout():
+    a = torch.randn(1000, 1000, generator=torch.Generator().manual_seed(0))
+    gram = a + a.T
+    packed = pack_upper(gram)
+    assert torch.equal(pack_upper(gram.cuda()).cpu(), packed)
+    assert torch.equal(unpack_upper(packed.cuda(), 1000).cpu(), gram)
+    stats = {"s.gram_upper": packed, "s.abs_sum": torch.zeros(1000, dtype=torch.float64)}
+    on_device = saved_gram(stats, "s", "cuda")
+    assert on_device.is_cuda and torch.equal(on_device.cpu(), gram)
+
+
 # ------------------------------------------------------------------------------------ SVD driver
 
 def test_resolve_svd_driver():
@@ -283,7 +295,7 @@ def test_bench_scale_smoke(tiny_preset, tmp_path):
     saved = json.load(open(out))
     assert saved == json.loads(json.dumps(result))
     assert saved["random_weights"] is True
-    for key in ("forward_s", "profile_s", "decompose_s", "total_s", "peak_rss_gib"):
+    for key in ("forward_s", "profile_s", "decompose_s", "stats_wait_s", "total_s", "peak_rss_gib"):
         assert saved["results"][key] >= 0
     checks = saved["truncation_check"]["matrices"]
     assert len(checks) == 3

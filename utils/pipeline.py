@@ -177,7 +177,7 @@ def _compress_layer(layer: torch.nn.Module, index: int, prefix: str, ranks: dict
         if args.whitening != "none":
             stream = streams[name]
             if stream not in factors_of_stream:  # q/k/v (gate/up) share one factorisation
-                gram = saved_gram(stats, stream).to(args.device)
+                gram = saved_gram(stats, stream, args.device)
                 factors_of_stream[stream] = whitening_factor(gram, args.whitening)
                 report["fallbacks"] += int(factors_of_stream[stream].fallback)
                 if factors_of_stream[stream].fallback:
@@ -196,6 +196,45 @@ def _compress_layer(layer: torch.nn.Module, index: int, prefix: str, ranks: dict
         set_submodule(layer, name, new)
         report["ranks"][full] = rank
     return originals
+
+
+def _compress_layers(model: torch.nn.Module, args: argparse.Namespace, session: Session, prefix: str,
+                     ranks: dict, layer_stats, generator: torch.Generator, report: dict) -> None:
+    """Decompose layer by layer; with --update, refit u on the compressed layer's real inputs."""
+    if args.update == "none":
+        for index, layer in enumerate(tqdm(decoder_layers(model), desc="compress")):
+            stats, streams = layer_stats(index)
+            _compress_layer(layer, index, prefix, ranks, stats, streams, args, generator, report)
+        return
+    windows = _windows(args, session, args.updating_nsamples)
+    n_holdout = max(1, args.updating_nsamples // 4) if args.updating_nsamples > 1 else 0
+    fit = range(0, args.updating_nsamples - n_holdout)
+    holdout = range(args.updating_nsamples - n_holdout, args.updating_nsamples)
+
+    def compress_and_update(index: int, layer: torch.nn.Module, run) -> torch.Tensor:
+        stats, streams = layer_stats(index)
+        originals = _compress_layer(layer, index, prefix, ranks, stats, streams, args, generator, report)
+        low_rank = {n: m for n, m in layer.named_modules() if isinstance(m, LowRankLinear)}
+        grams = []
+        for indices in (fit, holdout):
+            with LayerStatsCollector(low_rank, args.device) as collector:
+                run(indices) if len(indices) else None
+            grams.append(collector)
+        for name, module in low_rank.items():
+            full = f"{prefix}.{index}.{name}"
+            gram_fit = grams[0].streams[grams[0].stream_of[name]].gram
+            gram_ho = (grams[1].streams[grams[1].stream_of[name]].gram if len(holdout) else None)
+            result = update_u(originals[full].to(args.device), module.u.weight.to(args.device),
+                              module.v.weight.to(args.device), gram_fit, gram_ho)
+            if result.accepted:
+                module.u.weight.data.copy_(result.u.to(module.u.weight.dtype))
+            report["update"][full] = {"accepted": result.accepted,
+                                      "fit_error": [result.fit_error_before, result.fit_error_after],
+                                      "holdout_error": [result.holdout_error_before,
+                                                        result.holdout_error_after]}
+        return run()
+
+    walk_layers(model, windows, args.device, compress_and_update, desc="compress+update")
 
 
 def compress(args: argparse.Namespace, session: Session) -> dict:
@@ -222,46 +261,32 @@ def compress(args: argparse.Namespace, session: Session) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
 
+    num_layers = len(decoder_layers(model))
+    # layer i+1's statistics are read from disk while layer i is decomposed (two layers in memory)
+    reader = ThreadPoolExecutor(max_workers=1)
+    reads: dict = {}
+
+    def read(index: int) -> dict[str, torch.Tensor]:
+        return load_file(os.path.join(stats_path, f"layer_{index:04d}.safetensors"), device="cpu")
+
     def layer_stats(index: int):
         if stats_meta is None:
             return None, None
-        return (load_file(os.path.join(stats_path, f"layer_{index:04d}.safetensors"), device="cpu"),
-                stats_meta["streams"][str(index)])
+        future = reads.pop(index, None) or reader.submit(read, index)
+        if index + 1 < num_layers:
+            reads[index + 1] = reader.submit(read, index + 1)
+        waited = time.perf_counter()
+        stats = future.result()
+        session.timings["stats_wait_s"] = round(session.timings.get("stats_wait_s", 0.0)
+                                                + time.perf_counter() - waited, 3)
+        return stats, stats_meta["streams"][str(index)]
 
-    if args.update == "none":
-        for index, layer in enumerate(tqdm(decoder_layers(model), desc="compress")):
-            stats, streams = layer_stats(index)
-            _compress_layer(layer, index, prefix, ranks, stats, streams, args, generator, report)
-    else:
-        windows = _windows(args, session, args.updating_nsamples)
-        n_holdout = max(1, args.updating_nsamples // 4) if args.updating_nsamples > 1 else 0
-        fit = range(0, args.updating_nsamples - n_holdout)
-        holdout = range(args.updating_nsamples - n_holdout, args.updating_nsamples)
-
-        def compress_and_update(index: int, layer: torch.nn.Module, run) -> torch.Tensor:
-            stats, streams = layer_stats(index)
-            originals = _compress_layer(layer, index, prefix, ranks, stats, streams, args, generator, report)
-            low_rank = {n: m for n, m in layer.named_modules() if isinstance(m, LowRankLinear)}
-            grams = []
-            for indices in (fit, holdout):
-                with LayerStatsCollector(low_rank, args.device) as collector:
-                    run(indices) if len(indices) else None
-                grams.append(collector)
-            for name, module in low_rank.items():
-                full = f"{prefix}.{index}.{name}"
-                gram_fit = grams[0].streams[grams[0].stream_of[name]].gram
-                gram_ho = (grams[1].streams[grams[1].stream_of[name]].gram if len(holdout) else None)
-                result = update_u(originals[full].to(args.device), module.u.weight.to(args.device),
-                                  module.v.weight.to(args.device), gram_fit, gram_ho)
-                if result.accepted:
-                    module.u.weight.data.copy_(result.u.to(module.u.weight.dtype))
-                report["update"][full] = {"accepted": result.accepted,
-                                          "fit_error": [result.fit_error_before, result.fit_error_after],
-                                          "holdout_error": [result.holdout_error_before,
-                                                            result.holdout_error_after]}
-            return run()
-
-        walk_layers(model, windows, args.device, compress_and_update, desc="compress+update")
+    try:
+        _compress_layers(model, args, session, prefix, ranks, layer_stats, generator, report)
+    finally:
+        for future in reads.values():
+            future.cancel()
+        reader.shutdown(wait=True)
     session.timings["compress_s"] = round(time.perf_counter() - start, 3)
     params_after = count_parameters(model)
     compression = {

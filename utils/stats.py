@@ -26,26 +26,54 @@ def _upper_mask(n: int, device: torch.device | str) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).triu()
 
 
+# Why two paths: on an accelerator one masked kernel is fastest; on the CPU masked_select /
+# masked_scatter run element by element (11008 wide, 2 threads: pack 3.0 s, unpack 1.6 s) while
+# one slice copy per row plus a blocked transpose for the mirror takes 0.17 s and 0.5-0.7 s.
 def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
     """The upper triangle of a square matrix, diagonal included, row by row: n (n + 1) / 2 values."""
-    return torch.masked_select(matrix, _upper_mask(matrix.shape[0], matrix.device))
+    n = matrix.shape[0]
+    if matrix.device.type != "cpu":
+        return torch.masked_select(matrix, _upper_mask(n, matrix.device))
+    packed = torch.empty(n * (n + 1) // 2, dtype=matrix.dtype)
+    offset = 0
+    for row in range(n):
+        packed[offset:offset + n - row] = matrix[row, row:]
+        offset += n - row
+    return packed
 
 
-def unpack_upper(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """The symmetric n x n matrix whose upper triangle `packed` holds (inverse of pack_upper)."""
+def unpack_upper(packed: torch.Tensor, n: int, block: int = 256) -> torch.Tensor:
+    """The symmetric n x n matrix whose upper triangle `packed` holds (inverse of pack_upper),
+    on packed's device: move the packed triangle, not the full matrix, to the device first."""
     if packed.numel() != n * (n + 1) // 2:
         raise ValueError(f"a packed {n} x {n} triangle has {n * (n + 1) // 2} values, got {packed.numel()}")
-    upper = torch.zeros(n, n, dtype=packed.dtype, device=packed.device)
-    upper.masked_scatter_(_upper_mask(n, packed.device), packed)
-    return upper + upper.triu(1).T
+    if packed.device.type != "cpu":
+        upper = torch.zeros(n, n, dtype=packed.dtype, device=packed.device)
+        upper.masked_scatter_(_upper_mask(n, packed.device), packed)
+        return upper + upper.triu(1).T
+    out = torch.empty(n, n, dtype=packed.dtype)
+    offset = 0
+    for row in range(n):
+        out[row, row:] = packed[offset:offset + n - row]
+        offset += n - row
+    for start in range(0, n, block):  # mirror one block column at a time (cache-friendly transposes)
+        stop = min(start + block, n)
+        out[stop:, start:stop] = out[start:stop, stop:].T
+        diagonal = out[start:stop, start:stop]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
+    return out
 
 
-def saved_gram(stats: dict[str, torch.Tensor], stream: str) -> torch.Tensor:
-    """The Gram matrix of `stream` from one layer's saved statistics (either layout), as stored (float32)."""
+def saved_gram(stats: dict[str, torch.Tensor], stream: str,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """The Gram matrix of `stream` from one layer's saved statistics (either layout), as stored
+    (float32), on `device` (default: where the statistics are)."""
     if f"{stream}.gram_upper" in stats:
-        return unpack_upper(stats[f"{stream}.gram_upper"], stats[f"{stream}.abs_sum"].numel())
+        packed = stats[f"{stream}.gram_upper"]
+        return unpack_upper(packed if device is None else packed.to(device), stats[f"{stream}.abs_sum"].numel())
     if f"{stream}.gram" in stats:
-        return stats[f"{stream}.gram"]
+        gram = stats[f"{stream}.gram"]
+        return gram if device is None else gram.to(device)
     raise KeyError(f"no Gram matrix for {stream!r} in these statistics (keys: {sorted(stats)[:6]}...)")
 
 
