@@ -93,6 +93,18 @@ def test_rank_deficient_gram_takes_the_fallback_and_stays_finite():
     factors = low_rank_factors(w, 8, factor)
     assert torch.isfinite(factors.u).all() and torch.isfinite(factors.v).all()
     assert eigen_factor(gram).fallback
+    # the first shift of the ladder is enough for round-off-negative eigenvalues
+    eps = 1e-6 * float(gram.diagonal().mean())
+    assert factor.shift == pytest.approx(eps)
+    eye = torch.eye(64, dtype=torch.float64)
+    assert torch.allclose(factor.factor @ factor.factor.T, gram + factor.shift * eye, atol=1e-9 * float(gram.abs().max()))
+    # a truly indefinite matrix (corrupted statistics) takes SVD-LLM's route: shift = -lambda_min + eps
+    lambda_min = -0.01 * float(gram.diagonal().mean())
+    indefinite = gram + lambda_min * eye
+    true_min = float(torch.linalg.eigvalsh(indefinite)[0])
+    shifted = cholesky_factor(indefinite)
+    assert shifted.fallback and shifted.shift >= -true_min
+    assert shifted.shift == pytest.approx(-true_min + 1e-6 * float(indefinite.diagonal().mean()), rel=1e-6)
     # a healthy Gram takes no fallback
     x = correlated_inputs(400, 64)
     assert not cholesky_factor(x.T @ x).fallback
