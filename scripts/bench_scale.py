@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         breakdown.wrap(layerwise, "capture_layer_inputs", "capture layer-0 inputs")
         breakdown.wrap(layerwise, "run_layer", "layer forward (incl. hooks in profile)")
         meter.run("forward", layerwise.walk_layers, model, windows, options.device,
-                  lambda index, layer, run: run(), "forward")
+                  lambda index, layer, run: run(), "forward", changes_weights=False)
         forward_breakdown = breakdown.table()
         breakdown.seconds.clear()
         breakdown.calls.clear()

@@ -300,3 +300,45 @@ def test_bench_scale_smoke(tiny_preset, tmp_path):
     checks = saved["truncation_check"]["matrices"]
     assert len(checks) == 3
     assert all(c["excess_vs_float64"] < 1e-3 for c in checks)
+
+
+# ------------------------------------------------------------------------------ layer moves
+
+def test_read_only_walk_puts_the_original_tensors_back():
+    from tests.tiny_models import tiny_model
+    from utils.layerwise import _move_keeping_originals, walk_layers
+    model = tiny_model("gemma3")  # q/k norms and per-layer-type attention
+    layer = decoder_layers(model)[0]
+    before = {name: (t.data_ptr(), t.clone()) for name, t in
+              list(layer.named_parameters()) + list(layer.named_buffers())}
+    restore = _move_keeping_originals(layer, "meta")  # a device that is not the CPU, on any machine
+    assert all(p.device.type == "meta" for p in layer.parameters())
+    restore()
+    after = dict(list(layer.named_parameters()) + list(layer.named_buffers()))
+    assert set(after) == set(before)
+    for name, (pointer, value) in before.items():
+        assert after[name].device.type == "cpu" and after[name].data_ptr() == pointer
+        assert torch.equal(after[name], value)
+    # the read-only walk computes what the copying walk computes
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for changes in (True, False):
+        seen = []
+        walk_layers(model, windows, "cpu", lambda i, layer, run: seen.append(run()) or seen[-1], "t",
+                    changes_weights=changes)
+        outputs[changes] = seen
+    assert all(torch.equal(a, b) for a, b in zip(outputs[True], outputs[False]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="layer moves to a GPU")
+def test_read_only_walk_on_cuda_leaves_the_model_on_the_cpu_untouched():
+    from tests.tiny_models import tiny_model
+    from utils.layerwise import walk_layers
+    model = tiny_model("llama")
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    devices = []
+    walk_layers(model, windows, "cuda", lambda i, layer, run: devices.append(
+        next(layer.parameters()).device.type) or run(), "t", changes_weights=False)
+    assert devices == ["cuda"] * len(decoder_layers(model))
+    assert all(p.device.type == "cpu" and p.data_ptr() == pointers[name] for name, p in model.named_parameters())

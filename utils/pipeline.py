@@ -106,7 +106,7 @@ def profile(args: argparse.Namespace, session: Session) -> dict:
             return outputs
 
         try:
-            walk_layers(model, windows, args.device, collect, desc="profile")
+            walk_layers(model, windows, args.device, collect, desc="profile", changes_weights=False)
             for future in pending:
                 future.result()
         finally:
