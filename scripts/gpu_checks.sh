@@ -39,9 +39,9 @@ step bench_scale 290 $PY scripts/bench_scale.py --device cuda --dtype float16 --
 # SmolLM2's whitened matrices (truncation error of gesvda / the default driver against float64)
 WHITENED=()
 [ -f .gpu_carry/whitened_smollm2.safetensors ] && WHITENED=(--whitened_file .gpu_carry/whitened_smollm2.safetensors)
-step rsvd_gesvda 60 $PY scripts/bench_rsvd.py --device cuda --exact_driver gesvda --configs 10:2,100:4 --no_lowrank \
+step rsvd_gesvda 60 $PY scripts/bench_rsvd.py --device cuda --exact_driver gesvda --configs 10:2,100:4 --no_lowrank --threads "$(nproc)" \
     "${WHITENED[@]}" --out "$OUT/bench_rsvd_cuda_gesvda.json"
-step rsvd_default 45 $PY scripts/bench_rsvd.py --device cuda --configs 10:2,100:4 --no_lowrank \
+step rsvd_default 45 $PY scripts/bench_rsvd.py --device cuda --configs 10:2,100:4 --no_lowrank --threads "$(nproc)" \
     "${WHITENED[@]}" --out "$OUT/bench_rsvd_cuda_default.json"
 
 # step 5 on the GPU: 4 layers of the LLaMA-2-7B preset compressed at 40%, timed against the same 4 original layers

@@ -167,3 +167,23 @@ def test_low_rank_factors_take_the_exact_svd_when_the_sketch_covers_the_matrix()
     assert covered.svd is not None and covered.svd.driver == "default"
     assert torch.equal(covered.u, exact.u) and torch.equal(covered.v, exact.v)
     assert low_rank_factors(a, 20, decomposition="rsvd", oversamples=10).svd is None  # a real sketch
+
+
+def test_bench_rsvd_writes_real_matrices_first_and_measures_excess(tmp_path):
+    """The benchmark script: real (whitened) matrices come before the synthetic shapes, so a run
+    cut short by a time limit keeps them; every row's excess is against the optimum."""
+    import json
+    from safetensors.torch import save_file
+    from scripts.bench_rsvd import main
+    a, _ = decaying(120, 80, seed=1)
+    save_file({"layer0.q": a.contiguous()}, str(tmp_path / "w.safetensors"))
+    out = tmp_path / "r.json"
+    assert main(["--shapes", "96x64", "--ratios", "0.4", "--configs", "10:2", "--no_lowrank",
+                 "--threads", str(torch.get_num_threads()),  # main() sets the process-wide count
+                 "--whitened_file", str(tmp_path / "w.safetensors"), "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert list(record["whitened"]) == ["layer0.q"] and list(record["synthetic"]) == ["96x64"]
+    for section in ("whitened", "synthetic"):
+        for bench in record[section].values():
+            for row in bench["runs"]:
+                assert 0 <= row["excess"] < 0.05 and abs(row["exact_excess"]) < 1e-5
