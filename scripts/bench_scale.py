@@ -28,7 +28,9 @@ The per-stage breakdown wraps pipeline functions with timers that synchronise th
 entry and exit (Gram products, whitening factors, SVDs, statistics I/O); --no_breakdown times
 the totals without those extra synchronisations.
 
-Writes one JSON (default scripts/results/bench_scale_<device>_<model>_<layers>L_<N>x<L>_<dtype>.json).
+Writes one JSON (default scripts/results/bench_scale_<device>_<model>_<layers>L_<N>x<L>_<dtype>.json),
+first after every stage with "partial": true (so a run stopped by a time limit keeps the stages it
+finished), then complete with "partial": false.
 """
 from __future__ import annotations
 
@@ -185,6 +187,23 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+def _default_out(options: argparse.Namespace, layers: int) -> str:
+    where = (_device_name(options.device) if options.device.startswith("cuda")
+             else f"cpu-{os.cpu_count()}cores")
+    return os.path.join(ROOT, "scripts", "results",
+                        f"bench_scale_{_slug(where)}_{_slug(options.model.replace('random:', ''))}_{layers}L_"
+                        f"{options.nsamples}x{options.seq_len}_{options.dtype}.json")
+
+
+def _write_json(path: str, record: dict) -> None:
+    """Atomic: a reader (or a run killed by a time limit) never sees a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".partial-write", "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2)
+        handle.write("\n")
+    os.replace(path + ".partial-write", path)
+
+
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -296,9 +315,23 @@ def main(argv: list[str] | None = None) -> dict:
     meter = StageMeter(options.device)
     breakdown = Breakdown(options.device, not options.no_breakdown)
     session = pipeline.Session()
+    out = options.out
+    tables: dict[str, dict] = {}
+
+    def checkpoint() -> None:
+        """Stages done so far, so that a run stopped by a time limit still leaves its figures."""
+        _write_json(out, {"benchmark": "bench_scale (issue 10)", "partial": True,
+                          "completed_stages": list(meter.stages), "command": "python scripts/bench_scale.py "
+                          + " ".join(argv if argv is not None else sys.argv[1:]),
+                          "device_name": _device_name(options.device), "git_commit": _git_commit(),
+                          "random_weights": is_random_spec(options.model),
+                          "stages": meter.stages, "breakdown": tables})
+
     try:
         meter.run("load", pipeline.ensure_model, args, session)
         model = session.model
+        out = out or _default_out(options, len(decoder_layers(model)))
+        checkpoint()
         windows = calibration_windows(args.dataset, session.tokenizer, options.nsamples, options.seq_len,
                                       options.seed, vocab_size=model.config.vocab_size)
 
@@ -306,20 +339,24 @@ def main(argv: list[str] | None = None) -> dict:
         breakdown.wrap(layerwise, "run_layer", "layer forward (incl. hooks in profile)")
         meter.run("forward", layerwise.walk_layers, model, windows, options.device,
                   lambda index, layer, run: run(), "forward", changes_weights=False)
-        forward_breakdown = breakdown.table()
+        forward_breakdown = tables["forward"] = breakdown.table()
+        checkpoint()
         breakdown.seconds.clear()
         breakdown.calls.clear()
 
         breakdown.wrap(stats_module, "batch_gram", "gram products")
         breakdown.wrap(pipeline, "save_file", "statistics save")
         meter.run("profile", pipeline.profile, args, session)
-        profile_breakdown = breakdown.table()
+        profile_breakdown = tables["profile"] = breakdown.table()
+        checkpoint()
         breakdown.restore()
         breakdown.seconds.clear()
         breakdown.calls.clear()
 
         check = (meter.run("check", truncation_check, model, args, pipeline.stats_path_of(args),
                            options.check_matrices) if options.check_matrices > 0 else None)
+        tables["truncation_check"] = check
+        checkpoint()
 
         # statistics are read in a background thread (next layer while this one is decomposed): their
         # timer must not synchronise the device; session.timings["stats_wait_s"] is what it cost
@@ -364,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "met": (value is not None and value <= limit) if cuda and full_7b else None}
     random_weights = is_random_spec(options.model)
     output = {
-        "benchmark": "bench_scale (issue 10)",
+        "benchmark": "bench_scale (issue 10)", "partial": False,
         "random_weights": random_weights,
         "note": ("random-weight preset: for timing and memory only, no quality figures" if random_weights
                  else "real weights"),
@@ -393,15 +430,7 @@ def main(argv: list[str] | None = None) -> dict:
         "disk": disk,
         "truncation_check": check,
     }
-    out = options.out or os.path.join(
-        ROOT, "scripts", "results",
-        f"bench_scale_{_slug(output['device_name'] if cuda else 'cpu-' + str(os.cpu_count()) + 'cores')}_"
-        f"{_slug(options.model.replace('random:', ''))}_{layers}L_{options.nsamples}x{options.seq_len}_"
-        f"{options.dtype}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", encoding="utf-8") as handle:
-        json.dump(output, handle, indent=2)
-        handle.write("\n")
+    _write_json(out, output)
     print(json.dumps(results, indent=2))
     if check:
         print(f"truncation check: max excess vs float64 {check['max_excess']:.2e} over "

@@ -300,6 +300,30 @@ def test_bench_scale_smoke(tiny_preset, tmp_path):
     checks = saved["truncation_check"]["matrices"]
     assert len(checks) == 3
     assert all(c["excess_vs_float64"] < 1e-3 for c in checks)
+    assert saved["partial"] is False
+
+
+def test_bench_scale_keeps_finished_stages_when_stopped(tiny_preset, tmp_path, monkeypatch):
+    """A run killed in step 3 (a device time limit) still leaves the stages it finished."""
+    import importlib.util
+    from utils import pipeline
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_scale.py")
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of step 3; a SIGTERM kills at once, same file left
+
+    monkeypatch.setattr(pipeline, "compress", stopped)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--model", tiny_preset, "--device", "cpu", "--dtype", "float32", "--nsamples", "2",
+                    "--seq_len", "16", "--num_layers", "1", "--check_matrices", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True and saved["completed_stages"] == ["load", "forward", "profile", "check"]
+    assert saved["stages"]["profile"]["seconds"] > 0 and saved["breakdown"]["profile"]["gram products"]["calls"] > 0
+    assert not list(tmp_path.glob("*.partial-write"))
 
 
 # ------------------------------------------------------------------------------ layer moves
