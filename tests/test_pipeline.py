@@ -137,7 +137,9 @@ def test_packed_gram_round_trip_and_the_full_layout_of_earlier_versions():
     # the CPU row-copy path keeps the masked (accelerator) path's order, for any mirror block
     assert torch.equal(packed, torch.masked_select(gram, torch.ones(37, 37, dtype=torch.bool).triu()))
     for block in (1, 8, 36, 37, 64):
-        assert torch.equal(unpack_upper(packed, 37, block=block), gram)
+        for method in ("rows", "masked"):  # masked: the accelerator path, one kernel per block of rows
+            assert torch.equal(pack_upper(gram, block=block, method=method), packed)
+            assert torch.equal(unpack_upper(packed, 37, block=block, method=method), gram)
     abs_sum = torch.zeros(37, dtype=torch.float64)
     assert torch.equal(saved_gram({"s.gram_upper": packed, "s.abs_sum": abs_sum}, "s"), gram)
     assert torch.equal(saved_gram({"s.gram": gram, "s.abs_sum": abs_sum}, "s"), gram)  # earlier layout

@@ -47,18 +47,17 @@ class _Recorder(nn.Module):
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
-                         offload: torch.device | str = "cpu"
+def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.device | str
                          ) -> tuple[torch.Tensor, list[tuple[tuple, dict]]]:
     """Hidden states entering layer 0 (N x L x d, on device) and each layer's call arguments.
 
     Windows are run one at a time, so the recorded arguments (for a batch of one window of
-    this length) are valid for every window.
+    this length) are valid for every window. The non-layer modules go back where they were.
     """
     layers = decoder_layers(model)
     originals = list(layers)
     sink: dict = {"hidden": [], "layer_args": []}
-    non_layer_modules_to(model, device)
+    restore_non_layer = non_layer_modules_to(model, device)
     try:
         for i, window in enumerate(tqdm(windows, desc="capture inputs", leave=False)):
             for j in range(len(layers)):
@@ -70,7 +69,7 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
     finally:
         for j, layer in enumerate(originals):
             layers[j] = layer
-        non_layer_modules_to(model, offload)
+        restore_non_layer()
     return torch.cat(sink["hidden"]), sink["layer_args"]
 
 
@@ -124,7 +123,7 @@ def walk_layers(model: nn.Module, windows: torch.Tensor, device: torch.device | 
     offloaded tensors are put back instead of copying the device ones back (anything fn added or
     replaced is still moved to `offload`).
     """
-    inputs, layer_args = capture_layer_inputs(model, windows, device, offload)
+    inputs, layer_args = capture_layer_inputs(model, windows, device)
     layers = decoder_layers(model)
     for index in tqdm(range(len(layers)), desc=desc):
         restore = None if changes_weights else _move_keeping_originals(layers[index], device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -160,19 +161,35 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> None:
-    """Move everything but the decoder layers (embeddings, rotary tables, final norm) to device."""
+def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> Callable[[], None]:
+    """Move everything but the decoder layers (embeddings, rotary tables, final norm) to device.
+
+    Returns a function that puts the original tensors back where they were, without copying
+    (these modules are only read while the layers' inputs are captured).
+    """
     layers = decoder_layers(model)
-    layer_ids = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
+    in_layers = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
+    copies: dict[int, torch.Tensor] = {}  # one device copy per tensor: a tied embedding stays tied
+    originals: list = []  # (module, "_parameters" or "_buffers", key, original tensor)
     for module in model.modules():
         if any(module is layer for layer in layers):
             continue
-        for key, param in module.named_parameters(recurse=False):
-            if id(param) not in layer_ids:
-                param.data = param.data.to(device)
-        for key, buf in module.named_buffers(recurse=False):
-            if id(buf) not in layer_ids:
-                module._buffers[key] = buf.to(device)
+        for table_name in ("_parameters", "_buffers"):
+            table = getattr(module, table_name)
+            for key, tensor in list(table.items()):
+                if tensor is None or id(tensor) in in_layers:
+                    continue
+                if id(tensor) not in copies:
+                    moved = tensor.detach().to(device)
+                    copies[id(tensor)] = (nn.Parameter(moved, requires_grad=tensor.requires_grad)
+                                          if isinstance(tensor, nn.Parameter) else moved)
+                originals.append((module, table_name, key, tensor))
+                table[key] = copies[id(tensor)]
+
+    def restore() -> None:
+        for module, table_name, key, tensor in originals:
+            getattr(module, table_name)[key] = tensor
+    return restore
 
 
 def model_description(model: nn.Module) -> dict:

@@ -22,40 +22,52 @@ from torch import nn
 from utils.gram import symmetric_gram
 
 
-def _upper_mask(n: int, device: torch.device | str) -> torch.Tensor:
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu()
+def _row_offset(row: int, n: int) -> int:
+    """Where row `row` of an n x n upper triangle starts in its packed form."""
+    return row * n - row * (row - 1) // 2
 
 
-# Why two paths: on an accelerator one masked kernel is fastest; on the CPU masked_select /
-# masked_scatter run element by element (11008 wide, 2 threads: pack 3.0 s, unpack 1.6 s) while
-# one slice copy per row plus a blocked transpose for the mirror takes 0.17 s and 0.5-0.7 s.
-def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
-    """The upper triangle of a square matrix, diagonal included, row by row: n (n + 1) / 2 values."""
+# Two ways to move the triangle, both without n x n temporaries beyond the result: on the CPU
+# one slice copy per row (masked_select / masked_scatter run element by element there: 11008
+# wide, 2 threads, pack 3.0 s against 0.17 s, unpack 1.6 s against 0.5-0.7 s); on an accelerator
+# one masked kernel per block of rows (per-row copies would be 11008 kernel launches, and one
+# masked kernel over the whole matrix builds a 1 GB index for 11008 wide).
+def _by_rows(tensor: torch.Tensor, method: str | None) -> bool:
+    if method not in (None, "rows", "masked"):
+        raise ValueError(f"method must be rows or masked, got {method!r}")
+    return method == "rows" if method else tensor.device.type == "cpu"
+
+
+def pack_upper(matrix: torch.Tensor, block: int = 256, method: str | None = None) -> torch.Tensor:
+    """The upper triangle of a square matrix, diagonal included, row by row: n (n + 1) / 2 values.
+    `method`: "rows" or "masked" (default: rows on the CPU, masked elsewhere)."""
     n = matrix.shape[0]
-    if matrix.device.type != "cpu":
-        return torch.masked_select(matrix, _upper_mask(n, matrix.device))
-    packed = torch.empty(n * (n + 1) // 2, dtype=matrix.dtype)
-    offset = 0
-    for row in range(n):
-        packed[offset:offset + n - row] = matrix[row, row:]
-        offset += n - row
+    packed = torch.empty(n * (n + 1) // 2, dtype=matrix.dtype, device=matrix.device)
+    if _by_rows(matrix, method):
+        for row in range(n):
+            packed[_row_offset(row, n):_row_offset(row + 1, n)] = matrix[row, row:]
+        return packed
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        mask = torch.ones(stop - start, n, dtype=torch.bool, device=matrix.device).triu(start)
+        packed[_row_offset(start, n):_row_offset(stop, n)] = torch.masked_select(matrix[start:stop], mask)
     return packed
 
 
-def unpack_upper(packed: torch.Tensor, n: int, block: int = 256) -> torch.Tensor:
+def unpack_upper(packed: torch.Tensor, n: int, block: int = 256, method: str | None = None) -> torch.Tensor:
     """The symmetric n x n matrix whose upper triangle `packed` holds (inverse of pack_upper),
     on packed's device: move the packed triangle, not the full matrix, to the device first."""
     if packed.numel() != n * (n + 1) // 2:
         raise ValueError(f"a packed {n} x {n} triangle has {n * (n + 1) // 2} values, got {packed.numel()}")
-    if packed.device.type != "cpu":
-        upper = torch.zeros(n, n, dtype=packed.dtype, device=packed.device)
-        upper.masked_scatter_(_upper_mask(n, packed.device), packed)
-        return upper + upper.triu(1).T
-    out = torch.empty(n, n, dtype=packed.dtype)
-    offset = 0
-    for row in range(n):
-        out[row, row:] = packed[offset:offset + n - row]
-        offset += n - row
+    out = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
+    if _by_rows(packed, method):
+        for row in range(n):
+            out[row, row:] = packed[_row_offset(row, n):_row_offset(row + 1, n)]
+    else:
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            mask = torch.ones(stop - start, n, dtype=torch.bool, device=packed.device).triu(start)
+            out[start:stop].masked_scatter_(mask, packed[_row_offset(start, n):_row_offset(stop, n)])
     for start in range(0, n, block):  # mirror one block column at a time (cache-friendly transposes)
         stop = min(start + block, n)
         out[stop:, start:stop] = out[start:stop, stop:].T
