@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import re
@@ -126,13 +127,20 @@ class Breakdown:
         self.svd_residual_max: float | None = None
         self._patches: list[tuple[object, str, object]] = []
 
-    def wrap(self, owner, attr: str, key: str, after=None, sync: bool = True) -> None:
-        if not self.enabled:
+    def wrap(self, owner, attr: str, key: str, after=None, sync: bool = True, before=None) -> None:
+        """Time owner.attr under `key` (device-synchronised unless sync=False); `before` runs first
+        on every call, even with the timers off (--no_breakdown)."""
+        if not self.enabled and before is None:
             return
         original = getattr(owner, attr)
+        timing = self.enabled
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
+            if before is not None:
+                before()
+            if not timing:
+                return original(*args, **kwargs)
             if sync:
                 synchronize(self.device)
             start = time.perf_counter()
@@ -157,7 +165,7 @@ class Breakdown:
         info = kwargs.get("info") if "info" in kwargs else (args[3] if len(args) > 3 else None)
         if info is not None:
             self.svd_drivers[info.driver + ("(fallback)" if info.fallback else "")] += 1
-            if info.residual is not None:
+            if info.residual is not None and math.isfinite(info.residual):
                 self.svd_residual_max = max(self.svd_residual_max or 0.0, info.residual)
 
     def table(self) -> dict:
@@ -195,11 +203,22 @@ def _default_out(options: argparse.Namespace, layers: int) -> str:
                         f"{options.nsamples}x{options.seq_len}_{options.dtype}.json")
 
 
+def _finite(value):
+    """The record with every non-finite float (a failed SVD's residual is inf) as null: strict JSON."""
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _write_json(path: str, record: dict) -> None:
     """Atomic: a reader (or a run killed by a time limit) never sees a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".partial-write", "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2)
+        json.dump(_finite(record), handle, indent=2, allow_nan=False)
         handle.write("\n")
     os.replace(path + ".partial-write", path)
 
@@ -325,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
                           + " ".join(argv if argv is not None else sys.argv[1:]),
                           "device_name": _device_name(options.device), "git_commit": _git_commit(),
                           "random_weights": is_random_spec(options.model),
-                          "stages": meter.stages, "breakdown": tables})
+                          "stages": meter.stages, "session_timings": session.timings, "breakdown": tables})
 
     try:
         meter.run("load", pipeline.ensure_model, args, session)
@@ -335,6 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
         windows = calibration_windows(args.dataset, session.tokenizer, options.nsamples, options.seq_len,
                                       options.seed, vocab_size=model.config.vocab_size)
 
+        # one window through every layer first: CUDA context, cuBLAS handles and kernel loading
+        # would otherwise be charged to the forward baseline and flatter profile / forward
+        meter.run("warmup", layerwise.walk_layers, model, windows[:1], options.device,
+                  lambda index, layer, run: run(), "warm-up", changes_weights=False)
         breakdown.wrap(layerwise, "capture_layer_inputs", "capture layer-0 inputs")
         breakdown.wrap(layerwise, "run_layer", "layer forward (incl. hooks in profile)")
         meter.run("forward", layerwise.walk_layers, model, windows, options.device,
@@ -345,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         breakdown.calls.clear()
 
         breakdown.wrap(stats_module, "batch_gram", "gram products")
-        breakdown.wrap(pipeline, "save_file", "statistics save")
+        breakdown.wrap(pipeline, "save_file", "statistics save (background thread)", sync=False)
         meter.run("profile", pipeline.profile, args, session)
         profile_breakdown = tables["profile"] = breakdown.table()
         checkpoint()
@@ -365,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
         breakdown.wrap(pipeline, "low_rank_factors", "low_rank_factors (W S, SVD, solve)")
         breakdown.wrap(decompose, "checked_svd", "svd (incl. gesvda residual check)", after=breakdown.note_svd)
         breakdown.wrap(decompose, "svd_residual", "gesvda residual check")
+        # the decomposition's figures are on disk before the compressed model is written
+        breakdown.wrap(pipeline, "save_compressed", "compressed model save", before=lambda: (
+            tables.__setitem__("decompose", breakdown.table()), checkpoint()))
         params_before = count_parameters(model)
         compression = meter.run("compress", pipeline.compress, args, session)
         decompose_breakdown = breakdown.table()

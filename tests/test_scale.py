@@ -355,9 +355,32 @@ def test_bench_scale_keeps_finished_stages_when_stopped(tiny_preset, tmp_path, m
         bench.main(["--model", tiny_preset, "--device", "cpu", "--dtype", "float32", "--nsamples", "2",
                     "--seq_len", "16", "--num_layers", "1", "--check_matrices", "1", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["partial"] is True and saved["completed_stages"] == ["load", "forward", "profile", "check"]
+    assert saved["partial"] is True and saved["completed_stages"] == ["load", "warmup", "forward", "profile", "check"]
     assert saved["stages"]["profile"]["seconds"] > 0 and saved["breakdown"]["profile"]["gram products"]["calls"] > 0
     assert not list(tmp_path.glob("*.partial-write"))
+
+
+def test_bench_scale_keeps_the_decomposition_when_stopped_in_the_save(tiny_preset, tmp_path, monkeypatch):
+    import importlib.util
+    from utils import pipeline
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_scale.py")
+    spec = importlib.util.spec_from_file_location("bench_scale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "save_compressed", stopped)
+    out = tmp_path / "bench.json"
+    for timers in ([], ["--no_breakdown"]):
+        with pytest.raises(KeyboardInterrupt):
+            bench.main(["--model", tiny_preset, "--device", "cpu", "--dtype", "float32", "--nsamples", "2",
+                        "--seq_len", "16", "--num_layers", "1", "--check_matrices", "0", "--out", str(out)] + timers)
+        saved = json.loads(out.read_text())
+        assert saved["partial"] is True and saved["session_timings"]["compress_s"] > 0
+        if not timers:
+            assert saved["breakdown"]["decompose"]["low_rank_factors (W S, SVD, solve)"]["calls"] == 7
 
 
 # ------------------------------------------------------------------------------ layer moves
@@ -386,6 +409,21 @@ def test_read_only_walk_puts_the_original_tensors_back():
                     changes_weights=changes)
         outputs[changes] = seen
     assert all(torch.equal(a, b) for a, b in zip(outputs[True], outputs[False]))
+
+
+def test_non_layer_modules_go_back_without_a_copy_tied_embedding_included():
+    from tests.tiny_models import tiny_model
+    from utils.model import non_layer_modules_to
+    model = tiny_model("llama")  # lm_head is tied to the input embedding
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    layer_params = {id(p) for p in decoder_layers(model).parameters()}
+    before = {name: p.data_ptr() for name, p in model.named_parameters()}
+    restore = non_layer_modules_to(model, "meta")
+    moved = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    assert moved and all(id(p) not in layer_params for name, p in model.named_parameters() if name in moved)
+    restore()
+    assert all(p.device.type == "cpu" and p.data_ptr() == before[name] for name, p in model.named_parameters())
+    assert all(b.device.type == "cpu" for b in model.buffers())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="layer moves to a GPU")
