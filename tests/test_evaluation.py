@@ -174,6 +174,16 @@ def test_efficiency_fields_positive(family):
     assert ratios["parameters"] == 1.0 and ratios["linear_flops"] == 1.0 and all(v > 0 for v in ratios.values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU peak memory")
+def test_cuda_peak_memory_leaves_out_what_else_is_on_the_device():
+    model = tiny_model("llama").cuda()
+    ballast = torch.empty(256 * 2 ** 20, dtype=torch.uint8, device="cuda")  # stands for the other model
+    prompts = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    memory = evaluater.peak_memory(model, prompts, 4, "cuda")
+    assert memory["kind"] == "cuda_weights_plus_run_peak" and memory["run_peak_bytes"] > 0
+    assert evaluater.weight_bytes(model) < memory["bytes"] < 64 * 2 ** 20 < ballast.numel()
+
+
 def test_linear_flops_follow_the_ranks(llama):
     from component import LowRankLinear
     from utils.model import decoder_layers
