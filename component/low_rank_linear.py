@@ -22,7 +22,12 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_factors(cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      dtype: torch.dtype, device: torch.device | str) -> "LowRankLinear":
-        """Build from u (out x r) and v (r x in); the bias (out,) goes on u."""
+        """Build from u (out x r) and v (r x in); the bias (out,) goes on u. ValueError when an
+        entry is not finite or does not fit in `dtype` (float16 tops out at 65504)."""
+        largest = max(float(u.detach().abs().max()), float(v.detach().abs().max()))
+        if dtype.is_floating_point and not largest <= torch.finfo(dtype).max:  # NaN fails too
+            raise ValueError(f"low-rank factors with largest |entry| {largest:.4g} do not fit in {dtype}; "
+                             f"use --dtype float32 or bfloat16")
         out_features, rank = u.shape
         module = cls(v.shape[1], out_features, rank, bias is not None, dtype=dtype, device=device)
         with torch.no_grad():

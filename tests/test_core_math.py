@@ -168,3 +168,15 @@ def test_update_rejected_when_it_hurts_held_out_error():
         assert not result.accepted and torch.equal(result.u, u)
     else:
         assert result.accepted
+
+
+def test_low_rank_module_refuses_factors_that_do_not_fit_its_dtype():
+    from component import LowRankLinear
+    u, v = torch.ones(6, 2, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64)
+    module = LowRankLinear.from_factors(u, v, None, torch.float16, "cpu")
+    assert torch.equal(module.weight_product, torch.full((6, 4), 2.0, dtype=torch.float16))
+    with pytest.raises(ValueError, match="do not fit in torch.float16"):
+        LowRankLinear.from_factors(u * 7e4, v, None, torch.float16, "cpu")  # 70000 > 65504
+    with pytest.raises(ValueError, match="do not fit"):
+        LowRankLinear.from_factors(u * float("nan"), v, None, torch.float32, "cpu")
+    LowRankLinear.from_factors(u * 7e4, v, None, torch.bfloat16, "cpu")  # bfloat16 has the range

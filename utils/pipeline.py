@@ -192,7 +192,10 @@ def _compress_layer(layer: torch.nn.Module, index: int, prefix: str, ranks: dict
         report["truncation_loss"][full] = factors.truncation_loss
         originals[full] = weight
         bias = linear.bias.detach() if linear.bias is not None else None
-        new = LowRankLinear.from_factors(factors.u, factors.v, bias, weight.dtype, weight.device)
+        try:
+            new = LowRankLinear.from_factors(factors.u, factors.v, bias, weight.dtype, weight.device)
+        except ValueError as error:
+            raise PipelineError(f"{full}: {error}") from None
         set_submodule(layer, name, new)
         report["ranks"][full] = rank
     return originals
