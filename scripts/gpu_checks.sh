@@ -8,10 +8,11 @@
 #            --whitening_nsamples 16 --model_seq_len 256 --save_path /tmp/gpu_stats_run --stats_path /tmp/gpu_stats
 #        python scripts/bench_rsvd.py --shapes "" --stats_path /tmp/gpu_stats --layers 0,29 --modules all \
 #            --configs 100:4 --save_whitened .gpu_carry/whitened_smollm2.safetensors --out /tmp/unused.json
+#        chmod 644 .gpu_carry/*   # the device may run as another user
 #      (.gpu_carry/ is in .gitignore.)
 #   2. device tool: run(command="bash scripts/gpu_checks.sh", carry=[".gpu_carry"], timeout_s=600)
 #   3. Commit what comes back under scripts/results/ (the JSON files name the GPU inside).
-# Everything comes back as at most 6 files: gpu_checks.log and 5 JSON.
+# Everything comes back as at most 5 files: gpu_checks.log and 4 JSON.
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -28,8 +29,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log everything,
 step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c \
   \"import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())\""
 
-# CUDA-only tests (Gram out_dtype path, gesvda + residual fallback) and the randomized SVD tests
-step pytest 80 $PY -m pytest -q -p no:cacheprovider tests/test_scale.py tests/test_rsvd.py
+# CUDA-only tests (Gram out_dtype path, gesvda + residual fallback, layer moves, step-5 peak memory)
+# and the randomized SVD tests
+step pytest 80 $PY -m pytest -q -p no:cacheprovider tests/test_scale.py tests/test_rsvd.py \
+    tests/test_evaluation.py::test_cuda_peak_memory_leaves_out_what_else_is_on_the_device
 
 # the scale benchmark: LLaMA-2-7B preset, fp16, 64 x 2048 windows, ratio 0.2, cholesky + svd
 step bench_scale 290 $PY scripts/bench_scale.py --device cuda --dtype float16 --nsamples 64 --seq_len 2048 \
@@ -38,7 +41,7 @@ step bench_scale 290 $PY scripts/bench_scale.py --device cuda --dtype float16 --
 # exact SVD drivers and randomized SVD on the GPU: synthetic 4096 x 4096 and 11008 x 4096, and
 # SmolLM2's whitened matrices (truncation error of gesvda / the default driver against float64)
 WHITENED=()
-[ -f .gpu_carry/whitened_smollm2.safetensors ] && WHITENED=(--whitened_file .gpu_carry/whitened_smollm2.safetensors)
+[ -r .gpu_carry/whitened_smollm2.safetensors ] && WHITENED=(--whitened_file .gpu_carry/whitened_smollm2.safetensors)
 step rsvd_gesvda 60 $PY scripts/bench_rsvd.py --device cuda --exact_driver gesvda --configs 10:2,100:4 --no_lowrank --threads "$(nproc)" \
     "${WHITENED[@]}" --out "$OUT/bench_rsvd_cuda_gesvda.json"
 step rsvd_default 45 $PY scripts/bench_rsvd.py --device cuda --configs 10:2,100:4 --no_lowrank --threads "$(nproc)" \
