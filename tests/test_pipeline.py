@@ -225,3 +225,18 @@ def test_step2_ranks_file_drives_step3(model_dirs, tmp_path):
     assert model.get_submodule("model.layers.0.self_attn.q_proj").rank == 5
     assert type(model.get_submodule("model.layers.1.mlp.up_proj")) is torch.nn.Linear
     assert block["dense_modules"] == ["model.layers.1.mlp.up_proj"] and len(block["ranks"]) == 13
+
+
+def test_update_the_dtype_cannot_hold_is_not_taken(model_dirs, tmp_path, monkeypatch):
+    """An accepted closed-form update whose u overflows the layer's dtype is refused, not cast to inf."""
+    from utils.update import UpdateResult
+    args = make_args(model_dirs["llama"], str(tmp_path / "out"), "--update", "closed_form",
+                     "--updating_nsamples", "4", "--ratio", "0.6")
+    monkeypatch.setattr(pipeline, "update_u", lambda w, u, v, fit, held: UpdateResult(
+        torch.full_like(u, 1e39, dtype=torch.float64), True, 1.0, 0.5, 1.0, 0.5))  # 1e39 > float32 max
+    monkeypatch.setattr(pipeline, "_print_summary", lambda *a: None)
+    session = run_steps(args)
+    assert session.compression["updates_accepted"] == 0
+    for module in session.model.modules():
+        if isinstance(module, LowRankLinear):
+            assert torch.isfinite(module.u.weight).all()

@@ -132,7 +132,9 @@ def walk_layers(model: nn.Module, windows: torch.Tensor, device: torch.device | 
         def run(indices: range | None = None, _layer=layer, _index=index) -> torch.Tensor:
             return run_layer(_layer, inputs, layer_args[_index], indices)
 
-        inputs = fn(index, layer, run)
-        if restore is not None:
-            restore()
-        layers[index] = layer.to(offload)  # a no-op for what restore() put back
+        try:
+            inputs = fn(index, layer, run)
+        finally:  # also on an error or Ctrl-C: the model is left whole on `offload`
+            if restore is not None:
+                restore()
+            layers[index] = layer.to(offload)  # a no-op for what restore() put back

@@ -171,24 +171,29 @@ def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> Callab
     in_layers = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
     copies: dict[int, torch.Tensor] = {}  # one device copy per tensor: a tied embedding stays tied
     originals: list = []  # (module, "_parameters" or "_buffers", key, original tensor)
-    for module in model.modules():
-        if any(module is layer for layer in layers):
-            continue
-        for table_name in ("_parameters", "_buffers"):
-            table = getattr(module, table_name)
-            for key, tensor in list(table.items()):
-                if tensor is None or id(tensor) in in_layers:
-                    continue
-                if id(tensor) not in copies:
-                    moved = tensor.detach().to(device)
-                    copies[id(tensor)] = (nn.Parameter(moved, requires_grad=tensor.requires_grad)
-                                          if isinstance(tensor, nn.Parameter) else moved)
-                originals.append((module, table_name, key, tensor))
-                table[key] = copies[id(tensor)]
 
     def restore() -> None:
         for module, table_name, key, tensor in originals:
             getattr(module, table_name)[key] = tensor
+
+    try:
+        for module in model.modules():
+            if any(module is layer for layer in layers):
+                continue
+            for table_name in ("_parameters", "_buffers"):
+                table = getattr(module, table_name)
+                for key, tensor in list(table.items()):
+                    if tensor is None or id(tensor) in in_layers:
+                        continue
+                    if id(tensor) not in copies:
+                        moved = tensor.detach().to(device)
+                        copies[id(tensor)] = (nn.Parameter(moved, requires_grad=tensor.requires_grad)
+                                              if isinstance(tensor, nn.Parameter) else moved)
+                    originals.append((module, table_name, key, tensor))
+                    table[key] = copies[id(tensor)]
+    except BaseException:  # out of device memory half-way: leave nothing moved
+        restore()
+        raise
     return restore
 
 

@@ -229,9 +229,12 @@ def _compress_layers(model: torch.nn.Module, args: argparse.Namespace, session: 
             gram_ho = (grams[1].streams[grams[1].stream_of[name]].gram if len(holdout) else None)
             result = update_u(originals[full].to(args.device), module.u.weight.to(args.device),
                               module.v.weight.to(args.device), gram_fit, gram_ho)
-            if result.accepted:
+            # an update the layer's dtype cannot hold (fp16 tops out at 65504) is not taken
+            fits = float(result.u.abs().max()) <= torch.finfo(module.u.weight.dtype).max
+            accepted = result.accepted and fits
+            if accepted:
                 module.u.weight.data.copy_(result.u.to(module.u.weight.dtype))
-            report["update"][full] = {"accepted": result.accepted,
+            report["update"][full] = {"accepted": accepted, "fits_dtype": fits,
                                       "fit_error": [result.fit_error_before, result.fit_error_after],
                                       "holdout_error": [result.holdout_error_before,
                                                         result.holdout_error_after]}
@@ -265,7 +268,8 @@ def compress(args: argparse.Namespace, session: Session) -> dict:
     start = time.perf_counter()
 
     num_layers = len(decoder_layers(model))
-    # layer i+1's statistics are read from disk while layer i is decomposed (two layers in memory)
+    # layer i+1's statistics are read from disk while layer i is decomposed (at most three layers'
+    # statistics in memory: i, i+1 and, briefly, i+2 being read)
     reader = ThreadPoolExecutor(max_workers=1)
     reads: dict = {}
 
