@@ -12,10 +12,11 @@ how much memory does it need?
 
 Stages, in one process, on the same calibration windows:
   load       build the model on the CPU (random:NAME: seeded random weights, utils/presets.py)
+  warmup     one window through every layer (CUDA initialisation; not counted anywhere)
   forward    one plain forward pass, layer by layer with the pipeline's own walker
-             (utils/layerwise.walk_layers: capture, then each layer moved to the device, run,
-             moved back) and no hooks: the fair baseline for profiling, which is the same walk
-             with the statistics hooks
+             (utils/layerwise.walk_layers: capture, then each layer moved to the device and run;
+             its CPU tensors are put back, no copy) and no hooks: the fair baseline for
+             profiling, which is the same walk with the statistics hooks
   profile    step 1 (utils/pipeline.profile): Grams of every distinct linear input, written to disk
   check      truncation error of the chosen SVD path vs float64 on a sample of whitened matrices
              W S (not counted in the totals)
