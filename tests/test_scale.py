@@ -346,12 +346,18 @@ def test_gesvda_truncation_error_matches_float64(shape):
 
 # ------------------------------------------------------------------------------------- benchmark
 
-def test_bench_scale_smoke(tiny_preset, tmp_path):
+@pytest.fixture
+def bench():
+    """scripts/bench_scale.py as a module."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_scale.py")
     spec = importlib.util.spec_from_file_location("bench_scale", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_scale_smoke(bench, tiny_preset, tmp_path):
     out = str(tmp_path / "bench.json")
     result = bench.main(["--model", tiny_preset, "--device", "cpu", "--dtype", "float32", "--nsamples", "2",
                          "--seq_len", "16", "--num_layers", "2", "--check_matrices", "3", "--out", out])
@@ -366,14 +372,9 @@ def test_bench_scale_smoke(tiny_preset, tmp_path):
     assert saved["partial"] is False
 
 
-def test_bench_scale_keeps_finished_stages_when_stopped(tiny_preset, tmp_path, monkeypatch):
+def test_bench_scale_keeps_finished_stages_when_stopped(bench, tiny_preset, tmp_path, monkeypatch):
     """A run killed in step 3 (a device time limit) still leaves the stages it finished."""
-    import importlib.util
     from utils import pipeline
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_scale.py")
-    spec = importlib.util.spec_from_file_location("bench_scale", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C in the middle of step 3; a SIGTERM kills at once, same file left
@@ -389,13 +390,8 @@ def test_bench_scale_keeps_finished_stages_when_stopped(tiny_preset, tmp_path, m
     assert not list(tmp_path.glob("*.partial-write"))
 
 
-def test_bench_scale_keeps_the_decomposition_when_stopped_in_the_save(tiny_preset, tmp_path, monkeypatch):
-    import importlib.util
+def test_bench_scale_keeps_the_decomposition_when_stopped_in_the_save(bench, tiny_preset, tmp_path, monkeypatch):
     from utils import pipeline
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_scale.py")
-    spec = importlib.util.spec_from_file_location("bench_scale", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
