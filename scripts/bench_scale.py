@@ -390,8 +390,13 @@ def main(argv: list[str] | None = None) -> dict:
         breakdown.wrap(decompose, "checked_svd", "svd (incl. gesvda residual check)", after=breakdown.note_svd)
         breakdown.wrap(decompose, "svd_residual", "gesvda residual check")
         # the decomposition's figures are on disk before the compressed model is written
-        breakdown.wrap(pipeline, "save_compressed", "compressed model save", before=lambda: (
-            tables.__setitem__("decompose", breakdown.table()), checkpoint()))
+        def before_save() -> None:
+            tables["decompose"] = breakdown.table()
+            if options.device.startswith("cuda"):  # the compress stage's peak so far (the save adds none)
+                tables["decompose_peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(options.device) / GIB, 3)
+            checkpoint()
+
+        breakdown.wrap(pipeline, "save_compressed", "compressed model save", before=before_save)
         params_before = count_parameters(model)
         compression = meter.run("compress", pipeline.compress, args, session)
         decompose_breakdown = breakdown.table()
