@@ -412,15 +412,15 @@ def test_bench_scale_keeps_the_decomposition_when_stopped_in_the_save(bench, tin
 
 def test_read_only_walk_puts_the_original_tensors_back():
     from tests.tiny_models import tiny_model
-    from utils.layerwise import _move_keeping_originals, walk_layers
+    from utils.layerwise import walk_layers
+    from utils.model import copies_to
     model = tiny_model("gemma3")  # q/k norms and per-layer-type attention
     layer = decoder_layers(model)[0]
     before = {name: (t.data_ptr(), t.clone()) for name, t in
               list(layer.named_parameters()) + list(layer.named_buffers())}
-    # Module.to replaces the Parameter objects for meta and swaps their .data for a dtype change
-    # (as for CPU -> CUDA): both ways must be undone
+    # meta: a device that is not the CPU, on any machine; float64: any other conversion
     for target, moved in (("meta", lambda p: p.device.type == "meta"), (torch.float64, lambda p: p.dtype == torch.float64)):
-        restore = _move_keeping_originals(layer, target)
+        restore = copies_to(layer, target)
         assert all(moved(p) for p in layer.parameters())
         restore()
         after = dict(list(layer.named_parameters()) + list(layer.named_buffers()))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.model import decoder_layers, non_layer_modules_to
+from utils.model import copies_to, decoder_layers, non_layer_modules_to
 
 
 class _StopForward(Exception):
@@ -89,29 +89,6 @@ def run_layer(layer: nn.Module, inputs: torch.Tensor, layer_args: tuple[tuple, d
 LayerFn = Callable[[int, nn.Module, Callable[..., torch.Tensor]], torch.Tensor]
 
 
-def _move_keeping_originals(layer: nn.Module, device: torch.device | str) -> Callable[[], None]:
-    """Move `layer` to `device`; the returned function puts its original tensors back.
-
-    For passes that change no weight (forward, profiling) this replaces the copy back from the
-    device (0.4 GB per LLaMA-7B layer from pageable memory) with pointer swaps.
-    """
-    # Module.to either swaps a parameter's .data or replaces the Parameter object (it depends on
-    # the device pair), so both the object and its data are put back
-    params = [(module, key, param, param.data) for module in layer.modules()
-              for key, param in module._parameters.items() if param is not None]
-    buffers = [(module, key, buffer) for module in layer.modules()
-               for key, buffer in module._buffers.items() if buffer is not None]
-    layer.to(device)
-
-    def restore() -> None:
-        for module, key, param, data in params:
-            param.data = data
-            module._parameters[key] = param
-        for module, key, buffer in buffers:
-            module._buffers[key] = buffer
-    return restore
-
-
 @torch.no_grad()
 def walk_layers(model: nn.Module, windows: torch.Tensor, device: torch.device | str, fn: LayerFn,
                 desc: str, offload: torch.device | str = "cpu", changes_weights: bool = True) -> None:
@@ -126,7 +103,7 @@ def walk_layers(model: nn.Module, windows: torch.Tensor, device: torch.device | 
     inputs, layer_args = capture_layer_inputs(model, windows, device)
     layers = decoder_layers(model)
     for index in tqdm(range(len(layers)), desc=desc):
-        restore = None if changes_weights else _move_keeping_originals(layers[index], device)
+        restore = None if changes_weights else copies_to(layers[index], device)
         layer = layers[index] if restore else layers[index].to(device)
 
         def run(indices: range | None = None, _layer=layer, _index=index) -> torch.Tensor:

@@ -161,15 +161,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> Callable[[], None]:
-    """Move everything but the decoder layers (embeddings, rotary tables, final norm) to device.
+def copies_to(root: nn.Module, device: torch.device | str, skip: set[int] = frozenset()) -> Callable[[], None]:
+    """Put a `device` copy of every parameter and buffer under `root` (but those whose id is in
+    `skip`) in place of the original; return the function that puts the originals back.
 
-    Returns a function that puts the original tensors back where they were, without copying
-    (these modules are only read while the layers' inputs are captured).
+    For passes that only read the weights: going back is pointer swaps, not a copy from the
+    device (0.4 GB per LLaMA-7B decoder layer). A tensor that several modules share (a tied
+    embedding and lm_head) gets one copy, so it stays tied on the device. If the moves fail
+    half-way (out of device memory), the ones made are undone.
     """
-    layers = decoder_layers(model)
-    in_layers = {id(p) for p in layers.parameters()} | {id(b) for b in layers.buffers()}
-    copies: dict[int, torch.Tensor] = {}  # one device copy per tensor: a tied embedding stays tied
+    copies: dict[int, torch.Tensor] = {}
     originals: list = []  # (module, "_parameters" or "_buffers", key, original tensor)
 
     def restore() -> None:
@@ -177,13 +178,11 @@ def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> Callab
             getattr(module, table_name)[key] = tensor
 
     try:
-        for module in model.modules():
-            if any(module is layer for layer in layers):
-                continue
+        for module in root.modules():
             for table_name in ("_parameters", "_buffers"):
                 table = getattr(module, table_name)
                 for key, tensor in list(table.items()):
-                    if tensor is None or id(tensor) in in_layers:
+                    if tensor is None or id(tensor) in skip:
                         continue
                     if id(tensor) not in copies:
                         moved = tensor.detach().to(device)
@@ -191,10 +190,17 @@ def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> Callab
                                               if isinstance(tensor, nn.Parameter) else moved)
                     originals.append((module, table_name, key, tensor))
                     table[key] = copies[id(tensor)]
-    except BaseException:  # out of device memory half-way: leave nothing moved
+    except BaseException:
         restore()
         raise
     return restore
+
+
+def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> Callable[[], None]:
+    """Everything but the decoder layers (embeddings, rotary tables, final norm) to device, as
+    copies_to: the returned function puts the originals back."""
+    layers = decoder_layers(model)
+    return copies_to(model, device, skip={id(t) for t in list(layers.parameters()) + list(layers.buffers())})
 
 
 def model_description(model: nn.Module) -> dict:
