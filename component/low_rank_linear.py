@@ -9,6 +9,13 @@ import torch
 from torch import nn
 
 
+def largest_entry_fits(dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[bool, float]:
+    """(every entry is finite and within `dtype`'s range, the largest |entry|); float16 tops out
+    at 65504. Checked on the (float64) source before a cast that would turn it into inf."""
+    largest = max(float(t.detach().abs().max()) for t in tensors)
+    return (not dtype.is_floating_point or largest <= torch.finfo(dtype).max), largest  # NaN fails too
+
+
 class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
@@ -24,8 +31,8 @@ class LowRankLinear(nn.Module):
                      dtype: torch.dtype, device: torch.device | str) -> "LowRankLinear":
         """Build from u (out x r) and v (r x in); the bias (out,) goes on u. ValueError when an
         entry is not finite or does not fit in `dtype` (float16 tops out at 65504)."""
-        largest = max(float(u.detach().abs().max()), float(v.detach().abs().max()))
-        if dtype.is_floating_point and not largest <= torch.finfo(dtype).max:  # NaN fails too
+        fits, largest = largest_entry_fits(dtype, u, v)
+        if not fits:
             raise ValueError(f"low-rank factors with largest |entry| {largest:.4g} do not fit in {dtype}; "
                              f"use --dtype float32 or bfloat16")
         out_features, rank = u.shape

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from component import LowRankLinear
+from component import LowRankLinear, largest_entry_fits
 from utils.data import calibration_windows
 from utils.decompose import low_rank_factors, low_rank_params, rank_for_ratio
 from utils.io import atomic_path, is_compressed_model, load_compressed, read_json, save_compressed, write_json
@@ -230,7 +230,7 @@ def _compress_layers(model: torch.nn.Module, args: argparse.Namespace, session: 
             result = update_u(originals[full].to(args.device), module.u.weight.to(args.device),
                               module.v.weight.to(args.device), gram_fit, gram_ho)
             # an update the layer's dtype cannot hold (fp16 tops out at 65504) is not taken
-            fits = float(result.u.abs().max()) <= torch.finfo(module.u.weight.dtype).max
+            fits, _ = largest_entry_fits(module.u.weight.dtype, result.u)
             accepted = result.accepted and fits
             if accepted:
                 module.u.weight.data.copy_(result.u.to(module.u.weight.dtype))
