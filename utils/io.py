@@ -2,13 +2,19 @@
 
 A compressed model is either
   DIR/   config.json (the base config plus a "compression" block), model.safetensors,
-         tokenizer files; or
+         modeling_svd_compress.py, tokenizer files; or
   NAME.pt  a dict of plain tensors and JSON-able values (no pickled modules), read with
          torch.load(weights_only=True).
 The "compression" block records how the model was made (base model, method, ratio, the rank of
 every compressed module, whitening, decomposition, calibration, fallbacks), which is all that
 loading needs: the architecture is rebuilt from the config, the recorded modules are swapped
 for LowRankLinear of the recorded rank, and the tensors are loaded strictly.
+In a directory, config.json carries model_type "svd_compress_<base type>" and an auto_map naming
+the classes of modeling_svd_compress.py (utils/hf_remote.py), so transformers refuses to load it
+without trust_remote_code=True instead of silently building the dense base model on random weights,
+and loads the low-rank model with it; the compression block records base_model_type and
+base_architecture, from which load_compressed rebuilds the base class without running that file.
+Directories written before (plain base model_type, no remote code) load as they did.
 
 Every write goes to a temporary sibling first and is renamed into place only when complete,
 so a crash or Ctrl-C never leaves a complete-looking half-written output.
@@ -25,6 +31,7 @@ import torch
 from torch import nn
 
 from component import LowRankLinear
+from utils.hf_remote import base_config_dict, remote_code_config, write_remote_code
 from utils.model import set_submodule
 
 FORMAT_VERSION = 1
@@ -37,19 +44,41 @@ class CompressedModelError(ValueError):
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    Stale temporaries of killed runs are removed first. An existing directory is replaced only
+    if it is empty or wholly ours (utils.outputs), so files we did not write are never deleted.
+    """
+    from utils.outputs import OutputError, clean_stale_partials, foreign_entries, judge_directory
     path = os.path.abspath(path)
+    created = _missing_parents(os.path.dirname(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    clean_stale_partials(path)
+
+    def refuse_foreign(where: str) -> None:
+        if os.path.isdir(path) and not os.path.islink(path) and judge_directory(path) is None:
+            found = foreign_entries(path)
+            problem = (f"contains {', '.join(found[:3])}, which this tool did not write" if found
+                       else "is not an output of this tool")
+            raise OutputError(f"{path} {problem}; not replacing it{where}; move it away and rerun")
+
+    refuse_foreign("")  # before any work: nothing is lost by refusing now
     temporary = f"{path}.partial-{os.getpid()}"
     _remove(temporary)
     try:
         yield temporary
     except BaseException:
         _remove(temporary)
+        for directory in created:  # a failed run leaves no empty folders behind either
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
         raise
     if os.path.isdir(path) and not os.path.isdir(temporary):
         raise IsADirectoryError(f"{path} is a directory; cannot replace it with a file")
     if os.path.isdir(temporary) and os.path.exists(path):
+        # checked again: the directory may have changed during a long run. The new output stays
+        # at `temporary` (it may hold stats/ moved out of `path`) until a later run cleans it
+        refuse_foreign(f" (the new output is at {temporary})")
         old = f"{path}.old-{os.getpid()}"
         os.replace(path, old)
         os.replace(temporary, path)
@@ -58,8 +87,19 @@ def atomic_path(path: str) -> Iterator[str]:
         os.replace(temporary, path)
 
 
+def _missing_parents(directory: str) -> list[str]:
+    """The folders os.makedirs(directory) would create, innermost first."""
+    missing = []
+    while directory and not os.path.exists(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    return missing
+
+
 def _remove(path: str) -> None:
-    if os.path.isdir(path):
+    if os.path.islink(path):  # the link, never what it points to (rmtree refuses links anyway)
+        os.remove(path)
+    elif os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):
         os.remove(path)
@@ -89,6 +129,8 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -
                         "compression": compression, "state_dict": state}, temporary)
             return
         os.makedirs(temporary)
+        config = remote_code_config(config)
+        write_remote_code(temporary, config)
         save_model(model, os.path.join(temporary, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(temporary, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2, default=str)
@@ -109,7 +151,7 @@ def is_compressed_model(path: str) -> bool:
 
 def _config_from_dict(config_dict: dict):
     from transformers import AutoConfig
-    config_dict = {k: v for k, v in config_dict.items() if k != "compression"}
+    config_dict = base_config_dict(config_dict)  # either layout; never the directory's remote code
     return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
 
 
@@ -174,7 +216,9 @@ def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
 def _load_saved_tokenizer(path: str):
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(path)
+        # AutoTokenizer reads config.json through AutoConfig, which would offer to run the
+        # directory's remote code (an interactive y/N prompt); the tokenizer files alone suffice
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError):
         return None
 

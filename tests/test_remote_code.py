@@ -1,0 +1,199 @@
+"""A saved compressed directory loads in plain transformers only through its own remote code.
+
+Without trust_remote_code=True transformers must refuse (it used to build the dense base model
+and run on random weights); with it, modeling_svd_compress.py must give exactly our loader's logits.
+"""
+import ast
+import builtins
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file, save_model
+from transformers import AutoModelForCausalLM
+
+from component import LowRankLinear
+from tests.tiny_models import FAMILIES, tiny_model
+from utils import hf_remote
+from utils.io import is_compressed_model, load_compressed, save_compressed
+from utils.model import decoder_layers, layer_prefix, set_submodule, target_linears
+
+
+def make_low_rank(family: str) -> tuple[torch.nn.Module, dict]:
+    """A tiny model with about half its target linears (biases kept) replaced by random factors."""
+    model = tiny_model(family)
+    generator = torch.Generator().manual_seed(7)
+    prefix, ranks = layer_prefix(model), {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for position, (name, dense) in enumerate(sorted(target_linears(layer).items())):
+            if position % 2 != index % 2:
+                continue
+            rank = 3 + position
+            u = torch.randn(dense.out_features, rank, generator=generator) / rank ** 0.5
+            v = torch.randn(rank, dense.in_features, generator=generator) / dense.in_features ** 0.5
+            bias = None if dense.bias is None else dense.bias.detach().clone()
+            qualified = f"{prefix}.{index}.{name}"
+            set_submodule(model, qualified, LowRankLinear.from_factors(u, v, bias, torch.float32, "cpu"))
+            ranks[qualified] = rank
+    return model.eval(), {"format_version": 1, "base_model": "tiny", "ranks": ranks}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def saved(request, tmp_path_factory):
+    family = request.param
+    model, compression = make_low_rank(family)
+    path = str(tmp_path_factory.mktemp("remote") / f"compressed-{family}")
+    save_compressed(model, None, path, compression)
+    return family, path, model
+
+
+@pytest.fixture
+def no_prompt(monkeypatch):
+    """A non-interactive session: transformers' "run the custom code? [y/N]" prompt gets EOF.
+    Yields the prompts shown, so a test can check that none was."""
+    prompts = []
+
+    def refuse(prompt=""):
+        prompts.append(prompt)
+        raise EOFError("no terminal")
+    monkeypatch.setattr(builtins, "input", refuse)
+    return prompts
+
+
+def random_ids() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+
+
+def test_remote_code_gives_our_loaders_logits(saved, no_prompt):
+    family, path, original = saved
+    ours, _, compression = load_compressed(path)
+    assert no_prompt == []
+    remote = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    assert type(remote).__name__ == "SvdCompress" + compression["base_architecture"]
+    for name, rank in compression["ranks"].items():
+        module = remote.get_submodule(name)
+        assert module.rank == rank and module.v.weight.shape[0] == rank
+        assert (module.u.bias is None) == (ours.get_submodule(name).u.bias is None)
+    ids = random_ids()
+    with torch.no_grad():
+        expected = ours(ids).logits
+        assert torch.equal(original(ids).logits, expected)
+        assert torch.equal(remote(ids).logits, expected)
+    if ours.config.tie_word_embeddings:
+        assert remote.lm_head.weight is remote.get_input_embeddings().weight
+    generated = remote.generate(ids[:1, :6], max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, ours.generate(ids[:1, :6], max_new_tokens=3, do_sample=False))
+
+
+@pytest.mark.parametrize("trust", [None, False])
+def test_auto_class_refuses_without_trust_remote_code(saved, no_prompt, trust):
+    _, path, _ = saved
+    AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # registering its classes changes nothing
+    kwargs = {} if trust is None else {"trust_remote_code": trust}
+    with pytest.raises(ValueError, match="contains custom code") as raised:
+        AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    assert "trust_remote_code=True" in str(raised.value)
+
+
+def test_concrete_base_class_refuses(saved, no_prompt):
+    _, path, _ = saved
+    config = json.load(open(os.path.join(path, "config.json")))
+    base_class = getattr(transformers, config["compression"]["base_architecture"])
+    with pytest.raises(Exception, match="SVD low-rank compressed") as raised:
+        base_class.from_pretrained(path)
+    assert "trust_remote_code=True" in str(raised.value)
+    with pytest.raises(Exception, match="SVD low-rank compressed"):
+        base_class.config_class.from_pretrained(path)
+
+
+def test_config_layout(saved):
+    family, path, original = saved
+    config = json.load(open(os.path.join(path, "config.json")))
+    base_type = original.config.model_type
+    assert config["model_type"] == f"svd_compress_{base_type}"
+    assert config["compression"]["base_model_type"] == base_type
+    assert config["compression"]["base_architecture"] == type(original).__name__
+    module = os.path.splitext(hf_remote.MODELING_FILE)[0]
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    assert all(ref.startswith(module + ".") for ref in config["auto_map"].values())
+    assert config["architectures"] == [config["auto_map"]["AutoModelForCausalLM"].split(".")[1]]
+    assert is_compressed_model(path)
+
+
+def test_modeling_file_imports_only_torch_and_transformers(saved):
+    _, path, _ = saved
+    tree = ast.parse(open(os.path.join(path, hf_remote.MODELING_FILE)).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "no relative imports"
+            imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("__import__", "exec", "eval"):
+            pytest.fail(f"dynamic import or exec in the modeling file: line {node.lineno}")
+    assert imported == {"torch", "transformers"}
+
+
+def test_our_loader_never_runs_the_remote_code(saved, no_prompt, tmp_path):
+    _, path, original = saved
+    booby_trapped = str(tmp_path / "trapped")
+    os.makedirs(booby_trapped)
+    for name in ("config.json", "model.safetensors"):
+        os.link(os.path.join(path, name), os.path.join(booby_trapped, name))
+    with open(os.path.join(booby_trapped, hf_remote.MODELING_FILE), "w") as handle:
+        handle.write("raise RuntimeError('remote code was executed')\n")
+    model, _, _ = load_compressed(booby_trapped)
+    assert no_prompt == []
+    with torch.no_grad():
+        assert torch.equal(model(random_ids()).logits, original(random_ids()).logits)
+
+
+def test_old_layout_still_loads(saved, tmp_path):
+    """Directories written before the remote code: plain base model_type, no auto_map, no .py."""
+    family, path, original = saved
+    old = str(tmp_path / "old")
+    os.makedirs(old)
+    compression = json.load(open(os.path.join(path, "config.json")))["compression"]
+    compression = {k: v for k, v in compression.items() if k not in ("base_model_type", "base_architecture")}
+    config = original.config.to_dict()
+    config["compression"] = compression
+    save_model(original, os.path.join(old, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(old, "config.json"), "w") as handle:
+        json.dump(config, handle, default=str)
+    assert is_compressed_model(old)
+    model, _, loaded = load_compressed(old)
+    assert loaded["ranks"] == compression["ranks"]
+    with torch.no_grad():
+        assert torch.equal(model(random_ids()).logits, original(random_ids()).logits)
+
+
+def test_remote_code_refuses_tensors_that_do_not_match(saved, no_prompt, tmp_path):
+    _, path, _ = saved
+    bad = str(tmp_path / "missing")
+    os.makedirs(bad)
+    for name in ("config.json", hf_remote.MODELING_FILE):
+        os.link(os.path.join(path, name), os.path.join(bad, name))
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    tensors.pop(next(k for k in sorted(tensors) if k.endswith(".u.weight")))
+    save_file(tensors, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="do not match the recorded low-rank"):
+        AutoModelForCausalLM.from_pretrained(bad, trust_remote_code=True)
+
+
+def test_saved_tokenizer_loads_without_a_prompt(no_prompt, tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    model, compression = make_low_rank("llama")
+    path = str(tmp_path / "with-tokenizer")
+    save_compressed(model, tokenizer, path, compression)
+    _, loaded, _ = load_compressed(path)
+    assert loaded is not None and loaded("hello world")["input_ids"] == [1, 2]
+    assert no_prompt == []  # AutoTokenizer reads config.json too: it must not offer to run the code
