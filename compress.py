@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from dataclasses import dataclass, field
 
 STEP_NAMES = {1: "profile", 2: "allocate", 3: "compress", 4: "perplexity", 5: "efficiency",
               6: "downstream tasks", 7: "LoRA update", 8: "quantization"}
@@ -56,10 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_path", default=None, help="output of step 3: a directory or a NAME.pt file")
     g.add_argument("--stats_path", default=None,
                    help="where step 1 writes and step 3 reads statistics (default: SAVE_PATH/stats)")
-    g.add_argument("--ranks_path", default=None, help="per-matrix ranks JSON written by step 2 and read by step 3 "
-                                                      "(default for step 3: uniform ranks from --ratio)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype the model runs in (statistics and decompositions are float32/64 regardless)")
+    g.add_argument("--plan", "--ranks_path", dest="plan", default=None,
+                   help="the per-module plan (JSON) step 2 writes and step 3 reads (default: STATS/plan_RATIO.json; "
+                        "step 3 uses it when it exists, else uniform ranks from --ratio). --ranks_path is an alias")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output of this tool at --save_path / --stats_path / --plan "
+                        "(anything else is never replaced)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the model runs in: auto = the checkpoint's own (GGUF: float32; a compressed "
+                        "model: the dtype it was saved in); statistics and decompositions are float32/64 regardless")
     g.add_argument("--device", "--DEV", dest="device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     g.add_argument("--num_layers", type=int, default=None,
@@ -92,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact SVD driver: auto = cuSOLVER gesvda with a residual check on CUDA "
                         "(falls back to the default driver), LAPACK on CPU")
     d.add_argument("--update", default="none", choices=["none", "closed_form"],
-                   help="closed-form update of u against the original layer outputs (SVD-LLM step 2)")
+                   help="closed-form update of u against the original layer outputs (SVD-LLM step 2), refit in "
+                        "the layer's execution order on --updating_nsamples windows. Its measured effect on held-out "
+                        "perplexity: docs/evaluation.md")
     e = p.add_argument_group("evaluation (steps 4-5)")
     e.add_argument("--eval_datasets", default="wikitext2",
                    help="comma list of wikitext2, ptb, c4, pydoc or local files (slices allowed)")
@@ -105,12 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_stats_path(save_path: str) -> str:
+    if save_path.endswith(".pt"):
+        return save_path[:-3] + ".stats"
+    return os.path.join(save_path, "stats")
+
+
+def stats_path_of(args: argparse.Namespace) -> str:
+    return args.stats_path or default_stats_path(args.save_path)
+
+
+def plan_path_of(args: argparse.Namespace) -> str:
+    """--plan, or step 2's default next to the statistics: STATS/plan_RATIO.json."""
+    return args.plan or os.path.join(stats_path_of(args), f"plan_{args.ratio:g}.json")
+
+
 def validate(args: argparse.Namespace) -> None:
     """Every check that needs no model, before anything slow starts."""
-    from utils.data import validate_dataset
+    from utils.data import check_hub_datasets, validate_dataset
     from utils.io import is_compressed_model
-    from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     from utils.model import resolve_model
+    from utils.outputs import check_output_path
+    from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     args.steps = parse_steps(args.step)
     if not 0.0 < args.ratio < 1.0:
         raise UsageError(f"--ratio {args.ratio}: the fraction of parameters removed must be in (0, 1), e.g. 0.2")
@@ -118,6 +143,11 @@ def validate(args: argparse.Namespace) -> None:
                  "prefill_len", "gen_seq_len", "repeats"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
+    for name in ("eval_limit", "num_layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1 (leave it out for all)")
+    if args.model_seq_len < 2 and set(args.steps) & {4}:
+        raise UsageError("--model_seq_len must be at least 2 for perplexity (a window's first token is not scored)")
     for name in ("rsvd_oversamples", "rsvd_n_iter"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be 0 or more (defaults: --rsvd_oversamples {DEFAULT_OVERSAMPLES} "
@@ -135,20 +165,21 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--svd_driver gesvda is CUDA-only: use --svd_driver auto on the CPU")
     steps = set(args.steps)
     needs_base = steps & {1, 2, 3} or (steps & {4, 5} and not args.model_path)
-    if needs_base:
-        resolve_model(args.model)
+    source = resolve_model(args.model) if needs_base else None
     if steps & {1, 3} and not args.save_path and not (steps == {1} and args.stats_path):
         raise UsageError("--save_path is required: step 3 writes the model there and step 1 the "
                          "statistics to SAVE_PATH/stats (or give --stats_path)")
+    if 2 in steps and not (args.save_path or args.stats_path or args.plan):
+        raise UsageError("step 2 writes the plan to --plan, or next to the statistics "
+                         "(--stats_path, or SAVE_PATH/stats): give one of them")
     if steps & {1} or (3 in steps and args.update != "none"):
         validate_dataset(args.dataset)
     if 3 in steps and 1 not in steps and args.whitening != "none":
-        from utils.pipeline import stats_path_of, STATS_META
-        if not os.path.isfile(os.path.join(stats_path_of(args), STATS_META)):
+        if not os.path.isfile(os.path.join(stats_path_of(args), "meta.json")):
             raise UsageError(f"step 3 needs the statistics of step 1, not found in {stats_path_of(args)}: "
                              f"run --step 1 first, pass --stats_path, or use --whitening none")
-    if args.ranks_path and 3 in steps and 2 not in steps and not os.path.isfile(args.ranks_path):
-        raise UsageError(f"--ranks_path {args.ranks_path}: no such file (run step 2 to write it)")
+    if args.plan and 3 in steps and 2 not in steps and not os.path.isfile(args.plan):
+        raise UsageError(f"--plan {args.plan}: no such file (run step 2 to write it)")
     if args.model_path and steps & {4, 5} and 3 not in steps:
         if not os.path.exists(args.model_path):
             raise UsageError(f"--model_path {args.model_path}: no such file or directory")
@@ -158,6 +189,171 @@ def validate(args: argparse.Namespace) -> None:
     if steps & {4, 5}:
         for spec in args.eval_datasets.split(","):
             validate_dataset(spec)
+    # outputs: nothing that is not an earlier output of ours is replaced, and that only with --overwrite
+    protected = [source.path] if source is not None and os.path.isdir(source.path) else []
+    if 1 in steps:
+        check_output_path(stats_path_of(args), "stats", args.overwrite, protected)
+    if 2 in steps:
+        _check_plan_path(plan_path_of(args), args.overwrite)
+    if 3 in steps:
+        check_output_path(args.save_path, "model", args.overwrite, protected)
+    hub = {}
+    if steps & {1} or (3 in steps and args.update != "none"):
+        hub["--dataset"] = args.dataset
+    if steps & {4, 5}:
+        hub["--eval_datasets"] = args.eval_datasets
+    check_hub_datasets(hub)
+
+
+def _check_plan_path(path: str, overwrite: bool) -> None:
+    """A plan file is replaced only if it is one of ours (and, when it is not the default one
+    step 2 writes next to the statistics, only with --overwrite)."""
+    from utils.io import read_json
+    from utils.plan import PLAN_FORMAT
+    if not os.path.exists(path):
+        return
+    try:
+        ours = os.path.isfile(path) and read_json(path).get("format") == PLAN_FORMAT
+    except (ValueError, AttributeError, OSError):
+        ours = False
+    if not ours:
+        raise UsageError(f"--plan {path}: exists and is not a plan written by this tool; choose another path")
+    if not overwrite:
+        raise UsageError(f"{path}: a plan from an earlier run is there; pass --overwrite to replace it")
+
+
+# ---------------------------------------------------------------------------------------- steps
+
+@dataclass
+class Session:
+    """What chained steps hand each other in memory."""
+
+    model: object = None
+    tokenizer: object = None
+    compression: dict | None = None  # None: the model is the original
+    timings: dict = field(default_factory=dict)
+
+
+def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: bool = False) -> Session:
+    """Load the model the step needs unless the previous step left it in memory."""
+    if session.model is not None:
+        return session
+    from utils.io import load_compressed
+    from utils.model import DTYPES, load_model
+    start = time.perf_counter()
+    if prefer_compressed and getattr(args, "model_path", None):
+        dtype = None if args.dtype == "auto" else DTYPES[args.dtype]  # None: as it was saved
+        model, tokenizer, compression = load_compressed(args.model_path, dtype)
+        if tokenizer is None:
+            from utils.model import load_tokenizer, resolve_model
+            tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
+        session.model, session.tokenizer, session.compression = model, tokenizer, compression
+    else:
+        session.model, session.tokenizer = load_model(args.model, args.dtype, args.seed, args.num_layers)
+    session.timings["load_s"] = round(time.perf_counter() - start, 3)
+    return session
+
+
+def _windows(args: argparse.Namespace, session: Session, nsamples: int):
+    from utils.data import calibration_windows
+    return calibration_windows(args.dataset, session.tokenizer, nsamples, args.model_seq_len, args.seed,
+                               vocab_size=session.model.config.vocab_size)
+
+
+def run_profile(args: argparse.Namespace, session: Session):
+    """Step 1: statistics of the calibration windows, written to the statistics path."""
+    from utils.pipeline import profile_model
+    ensure_model(args, session)
+    windows = _windows(args, session, args.whitening_nsamples)
+    start = time.perf_counter()
+    stats = profile_model(session.model, windows, args.device, stats_path_of(args),
+                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed})
+    stats.close()
+    session.timings["profile_s"] = round(time.perf_counter() - start, 3)
+    print(f"profile: {stats.meta['num_layers']} layers, {stats.meta['tokens']} tokens -> {stats_path_of(args)} "
+          f"({session.timings['profile_s']:.1f} s)")
+    return stats.meta
+
+
+def run_allocate(args: argparse.Namespace, session: Session):
+    """Step 2: the per-module plan (uniform ranks from --ratio for now)."""
+    from utils.model import count_parameters, target_shapes
+    from utils.plan import Plan
+    ensure_model(args, session)
+    plan = Plan.uniform(target_shapes(session.model), args.ratio)
+    path = plan_path_of(args)
+    plan.save(path)
+    summary = plan.summary(count_parameters(session.model))
+    print(f"allocate: uniform plan for ratio {args.ratio}: {summary['low_rank']} low-rank, {summary['dense']} dense, "
+          f"{summary['removed_fraction']:.1%} of the compressed matrices removed -> {path}")
+    return plan
+
+
+def _plan_for_step3(args: argparse.Namespace, session: Session):
+    """Step 2's plan when there is one (--plan, or STATS/plan_RATIO.json), else the uniform one;
+    validated against the model."""
+    from utils.model import target_shapes
+    from utils.plan import Plan
+    shapes = target_shapes(session.model)
+    path = plan_path_of(args) if (args.plan or args.save_path or args.stats_path) else None
+    if path and os.path.isfile(path):
+        plan, source = Plan.load(path, shapes), path
+    else:
+        plan, source = Plan.uniform(shapes, args.ratio), None
+    plan.validate(shapes, source=f"plan {source}" if source else "plan")
+    return plan, source
+
+
+def run_compress(args: argparse.Namespace, session: Session) -> dict:
+    """Step 3: apply the plan (decompose, optionally update u) and save the model."""
+    from methods import DecomposeOptions, UpdateOptions
+    from utils.io import save_compressed
+    from utils.model import DTYPES, dtype_name
+    from utils.pipeline import CompressOptions, Statistics, compress_model
+    from utils.presets import is_random_spec
+    ensure_model(args, session)
+    plan, plan_source = _plan_for_step3(args, session)
+    options = CompressOptions(
+        DecomposeOptions(args.whitening, args.decomposition, DTYPES[args.svd_dtype], args.svd_driver,
+                         args.rsvd_oversamples, args.rsvd_n_iter, args.seed),
+        UpdateOptions(nsamples=args.updating_nsamples) if args.update != "none" else None)
+    stats = Statistics.open(stats_path_of(args)) if args.whitening != "none" else None
+    windows = _windows(args, session, args.updating_nsamples) if options.update else None
+    try:
+        record = compress_model(session.model, plan, options, args.device, stats, windows)
+    finally:
+        if stats is not None:
+            session.timings["stats_wait_s"] = round(stats.wait_s, 3)
+            stats.close()
+    session.timings["compress_s"] = record.pop("seconds")
+    calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")}
+    compression = {
+        "format_version": 1, "base_model": args.model,
+        "method": "svd-llm" if args.whitening != "none" else "svd",
+        "ratio": args.ratio, "plan_source": plan_source, **record,
+        "updating_nsamples": args.updating_nsamples if options.update else 0,
+        "calibration": calibration, "seed": args.seed,
+        "dtype": dtype_name(next(session.model.parameters()).dtype), "random_weights": is_random_spec(args.model),
+        "num_layers": args.num_layers,  # None: all of the base model's decoder layers were kept
+    }
+    session.compression = compression
+    start = time.perf_counter()
+    save_compressed(session.model, session.tokenizer, args.save_path, compression)
+    session.timings["save_s"] = round(time.perf_counter() - start, 3)
+    _print_summary(compression, session.timings)
+    return compression
+
+
+def _print_summary(compression: dict, timings: dict) -> None:
+    ranks = list(compression["ranks"].values())
+    params = compression["parameters"]
+    print(f"compress: {len(ranks)} matrices low-rank (rank {min(ranks, default=0)}-{max(ranks, default=0)}), "
+          f"{len(compression['dense_modules'])} dense; ratio {compression['ratio']} nominal; parameters "
+          f"{params['original']:,} -> {params['compressed']:,} ({params['removed_fraction']:.1%} of the model removed)")
+    if compression["update"]:
+        print(f"update: kept for {compression['updates_accepted']} of {len(ranks)} matrices")
+    print(f"fallbacks (H not positive definite): {compression['fallbacks']}; "
+          f"times: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,32 +361,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from utils.data import DatasetError
     from utils.model import ModelSpecError
+    from utils.outputs import OutputError
     try:
         validate(args)
-    except (UsageError, ModelSpecError, DatasetError) as error:
+    except (UsageError, ModelSpecError, DatasetError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from utils import pipeline
+    import evaluater
+    from methods.decompose import DecomposeError
     from utils.io import CompressedModelError
-    session = pipeline.Session()
+    from utils.pipeline import PipelineError
+    from utils.plan import PlanError
+    session = Session()
+    steps = {1: run_profile, 2: run_allocate, 3: run_compress,
+             4: evaluater.perplexity_step, 5: evaluater.efficiency_step}
     try:
+        if 3 in args.steps and 2 not in args.steps:  # a plan that does not fit fails before step 1 runs
+            ensure_model(args, session)
+            _plan_for_step3(args, session)
         for step in args.steps:
-            if step == 1:
-                pipeline.profile(args, session)
-            elif step == 2:
-                pipeline.allocate(args, session)
-            elif step == 3:
-                pipeline.compress(args, session)
-            elif step in (4, 5):
-                import evaluater
-                if step == 4:
-                    evaluater.perplexity_step(args, session)
-                else:
-                    evaluater.efficiency_step(args, session)
-    except (DatasetError, ModelSpecError, FileNotFoundError, pipeline.PipelineError,
-            CompressedModelError) as error:
+            steps[step](args, session)
+    except (DatasetError, ModelSpecError, FileNotFoundError, PipelineError, PlanError, DecomposeError,
+            CompressedModelError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written for the step that was running", file=sys.stderr)
+        return 130
     return 0
 
 

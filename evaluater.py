@@ -128,7 +128,7 @@ def _compression_summary(compression: dict | None) -> dict | None:
     """The compression block with the per-matrix maps reduced to a summary."""
     if compression is None:
         return None
-    summary = {k: v for k, v in compression.items() if k not in ("ranks", "truncation_loss")}
+    summary = {k: v for k, v in compression.items() if k not in ("ranks", "truncation_loss", "plan", "modules")}
     ranks = [r for r in compression.get("ranks", {}).values() if r is not None]
     summary["ranks"] = {"matrices": len(ranks), "min": min(ranks, default=None), "max": max(ranks, default=None)}
     return summary
@@ -174,7 +174,7 @@ def _refuse_random(args: argparse.Namespace, session, what: str) -> None:
 
 def perplexity_step(args: argparse.Namespace, session) -> dict:
     """Step 4: perplexity on every --eval_datasets entry; one JSON, one printed line per dataset."""
-    from utils.pipeline import ensure_model
+    from compress import ensure_model
     ensure_model(args, session, prefer_compressed=True)
     _refuse_random(args, session, "perplexity")
     if session.tokenizer is None:
@@ -369,8 +369,7 @@ def _prompts(args: argparse.Namespace, session) -> tuple[torch.Tensor, str]:
 
 def efficiency_step(args: argparse.Namespace, session) -> dict:
     """Step 5: speed and memory of the model and, if it is compressed, of its original."""
-    from utils.model import DTYPES
-    from utils.pipeline import ensure_model
+    from compress import ensure_model
     ensure_model(args, session, prefer_compressed=True)
     model = session.model.to(args.device).eval()
     prompts, source = _prompts(args, session)
@@ -379,13 +378,14 @@ def efficiency_step(args: argparse.Namespace, session) -> dict:
         # the same original the compression started from: its first num_layers layers, and for a
         # random preset the same seeded weights
         base = session.compression.get("base_model") or args.model
-        original, _ = load_model(base, DTYPES[args.dtype], session.compression.get("seed", args.seed),
+        # in the compressed model's dtype: a like-for-like comparison
+        original, _ = load_model(base, next(model.parameters()).dtype, session.compression.get("seed", args.seed),
                                  session.compression.get("num_layers"))
         models["original"] = original.to(args.device).eval()
     for m in models.values():
         m.config.use_cache = True
     figures = measure_efficiency(models, prompts, args.gen_seq_len, args.repeats, args.device)
-    settings = {"device": args.device, "dtype": args.dtype, "batch_size": args.eval_batch_size,
+    settings = {"device": args.device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "batch_size": args.eval_batch_size,
                 "prefill_len": args.prefill_len, "gen_seq_len": args.gen_seq_len, "repeats": args.repeats,
                 "warmup": 1, "prompts": source, "decoding": "greedy, KV cache",
                 "prefill_logits": "last position" if _forward_kwargs(model) else "all positions",

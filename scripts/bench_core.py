@@ -9,9 +9,19 @@ so machine load affects both alike); then, from the same statistics, compress a 
 the model for every variant x ratio (step 3) and measure its perplexity on a held-out slice of
 the text (calibration and evaluation slices do not overlap).
 
+All through the Python API (api.py): load_model, profile_model (statistics written once to
+WORKDIR/stats), compress_model on a deepcopy of the loaded model per variant x ratio,
+save_compressed (timed as save_s, then deleted), evaluater.perplexity.
+
 Variants: svd (plain), whiten_svd, whiten_rsvd, whiten_svd_update (closed-form update of u).
-Targets checked: (profile + decomposition of whiten_svd) <= 2 x forward; profiling memory does
-not grow with the number of layers (per-layer peak RSS, its slope and spread).
+Targets checked: profile + decomposition of whiten_svd at ratio 0.2 within 1.6 x one forward pass
+(targets.profile_plus_decompose_over_forward, targets["target_1.6x_met"]; stated for SmolLM2-135M
+with 64 x 512 windows); (profile + decomposition of whiten_svd) <= 2 x forward at every ratio;
+profiling memory does not grow with the number of layers (per-layer peak RSS, its slope and spread).
+
+A quick check that it runs (seconds, not a benchmark):
+    python scripts/bench_core.py --num_layers 2 --nsamples 4 --seq_len 64 --ratios 0.2 --eval_limit 2 \
+        --updating_nsamples 4 --workdir /tmp/bench_core_tiny --out /tmp/bench_core_tiny.json
 """
 from __future__ import annotations
 
@@ -41,6 +51,7 @@ VARIANTS = {
     "whiten_rsvd": dict(whitening="cholesky", decomposition="rsvd", update="none"),
     "whiten_svd_update": dict(whitening="cholesky", decomposition="svd", update="closed_form"),
 }
+TARGET_RATIO = 1.6  # (profile + whiten_svd decomposition at ratio 0.2) / one forward pass
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "wikitext2", "wiki.valid.tokens")
 
 
@@ -100,16 +111,17 @@ def perplexity(model, ids, seq_len, limit):
     return {k: result[k] for k in ("ppl", "windows", "tokens", "seq_len")}
 
 
-def pipeline_args(opts, **overrides) -> argparse.Namespace:
-    import compress
-    argv = ["--step", "3", "--model", opts.model, "--device", "cpu", "--dataset", opts.calibration,
-            "--whitening_nsamples", str(opts.nsamples), "--model_seq_len", str(opts.seq_len),
-            "--seed", str(opts.seed), "--rsvd_oversamples", str(opts.rsvd_oversamples),
-            "--rsvd_n_iter", str(opts.rsvd_n_iter), "--updating_nsamples", str(opts.updating_nsamples)]
-    args = compress.build_parser().parse_args(argv)
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+def compression_block(opts, model, ratio: float, variant: dict, record: dict, stats) -> dict:
+    """The "compression" block step 3 (compress.run_compress) saves with the model."""
+    from utils.model import dtype_name
+    calibration = None if stats is None else {k: stats.meta.get(k) for k in
+                                              ("dataset", "nsamples", "seq_len", "seed", "tokens")}
+    return {"format_version": 1, "base_model": opts.model,
+            "method": "svd-llm" if variant["whitening"] != "none" else "svd",
+            "ratio": ratio, "plan_source": None, **record,
+            "updating_nsamples": opts.updating_nsamples if variant["update"] != "none" else 0,
+            "calibration": calibration, "seed": opts.seed, "dtype": dtype_name(next(model.parameters()).dtype),
+            "random_weights": False, "num_layers": opts.num_layers}
 
 
 def main(argv=None) -> int:
@@ -133,14 +145,20 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/bench_core")
     p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "bench_core_smollm2_cpu.json"))
     opts = p.parse_args(argv)
+    unknown = [v for v in opts.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(opts.threads)
 
-    from utils.data import load_text, tokenize
-    from utils.model import count_parameters, decoder_layers, load_model
-    from utils import pipeline
+    from api import (CompressOptions, DecomposeOptions, Statistics, UpdateOptions, calibration_windows,
+                     compress_model, count_parameters, load_model, load_text, profile_model, save_compressed,
+                     uniform_plan)
+    from utils.data import tokenize
+    from utils.model import decoder_layers
 
     shutil.rmtree(opts.workdir, ignore_errors=True)
     os.makedirs(opts.workdir)
+    stats_path = os.path.join(opts.workdir, "stats")
     record: dict = {"settings": {**vars(opts), "torch": torch.__version__, "threads": torch.get_num_threads(),
                                  "machine": platform.processor() or platform.machine(),
                                  "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()},
@@ -157,9 +175,8 @@ def main(argv=None) -> int:
     base, tokenizer = load_model(opts.model, torch.float32, opts.seed, opts.num_layers)
     record["load_s"] = round(time.perf_counter() - start, 3)
     record["memory_mib"]["after_load"] = rss_mib()
-    args = pipeline_args(opts, step="1", stats_path=os.path.join(opts.workdir, "stats"), save_path=None)
-    session = pipeline.Session(model=base, tokenizer=tokenizer)
-    windows = pipeline._windows(args, session, opts.nsamples)
+    windows = calibration_windows(opts.calibration, tokenizer, opts.nsamples, opts.seq_len, opts.seed,
+                                  vocab_size=base.config.vocab_size)
     record["calibration_tokens"] = int(windows.numel())
 
     # plain forward / profile / plain forward: the forward figure is the mean of the two
@@ -167,8 +184,11 @@ def main(argv=None) -> int:
     print(f"forward: {forward[0]:.1f} s", flush=True)
     rss_before_profile = rss_mib()
     with LayerRss(decoder_layers(base)) as sampler:
-        pipeline.profile(args, session)
-    profile_s = session.timings["profile_s"]
+        start = time.perf_counter()
+        stats = profile_model(base, windows, "cpu", stats_path,
+                              meta={"model": opts.model, "dataset": opts.calibration, "seed": opts.seed})
+        profile_s = round(time.perf_counter() - start, 3)
+    stats.close()
     forward.append(plain_forward(base, windows))
     print(f"profile: {profile_s:.1f} s; forward again {forward[1]:.1f} s", flush=True)
     per_layer = [round(sampler.per_layer.get(i, float("nan")), 1) for i in range(len(decoder_layers(base)))]
@@ -194,26 +214,46 @@ def main(argv=None) -> int:
     print(f"original ppl {record['original']['ppl']:.3f}", flush=True)
     save()
 
+    update_windows = None
     results = record["variants"] = {}
     for ratio in [float(r) for r in opts.ratios.split(",")]:
         for variant in opts.variants.split(","):
+            settings = VARIANTS[variant]
             save_path = os.path.join(opts.workdir, f"{variant}_{ratio:g}")
-            args = pipeline_args(opts, step="3", ratio=ratio, stats_path=os.path.join(opts.workdir, "stats"),
-                                 save_path=save_path, **VARIANTS[variant])
-            session = pipeline.Session(model=copy.deepcopy(base), tokenizer=tokenizer)
+            model = copy.deepcopy(base)
+            options = CompressOptions(
+                DecomposeOptions(settings["whitening"], settings["decomposition"], torch.float32, "auto",
+                                 opts.rsvd_oversamples, opts.rsvd_n_iter, opts.seed),
+                UpdateOptions(nsamples=opts.updating_nsamples) if settings["update"] != "none" else None)
+            if options.update is not None and update_windows is None:  # step 3's update windows
+                update_windows = calibration_windows(opts.calibration, tokenizer, opts.updating_nsamples,
+                                                     opts.seq_len, opts.seed, vocab_size=base.config.vocab_size)
+            stats = Statistics.open(stats_path) if settings["whitening"] != "none" else None
             rss0 = rss_mib()
-            compression = pipeline.compress(args, session)
-            entry = {"ratio": ratio, **VARIANTS[variant],
-                     "decomposition_s": session.timings["compress_s"], "save_s": session.timings.get("save_s"),
+            try:
+                compression = compress_model(model, uniform_plan(model, ratio), options, "cpu", stats,
+                                             update_windows if options.update else None)
+            finally:
+                if stats is not None:
+                    stats.close()
+            decomposition_s = compression.pop("seconds")
+            start = time.perf_counter()
+            save_compressed(model, tokenizer, save_path,
+                            compression_block(opts, model, ratio, settings, compression, stats))
+            save_s = round(time.perf_counter() - start, 3)
+            entry = {"ratio": ratio, **settings,
+                     "decomposition_s": decomposition_s, "save_s": save_s,
                      "parameters": compression["parameters"], "fallbacks": compression["fallbacks"],
                      "rss_during_compress_delta_mib": round(rss_mib() - rss0, 1)}
+            if stats is not None:
+                entry["stats_wait_s"] = round(stats.wait_s, 3)
             if variant == "whiten_rsvd":
                 entry["rsvd"] = compression.get("rsvd")
-            if args.update != "none":
+            if options.update is not None:
                 entry["updates_accepted"] = compression["updates_accepted"]
                 entry["note"] = "decomposition_s includes the update's layer walk over the update windows"
             start = time.perf_counter()
-            entry.update(perplexity(session.model, eval_ids, opts.seq_len, opts.eval_limit))
+            entry.update(perplexity(model, eval_ids, opts.seq_len, opts.eval_limit))
             entry["eval_s"] = round(time.perf_counter() - start, 3)
             if variant == "whiten_svd":
                 total = profile_s + entry["decomposition_s"]
@@ -222,17 +262,26 @@ def main(argv=None) -> int:
             results[f"{variant}@{ratio:g}"] = entry
             print(f"{variant} ratio {ratio}: decomposition {entry['decomposition_s']:.1f} s, ppl {entry['ppl']:.3f}, "
                   f"params {compression['parameters']['compressed']:,}", flush=True)
-            del session
+            del model
             gc.collect()
             shutil.rmtree(save_path, ignore_errors=True)
             save()
 
     fwd = record["forward"]["mean_s"]
     whiten = [v for v in results.values() if v["whitening"] != "none" and v["decomposition"] == "svd" and v["update"] == "none"]
+    headline = results.get("whiten_svd@0.2")
+    ratio_02 = headline["compression_to_forward"] if headline else None
     record["targets"] = {
         "compression_within_2x_forward": {str(v["ratio"]): v["compression_to_forward"] <= 2.0 for v in whiten},
         "profile_memory_flat": abs(record["profile"]["rss_growth_first_to_last_mib"]) < 50,
         "forward_s": fwd, "profile_s": profile_s,
+        # the issue's target: profile + compress of whiten_svd at ratio 0.2 within 1.6 x one forward pass
+        "profile_plus_decompose_over_forward": ratio_02,
+        "target_1.6x_met": (ratio_02 <= TARGET_RATIO) if ratio_02 is not None else None,
+        "target_1.6x_setting": {"applies": (opts.model == "smollm2-135m" and opts.nsamples == 64
+                                            and opts.seq_len == 512 and opts.num_layers is None),
+                                "note": "the target is stated for SmolLM2-135M, all layers, 64 x 512 windows; "
+                                        "met is null when whiten_svd at ratio 0.2 was not run"},
     }
     record["settings"]["load_avg_end"] = os.getloadavg()
     save()

@@ -17,15 +17,18 @@ Stages, in one process, on the same calibration windows:
              (utils/layerwise.walk_layers: capture, then each layer moved to the device and run;
              its CPU tensors are put back, no copy) and no hooks: the fair baseline for
              profiling, which is the same walk with the statistics hooks
-  profile    step 1 (utils/pipeline.profile): Grams of every distinct linear input, written to disk
+  profile    step 1 (utils.pipeline.profile_model): Grams of every distinct linear input, written to disk
   check      truncation error of the chosen SVD path vs float64 on a sample of whitened matrices
              W S (not counted in the totals)
-  decompose  step 3 (utils/pipeline.compress) without its final save: read statistics,
-             Cholesky per distinct Gram, W S, SVD, triangular solve, module swap
-  save       step 3's write of the compressed model
+  compress   step 3 (utils.pipeline.compress_model), then utils.io.save_compressed; the two are
+             timed apart (results decompose_s, save_s):
+    decompose  read statistics, Cholesky per distinct Gram, W S, SVD, triangular solve, module swap
+    save       the write of the compressed model
 total_s = profile_s + decompose_s (the work the issue's targets are about: no model load, no save).
 
-The per-stage breakdown wraps pipeline functions with timers that synchronise the device on
+The per-stage breakdown wraps the functions the pipeline calls (utils.layerwise, utils.stats,
+utils.pipeline's save_file / load_file, methods.decompose's whitening_factor / low_rank_factors,
+utils.decompose's SVD, utils.io.save_compressed) with timers that synchronise the device on
 entry and exit (Gram products, whitening factors, SVDs, statistics I/O); --no_breakdown times
 the totals without those extra synchronisations.
 
@@ -69,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="random:llama2-7b", help="a random:PRESET or any --model of compress.py")
     p.add_argument("--num_layers", type=int, default=None, help="keep only the first N decoder layers")
-    p.add_argument("--dtype", default="float16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float16", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the model runs in (auto: the checkpoint's own; a random preset: float16)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dataset", default="random", help="calibration data (random for presets)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows")
@@ -254,11 +258,16 @@ def _sample_matrices(model, stats_meta: dict, count: int) -> list[tuple[int, str
 def truncation_check(model, args, stats_path: str | None, count: int) -> dict:
     """||A - A_r|| of the chosen SVD path (svd_dtype, driver auto) vs the float64 optimum, A = W S."""
     from safetensors.torch import load_file
-    from utils.decompose import SVDInfo, exact_svd, rank_for_ratio
+    from utils.decompose import SVDInfo, exact_svd
     from utils.model import decoder_layers, target_linears
-    from utils.pipeline import read_stats_meta
+    from utils.pipeline import Statistics
+    from utils.plan import rank_for_ratio
     from utils.whitening import whitening_factor
-    meta = read_stats_meta(stats_path) if args.whitening != "none" else None
+    meta = None
+    if args.whitening != "none":
+        opened = Statistics.open(stats_path)
+        meta = opened.meta
+        opened.close()
     layers = decoder_layers(model)
     dtype = torch.float64 if args.svd_dtype == "float64" else torch.float32
     rows = []
@@ -310,31 +319,58 @@ def truncation_check(model, args, stats_path: str | None, count: int) -> dict:
 
 # ------------------------------------------------------------------------------------- main
 
+def _validate(options: argparse.Namespace) -> None:
+    """The checks compress.py's validation made for this benchmark's settings, before anything slow."""
+    from utils.data import validate_dataset
+    if not 0.0 < options.ratio < 1.0:
+        raise SystemExit(f"error: --ratio {options.ratio}: must be in (0, 1)")
+    for name in ("nsamples", "seq_len"):
+        if getattr(options, name) < 1:
+            raise SystemExit(f"error: --{name} must be at least 1")
+    if options.num_layers is not None and options.num_layers < 1:
+        raise SystemExit(f"error: --num_layers {options.num_layers}: must be at least 1")
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {options.device}: no CUDA device here; use --device cpu")
+    if options.device != "cpu" and not options.device.startswith("cuda"):
+        raise SystemExit(f"error: --device {options.device}: use cpu, cuda or cuda:N")
+    validate_dataset(options.dataset)
+
+
+def compression_block(options: argparse.Namespace, model, record: dict, stats) -> dict:
+    """The "compression" block step 3 (compress.run_compress) saves with the model."""
+    from utils.model import dtype_name
+    calibration = None if stats is None else {k: stats.meta.get(k) for k in
+                                              ("dataset", "nsamples", "seq_len", "seed", "tokens")}
+    return {"format_version": 1, "base_model": options.model,
+            "method": "svd-llm" if options.whitening != "none" else "svd",
+            "ratio": options.ratio, "plan_source": None, **record, "updating_nsamples": 0,
+            "calibration": calibration, "seed": options.seed,
+            "dtype": dtype_name(next(model.parameters()).dtype), "random_weights": is_random_spec(options.model),
+            "num_layers": options.num_layers}
+
+
 def main(argv: list[str] | None = None) -> dict:
     options = build_parser().parse_args(argv)
     if options.device is None:
         options.device = default_device()
-    import compress
+    _validate(options)
+    import utils.io as io_module
+    from methods import DecomposeOptions
+    import methods.decompose as decompose_pass
     from utils import decompose, layerwise, pipeline, stats as stats_module
     from utils.data import calibration_windows
-    from utils.model import count_parameters, decoder_layers
+    from utils.model import DTYPES, count_parameters, decoder_layers, load_model, target_shapes
+    from utils.plan import Plan
 
     work = options.work_dir or tempfile.mkdtemp(prefix="bench_scale_")
     os.makedirs(work, exist_ok=True)
     save_path = os.path.join(work, "compressed")
-    cli = ["--step", "1,3", "--model", options.model, "--dtype", options.dtype, "--device", options.device,
-           "--dataset", options.dataset, "--whitening_nsamples", str(options.nsamples),
-           "--model_seq_len", str(options.seq_len), "--ratio", str(options.ratio),
-           "--whitening", options.whitening, "--decomposition", options.decomposition,
-           "--svd_dtype", options.svd_dtype, "--seed", str(options.seed), "--save_path", save_path]
-    if options.num_layers is not None:
-        cli += ["--num_layers", str(options.num_layers)]
-    args = compress.build_parser().parse_args(cli)
-    compress.validate(args)
+    stats_path = os.path.join(work, "stats")
 
     meter = StageMeter(options.device)
     breakdown = Breakdown(options.device, not options.no_breakdown)
-    session = pipeline.Session()
+    timings: dict = {}  # what compress.py's steps report as session timings
+    loaded: dict = {}
     out = options.out
     tables: dict[str, dict] = {}
 
@@ -345,24 +381,58 @@ def main(argv: list[str] | None = None) -> dict:
                           + " ".join(argv if argv is not None else sys.argv[1:]),
                           "device_name": _device_name(options.device), "git_commit": _git_commit(),
                           "random_weights": is_random_spec(options.model),
-                          "stages": meter.stages, "session_timings": session.timings, "breakdown": tables})
+                          "stages": meter.stages, "session_timings": timings, "breakdown": tables})
+
+    def load() -> None:
+        start = time.perf_counter()
+        loaded["model"], loaded["tokenizer"] = load_model(options.model, options.dtype, options.seed,
+                                                          options.num_layers)
+        timings["load_s"] = round(time.perf_counter() - start, 3)
+
+    def profile(windows) -> None:
+        start = time.perf_counter()
+        stats = pipeline.profile_model(model, windows, options.device, stats_path,
+                                       meta={"model": options.model, "dataset": options.dataset,
+                                             "seed": options.seed})
+        stats.close()
+        timings["profile_s"] = round(time.perf_counter() - start, 3)
+
+    def compress_and_save() -> dict:
+        """Step 3 as compress.py runs it: compress_model (timed: compress_s), then save (save_s)."""
+        plan = Plan.uniform(target_shapes(model), options.ratio)
+        compress_options = pipeline.CompressOptions(DecomposeOptions(
+            options.whitening, options.decomposition, DTYPES[options.svd_dtype], seed=options.seed))
+        stats = pipeline.Statistics.open(stats_path) if options.whitening != "none" else None
+        try:
+            record = pipeline.compress_model(model, plan, compress_options, options.device, stats)
+        finally:
+            if stats is not None:
+                timings["stats_wait_s"] = round(stats.wait_s, 3)
+                stats.close()
+        timings["compress_s"] = record.pop("seconds")
+        compression = compression_block(options, model, record, stats)
+        start = time.perf_counter()
+        io_module.save_compressed(model, loaded["tokenizer"], save_path, compression)
+        timings["save_s"] = round(time.perf_counter() - start, 3)
+        return compression
 
     try:
-        meter.run("load", pipeline.ensure_model, args, session)
-        model = session.model
+        meter.run("load", load)
+        model = loaded["model"]
         out = out or _default_out(options, len(decoder_layers(model)))
         checkpoint()
-        windows = calibration_windows(args.dataset, session.tokenizer, options.nsamples, options.seq_len,
+        windows = calibration_windows(options.dataset, loaded["tokenizer"], options.nsamples, options.seq_len,
                                       options.seed, vocab_size=model.config.vocab_size)
 
         # one window through every layer first: CUDA context, cuBLAS handles and kernel loading
         # would otherwise be charged to the forward baseline and flatter profile / forward
+        # (fn returns None: the walk runs the layer, no hooks)
         meter.run("warmup", layerwise.walk_layers, model, windows[:1], options.device,
-                  lambda index, layer, run: run(), "warm-up", changes_weights=False)
+                  lambda context: None, "warm-up", changes_weights=False)
         breakdown.wrap(layerwise, "capture_layer_inputs", "capture layer-0 inputs")
         breakdown.wrap(layerwise, "run_layer", "layer forward (incl. hooks in profile)")
         meter.run("forward", layerwise.walk_layers, model, windows, options.device,
-                  lambda index, layer, run: run(), "forward", changes_weights=False)
+                  lambda context: None, "forward", changes_weights=False)
         forward_breakdown = tables["forward"] = breakdown.table()
         checkpoint()
         breakdown.seconds.clear()
@@ -370,23 +440,23 @@ def main(argv: list[str] | None = None) -> dict:
 
         breakdown.wrap(stats_module, "batch_gram", "gram products")
         breakdown.wrap(pipeline, "save_file", "statistics save (background thread)", sync=False)
-        meter.run("profile", pipeline.profile, args, session)
+        meter.run("profile", profile, windows)
         profile_breakdown = tables["profile"] = breakdown.table()
         checkpoint()
         breakdown.restore()
         breakdown.seconds.clear()
         breakdown.calls.clear()
 
-        check = (meter.run("check", truncation_check, model, args, pipeline.stats_path_of(args),
-                           options.check_matrices) if options.check_matrices > 0 else None)
+        check = (meter.run("check", truncation_check, model, options, stats_path, options.check_matrices)
+                 if options.check_matrices > 0 else None)
         tables["truncation_check"] = check
         checkpoint()
 
         # statistics are read in a background thread (next layer while this one is decomposed): their
-        # timer must not synchronise the device; session.timings["stats_wait_s"] is what it cost
+        # timer must not synchronise the device; timings["stats_wait_s"] is what it cost
         breakdown.wrap(pipeline, "load_file", "statistics load (background thread)", sync=False)
-        breakdown.wrap(pipeline, "whitening_factor", "whitening factor (cholesky/eigen)")
-        breakdown.wrap(pipeline, "low_rank_factors", "low_rank_factors (W S, SVD, solve)")
+        breakdown.wrap(decompose_pass, "whitening_factor", "whitening factor (cholesky/eigen)")
+        breakdown.wrap(decompose_pass, "low_rank_factors", "low_rank_factors (W S, SVD, solve)")
         breakdown.wrap(decompose, "checked_svd", "svd (incl. gesvda residual check)", after=breakdown.note_svd)
         breakdown.wrap(decompose, "svd_residual", "gesvda residual check")
         # the decomposition's figures are on disk before the compressed model is written
@@ -396,12 +466,12 @@ def main(argv: list[str] | None = None) -> dict:
                 tables["decompose_peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(options.device) / GIB, 3)
             checkpoint()
 
-        breakdown.wrap(pipeline, "save_compressed", "compressed model save", before=before_save)
+        breakdown.wrap(io_module, "save_compressed", "compressed model save", before=before_save)
         params_before = count_parameters(model)
-        compression = meter.run("compress", pipeline.compress, args, session)
+        compression = meter.run("compress", compress_and_save)
         decompose_breakdown = breakdown.table()
         breakdown.restore()
-        disk = {"statistics_gib": round(_dir_bytes(pipeline.stats_path_of(args)) / GIB, 3),
+        disk = {"statistics_gib": round(_dir_bytes(stats_path) / GIB, 3),
                 "compressed_model_gib": round(_dir_bytes(save_path) / GIB, 3)}
     finally:
         breakdown.restore()
@@ -409,13 +479,13 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
     stages = meter.stages
-    # step 3 times its decomposition and its save separately (session.timings)
-    save_s, decompose_s = session.timings["save_s"], session.timings["compress_s"]
+    # step 3's decomposition (compress_model) and its save are timed separately
+    save_s, decompose_s = timings["save_s"], timings["compress_s"]
     forward_s, profile_s = stages["forward"]["seconds"], stages["profile"]["seconds"]
     results = {
         "load_s": stages["load"]["seconds"], "forward_s": forward_s, "profile_s": profile_s,
         "profile_over_forward": round(profile_s / max(forward_s, 1e-9), 3),
-        "decompose_s": decompose_s, "stats_wait_s": session.timings.get("stats_wait_s"), "save_s": save_s,
+        "decompose_s": decompose_s, "stats_wait_s": timings.get("stats_wait_s"), "save_s": save_s,
         "total_s": round(profile_s + decompose_s, 3),
         "peak_rss_gib": _rss_gib()["peak_rss_gib"],
     }

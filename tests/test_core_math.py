@@ -136,31 +136,33 @@ def drifted_problem(seed: int = 0):
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_closed_form_update_never_increases_output_error(seed):
+def test_closed_form_update_wins_back_the_drift_on_held_out_inputs(seed):
+    """On inputs that drifted from the whitening data, the refit u reaches the least-squares
+    optimum on the fit tokens, and on held-out tokens of the same drift it removes a measured
+    share of the error (not merely "no increase", which the acceptance gate guarantees)."""
     w, u, v, x = drifted_problem(seed)
     fit, holdout = x[:450], x[450:]
     result = update_u(w, u, v, fit.T @ fit, holdout.T @ holdout)
-    assert result.fit_error_after <= result.fit_error_before * (1 + 1e-12)
-    new_u = result.u
-    for part in (fit, holdout):
-        before = torch.linalg.norm((w - u @ v) @ part.T)
-        after = torch.linalg.norm((w - new_u @ v) @ part.T)
-        assert after <= before * (1 + 1e-9)
+    assert result.accepted and result.ridge == 1e-6
+    optimum = torch.linalg.lstsq(fit @ v.T, fit @ w.T).solution.T
+    best = float(torch.linalg.norm((w - optimum @ v) @ fit.T) ** 2)
+    assert result.fit_error_after == pytest.approx(best, rel=1e-5)
+    before = float(torch.linalg.norm((w - u @ v) @ holdout.T))
+    after = float(torch.linalg.norm((w - result.u @ v) @ holdout.T))
+    assert after < 0.9 * before
     # the error computed from Grams is the real one
     direct = torch.linalg.norm((w - u @ v) @ fit.T) ** 2
     assert abs(output_error(w, u, v, fit.T @ fit) - float(direct)) <= 1e-8 * float(direct)
 
 
-def test_closed_form_update_is_least_squares_optimal_and_a_no_op_without_drift():
-    w, u, v, x = drifted_problem(1)
-    gram = x.T @ x
-    best = closed_form_u(w, v, gram, ridge=0.0)
-    lstsq = torch.linalg.lstsq(x @ v.T, x @ w.T).solution.T
-    assert torch.allclose(best, lstsq, rtol=1e-6, atol=1e-8)
-    # on the whitening data itself, the truncated whitened SVD is already optimal
-    x0 = correlated_inputs(600, 32, 1)
-    f = low_rank_factors(w, 8, cholesky_factor(x0.T @ x0), compute_dtype=torch.float64)
-    assert torch.allclose(closed_form_u(w, f.v, x0.T @ x0, ridge=0.0), f.u, rtol=1e-6, atol=1e-8)
+def test_closed_form_update_with_fewer_tokens_than_the_rank_raises_the_ridge():
+    """5 tokens for rank 8: v H v^T is singular; the solve takes a larger ridge instead of failing."""
+    w, u, v, x = drifted_problem(3)
+    fit = x[:5]
+    candidate, ridge = closed_form_u(w, v, fit.T @ fit, ridge=0.0)
+    assert candidate is not None and torch.isfinite(candidate).all() and 0 < ridge <= 1e-2
+    result = update_u(w, u, v, fit.T @ fit, x[450:].T @ x[450:])
+    assert torch.isfinite(result.u).all() and result.ridge >= 1e-6
 
 
 def test_update_rejected_when_it_hurts_held_out_error():

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import compress
 from component import LowRankLinear
 from tests.tiny_models import FAMILIES, save_tiny_model, tiny_model
-from utils import pipeline
+from utils.data import calibration_windows
 from utils.decompose import rank_for_ratio
 from utils.io import CompressedModelError, load_compressed
 from utils.model import count_parameters, decoder_layers, layer_prefix, target_linears
@@ -31,10 +31,10 @@ def make_args(model_dir: str, save_path: str, *extra: str):
     return args
 
 
-def run_steps(args) -> pipeline.Session:
-    session = pipeline.Session()
-    pipeline.profile(args, session)
-    pipeline.compress(args, session)
+def run_steps(args) -> compress.Session:
+    session = compress.Session()
+    compress.run_profile(args, session)
+    compress.run_compress(args, session)
     return session
 
 
@@ -96,10 +96,10 @@ def test_compress_ranks_params_and_reload(family, ratio, model_dirs, tmp_path):
 def test_layerwise_statistics_match_a_full_forward(family, model_dirs, tmp_path):
     """The sequential walker feeds each layer exactly what the full model would."""
     args = make_args(model_dirs[family], str(tmp_path / "out"))
-    session = pipeline.Session()
-    pipeline.profile(args, session)
+    session = compress.Session()
+    compress.run_profile(args, session)
     model = tiny_model(family)
-    windows = pipeline.calibration_windows("random", None, 8, 32, 0, vocab_size=256)
+    windows = calibration_windows("random", None, 8, 32, 0, vocab_size=256)
     grams: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -173,70 +173,124 @@ def test_single_file_pt_loads_with_weights_only(model_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("variant", [("--whitening", "eigen"), ("--whitening", "none"),
-                                     ("--decomposition", "rsvd"), ("--update", "closed_form")])
+                                     ("--decomposition", "rsvd")])
 def test_variants_run_and_record_themselves(variant, model_dirs, tmp_path):
-    args = make_args(model_dirs["qwen2"], str(tmp_path / "out"), *variant, "--updating_nsamples", "4")
+    args = make_args(model_dirs["qwen2"], str(tmp_path / "out"), *variant)
     session = run_steps(args)
     block = session.compression
     assert block[variant[0][2:]] == variant[1]
     assert block["method"] == ("svd" if variant == ("--whitening", "none") else "svd-llm")
-    if variant[0] == "--update":
-        assert block["updating_nsamples"] == 4
-        assert 0 <= block["updates_accepted"] <= 14
+    # every planned matrix has its own record: rank and a positive truncation loss
+    assert set(block["modules"]) == set(block["ranks"])
+    assert all(r["rank"] == block["ranks"][n] and r["truncation_loss"] > 0 for n, r in block["modules"].items())
 
 
-def test_closed_form_update_lowers_layer_error(model_dirs, tmp_path):
-    """With the update, the compressed layers' recorded fit errors never go up."""
+def _layer_inputs_of_final_model(model, windows):
+    """Gram of each target module's inputs when the (compressed) model runs the windows whole."""
+    grams: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            def hook(mod, inputs, output, name=name):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+                grams[name] = grams.get(name, 0) + x.T @ x
+            handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        for window in windows:
+            model(window[None])
+    for handle in handles:
+        handle.remove()
+    return grams
+
+
+def test_closed_form_update_is_sequential_and_fits_the_compressed_stream(model_dirs, tmp_path, monkeypatch):
+    """Each matrix's update is fitted on the inputs it sees in the final compressed model: q/k/v on
+    the outputs of the compressed layers below, o on the updated q/k/v, down on the updated gate/up.
+    Fitting every matrix of a layer at once (o on inputs from not-yet-updated q/k/v) fails this."""
+    from methods import closed_form
+    fitted: dict[str, torch.Tensor] = {}
+    real_update = closed_form.update_u
+
+    def recording_update(weight, u, v, gram_fit, gram_held, ridge):
+        result = real_update(weight, u, v, gram_fit, gram_held, ridge)
+        result.accepted = True  # take every update, so the final model is the one fitted against
+        return result
+
+    real_method = closed_form.ClosedFormUpdate._update
+
+    def record(self, context, name, module, weight, gram_fit, gram_held):
+        fitted[f"{context.name}.{name}"] = gram_fit.double().cpu()
+        return real_method(self, context, name, module, weight, gram_fit, gram_held)
+
+    monkeypatch.setattr(closed_form, "update_u", recording_update)
+    monkeypatch.setattr(closed_form.ClosedFormUpdate, "_update", record)
     args = make_args(model_dirs["llama"], str(tmp_path / "out"), "--update", "closed_form",
                      "--updating_nsamples", "8", "--ratio", "0.6")
-    session = pipeline.Session()
-    pipeline.profile(args, session)
-    report = {}
-    original_print = pipeline._print_summary
-    pipeline._print_summary = lambda c, t, r: report.update(r)
-    try:
-        pipeline.compress(args, session)
-    finally:
-        pipeline._print_summary = original_print
-    assert len(report["update"]) == 14
-    for entry in report["update"].values():
-        before, after = entry["fit_error"]
-        if entry["accepted"]:
-            assert after <= before
-            assert entry["holdout_error"][1] < entry["holdout_error"][0]
+    session = run_steps(args)
+    assert len(fitted) == 14
+    fit_windows = compress._windows(args, session, 8)[:6]  # the last quarter (2 windows) is held out
+    final = _layer_inputs_of_final_model(session.model, fit_windows)
+    for name, gram in fitted.items():
+        expected = final[name]
+        assert torch.allclose(gram, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max())), name
 
 
-def test_step2_ranks_file_drives_step3(model_dirs, tmp_path):
-    """Step 2 writes per-matrix ranks; step 3 honours an edited file (None keeps a matrix dense)."""
+def test_update_records_held_out_errors_and_keeps_only_improvements(model_dirs, tmp_path):
+    args = make_args(model_dirs["llama"], str(tmp_path / "out"), "--update", "closed_form",
+                     "--updating_nsamples", "8", "--ratio", "0.6")
+    block = run_steps(args).compression
+    updates = {n: r["update"] for n, r in block["modules"].items()}
+    assert len(updates) == 14 and block["update"]["sequential"] is True
+    accepted = [u for u in updates.values() if u["accepted"]]
+    assert block["updates_accepted"] == len(accepted)
+    for u in updates.values():  # kept exactly when it lowers the held-out error and not the fit error
+        improves = u["holdout_error"][1] < u["holdout_error"][0] and u["fit_error"][1] <= u["fit_error"][0]
+        assert u["accepted"] == improves
+
+
+def test_step2_plan_drives_step3(model_dirs, tmp_path):
+    """Step 2 writes the plan next to the statistics; step 3 finds it there by default and
+    honours an edited one (null keeps a matrix dense)."""
     out = str(tmp_path / "out")
-    ranks_path = str(tmp_path / "ranks.json")
     assert compress.main(["--step", "1,2", "--model", model_dirs["llama"], "--dataset", "random",
                           "--whitening_nsamples", "4", "--model_seq_len", "16", "--save_path", out,
-                          "--ranks_path", ranks_path, "--ratio", "0.4", "--device", "cpu"]) == 0
-    table = json.load(open(ranks_path))
-    assert table["ratio"] == 0.4 and len(table["ranks"]) == 14
-    assert table["ranks"]["model.layers.0.mlp.down_proj"] == rank_for_ratio(64, 160, 0.4)
-    table["ranks"]["model.layers.0.self_attn.q_proj"] = 5
-    table["ranks"]["model.layers.1.mlp.up_proj"] = None
-    json.dump(table, open(ranks_path, "w"))
+                          "--ratio", "0.4", "--device", "cpu"]) == 0
+    plan_path = os.path.join(out, "stats", "plan_0.4.json")
+    table = json.load(open(plan_path))
+    assert table["ratio"] == 0.4 and len(table["modules"]) == 14
+    assert table["modules"]["model.layers.0.mlp.down_proj"] == {"shape": [64, 160], "bias": False,
+                                                                "rank": rank_for_ratio(64, 160, 0.4)}
+    table["modules"]["model.layers.0.self_attn.q_proj"]["rank"] = 5
+    table["modules"]["model.layers.1.mlp.up_proj"]["rank"] = None
+    json.dump(table, open(plan_path, "w"))
     assert compress.main(["--step", "3", "--model", model_dirs["llama"], "--save_path", out,
-                          "--ranks_path", ranks_path, "--device", "cpu"]) == 0
+                          "--ratio", "0.4", "--device", "cpu"]) == 0
     model, _, block = load_compressed(out)
     assert model.get_submodule("model.layers.0.self_attn.q_proj").rank == 5
     assert type(model.get_submodule("model.layers.1.mlp.up_proj")) is torch.nn.Linear
     assert block["dense_modules"] == ["model.layers.1.mlp.up_proj"] and len(block["ranks"]) == 13
+    assert block["plan_source"] == plan_path
+    # the recorded plan's arithmetic matches the model: 13 low-rank matrices, counted r (m + n)
+    target = block["parameters"]["target_matrices"]
+    assert target["params_before"] - target["params_after"] == (
+        block["parameters"]["original"] - block["parameters"]["compressed"])
+    # at another ratio the plan is not picked up: uniform ranks
+    assert compress.main(["--step", "3", "--model", model_dirs["llama"], "--save_path", str(tmp_path / "o2"),
+                          "--stats_path", os.path.join(out, "stats"), "--ratio", "0.2", "--device", "cpu"]) == 0
+    assert load_compressed(str(tmp_path / "o2"))[2]["plan_source"] is None
 
 
 def test_update_the_dtype_cannot_hold_is_not_taken(model_dirs, tmp_path, monkeypatch):
     """An accepted closed-form update whose u overflows the layer's dtype is refused, not cast to inf."""
+    from methods import closed_form
     from utils.update import UpdateResult
     args = make_args(model_dirs["llama"], str(tmp_path / "out"), "--update", "closed_form",
                      "--updating_nsamples", "4", "--ratio", "0.6")
-    monkeypatch.setattr(pipeline, "update_u", lambda w, u, v, fit, held: UpdateResult(
+    monkeypatch.setattr(closed_form, "update_u", lambda w, u, v, fit, held, ridge: UpdateResult(
         torch.full_like(u, 1e39, dtype=torch.float64), True, 1.0, 0.5, 1.0, 0.5))  # 1e39 > float32 max
-    monkeypatch.setattr(pipeline, "_print_summary", lambda *a: None)
     session = run_steps(args)
     assert session.compression["updates_accepted"] == 0
+    assert not any(r["update"]["fits_dtype"] for r in session.compression["modules"].values())
     for module in session.model.modules():
         if isinstance(module, LowRankLinear):
             assert torch.isfinite(module.u.weight).all()

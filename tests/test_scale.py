@@ -379,7 +379,7 @@ def test_bench_scale_keeps_finished_stages_when_stopped(bench, tiny_preset, tmp_
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C in the middle of step 3; a SIGTERM kills at once, same file left
 
-    monkeypatch.setattr(pipeline, "compress", stopped)
+    monkeypatch.setattr(pipeline, "compress_model", stopped)
     out = tmp_path / "bench.json"
     with pytest.raises(KeyboardInterrupt):
         bench.main(["--model", tiny_preset, "--device", "cpu", "--dtype", "float32", "--nsamples", "2",
@@ -391,12 +391,12 @@ def test_bench_scale_keeps_finished_stages_when_stopped(bench, tiny_preset, tmp_
 
 
 def test_bench_scale_keeps_the_decomposition_when_stopped_in_the_save(bench, tiny_preset, tmp_path, monkeypatch):
-    from utils import pipeline
+    from utils import io
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "save_compressed", stopped)
+    monkeypatch.setattr(io, "save_compressed", stopped)  # bench_scale saves with utils.io.save_compressed
     out = tmp_path / "bench.json"
     for timers in ([], ["--no_breakdown"]):
         with pytest.raises(KeyboardInterrupt):
@@ -433,7 +433,7 @@ def test_read_only_walk_puts_the_original_tensors_back():
     outputs = {}
     for changes in (True, False):
         seen = []
-        walk_layers(model, windows, "cpu", lambda i, layer, run: seen.append(run()) or seen[-1], "t",
+        walk_layers(model, windows, "cpu", lambda c: seen.append(c.run()) or seen[-1], "t",
                     changes_weights=changes)
         outputs[changes] = seen
     assert all(torch.equal(a, b) for a, b in zip(outputs[True], outputs[False]))
@@ -463,7 +463,7 @@ def test_read_only_walk_on_cuda_leaves_the_model_on_the_cpu_untouched():
     pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
     windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     devices = []
-    walk_layers(model, windows, "cuda", lambda i, layer, run: devices.append(
-        next(layer.parameters()).device.type) or run(), "t", changes_weights=False)
+    walk_layers(model, windows, "cuda", lambda c: devices.append(
+        next(c.layer.parameters()).device.type) or c.run(), "t", changes_weights=False)
     assert devices == ["cuda"] * len(decoder_layers(model))
     assert all(p.device.type == "cpu" and p.data_ptr() == pointers[name] for name, p in model.named_parameters())

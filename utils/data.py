@@ -48,6 +48,17 @@ def validate_dataset(spec: str) -> None:
                            f"nor an existing file")
 
 
+def check_hub_datasets(specs: dict[str, str]) -> None:
+    """Before any step runs: DatasetError if a hub data set is asked for and the hub cannot be
+    reached. specs: flag -> comma list of specs, e.g. {"--eval_datasets": "wikitext2,pydoc"}."""
+    needing = [(flag, name) for flag, value in specs.items() for name in
+               (parse_dataset(s)[0] for s in value.split(",")) if name in HUB_DATASETS]
+    if needing and not _hub_reachable():
+        flag, name = needing[0]
+        raise DatasetError(f"{flag} {name} needs the Hugging Face hub, which cannot be reached: use a local "
+                           f"file (e.g. ../shared/data/wikitext2/wiki.valid.tokens, sliced as FILE[0.8:1]) or pydoc")
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
         return True  # the user says the data sets are in the local cache

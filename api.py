@@ -1,0 +1,41 @@
+"""The toolkit as Python functions: what compress.py's steps call, without the CLI.
+
+    import api
+    model, tokenizer = api.load_model("smollm2-135m")
+    windows = api.calibration_windows("pydoc[0:0.9]", tokenizer, 32, 512, seed=0)
+    stats = api.profile_model(model, windows, "cpu")                        # step 1
+    plan = api.uniform_plan(model, 0.2)                                      # step 2
+    record = api.compress_model(model, plan, api.CompressOptions(), "cpu", stats)   # step 3
+    api.save_compressed(model, tokenizer, "out/smol-20", record)
+    model, tokenizer, record = api.load_compressed("out/smol-20")
+    print(api.perplexity(model, tokenizer, api.load_text("pydoc[0.9:1]", "test"), 512)["ppl"])
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from methods import DecomposeOptions, UpdateOptions
+from utils.data import calibration_windows, load_text, tokenize
+from utils.io import load_compressed, save_compressed
+from utils.model import count_parameters, load_model, target_shapes
+from utils.pipeline import CompressOptions, Statistics, compress_model, profile_model
+from utils.plan import Plan
+
+__all__ = ["CompressOptions", "DecomposeOptions", "Plan", "Statistics", "UpdateOptions", "calibration_windows",
+           "compress_model", "count_parameters", "load_compressed", "load_model", "load_text", "perplexity",
+           "profile_model", "save_compressed", "uniform_plan"]
+
+
+def uniform_plan(model: nn.Module, ratio: float) -> Plan:
+    """Every target linear at the rank that removes `ratio` of its parameters (SVD-LLM's rule)."""
+    return Plan.uniform(target_shapes(model), ratio)
+
+
+def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int, device: torch.device | str = "cpu",
+               limit: int | None = None, batch_size: int = 1) -> dict:
+    """Perplexity of `model` on `text` by step 4's protocol (evaluater.py): non-overlapping windows
+    of seq_len tokens, every token but each window's first scored. The model is moved to `device`."""
+    from evaluater import perplexity as windows_perplexity
+    model = model.to(device).eval()
+    return windows_perplexity(model, tokenize(tokenizer, text), seq_len, batch_size, device, limit)

@@ -1,0 +1,11 @@
+"""Methods are passes over the layer walk (utils.layerwise.walk_layers), each in its own module.
+
+A pass is a callable taking a LayerContext, with two class attributes the walk reads:
+needs_activations (the calibration windows flow through the walk) and needs_reference (the
+original model's stream is carried beside the compressed one). Each is configured by a small
+options dataclass; none knows argparse or model families.
+"""
+from methods.closed_form import ClosedFormUpdate, UpdateOptions
+from methods.decompose import Decompose, DecomposeOptions
+
+__all__ = ["ClosedFormUpdate", "Decompose", "DecomposeOptions", "UpdateOptions"]

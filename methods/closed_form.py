@@ -1,0 +1,112 @@
+"""The closed-form update pass (SVD-LLM's step 2), sequential within the layer.
+
+After the decomposition pass replaced the layer's matrices, the layer is run on the compressed
+model's inputs and each low-rank matrix's u is refit (utils.update.update_u) so that it
+reproduces the original matrix on the inputs it now really sees. The matrices are refit in the
+order the layer runs them, one group of matrices sharing an input at a time (attention q/k/v,
+then o on the updated attention, then gate/up, then down), as SVD-LLM's hooks do: each group's
+inputs are collected after the groups before it were updated. Fitting every matrix on inputs from
+not-yet-updated matrices fits o and down to inputs they never see.
+
+The last quarter of the windows is held out: an update is kept only where it lowers the output
+error there (and does not raise it on the windows it was fitted to).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from component import LowRankLinear, largest_entry_fits
+from utils.layerwise import LayerContext, StopLayer, run_layer
+from utils.update import update_u
+
+
+@dataclass
+class UpdateOptions:
+    nsamples: int = 16  # calibration windows carried through the walk
+    holdout_fraction: float = 0.25  # of those, held out to accept or refuse each update
+    ridge: float = 1e-6  # lam = ridge * trace(v H v^T) / r
+    sequential: bool = True  # refit the groups in execution order (False: all on the decomposed layer)
+
+    def split(self, nsamples: int) -> tuple[range, range]:
+        """(fit windows, held-out windows): the held-out ones are the last."""
+        held = 0 if nsamples < 2 else max(1, int(nsamples * self.holdout_fraction))
+        return range(0, nsamples - held), range(nsamples - held, nsamples)
+
+    def to_dict(self) -> dict:
+        return {"method": "closed_form", "nsamples": self.nsamples, "holdout_fraction": self.holdout_fraction,
+                "ridge": self.ridge, "sequential": self.sequential}
+
+
+def execution_groups(context: LayerContext, modules: dict[str, nn.Module]) -> list[list[str]]:
+    """`modules` in the order the layer runs them, grouped by shared input (one window's pass):
+    for Llama [[q, k, v], [o], [gate, up], [down]]; no family table needed."""
+    order: list[tuple[list[str], torch.Tensor]] = []
+    seen: set[str] = set()
+
+    def hook(name: str):
+        def fn(module, inputs, output):
+            if name in seen:
+                return
+            seen.add(name)
+            if order and order[-1][1] is inputs[0]:  # holding x keeps the identity test sound
+                order[-1][0].append(name)
+            else:
+                order.append(([name], inputs[0]))
+            if len(seen) == len(modules):
+                raise StopLayer
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        run_layer(context.layer, context.inputs, context.layer_args, range(0, 1))
+    except StopLayer:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups = [names for names, _ in order]
+    never_ran = [n for n in modules if n not in seen]
+    return groups + ([never_ran] if never_ran else [])
+
+
+class ClosedFormUpdate:
+    needs_activations = True
+    needs_reference = False
+
+    def __init__(self, options: UpdateOptions, records: dict | None = None):
+        self.options = options
+        self.records = records if records is not None else {}
+
+    def __call__(self, context: LayerContext) -> None:
+        low_rank = {n: m for n, m in context.layer.named_modules() if isinstance(m, LowRankLinear)}
+        originals = context.scratch.get("original_weights", {})
+        low_rank = {n: m for n, m in low_rank.items() if n in originals}
+        if not low_rank:
+            return
+        fit, held = self.options.split(context.num_windows)
+        groups = execution_groups(context, low_rank) if self.options.sequential else [list(low_rank)]
+        for group in groups:
+            modules = {n: low_rank[n] for n in group}
+            collected = [context.collect(modules, indices, stop_after=True) for indices in (fit, held) if len(indices)]
+            for name, module in modules.items():
+                grams = [c.streams[c.stream_of[name]].gram for c in collected]
+                self._update(context, name, module, originals[name], grams[0], grams[1] if len(grams) > 1 else None)
+
+    def _update(self, context: LayerContext, name: str, module: LowRankLinear, weight: torch.Tensor,
+                gram_fit: torch.Tensor, gram_held: torch.Tensor | None) -> None:
+        device = context.device
+        result = update_u(weight.to(device), module.u.weight.to(device), module.v.weight.to(device),
+                          gram_fit, gram_held, self.options.ridge)
+        # an update the layer's dtype cannot hold (fp16 tops out at 65504) is not taken
+        fits, _ = largest_entry_fits(module.u.weight.dtype, result.u)
+        accepted = result.accepted and fits
+        if accepted:
+            module.u.weight.data.copy_(result.u.to(module.u.weight.dtype))
+        self.records.setdefault(f"{context.name}.{name}", {})["update"] = {
+            "accepted": accepted, "fits_dtype": fits,
+            "fit_error": [result.fit_error_before, result.fit_error_after],
+            "holdout_error": [result.holdout_error_before, result.holdout_error_after],
+            "ridge": result.ridge if result.ridge != float("inf") else None}
