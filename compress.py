@@ -308,8 +308,8 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     """Step 3: apply the plan (decompose, optionally update u) and save the model."""
     from methods import DecomposeOptions, UpdateOptions
     from utils.io import save_compressed
-    from utils.model import DTYPES, dtype_name
-    from utils.pipeline import CompressOptions, Statistics, compress_model
+    from utils.model import DTYPES
+    from utils.pipeline import CompressOptions, Statistics, compress_model, compression_block
     from utils.presets import is_random_spec
     ensure_model(args, session)
     plan, plan_source = _plan_for_step3(args, session)
@@ -326,16 +326,8 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
             session.timings["stats_wait_s"] = round(stats.wait_s, 3)
             stats.close()
     session.timings["compress_s"] = record.pop("seconds")
-    calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")}
-    compression = {
-        "format_version": 1, "base_model": args.model,
-        "method": "svd-llm" if args.whitening != "none" else "svd",
-        "ratio": args.ratio, "plan_source": plan_source, **record,
-        "updating_nsamples": args.updating_nsamples if options.update else 0,
-        "calibration": calibration, "seed": args.seed,
-        "dtype": dtype_name(next(session.model.parameters()).dtype), "random_weights": is_random_spec(args.model),
-        "num_layers": args.num_layers,  # None: all of the base model's decoder layers were kept
-    }
+    compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
+                                    plan_source, is_random_spec(args.model))
     session.compression = compression
     start = time.perf_counter()
     save_compressed(session.model, session.tokenizer, args.save_path, compression)

@@ -111,19 +111,6 @@ def perplexity(model, ids, seq_len, limit):
     return {k: result[k] for k in ("ppl", "windows", "tokens", "seq_len")}
 
 
-def compression_block(opts, model, ratio: float, variant: dict, record: dict, stats) -> dict:
-    """The "compression" block step 3 (compress.run_compress) saves with the model."""
-    from utils.model import dtype_name
-    calibration = None if stats is None else {k: stats.meta.get(k) for k in
-                                              ("dataset", "nsamples", "seq_len", "seed", "tokens")}
-    return {"format_version": 1, "base_model": opts.model,
-            "method": "svd-llm" if variant["whitening"] != "none" else "svd",
-            "ratio": ratio, "plan_source": None, **record,
-            "updating_nsamples": opts.updating_nsamples if variant["update"] != "none" else 0,
-            "calibration": calibration, "seed": opts.seed, "dtype": dtype_name(next(model.parameters()).dtype),
-            "random_weights": False, "num_layers": opts.num_layers}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -150,6 +137,7 @@ def main(argv=None) -> int:
         p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(opts.threads)
 
+    from utils.pipeline import compression_block
     from api import (CompressOptions, DecomposeOptions, Statistics, UpdateOptions, calibration_windows,
                      compress_model, count_parameters, load_model, load_text, profile_model, save_compressed,
                      uniform_plan)
@@ -239,7 +227,7 @@ def main(argv=None) -> int:
             decomposition_s = compression.pop("seconds")
             start = time.perf_counter()
             save_compressed(model, tokenizer, save_path,
-                            compression_block(opts, model, ratio, settings, compression, stats))
+                            compression_block(compression, opts.model, model, stats, opts.seed, opts.num_layers))
             save_s = round(time.perf_counter() - start, 3)
             entry = {"ratio": ratio, **settings,
                      "decomposition_s": decomposition_s, "save_s": save_s,

@@ -336,19 +336,6 @@ def _validate(options: argparse.Namespace) -> None:
     validate_dataset(options.dataset)
 
 
-def compression_block(options: argparse.Namespace, model, record: dict, stats) -> dict:
-    """The "compression" block step 3 (compress.run_compress) saves with the model."""
-    from utils.model import dtype_name
-    calibration = None if stats is None else {k: stats.meta.get(k) for k in
-                                              ("dataset", "nsamples", "seq_len", "seed", "tokens")}
-    return {"format_version": 1, "base_model": options.model,
-            "method": "svd-llm" if options.whitening != "none" else "svd",
-            "ratio": options.ratio, "plan_source": None, **record, "updating_nsamples": 0,
-            "calibration": calibration, "seed": options.seed,
-            "dtype": dtype_name(next(model.parameters()).dtype), "random_weights": is_random_spec(options.model),
-            "num_layers": options.num_layers}
-
-
 def main(argv: list[str] | None = None) -> dict:
     options = build_parser().parse_args(argv)
     if options.device is None:
@@ -410,7 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
                 timings["stats_wait_s"] = round(stats.wait_s, 3)
                 stats.close()
         timings["compress_s"] = record.pop("seconds")
-        compression = compression_block(options, model, record, stats)
+        compression = pipeline.compression_block(record, options.model, model, stats, options.seed, options.num_layers,
+                                                 random_weights=is_random_spec(options.model))
         start = time.perf_counter()
         io_module.save_compressed(model, loaded["tokenizer"], save_path, compression)
         timings["save_s"] = round(time.perf_counter() - start, 3)

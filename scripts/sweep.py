@@ -221,20 +221,6 @@ def results_record(model, model_path: str | None, base_model: str, compression: 
             "timings": timings, **sections}
 
 
-def compression_block(args: argparse.Namespace, model_spec: str, model, ratio: float, whitening: str,
-                      record: dict, stats, updating_nsamples: int) -> dict:
-    """The "compression" block step 3 (compress.run_compress) saves with the model."""
-    from utils.model import dtype_name
-    from utils.presets import is_random_spec
-    calibration = None if stats is None else {k: stats.meta.get(k) for k in
-                                              ("dataset", "nsamples", "seq_len", "seed", "tokens")}
-    return {"format_version": 1, "base_model": model_spec, "method": "svd-llm" if whitening != "none" else "svd",
-            "ratio": ratio, "plan_source": None, **record,
-            "updating_nsamples": updating_nsamples if record.get("update") else 0,
-            "calibration": calibration, "seed": args.seed, "dtype": dtype_name(next(model.parameters()).dtype),
-            "random_weights": is_random_spec(model_spec), "num_layers": args.num_layers}
-
-
 def _errors() -> tuple:
     """The errors compress.main reports as a failed run (anything else is a bug and propagates)."""
     from methods.decompose import DecomposeError
@@ -279,6 +265,8 @@ def _sweep(args: argparse.Namespace, argv: list[str], model_spec: str, s: dict, 
     from utils.data import DatasetError
     from utils.io import write_json
     from utils.model import DTYPES
+    from utils.pipeline import compression_block
+    from utils.presets import is_random_spec
     command = "python scripts/sweep.py " + shlex.join(argv)
     variants = args.variants.split(",")
     ratios = [float(r) for r in args.ratios.split(",")]
@@ -349,8 +337,8 @@ def _sweep(args: argparse.Namespace, argv: list[str], model_spec: str, s: dict, 
                         timings["stats_wait_s"] = round(stats.wait_s, 3)
                         stats.close()
                 timings["compress_s"] = record.pop("seconds")
-                compression = compression_block(args, model_spec, model, ratio, whitening, record, stats,
-                                                s["updating_nsamples"])
+                compression = compression_block(record, model_spec, model, stats, args.seed, args.num_layers,
+                                                random_weights=is_random_spec(model_spec))
                 start = time.perf_counter()
                 save_compressed(model, tokenizer, save, compression)
                 timings["save_s"] = round(time.perf_counter() - start, 3)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from methods import ClosedFormUpdate, Decompose, DecomposeOptions, UpdateOptions
 from utils.io import atomic_path, read_json, write_json
 from utils.layerwise import LayerContext, walk_layers
-from utils.model import count_parameters, decoder_layers, layer_prefix, model_description, target_linears, target_shapes
+from utils.model import (count_parameters, decoder_layers, dtype_name, layer_prefix, model_description,
+                         target_linears, target_shapes)
 from utils.plan import Plan
 from utils.stats import LayerStatsCollector
 
@@ -197,3 +198,19 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
                        "target_matrices": plan.summary(params_before)},
         "seconds": round(seconds, 3),
     }
+
+
+def compression_block(record: dict, base_model: str, model: torch.nn.Module, stats: Statistics | None = None,
+                      seed: int = 0, num_layers: int | None = None, plan_source: str | None = None,
+                      random_weights: bool = False) -> dict:
+    """The "compression" block saved with a model: compress_model's record plus what the model was
+    made from (base model, calibration, seed, dtype), which loading and evaluation read."""
+    calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")}
+    update = record.get("update")
+    return {"format_version": 1, "base_model": base_model,
+            "method": "svd-llm" if record["whitening"] != "none" else "svd",
+            "ratio": record["plan"]["ratio"], "plan_source": plan_source, **record,
+            "updating_nsamples": update["nsamples"] if update else 0,
+            "calibration": calibration, "seed": seed, "dtype": dtype_name(next(model.parameters()).dtype),
+            "random_weights": random_weights,
+            "num_layers": num_layers}  # None: all of the base model's decoder layers were kept
