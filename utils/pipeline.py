@@ -162,7 +162,7 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
     done (the plan, per-module truncation losses, update errors and fallbacks, parameter counts).
 
     stats: step 1's statistics (needed unless whitening is 'none'); windows: the calibration
-    windows the update pass runs (needed with options.update, carried through the walk)."""
+    windows carried through the walk when a pass needs activations (the update: its nsamples)."""
     plan.validate(target_shapes(model))
     if stats is not None:
         stats.check_model(model)
@@ -170,8 +170,10 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
     records: dict[str, dict] = {}
     passes = [Decompose(plan, options.decompose, stats, records)]
     if options.update is not None:
-        if windows is None:
-            raise PipelineError("the closed-form update needs calibration windows")
+        if windows is None or windows.shape[0] < options.update.nsamples:
+            raise PipelineError(f"the closed-form update needs {options.update.nsamples} calibration windows, "
+                                f"got {0 if windows is None else windows.shape[0]}")
+        windows = windows[:options.update.nsamples]
         passes.append(ClosedFormUpdate(options.update, records))
     needs_activations = any(p.needs_activations for p in passes)
     needs_reference = any(p.needs_reference for p in passes)
@@ -181,7 +183,7 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
             compression_pass(context)
 
     start = time.perf_counter()
-    walk_layers(model, windows[:options.update.nsamples] if needs_activations else None, device, apply,
+    walk_layers(model, windows if needs_activations else None, device, apply,
                 desc="compress" + ("+update" if options.update else ""), reference=needs_reference)
     seconds = time.perf_counter() - start
     params_after = count_parameters(model)
