@@ -314,3 +314,20 @@ def test_update_needs_windows_and_records_its_options(float64_stats):
                             float64_stats, WINDOWS)
     assert record["update"]["nsamples"] == 4 and record["update"]["sequential"] is True
     assert sum("update" in r for r in record["modules"].values()) == 14
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """README's Python block, on a tiny model with a byte tokenizer and short windows."""
+    import re
+    from scripts.sweep import make_tiny_model
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    block = re.search(r"### Python API.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert len(block.strip().splitlines()) <= 10
+    tiny = make_tiny_model(str(tmp_path))
+    code = (block.replace('"smollm2-135m"', repr(tiny)).replace("nsamples=32", "nsamples=8")
+            .replace("seq_len=512", "seq_len=32").replace('"out/smol-20"', repr(str(tmp_path / "smol"))))
+    printed = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: printed.append(a))
+    exec(compile(code, "README.md", "exec"), {})
+    assert len(printed) == 1 and 1 < printed[0][0] < 1e4  # a finite perplexity of the reloaded model
+    assert os.path.isfile(tmp_path / "smol" / "modeling_svd_compress.py")
