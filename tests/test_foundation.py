@@ -331,3 +331,23 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), {})
     assert len(printed) == 1 and 1 < printed[0][0] < 1e4  # a finite perplexity of the reloaded model
     assert os.path.isfile(tmp_path / "smol" / "modeling_svd_compress.py")
+
+
+def test_v2_allocation_meets_the_budget_and_drives_step_3(tiny_dir, tmp_path):
+    """Step 2 --allocation v2: removed fraction in [ratio, ratio + 0.5%], ranks move with the
+    truncation loss (not all uniform), and step 3 records which allocation made the model."""
+    from utils.plan import rank_for_ratio
+    out = tmp_path / "out"
+    assert compress.main(["--step", "1-3", "--model", tiny_dir, "--dataset", "random", "--whitening_nsamples", "8",
+                          "--model_seq_len", "32", "--save_path", str(out), "--device", "cpu", "--ratio", "0.4",
+                          "--allocation", "v2"]) == 0
+    plan = Plan.load(str(out / "stats" / "plan_0.4.json"))
+    assert plan.allocation == "v2" and 0.4 <= plan.removed_fraction() <= 0.405
+    uniform = {n: rank_for_ratio(p.out_features, p.in_features, 0.4) for n, p in plan.modules.items()}
+    assert any(p.rank != uniform[n] for n, p in plan.modules.items())
+    for n, p in plan.modules.items():  # max_shift 0.15 bounds each ratio: a rank within reach of uniform
+        assert p.rank is not None and abs(p.rank - uniform[n]) <= 0.3 * uniform[n] + 1, n
+    block = load_compressed(str(out))[2]
+    assert block["plan"]["allocation"] == "v2" and block["ranks"] == plan.ranks
+    assert set(block["plan"]["detail"]["groups"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"}

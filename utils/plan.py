@@ -68,6 +68,7 @@ class Plan:
     modules: dict[str, ModulePlan]
     ratio: float | None = None  # the nominal ratio the plan was made for, if any
     allocation: str = "uniform"
+    detail: dict | None = None  # what the allocation found (e.g. v2's ranks per matrix type)
 
     @classmethod
     def uniform(cls, shapes: Shapes, ratio: float) -> "Plan":
@@ -148,7 +149,7 @@ class Plan:
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, "allocation": self.allocation,
-                "ratio": self.ratio, "summary": self.summary(),
+                "ratio": self.ratio, "summary": self.summary(), "detail": self.detail,
                 "modules": {name: p.to_dict() for name, p in self.modules.items()}}
 
     @classmethod
@@ -173,7 +174,7 @@ class Plan:
                 modules[name] = ModulePlan(m, n, bias, rank)
         else:
             raise PlanError(f"{source}: neither a plan nor a ranks file (no 'modules' or 'ranks' key)")
-        return cls(modules, data.get("ratio"), data.get("allocation", "uniform"))
+        return cls(modules, data.get("ratio"), data.get("allocation", "uniform"), data.get("detail"))
 
     def save(self, path: str) -> None:
         from utils.io import write_json  # atomic
