@@ -9,22 +9,31 @@
     api.save_compressed(model, tokenizer, "out/smol-20", record)
     model, tokenizer, record = api.load_compressed("out/smol-20")
     print(api.perplexity(model, tokenizer, api.load_text("pydoc[0.9:1]", "test"), 512)["ppl"])
+    # step 8: quantize the low-rank model (GPTQ 4-bit, group 128) and add the section to its block
+    section = api.quantize_model(model, api.QuantizeOptions("gptq", 4, 128), "cpu", windows[:16])
+    api.save_compressed(model, tokenizer, "out/smol-20-gptq4", {**record, "quantization": section})
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from methods import DecomposeOptions, UpdateOptions
+from methods import DecomposeOptions, QuantizeOptions, UpdateOptions
 from utils.data import calibration_windows, load_text, tokenize
 from utils.io import load_compressed, save_compressed
 from utils.model import count_parameters, load_model, target_shapes
-from utils.pipeline import CompressOptions, Statistics, compress_model, profile_model
+from utils.pipeline import (CompressOptions, Statistics, compress_model, linear_storage, profile_model, quantize_model,
+                            uncompressed_block)
 from utils.plan import Plan
+from generate import GenerationOptions, generate  # step 9
+from tasks_eval import evaluate_tasks  # step 6 (lm-eval)
+from utils.model import place_model  # --device_map: accelerate dispatch for evaluation
 
-__all__ = ["CompressOptions", "DecomposeOptions", "Plan", "Statistics", "UpdateOptions", "calibration_windows",
-           "compress_model", "count_parameters", "load_compressed", "load_model", "load_text", "perplexity",
-           "profile_model", "save_compressed", "uniform_plan"]
+__all__ = ["CompressOptions", "DecomposeOptions", "Plan", "QuantizeOptions", "Statistics", "UpdateOptions",
+           "calibration_windows", "compress_model", "count_parameters", "linear_storage", "load_compressed",
+           "load_model", "load_text", "perplexity", "profile_model", "quantize_model", "save_compressed",
+           "uncompressed_block", "uniform_plan"]
+__all__ += ["GenerationOptions", "evaluate_tasks", "generate", "place_model"]
 
 
 def uniform_plan(model: nn.Module, ratio: float) -> Plan:

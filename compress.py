@@ -2,7 +2,8 @@
 
     python compress.py --step 1-4 --model smollm2-135m --ratio 0.2 --dataset pydoc --save_path out/smol
 
-Steps: 1 profile, 2 allocate, 3 compress, 4 perplexity, 5 efficiency (6-8: later).
+Steps: 1 profile, 2 allocate, 3 compress, 4 perplexity, 5 efficiency, 6 downstream tasks (lm-eval),
+8 quantization (GPTQ / RTN, packed), 9 generate (7: later).
 See README.md for every step, the ratio convention and the file formats.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 STEP_NAMES = {1: "profile", 2: "allocate", 3: "compress", 4: "perplexity", 5: "efficiency",
-              6: "downstream tasks", 7: "LoRA update", 8: "quantization"}
-IMPLEMENTED_STEPS = (1, 2, 3, 4, 5)
+              6: "downstream tasks", 7: "LoRA update", 8: "quantization", 9: "generate"}
+IMPLEMENTED_STEPS = (1, 2, 3, 4, 5, 6, 8, 9)
 
 
 class UsageError(ValueError):
@@ -109,15 +110,57 @@ def build_parser() -> argparse.ArgumentParser:
                         "the layer's execution order on --updating_nsamples windows. On SmolLM2-135M (held-back WikiText-2 "
                         "slice, docs/evaluation.md) it lowered perplexity at 40%% and 60%% removed (144.7 vs 167.4, "
                         "385.2 vs 605.2) and RAISED it at 20%% (76.4 vs 70.6): measure it on your model")
+    q = p.add_argument_group("quantization (step 8; docs/quantization.md)")
+    q.add_argument("--quant", default=None, choices=["gptq", "rtn"],
+                   help="GPTQ (Hessian-aware, needs --nsamples calibration windows) or round-to-nearest (default gptq)")
+    q.add_argument("--wbits", type=int, default=None, help="bits per weight code: 2, 3, 4 or 8, stored packed (default 4)")
+    q.add_argument("--groupsize", type=int, default=None,
+                   help="input columns per float16 scale/zero pair; -1: one pair per output row (default 128)")
+    q.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at 2^(bits-1))")
+    q.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    q.add_argument("--blocksize", type=int, default=128, help="GPTQ: columns per lazy-batch block")
+    q.add_argument("--nsamples", type=int, default=128,
+                   help="GPTQ calibration windows of --model_seq_len tokens from --dataset (default 128, as GPTQ)")
+    q.add_argument("--weight_quant", default=None, choices=["rtn_int8", "rtn_int6"],
+                   help="ASVD's flag: with step 3, quantize its output by RTN per output channel "
+                        "(= --step 3,8 --quant rtn --wbits 8 --groupsize -1); rtn_int6 is refused (no packed 6-bit layout)")
     e = p.add_argument_group("evaluation (steps 4-5)")
     e.add_argument("--eval_datasets", default="wikitext2",
                    help="comma list of wikitext2, ptb, c4, pydoc or local files (slices allowed)")
-    e.add_argument("--eval_batch_size", type=int, default=1, help="windows per forward pass")
+    e.add_argument("--eval_batch_size", type=int, default=1,
+                   help="windows per forward pass (step 6: lm-eval requests per forward pass)")
     e.add_argument("--eval_limit", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--results", default=None, help="JSON output of steps 4-5 (default: next to the model)")
     e.add_argument("--prefill_len", type=int, default=512, help="step 5: prompt tokens per sequence")
     e.add_argument("--gen_seq_len", type=int, default=64, help="step 5: new tokens generated")
     e.add_argument("--repeats", type=int, default=5, help="step 5: timed repetitions (median reported)")
+    t = p.add_argument_group("downstream tasks (step 6, lm-eval)")
+    t.add_argument("--tasks", default=None,
+                   help="comma list: local tasks (piqa_local, arc_easy_local, arc_challenge_local, openbookqa_local, "
+                        "winogrande_local, boolq_local; default: all of them) or stock lm-eval tasks (need the hub)")
+    t.add_argument("--tasks_data", default=None,
+                   help="folder with the local tasks' JSONL files (default: ../shared/data next to the repository)")
+    t.add_argument("--num_fewshot", type=int, default=0, help="in-context examples per prompt (default 0)")
+    t.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
+    g9 = p.add_argument_group("generation (step 9)")
+    g9.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
+    g9.add_argument("--prompts", default=None, help="a file of prompts: one per line, or .jsonl rows with \"prompt\"")
+    g9.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per prompt at most")
+    g9.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    g9.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    g9.add_argument("--no_chat_template", action="store_true", help="feed prompts as they are, not in the chat template")
+    g9.add_argument("--compare", action="store_true", help="also generate with the original model, beside it")
+    m = p.add_argument_group("placement (steps 4, 5, 6, 9)")
+    m.add_argument("--device_map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="dispatch the model with accelerate over GPUs, CPU and disk instead of moving it whole "
+                        "to --device (for models larger than one device)")
+    m.add_argument("--max_memory", default=None,
+                   help="budget per device for --device_map, e.g. 0=70GiB,1=70GiB,cpu=200GiB (default: what each has "
+                        "free); what does not fit goes to disk")
+    m.add_argument("--offload_folder", default=None,
+                   help="where disk-offloaded weights go (a fresh folder inside it, removed at exit; default: "
+                        "the system's temporary folder)")
     return p
 
 
@@ -144,6 +187,7 @@ def validate(args: argparse.Namespace) -> None:
     from utils.outputs import check_output_path
     from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     args.steps = parse_steps(args.step)
+    _validate_quantization(args)  # step 8, and --weight_quant adding it after step 3
     if not 0.0 < args.ratio < 1.0:
         raise UsageError(f"--ratio {args.ratio}: the fraction of parameters removed must be in (0, 1), e.g. 0.2")
     for name in ("whitening_nsamples", "updating_nsamples", "model_seq_len", "eval_batch_size",
@@ -171,7 +215,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.svd_driver == "gesvda" and not args.device.startswith("cuda"):
         raise UsageError("--svd_driver gesvda is CUDA-only: use --svd_driver auto on the CPU")
     steps = set(args.steps)
-    needs_base = steps & {1, 2, 3} or (steps & {4, 5} and not args.model_path)
+    needs_base = steps & {1, 2, 3} or (steps & {4, 5, 6, 9} and not args.model_path)
     source = resolve_model(args.model) if needs_base else None
     if steps & {1, 3} and not args.save_path and not (steps == {1} and args.stats_path):
         raise UsageError("--save_path is required: step 3 writes the model there and step 1 the "
@@ -196,7 +240,7 @@ def validate(args: argparse.Namespace) -> None:
                              f"run --step 1 first, pass --stats_path, or use --whitening none")
     if args.plan and 3 in steps and 2 not in steps and not os.path.isfile(args.plan):
         raise UsageError(f"--plan {args.plan}: no such file (run step 2 to write it)")
-    if args.model_path and steps & {4, 5} and 3 not in steps:
+    if args.model_path and steps & {4, 5, 6, 9} and 3 not in steps:
         if not os.path.exists(args.model_path):
             raise UsageError(f"--model_path {args.model_path}: no such file or directory")
         if not is_compressed_model(args.model_path):
@@ -205,6 +249,7 @@ def validate(args: argparse.Namespace) -> None:
     if steps & {4, 5}:
         for spec in args.eval_datasets.split(","):
             validate_dataset(spec)
+    _validate_tasks_generation_placement(args, steps)
     # outputs: nothing that is not an earlier output of ours is replaced, and that only with --overwrite
     protected = [source.path] if source is not None and os.path.isdir(source.path) else []
     if 1 in steps:
@@ -219,6 +264,120 @@ def validate(args: argparse.Namespace) -> None:
     if steps & {4, 5}:
         hub["--eval_datasets"] = args.eval_datasets
     check_hub_datasets(hub)
+
+
+QUANT_DEFAULTS = {"quant": "gptq", "wbits": 4, "groupsize": 128}
+WEIGHT_QUANT = {"rtn_int8": {"quant": "rtn", "wbits": 8, "groupsize": -1}}  # ASVD: RTN per output channel
+
+
+def _quantize_options(args: argparse.Namespace):
+    """--quant/--wbits/... -> methods.quantize.QuantizeOptions (its checks give the messages)."""
+    from methods.quantize import QuantizeOptions
+    return QuantizeOptions(args.quant, args.wbits, args.groupsize, args.act_order, args.sym, args.percdamp,
+                           args.blocksize)
+
+
+def _validate_quantization(args: argparse.Namespace) -> None:
+    """Step 8's checks, before anything slow: flags, --weight_quant (ASVD's alias, which adds step 8
+    after step 3), the model it starts from, the save path and the calibration data."""
+    from methods.quantize import QuantizeError
+    steps = set(args.steps)
+    if args.weight_quant:
+        if not steps & {3, 8}:
+            raise UsageError(f"--weight_quant {args.weight_quant} quantizes the output of step 3: give --step 3 (or 8)")
+        if args.weight_quant not in WEIGHT_QUANT:
+            raise UsageError(f"--weight_quant {args.weight_quant}: 6-bit codes have no packed layout here (packed: "
+                             f"2, 3, 4 and 8 bits), so int6 would take a byte per weight on disk like int8, with more "
+                             f"error; use rtn_int8, or --quant rtn --wbits 4")
+        for name, value in WEIGHT_QUANT[args.weight_quant].items():
+            given = getattr(args, name)
+            if given is not None and given != value:
+                raise UsageError(f"--weight_quant {args.weight_quant} means --quant rtn --wbits 8 --groupsize -1; "
+                                 f"it contradicts --{name} {given}")
+            setattr(args, name, value)
+        steps.add(8)
+        args.steps = sorted(steps)
+    for name, value in QUANT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if 8 not in steps:
+        return
+    try:
+        options = _quantize_options(args)
+    except QuantizeError as error:
+        raise UsageError(str(error)) from None
+    if args.nsamples < 1:
+        raise UsageError("--nsamples must be at least 1 (GPTQ uses 128 calibration windows)")
+    if steps & {4, 5, 6}:
+        raise UsageError(f"--step {min(steps & {4, 5, 6})} with step 8: steps run in number order, so it would measure "
+                         f"the model before quantization (and step 8's save would replace its results); run it "
+                         f"in a second command with --model_path SAVE_PATH")
+    if not args.save_path:
+        raise UsageError("--save_path is required: step 8 writes the quantized model there")
+    from utils.io import is_compressed_model, read_json
+    from utils.model import resolve_model
+    from utils.outputs import check_output_path
+    protected = []
+    if 3 not in steps:
+        if args.model_path:
+            if not os.path.exists(args.model_path):
+                raise UsageError(f"--model_path {args.model_path}: no such file or directory")
+            if not is_compressed_model(args.model_path):
+                raise UsageError(f"--model_path {args.model_path}: not a compressed model (no 'compression' block "
+                                 f"in its config.json); pass an uncompressed model with --model")
+            if not args.model_path.endswith(".pt") and \
+                    read_json(os.path.join(args.model_path, "config.json"))["compression"].get("quantization"):
+                raise UsageError(f"--model_path {args.model_path}: already quantized; step 8 starts from a float "
+                                 f"model (the original, or the output of step 3)")
+            protected = [args.model_path]
+        else:
+            source = resolve_model(args.model)
+            protected = [source.path] if os.path.isdir(source.path) else []
+        check_output_path(args.save_path, "model", args.overwrite, protected)
+    if options.needs_activations:
+        from utils.data import check_hub_datasets, validate_dataset
+        validate_dataset(args.dataset)
+        if not (1 in steps or (3 in steps and args.update != "none")):  # else validate checks it
+            check_hub_datasets({"--dataset": args.dataset})
+
+
+def _validate_tasks_generation_placement(args: argparse.Namespace, steps: set[int]) -> None:
+    """Steps 6 and 9 and --device_map: everything that can be checked before the model loads."""
+    from utils.model import parse_max_memory
+    if 6 in steps:
+        from tasks_eval import check_tasks, default_tasks_data, parse_tasks
+        if args.num_fewshot < 0:
+            raise UsageError(f"--num_fewshot {args.num_fewshot}: must be 0 or more")
+        if args.limit is not None and args.limit < 1:
+            raise UsageError(f"--limit {args.limit}: must be at least 1 (leave it out for every document)")
+        args.tasks_data = args.tasks_data or default_tasks_data()
+        check_tasks(parse_tasks(args.tasks), args.tasks_data)
+    if 9 in steps:
+        from generate import read_prompts
+        read_prompts(args.prompt, args.prompts)
+        if args.max_new_tokens < 1:
+            raise UsageError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
+        if args.temperature < 0:
+            raise UsageError(f"--temperature {args.temperature}: 0 for greedy decoding, > 0 for sampling")
+        if not 0 < args.top_p <= 1:
+            raise UsageError(f"--top_p {args.top_p}: must be in (0, 1]")
+        if args.top_p != 1.0 and args.temperature == 0:
+            raise UsageError("--top_p applies to sampling: give --temperature > 0 as well (0 is greedy)")
+        if args.compare and not (args.model_path or 3 in steps):
+            raise UsageError("--compare shows the original beside a compressed model: give --model_path "
+                             "(or run step 3 in the same command)")
+    if args.device_map or args.max_memory or args.offload_folder:
+        if not steps & {4, 5, 6, 9}:
+            raise UsageError("--device_map, --max_memory and --offload_folder place the model for steps 4, 5, 6 "
+                             "and 9; steps 1-3 move one layer at a time to --device")
+        if not args.device_map:
+            raise UsageError("--max_memory and --offload_folder need --device_map auto, balanced or sequential")
+        try:
+            parse_max_memory(args.max_memory)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        if args.offload_folder and os.path.exists(args.offload_folder) and not os.path.isdir(args.offload_folder):
+            raise UsageError(f"--offload_folder {args.offload_folder}: exists and is not a folder")
 
 
 def _check_plan_path(path: str, overwrite: bool) -> None:
@@ -248,6 +407,7 @@ class Session:
     tokenizer: object = None
     compression: dict | None = None  # None: the model is the original
     timings: dict = field(default_factory=dict)
+    placement: object = None  # where evaluation put the model (evaluater.place_for_evaluation)
 
 
 def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: bool = False) -> Session:
@@ -380,6 +540,42 @@ def _print_summary(compression: dict, timings: dict) -> None:
           f"times: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
 
 
+def run_quantize(args: argparse.Namespace, session: Session) -> dict:
+    """Step 8: quantize every linear of the decoder layers (GPTQ or RTN, methods/quantize.py) of the
+    model step 3 left, of --model_path, or of the original --model; save it, packed."""
+    from methods.quantize import QuantizeError
+    from utils.io import safetensors_tensor_bytes, save_compressed
+    from utils.pipeline import PipelineError, linear_storage, quantize_model, uncompressed_block
+    from utils.presets import is_random_spec
+    ensure_model(args, session, prefer_compressed=True)
+    options = _quantize_options(args)
+    windows = _windows(args, session, args.nsamples) if options.needs_activations else None
+    try:
+        record = quantize_model(session.model, options, args.device, windows,
+                                {"dataset": args.dataset, "seed": args.seed})
+    except QuantizeError as error:
+        raise PipelineError(str(error)) from None
+    session.timings["quantize_s"] = record.pop("seconds")
+    base = session.compression or uncompressed_block(args.model, session.model, args.seed, args.num_layers,
+                                                     is_random_spec(args.model))
+    session.compression = {**base, "quantization": record}
+    start = time.perf_counter()
+    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
+    session.timings["save_s"] = round(time.perf_counter() - start, 3)
+    storage = record["linear_storage"]
+    if not args.save_path.endswith(".pt"):  # the bytes as they are in the file
+        storage = linear_storage(session.model, safetensors_tensor_bytes(os.path.join(args.save_path, "model.safetensors")))
+    grouping = "per output row" if options.groupsize == -1 else f"group {options.groupsize}"
+    print(f"quantize: {record['quantized_matrices']} matrices, {options.method} {options.wbits}-bit {grouping}"
+          f"{', act_order' if options.act_order else ''}; linear weights {storage['linear_bytes'] / 2**20:.2f} MiB "
+          f"({storage['source']}) = {storage['bits_per_weight']:.3f} bits/weight, {storage['fraction_of_fp16']:.1%} "
+          f"of float16 ({storage['fp16_bytes'] / 2**20:.2f} MiB) -> {args.save_path}")
+    if record["rtn_fallbacks"]:
+        print(f"quantize: {record['rtn_fallbacks']} matrices never ran on the calibration windows: rounded (RTN)")
+    print("times: " + ", ".join(f"{k} {v:.1f}s" for k, v in session.timings.items()))
+    return session.compression
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -392,13 +588,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     import evaluater
+    import generate
+    import tasks_eval
     from methods.decompose import DecomposeError
     from utils.io import CompressedModelError
     from utils.pipeline import PipelineError
     from utils.plan import PlanError
     session = Session()
-    steps = {1: run_profile, 2: run_allocate, 3: run_compress,
-             4: evaluater.perplexity_step, 5: evaluater.efficiency_step}
+    steps = {6: tasks_eval.tasks_step, 9: generate.generate_step,
+             1: run_profile, 2: run_allocate, 3: run_compress,
+             4: evaluater.perplexity_step, 5: evaluater.efficiency_step, 8: run_quantize}
     try:
         if 3 in args.steps and 2 not in args.steps:  # a plan that does not fit fails before step 1 runs
             ensure_model(args, session)

@@ -73,7 +73,8 @@ def token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=batch, use_cache=False).logits
     rows = []
     for row in range(batch.shape[0]):  # upcast one window at a time: b x L x vocab float32 can be large
-        rows.append(nn.functional.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="none"))
+        rows.append(nn.functional.cross_entropy(logits[row, :-1].float(), batch[row, 1:].to(logits.device),
+                                                reduction="none"))
     return torch.stack(rows)
 
 
@@ -131,6 +132,8 @@ def _compression_summary(compression: dict | None) -> dict | None:
     summary = {k: v for k, v in compression.items() if k not in ("ranks", "truncation_loss", "plan", "modules")}
     ranks = [r for r in compression.get("ranks", {}).values() if r is not None]
     summary["ranks"] = {"matrices": len(ranks), "min": min(ranks, default=None), "max": max(ranks, default=None)}
+    if isinstance(compression.get("quantization"), dict):  # step 8's per-matrix records stay in config.json
+        summary["quantization"] = {k: v for k, v in compression["quantization"].items() if k != "modules"}
     return summary
 
 
@@ -162,6 +165,27 @@ def update_results(path: str, args: argparse.Namespace, session, section: str, d
     return record
 
 
+def place_for_evaluation(args: argparse.Namespace, session):
+    """The one place evaluation steps (4, 5, 6, 9) put the model on devices: wholly on --device,
+    or with --device_map dispatched by accelerate within --max_memory (GPUs, CPU, disk offload
+    to --offload_folder). Done once per session; chained steps reuse it."""
+    from utils.model import parse_max_memory, place_model
+    placement = getattr(session, "placement", None)
+    if placement is None:
+        placement = place_model(session.model, args.device, getattr(args, "device_map", None),
+                                parse_max_memory(getattr(args, "max_memory", None)),
+                                getattr(args, "offload_folder", None))
+        session.placement = placement
+    return placement
+
+
+def place_like(model: nn.Module, args: argparse.Namespace):
+    """A second model (step 5's or step 9's original) placed by the same flags."""
+    from utils.model import parse_max_memory, place_model
+    return place_model(model, args.device, getattr(args, "device_map", None),
+                       parse_max_memory(getattr(args, "max_memory", None)), getattr(args, "offload_folder", None))
+
+
 def _refuse_random(args: argparse.Namespace, session, what: str) -> None:
     random_weights = (session.compression or {}).get("random_weights") or (
         session.compression is None and is_random_spec(args.model))
@@ -180,15 +204,18 @@ def perplexity_step(args: argparse.Namespace, session) -> dict:
     if session.tokenizer is None:
         raise DatasetError("the model has no tokenizer, so evaluation text cannot be tokenized: "
                            "save the tokenizer with the model (perplexity needs real text)")
-    model = session.model.to(args.device).eval()
+    placement = place_for_evaluation(args, session)
+    model = session.model.eval()
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     results: dict[str, dict] = {}
     for spec in args.eval_datasets.split(","):
         ids = tokenize(session.tokenizer, load_text(spec, "test"))
         start = time.perf_counter()
-        result = perplexity(model, ids, args.model_seq_len, args.eval_batch_size, args.device,
+        result = perplexity(model, ids, args.model_seq_len, args.eval_batch_size, placement.input_device,
                             args.eval_limit, desc=f"perplexity {spec}")
-        result.update(dtype=dtype, device=args.device, seconds=round(time.perf_counter() - start, 3))
+        result.update(dtype=dtype, device=str(placement.input_device), seconds=round(time.perf_counter() - start, 3))
+        if placement.device_map is not None:
+            result["placement"] = placement.describe()
         results[spec] = result
         ppl = f"{result['ppl']:.4f}" if result["ppl"] is not None else "not finite"
         extra = (f"; {result['non_finite_windows']} of {result['windows']} windows non-finite "
@@ -277,11 +304,14 @@ def peak_memory(model: nn.Module, prompts: torch.Tensor, gen_len: int, device: s
     if str(device).startswith("cuda"):
         # the original and the compressed model are both on the device during step 5: count this
         # model's weights and what the run allocates on top, not the other model's weights
+        # summed over every GPU: a model dispatched with --device_map runs on several
         synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+        gpus = range(torch.cuda.device_count())
+        for gpu in gpus:
+            torch.cuda.reset_peak_memory_stats(gpu)
+        before = {gpu: torch.cuda.memory_allocated(gpu) for gpu in gpus}
         generate_timed(model, prompts, gen_len, device)
-        run_peak = int(torch.cuda.max_memory_allocated(device)) - before
+        run_peak = sum(int(torch.cuda.max_memory_allocated(gpu)) - before[gpu] for gpu in gpus)
         return {"kind": "cuda_weights_plus_run_peak", "bytes": weight_bytes(model) + run_peak,
                 "run_peak_bytes": run_peak}
     with _PeakRss() as rss:
@@ -290,15 +320,21 @@ def peak_memory(model: nn.Module, prompts: torch.Tensor, gen_len: int, device: s
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the distinct parameters (a tied embedding counts once)."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    """Bytes of the distinct parameters (a tied embedding counts once), plus the stored buffers of
+    quantized linears (packed codes, scales, zeros, g_idx; step 8 keeps weights there, not in parameters)."""
+    from component.quant_linear import QuantLinear
+    quantized = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear)
+                    for name, t in m.named_buffers(recurse=False) if name != "weight_cache")
+    return quantized + sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def linear_flops_per_token(model: nn.Module) -> int:
     """2 x the weights of every linear inside the decoder layers: the matmul work per token that
     compression changes (attention scores, norms and the lm_head are left out)."""
+    from component.quant_linear import QuantLinear
     from utils.model import decoder_layers
-    return 2 * sum(m.weight.numel() for m in decoder_layers(model).modules() if isinstance(m, nn.Linear))
+    return 2 * sum(m.in_features * m.out_features for m in decoder_layers(model).modules()
+                   if isinstance(m, (nn.Linear, QuantLinear)))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -371,9 +407,12 @@ def efficiency_step(args: argparse.Namespace, session) -> dict:
     """Step 5: speed and memory of the model and, if it is compressed, of its original."""
     from compress import ensure_model
     ensure_model(args, session, prefer_compressed=True)
-    model = session.model.to(args.device).eval()
+    placement = place_for_evaluation(args, session)
+    device = str(placement.input_device)
+    model = session.model.eval()
     prompts, source = _prompts(args, session)
     models = {"model": model}
+    placements = {"model": placement.describe()}
     if session.compression is not None:
         # the same original the compression started from: its first num_layers layers, and for a
         # random preset the same seeded weights
@@ -381,22 +420,26 @@ def efficiency_step(args: argparse.Namespace, session) -> dict:
         # in the compressed model's dtype: a like-for-like comparison
         original, _ = load_model(base, next(model.parameters()).dtype, session.compression.get("seed", args.seed),
                                  session.compression.get("num_layers"))
-        models["original"] = original.to(args.device).eval()
+        original_placement = place_like(original, args)
+        models["original"] = original.eval()
+        placements["original"] = original_placement.describe()
     for m in models.values():
         m.config.use_cache = True
-    figures = measure_efficiency(models, prompts, args.gen_seq_len, args.repeats, args.device)
-    settings = {"device": args.device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "batch_size": args.eval_batch_size,
+    figures = measure_efficiency(models, prompts, args.gen_seq_len, args.repeats, device)
+    settings = {"device": device, "placement": placements, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "batch_size": args.eval_batch_size,
                 "prefill_len": args.prefill_len, "gen_seq_len": args.gen_seq_len, "repeats": args.repeats,
                 "warmup": 1, "prompts": source, "decoding": "greedy, KV cache",
                 "prefill_logits": "last position" if _forward_kwargs(model) else "all positions",
                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                 "load_average_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(),
                 "machine": platform.processor() or platform.machine(),
-                "gpu": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None}
+                "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
     data = {"settings": settings, **figures}
     if "original" in figures:
         data["ratios"] = efficiency_ratios(figures["model"], figures["original"])
-        models.pop("original").to("cpu")
+        original = models.pop("original")
+        if original_placement.device_map is None:  # a dispatched model is freed, not moved
+            original.to("cpu")
     path = results_path(args, session)
     update_results(path, args, session, "efficiency", data)
     _print_efficiency(data)

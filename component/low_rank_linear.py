@@ -1,7 +1,8 @@
 """The one low-rank linear layer of the toolkit.
 
 W (out x in) is replaced by u @ v with v: in -> rank (no bias) and u: rank -> out (carrying
-the original bias), so y = u(v(x)). Parameters: rank * (in + out) (+ out for the bias).
+the original bias), so y = u(v(x)). Parameters: rank * (in + out) (+ out for the bias). Step 8 may replace u and/or v by
+component.quant_linear.QuantLinear (packed codes); the forward is unchanged.
 """
 from __future__ import annotations
 
@@ -46,8 +47,12 @@ class LowRankLinear(nn.Module):
 
     @property
     def weight_product(self) -> torch.Tensor:
-        """The dense matrix u @ v this module stands for (for tests and analysis)."""
-        return self.u.weight @ self.v.weight
+        """The dense matrix u @ v this module stands for (for tests and analysis); quantized factors
+        (component.quant_linear.QuantLinear) count as their de-quantized float32 weights."""
+        def dense(factor: nn.Module) -> torch.Tensor:
+            return factor.dequantized_weight() if hasattr(factor, "dequantized_weight") else factor.weight
+        u, v = dense(self.u), dense(self.v)
+        return u.to(v.dtype) @ v if u.dtype != v.dtype else u @ v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.u(self.v(x))

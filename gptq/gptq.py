@@ -47,6 +47,19 @@ class GPTQ:
         self.last_loss: Optional[float] = None
         self.q_used: Optional[Tensor] = None
 
+    @classmethod
+    def from_hessian(cls, H: Tensor, nsamples: int) -> "GPTQ":
+        """A solver for a layer whose H = 2/n sum x x^T is already known (n = ``nsamples``), e.g.
+        the input Hessian of u in y = u(v x), which is V H_x V^T for the Hessian H_x of x."""
+        if H.dim() != 2 or H.shape[0] != H.shape[1]:
+            raise ValueError(f"expected a square Hessian, got {tuple(H.shape)}")
+        if nsamples < 1:
+            raise ValueError(f"nsamples must be positive, got {nsamples}")
+        solver = cls(H.shape[0], H.device, H.dtype)
+        solver.H = H.clone()
+        solver.nsamples = int(nsamples)
+        return solver
+
     def add_batch(self, x: Tensor) -> None:
         """Add inputs x (..., in_features) of the layer to H."""
         if x.shape[-1] != self.in_features:

@@ -7,5 +7,7 @@ options dataclass; none knows argparse or model families.
 """
 from methods.closed_form import ClosedFormUpdate, UpdateOptions
 from methods.decompose import Decompose, DecomposeOptions
+from methods.quantize import Quantize, QuantizeError, QuantizeOptions
 
-__all__ = ["ClosedFormUpdate", "Decompose", "DecomposeOptions", "UpdateOptions"]
+__all__ = ["ClosedFormUpdate", "Decompose", "DecomposeOptions", "Quantize", "QuantizeError", "QuantizeOptions",
+           "UpdateOptions"]

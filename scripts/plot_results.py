@@ -1,11 +1,12 @@
-"""Plots and a markdown table from the results JSON of steps 4-5 (one file per run).
+"""Plots and a markdown table from the results JSON of steps 4-6 (one file per run).
 
     python scripts/plot_results.py scripts/results/sweep_smollm2 --out scripts/results/sweep_smollm2/plots
 
 Reads every *.json under the given files/folders that steps 4-5 wrote (they carry
 "results_version"), and draws: perplexity vs ratio per variant (log scale, the original as a
-dashed line), throughput ratio compressed/original vs ratio, compression time per variant, and
-the fraction of parameters retained vs ratio. One PNG per plot.
+dashed line), throughput ratio compressed/original vs ratio, compression time per variant, the
+fraction of parameters retained vs ratio, and (where step 6 ran) the mean task accuracy vs ratio.
+One PNG per plot.
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def load_runs(paths: list[str]) -> list[dict]:
             "compress_s": timings.get("compress_s"), "profile_s": profile_s,
             "prefill_ratio": efficiency.get("ratios", {}).get("prefill_throughput"),
             "decode_ratio": efficiency.get("ratios", {}).get("decode_throughput"),
+            # step 6: the mean over tasks of acc, and acc per task
+            "acc_mean": record.get("tasks", {}).get("mean", {}).get("acc"),
+            "acc": {name: r.get("acc") for name, r in record.get("tasks", {}).get("results", {}).items()},
         })
     order = {name: i for i, name in enumerate(("original",) + VARIANT_ORDER)}
     return sorted(rows, key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["ratio"]))
@@ -88,8 +92,9 @@ def markdown_table(rows: list[dict]) -> str:
     datasets = sorted({name for row in rows for name in row["ppl"]})
     baseline = {name: next((r["ppl"].get(name) for r in rows if r["variant"] == "original"), None)
                 for name in datasets}
+    with_tasks = any(row.get("acc_mean") is not None for row in rows)
     header = (["variant", "ratio", "params kept"] + [f"ppl {os.path.basename(d)}" for d in datasets]
-              + ["profile s", "compress s", "prefill x", "decode x"])
+              + ["profile s", "compress s", "prefill x", "decode x"] + (["mean acc"] if with_tasks else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["variant"], _fmt(row["ratio"]), _fmt(row["params_retained"], 3)]
@@ -101,6 +106,8 @@ def markdown_table(rows: list[dict]) -> str:
             cells.append(cell)
         cells += [_fmt(row["profile_s"], 1), _fmt(row["compress_s"], 1),
                   _fmt(row["prefill_ratio"], 3), _fmt(row["decode_ratio"], 3)]
+        if with_tasks:
+            cells.append(_fmt(row.get("acc_mean"), 4))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -176,6 +183,19 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
         ax.set(xlabel="ratio", ylabel="parameters retained (whole model)", title="parameters retained")
         ax.legend(fontsize=8)
         save(fig, "parameters.png")
+    if any(r.get("acc_mean") is not None for r in rows):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for variant, group in groups.items():
+            points = [(r["ratio"], r["acc_mean"]) for r in group if r.get("acc_mean") is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=variant)
+        base = next((r["acc_mean"] for r in rows if r["variant"] == "original" and r.get("acc_mean") is not None), None)
+        if base is not None:
+            ax.axhline(base, color="gray", linestyle="--", label="original")
+        ax.set(xlabel="ratio (fraction of parameters removed)", ylabel="mean accuracy over tasks",
+               title="downstream tasks (step 6)")
+        ax.legend(fontsize=8)
+        save(fig, "accuracy.png")
     return written
 
 
@@ -186,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = load_runs(args.paths)
     if not rows:
-        print(f"error: no results JSON (from steps 4-5) under {', '.join(args.paths)}", file=sys.stderr)
+        print(f"error: no results JSON (from steps 4-6) under {', '.join(args.paths)}", file=sys.stderr)
         return 2
     out = args.out or (args.paths[0] if os.path.isdir(args.paths[0]) else os.path.dirname(args.paths[0]) or ".")
     for path in plot(rows, out):

@@ -15,6 +15,8 @@ What it does, in process through the Python API (api.py, utils.pipeline, evaluat
      memory of the copy against the loaded original: evaluater.measure_efficiency)
      -> OUT/runs/VARIANT_rRATIO.json, in the layout of compress.py's steps 4-5 results, with a
      "sweep" block (variant, ratio, the shared profile seconds, the run's seconds, the command)
+     With --tasks, every model (the original too) also gets step 6's "tasks" section (lm-eval
+     accuracy, tasks_eval.evaluate_tasks; --limit N documents per task).
   4. OUT/table.md: the combined markdown table (scripts/plot_results.py draws the plots).
 """
 from __future__ import annotations
@@ -92,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prefill_len", type=int, default=512, help="efficiency: prompt tokens per sequence")
     e.add_argument("--gen_seq_len", type=int, default=64, help="efficiency: new tokens generated")
     e.add_argument("--repeats", type=int, default=5, help="efficiency: timed repetitions (median reported)")
+    e.add_argument("--tasks", default=None,
+                   help="also run step 6 on every model: a comma list of lm-eval tasks (local: piqa_local, "
+                        "arc_easy_local, ...; 'local' for all of them); default: none")
+    e.add_argument("--tasks_data", default=None, help="folder of the local tasks' data (default: ../shared/data)")
+    e.add_argument("--limit", type=int, default=None, help="step 6: the first N documents of each task")
     return p
 
 
@@ -138,7 +145,13 @@ def _check(args: argparse.Namespace, model: str | None, s: dict) -> str | None:
     if model is not None and is_random_spec(model):
         return (f"--model {model}: perplexity of a model built from random weights measures nothing "
                 f"about compression: sweep a pretrained model")
+    if args.limit is not None and args.limit < 1:
+        return f"--limit {args.limit}: must be at least 1 (leave it out for every document)"
     try:
+        if args.tasks:
+            from tasks_eval import check_tasks, default_tasks_data
+            args.tasks_data = args.tasks_data or default_tasks_data()
+            check_tasks(task_names(args), args.tasks_data)
         if model is not None:
             resolve_model(model)
         validate_dataset(s["dataset"])
@@ -167,6 +180,26 @@ def evaluate(model, tokenizer, args: argparse.Namespace, s: dict) -> dict:
         ppl = f"{result['ppl']:.4f}" if result["ppl"] is not None else "not finite"
         print(f"perplexity {spec}: {ppl} ({result['windows']} windows of {result['seq_len']})", flush=True)
     return results
+
+
+def task_names(args: argparse.Namespace) -> list[str]:
+    from tasks_eval import parse_tasks
+    return parse_tasks(None if args.tasks == "local" else args.tasks)
+
+
+def downstream(model, tokenizer, args: argparse.Namespace) -> dict:
+    """Step 6's figures: lm-eval accuracy on every --tasks entry (tasks_eval.evaluate_tasks)."""
+    from tasks_eval import evaluate_tasks
+    from utils.model import dtype_name
+    start = time.perf_counter()
+    data = evaluate_tasks(model.to(args.device).eval(), tokenizer, task_names(args), args.tasks_data, args.device,
+                          0, args.limit, args.eval_batch_size)
+    data["settings"].update(dtype=dtype_name(next(model.parameters()).dtype),
+                            placement={"device_map": None, "device": args.device},
+                            seconds=round(time.perf_counter() - start, 3))
+    if data["mean"]["acc"] is not None:
+        print(f"tasks mean acc {data['mean']['acc']:.4f} over {len(data['mean']['tasks'])} tasks", flush=True)
+    return data
 
 
 def efficiency(model, original, tokenizer, args: argparse.Namespace, s: dict) -> dict:
@@ -279,9 +312,11 @@ def _sweep(args: argparse.Namespace, argv: list[str], model_spec: str, s: dict, 
     if tokenizer is None:
         raise DatasetError(f"{model_spec} has no tokenizer, so evaluation text cannot be tokenized")
     try:
-        perplexities = evaluate(base, tokenizer, args, s)
+        sections = {"perplexity": evaluate(base, tokenizer, args, s)}
+        if args.tasks:
+            sections["tasks"] = downstream(base, tokenizer, args)
         write_json(os.path.join(args.out, "original.json"),
-                   results_record(base, None, model_spec, None, {"load_s": load_s}, {"perplexity": perplexities}))
+                   results_record(base, None, model_spec, None, {"load_s": load_s}, sections))
     except errors as error:
         print(f"error: original: {error}", file=sys.stderr)
         failures.append("original")
@@ -346,6 +381,8 @@ def _sweep(args: argparse.Namespace, argv: list[str], model_spec: str, s: dict, 
                 print(f"compress: {params['original']:,} -> {params['compressed']:,} parameters "
                       f"({timings['compress_s']:.1f} s)", flush=True)
                 sections = {"perplexity": evaluate(model, tokenizer, args, s)}
+                if args.tasks:
+                    sections["tasks"] = downstream(model, tokenizer, args)
                 if args.efficiency:
                     sections["efficiency"] = efficiency(model, base, tokenizer, args, s)
                 result = results_record(model, save, model_spec, compression, timings, sections)

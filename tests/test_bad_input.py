@@ -28,7 +28,7 @@ def compressed_dir(tiny_dir, tmp_path_factory):
 @pytest.mark.parametrize("argv,needle", [
     (["--step", "3", "--ratio", "1.2"], "--ratio"),
     (["--step", "3", "--ratio", "0"], "--ratio"),
-    (["--step", "9"], "unknown step"),
+    (["--step", "10"], "unknown step"),
     (["--step", "one"], "--step"),
     (["--step", "7"], "not implemented"),
     (["--step", "1", "--model", "/nonexistent/model"], "no such"),

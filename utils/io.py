@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from component import LowRankLinear
+from component.quant_linear import QuantLinear
 from utils.hf_remote import base_config_dict, remote_code_config, write_remote_code
 from utils.model import set_submodule
 
@@ -173,9 +174,57 @@ def build_low_rank_model(config_dict: dict, compression: dict, dtype: torch.dtyp
                                            f"which the {config.model_type} architecture does not have")
             set_submodule(model, name, LowRankLinear(dense.in_features, dense.out_features, int(rank),
                                                      bias=dense.bias is not None, dtype=dtype))
+        for name, record in quantized_modules(compression).items():
+            set_submodule(model, name, _quant_linear_for(model, name, record, dtype, config.model_type))
     model.eval()
     model.config.use_cache = True
     return model
+
+
+def quantized_modules(compression: dict) -> dict[str, dict]:
+    """Step 8's per-module records (qualified name of each quantized linear -> bits, groupsize,
+    g_idx, bias, shape), or {} for a model that was not quantized."""
+    return (compression.get("quantization") or {}).get("modules") or {}
+
+
+def _quant_linear_for(model: nn.Module, name: str, record: dict, dtype: torch.dtype, model_type: str) -> QuantLinear:
+    """The QuantLinear that replaces the linear `name` (a dense one, or a low-rank layer's u or v)."""
+    try:
+        dense = model.get_submodule(name)
+    except AttributeError:
+        raise CompressedModelError(f"the quantization section names module {name!r}, which the "
+                                   f"{model_type} architecture (with the recorded ranks) does not have") from None
+    if type(dense) is not nn.Linear:
+        raise CompressedModelError(f"the quantization section names {name!r}, a {type(dense).__name__}, not a linear")
+    shape = (record.get("out_features"), record.get("in_features"))
+    if shape != (dense.out_features, dense.in_features):
+        raise CompressedModelError(f"the quantization section records {name} as {shape[0]} x {shape[1]}, "
+                                   f"the architecture has {dense.out_features} x {dense.in_features}")
+    try:
+        return QuantLinear(dense.in_features, dense.out_features, int(record["bits"]), int(record["groupsize"]),
+                           bias=dense.bias is not None, g_idx=bool(record.get("g_idx")), dtype=dtype)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CompressedModelError(f"the quantization record of {name} is not usable ({error!r})") from None
+
+
+def _model_dtype(state: dict[str, torch.Tensor], compression: dict) -> torch.dtype:
+    """The dtype a model was saved in: that of its first float tensor which is not a quantized
+    layer's codes, scales or zeros (those keep their own dtypes whatever the model's)."""
+    quantized = tuple(f"{name}." for name in quantized_modules(compression))
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not (name.startswith(quantized) and not name.endswith(".bias")):
+            return tensor.dtype
+    return torch.float32
+
+
+def safetensors_tensor_bytes(path: str) -> dict[str, int]:
+    """Bytes each tensor takes in a safetensors file, read from its header (no tensor is loaded)."""
+    import struct
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {name: entry["data_offsets"][1] - entry["data_offsets"][0]
+            for name, entry in header.items() if name != "__metadata__"}
 
 
 def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, object, dict]:
@@ -207,7 +256,7 @@ def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
                                        f"rerun step 3") from None
         tokenizer = _load_saved_tokenizer(path)
     if dtype is None:
-        dtype = next(iter(state.values())).dtype
+        dtype = _model_dtype(state, compression)
     model = build_low_rank_model(config_dict, compression, dtype)
     _load_state_strict(model, state, path)
     return model, tokenizer, compression
@@ -239,5 +288,8 @@ def _load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: s
             raise CompressedModelError(f"{path}: {name} has shape {tuple(tensor.shape)} but the "
                                        f"recorded rank implies {tuple(expected[name].shape)}; "
                                        f"the config's ranks do not match the weights")
+        if not expected[name].is_floating_point() and tensor.dtype != expected[name].dtype:
+            # integer codes and group indices are bit patterns: a cast would silently corrupt them
+            raise CompressedModelError(f"{path}: {name} is {tensor.dtype}, expected {expected[name].dtype}")
     model.load_state_dict(state, strict=False)
     model.tie_weights()

@@ -230,3 +230,117 @@ def model_description(model: nn.Module) -> dict:
     return {"model_type": config.model_type, "architecture": type(model).__name__,
             "num_layers": len(decoder_layers(model)), "hidden_size": config.hidden_size,
             "parameters": count_parameters(model)}
+
+
+# ---------------------------------------------------------------------------------------- placement for evaluation
+
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, int] | None:
+    """'0=70GiB,1=70GiB,cpu=200GiB' -> {0: bytes, 1: bytes, "cpu": bytes}; ValueError naming the bad part."""
+    if not text:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+    budget: dict[int | str, int] = {}
+    for part in text.split(","):
+        key, sep, size = part.partition("=")
+        key = key.strip()
+        if not sep or not key or not size.strip():
+            raise ValueError(f"--max_memory {text!r}: write DEVICE=SIZE pairs, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+        if key.isdigit():
+            device: int | str = int(key)
+        elif key in ("cpu", "disk"):
+            device = key
+        else:
+            raise ValueError(f"--max_memory {text!r}: device {key!r} is not a GPU index, cpu or disk")
+        try:
+            budget[device] = convert_file_size_to_int(size.strip())
+        except ValueError:
+            raise ValueError(f"--max_memory {text!r}: size {size.strip()!r} is not a size such as 70GiB or 500MB") from None
+    gpus = torch.cuda.device_count()
+    missing = [d for d in budget if isinstance(d, int) and d >= gpus]
+    if missing:
+        raise ValueError(f"--max_memory names GPU {missing[0]}, but this machine has {gpus} CUDA device(s): "
+                         f"use indices below {gpus} or cpu=SIZE")
+    return budget
+
+
+@dataclass
+class Placement:
+    """Where evaluation runs the model: one device, or an accelerate device map over several."""
+
+    input_device: torch.device  # where input ids go (the execution device of the embedding)
+    device_map: dict[str, str | int] | None = None  # module -> device; None: the whole model on input_device
+    strategy: str | None = None  # auto | balanced | sequential
+    max_memory: dict[int | str, int] | None = None
+    offload_dir: str | None = None  # disk-offloaded weights (removed when the model is freed or at exit)
+    bytes_per_device: dict[str, int] | None = None  # parameter and buffer bytes each device holds
+
+    @property
+    def cuda_devices(self) -> list[torch.device]:
+        """Every CUDA device that runs part of the model."""
+        if self.device_map is None:
+            return [self.input_device] if self.input_device.type == "cuda" else []
+        indices = sorted({d for d in self.device_map.values() if isinstance(d, int)} |
+                         {int(d.split(":")[1]) if ":" in d else 0 for d in self.device_map.values()
+                          if isinstance(d, str) and d.startswith("cuda")})
+        return [torch.device("cuda", i) for i in indices]
+
+    def describe(self) -> dict:
+        """JSON-able summary: strategy, budget, and how many modules / parameters each device holds."""
+        if self.device_map is None:
+            return {"device_map": None, "device": str(self.input_device)}
+        modules: dict[str, int] = {}
+        for device in self.device_map.values():
+            modules[str(device)] = modules.get(str(device), 0) + 1
+        return {"device_map": self.strategy, "input_device": str(self.input_device),
+                "max_memory": {str(k): v for k, v in (self.max_memory or {}).items()} or None,
+                "modules_per_device": modules, "bytes_per_device": self.bytes_per_device,
+                "offload_dir": self.offload_dir,
+                "map": {name: str(device) for name, device in self.device_map.items()}}
+
+
+def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map: str | None = None,
+                max_memory: dict[int | str, int] | None = None, offload_folder: str | None = None) -> Placement:
+    """Put `model` where evaluation runs it: wholly on `device`, or (device_map auto | balanced |
+    sequential) dispatched by accelerate over the GPUs, the CPU and disk within `max_memory`
+    (None: what every device has free). Decoder layers are never split across devices.
+    Disk-offloaded weights go to a fresh folder inside `offload_folder` (default: the system's
+    temporary folder), removed when the model is freed or the process exits."""
+    import shutil
+    import tempfile
+    import weakref
+    if device_map is None:
+        model.to(device)
+        return Placement(torch.device(device))
+    if device_map not in DEVICE_MAPS:
+        raise ValueError(f"--device_map {device_map}: choose one of {', '.join(DEVICE_MAPS)}")
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import compute_module_sizes, get_balanced_memory, get_max_memory
+    no_split = [type(decoder_layers(model)[0]).__name__]
+    if device_map == "sequential":
+        budget = get_max_memory(dict(max_memory) if max_memory else None)
+    else:
+        budget = get_balanced_memory(model, dict(max_memory) if max_memory else None, no_split_module_classes=no_split)
+    mapping = dict(infer_auto_device_map(model, budget, no_split_module_classes=no_split))
+    if set(mapping.values()) == {"disk"}:
+        given = ",".join(f"{device}={size}" for device, size in (max_memory or {}).items())
+        raise ModelSpecError(f"--max_memory {given} (bytes): no part of the model fits on any device (everything "
+                             f"would go to disk); raise the budget so at least the embeddings fit")
+    offload_dir = None
+    if "disk" in mapping.values():
+        if offload_folder:
+            os.makedirs(offload_folder, exist_ok=True)
+        offload_dir = tempfile.mkdtemp(prefix="svd-offload-", dir=offload_folder)
+        weakref.finalize(model, shutil.rmtree, offload_dir, True)
+    sizes = compute_module_sizes(model)
+    held: dict[str, int] = {}
+    for name, device in mapping.items():
+        held[str(device)] = held.get(str(device), 0) + int(sizes[name])
+    executing = [d for d in mapping.values() if d not in ("cpu", "disk")]
+    main = executing[0] if executing else "cpu"  # the embedding's device, where inputs enter
+    model.to("cpu")
+    dispatch_model(model, mapping, main_device=main, offload_dir=offload_dir)
+    return Placement(torch.device(f"cuda:{main}" if isinstance(main, int) else main), mapping, device_map,
+                     max_memory, offload_dir, held)

@@ -110,7 +110,9 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
     layers: dict[int, dict] = {}
     writer = ThreadPoolExecutor(max_workers=1) if path else None
     pending: list = []
-    full_meta = {**(meta or {}), "model_description": model_description(model),
+    # "model" (and the other keys utils.outputs checks) mark the folder as ours for a later --overwrite
+    full_meta = {"model": getattr(model.config, "_name_or_path", None) or type(model).__name__,
+                 **(meta or {}), "model_description": model_description(model),
                  "layer_prefix": layer_prefix(model), "num_layers": len(decoder_layers(model)),
                  "nsamples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                  "tokens": int(windows.numel()), "dtype": str(model_dtype).replace("torch.", ""),
@@ -216,3 +218,90 @@ def compression_block(record: dict, base_model: str, model: torch.nn.Module, sta
             "calibration": calibration, "seed": seed, "dtype": dtype_name(next(model.parameters()).dtype),
             "random_weights": random_weights,
             "num_layers": num_layers}  # None: all of the base model's decoder layers were kept
+
+
+# ---------------------------------------------------------------------------------------- step 8
+
+def uncompressed_block(base_model: str, model: torch.nn.Module, seed: int = 0, num_layers: int | None = None,
+                       random_weights: bool = False) -> dict:
+    """The compression block of a model no low-rank step changed (empty ranks map): what step 8
+    starts from when it quantizes the original model, so the result loads like any compressed one."""
+    params = count_parameters(model)
+    return {"format_version": 1, "base_model": base_model, "method": "none", "ratio": None, "plan_source": None,
+            "plan": None, "ranks": {}, "dense_modules": list(target_shapes(model)), "modules": {},
+            "parameters": {"original": params, "compressed": params, "removed_fraction": 0.0},
+            "calibration": None, "seed": seed, "dtype": dtype_name(next(model.parameters()).dtype),
+            "random_weights": random_weights, "num_layers": num_layers}
+
+
+def linear_units(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every linear of the decoder layers as stored: nn.Linear, QuantLinear or LowRankLinear (whose
+    factors belong to it), by qualified name."""
+    from component import LowRankLinear
+    from component.quant_linear import QuantLinear
+    prefix, units = layer_prefix(model), {}
+    for index, layer in enumerate(decoder_layers(model)):
+        inside: list[str] = []
+        for name, module in layer.named_modules():
+            if any(name.startswith(p + ".") for p in inside):
+                continue
+            if isinstance(module, LowRankLinear):
+                inside.append(name)
+            if isinstance(module, (LowRankLinear, QuantLinear)) or type(module) is torch.nn.Linear:
+                units[f"{prefix}.{index}.{name}"] = module
+    return units
+
+
+def linear_storage(model: torch.nn.Module, tensor_bytes: dict[str, int] | None = None) -> dict:
+    """Bytes of every tensor the decoder layers' linears store (codes, scales, zeros, g_idx, factors,
+    biases), next to the same matrices dense in float16, and bits per weight of the original
+    matrices (out x in each). `tensor_bytes`: name -> bytes as stored in a file
+    (utils.io.safetensors_tensor_bytes); default: the bytes of the model's own tensors, which is
+    what safetensors writes for them."""
+    weights = dense_bias = stored = 0
+    for name, module in linear_units(model).items():
+        weights += module.in_features * module.out_features
+        bias = module.u.bias if hasattr(module, "u") else module.bias
+        dense_bias += 0 if bias is None else bias.numel()
+        for key, tensor in module.state_dict(prefix=name + ".").items():
+            stored += tensor_bytes[key] if tensor_bytes is not None else tensor.numel() * tensor.element_size()
+    fp16 = 2 * (weights + dense_bias)
+    return {"linear_bytes": stored, "fp16_bytes": fp16, "fraction_of_fp16": round(stored / fp16, 6) if fp16 else None,
+            "bits_per_weight": round(8 * stored / weights, 4) if weights else None, "weights": weights,
+            "source": "file" if tensor_bytes is not None else "model tensors"}
+
+
+def quantize_model(model: torch.nn.Module, options, device: torch.device | str,
+                   windows: torch.Tensor | None = None, calibration: dict | None = None) -> dict:
+    """Step 8: quantize every linear of the decoder layers in place (methods.quantize), layer by
+    layer, and return the "quantization" section of the compression block: the options, the
+    calibration, per-module bits / group size / GPTQ loss, the storage layout and its bytes.
+
+    windows: the calibration windows (GPTQ needs them; RTN none). calibration: what they are
+    (dataset, seed), recorded beside their count and length."""
+    from component.quant_linear import QuantLinear
+    from methods.quantize import Quantize
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise PipelineError("the model is already quantized; step 8 starts from a float model "
+                            "(the original, or the output of step 3)")
+    if options.needs_activations:
+        if windows is None or windows.shape[0] == 0:
+            raise PipelineError("GPTQ needs calibration windows (--nsamples of --dataset)")
+        calibration = {**(calibration or {}), "nsamples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                       "tokens": int(windows.numel())}
+    else:
+        windows, calibration = None, None
+    records: dict[str, dict] = {}
+    quantize = Quantize(options, records)
+    start = time.perf_counter()
+    walk_layers(model, windows, device, quantize, desc=f"quantize ({options.method} {options.wbits}-bit)")
+    seconds = time.perf_counter() - start
+    fallbacks = sum("fallback" in r for r in records.values())
+    losses = [r["relative_loss"] for r in records.values() if r.get("relative_loss") is not None]
+    return {**options.to_dict(), "calibration": calibration,
+            "storage": {"codes": "uint8 qweight, rows packed LSB-first (gptq/pack.py)",
+                        "scales": "float16", "zeros": "float16", "g_idx": "int32 (act_order with groups only)",
+                        "dequantize": "per forward (component/quant_linear.py)"},
+            "modules": records, "quantized_matrices": len(records), "rtn_fallbacks": fallbacks,
+            "mean_relative_loss": round(sum(losses) / len(losses), 6) if losses else None,
+            "linear_storage": linear_storage(model), "seconds": round(seconds, 3)}

@@ -1,0 +1,153 @@
+"""Step 9: text generation from a (compressed) model, optionally beside the original's.
+
+Each prompt is wrapped in the tokenizer's chat template when it has one (a single user turn,
+generation prompt appended; --no_chat_template turns it off), then decoded with the KV cache:
+greedy by default, sampling with --temperature > 0 (and --top_p), seeded from --seed before every
+prompt so that a completion does not depend on the prompts before it. Generation stops at the
+model's end-of-sequence token(s) or after --max_new_tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from utils.data import DatasetError
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    chat_template: bool = True  # use the tokenizer's chat template when it has one
+
+    def describe(self) -> dict:
+        return {"max_new_tokens": self.max_new_tokens,
+                "decoding": "greedy" if self.temperature == 0 else "sampling",
+                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                "chat_template": self.chat_template, "kv_cache": True}
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """--prompt values, then the prompts of --prompts FILE: .jsonl rows with a "prompt" field,
+    otherwise one prompt per non-empty line. DatasetError on an unreadable file or no prompts."""
+    found = list(prompts or [])
+    if prompts_file:
+        if not os.path.isfile(prompts_file):
+            raise DatasetError(f"--prompts {prompts_file}: no such file (one prompt per line, or .jsonl "
+                               f"rows with a \"prompt\" field)")
+        with open(prompts_file, encoding="utf-8") as handle:
+            lines = [line.rstrip("\n") for line in handle]
+        if prompts_file.endswith(".jsonl"):
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    found.append(row["prompt"] if isinstance(row, dict) else row)
+                except (ValueError, KeyError, TypeError):
+                    raise DatasetError(f"--prompts {prompts_file}: line {number} is not a JSON object with a "
+                                       f"\"prompt\" field") from None
+        else:
+            found += [line for line in lines if line.strip()]
+    if not found or not all(isinstance(p, str) and p for p in found):
+        raise DatasetError("step 9 needs prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    return found
+
+
+def prompt_ids(tokenizer, prompt: str, chat_template: bool) -> tuple[torch.Tensor, bool]:
+    """(1 x n token ids, whether the chat template was applied)."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"], True
+    return tokenizer(prompt, return_tensors="pt")["input_ids"], False
+
+
+def _end_tokens(model: nn.Module, tokenizer) -> list[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    return [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompt: str, options: GenerationOptions,
+             device: str | torch.device = "cpu") -> dict:
+    """One completion of `prompt` by `model` (already placed; inputs go to `device`)."""
+    from transformers import GenerationConfig
+    ids, templated = prompt_ids(tokenizer, prompt, options.chat_template)
+    ids = ids.to(device)
+    end = _end_tokens(model, tokenizer)
+    sampling = options.temperature > 0
+    config = GenerationConfig(max_new_tokens=options.max_new_tokens, do_sample=sampling, use_cache=True,
+                              temperature=options.temperature if sampling else None,
+                              top_p=options.top_p if sampling else None, top_k=None,
+                              eos_token_id=end or None,
+                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                              else (end[0] if end else 0))
+    torch.manual_seed(options.seed)
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:].tolist()
+    stopped = "eos" if new and new[-1] in end else "max_new_tokens"
+    return {"completion": tokenizer.decode(new, skip_special_tokens=True), "completion_ids": new,
+            "prompt_tokens": int(ids.shape[1]), "new_tokens": len(new), "stopped": stopped,
+            "chat_template": templated, "seconds": round(seconds, 3),
+            "new_tokens_per_s": round(len(new) / seconds, 3) if seconds > 0 else None}
+
+
+def options_from_args(args: argparse.Namespace) -> GenerationOptions:
+    return GenerationOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed, not args.no_chat_template)
+
+
+def generate_step(args: argparse.Namespace, session) -> dict:
+    """Step 9: every prompt through the model (and with --compare through its original); prints
+    each prompt and completion; one JSON section."""
+    from compress import ensure_model
+    from evaluater import place_for_evaluation, place_like, results_path, update_results
+    from utils.model import load_model
+    prompts = read_prompts(args.prompt, args.prompts)
+    ensure_model(args, session, prefer_compressed=True)
+    if session.tokenizer is None:
+        raise DatasetError("the model has no tokenizer, so prompts cannot be tokenized: save the tokenizer "
+                           "with the model")
+    options = options_from_args(args)
+    placement = place_for_evaluation(args, session)
+    model = session.model.eval()
+    records = [{"prompt": p, "model": generate(model, session.tokenizer, p, options, placement.input_device)}
+               for p in prompts]
+    settings = {**options.describe(), "placement": {"model": placement.describe()}}
+    if args.compare:
+        if session.compression is None:
+            raise DatasetError("--compare shows the original beside a compressed model: give --model_path "
+                               "(or run step 3 in the same command)")
+        base = session.compression.get("base_model") or args.model
+        original, _ = load_model(base, next(model.parameters()).dtype, session.compression.get("seed", args.seed),
+                                 session.compression.get("num_layers"))
+        original_placement = place_like(original, args)
+        for record in records:
+            record["original"] = generate(original.eval(), session.tokenizer, record["prompt"], options,
+                                          original_placement.input_device)
+        settings["placement"]["original"] = original_placement.describe()
+        del original
+    for number, record in enumerate(records, 1):
+        print(f"prompt {number}: {record['prompt']}")
+        print(f"  model ({record['model']['new_tokens']} tokens, {record['model']['stopped']}): "
+              f"{record['model']['completion']}")
+        if "original" in record:
+            print(f"  original ({record['original']['new_tokens']} tokens, {record['original']['stopped']}): "
+                  f"{record['original']['completion']}")
+    data = {"settings": settings, "completions": records}
+    path = results_path(args, session)
+    update_results(path, args, session, "generation", data)
+    print(f"generation: results -> {path}")
+    return data
