@@ -194,17 +194,26 @@ def _refuse_random(args: argparse.Namespace, session, what: str) -> None:
                              f"nothing about compression: evaluate a pretrained model")
 
 
+def prepare_text_step(args: argparse.Namespace, session, no_tokenizer: str, refuse_random: str | None = None):
+    """What every step that feeds the model text does first (steps 4, 6, 9): load the model unless
+    the previous step left it, refuse a random-weight model where the figure would mean nothing,
+    refuse a model without a tokenizer ("the model has no tokenizer, so " + no_tokenizer), and
+    place it for evaluation; returns the placement."""
+    from compress import ensure_model
+    ensure_model(args, session, prefer_compressed=True)
+    if refuse_random:
+        _refuse_random(args, session, refuse_random)
+    if session.tokenizer is None:
+        raise DatasetError("the model has no tokenizer, so " + no_tokenizer)
+    return place_for_evaluation(args, session)
+
+
 # ---------------------------------------------------------------------------------------- step 4
 
 def perplexity_step(args: argparse.Namespace, session) -> dict:
     """Step 4: perplexity on every --eval_datasets entry; one JSON, one printed line per dataset."""
-    from compress import ensure_model
-    ensure_model(args, session, prefer_compressed=True)
-    _refuse_random(args, session, "perplexity")
-    if session.tokenizer is None:
-        raise DatasetError("the model has no tokenizer, so evaluation text cannot be tokenized: "
-                           "save the tokenizer with the model (perplexity needs real text)")
-    placement = place_for_evaluation(args, session)
+    placement = prepare_text_step(args, session, "evaluation text cannot be tokenized: save the tokenizer "
+                                  "with the model (perplexity needs real text)", refuse_random="perplexity")
     model = session.model.eval()
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     results: dict[str, dict] = {}

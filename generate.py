@@ -112,16 +112,11 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
 def generate_step(args: argparse.Namespace, session) -> dict:
     """Step 9: every prompt through the model (and with --compare through its original); prints
     each prompt and completion; one JSON section."""
-    from compress import ensure_model
-    from evaluater import place_for_evaluation, place_like, results_path, update_results
+    from evaluater import place_like, prepare_text_step, results_path, update_results
     from utils.model import load_model
     prompts = read_prompts(args.prompt, args.prompts)
-    ensure_model(args, session, prefer_compressed=True)
-    if session.tokenizer is None:
-        raise DatasetError("the model has no tokenizer, so prompts cannot be tokenized: save the tokenizer "
-                           "with the model")
     options = options_from_args(args)
-    placement = place_for_evaluation(args, session)
+    placement = prepare_text_step(args, session, "prompts cannot be tokenized: save the tokenizer with the model")
     model = session.model.eval()
     records = [{"prompt": p, "model": generate(model, session.tokenizer, p, options, placement.input_device)}
                for p in prompts]

@@ -213,15 +213,10 @@ def format_task_line(name: str, entry: dict) -> str:
 
 def tasks_step(args: argparse.Namespace, session) -> dict:
     """Step 6: every --tasks entry on the model; one JSON section, one printed line per task."""
-    from compress import ensure_model
-    from evaluater import _refuse_random, place_for_evaluation, results_path, update_results
+    from evaluater import prepare_text_step, results_path, update_results
     from utils.model import dtype_name
-    ensure_model(args, session, prefer_compressed=True)
-    _refuse_random(args, session, "downstream accuracy")
-    if session.tokenizer is None:
-        raise DatasetError("the model has no tokenizer, so task prompts cannot be tokenized: "
-                           "save the tokenizer with the model")
-    placement = place_for_evaluation(args, session)
+    placement = prepare_text_step(args, session, "task prompts cannot be tokenized: save the tokenizer with the model",
+                                  refuse_random="downstream accuracy")
     start = time.perf_counter()
     data = evaluate_tasks(session.model.eval(), session.tokenizer, parse_tasks(args.tasks), args.tasks_data,
                           placement.input_device, args.num_fewshot, args.limit, args.eval_batch_size)
