@@ -308,8 +308,8 @@ def _validate_quantization(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from None
     if args.nsamples < 1:
         raise UsageError("--nsamples must be at least 1 (GPTQ uses 128 calibration windows)")
-    if steps & {4, 5, 6}:
-        raise UsageError(f"--step {min(steps & {4, 5, 6})} with step 8: steps run in number order, so it would measure "
+    if steps & {4, 5, 6, 9}:
+        raise UsageError(f"--step {min(steps & {4, 5, 6, 9})} with step 8: steps run in number order, so it would use "
                          f"the model before quantization (and step 8's save would replace its results); run it "
                          f"in a second command with --model_path SAVE_PATH")
     if not args.save_path:

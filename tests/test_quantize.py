@@ -378,6 +378,8 @@ def test_cli_step8_on_the_original_and_weight_quant_on_step3(model_dir, tmp_path
     (["--groupsize", "0"], "--groupsize 0"),
     (["--nsamples", "0"], "--nsamples must be at least 1"),
     (["--step", "4,8"], "run it in a second command"),
+    (["--step", "6,8"], "--step 6 with step 8"),
+    (["--step", "8,9", "--prompt", "hi"], "--step 9 with step 8"),
     (["--no_save"], "--save_path is required"),
     (["--dataset", "nosuchfile.txt"], "neither one of"),
 ])
