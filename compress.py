@@ -494,7 +494,7 @@ def run_profile(args: argparse.Namespace, session: Session):
     windows = _windows(args, session, args.whitening_nsamples)
     start = time.perf_counter()
     stats = profile_model(session.model, windows, args.device, stats_path_of(args),
-                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed})
+                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed}, fisher=args.fisher)
     stats.close()
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
     print(f"profile: {stats.meta['num_layers']} layers, {stats.meta['tokens']} tokens -> {stats_path_of(args)} "

@@ -118,12 +118,13 @@ def _check_finite(collector: LayerStatsCollector, layer_name: str, dtype: torch.
 
 def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.device | str,
                   path: str | None = None, meta: dict | None = None,
-                  gram_dtype: torch.dtype = torch.float32) -> Statistics:
+                  gram_dtype: torch.dtype = torch.float32, fisher: bool = False) -> Statistics:
     """Step 1: Gram / |x| statistics of every distinct input of every target linear, layer by
     layer. Written atomically to `path` when given (layer i's file is written in the background
     while layer i+1 runs), else kept in memory. `meta` adds fields (data set, seed) to meta.json.
     Grams are summed in float64 and stored in `gram_dtype` (float32 halves the files; float64
-    for exact checks)."""
+    for exact checks). fisher: also ASVD's fisher information (utils.fisher), on the same
+    windows, stored beside them (FISHER_FILE, meta["fisher"])."""
     model_dtype = next(model.parameters()).dtype
     streams: dict[str, dict[str, str]] = {}
     layers: dict[int, dict] = {}
@@ -151,9 +152,18 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
         pending.append(writer.submit(save_file, tensors, os.path.join(directory, f"layer_{context.index:04d}.safetensors")))
         return outputs
 
+    def collect_fisher() -> dict[str, torch.Tensor] | None:
+        if not fisher:
+            return None
+        from utils.fisher import fisher_information
+        start = time.perf_counter()
+        values, summary = fisher_information(model, windows, device)
+        full_meta["fisher"] = {**summary, "seconds": round(time.perf_counter() - start, 3)}
+        return values
+
     if path is None:
         walk_layers(model, windows, device, lambda c: collect(c, None), desc="profile", changes_weights=False)
-        return Statistics(full_meta, layers=layers)
+        return Statistics(full_meta, layers=layers, fisher=collect_fisher())
     with atomic_path(path) as temporary:
         os.makedirs(temporary)
         try:
@@ -162,6 +172,9 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
                 future.result()
         finally:
             writer.shutdown(wait=True)
+        fisher_values = collect_fisher()
+        if fisher_values is not None:
+            save_file(fisher_values, os.path.join(temporary, FISHER_FILE))
         write_json(os.path.join(temporary, STATS_META), full_meta)
     return Statistics.open(path)
 
