@@ -74,11 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the first N decoder layers (timing and memory runs)")
     g.add_argument("--seed", type=int, default=0, help="seed of calibration windows and randomized SVD")
     c = p.add_argument_group("calibration")
-    c.add_argument("--dataset", default="wikitext2",
+    c.add_argument("--dataset", "--calib_dataset", dest="dataset", default="wikitext2",
                    help="calibration data: wikitext2, ptb, c4, pydoc (offline), random, or a local file "
                         "(.json/.jsonl with 'text', else plain text); a slice such as FILE[0:0.8] takes "
-                        "that fraction of its lines")
-    c.add_argument("--whitening_nsamples", type=int, default=256, help="calibration windows for step 1")
+                        "that fraction of its lines. --calib_dataset is ASVD's name for it")
+    c.add_argument("--whitening_nsamples", "--n_calib_samples", dest="whitening_nsamples", type=int, default=256,
+                   help="calibration windows for step 1 (--n_calib_samples is ASVD's name for it)")
+    c.add_argument("--fisher", action="store_true",
+                   help="step 1: also collect ASVD's fisher information (mean squared LM-loss gradient per weight, "
+                        "summed over output rows per input channel, square-rooted), layer by layer with bounded "
+                        "memory; needed by --scaling fisher and fisher_abs_mean")
     c.add_argument("--updating_nsamples", type=int, default=16,
                    help="calibration windows for the closed-form update (a quarter are held out)")
     c.add_argument("--model_seq_len", type=int, default=2048, help="tokens per calibration/evaluation window")
@@ -116,8 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "commands run)")
     d.add_argument("--v2_max_shift", type=float, default=0.15,
                    help="v2: the most a matrix's ratio may move from --ratio (default %(default)s)")
-    d.add_argument("--whitening", default="cholesky", choices=["cholesky", "eigen", "none"],
-                   help="truncation-aware whitening: cholesky (SVD-LLM), eigen (SVD-LLM V2), none (plain SVD)")
+    d.add_argument("--whitening", default=None, choices=["cholesky", "eigen", "none"],
+                   help="truncation-aware whitening: cholesky (SVD-LLM), eigen (SVD-LLM V2), none (plain SVD, or "
+                        "ASVD with --scaling). Default: cholesky, or none when --scaling is given")
+    d.add_argument("--scaling", "--scaling_method", dest="scaling", default=None,
+                   choices=["none", "abs_mean", "abs_max", "fisher", "fisher_abs_mean"],
+                   help="ASVD's activation-aware scaling, an alternative to whitening: decompose W diag(s), "
+                        "s = stat^alpha per input channel (abs_mean / abs_max of the inputs, fisher, or their "
+                        "product fisher_abs_mean), then divide the right factor by s. --scaling_method is ASVD's "
+                        "name for it. Default none")
+    d.add_argument("--act_aware", action="store_true",
+                   help="ASVD's flag: --scaling abs_mean (or the --scaling_method given)")
+    d.add_argument("--alpha", type=float, default=0.5, help="ASVD: the exponent of the scaling statistic (default 0.5)")
+    d.add_argument("--sigma_fuse", default="UV", choices=["UV", "U", "V"],
+                   help="where the singular values go: UV = their square root into both factors (default), U or V")
+    d.add_argument("--column_preserve", action="store_true",
+                   help="step 3: Duo-SVD's column level: trade rank for exactly kept input columns at no more "
+                        "parameters when that lowers a matrix's whitened truncation error by over 1%% (needs whitening)")
     d.add_argument("--decomposition", default="svd", choices=["svd", "rsvd"], help="exact or randomized SVD")
     d.add_argument("--rsvd_oversamples", type=int, default=DEFAULT_OVERSAMPLES,
                    help="randomized SVD: extra sketch columns (default %(default)s; with the default "
@@ -214,6 +234,7 @@ def validate(args: argparse.Namespace) -> None:
     args.steps = parse_steps(args.step)
     _validate_allocation_flags(args)  # --ratio / --param_ratio_target / --strategy first: others read them
     _validate_quantization(args)  # step 8, and --weight_quant adding it after step 3
+    _resolve_scaling(args)
     if not 0.0 < args.ratio < 1.0:
         raise UsageError(f"--ratio {args.ratio}: the fraction of parameters removed must be in (0, 1), e.g. 0.2")
     for name in ("whitening_nsamples", "updating_nsamples", "model_seq_len", "eval_batch_size",
@@ -260,10 +281,16 @@ def validate(args: argparse.Namespace) -> None:
                          "(--stats_path, or SAVE_PATH/stats): give one of them")
     if steps & {1} or (3 in steps and args.update != "none"):
         validate_dataset(args.dataset)
-    if 3 in steps and 1 not in steps and args.whitening != "none":
-        if not os.path.isfile(os.path.join(stats_path_of(args), "meta.json")):
+    if 3 in steps and 1 not in steps and (args.whitening != "none" or args.scaling != "none"):
+        meta_path = os.path.join(stats_path_of(args), "meta.json")
+        if not os.path.isfile(meta_path):
             raise UsageError(f"step 3 needs the statistics of step 1, not found in {stats_path_of(args)}: "
                              f"run --step 1 first, pass --stats_path, or use --whitening none")
+        if args.scaling.startswith("fisher"):
+            from utils.io import read_json
+            if not read_json(meta_path).get("fisher"):
+                raise UsageError(f"--scaling {args.scaling} needs fisher information, which the statistics in "
+                                 f"{stats_path_of(args)} do not have: rerun step 1 with --fisher")
     if args.plan and 3 in steps and 2 not in steps and not os.path.isfile(args.plan):
         raise UsageError(f"--plan {args.plan}: no such file (run step 2 to write it)")
     if args.model_path and steps & {4, 5, 6, 9} and 3 not in steps:
@@ -354,6 +381,30 @@ def _validate_allocation_flags(args: argparse.Namespace) -> None:
         args.sensitivity_ratios = ratios
     if args.sensitivity_nsamples < 1:
         raise UsageError("--sensitivity_nsamples must be at least 1")
+
+
+def _resolve_scaling(args: argparse.Namespace) -> None:
+    """--scaling / --act_aware / --whitening defaults and their conflicts (ASVD is whitening none)."""
+    if args.act_aware and args.scaling in (None, "none"):
+        args.scaling = "abs_mean"
+    args.scaling = args.scaling or "none"
+    if args.scaling != "none" and args.whitening not in (None, "none"):
+        raise UsageError(f"--scaling {args.scaling} with --whitening {args.whitening}: scaling (ASVD) and whitening "
+                         f"(SVD-LLM) are alternatives; use --whitening none --scaling {args.scaling}, or "
+                         f"--whitening {args.whitening} alone")
+    if args.whitening is None:
+        args.whitening = "none" if args.scaling != "none" else "cholesky"
+    if args.scaling != "none" and not 0.0 <= args.alpha <= 4.0:
+        raise UsageError(f"--alpha {args.alpha}: the scaling exponent must be in [0, 4] (ASVD: 0.5)")
+    if args.column_preserve and args.update != "none":
+        raise UsageError("--column_preserve with --update closed_form: the update refits plain low-rank layers "
+                         "only; run one or the other")
+    if args.column_preserve and args.whitening == "none":
+        raise UsageError("--column_preserve scores and trades columns by their whitened error: use --whitening "
+                         "cholesky or eigen (it is not combined with --scaling)")
+    steps = set(args.steps)
+    if args.scaling.startswith("fisher") and 1 in steps and not args.fisher:
+        raise UsageError(f"--scaling {args.scaling} needs fisher information: add --fisher to step 1")
 
 
 QUANT_DEFAULTS = {"quant": "gptq", "wbits": 4, "groupsize": 128}
@@ -549,7 +600,7 @@ def run_profile(args: argparse.Namespace, session: Session):
     windows = _windows(args, session, args.whitening_nsamples)
     start = time.perf_counter()
     stats = profile_model(session.model, windows, args.device, stats_path_of(args),
-                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed})
+                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed}, fisher=args.fisher)
     stats.close()
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
     print(f"profile: {stats.meta['num_layers']} layers, {stats.meta['tokens']} tokens -> {stats_path_of(args)} "
@@ -607,7 +658,8 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
     try:
         stats.check_model(session.model)
         options = SensitivityOptions(args.sensitivity_metric, tuple(args.sensitivity_ratios),
-                                     args.ratio if args.allocation == "duo" else None, args.whitening)
+                                     args.ratio if args.allocation == "duo" else None, args.whitening,
+                                     args.scaling, args.alpha)
         needs_windows = args.sensitivity_metric != "stable_rank" or args.ppl_target is not None
         windows = _windows(args, session, args.sensitivity_nsamples) if needs_windows else None
         path = sensitivity_path_of(args)
@@ -627,7 +679,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
             elif args.ppl_target is not None:
                 plan, detail = asvd_ppl_plan(session.model, args.ppl_target, table,
                                              plan_calibration_ppl(session.model, stats, windows, args.device,
-                                                                  args.whitening))
+                                                                  args.whitening, args.scaling, args.alpha))
             else:
                 plan, detail = asvd_plan(session.model, args.ratio, table)
         except ValueError as error:
@@ -665,9 +717,10 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     plan, plan_source = _plan_for_step3(args, session)
     options = CompressOptions(
         DecomposeOptions(args.whitening, args.decomposition, DTYPES[args.svd_dtype], args.svd_driver,
-                         args.rsvd_oversamples, args.rsvd_n_iter, args.seed),
+                         args.rsvd_oversamples, args.rsvd_n_iter, args.seed, scaling=args.scaling,
+                         alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve),
         UpdateOptions(nsamples=args.updating_nsamples) if args.update != "none" else None)
-    stats = Statistics.open(stats_path_of(args)) if args.whitening != "none" else None
+    stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
     windows = _windows(args, session, args.updating_nsamples) if options.update else None
     try:
         record = compress_model(session.model, plan, options, args.device, stats, windows)

@@ -52,8 +52,7 @@ from utils.io import read_json, write_json
 from utils.layerwise import capture_layer_inputs
 from utils.model import copies_to, decoder_layers, layer_prefix, model_description, set_submodule, target_linears
 from utils.plan import rank_for_ratio
-from utils.stats import saved_gram
-from utils.whitening import whitening_factor
+from utils.whitening import input_transform
 
 TABLE_FORMAT = "svd-compress-sensitivity"
 METRICS = ("kl", "ppl", "stable_rank")
@@ -72,6 +71,8 @@ class SensitivityOptions:
     ratios: tuple[float, ...] = DUO_RATIOS  # candidate KEPT fractions in (0, 1]; 1.0 = dense
     base_ratio: float | None = None  # removed fraction of every other matrix; None: others dense
     whitening: str = "cholesky"
+    scaling: str = "none"  # ASVD's activation-aware scaling (with whitening none): utils.whitening.input_transform
+    alpha: float = 0.5
     svd_dtype: torch.dtype = torch.float32
     logprob_cache_bytes: int = LOGPROB_CACHE_BYTES
 
@@ -169,7 +170,9 @@ def table_key(model: nn.Module, stats, windows: torch.Tensor | None, options: Se
     return {"model": description, "statistics": statistics_key(stats) if options.metric != "stable_rank" else None,
             "windows": win, "candidates": [float(r) for r in options.ratios], "metric": options.metric,
             "base_state": options.base_state(),
-            "whitening": options.whitening if options.metric != "stable_rank" else None}
+            "whitening": options.whitening if options.metric != "stable_rank" else None,
+            "scaling": None if options.metric == "stable_rank" or options.scaling == "none"
+            else {"method": options.scaling, "alpha": options.alpha}}
 
 
 def first_difference(expected, found, path: str = "") -> str | None:
@@ -214,12 +217,13 @@ def load_table(path: str, key: dict) -> SensitivityTable:
 
 # ---------------------------------------------------------------------------------------- input transform
 
-def input_factor(stats_tensors: dict | None, stream: str, device, whitening: str):
-    """The right factor S of W S whose truncation is taken (the ONE place that picks it: whitening
-    now, utils.whitening.input_transform once scaling is merged). None: plain SVD."""
-    if whitening == "none" or stats_tensors is None:
+def input_factor(stats_tensors: dict | None, stream: str, device, options: SensitivityOptions,
+                 fisher: torch.Tensor | None = None):
+    """The right factor S of W S whose truncation is taken, as step 3 takes it
+    (utils.whitening.input_transform: whitening, ASVD's scaling, or None for plain SVD)."""
+    if options.whitening == "none" and options.scaling == "none":
         return None
-    return whitening_factor(saved_gram(stats_tensors, stream, device), whitening)
+    return input_transform(stats_tensors, stream, device, options.whitening, options.scaling, options.alpha, fisher)
 
 
 class _MatrixSVD:
@@ -303,8 +307,8 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
     was (original modules and weights back in place, also on an error)."""
     if options.metric == "stable_rank":
         return stable_rank_table(model, options, key or table_key(model, stats, None, options))
-    if options.whitening != "none" and stats is None:
-        raise ValueError(f"whitening {options.whitening!r} needs the statistics of step 1")
+    if (options.whitening != "none" or options.scaling != "none") and stats is None:
+        raise ValueError(f"whitening {options.whitening!r} / scaling {options.scaling!r} need the statistics of step 1")
     key = key or table_key(model, stats, windows, options)
     start = time.perf_counter()
     kl = options.metric == "kl"
@@ -345,10 +349,15 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
         original_h = hidden.clone() if (kl and options.base_ratio is not None) else None
         base_h = hidden
 
+        per_matrix = options.scaling.startswith("fisher")  # fisher belongs to the weight, not the stream
+
         def svd_of(full: str, linear: nn.Module, factors: dict, stats_tensors, streams, name: str) -> _MatrixSVD:
             stream = streams.get(name)
-            if stream not in factors:
-                factors[stream] = input_factor(stats_tensors, stream, device, options.whitening)
+            slot = full if per_matrix else stream
+            if slot not in factors:
+                factors[slot] = input_factor(stats_tensors, stream, device, options,
+                                             stats.fisher(full) if per_matrix else None)
+            stream = slot
             wanted = [r for r in candidate_ranks[full].values() if r is not None]
             if base_ranks[full] is not None:
                 wanted.append(base_ranks[full])
@@ -501,9 +510,9 @@ def sensitivity_table(model: nn.Module, windows: torch.Tensor | None, stats, dev
 
 @torch.no_grad()
 def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device: torch.device | str,
-                         whitening: str = "cholesky"):
+                         whitening: str = "cholesky", scaling: str = "none", alpha: float = 0.5):
     """ranks -> calibration perplexity on `windows` of a copy of `model` compressed by those ranks
-    (step 3's decomposition with `whitening`): what ASVD's --ppl_target search evaluates."""
+    (step 3's decomposition with `whitening` or `scaling`): what ASVD's --ppl_target search evaluates."""
     import copy
 
     from utils.model import target_shapes
@@ -517,8 +526,9 @@ def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device:
         compressed = copy.deepcopy(model)
         plan = Plan({n: ModulePlan(m, k, b, ranks.get(n)) for n, (m, k, b) in shapes.items()}, None, "asvd")
         if plan.ranks:
-            compress_model(compressed, plan, CompressOptions(DecomposeOptions(whitening)), device,
-                           stats if whitening != "none" else None)
+            decompose = DecomposeOptions(whitening, scaling=scaling, alpha=alpha)
+            compress_model(compressed, plan, CompressOptions(decompose), device,
+                           stats if decompose.needs_stats() else None)
         compressed.to(device)
         total = torch.zeros((), dtype=torch.float64)
         for w in range(windows.shape[0]):
