@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sensitivity_path", default=None,
                    help="the sensitivity table (JSON; default STATS/sensitivity_METRIC[_rRATIO].json): reused when it "
                         "was measured for this model, statistics, windows, candidates and base state, refused "
-                        "(naming the field) when not; --overwrite measures it again")
+                        "(naming the field) when not, unless --overwrite (then measured anew)")
     d.add_argument("--use_cache", action="store_true",
                    help="ASVD's flag: reuse the sensitivity table (the default behaviour here; accepted so ASVD "
                         "commands run)")

@@ -44,8 +44,13 @@ class Spectra:
     needs_activations = False
     needs_reference = False
 
-    def __init__(self, stats, whitening: str = "cholesky", svd_dtype: torch.dtype = torch.float32):
-        self.stats, self.whitening, self.svd_dtype = stats, whitening, svd_dtype
+    def __init__(self, stats, whitening: str = "cholesky", svd_dtype: torch.dtype = torch.float32,
+                 method: str = "gram"):
+        """method: gram (eigenvalues of the smaller Gram, float64) or svdvals (an SVD of W S in
+        svd_dtype, what this pass did before; kept for the benchmark's comparison)."""
+        if method not in ("gram", "svdvals"):
+            raise ValueError(f"unknown spectra method {method!r}")
+        self.stats, self.whitening, self.svd_dtype, self.method = stats, whitening, svd_dtype, method
         self.sigmas: dict[str, torch.Tensor] = {}
 
     def __call__(self, context: LayerContext) -> None:
@@ -56,13 +61,17 @@ class Spectra:
             if stream not in factors:
                 factors[stream] = whitening_factor(saved_gram(stats, stream, context.device), self.whitening)
             target = factors[stream].right_multiply(linear.weight.detach().to(context.device))
-            self.sigmas[f"{context.name}.{name}"] = whitened_singular_values(target).cpu()
+            if self.method == "gram":
+                sigma = whitened_singular_values(target)
+            else:
+                sigma = torch.linalg.svdvals(target.to(self.svd_dtype)).double()
+            self.sigmas[f"{context.name}.{name}"] = sigma.cpu()
 
 
 def whitened_spectra(model: torch.nn.Module, stats, device: torch.device | str, whitening: str = "cholesky",
-                     svd_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                     svd_dtype: torch.dtype = torch.float32, method: str = "gram") -> dict[str, torch.Tensor]:
     """name -> singular values of the whitened weight, one layer on `device` at a time."""
-    spectra = Spectra(stats, whitening, svd_dtype)
+    spectra = Spectra(stats, whitening, svd_dtype, method)
     walk_layers(model, None, device, spectra, desc="spectra", changes_weights=False)
     return spectra.sigmas
 

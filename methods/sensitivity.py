@@ -492,11 +492,16 @@ def sensitivity_table(model: nn.Module, windows: torch.Tensor | None, stats, dev
                       options: SensitivityOptions, path: str | None = None, windows_info: dict | None = None,
                       overwrite: bool = False, progress: bool = True) -> tuple[SensitivityTable, bool]:
     """The table for this model, statistics, windows and options: read from `path` when it is there
-    and its key matches (SensitivityError naming the differing field when it does not, unless
-    `overwrite`), else measured and written to `path` (atomically). Returns (table, reused)."""
+    and its key matches (also with `overwrite`: measuring again would give the same table); when
+    it does not match, SensitivityError naming the differing field, or with `overwrite` measured
+    anew. Otherwise measured and written to `path` (atomically). Returns (table, reused)."""
     key = table_key(model, stats, windows, options, windows_info)
-    if path is not None and os.path.exists(path) and not overwrite:
-        return load_table(path, key), True
+    if path is not None and os.path.exists(path):
+        try:
+            return load_table(path, key), True
+        except SensitivityError:
+            if not overwrite:
+                raise
     if options.metric == "stable_rank":
         table = stable_rank_table(model, options, key)
     else:
@@ -528,7 +533,7 @@ def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device:
         if plan.ranks:
             decompose = DecomposeOptions(whitening, scaling=scaling, alpha=alpha)
             compress_model(compressed, plan, CompressOptions(decompose), device,
-                           stats if decompose.needs_stats() else None)
+                           stats if decompose.needs_stats else None)
         compressed.to(device)
         total = torch.zeros((), dtype=torch.float64)
         for w in range(windows.shape[0]):

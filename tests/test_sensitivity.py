@@ -160,7 +160,10 @@ def test_cache_reused_without_forward_and_refused_when_key_differs(setup, tmp_pa
     with pytest.raises(SensitivityError, match="different"):
         sensitivity_table(other_model, windows[:2], stats, "cpu", options, path, {"dataset": "random"},
                           progress=False)
-    # --overwrite measures again
+    # overwrite: a matching table is still reused, a different one measured anew
+    _, reused = sensitivity_table(model, windows[:2], stats, "cpu", options, path, {"dataset": "random"},
+                                  overwrite=True, progress=False)
+    assert reused
     _, reused = sensitivity_table(model, windows[:2], stats, "cpu", SensitivityOptions("kl", (0.4, 1.0), 0.4), path,
                                   {"dataset": "random"}, overwrite=True, progress=False)
     assert not reused
