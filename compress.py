@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--ratio); asvd = ASVD's binary search over each matrix's sensitivity (the others dense) to "
                         "--ratio or --ppl_target. All meet --ratio within 0.5%% of the matrices' parameters, never over")
     d.add_argument("--strategy", default=None, choices=["dp"],
-                   help="Duo-SVD's flag: --strategy dp = --allocation duo")
+                   help="Duo-SVD's flag: --strategy dp = --allocation duo. Note Duo-SVD's --ratio is the fraction KEPT; "
+                        "here --ratio is the fraction removed: its --ratio 0.8 is --ratio 0.2 (or --param_ratio_target 0.8)")
     d.add_argument("--param_ratio_target", type=float, default=None,
                    help="ASVD's flag: the fraction of the matrices' parameters KEPT, i.e. --ratio 1-P")
     d.add_argument("--ppl_target", type=float, default=None,
