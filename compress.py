@@ -74,25 +74,71 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the first N decoder layers (timing and memory runs)")
     g.add_argument("--seed", type=int, default=0, help="seed of calibration windows and randomized SVD")
     c = p.add_argument_group("calibration")
-    c.add_argument("--dataset", default="wikitext2",
+    c.add_argument("--dataset", "--calib_dataset", dest="dataset", default="wikitext2",
                    help="calibration data: wikitext2, ptb, c4, pydoc (offline), random, or a local file "
                         "(.json/.jsonl with 'text', else plain text); a slice such as FILE[0:0.8] takes "
-                        "that fraction of its lines")
-    c.add_argument("--whitening_nsamples", type=int, default=256, help="calibration windows for step 1")
+                        "that fraction of its lines. --calib_dataset is ASVD's name for it")
+    c.add_argument("--whitening_nsamples", "--n_calib_samples", dest="whitening_nsamples", type=int, default=256,
+                   help="calibration windows for step 1 (--n_calib_samples is ASVD's name for it)")
+    c.add_argument("--fisher", action="store_true",
+                   help="step 1: also collect ASVD's fisher information (mean squared LM-loss gradient per weight, "
+                        "summed over output rows per input channel, square-rooted), layer by layer with bounded "
+                        "memory; needed by --scaling fisher and fisher_abs_mean")
     c.add_argument("--updating_nsamples", type=int, default=16,
                    help="calibration windows for the closed-form update (a quarter are held out)")
     c.add_argument("--model_seq_len", type=int, default=2048, help="tokens per calibration/evaluation window")
     d = p.add_argument_group("decomposition")
-    d.add_argument("--ratio", type=float, default=0.2,
+    d.add_argument("--ratio", type=float, default=None,
                    help="fraction of the compressed matrices' parameters removed, in (0, 1): per matrix with "
-                        "the uniform allocation, overall with the others")
-    d.add_argument("--allocation", default="uniform", choices=["uniform", "v2"],
-                   help="step 2: uniform ranks, or v2 = SVD-LLM V2's ranks from the whitened truncation losses "
-                        "(needs step 1's statistics; no forward pass)")
+                        "the uniform allocation, overall with the others (default 0.2)")
+    d.add_argument("--allocation", default="uniform", choices=["uniform", "asvd", "v2", "duo"],
+                   help="step 2: uniform ranks; v2 = SVD-LLM V2's ranks from the whitened truncation losses (no "
+                        "forward pass); duo = Duo-SVD's knapsack DP over each matrix's KL sensitivity (the others at "
+                        "--ratio); asvd = ASVD's binary search over each matrix's sensitivity (the others dense) to "
+                        "--ratio or --ppl_target. All meet --ratio within 0.5%% of the matrices' parameters, never over")
+    d.add_argument("--strategy", default=None, choices=["dp"],
+                   help="Duo-SVD's flag: --strategy dp = --allocation duo. Note Duo-SVD's --ratio is the fraction KEPT; "
+                        "here --ratio is the fraction removed: its --ratio 0.8 is --ratio 0.2 (or --param_ratio_target 0.8)")
+    d.add_argument("--param_ratio_target", type=float, default=None,
+                   help="ASVD's flag: the fraction of the matrices' parameters KEPT, i.e. --ratio 1-P")
+    d.add_argument("--ppl_target", type=float, default=None,
+                   help="asvd: search the most compression whose calibration perplexity (on the sensitivity "
+                        "windows, model really compressed) stays below this; instead of --ratio")
+    d.add_argument("--sensitivity_metric", default=None, choices=["ppl", "stable_rank", "kl"],
+                   help="asvd: ppl = calibration perplexity with only that matrix compressed (default), stable_rank "
+                        "= ASVD's spectral metric (no forward pass); duo: kl (the only one)")
+    d.add_argument("--sensitivity_ratios", default=None,
+                   help="candidate KEPT fractions, comma list in (0, 1], 1 = dense (default: duo 0.1,...,0.9,1 as "
+                        "Duo-SVD; asvd 0.1,...,0.9 as ASVD)")
+    d.add_argument("--sensitivity_nsamples", type=int, default=16,
+                   help="calibration windows (--dataset, --model_seq_len) of the sensitivity pass (default %(default)s); "
+                        "cost: matrices x candidates x these windows through the layers after each matrix")
+    d.add_argument("--sensitivity_path", default=None,
+                   help="the sensitivity table (JSON; default STATS/sensitivity_METRIC[_rRATIO].json): reused when it "
+                        "was measured for this model, statistics, windows, candidates and base state, refused "
+                        "(naming the field) when not, unless --overwrite (then measured anew)")
+    d.add_argument("--use_cache", action="store_true",
+                   help="ASVD's flag: reuse the sensitivity table (the default behaviour here; accepted so ASVD "
+                        "commands run)")
     d.add_argument("--v2_max_shift", type=float, default=0.15,
                    help="v2: the most a matrix's ratio may move from --ratio (default %(default)s)")
-    d.add_argument("--whitening", default="cholesky", choices=["cholesky", "eigen", "none"],
-                   help="truncation-aware whitening: cholesky (SVD-LLM), eigen (SVD-LLM V2), none (plain SVD)")
+    d.add_argument("--whitening", default=None, choices=["cholesky", "eigen", "none"],
+                   help="truncation-aware whitening: cholesky (SVD-LLM), eigen (SVD-LLM V2), none (plain SVD, or "
+                        "ASVD with --scaling). Default: cholesky, or none when --scaling is given")
+    d.add_argument("--scaling", "--scaling_method", dest="scaling", default=None,
+                   choices=["none", "abs_mean", "abs_max", "fisher", "fisher_abs_mean"],
+                   help="ASVD's activation-aware scaling, an alternative to whitening: decompose W diag(s), "
+                        "s = stat^alpha per input channel (abs_mean / abs_max of the inputs, fisher, or their "
+                        "product fisher_abs_mean), then divide the right factor by s. --scaling_method is ASVD's "
+                        "name for it. Default none")
+    d.add_argument("--act_aware", action="store_true",
+                   help="ASVD's flag: --scaling abs_mean (or the --scaling_method given)")
+    d.add_argument("--alpha", type=float, default=0.5, help="ASVD: the exponent of the scaling statistic (default 0.5)")
+    d.add_argument("--sigma_fuse", default="UV", choices=["UV", "U", "V"],
+                   help="where the singular values go: UV = their square root into both factors (default), U or V")
+    d.add_argument("--column_preserve", action="store_true",
+                   help="step 3: Duo-SVD's column level: trade rank for exactly kept input columns at no more "
+                        "parameters when that lowers a matrix's whitened truncation error by over 1%% (needs whitening)")
     d.add_argument("--decomposition", default="svd", choices=["svd", "rsvd"], help="exact or randomized SVD")
     d.add_argument("--rsvd_oversamples", type=int, default=DEFAULT_OVERSAMPLES,
                    help="randomized SVD: extra sketch columns (default %(default)s; with the default "
@@ -187,7 +233,9 @@ def validate(args: argparse.Namespace) -> None:
     from utils.outputs import check_output_path
     from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     args.steps = parse_steps(args.step)
+    _validate_allocation_flags(args)  # --ratio / --param_ratio_target / --strategy first: others read them
     _validate_quantization(args)  # step 8, and --weight_quant adding it after step 3
+    _resolve_scaling(args)
     if not 0.0 < args.ratio < 1.0:
         raise UsageError(f"--ratio {args.ratio}: the fraction of parameters removed must be in (0, 1), e.g. 0.2")
     for name in ("whitening_nsamples", "updating_nsamples", "model_seq_len", "eval_batch_size",
@@ -221,7 +269,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--save_path is required: step 3 writes the model there and step 1 the "
                          "statistics to SAVE_PATH/stats (or give --stats_path)")
     if 2 in steps and args.allocation != "uniform":
-        if args.whitening == "none":
+        if args.whitening == "none" and args.allocation != "asvd":
             raise UsageError(f"--allocation {args.allocation} ranks matrices by their whitened truncation loss: "
                              f"use --whitening cholesky or eigen")
         if 1 not in steps and not os.path.isfile(os.path.join(stats_path_of(args), "meta.json")):
@@ -234,10 +282,16 @@ def validate(args: argparse.Namespace) -> None:
                          "(--stats_path, or SAVE_PATH/stats): give one of them")
     if steps & {1} or (3 in steps and args.update != "none"):
         validate_dataset(args.dataset)
-    if 3 in steps and 1 not in steps and args.whitening != "none":
-        if not os.path.isfile(os.path.join(stats_path_of(args), "meta.json")):
+    if 3 in steps and 1 not in steps and (args.whitening != "none" or args.scaling != "none"):
+        meta_path = os.path.join(stats_path_of(args), "meta.json")
+        if not os.path.isfile(meta_path):
             raise UsageError(f"step 3 needs the statistics of step 1, not found in {stats_path_of(args)}: "
                              f"run --step 1 first, pass --stats_path, or use --whitening none")
+        if args.scaling.startswith("fisher"):
+            from utils.io import read_json
+            if not read_json(meta_path).get("fisher"):
+                raise UsageError(f"--scaling {args.scaling} needs fisher information, which the statistics in "
+                                 f"{stats_path_of(args)} do not have: rerun step 1 with --fisher")
     if args.plan and 3 in steps and 2 not in steps and not os.path.isfile(args.plan):
         raise UsageError(f"--plan {args.plan}: no such file (run step 2 to write it)")
     if args.model_path and steps & {4, 5, 6, 9} and 3 not in steps:
@@ -256,14 +310,102 @@ def validate(args: argparse.Namespace) -> None:
         check_output_path(stats_path_of(args), "stats", args.overwrite, protected)
     if 2 in steps:
         _check_plan_path(plan_path_of(args), args.overwrite)
+        if args.allocation in ("asvd", "duo"):
+            _check_sensitivity_path(sensitivity_path_of(args))
+            if args.sensitivity_metric != "stable_rank" or args.ppl_target is not None:
+                validate_dataset(args.dataset)
     if 3 in steps:
         check_output_path(args.save_path, "model", args.overwrite, protected)
     hub = {}
-    if steps & {1} or (3 in steps and args.update != "none"):
+    sensitivity_windows = 2 in steps and args.allocation in ("asvd", "duo") and \
+        (args.sensitivity_metric != "stable_rank" or args.ppl_target is not None)
+    if steps & {1} or (3 in steps and args.update != "none") or sensitivity_windows:
         hub["--dataset"] = args.dataset
     if steps & {4, 5}:
         hub["--eval_datasets"] = args.eval_datasets
     check_hub_datasets(hub)
+
+
+def _validate_allocation_flags(args: argparse.Namespace) -> None:
+    """--ratio and its aliases, --strategy, and the sensitivity flags of step 2."""
+    from methods.sensitivity import ASVD_RATIOS, DUO_RATIOS
+    if args.strategy == "dp":
+        if args.allocation not in ("uniform", "duo"):
+            raise UsageError(f"--strategy dp is Duo-SVD's DP allocation: it contradicts --allocation {args.allocation}")
+        args.allocation = "duo"
+    if args.param_ratio_target is not None:
+        if not 0.0 < args.param_ratio_target < 1.0:
+            raise UsageError(f"--param_ratio_target {args.param_ratio_target}: the fraction KEPT must be in (0, 1), "
+                             f"e.g. 0.9 (= --ratio 0.1)")
+        implied = round(1.0 - args.param_ratio_target, 12)
+        if args.ratio is not None and abs(args.ratio - implied) > 1e-9:
+            raise UsageError(f"--param_ratio_target {args.param_ratio_target} means --ratio {implied:g}; it "
+                             f"contradicts --ratio {args.ratio}: give one of them")
+        args.ratio = implied
+    if args.ratio is None:
+        args.ratio = 0.2
+    sensitivity_flags = {"--sensitivity_metric": args.sensitivity_metric, "--sensitivity_ratios": args.sensitivity_ratios,
+                         "--ppl_target": args.ppl_target}
+    if args.allocation not in ("asvd", "duo"):
+        given = [k for k, v in sensitivity_flags.items() if v is not None]
+        if given:
+            raise UsageError(f"{given[0]} belongs to --allocation asvd or duo (now {args.allocation})")
+        return
+    if args.allocation == "duo":
+        if args.sensitivity_metric not in (None, "kl"):
+            raise UsageError(f"--allocation duo measures KL divergence; --sensitivity_metric "
+                             f"{args.sensitivity_metric} is for --allocation asvd")
+        if args.ppl_target is not None:
+            raise UsageError("--ppl_target is ASVD's search (--allocation asvd); duo meets --ratio")
+        args.sensitivity_metric = "kl"
+    else:
+        if args.sensitivity_metric == "kl":
+            raise UsageError("--sensitivity_metric kl is Duo-SVD's (--allocation duo); asvd takes ppl or stable_rank")
+        args.sensitivity_metric = args.sensitivity_metric or "ppl"
+        if args.ppl_target is not None and not (args.ppl_target > 0 and args.ppl_target < float("inf")):
+            raise UsageError(f"--ppl_target {args.ppl_target}: a perplexity above 1, e.g. 40")
+    if args.sensitivity_ratios is None:
+        args.sensitivity_ratios = DUO_RATIOS if args.allocation == "duo" else ASVD_RATIOS
+    else:
+        try:
+            ratios = tuple(float(x) for x in str(args.sensitivity_ratios).split(","))
+        except ValueError:
+            raise UsageError(f"--sensitivity_ratios {args.sensitivity_ratios!r}: give kept fractions as a comma "
+                             f"list, e.g. 0.2,0.4,0.6,0.8,1") from None
+        bad = [r for r in ratios if not 0.0 < r <= 1.0]
+        if bad:
+            raise UsageError(f"--sensitivity_ratios: {bad[0]:g} is not a kept fraction in (0, 1] (1 = dense)")
+        if len(set(ratios)) != len(ratios):
+            raise UsageError("--sensitivity_ratios: a candidate is given twice")
+        if not any(r < 1.0 for r in ratios):
+            raise UsageError("--sensitivity_ratios: give at least one kept fraction below 1")
+        args.sensitivity_ratios = ratios
+    if args.sensitivity_nsamples < 1:
+        raise UsageError("--sensitivity_nsamples must be at least 1")
+
+
+def _resolve_scaling(args: argparse.Namespace) -> None:
+    """--scaling / --act_aware / --whitening defaults and their conflicts (ASVD is whitening none)."""
+    if args.act_aware and args.scaling in (None, "none"):
+        args.scaling = "abs_mean"
+    args.scaling = args.scaling or "none"
+    if args.scaling != "none" and args.whitening not in (None, "none"):
+        raise UsageError(f"--scaling {args.scaling} with --whitening {args.whitening}: scaling (ASVD) and whitening "
+                         f"(SVD-LLM) are alternatives; use --whitening none --scaling {args.scaling}, or "
+                         f"--whitening {args.whitening} alone")
+    if args.whitening is None:
+        args.whitening = "none" if args.scaling != "none" else "cholesky"
+    if args.scaling != "none" and not 0.0 <= args.alpha <= 4.0:
+        raise UsageError(f"--alpha {args.alpha}: the scaling exponent must be in [0, 4] (ASVD: 0.5)")
+    if args.column_preserve and args.update != "none":
+        raise UsageError("--column_preserve with --update closed_form: the update refits plain low-rank layers "
+                         "only; run one or the other")
+    if args.column_preserve and args.whitening == "none":
+        raise UsageError("--column_preserve scores and trades columns by their whitened error: use --whitening "
+                         "cholesky or eigen (it is not combined with --scaling)")
+    steps = set(args.steps)
+    if args.scaling.startswith("fisher") and 1 in steps and not args.fisher:
+        raise UsageError(f"--scaling {args.scaling} needs fisher information: add --fisher to step 1")
 
 
 QUANT_DEFAULTS = {"quant": "gptq", "wbits": 4, "groupsize": 128}
@@ -397,6 +539,22 @@ def _check_plan_path(path: str, overwrite: bool) -> None:
         raise UsageError(f"{path}: a plan from an earlier run is there; pass --overwrite to replace it")
 
 
+def _check_sensitivity_path(path: str) -> None:
+    """An existing sensitivity table is reused (or refused when measured for something else, in
+    step 2); anything else at that path is never replaced."""
+    from methods.sensitivity import TABLE_FORMAT
+    from utils.io import read_json
+    if not os.path.exists(path):
+        return
+    try:
+        ours = os.path.isfile(path) and read_json(path).get("format") == TABLE_FORMAT
+    except (ValueError, AttributeError, OSError):
+        ours = False
+    if not ours:
+        raise UsageError(f"--sensitivity_path {path}: exists and is not a sensitivity table of this tool; "
+                         f"choose another path")
+
+
 # ---------------------------------------------------------------------------------------- steps
 
 @dataclass
@@ -443,7 +601,7 @@ def run_profile(args: argparse.Namespace, session: Session):
     windows = _windows(args, session, args.whitening_nsamples)
     start = time.perf_counter()
     stats = profile_model(session.model, windows, args.device, stats_path_of(args),
-                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed})
+                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed}, fisher=args.fisher)
     stats.close()
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
     print(f"profile: {stats.meta['num_layers']} layers, {stats.meta['tokens']} tokens -> {stats_path_of(args)} "
@@ -452,7 +610,7 @@ def run_profile(args: argparse.Namespace, session: Session):
 
 
 def run_allocate(args: argparse.Namespace, session: Session):
-    """Step 2: the per-module plan (uniform ranks from --ratio, or --allocation v2)."""
+    """Step 2: the per-module plan (uniform ranks from --ratio, or --allocation v2 / asvd / duo)."""
     from utils.model import count_parameters, target_shapes
     from utils.plan import Plan
     ensure_model(args, session)
@@ -467,6 +625,8 @@ def run_allocate(args: argparse.Namespace, session: Session):
         finally:
             stats.close()
         plan, plan.detail = v2_plan(session.model, args.ratio, sigmas, args.v2_max_shift)
+    elif args.allocation in ("asvd", "duo"):
+        plan = _sensitivity_plan(args, session)
     else:
         plan = Plan.uniform(target_shapes(session.model), args.ratio)
     session.timings["allocate_s"] = round(time.perf_counter() - start, 3)
@@ -478,6 +638,57 @@ def run_allocate(args: argparse.Namespace, session: Session):
     for kind, group in ((plan.detail or {}).get("groups") or {}).items():
         print(f"  {kind}: ranks {group['min_rank']}-{group['max_rank']} (uniform {group['uniform_rank']}), "
               f"{group['dense']} dense")
+    return plan
+
+
+def sensitivity_path_of(args: argparse.Namespace) -> str:
+    """--sensitivity_path, or STATS/sensitivity_METRIC[_rRATIO].json (duo's table depends on --ratio)."""
+    if args.sensitivity_path:
+        return args.sensitivity_path
+    suffix = f"_r{args.ratio:g}" if args.allocation == "duo" else ""
+    return os.path.join(stats_path_of(args), f"sensitivity_{args.sensitivity_metric}{suffix}.json")
+
+
+def _sensitivity_plan(args: argparse.Namespace, session: Session):
+    """Step 2 for --allocation asvd / duo: the sensitivity table (reused or measured,
+    methods.sensitivity), then ASVD's search or Duo-SVD's DP (methods.allocation)."""
+    from methods.allocation import asvd_plan, asvd_ppl_plan, duo_plan
+    from methods.sensitivity import SensitivityError, SensitivityOptions, plan_calibration_ppl, sensitivity_table
+    from utils.pipeline import PipelineError, Statistics
+    stats = Statistics.open(stats_path_of(args))
+    try:
+        stats.check_model(session.model)
+        options = SensitivityOptions(args.sensitivity_metric, tuple(args.sensitivity_ratios),
+                                     args.ratio if args.allocation == "duo" else None, args.whitening,
+                                     args.scaling, args.alpha)
+        needs_windows = args.sensitivity_metric != "stable_rank" or args.ppl_target is not None
+        windows = _windows(args, session, args.sensitivity_nsamples) if needs_windows else None
+        path = sensitivity_path_of(args)
+        start = time.perf_counter()
+        try:
+            table, reused = sensitivity_table(session.model, windows, stats, args.device, options, path,
+                                              {"dataset": args.dataset, "seed": args.seed}, args.overwrite)
+        except SensitivityError as error:
+            raise PipelineError(str(error)) from None
+        session.timings["sensitivity_s"] = round(time.perf_counter() - start, 3)
+        print(f"sensitivity: {'reused' if reused else 'measured'} {args.sensitivity_metric} table "
+              f"({len(table.values)} matrices x {len(options.ratios)} candidates, {table.evaluations} evaluations) "
+              f"-> {path}")
+        try:
+            if args.allocation == "duo":
+                plan, detail = duo_plan(session.model, args.ratio, table)
+            elif args.ppl_target is not None:
+                plan, detail = asvd_ppl_plan(session.model, args.ppl_target, table,
+                                             plan_calibration_ppl(session.model, stats, windows, args.device,
+                                                                  args.whitening, args.scaling, args.alpha))
+            else:
+                plan, detail = asvd_plan(session.model, args.ratio, table)
+        except ValueError as error:
+            raise PipelineError(str(error)) from None
+    finally:
+        stats.close()
+    plan.detail = {**detail, "sensitivity_path": path, "sensitivity_reused": reused,
+                   "sensitivity_nsamples": None if windows is None else int(windows.shape[0])}
     return plan
 
 
@@ -507,9 +718,10 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     plan, plan_source = _plan_for_step3(args, session)
     options = CompressOptions(
         DecomposeOptions(args.whitening, args.decomposition, DTYPES[args.svd_dtype], args.svd_driver,
-                         args.rsvd_oversamples, args.rsvd_n_iter, args.seed),
+                         args.rsvd_oversamples, args.rsvd_n_iter, args.seed, scaling=args.scaling,
+                         alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve),
         UpdateOptions(nsamples=args.updating_nsamples) if args.update != "none" else None)
-    stats = Statistics.open(stats_path_of(args)) if args.whitening != "none" else None
+    stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
     windows = _windows(args, session, args.updating_nsamples) if options.update else None
     try:
         record = compress_model(session.model, plan, options, args.device, stats, windows)

@@ -1,20 +1,41 @@
-"""Allocations that need the model: SVD-LLM V2's ranks from the whitened spectra.
+"""Allocations that need the model: SVD-LLM V2's ranks from the whitened spectra, Duo-SVD's
+knapsack DP over KL sensitivities, ASVD's binary search over sensitivities.
 
 The spectra pass walks the layers without activations (like the decomposition pass) and keeps
 the singular values of every whitened matrix W S (S from step 1's Grams). From them the
 theoretical truncation loss of any rank is known without a forward pass:
 L(r) = sqrt(sum_{i>r} sigma_i^2). v2_plan turns them into a plan with utils.allocate.
+The sensitivity tables come from methods.sensitivity (one implementation for both metrics).
+
+Every plan here meets utils.allocate's budget rule: params_after <= floor((1 - ratio) before),
+at most 0.5% of the parameters more removed, no rank that does not shrink its matrix.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from utils.allocate import meet_budget, ratios_to_ranks, type_groups, v2_ratios
+from utils.allocate import (asvd_ranks, budget_for_ratio, kept_at_threshold, kept_to_ranks, knapsack_allocation,
+                            matrix_params, meet_budget, ratios_to_ranks, removed_fraction, sensitivity_order,
+                            threshold_search, type_groups, v2_ratios)
 from utils.layerwise import LayerContext, walk_layers
 from utils.model import target_linears, target_shapes
 from utils.plan import ModulePlan, Plan, rank_for_ratio
 from utils.stats import saved_gram
 from utils.whitening import whitening_factor
+
+
+def whitened_singular_values(target: torch.Tensor) -> torch.Tensor:
+    """Singular values of T = W S (float64 in), descending, from the eigenvalues of the smaller Gram
+    T T^T or T^T T (float64): the squares are what truncation losses need, and a symmetric
+    eigenvalue solve of the smaller side costs a fraction of an SVD of T (no bidiagonalisation).
+    Tiny negative round-off eigenvalues are clamped to 0; float64 keeps the discarded energy
+    accurate to about 1e-16 of the largest squared singular value."""
+    t = target.to(torch.float64)
+    gram = t @ t.T if t.shape[0] <= t.shape[1] else t.T @ t
+    eig = torch.linalg.eigvalsh(gram)
+    return eig.clamp_min(0).flip(0).sqrt()
 
 
 class Spectra:
@@ -23,8 +44,13 @@ class Spectra:
     needs_activations = False
     needs_reference = False
 
-    def __init__(self, stats, whitening: str = "cholesky", svd_dtype: torch.dtype = torch.float32):
-        self.stats, self.whitening, self.svd_dtype = stats, whitening, svd_dtype
+    def __init__(self, stats, whitening: str = "cholesky", svd_dtype: torch.dtype = torch.float32,
+                 method: str = "gram"):
+        """method: gram (eigenvalues of the smaller Gram, float64) or svdvals (an SVD of W S in
+        svd_dtype, what this pass did before; kept for the benchmark's comparison)."""
+        if method not in ("gram", "svdvals"):
+            raise ValueError(f"unknown spectra method {method!r}")
+        self.stats, self.whitening, self.svd_dtype, self.method = stats, whitening, svd_dtype, method
         self.sigmas: dict[str, torch.Tensor] = {}
 
     def __call__(self, context: LayerContext) -> None:
@@ -35,13 +61,17 @@ class Spectra:
             if stream not in factors:
                 factors[stream] = whitening_factor(saved_gram(stats, stream, context.device), self.whitening)
             target = factors[stream].right_multiply(linear.weight.detach().to(context.device))
-            self.sigmas[f"{context.name}.{name}"] = torch.linalg.svdvals(target.to(self.svd_dtype)).double().cpu()
+            if self.method == "gram":
+                sigma = whitened_singular_values(target)
+            else:
+                sigma = torch.linalg.svdvals(target.to(self.svd_dtype)).double()
+            self.sigmas[f"{context.name}.{name}"] = sigma.cpu()
 
 
 def whitened_spectra(model: torch.nn.Module, stats, device: torch.device | str, whitening: str = "cholesky",
-                     svd_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                     svd_dtype: torch.dtype = torch.float32, method: str = "gram") -> dict[str, torch.Tensor]:
     """name -> singular values of the whitened weight, one layer on `device` at a time."""
-    spectra = Spectra(stats, whitening, svd_dtype)
+    spectra = Spectra(stats, whitening, svd_dtype, method)
     walk_layers(model, None, device, spectra, desc="spectra", changes_weights=False)
     return spectra.sigmas
 
@@ -72,3 +102,108 @@ def v2_plan(model: torch.nn.Module, ratio: float, sigmas: dict[str, torch.Tensor
                         "max_rank": max(kept, default=None), "dense": sum(ranks[n] is None for n in names),
                         "mean_ratio": round(sum(ratios[n] for n in names) / len(names), 4)}
     return plan, {"max_shift": max_shift, "groups": detail}
+
+
+# ---------------------------------------------------------------------------------------- Duo-SVD
+
+def duo_plan(model_or_shapes, ratio: float, table, unit: int | None = None) -> tuple[Plan, dict]:
+    """Duo-SVD's allocation (Pupu792/CPSVD utils/rank_search.py determine_optimal_ranks_dp): one
+    choice per matrix among the table's candidate kept fractions (1.0 = dense), loss = KL of that
+    choice minus KL of the base state (the reference's loss_base = the value at the uniform ratio),
+    minimising the summed loss under the budget by utils.allocate.knapsack_allocation (real costs
+    r (m + n), units under 0.1% of the budget, the backtrack in the forward pass's units). Then
+    meet_budget fills the slack the candidate grid leaves (it only adds ranks, never going over),
+    so the plan meets the budget rule; the reference instead picks the state closest to its
+    target, which can overshoot it."""
+    shapes = model_or_shapes if isinstance(model_or_shapes, dict) else target_shapes(model_or_shapes)
+    base = table.base_value
+    if base is None:
+        raise ValueError("duo allocation needs a kl table with a base state (the uniform ratio)")
+    options: dict[str, list[tuple[int, float]]] = {}
+    choice_ranks: dict[str, list[int | None]] = {}
+    for name, shape in shapes.items():
+        row = table.values.get(name)
+        if row is None:
+            raise ValueError(f"the sensitivity table has no entry for {name}: measure it for this model")
+        seen: dict[int | None, float] = {}
+        for p, value in row.items():
+            if not math.isfinite(value):
+                raise ValueError(f"sensitivity of {name} at kept fraction {p:g} is {value}: not finite")
+            rank = kept_to_ranks({name: shape}, {name: p})[name]
+            seen[rank] = min(value, seen.get(rank, math.inf))
+        if None not in seen:  # dense is always a choice (the reference adds it)
+            seen[None] = base
+        choice_ranks[name] = list(seen)
+        options[name] = [(matrix_params(shape, r), seen[r] - base) for r in seen]
+    budget = budget_for_ratio(shapes, ratio)
+    chosen = knapsack_allocation(options, budget, unit)
+    ranks = {name: choice_ranks[name][j] for name, j in chosen.items()}
+    dp_removed = removed_fraction(shapes, ranks)
+    dp_loss = sum(options[name][j][1] for name, j in chosen.items())
+    sigmas = table.sigmas if table.sigmas and all(n in table.sigmas for n in shapes) else None
+    ranks = meet_budget(shapes, ranks, ratio, sigmas=sigmas)
+    plan = Plan({name: ModulePlan(m, n, bias, ranks[name]) for name, (m, n, bias) in shapes.items()}, ratio, "duo")
+    detail = {"metric": table.metric, "base_state": table.key.get("base_state"), "base_kl": base,
+              "predicted_kl_increase": dp_loss, "dp_removed_fraction": round(dp_removed, 6),
+              "candidates": table.key.get("candidates"), "groups": rank_groups(shapes, ranks, ratio)}
+    return plan, detail
+
+
+# ---------------------------------------------------------------------------------------- ASVD
+
+def asvd_plan(model_or_shapes, ratio: float, table) -> tuple[Plan, dict]:
+    """ASVD's binary search (hahnyuan/ASVD4LLM binary_search.py) to --ratio by parameter count,
+    under the budget rule (utils.allocate.asvd_ranks: ends on the feasible bound, never over, the
+    grid's slack filled by meet_budget)."""
+    shapes = model_or_shapes if isinstance(model_or_shapes, dict) else target_shapes(model_or_shapes)
+    missing = [n for n in shapes if n not in table.values]
+    if missing:
+        raise ValueError(f"the sensitivity table has no entry for {missing[0]}: measure it for this model")
+    sigmas = table.sigmas if table.sigmas and all(n in table.sigmas for n in shapes) else None
+    ranks, record = asvd_ranks(shapes, {n: table.values[n] for n in shapes}, ratio, sigmas=sigmas)
+    plan = Plan({name: ModulePlan(m, n, bias, ranks[name]) for name, (m, n, bias) in shapes.items()}, ratio, "asvd")
+    return plan, {"metric": table.metric, "target": "ratio", **record, "groups": rank_groups(shapes, ranks, ratio)}
+
+
+def asvd_ppl_plan(model_or_shapes, ppl_target: float, table, calibration_ppl) -> tuple[Plan, dict]:
+    """ASVD's search to a perplexity target: the most compression (smallest threshold of the
+    sensitivity order) whose REAL calibration perplexity, calibration_ppl(ranks) (the model
+    compressed by those ranks), is below ppl_target. Ends on the feasible bound of the final
+    bracket (utils.allocate.threshold_search), not on ASVD's last midpoint; every evaluated point
+    is recorded. ValueError when even the uncompressed model misses the target."""
+    shapes = model_or_shapes if isinstance(model_or_shapes, dict) else target_shapes(model_or_shapes)
+    order = sensitivity_order({n: table.values[n] for n in shapes})
+    names = list(shapes)
+    evaluated: dict[int, dict] = {}
+
+    def feasible(t: int) -> bool:
+        ranks = kept_to_ranks(shapes, kept_at_threshold(order, names, t))
+        ppl = float(calibration_ppl(ranks))
+        evaluated[t] = {"ppl": ppl, "removed_fraction": round(removed_fraction(shapes, ranks), 6)}
+        return math.isfinite(ppl) and ppl < ppl_target
+
+    try:
+        threshold, _ = threshold_search(len(order), feasible)
+    except ValueError:
+        raise ValueError(f"--ppl_target {ppl_target}: the uncompressed model's calibration perplexity is "
+                         f"{evaluated[len(order)]['ppl']:.3f}, already above it; raise the target") from None
+    ranks = kept_to_ranks(shapes, kept_at_threshold(order, names, threshold))
+    removed = removed_fraction(shapes, ranks)
+    plan = Plan({name: ModulePlan(m, n, bias, ranks[name]) for name, (m, n, bias) in shapes.items()},
+                round(removed, 6), "asvd")
+    return plan, {"metric": table.metric, "target": "ppl", "ppl_target": ppl_target, "threshold": threshold,
+                  "choices": len(order), "calibration_ppl": evaluated[threshold]["ppl"],
+                  "evaluations": {str(t): v for t, v in sorted(evaluated.items())},
+                  "groups": rank_groups(shapes, ranks, None)}
+
+
+def rank_groups(shapes: dict, ranks: dict, ratio: float | None) -> dict:
+    """Per matrix type: uniform rank at `ratio`, min / max rank given, dense count (the record)."""
+    out = {}
+    for kind, names in type_groups(shapes).items():
+        kept = [ranks[n] for n in names if ranks[n] is not None]
+        m, n, _ = shapes[names[0]]
+        out[kind] = {"uniform_rank": rank_for_ratio(m, n, ratio) if ratio else None,
+                     "min_rank": min(kept, default=None), "max_rank": max(kept, default=None),
+                     "dense": sum(ranks[x] is None for x in names)}
+    return out

@@ -417,3 +417,93 @@ def ratios_to_ranks(shapes: Mapping[str, Sequence], ratios: Mapping[str, float])
             raise ValueError(f"ratios_to_ranks: {name} has ratio {r}")
         ranks[name] = None if r <= 0.0 else rank_for_ratio(m, n, min(r, MAX_RATIO))
     return ranks
+
+
+# ---------------------------------------------------------------------------------- ASVD's search
+def sensitivity_order(values: Mapping[str, Mapping[float, float]]) -> list[tuple[str, float, float]]:
+    """ASVD's sorted_sensitive_list: every (name, kept fraction p < 1, value), most sensitive first
+    (largest value), ties broken by name then p so the order is reproducible. A non-finite value is
+    an error naming the matrix (ASVD would silently sort a NaN somewhere and use it)."""
+    entries = []
+    for name, row in values.items():
+        for p, value in row.items():
+            if not math.isfinite(float(value)):
+                raise ValueError(f"sensitivity of {name} at kept fraction {p:g} is {value}: not finite")
+            if float(p) < 1.0:
+                entries.append((name, float(p), float(value)))
+    return sorted(entries, key=lambda e: (-e[2], e[0], e[1]))
+
+
+def kept_at_threshold(order: Sequence[tuple[str, float, float]], names: Iterable[str],
+                      threshold: int) -> dict[str, float]:
+    """ASVD's layers_min_ratio for index `threshold`: the choices order[threshold:] (the less
+    sensitive ones) are accepted and each matrix takes its smallest accepted kept fraction;
+    one with none accepted stays dense (1.0). threshold = len(order): everything dense."""
+    kept = {name: 1.0 for name in names}
+    for name, p, _ in order[threshold:]:
+        if p < kept[name]:
+            kept[name] = p
+    return kept
+
+
+def kept_to_ranks(shapes: Mapping[str, Sequence], kept: Mapping[str, float]) -> dict[str, int | None]:
+    """Kept fractions -> ranks (rank_for_ratio(1 - p)); 1.0, or a rank that would not shrink, is dense."""
+    ranks = {}
+    for name, shape in shapes.items():
+        m, n, _ = _dims(shape)
+        p = float(kept[name])
+        ranks[name] = None if p >= 1.0 else rank_for_ratio(m, n, 1.0 - p)
+    return ranks
+
+
+def threshold_search(count: int, feasible) -> tuple[int, dict]:
+    """The smallest index t in [0, count] with feasible(t) true, by bisection, assuming feasibility
+    grows with t (more of the sorted choices refused = less compression); count must be feasible.
+    Fixes ASVD's defect: its loop ends on the last midpoint it tried, which may be infeasible; here
+    the answer is the lower end of the final bracket, whose feasibility was evaluated (each index is
+    evaluated at most once; the values are returned for the record, index -> feasible)."""
+    seen: dict[int, bool] = {}
+
+    def check(t: int) -> bool:
+        if t not in seen:
+            seen[t] = bool(feasible(t))
+        return seen[t]
+
+    low, high = 0, count  # invariant: high is feasible
+    if not check(high):
+        raise ValueError("threshold_search: even refusing every choice is not feasible")
+    while low < high:
+        mid = (low + high) // 2
+        if check(mid):
+            high = mid
+        else:
+            low = mid + 1
+    return high, seen
+
+
+def asvd_ranks(shapes: Mapping[str, Sequence], values: Mapping[str, Mapping[float, float]], ratio: float, *,
+               sigmas: Mapping[str, Sequence[float]] | None = None,
+               tolerance: float = BUDGET_TOLERANCE) -> tuple[dict[str, int | None], dict]:
+    """ASVD's binary search to a parameter budget, under the budget rule: the smallest threshold of
+    the sensitivity order whose ranks (real costs r (m + n)) fit floor((1 - ratio) params_before),
+    then meet_budget fills what the coarse kept-fraction grid left (it never goes over). Returns
+    ranks and a record (threshold, choices, removed before the fill)."""
+    order = sensitivity_order(values)
+    budget = budget_for_ratio(shapes, ratio)
+    names = list(shapes)
+
+    def fits(t: int) -> bool:
+        return params_after(shapes, kept_to_ranks(shapes, kept_at_threshold(order, names, t))) <= budget
+
+    if not fits(0):
+        raise ValueError(f"asvd search: even every matrix at its smallest candidate keeps more than "
+                         f"{1 - ratio:.4f} of the parameters; add smaller --sensitivity_ratios")
+    # feasibility shrinks with t here (fewer accepted = more kept), so search on the reversed axis
+    count = len(order)
+    best, seen = threshold_search(count, lambda s: fits(count - s))
+    threshold = count - best
+    ranks = kept_to_ranks(shapes, kept_at_threshold(order, names, threshold))
+    searched = removed_fraction(shapes, ranks)
+    filled = meet_budget(shapes, ranks, ratio, sigmas=sigmas, tolerance=tolerance)
+    return filled, {"threshold": threshold, "choices": count, "evaluated": len(seen),
+                    "removed_before_fill": round(searched, 6)}

@@ -14,9 +14,10 @@ import torch
 
 from utils.plan import rank_for_ratio  # noqa: F401  (re-exported: the ratio convention)
 from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES, randomized_svd, sketch_covers
-from utils.whitening import WhiteningFactor
+from utils.whitening import ScalingFactor, WhiteningFactor
 
 DECOMPOSITIONS = ("svd", "rsvd")
+SIGMA_FUSE = ("UV", "U", "V")  # ASVD's --sigma_fuse: where Sigma goes (UV: its square root into both)
 
 
 def low_rank_params(out_features: int, in_features: int, rank: int, bias: bool) -> int:
@@ -133,7 +134,8 @@ def exact_svd(matrix: torch.Tensor, rank: int, driver: str = "auto",
 
 @dataclass
 class Factors:
-    """W ~ u @ v; u carries sqrt(sigma) on its columns, v on its rows (SVD-LLM's split)."""
+    """W ~ u @ v; u carries sqrt(sigma) on its columns, v on its rows (SVD-LLM's split), unless
+    sigma_fuse put all of Sigma on one side."""
 
     u: torch.Tensor  # out x r
     v: torch.Tensor  # r x in
@@ -147,19 +149,24 @@ class Factors:
         return max(self.total_energy - self.kept_energy, 0.0) ** 0.5
 
 
-def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor | None = None,
+def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor | ScalingFactor | None = None,
                      decomposition: str = "svd", compute_dtype: torch.dtype = torch.float32,
                      oversamples: int = DEFAULT_OVERSAMPLES, n_iter: int = DEFAULT_N_ITER,
-                     generator: torch.Generator | None = None, svd_driver: str = "auto") -> Factors:
-    """Truncated (whitened) SVD of `weight` (out x in).
+                     generator: torch.Generator | None = None, svd_driver: str = "auto",
+                     sigma_fuse: str = "UV") -> Factors:
+    """Truncated (whitened or scaled) SVD of `weight` (out x in).
 
     With whitening S: A = W S = U Sigma V^T, keep r, u = U_r sqrt(Sigma_r),
-    v = sqrt(Sigma_r) V_r^T S^-1. Without: the same with S = I (plain SVD).
+    v = sqrt(Sigma_r) V_r^T S^-1. Without: the same with S = I (plain SVD). ASVD's scaling is
+    S = diag(s). sigma_fuse "U" gives u = U_r Sigma_r, v = V_r^T S^-1; "V" u = U_r,
+    v = Sigma_r V_r^T S^-1 (the product u v is the same).
     The SVD runs in `compute_dtype` (float32 for speed, float64 for exactness); whitening
     products and solves in float64. `svd_driver` picks the exact SVD's driver (see exact_svd).
     """
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {DECOMPOSITIONS}")
+    if sigma_fuse not in SIGMA_FUSE:
+        raise ValueError(f"unknown sigma_fuse {sigma_fuse!r}; choose one of {SIGMA_FUSE}")
     target = whitening.right_multiply(weight) if whitening is not None else weight.to(torch.float64)
     total_energy = float(target.square().sum())
     target = target.to(compute_dtype)
@@ -170,9 +177,11 @@ def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor
         u, sigma, vh = exact_svd(target, rank, svd_driver, info)
     else:
         u, sigma, vh = randomized_svd(target, rank, oversamples, n_iter, generator)
-    root = sigma.to(torch.float64).sqrt()
-    u = u.to(torch.float64) * root
-    v = root[:, None] * vh.to(torch.float64)
+    sigma64 = sigma.to(torch.float64)
+    left, right = {"UV": (sigma64.sqrt(), sigma64.sqrt()), "U": (sigma64, torch.ones_like(sigma64)),
+                   "V": (torch.ones_like(sigma64), sigma64)}[sigma_fuse]
+    u = u.to(torch.float64) * left
+    v = right[:, None] * vh.to(torch.float64)
     if whitening is not None:
         v = whitening.right_solve(v)
     return Factors(u=u, v=v, kept_energy=float(sigma.to(torch.float64).square().sum()),

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from component import LowRankLinear
+from component import ColumnPreservedLinear, LowRankLinear
 from component.quant_linear import QuantLinear
 from utils.hf_remote import base_config_dict, remote_code_config, write_remote_code
 from utils.model import set_submodule
@@ -172,6 +172,15 @@ def build_low_rank_model(config_dict: dict, compression: dict, dtype: torch.dtyp
             except AttributeError:
                 raise CompressedModelError(f"compression block names module {name!r}, "
                                            f"which the {config.model_type} architecture does not have")
+            preserved = (compression.get("column_preserved") or {}).get(name)
+            if preserved:  # Duo-SVD's column level: its own rank and kept columns, indices from the tensors
+                try:
+                    module = ColumnPreservedLinear(dense.in_features, dense.out_features, int(preserved["rank"]),
+                                                   int(preserved["columns"]), bias=dense.bias is not None, dtype=dtype)
+                except (KeyError, TypeError, ValueError) as error:
+                    raise CompressedModelError(f"the column_preserved record of {name} is not usable ({error!r})") from None
+                set_submodule(model, name, module)
+                continue
             set_submodule(model, name, LowRankLinear(dense.in_features, dense.out_features, int(rank),
                                                      bias=dense.bias is not None, dtype=dtype))
         for name, record in quantized_modules(compression).items():
@@ -293,3 +302,9 @@ def _load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: s
             raise CompressedModelError(f"{path}: {name} is {tensor.dtype}, expected {expected[name].dtype}")
     model.load_state_dict(state, strict=False)
     model.tie_weights()
+    for name, module in model.named_modules():
+        if isinstance(module, ColumnPreservedLinear) and module.c is not None:
+            channels = torch.cat([module.svd_idx, module.col_idx]).sort().values
+            if not torch.equal(channels, torch.arange(module.in_features, dtype=channels.dtype)):
+                raise CompressedModelError(f"{path}: {name}'s svd_idx and col_idx do not cover its "
+                                           f"{module.in_features} input channels once each; the file is damaged")

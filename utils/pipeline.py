@@ -26,6 +26,7 @@ from utils.plan import Plan
 from utils.stats import LayerStatsCollector
 
 STATS_META = "meta.json"
+FISHER_FILE = "fisher.safetensors"  # step 1 --fisher: qualified module name -> (in,) float64
 
 
 class PipelineError(ValueError):
@@ -39,8 +40,10 @@ class Statistics:
     meta.json) or in memory. layer(i) returns (tensors, module -> stream); on disk, layer i+1 is
     read in a background thread while layer i is being used (at most three layers in memory)."""
 
-    def __init__(self, meta: dict, path: str | None = None, layers: dict[int, dict] | None = None):
+    def __init__(self, meta: dict, path: str | None = None, layers: dict[int, dict] | None = None,
+                 fisher: dict[str, torch.Tensor] | None = None):
         self.meta, self.path, self._layers = meta, path, layers
+        self._fisher = fisher
         self._reader = ThreadPoolExecutor(max_workers=1) if path else None
         self._reads: dict = {}
         self.wait_s = 0.0  # time the caller waited for a read (background reads hide the rest)
@@ -67,6 +70,22 @@ class Statistics:
         tensors = future.result()
         self.wait_s += time.perf_counter() - start
         return tensors, streams
+
+    @property
+    def has_fisher(self) -> bool:
+        return self._fisher is not None or bool(self.meta.get("fisher"))
+
+    def fisher(self, module: str) -> torch.Tensor:
+        """The fisher vector (in,) of one target linear, by qualified name (step 1 with --fisher):
+        sqrt of the mean over windows of the squared LM-loss gradient, summed over output rows."""
+        if self._fisher is None:
+            if not self.has_fisher or self.path is None:
+                raise PipelineError(f"statistics in {self.path or 'memory'} have no fisher information: "
+                                    f"rerun step 1 with --fisher")
+            self._fisher = load_file(os.path.join(self.path, FISHER_FILE), device="cpu")
+        if module not in self._fisher:
+            raise PipelineError(f"no fisher information for {module} in {self.path or 'memory'}")
+        return self._fisher[module]
 
     def close(self) -> None:
         if self._reader is not None:
@@ -99,12 +118,13 @@ def _check_finite(collector: LayerStatsCollector, layer_name: str, dtype: torch.
 
 def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.device | str,
                   path: str | None = None, meta: dict | None = None,
-                  gram_dtype: torch.dtype = torch.float32) -> Statistics:
+                  gram_dtype: torch.dtype = torch.float32, fisher: bool = False) -> Statistics:
     """Step 1: Gram / |x| statistics of every distinct input of every target linear, layer by
     layer. Written atomically to `path` when given (layer i's file is written in the background
     while layer i+1 runs), else kept in memory. `meta` adds fields (data set, seed) to meta.json.
     Grams are summed in float64 and stored in `gram_dtype` (float32 halves the files; float64
-    for exact checks)."""
+    for exact checks). fisher: also ASVD's fisher information (utils.fisher), on the same
+    windows, stored beside them (FISHER_FILE, meta["fisher"])."""
     model_dtype = next(model.parameters()).dtype
     streams: dict[str, dict[str, str]] = {}
     layers: dict[int, dict] = {}
@@ -132,9 +152,18 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
         pending.append(writer.submit(save_file, tensors, os.path.join(directory, f"layer_{context.index:04d}.safetensors")))
         return outputs
 
+    def collect_fisher() -> dict[str, torch.Tensor] | None:
+        if not fisher:
+            return None
+        from utils.fisher import fisher_information
+        start = time.perf_counter()
+        values, summary = fisher_information(model, windows, device)
+        full_meta["fisher"] = {**summary, "seconds": round(time.perf_counter() - start, 3)}
+        return values
+
     if path is None:
         walk_layers(model, windows, device, lambda c: collect(c, None), desc="profile", changes_weights=False)
-        return Statistics(full_meta, layers=layers)
+        return Statistics(full_meta, layers=layers, fisher=collect_fisher())
     with atomic_path(path) as temporary:
         os.makedirs(temporary)
         try:
@@ -143,6 +172,9 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
                 future.result()
         finally:
             writer.shutdown(wait=True)
+        fisher_values = collect_fisher()
+        if fisher_values is not None:
+            save_file(fisher_values, os.path.join(temporary, FISHER_FILE))
         write_json(os.path.join(temporary, STATS_META), full_meta)
     return Statistics.open(path)
 
@@ -191,8 +223,13 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
     params_after = count_parameters(model)
     updates = [r["update"] for r in records.values() if "update" in r]
     return {
-        "plan": plan.to_dict(), "ranks": plan.ranks, "dense_modules": plan.dense_modules,
+        # the rank of every low-rank module as built (a column-preserved one traded some of the plan's)
+        "plan": plan.to_dict(), "ranks": {n: records.get(n, {}).get("rank", r) for n, r in plan.ranks.items()},
+        "dense_modules": plan.dense_modules,
         **options.to_dict(),
+        # modules that traded rank for exact input columns: the loaders build a ColumnPreservedLinear
+        "column_preserved": {name: {"rank": r["rank"], "columns": r["columns_kept"]}
+                             for name, r in records.items() if r.get("columns_kept")},
         "modules": records,
         "fallbacks": sum(bool(r.get("whitening_fallback")) for r in records.values()),
         "svd_driver_fallbacks": sum(bool(r.get("svd_driver_fallback")) for r in records.values()),
@@ -212,7 +249,8 @@ def compression_block(record: dict, base_model: str, model: torch.nn.Module, sta
     calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")}
     update = record.get("update")
     return {"format_version": 1, "base_model": base_model,
-            "method": "svd-llm" if record["whitening"] != "none" else "svd",
+            "method": ("svd-llm" if record["whitening"] != "none" else
+                       "asvd" if record.get("scaling", "none") != "none" else "svd"),
             "ratio": record["plan"]["ratio"], "plan_source": plan_source, **record,
             "updating_nsamples": update["nsamples"] if update else 0,
             "calibration": calibration, "seed": seed, "dtype": dtype_name(next(model.parameters()).dtype),

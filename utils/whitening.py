@@ -17,6 +17,11 @@ Two factors are offered, both computed in float64:
             are clamped at a small floor relative to the largest.
 Any two such S differ by an orthogonal factor on the right, so both give the same W'.
 S^-1 is only ever applied through triangular solves (cholesky) or the orthogonal Q (eigen).
+
+ASVD's activation-aware scaling is the diagonal special case S = diag(s), s = stat^alpha per
+input channel (ScalingFactor): the same W S / M S^-1 interface, so every consumer of a whitening
+factor (low_rank_factors, the allocations' spectra) takes it unchanged. `input_transform` picks
+one of the two for a stream (or a module, for fisher); they are alternatives, never combined.
 """
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ from dataclasses import dataclass
 import torch
 
 WHITENING_METHODS = ("cholesky", "eigen", "none")
+SCALING_METHODS = ("none", "abs_mean", "abs_max", "fisher", "fisher_abs_mean")
+# ASVD adds 1e-6 to the scale before dividing by it; here the guard is relative to the largest
+# entry (activations of any magnitude), and only lifts entries that would make S singular
+SCALING_REL_FLOOR = 1e-6
 
 
 @dataclass
@@ -116,3 +125,94 @@ def whitening_factor(gram: torch.Tensor | None, method: str) -> WhiteningFactor 
     if method == "eigen":
         return eigen_factor(gram)
     raise ValueError(f"unknown whitening {method!r}; choose one of {WHITENING_METHODS}")
+
+
+@dataclass
+class ScalingFactor:
+    """ASVD's S = diag(s) (float64): W S scales input column j by s_j, M S^-1 divides by it."""
+
+    scale: torch.Tensor  # s, (in,)
+    method: str = "scaling"
+    fallback: bool = False  # True when zero / tiny entries had to be lifted to the floor
+    shift: float | None = None  # never set (the WhiteningFactor interface)
+    scaling: str = "abs_mean"  # which statistic s came from
+    alpha: float = 0.5
+
+    @property
+    def factor(self) -> torch.Tensor:
+        """The dense diag(s), for consumers that want the matrix (tests, analysis)."""
+        return torch.diag(self.scale)
+
+    def right_multiply(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(torch.float64) * self.scale
+
+    def right_solve(self, matrix: torch.Tensor) -> torch.Tensor:
+        return matrix.to(torch.float64) / self.scale
+
+
+def scaling_factor(stat: torch.Tensor, alpha: float, scaling: str = "abs_mean",
+                   rel_floor: float = SCALING_REL_FLOOR) -> ScalingFactor:
+    """s = stat^alpha (float64), entries below rel_floor * max(s) lifted to it (dead channels
+    would make S singular). alpha 0 gives s = 1: plain SVD exactly."""
+    stat = stat.detach().to(torch.float64).flatten()
+    if not bool(torch.isfinite(stat).all()) or bool((stat < 0).any()):
+        raise ValueError(f"--scaling {scaling}: the per-channel statistic has non-finite or negative entries")
+    scale = stat.pow(alpha) if alpha != 0 else torch.ones_like(stat)
+    largest = float(scale.max()) if scale.numel() else 0.0
+    if largest <= 0:
+        raise ValueError(f"--scaling {scaling}: every channel's statistic is zero (a matrix that never saw input)")
+    floor = rel_floor * largest
+    fallback = bool((scale < floor).any())
+    return ScalingFactor(scale.clamp_min(floor), fallback=fallback, scaling=scaling, alpha=alpha)
+
+
+def channel_statistic(stats_tensors: dict[str, torch.Tensor], stream: str, scaling: str,
+                      fisher: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-input-channel statistic that --scaling names, from step 1's saved tensors of one
+    layer (abs_sum / tokens, abs_max) and, for fisher*, the module's fisher vector.
+    fisher_abs_mean is ASVD's product abs_mean * fisher (each raised to alpha there, so the
+    product's power is the same)."""
+    if scaling in ("abs_mean", "fisher_abs_mean"):
+        tokens = float(stats_tensors[f"{stream}.tokens"].flatten()[0])
+        abs_mean = stats_tensors[f"{stream}.abs_sum"].to(torch.float64) / max(tokens, 1.0)
+    if scaling == "abs_max":
+        key = f"{stream}.abs_max"
+        if key not in stats_tensors:
+            raise ValueError(f"--scaling abs_max: these statistics have no {key} (collected by an older "
+                             f"step 1); rerun step 1, or use --scaling abs_mean")
+        return stats_tensors[key].to(torch.float64)
+    if scaling in ("fisher", "fisher_abs_mean"):
+        if fisher is None:
+            raise ValueError(f"--scaling {scaling} needs fisher statistics: run step 1 with --fisher")
+        fisher = fisher.to(torch.float64)
+        return fisher if scaling == "fisher" else abs_mean * fisher
+    if scaling == "abs_mean":
+        return abs_mean
+    raise ValueError(f"unknown scaling {scaling!r}; choose one of {SCALING_METHODS}")
+
+
+def input_transform(stats_tensors: dict[str, torch.Tensor] | None, stream: str, device: torch.device | str,
+                    whitening: str, scaling: str = "none", alpha: float = 0.5,
+                    fisher: torch.Tensor | None = None) -> "WhiteningFactor | ScalingFactor | None":
+    """The right factor S of one matrix's decomposition: SVD-LLM's whitening of its input stream's
+    Gram, ASVD's diagonal scaling of its per-channel statistic, or None (plain SVD).
+
+    stats_tensors: one layer's step-1 tensors (Statistics.layer(i)[0]); stream: the matrix's input
+    stream there; fisher: the matrix's own fisher vector (in,) for scaling fisher / fisher_abs_mean.
+    Whitening and scaling together are refused (they are alternatives: ASVD is whitening none)."""
+    if scaling not in SCALING_METHODS:
+        raise ValueError(f"unknown scaling {scaling!r}; choose one of {SCALING_METHODS}")
+    if whitening not in WHITENING_METHODS:
+        raise ValueError(f"unknown whitening {whitening!r}; choose one of {WHITENING_METHODS}")
+    if scaling != "none" and whitening != "none":
+        raise ValueError(f"--scaling {scaling} with --whitening {whitening}: they are alternatives "
+                         f"(ASVD: --whitening none --scaling {scaling}; SVD-LLM: --whitening {whitening}); pick one")
+    if scaling != "none":
+        if stats_tensors is None:
+            raise ValueError(f"--scaling {scaling} needs calibration statistics (run step 1)")
+        stat = channel_statistic(stats_tensors, stream, scaling, fisher)
+        return scaling_factor(stat.to(device), alpha, scaling)
+    if whitening == "none":
+        return None
+    from utils.stats import saved_gram
+    return whitening_factor(saved_gram(stats_tensors, stream, device), whitening)

@@ -1,0 +1,545 @@
+"""End-to-end sensitivity of every target matrix at candidate ranks: one implementation for
+Duo-SVD's KL metric and ASVD's calibration-perplexity metric (plus ASVD's spectral stable_rank,
+which needs no forward pass).
+
+For each target matrix and each candidate kept fraction p (rank floor(m n p / (m + n)), SVD-LLM's
+and both references' convention; p = 1.0 is the original dense matrix), only that matrix is
+replaced, every other matrix is in the base state, and the metric is measured on the sensitivity
+windows:
+
+  metric "kl"  (Duo-SVD, Pupu792/CPSVD utils/svd_utils.py calib_sensitivity_kl): base state =
+               every matrix at the uniform rank of `base_ratio`; value = mean over the windows'
+               tokens (every position) of KL(original || perturbed) of the next-token
+               distributions. The reference sums KL over a window's tokens and averages over
+               windows (KLDivLoss 'batchmean' with one window per batch): ours is that divided by
+               the window length, the same ordering and the same DP optimum.
+  metric "ppl" (ASVD, hahnyuan/ASVD4LLM sensitivity.py calib_sensitivity_ppl): base state = every
+               other matrix dense; value = perplexity of the windows (tokens 1..L-1).
+
+What the reference does and we follow: the base state is set once with the ORIGINAL model's
+statistics (step 1's Grams) for every matrix (no re-profiling of the compressed model); a matrix's
+candidate truncations all come from one whitened SVD of it; the candidates' truncation is
+"(U_r S_r Vh_r) S^-1" of W S. Where we differ (cost only, not results): the reference runs the whole
+model for every candidate; here each decoder layer's inputs in the base state are cached once,
+so a change to a matrix of layer i re-runs layers i..L-1 and the head only.
+
+Memory (float32 on the device / CPU): the base-state inputs of every layer (layers x N x L x d:
+30 x 4 x 256 x 576 x 4 B = 70 MB for SmolLM2), the kept factors of every matrix up to the largest
+candidate rank for the kl metric (about 0.9 of the layers' parameters), and the original model's
+log-probabilities, N x L x vocab, for the kl metric: stored only when that is at most
+`logprob_cache_bytes` (default 512 MiB: SmolLM2, vocab 49152, 4 x 256 tokens: 201 MB, 4 x 512:
+403 MB); above that only the original final hidden states are kept and the original log-probs
+are recomputed per evaluation (one more pass of the head).
+
+The table on disk (utils.io.write_json, atomic) is keyed by model, statistics, windows,
+candidates, metric, base state and whitening; sensitivity_table reuses it when the key matches
+(no forward pass) and refuses it, naming the first differing field, when it does not.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from component import LowRankLinear
+from utils.io import read_json, write_json
+from utils.layerwise import capture_layer_inputs
+from utils.model import copies_to, decoder_layers, layer_prefix, model_description, set_submodule, target_linears
+from utils.plan import rank_for_ratio
+from utils.whitening import input_transform
+
+TABLE_FORMAT = "svd-compress-sensitivity"
+METRICS = ("kl", "ppl", "stable_rank")
+DUO_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # kept fractions, 1.0 = dense (Duo-SVD)
+ASVD_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # ASVD's param_ratio_candidates
+LOGPROB_CACHE_BYTES = 512 * 2 ** 20
+
+
+class SensitivityError(ValueError):
+    """A table that cannot be used (key mismatch, non-finite value): the message says which and why."""
+
+
+@dataclass
+class SensitivityOptions:
+    metric: str = "kl"  # kl (Duo-SVD) | ppl (ASVD) | stable_rank (ASVD, no forward pass)
+    ratios: tuple[float, ...] = DUO_RATIOS  # candidate KEPT fractions in (0, 1]; 1.0 = dense
+    base_ratio: float | None = None  # removed fraction of every other matrix; None: others dense
+    whitening: str = "cholesky"
+    scaling: str = "none"  # ASVD's activation-aware scaling (with whitening none): utils.whitening.input_transform
+    alpha: float = 0.5
+    svd_dtype: torch.dtype = torch.float32
+    logprob_cache_bytes: int = LOGPROB_CACHE_BYTES
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown sensitivity metric {self.metric!r}; choose one of {METRICS}")
+        ratios = tuple(sorted({float(r) for r in self.ratios}))
+        if not ratios or any(not 0.0 < r <= 1.0 for r in ratios):
+            raise ValueError(f"sensitivity ratios are kept fractions in (0, 1], got {self.ratios}")
+        if self.base_ratio is not None and not 0.0 < self.base_ratio < 1.0:
+            raise ValueError(f"base_ratio must be in (0, 1), got {self.base_ratio}")
+        if self.base_ratio is not None:  # the base state is a candidate too (the reference adds it)
+            ratios = tuple(sorted(set(ratios) | {round(1.0 - self.base_ratio, 10)}))
+        self.ratios = ratios
+
+    def base_state(self) -> str:
+        return "dense" if self.base_ratio is None else f"uniform ratio {self.base_ratio:g}"
+
+
+@dataclass
+class SensitivityTable:
+    """values[name][p] = the metric with only `name` at kept fraction p (base state elsewhere)."""
+
+    key: dict
+    values: dict[str, dict[float, float]]
+    base_value: float | None = None  # the metric of the base state itself (ppl: original model)
+    ranks: dict[str, dict[float, int | None]] = field(default_factory=dict)  # the rank each p meant
+    sigmas: dict[str, list[float]] | None = None  # whitened singular values (kl/ppl), for budget fills
+    seconds: float = 0.0
+    evaluations: int = 0
+
+    @property
+    def metric(self) -> str:
+        return self.key["metric"]
+
+    def check_finite(self) -> None:
+        for name, row in self.values.items():
+            for p, value in row.items():
+                if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                    raise SensitivityError(f"sensitivity of {name} at kept fraction {p:g} is {value}: not finite "
+                                           f"(the model diverges with it); rerun with more --sensitivity_nsamples, "
+                                           f"--dtype float32, or drop that candidate from --sensitivity_ratios")
+
+    def to_dict(self) -> dict:
+        return {"format": TABLE_FORMAT, "key": self.key, "base_value": self.base_value,
+                "seconds": round(self.seconds, 3), "evaluations": self.evaluations,
+                "values": {n: {f"{p:g}": v for p, v in row.items()} for n, row in self.values.items()},
+                "ranks": {n: {f"{p:g}": r for p, r in row.items()} for n, row in self.ranks.items()},
+                "sigmas": self.sigmas}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SensitivityTable":
+        def floats(row: dict) -> dict:
+            return {float(p): v for p, v in row.items()}
+        table = cls(data["key"], {n: floats(r) for n, r in data["values"].items()}, data.get("base_value"),
+                    {n: floats(r) for n, r in (data.get("ranks") or {}).items()}, data.get("sigmas"),
+                    data.get("seconds", 0.0), data.get("evaluations", 0))
+        return table
+
+    def save(self, path: str) -> None:
+        write_json(path, self.to_dict())
+
+
+# ---------------------------------------------------------------------------------------- the key
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha1()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def statistics_key(stats) -> dict | None:
+    """What identifies step 1's statistics: their meta (dataset, windows, seed, tokens) and a hash
+    of layer 0's tensors (any re-profiling changes it)."""
+    if stats is None:
+        return None
+    meta = {k: stats.meta.get(k) for k in ("model", "dataset", "nsamples", "seq_len", "seed", "tokens")}
+    tensors, _ = stats.layer(0)
+    return {**meta, "layer0_sha1": _digest(tensors)}
+
+
+def table_key(model: nn.Module, stats, windows: torch.Tensor | None, options: SensitivityOptions,
+              windows_info: dict | None = None) -> dict:
+    """model (description and a hash of its first and last decoder layers' weights), statistics,
+    windows (what they are and a hash of their ids), candidates, metric, base state, whitening."""
+    layers = decoder_layers(model)
+    fingerprint = {f"{i}.{k}": v for i in {0, len(layers) - 1} for k, v in layers[i].state_dict().items()}
+    description = {**model_description(model), "weights_sha1": _digest(fingerprint)}  # first and last layer
+    win = None
+    if windows is not None and options.metric != "stable_rank":
+        win = {**(windows_info or {}), "nsamples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+               "ids_sha1": _digest({"ids": windows.to(torch.int64)})}
+    return {"model": description, "statistics": statistics_key(stats) if options.metric != "stable_rank" else None,
+            "windows": win, "candidates": [float(r) for r in options.ratios], "metric": options.metric,
+            "base_state": options.base_state(),
+            "whitening": options.whitening if options.metric != "stable_rank" else None,
+            "scaling": None if options.metric == "stable_rank" or options.scaling == "none"
+            else {"method": options.scaling, "alpha": options.alpha}}
+
+
+def first_difference(expected, found, path: str = "") -> str | None:
+    """The dotted path of the first field where two keys differ (None: equal)."""
+    if isinstance(expected, dict) and isinstance(found, dict):
+        for k in list(expected) + [k for k in found if k not in expected]:
+            if k not in expected or k not in found:
+                return f"{path}{k}"
+            diff = first_difference(expected[k], found[k], f"{path}{k}.")
+            if diff is not None:
+                return diff
+        return None
+    if isinstance(expected, list) and isinstance(found, list) and len(expected) == len(found):
+        for e, f in zip(expected, found):
+            if first_difference(e, f, path) is not None:
+                return path.rstrip(".")
+        return None
+    return None if expected == found else path.rstrip(".")
+
+
+def load_table(path: str, key: dict) -> SensitivityTable:
+    """The table at `path` if its key is `key`; SensitivityError naming the differing field if not."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as error:
+        raise SensitivityError(f"sensitivity table {path}: cannot be read ({error}); remove it or pass --overwrite")
+    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+        raise SensitivityError(f"{path}: not a sensitivity table of this tool; choose another --sensitivity_path")
+    diff = first_difference(key, data.get("key", {}))
+    if diff is not None:
+        def at(d, dotted):
+            for part in dotted.split("."):
+                d = d.get(part) if isinstance(d, dict) else None
+            return d
+        raise SensitivityError(f"sensitivity table {path} was measured with a different {diff} "
+                               f"({at(data.get('key', {}), diff)!r}, now {at(key, diff)!r}): pass --overwrite to "
+                               f"measure it again, or another --sensitivity_path")
+    table = SensitivityTable.from_dict(data)
+    table.check_finite()
+    return table
+
+
+# ---------------------------------------------------------------------------------------- input transform
+
+def input_factor(stats_tensors: dict | None, stream: str, device, options: SensitivityOptions,
+                 fisher: torch.Tensor | None = None):
+    """The right factor S of W S whose truncation is taken, as step 3 takes it
+    (utils.whitening.input_transform: whitening, ASVD's scaling, or None for plain SVD)."""
+    if options.whitening == "none" and options.scaling == "none":
+        return None
+    return input_transform(stats_tensors, stream, device, options.whitening, options.scaling, options.alpha, fisher)
+
+
+class _MatrixSVD:
+    """One whitened SVD of W, truncated on demand: rank r -> u (m x r) = U_r S_r, v = Vh_r S^-1."""
+
+    def __init__(self, weight: torch.Tensor, factor, max_rank: int, svd_dtype: torch.dtype,
+                 keep_on: torch.device | str):
+        target = weight.to(torch.float64) if factor is None else factor.right_multiply(weight)
+        u, s, vh = torch.linalg.svd(target.to(svd_dtype), full_matrices=False)
+        self.sigma = s.double().cpu()
+        k = max(1, min(max_rank, s.numel()))
+        v = vh[:k].to(torch.float64)
+        v = v if factor is None else factor.right_solve(v)
+        self.u = (u[:, :k] * s[:k]).to(torch.float32).to(keep_on)
+        self.v = v.to(torch.float32).to(keep_on)
+
+    def module(self, rank: int, bias: torch.Tensor | None, dtype: torch.dtype, device) -> LowRankLinear:
+        return LowRankLinear.from_factors(self.u[:, :rank].to(device), self.v[:rank].to(device), bias, dtype, device)
+
+
+# ---------------------------------------------------------------------------------------- head
+
+class _Inject(nn.Module):
+    """Stands in for decoder layer 0 (others: _Pass) so that the model's own forward maps given
+    final hidden states to logits: embeddings are computed and ignored, then final norm, head and
+    any logit soft-capping run as the model runs them (no knowledge of model families here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.hidden
+
+
+class _Pass(nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _kl_mean(original_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """sum over tokens of KL(p || q), float64 scalar, p from log-probs (L x V), q from logits."""
+    q = torch.log_softmax(logits.float(), dim=-1)
+    return (original_logprobs.exp() * (original_logprobs - q)).sum(dtype=torch.float64)
+
+
+def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits[:-1].float(), ids[1:].to(logits.device), reduction="sum").double()
+
+
+# ---------------------------------------------------------------------------------------- measurement
+
+def candidate_rank(m: int, n: int, kept: float) -> int | None:
+    """Rank of kept fraction p (None: dense, for p = 1 or when the rank would not shrink it)."""
+    return None if kept >= 1.0 else rank_for_ratio(m, n, 1.0 - kept)
+
+
+def stable_rank_table(model: nn.Module, options: SensitivityOptions, key: dict) -> SensitivityTable:
+    """ASVD's calib_sensitivity_stable_rank: value(p) = -sr * p^0.1 with sr = ||W||_F / ||W||_2 of the
+    raw weight (as ASVD, which leaves the scaling commented out). Spectral norms only, no forward pass."""
+    start = time.perf_counter()
+    prefix = layer_prefix(model)
+    values, ranks = {}, {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, linear in target_linears(layer).items():
+            w = linear.weight.detach().float()
+            sr = float(torch.linalg.matrix_norm(w, "fro") / torch.linalg.matrix_norm(w, 2))
+            full = f"{prefix}.{index}.{name}"
+            values[full] = {p: -sr * p ** 0.1 for p in options.ratios}
+            ranks[full] = {p: candidate_rank(linear.out_features, linear.in_features, p) for p in options.ratios}
+    table = SensitivityTable(key, values, None, ranks, None, time.perf_counter() - start, 0)
+    table.check_finite()
+    return table
+
+
+@torch.no_grad()
+def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: torch.device | str,
+                        options: SensitivityOptions, key: dict | None = None,
+                        progress: bool = True) -> SensitivityTable:
+    """Measure the table (metric kl or ppl) on `windows` (N x L token ids). The model is left as it
+    was (original modules and weights back in place, also on an error)."""
+    if options.metric == "stable_rank":
+        return stable_rank_table(model, options, key or table_key(model, stats, None, options))
+    if (options.whitening != "none" or options.scaling != "none") and stats is None:
+        raise ValueError(f"whitening {options.whitening!r} / scaling {options.scaling!r} need the statistics of step 1")
+    key = key or table_key(model, stats, windows, options)
+    start = time.perf_counter()
+    kl = options.metric == "kl"
+    layers = decoder_layers(model)
+    prefix = layer_prefix(model)
+    dtype = next(model.parameters()).dtype
+    windows = windows.to(device)
+    n_windows, seq_len = windows.shape
+    hidden, layer_args = capture_layer_inputs(model, windows, device)
+    originals = list(layers)
+    restore_weights = copies_to(layers, device)  # the layers stay on the device for the pass
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (layer, name, original module)
+    inject = _Inject()
+    restore_non_layer = None
+    try:
+        restore_non_layer = _install_head(model, layers, inject, device)
+
+        def head_logits(h: torch.Tensor, w: int) -> torch.Tensor:
+            inject.hidden = h
+            return model(input_ids=windows[w:w + 1], use_cache=False).logits[0]
+
+        def run_from(first: int, h: torch.Tensor) -> torch.Tensor:
+            for k in range(first, len(originals)):
+                args, kwargs = layer_args[k]
+                out = originals[k](h, *args, **kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+            return h
+
+        # ---- the two streams, layer by layer: original (the kl reference) and base state. With a
+        # base state every matrix's SVD is taken here, once, and kept for the measuring loop.
+        base_inputs: list[torch.Tensor] = []
+        svds: dict[str, _MatrixSVD] = {}
+        sigmas: dict[str, list[float]] = {}
+        base_ranks: dict[str, int | None] = {}
+        candidate_ranks: dict[str, dict[float, int | None]] = {}
+        original_of: dict[str, nn.Module] = {}
+        names_of_layer: list[list[str]] = []
+        original_h = hidden.clone() if (kl and options.base_ratio is not None) else None
+        base_h = hidden
+
+        per_matrix = options.scaling.startswith("fisher")  # fisher belongs to the weight, not the stream
+
+        def svd_of(full: str, linear: nn.Module, factors: dict, stats_tensors, streams, name: str) -> _MatrixSVD:
+            stream = streams.get(name)
+            slot = full if per_matrix else stream
+            if slot not in factors:
+                factors[slot] = input_factor(stats_tensors, stream, device, options,
+                                             stats.fisher(full) if per_matrix else None)
+            stream = slot
+            wanted = [r for r in candidate_ranks[full].values() if r is not None]
+            if base_ranks[full] is not None:
+                wanted.append(base_ranks[full])
+            svd = _MatrixSVD(linear.weight.detach(), factors[stream], max(wanted), options.svd_dtype, device)
+            sigmas[full] = [float(s) for s in svd.sigma]
+            return svd
+
+        for index, layer in enumerate(tqdm(originals, desc="sensitivity: base state", disable=not progress)):
+            args, kwargs = layer_args[index]
+            if original_h is not None:
+                original_h = torch.cat([_first(layer(original_h[w:w + 1], *args, **kwargs)) for w in range(n_windows)])
+            base_inputs.append(base_h)
+            names_of_layer.append([])
+            stats_tensors, streams = None, {}
+            if options.base_ratio is not None and stats is not None:
+                stats_tensors, streams = stats.layer(index)
+            factors: dict = {}
+            for name, linear in target_linears(layer).items():
+                full = f"{prefix}.{index}.{name}"
+                names_of_layer[-1].append(name)
+                original_of[full] = linear
+                m, n = linear.out_features, linear.in_features
+                candidate_ranks[full] = {p: candidate_rank(m, n, p) for p in options.ratios}
+                base_ranks[full] = None if options.base_ratio is None else rank_for_ratio(m, n, options.base_ratio)
+                if base_ranks[full] is None:
+                    continue
+                svds[full] = svd_of(full, linear, factors, stats_tensors, streams, name)
+                bias = linear.bias.detach() if linear.bias is not None else None
+                replaced.append((layer, name, linear))
+                set_submodule(layer, name, svds[full].module(base_ranks[full], bias, dtype, device))
+            base_h = torch.cat([_first(layer(base_h[w:w + 1], *args, **kwargs)) for w in range(n_windows)])
+        final_base = base_h
+        if original_h is None:
+            original_h = final_base  # the base state is the original model
+        # ---- the reference distribution (kl): original log-probs, stored when small enough
+        store_logprobs = kl and n_windows * seq_len * _vocab(model) * 4 <= options.logprob_cache_bytes
+        original_logprobs = None
+        if store_logprobs:
+            original_logprobs = torch.stack([torch.log_softmax(head_logits(original_h[w:w + 1], w).float(), -1)
+                                             for w in range(n_windows)])
+
+        def reference(w: int) -> torch.Tensor:
+            if original_logprobs is not None:
+                return original_logprobs[w]
+            return torch.log_softmax(head_logits(original_h[w:w + 1], w).float(), -1)
+
+        def metric_from(first: int, inputs: torch.Tensor | None = None) -> float:
+            total = torch.zeros((), dtype=torch.float64)
+            for w in range(n_windows):
+                h = run_from(first, base_inputs[first][w:w + 1]) if inputs is None else inputs[w:w + 1]
+                logits = head_logits(h, w)
+                total += (_kl_mean(reference(w), logits) if kl else _nll_sum(logits, windows[w])).cpu()
+            if kl:
+                return float(total) / (n_windows * seq_len)
+            return math.exp(float(total) / (n_windows * (seq_len - 1)))
+
+        base_value = metric_from(len(originals), final_base)
+        if not math.isfinite(base_value):
+            raise SensitivityError(f"the {options.metric} of the base state ({options.base_state()}) is {base_value}: "
+                                   f"not finite; use --dtype float32 or a smaller --ratio")
+        evaluations = 1
+        # ---- one matrix at a time, the others in the base state
+        values: dict[str, dict[float, float]] = {}
+        bar = tqdm(total=sum(len(r) for r in candidate_ranks.values()), desc=f"sensitivity ({options.metric})",
+                   disable=not progress)
+        for index, layer in enumerate(originals):
+            stats_tensors, streams = None, {}
+            if options.base_ratio is None and stats is not None:
+                stats_tensors, streams = stats.layer(index)
+            factors = {}
+            for name in names_of_layer[index]:
+                full = f"{prefix}.{index}.{name}"
+                current = layer.get_submodule(name)  # the base state's module
+                original = original_of[full]
+                bias = original.bias.detach() if original.bias is not None else None
+                svd = svds.pop(full, None)
+                if svd is None and any(r is not None for r in candidate_ranks[full].values()):
+                    svd = svd_of(full, original, factors, stats_tensors, streams, name)
+                row: dict[float, float] = {}
+                dense_value = None
+                for p, rank in candidate_ranks[full].items():
+                    if rank == base_ranks[full]:
+                        row[p] = base_value  # the base state itself
+                    elif rank is None and dense_value is not None:
+                        row[p] = dense_value  # a rank that would not shrink it: dense
+                    else:
+                        set_submodule(layer, name, original if rank is None else svd.module(rank, bias, dtype, device))
+                        try:
+                            row[p] = metric_from(index)
+                        finally:
+                            set_submodule(layer, name, current)
+                        evaluations += 1
+                        if rank is None:
+                            dense_value = row[p]
+                    if not math.isfinite(row[p]):
+                        raise SensitivityError(f"sensitivity of {full} at kept fraction {p:g} (rank {rank}) is "
+                                               f"{row[p]}: not finite; use --dtype float32 or drop that candidate "
+                                               f"from --sensitivity_ratios")
+                    bar.update(1)
+                values[full] = row
+                del svd
+        bar.close()
+    finally:
+        for layer, name, original in reversed(replaced):
+            set_submodule(layer, name, original)
+        for j, layer in enumerate(originals):
+            layers[j] = layer
+        if restore_non_layer is not None:
+            restore_non_layer()
+        restore_weights()
+    return SensitivityTable(key, values, base_value, candidate_ranks, sigmas, time.perf_counter() - start, evaluations)
+
+
+def _first(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _vocab(model: nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def _install_head(model: nn.Module, layers: nn.ModuleList, inject: _Inject, device) -> callable:
+    """Put the injecting stand-ins in the layer list and the non-layer modules on the device."""
+    from utils.model import non_layer_modules_to
+    restore = non_layer_modules_to(model, device)  # before the swap: it finds the layers by their class
+    for j in range(len(layers)):
+        layers[j] = inject if j == 0 else _Pass()
+    return restore
+
+
+def sensitivity_table(model: nn.Module, windows: torch.Tensor | None, stats, device: torch.device | str,
+                      options: SensitivityOptions, path: str | None = None, windows_info: dict | None = None,
+                      overwrite: bool = False, progress: bool = True) -> tuple[SensitivityTable, bool]:
+    """The table for this model, statistics, windows and options: read from `path` when it is there
+    and its key matches (also with `overwrite`: measuring again would give the same table); when
+    it does not match, SensitivityError naming the differing field, or with `overwrite` measured
+    anew. Otherwise measured and written to `path` (atomically). Returns (table, reused)."""
+    key = table_key(model, stats, windows, options, windows_info)
+    if path is not None and os.path.exists(path):
+        try:
+            return load_table(path, key), True
+        except SensitivityError:
+            if not overwrite:
+                raise
+    if options.metric == "stable_rank":
+        table = stable_rank_table(model, options, key)
+    else:
+        if windows is None:
+            raise ValueError(f"the {options.metric} sensitivity needs calibration windows")
+        table = measure_sensitivity(model, windows, stats, device, options, key, progress)
+    if path is not None:
+        table.save(path)
+    return table, False
+
+
+@torch.no_grad()
+def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device: torch.device | str,
+                         whitening: str = "cholesky", scaling: str = "none", alpha: float = 0.5):
+    """ranks -> calibration perplexity on `windows` of a copy of `model` compressed by those ranks
+    (step 3's decomposition with `whitening` or `scaling`): what ASVD's --ppl_target search evaluates."""
+    import copy
+
+    from utils.model import target_shapes
+    from utils.pipeline import CompressOptions, compress_model
+    from methods.decompose import DecomposeOptions
+    from utils.plan import ModulePlan, Plan
+    shapes = target_shapes(model)
+
+    @torch.no_grad()
+    def evaluate(ranks: dict) -> float:
+        compressed = copy.deepcopy(model)
+        plan = Plan({n: ModulePlan(m, k, b, ranks.get(n)) for n, (m, k, b) in shapes.items()}, None, "asvd")
+        if plan.ranks:
+            decompose = DecomposeOptions(whitening, scaling=scaling, alpha=alpha)
+            compress_model(compressed, plan, CompressOptions(decompose), device,
+                           stats if decompose.needs_stats else None)
+        compressed.to(device)
+        total = torch.zeros((), dtype=torch.float64)
+        for w in range(windows.shape[0]):
+            ids = windows[w].to(device)
+            total += _nll_sum(compressed(input_ids=ids[None], use_cache=False).logits[0], ids).cpu()
+        del compressed
+        return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))
+
+    return evaluate
