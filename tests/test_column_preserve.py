@@ -199,9 +199,12 @@ def test_quantized_column_preserved_model_round_trips(compressed, tmp_path):
     from transformers import AutoModelForCausalLM
     from methods.quantize import QuantizeOptions
     from utils.pipeline import quantize_model
-    _, block, path, _, _ = compressed
+    from utils.pipeline import linear_storage
+    _, block, path, plan, _ = compressed
     model, _, _ = load_compressed(path)
     quantization = quantize_model(model, QuantizeOptions("rtn", 8, 32), "cpu")
+    # storage is counted per original matrix (out x in), a column-preserving layer as one unit
+    assert linear_storage(model)["weights"] == sum(p.out_features * p.in_features for p in plan.modules.values())
     assert any(name.endswith(".c") for name in quantization["modules"])
     out = str(tmp_path / "quantized")
     save_compressed(model, None, out, {**block, "quantization": quantization})
