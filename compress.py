@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "that fraction of its lines")
     c.add_argument("--whitening_nsamples", type=int, default=256, help="calibration windows for step 1")
     c.add_argument("--updating_nsamples", type=int, default=16,
-                   help="calibration windows for the closed-form update (a quarter are held out)")
+                   help="calibration windows for the closed-form update (a quarter are held out) and the anchored fit")
     c.add_argument("--model_seq_len", type=int, default=2048, help="tokens per calibration/evaluation window")
     d = p.add_argument_group("decomposition")
     d.add_argument("--ratio", type=float, default=0.2,
