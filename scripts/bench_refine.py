@@ -39,8 +39,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "wikitext2", "wiki.valid.tokens")
-VARIANTS = ("whitening", "closed_form", "anchored_0", "anchored_0.5", "anchored_1", "block", "anchored_block",
-            "gsvd_matrix")
+VARIANTS = ("whitening", "closed_form", "anchored_0", "anchored_0.5", "anchored_1", "block", "block_high_lr",
+            "anchored_block", "gsvd_matrix")
 
 
 def perplexity(model, ids, seq_len, limit) -> dict:
@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--refine_nsamples", type=int, default=8)
     p.add_argument("--refine_epochs", type=int, default=2)
     p.add_argument("--refine_lr", type=float, default=1e-4)
+    p.add_argument("--refine_high_lr", type=float, default=1e-3, help="learning rate of the block_high_lr rows")
     p.add_argument("--refine_batch_size", type=int, default=2)
     p.add_argument("--gradient_iters", type=int, default=50)
     p.add_argument("--num_layers", type=int, default=None)
@@ -82,6 +83,8 @@ def main(argv=None) -> int:
                    help="step-1 statistics of exactly this calibration (profiled here when absent)")
     p.add_argument("--save_best", default=None, help="directory for the best model so far at each --save_ratios")
     p.add_argument("--save_ratios", default="0.2,0.6")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows (and the original's figure) of an earlier run's --out JSON and run only the others")
     p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "bench_refine",
                                                  "bench_refine_smollm2_cpu.json"))
     opts = p.parse_args(argv)
@@ -132,15 +135,29 @@ def main(argv=None) -> int:
     record["profile"] = {"stats_path": opts.stats_path, "source": stats_source, "seconds": profile_s}
 
     eval_ids = tokenize(tokenizer, load_text(opts.evaluation, "test"))
-    start = time.perf_counter()
-    record["original"] = {"parameters": count_parameters(base),
-                          **perplexity(base, eval_ids, opts.seq_len, opts.eval_limit),
-                          "eval_s": round(time.perf_counter() - start, 3)}
+    earlier = None
+    if opts.resume and os.path.isfile(opts.out):
+        with open(opts.out) as handle:
+            earlier = json.load(handle)
+        record["runs"] = earlier["runs"]
+        record["original"] = {**earlier["original"], "note": "measured by the first process of this resumed run"}
+        record["saved_models"] = earlier.get("saved_models", {})
+        record["resumed"] = earlier.get("resumed", []) + [{"settings": earlier["settings"]}]
+    else:
+        start = time.perf_counter()
+        record["original"] = {"parameters": count_parameters(base),
+                              **perplexity(base, eval_ids, opts.seq_len, opts.eval_limit),
+                              "eval_s": round(time.perf_counter() - start, 3)}
     print(f"original: ppl {record['original']['ppl']:.2f}", flush=True)
     save()
 
     best_alpha: dict[float, tuple[float, float]] = {}  # ratio -> (ppl, alpha)
-    best_saved: dict[float, float] = {}
+    best_saved: dict[float, float] = {float(k): v["ppl"] for k, v in record.get("saved_models", {}).items()}
+    done = {(r["variant"], r["ratio"]) for r in record["runs"]}
+    for r in record["runs"]:
+        if r.get("alpha") is not None and r["variant"] != "anchored_block" \
+                and r["ppl"] < best_alpha.get(r["ratio"], (float("inf"), 1.0))[0]:
+            best_alpha[r["ratio"]] = (r["ppl"], r["alpha"])
 
     def options_of(variant: str, ratio: float) -> CompressOptions:
         anchored = lambda a: AnchoredOptions(nsamples=opts.updating_nsamples, alpha=a)  # noqa: E731
@@ -154,6 +171,10 @@ def main(argv=None) -> int:
             return CompressOptions(update=anchored(float(variant.split("_")[1])))
         if variant == "block":
             return CompressOptions(refine=block)
+        if variant == "block_high_lr":
+            return CompressOptions(refine=RefineOptions(target="block", nsamples=opts.refine_nsamples,
+                                                        epochs=opts.refine_epochs, lr=opts.refine_high_lr,
+                                                        batch_size=opts.refine_batch_size, seed=opts.seed))
         if variant == "anchored_block":
             return CompressOptions(update=anchored(best_alpha.get(ratio, (None, 1.0))[1]), refine=block)
         return CompressOptions(refine=RefineOptions(target="matrix", nsamples=opts.refine_nsamples,
@@ -161,7 +182,7 @@ def main(argv=None) -> int:
                                                     batch_size=opts.refine_batch_size, seed=opts.seed))
 
     for variant, ratio in [(v, r) for group in groups for v in variants for r in group]:
-        if f"{variant}@{ratio:g}" in skip:
+        if f"{variant}@{ratio:g}" in skip or (variant, ratio) in done:
             continue
         model = copy.deepcopy(base)
         options = options_of(variant, ratio)
