@@ -6,6 +6,9 @@
     stats = api.profile_model(model, windows, "cpu")                        # step 1
     plan = api.uniform_plan(model, 0.2)                                      # step 2
     record = api.compress_model(model, plan, api.CompressOptions(), "cpu", stats)   # step 3
+    # or: anchored fit + AA-SVD block refinement on 32 calibration windows (docs/refinement.md)
+    # api.compress_model(model, plan, api.CompressOptions(update=api.AnchoredOptions(nsamples=16, alpha=1.0),
+    #                    refine=api.RefineOptions("block", nsamples=32)), "cpu", stats, windows)
     api.save_compressed(model, tokenizer, "out/smol-20", record)
     model, tokenizer, record = api.load_compressed("out/smol-20")
     print(api.perplexity(model, tokenizer, api.load_text("pydoc[0.9:1]", "test"), 512)["ppl"])
@@ -18,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods import DecomposeOptions, QuantizeOptions, UpdateOptions
+from methods import AnchoredOptions, DecomposeOptions, QuantizeOptions, RefineOptions, UpdateOptions
 from utils.data import calibration_windows, load_text, tokenize
 from utils.io import load_compressed, save_compressed
 from utils.model import count_parameters, load_model, target_shapes
@@ -29,7 +32,8 @@ from generate import GenerationOptions, generate  # step 9
 from tasks_eval import evaluate_tasks  # step 6 (lm-eval)
 from utils.model import place_model  # --device_map: accelerate dispatch for evaluation
 
-__all__ = ["CompressOptions", "DecomposeOptions", "Plan", "QuantizeOptions", "Statistics", "UpdateOptions",
+__all__ = ["AnchoredOptions", "CompressOptions", "DecomposeOptions", "Plan", "QuantizeOptions", "RefineOptions",
+           "Statistics", "UpdateOptions",
            "calibration_windows", "compress_model", "count_parameters", "linear_storage", "load_compressed",
            "load_model", "load_text", "perplexity", "profile_model", "quantize_model", "save_compressed",
            "uncompressed_block", "uniform_plan"]

@@ -47,6 +47,7 @@ def parse_steps(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from methods.anchored import DEFAULT_ANCHOR_ALPHA
     from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("pipeline")
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "summed over output rows per input channel, square-rooted), layer by layer with bounded "
                         "memory; needed by --scaling fisher and fisher_abs_mean")
     c.add_argument("--updating_nsamples", type=int, default=16,
-                   help="calibration windows for the closed-form update (a quarter are held out)")
+                   help="calibration windows for the closed-form update (a quarter are held out) and the anchored fit")
     c.add_argument("--model_seq_len", type=int, default=2048, help="tokens per calibration/evaluation window")
     d = p.add_argument_group("decomposition")
     d.add_argument("--ratio", type=float, default=None,
@@ -151,11 +152,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--svd_driver", default="auto", choices=["auto", "default", "gesvda"],
                    help="exact SVD driver: auto = cuSOLVER gesvda with a residual check on CUDA "
                         "(falls back to the default driver), LAPACK on CPU")
-    d.add_argument("--update", default="none", choices=["none", "closed_form"],
+    d.add_argument("--update", default="none", choices=["none", "closed_form", "anchored"],
                    help="closed-form update of u against the original layer outputs (SVD-LLM step 2), refit in "
                         "the layer's execution order on --updating_nsamples windows. On SmolLM2-135M (held-back WikiText-2 "
                         "slice, docs/evaluation.md) it lowered perplexity at 40%% and 60%% removed (144.7 vs 167.4, "
                         "385.2 vs 605.2) and RAISED it at 20%% (76.4 vs 70.6): measure it on your model")
+    d.add_argument("--anchor_alpha", type=float, default=None,
+                   help="--update anchored (AA-SVD's fit, docs/refinement.md): each matrix refit in data-flow order to "
+                        "alpha x the original model's outputs + (1 - alpha) x its own outputs on the compressed model's "
+                        "inputs; 0 = whitening on the compressed stream, 1 = the original outputs (default "
+                        f"{DEFAULT_ANCHOR_ALPHA:g}, chosen from scripts/results/bench_refine/: see README)")
+    r = p.add_argument_group("refinement (step 3, after the decomposition / update; docs/refinement.md)")
+    r.add_argument("--refine", default="none", choices=["none", "gradient"],
+                   help="gradient refinement against the original model, one layer at a time (AdamW, warm-up then "
+                        "cosine; the best iterate is kept)")
+    r.add_argument("--refine_target", default="block", choices=["block", "matrix"],
+                   help="block = AA-SVD's block refinement (every parameter of a decoder layer, to the original "
+                        "layer's outputs on the original stream); matrix = GSVD's per-matrix u, v refinement (to "
+                        "the original matrix's outputs on the inputs it sees)")
+    r.add_argument("--refine_epochs", type=int, default=2, help="block: epochs over the windows (AA-SVD uses 25)")
+    r.add_argument("--gradient_iters", "--gradient-iters", dest="gradient_iters", type=int, default=500,
+                   help="matrix: optimiser steps per matrix (GSVD's --gradient-iters, an alias)")
+    r.add_argument("--refine_lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0.01)")
+    r.add_argument("--refine_batch_size", type=int, default=8, help="calibration windows per optimiser step")
+    r.add_argument("--refine_nsamples", type=int, default=None,
+                   help="calibration windows of --dataset for the refinement (default: --updating_nsamples)")
     q = p.add_argument_group("quantization (step 8; docs/quantization.md)")
     q.add_argument("--quant", default=None, choices=["gptq", "rtn"],
                    help="GPTQ (Hessian-aware, needs --nsamples calibration windows) or round-to-nearest (default gptq)")
@@ -251,6 +272,7 @@ def validate(args: argparse.Namespace) -> None:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be 0 or more (defaults: --rsvd_oversamples {DEFAULT_OVERSAMPLES} "
                              f"--rsvd_n_iter {DEFAULT_N_ITER})")
+    _validate_refinement(args)
     if args.device is None:
         from utils.model import default_device
         args.device = default_device()
@@ -280,7 +302,7 @@ def validate(args: argparse.Namespace) -> None:
     if 2 in steps and not (args.save_path or args.stats_path or args.plan):
         raise UsageError("step 2 writes the plan to --plan, or next to the statistics "
                          "(--stats_path, or SAVE_PATH/stats): give one of them")
-    if steps & {1} or (3 in steps and args.update != "none"):
+    if steps & {1} or (3 in steps and _needs_calibration_windows(args)):
         validate_dataset(args.dataset)
     if 3 in steps and 1 not in steps and (args.whitening != "none" or args.scaling != "none"):
         meta_path = os.path.join(stats_path_of(args), "meta.json")
@@ -319,7 +341,7 @@ def validate(args: argparse.Namespace) -> None:
     hub = {}
     sensitivity_windows = 2 in steps and args.allocation in ("asvd", "duo") and \
         (args.sensitivity_metric != "stable_rank" or args.ppl_target is not None)
-    if steps & {1} or (3 in steps and args.update != "none") or sensitivity_windows:
+    if steps & {1} or (3 in steps and _needs_calibration_windows(args)) or sensitivity_windows:
         hub["--dataset"] = args.dataset
     if steps & {4, 5}:
         hub["--eval_datasets"] = args.eval_datasets
@@ -398,14 +420,42 @@ def _resolve_scaling(args: argparse.Namespace) -> None:
     if args.scaling != "none" and not 0.0 <= args.alpha <= 4.0:
         raise UsageError(f"--alpha {args.alpha}: the scaling exponent must be in [0, 4] (ASVD: 0.5)")
     if args.column_preserve and args.update != "none":
-        raise UsageError("--column_preserve with --update closed_form: the update refits plain low-rank layers "
-                         "only; run one or the other")
+        raise UsageError(f"--column_preserve with --update {args.update}: the update refits plain low-rank layers "
+                         f"only; run one or the other (--refine gradient --refine_target block does work with it)")
+    if args.column_preserve and args.refine != "none" and args.refine_target == "matrix":
+        raise UsageError("--column_preserve with --refine_target matrix: GSVD's per-matrix refinement trains plain "
+                         "low-rank layers only; use --refine_target block")
     if args.column_preserve and args.whitening == "none":
         raise UsageError("--column_preserve scores and trades columns by their whitened error: use --whitening "
                          "cholesky or eigen (it is not combined with --scaling)")
     steps = set(args.steps)
     if args.scaling.startswith("fisher") and 1 in steps and not args.fisher:
         raise UsageError(f"--scaling {args.scaling} needs fisher information: add --fisher to step 1")
+
+
+def _validate_refinement(args: argparse.Namespace) -> None:
+    """The anchored fit's and the refinement's numbers (no model needed)."""
+    import math
+    if args.anchor_alpha is not None:
+        if args.update != "anchored":
+            raise UsageError(f"--anchor_alpha is for --update anchored (got --update {args.update})")
+        if not (math.isfinite(args.anchor_alpha) and 0.0 <= args.anchor_alpha <= 1.0):
+            raise UsageError(f"--anchor_alpha {args.anchor_alpha}: must be in [0, 1] (0 = whitening on the compressed "
+                             f"stream, 1 = fit the original outputs)")
+    if args.refine_nsamples is None:
+        args.refine_nsamples = args.updating_nsamples
+    if args.refine == "none":
+        return
+    for name in ("refine_epochs", "gradient_iters", "refine_batch_size", "refine_nsamples"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if not (math.isfinite(args.refine_lr) and args.refine_lr > 0):
+        raise UsageError(f"--refine_lr {args.refine_lr}: must be a positive number, e.g. 1e-4")
+
+
+def _needs_calibration_windows(args: argparse.Namespace) -> bool:
+    """Step 3 carries calibration windows of --dataset (the update or the refinement)."""
+    return args.update != "none" or args.refine != "none"
 
 
 QUANT_DEFAULTS = {"quant": "gptq", "wbits": 4, "groupsize": 128}
@@ -479,7 +529,7 @@ def _validate_quantization(args: argparse.Namespace) -> None:
     if options.needs_activations:
         from utils.data import check_hub_datasets, validate_dataset
         validate_dataset(args.dataset)
-        if not (1 in steps or (3 in steps and args.update != "none")):  # else validate checks it
+        if not (1 in steps or (3 in steps and _needs_calibration_windows(args))):  # else validate checks it
             check_hub_datasets({"--dataset": args.dataset})
 
 
@@ -709,7 +759,7 @@ def _plan_for_step3(args: argparse.Namespace, session: Session):
 
 def run_compress(args: argparse.Namespace, session: Session) -> dict:
     """Step 3: apply the plan (decompose, optionally update u) and save the model."""
-    from methods import DecomposeOptions, UpdateOptions
+    from methods import DecomposeOptions
     from utils.io import save_compressed
     from utils.model import DTYPES
     from utils.pipeline import CompressOptions, Statistics, compress_model, compression_block
@@ -720,9 +770,9 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
         DecomposeOptions(args.whitening, args.decomposition, DTYPES[args.svd_dtype], args.svd_driver,
                          args.rsvd_oversamples, args.rsvd_n_iter, args.seed, scaling=args.scaling,
                          alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve),
-        UpdateOptions(nsamples=args.updating_nsamples) if args.update != "none" else None)
+        _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
-    windows = _windows(args, session, args.updating_nsamples) if options.update else None
+    windows = _windows(args, session, options.nsamples) if options.nsamples else None
     try:
         record = compress_model(session.model, plan, options, args.device, stats, windows)
     finally:
@@ -740,14 +790,41 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     return compression
 
 
+def _update_options(args: argparse.Namespace):
+    from methods import AnchoredOptions, UpdateOptions
+    from methods.anchored import DEFAULT_ANCHOR_ALPHA
+    if args.update == "closed_form":
+        return UpdateOptions(nsamples=args.updating_nsamples)
+    if args.update == "anchored":
+        alpha = DEFAULT_ANCHOR_ALPHA if args.anchor_alpha is None else args.anchor_alpha
+        return AnchoredOptions(nsamples=args.updating_nsamples, alpha=alpha,
+                               whitening="eigen" if args.whitening == "eigen" else "cholesky")
+    return None
+
+
+def _refine_options(args: argparse.Namespace):
+    from methods import RefineOptions
+    if args.refine == "none":
+        return None
+    return RefineOptions(target=args.refine_target, nsamples=args.refine_nsamples, epochs=args.refine_epochs,
+                         gradient_iters=args.gradient_iters, lr=args.refine_lr, batch_size=args.refine_batch_size,
+                         seed=args.seed)
+
+
 def _print_summary(compression: dict, timings: dict) -> None:
     ranks = list(compression["ranks"].values())
     params = compression["parameters"]
     print(f"compress: {len(ranks)} matrices low-rank (rank {min(ranks, default=0)}-{max(ranks, default=0)}), "
           f"{len(compression['dense_modules'])} dense; ratio {compression['ratio']} nominal; parameters "
           f"{params['original']:,} -> {params['compressed']:,} ({params['removed_fraction']:.1%} of the model removed)")
-    if compression["update"]:
+    if compression["update"] and compression["update"]["method"] == "closed_form":
         print(f"update: kept for {compression['updates_accepted']} of {len(ranks)} matrices")
+    elif compression["update"]:
+        print(f"update: anchored fit (alpha {compression['update']['alpha']:g}) on {len(ranks)} matrices")
+    if compression.get("refine_losses"):
+        losses = compression["refine_losses"]
+        print(f"refine ({losses['target']}): loss lowered for {losses['lowered']} of {losses['count']} "
+              f"{'blocks' if losses['target'] == 'block' else 'matrices'}")
     print(f"fallbacks (H not positive definite): {compression['fallbacks']}; "
           f"times: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
 

@@ -5,9 +5,11 @@ needs_activations (the calibration windows flow through the walk) and needs_refe
 original model's stream is carried beside the compressed one). Each is configured by a small
 options dataclass; none knows argparse or model families.
 """
+from methods.anchored import AnchoredOptions, AnchoredUpdate
 from methods.closed_form import ClosedFormUpdate, UpdateOptions
 from methods.decompose import Decompose, DecomposeOptions
 from methods.quantize import Quantize, QuantizeError, QuantizeOptions
+from methods.refine import Refine, RefineOptions
 
-__all__ = ["ClosedFormUpdate", "Decompose", "DecomposeOptions", "Quantize", "QuantizeError", "QuantizeOptions",
+__all__ = ["AnchoredOptions", "AnchoredUpdate", "Refine", "RefineOptions", "ClosedFormUpdate", "Decompose", "DecomposeOptions", "Quantize", "QuantizeError", "QuantizeOptions",
            "UpdateOptions"]

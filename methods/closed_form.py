@@ -86,7 +86,7 @@ class ClosedFormUpdate:
         low_rank = {n: m for n, m in low_rank.items() if n in originals}
         if not low_rank:
             return
-        fit, held = self.options.split(context.num_windows)
+        fit, held = self.options.split(min(self.options.nsamples, context.num_windows))
         groups = execution_groups(context, low_rank) if self.options.sequential else [list(low_rank)]
         for group in groups:
             modules = {n: low_rank[n] for n in group}

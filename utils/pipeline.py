@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from methods import ClosedFormUpdate, Decompose, DecomposeOptions, UpdateOptions
+from methods import (AnchoredOptions, AnchoredUpdate, ClosedFormUpdate, Decompose, DecomposeOptions, Refine,
+                     RefineOptions, UpdateOptions)
 from utils.io import atomic_path, read_json, write_json
 from utils.layerwise import LayerContext, walk_layers
 from utils.model import (count_parameters, decoder_layers, dtype_name, layer_prefix, model_description,
@@ -184,10 +185,17 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
 @dataclass
 class CompressOptions:
     decompose: DecomposeOptions = field(default_factory=DecomposeOptions)
-    update: UpdateOptions | None = None  # None: no closed-form update
+    update: UpdateOptions | AnchoredOptions | None = None  # None: no closed-form update / anchored fit
+    refine: RefineOptions | None = None  # None: no gradient refinement (after the update, per layer)
 
     def to_dict(self) -> dict:
-        return {**self.decompose.to_dict(), "update": self.update.to_dict() if self.update else None}
+        return {**self.decompose.to_dict(), "update": self.update.to_dict() if self.update else None,
+                "refine": self.refine.to_dict() if self.refine else None}
+
+    @property
+    def nsamples(self) -> int:
+        """Calibration windows the walk carries: the most any pass uses (0: none)."""
+        return max([0] + [o.nsamples for o in (self.update, self.refine) if o is not None])
 
 
 def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions, device: torch.device | str,
@@ -202,13 +210,21 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
         stats.check_model(model)
     params_before = count_parameters(model)
     records: dict[str, dict] = {}
+    layer_records: dict[str, dict] = {}
     passes = [Decompose(plan, options.decompose, stats, records)]
-    if options.update is not None:
-        if windows is None or windows.shape[0] < options.update.nsamples:
-            raise PipelineError(f"the closed-form update needs {options.update.nsamples} calibration windows, "
+    if options.nsamples:
+        if windows is None or windows.shape[0] < options.nsamples:
+            what = " and ".join(name for name, o in (("the update", options.update), ("the refinement", options.refine))
+                                if o is not None)
+            raise PipelineError(f"{what} needs {options.nsamples} calibration windows, "
                                 f"got {0 if windows is None else windows.shape[0]}")
-        windows = windows[:options.update.nsamples]
+        windows = windows[:options.nsamples]
+    if isinstance(options.update, AnchoredOptions):
+        passes.append(AnchoredUpdate(options.update, records))
+    elif options.update is not None:
         passes.append(ClosedFormUpdate(options.update, records))
+    if options.refine is not None:
+        passes.append(Refine(options.refine, records, layer_records))
     needs_activations = any(p.needs_activations for p in passes)
     needs_reference = any(p.needs_reference for p in passes)
 
@@ -218,7 +234,8 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
 
     start = time.perf_counter()
     walk_layers(model, windows if needs_activations else None, device, apply,
-                desc="compress" + ("+update" if options.update else ""), reference=needs_reference)
+                desc="compress" + (f"+{options.update.to_dict()['method']}" if options.update else "")
+                + (f"+refine({options.refine.target})" if options.refine else ""), reference=needs_reference)
     seconds = time.perf_counter() - start
     params_after = count_parameters(model)
     updates = [r["update"] for r in records.values() if "update" in r]
@@ -233,12 +250,26 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
         "modules": records,
         "fallbacks": sum(bool(r.get("whitening_fallback")) for r in records.values()),
         "svd_driver_fallbacks": sum(bool(r.get("svd_driver_fallback")) for r in records.values()),
-        "updates_accepted": sum(u["accepted"] for u in updates) if options.update else None,
+        "updates_accepted": sum(u["accepted"] for u in updates) if isinstance(options.update, UpdateOptions) else None,
+        "refine_losses": _refine_summary(options.refine, records, layer_records),
         "parameters": {"original": params_before, "compressed": params_after,
                        "removed_fraction": round(1 - params_after / params_before, 6),
                        "target_matrices": plan.summary(params_before)},
         "seconds": round(seconds, 3),
     }
+
+
+def _refine_summary(options: RefineOptions | None, records: dict, layer_records: dict) -> dict | None:
+    """Losses before / after the refinement, per block (target block) or per module (matrix), and
+    how many went down: the model's record of the refinement (GSVD's *_losses.txt)."""
+    if options is None:
+        return None
+    if options.target == "block":
+        per = layer_records
+    else:
+        per = {name: r["refine"] for name, r in records.items() if "refine" in r}
+    return {"target": options.target, "per_" + ("block" if options.target == "block" else "module"): per,
+            "lowered": sum(r["loss_after"] < r["loss_before"] for r in per.values()), "count": len(per)}
 
 
 def compression_block(record: dict, base_model: str, model: torch.nn.Module, stats: Statistics | None = None,
@@ -247,10 +278,17 @@ def compression_block(record: dict, base_model: str, model: torch.nn.Module, sta
     """The "compression" block saved with a model: compress_model's record plus what the model was
     made from (base model, calibration, seed, dtype), which loading and evaluation read."""
     calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")}
-    update = record.get("update")
+    update, refine = record.get("update"), record.get("refine")
+    method = ("svd-llm" if record["whitening"] != "none" else
+              "asvd" if record.get("scaling", "none") != "none" else "svd")
+    if update and update.get("method") == "anchored":
+        method += f"+anchored(alpha={update['alpha']:g})"
+    elif update:
+        method += "+closed_form"
+    if refine:
+        method += "+refine(" + ("block: AA-SVD" if refine["target"] == "block" else "matrix: GSVD") + ")"
     return {"format_version": 1, "base_model": base_model,
-            "method": ("svd-llm" if record["whitening"] != "none" else
-                       "asvd" if record.get("scaling", "none") != "none" else "svd"),
+            "method": method,
             "ratio": record["plan"]["ratio"], "plan_source": plan_source, **record,
             "updating_nsamples": update["nsamples"] if update else 0,
             "calibration": calibration, "seed": seed, "dtype": dtype_name(next(model.parameters()).dtype),

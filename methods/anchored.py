@@ -1,0 +1,199 @@
+"""The anchored closed-form fit (AA-SVD's fit of each matrix to the original outputs), sequential
+within the layer.
+
+A linear W of the original model sees inputs X (in x tokens, the reference stream: the original
+layer's module inputs on the original model's activations); after the layers below (and the
+groups before it in this layer) were compressed, its low-rank replacement sees X' (the
+compressed stream). The fit
+    min_{rank(W') <= r} ||W X - W' X'||_F^2
+expands, with the Gram G' = X' X'^T and the cross Gram C = X X'^T, to
+    ||W X||^2 - 2 tr(W C W'^T) + tr(W' G' W'^T).
+Take any S' with S' S'^T = G' (the whitening factor of the compressed inputs). Completing the
+square,
+    tr(W' G' W'^T) - 2 tr(W C W'^T) = ||W' S' - W C S'^-T||_F^2 - ||W C S'^-T||_F^2,
+so the problem is an unconstrained low-rank approximation of M = W C S'^-T in the variable
+W' S' (rank r when W' is, S' being invertible): by Eckart-Young, W' S' = [M]_r and
+    W' = [W C S'^-T]_r S'^-1.
+With X' = X, C = G' and M = W S': exactly SVD-LLM's whitened truncation. AA-SVD's anchor a
+interpolates the target: C -> a C + (1 - a) G', which is the same fit against the outputs
+a W X + (1 - a) W X' (a = 0: the compressed stream's own outputs W X', i.e. plain whitening on the
+compressed stream; a = 1: the original outputs). The optimum's error is
+    ||W X||^2 - ||[M]_r||^2   (for a = 1),
+and the recorded fit errors are ||W X - W' X'||_F^2 before and after from the Grams alone.
+
+A singular G' (fewer tokens than columns, dead channels) is shifted as in the whitening
+(utils.whitening.cholesky_factor) or its eigenvalues floored (eigen); the factor then whitens
+G' + shift I, a ridge on the fit.
+
+Within the layer the matrices are refit in the order the layer runs them, one group sharing an
+input at a time (q/k/v, then o on the refit attention's outputs, then gate/up, then down): each
+group's X' is collected after the groups before it were refit, its X from the original layer on
+the reference stream. The factors of the decomposition are replaced; ranks are unchanged.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from component import LowRankLinear, largest_entry_fits
+from methods.closed_form import execution_groups
+from utils.decompose import exact_svd
+from utils.layerwise import LayerContext, StopLayer, run_layer
+from utils.model import set_submodule
+from utils.whitening import WhiteningFactor, whitening_factor
+
+# From bench_refine (SmolLM2-135M, held-back WikiText-2; scripts/results/bench_refine/): see README.
+DEFAULT_ANCHOR_ALPHA = 0.5
+
+
+@dataclass
+class AnchoredOptions:
+    nsamples: int = 16  # calibration windows (of those the walk carries, the first)
+    alpha: float = DEFAULT_ANCHOR_ALPHA  # 0: fit the compressed stream's own outputs, 1: the original outputs
+    whitening: str = "cholesky"  # factor of G' (cholesky | eigen)
+    svd_dtype: torch.dtype = torch.float64
+    svd_driver: str = "auto"
+
+    def to_dict(self) -> dict:
+        return {"method": "anchored", "nsamples": self.nsamples, "alpha": self.alpha, "whitening": self.whitening,
+                "svd_dtype": str(self.svd_dtype).replace("torch.", "")}
+
+
+def _solve_right_transpose(whitening: WhiteningFactor, matrix: torch.Tensor) -> torch.Tensor:
+    """M S^-T (float64) without forming the inverse."""
+    matrix = matrix.to(torch.float64)
+    if whitening.method == "cholesky":  # S lower: solve X S^T = M with S^T upper
+        return torch.linalg.solve_triangular(whitening.factor.T, matrix, upper=True, left=False)
+    # S = Q diag(sqrt l)  =>  S^-T = Q diag(1/sqrt l)
+    return (matrix @ whitening.eigvecs) / whitening.eigvals.sqrt()
+
+
+@dataclass
+class AnchoredFit:
+    u: torch.Tensor  # out x r, float64
+    v: torch.Tensor  # r x in, float64
+    fallback: bool  # G' had to be shifted / floored
+
+
+def anchored_factors(weight: torch.Tensor, rank: int, gram_compressed: torch.Tensor, cross_gram: torch.Tensor,
+                     alpha: float = 1.0, whitening: str = "cholesky", svd_dtype: torch.dtype = torch.float64,
+                     svd_driver: str = "auto") -> AnchoredFit:
+    """u, v with u v = [W C_a S'^-T]_r S'^-1, C_a = alpha C + (1 - alpha) G' (see module docstring).
+
+    weight: W (out x in); gram_compressed: G' = X' X'^T; cross_gram: C = X X'^T (in x in, rows:
+    the original inputs' channels, columns: the compressed inputs')."""
+    gram = gram_compressed.to(torch.float64)
+    gram = (gram + gram.T) / 2
+    factor = whitening_factor(gram, whitening)
+    anchored = alpha * cross_gram.to(torch.float64) + (1.0 - alpha) * gram
+    target = _solve_right_transpose(factor, weight.to(torch.float64) @ anchored)
+    u, sigma, vh = exact_svd(target.to(svd_dtype), rank, svd_driver)
+    root = sigma.to(torch.float64).sqrt()
+    u = u.to(torch.float64) * root
+    v = factor.right_solve(root[:, None] * vh.to(torch.float64))
+    return AnchoredFit(u, v, factor.fallback)
+
+
+def fit_error(weight: torch.Tensor, product: torch.Tensor, gram_original: torch.Tensor,
+              gram_compressed: torch.Tensor, cross_gram: torch.Tensor) -> float:
+    """||W X - W' X'||_F^2 = tr(W G W^T) - 2 tr(W C W'^T) + tr(W' G' W'^T), from the Grams."""
+    w, p = weight.to(torch.float64), product.to(torch.float64)
+    return float(((w @ gram_original.to(torch.float64)) * w).sum() - 2 * ((w @ cross_gram.to(torch.float64)) * p).sum()
+                 + ((p @ gram_compressed.to(torch.float64)) * p).sum())
+
+
+@contextmanager
+def original_linears(layer: nn.Module, low_rank: dict[str, LowRankLinear], originals: dict[str, torch.Tensor]):
+    """The layer with its original dense matrices back in place of `low_rank` (sharing the
+    original weight tensors and the biases the low-rank modules carry), restored on exit."""
+    for name, module in low_rank.items():
+        weight = originals[name]
+        dense = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        dense.weight = nn.Parameter(weight, requires_grad=False)
+        dense.bias = module.u.bias
+        set_submodule(layer, name, dense)
+    try:
+        yield
+    finally:
+        for name, module in low_rank.items():
+            set_submodule(layer, name, module)
+
+
+def _first_inputs(layer: nn.Module, firsts: dict[str, nn.Module], inputs: torch.Tensor, layer_args,
+                  window: int) -> dict[str, torch.Tensor]:
+    """The inputs (tokens x in) of each of `firsts` for one window; the layer stops once all ran."""
+    sink: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(module, args, output):
+            sink.setdefault(name, args[0].reshape(-1, args[0].shape[-1]))
+            if len(sink) == len(firsts):
+                raise StopLayer
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in firsts.items()]
+    try:
+        run_layer(layer, inputs, layer_args, range(window, window + 1))
+    except StopLayer:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sink
+
+
+class AnchoredUpdate:
+    needs_activations = True
+    needs_reference = True
+
+    def __init__(self, options: AnchoredOptions, records: dict | None = None):
+        self.options = options
+        self.records = records if records is not None else {}
+
+    def __call__(self, context: LayerContext) -> None:
+        originals = context.scratch.get("original_weights", {})
+        low_rank = {n: m for n, m in context.layer.named_modules() if isinstance(m, LowRankLinear) and n in originals}
+        if not low_rank:
+            return
+        windows = range(min(self.options.nsamples, context.num_windows))
+        groups = execution_groups(context, low_rank)
+        # the original layer's inputs of every group at once (they do not change as groups are refit)
+        with original_linears(context.layer, low_rank, originals):
+            firsts = {g[0]: context.layer.get_submodule(g[0]) for g in groups}
+            reference = [_first_inputs(context.layer, firsts, context.reference_inputs, context.layer_args, w)
+                         for w in windows]
+        for group in groups:
+            modules = {n: low_rank[n] for n in group}
+            width = low_rank[group[0]].in_features
+            gram, gram_c, cross = (torch.zeros(width, width, dtype=torch.float64, device=context.device)
+                                   for _ in range(3))
+            for window in windows:
+                x = reference[window][group[0]].to(torch.float64)
+                x_c = _first_inputs(context.layer, {group[0]: low_rank[group[0]]}, context.inputs,
+                                    context.layer_args, window)[group[0]].to(torch.float64)
+                gram += x.T @ x
+                gram_c += x_c.T @ x_c
+                cross += x.T @ x_c
+            for name, module in modules.items():
+                self._refit(context, name, module, originals[name], gram, gram_c, cross)
+
+    def _refit(self, context: LayerContext, name: str, module: LowRankLinear, weight: torch.Tensor,
+               gram: torch.Tensor, gram_c: torch.Tensor, cross: torch.Tensor) -> None:
+        options = self.options
+        before = fit_error(weight, module.weight_product, gram, gram_c, cross)
+        fit = anchored_factors(weight, module.rank, gram_c, cross, options.alpha, options.whitening,
+                               options.svd_dtype, options.svd_driver)
+        after = fit_error(weight, fit.u @ fit.v, gram, gram_c, cross)
+        reference = float(((weight.to(torch.float64) @ gram) * weight.to(torch.float64)).sum())
+        fits, _ = largest_entry_fits(module.u.weight.dtype, fit.u, fit.v)
+        if fits:  # factors the layer's dtype cannot hold (fp16 tops out at 65504) are not taken
+            module.u.weight.data.copy_(fit.u.to(module.u.weight.dtype))
+            module.v.weight.data.copy_(fit.v.to(module.v.weight.dtype))
+        self.records.setdefault(f"{context.name}.{name}", {})["anchored"] = {
+            "alpha": options.alpha, "applied": fits, "whitening_fallback": fit.fallback,
+            "fit_error": [before, after if fits else before],
+            "relative_fit_error": [(before / reference) ** 0.5 if reference > 0 else 0.0,
+                                   ((after if fits else before) / reference) ** 0.5 if reference > 0 else 0.0]}

@@ -1,0 +1,244 @@
+"""Gradient refinement of a compressed layer against the original model (AA-SVD, GSVD).
+
+Two targets, one optimiser (AdamW, weight decay 0.01, linear warm-up over the first 10% of the
+steps, then cosine down to 0.1 of the learning rate), in float32, one decoder layer at a time:
+
+  block  (AA-SVD's block refinement): every parameter of the decoder layer (low-rank factors,
+         the matrices the plan kept dense, norms) is optimised together so that the compressed
+         layer on the compressed stream reproduces the original layer's outputs on the original
+         stream: min mean ||layer'(h') - layer(h)||^2, h' the compressed model's inputs to this
+         layer, h the original model's (the two-stream walk's reference_outputs).
+  matrix (the GSVD seed's per-matrix refinement): each low-rank linear's u and v are optimised
+         for `gradient_iters` steps so that u v x' matches the original matrix's outputs W x' on
+         the inputs x' it now sees, in data-flow order (q/k/v, o, gate/up, down: each group's
+         inputs are collected after the groups before it were refined, and the layers below are
+         already refined).
+
+The loss is measured on all refinement windows before training and after each epoch (block) or
+at a few checkpoints (matrix); the best iterate is kept, so the recorded loss after is never above
+the loss before. Parameter shapes never change, so the parameter count is that of the
+decomposition.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from component import LowRankLinear
+from methods.closed_form import execution_groups
+from utils.layerwise import LayerContext, StopLayer, run_layer
+
+REFINE_TARGETS = ("block", "matrix")
+
+
+@dataclass
+class RefineOptions:
+    target: str = "block"  # block (AA-SVD) | matrix (GSVD)
+    nsamples: int = 32  # calibration windows used (the first of those the walk carries)
+    epochs: int = 2  # block: passes over the windows
+    gradient_iters: int = 500  # matrix: optimiser steps per matrix (GSVD's --gradient-iters)
+    lr: float = 1e-4
+    batch_size: int = 8  # windows per step
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    final_lr_fraction: float = 0.1  # the cosine ends at lr * this
+    checkpoints: int = 4  # matrix: loss measurements during the gradient_iters steps
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.target not in REFINE_TARGETS:
+            raise ValueError(f"unknown refinement target {self.target!r}; choose one of {REFINE_TARGETS}")
+
+    def to_dict(self) -> dict:
+        out = {"method": "gradient", "target": self.target, "nsamples": self.nsamples, "lr": self.lr,
+               "batch_size": self.batch_size, "optimizer": "adamw", "weight_decay": self.weight_decay,
+               "schedule": f"linear warm-up {self.warmup_fraction:g} then cosine to {self.final_lr_fraction:g}",
+               "seed": self.seed}
+        if self.target == "block":
+            out["epochs"] = self.epochs
+        else:
+            out["gradient_iters"] = self.gradient_iters
+        return out
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float = 0.1, final: float = 0.1) -> float:
+    """Multiplier of the learning rate at `step` (0-based) of `total`: linear warm-up, cosine to `final`."""
+    warmup = max(1, math.ceil(warmup_fraction * total)) if warmup_fraction > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _optimizer(params: list[nn.Parameter], options: RefineOptions, total_steps: int):
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, options.warmup_fraction, options.final_lr_fraction))
+    return optimizer, schedule
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Refine:
+    needs_activations = True
+    needs_reference = True
+
+    def __init__(self, options: RefineOptions, records: dict | None = None, layer_records: dict | None = None):
+        """records: per-module dict (matrix losses); layer_records: per-layer dict (block losses)."""
+        self.options = options
+        self.needs_reference = options.target == "block"  # matrix targets are the original W on x'
+        self.records = records if records is not None else {}
+        self.layer_records = layer_records if layer_records is not None else {}
+
+    def __call__(self, context: LayerContext) -> None:
+        dtype = next(context.layer.parameters()).dtype
+        requires_grad = {id(p): p.requires_grad for p in context.layer.parameters()}
+        if dtype != torch.float32:  # optimise in float32 whatever the model's dtype
+            context.layer.float()
+        try:
+            with torch.enable_grad():
+                if self.options.target == "block":
+                    self._block(context)
+                else:
+                    self._matrices(context)
+        finally:
+            for p in context.layer.parameters():
+                p.requires_grad_(requires_grad.get(id(p), False))
+                p.grad = None
+            if dtype != torch.float32:
+                context.layer.to(dtype)
+
+    # ------------------------------------------------------------------------------------ block
+
+    def _block_loss(self, context: LayerContext, windows: range) -> float:
+        with torch.no_grad():
+            total = 0.0
+            args, kwargs = context.layer_args
+            for i in windows:
+                out = _output(context.layer(context.inputs[i:i + 1].float(), *args, **kwargs))
+                total += float((out - context.reference_outputs[i:i + 1].float()).square().mean())
+            return total / len(windows)
+
+    def _block(self, context: LayerContext) -> None:
+        options, layer = self.options, context.layer
+        n = min(options.nsamples, context.num_windows)
+        windows = range(n)
+        params = [p for p in layer.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        steps_per_epoch = math.ceil(n / options.batch_size)
+        total = steps_per_epoch * options.epochs
+        optimizer, schedule = _optimizer(params, options, total)
+        generator = torch.Generator().manual_seed(options.seed + context.index)
+        args, kwargs = context.layer_args
+        start = time.perf_counter()
+        before = self._block_loss(context, windows)
+        best, best_epoch = before, 0
+        best_state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+        losses = [before]
+        for epoch in range(1, options.epochs + 1):
+            order = torch.randperm(n, generator=generator).tolist()
+            for first in range(0, n, options.batch_size):
+                batch = order[first:first + options.batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                for i in batch:  # one window at a time: the recorded call arguments are for a batch of one
+                    out = _output(layer(context.inputs[i:i + 1].float(), *args, **kwargs))
+                    loss = (out - context.reference_outputs[i:i + 1].float()).square().mean() / len(batch)
+                    loss.backward()
+                optimizer.step()
+                schedule.step()
+            loss = self._block_loss(context, windows)
+            losses.append(loss)
+            if loss < best:
+                best, best_epoch = loss, epoch
+                best_state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+        if best_epoch != options.epochs:  # the last iterate is not the best: go back to the best
+            with torch.no_grad():
+                for key, value in layer.state_dict().items():
+                    value.copy_(best_state[key])
+        self.layer_records[context.name] = {
+            "target": "block", "loss_before": before, "loss_after": best, "losses": losses,
+            "best_epoch": best_epoch, "steps": total, "windows": n, "seconds": round(time.perf_counter() - start, 3)}
+
+    # ------------------------------------------------------------------------------------ matrix
+
+    def _matrices(self, context: LayerContext) -> None:
+        originals = context.scratch.get("original_weights", {})
+        low_rank = {n: m for n, m in context.layer.named_modules() if isinstance(m, LowRankLinear) and n in originals}
+        if not low_rank:
+            return
+        n = min(self.options.nsamples, context.num_windows)
+        for group in execution_groups(context, low_rank):
+            inputs = self._group_inputs(context, low_rank[group[0]], n)  # windows x tokens x in
+            for name in group:
+                self._matrix(context, name, low_rank[name], originals[name].float(), inputs)
+
+    def _group_inputs(self, context: LayerContext, first: nn.Module, n: int) -> torch.Tensor:
+        sink: list[torch.Tensor] = []
+
+        def hook(module, args, output):
+            sink.append(args[0][0].detach().float())
+            raise StopLayer
+
+        handle = first.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                for i in range(n):
+                    try:
+                        run_layer(context.layer, context.inputs, context.layer_args, range(i, i + 1))
+                    except StopLayer:
+                        pass
+        finally:
+            handle.remove()
+        return torch.stack(sink)
+
+    def _matrix(self, context: LayerContext, name: str, module: LowRankLinear, weight: torch.Tensor,
+                inputs: torch.Tensor) -> None:
+        options = self.options
+        u, v = module.u.weight, module.v.weight
+        params = [u, v]
+        for p in params:
+            p.requires_grad_(True)
+        targets = inputs @ weight.T  # the original matrix's outputs on these inputs (no bias: it cancels)
+
+        def full_loss() -> float:
+            with torch.no_grad():
+                return float(((inputs @ v.T) @ u.T - targets).square().mean())
+
+        total = options.gradient_iters
+        optimizer, schedule = _optimizer(params, options, max(total, 1))
+        generator = torch.Generator().manual_seed(options.seed + context.index)
+        start = time.perf_counter()
+        before = full_loss()
+        best, best_step = before, 0
+        best_state = (u.detach().clone(), v.detach().clone())
+        checks = {round(total * (k + 1) / max(1, options.checkpoints)) for k in range(options.checkpoints)}
+        losses = [before]
+        n = inputs.shape[0]
+        for step in range(1, total + 1):
+            batch = torch.randint(0, n, (min(options.batch_size, n),), generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            x = inputs[batch]
+            loss = ((x @ v.T) @ u.T - targets[batch]).square().mean()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if step in checks:
+                current = full_loss()
+                losses.append(current)
+                if current < best:
+                    best, best_step = current, step
+                    best_state = (u.detach().clone(), v.detach().clone())
+        with torch.no_grad():
+            u.copy_(best_state[0])
+            v.copy_(best_state[1])
+        self.records.setdefault(f"{context.name}.{name}", {})["refine"] = {
+            "target": "matrix", "loss_before": before, "loss_after": best, "losses": losses,
+            "best_step": best_step, "steps": total, "windows": n, "seconds": round(time.perf_counter() - start, 3)}

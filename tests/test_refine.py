@@ -1,0 +1,269 @@
+"""Issue 19 (first part): the anchored closed-form fit (--update anchored) and gradient refinement
+(--refine gradient, block = AA-SVD, matrix = GSVD) on tiny random models."""
+import json
+import os
+
+import pytest
+import torch
+
+import compress
+from component import LowRankLinear
+from methods import AnchoredOptions, DecomposeOptions, RefineOptions
+from methods.anchored import anchored_factors, fit_error
+from methods.refine import lr_factor
+from tests.tiny_models import save_tiny_model, tiny_model
+from utils.decompose import low_rank_factors
+from utils.model import count_parameters, decoder_layers, target_shapes
+from utils.pipeline import CompressOptions, compress_model, profile_model
+from utils.plan import Plan
+from utils.whitening import cholesky_factor
+
+WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))  # 256 tokens > 160 wide
+SVD64 = DecomposeOptions(svd_dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    yield
+
+
+def _correlated(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Embeddings with a steeply decaying spectrum (correlated channels, as in real models): the
+    streams part more after truncation, which is where fitting to the original outputs matters."""
+    generator = torch.Generator().manual_seed(seed)
+    embed = model.get_input_embeddings().weight
+    width = embed.shape[1]
+    mixing = torch.randn(width, width, generator=generator, dtype=torch.float64)
+    q, _ = torch.linalg.qr(mixing)
+    scales = torch.logspace(0, -2, width, dtype=torch.float64)
+    with torch.no_grad():
+        embed.copy_((torch.randn(embed.shape, generator=generator, dtype=torch.float64) * scales @ q.T).to(embed.dtype))
+    return model
+
+
+def _model(dtype=torch.float64, correlated: bool = False):
+    model = tiny_model("llama")
+    return (_correlated(model) if correlated else model).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def stats64():
+    return profile_model(_model(), WINDOWS, "cpu", gram_dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def correlated_stats():
+    return profile_model(_model(correlated=True), WINDOWS, "cpu", gram_dtype=torch.float64)
+
+
+def _hidden(model, windows):
+    """The last decoder layer's outputs (before the final norm) for every window."""
+    outputs = []
+    handle = decoder_layers(model)[-1].register_forward_hook(
+        lambda m, i, o: outputs.append((o[0] if isinstance(o, tuple) else o).detach()))
+    with torch.no_grad():
+        for window in windows:
+            model(window[None])
+    handle.remove()
+    return torch.cat(outputs)
+
+
+# -------------------------------------------------------------------------------- anchored (maths)
+
+def _random_problem(seed=0, out=24, width=16, tokens=200):
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=generator, dtype=torch.float64) * torch.logspace(0, -1.5, width, dtype=torch.float64)
+    x = torch.randn(tokens, width, generator=generator, dtype=torch.float64) @ mix.T  # tokens x in
+    x_c = x + 0.3 * torch.randn(tokens, width, generator=generator, dtype=torch.float64) @ mix.T  # the compressed stream
+    weight = torch.randn(out, width, generator=generator, dtype=torch.float64)
+    return weight, x, x_c
+
+
+def test_anchored_with_identical_streams_is_whitened_svd():
+    weight, x, _ = _random_problem()
+    gram = x.T @ x
+    fit = anchored_factors(weight, 5, gram, gram, alpha=1.0)
+    whitened = low_rank_factors(weight, 5, cholesky_factor(gram), compute_dtype=torch.float64)
+    assert torch.allclose(fit.u @ fit.v, whitened.u @ whitened.v, atol=1e-9, rtol=1e-9)
+
+
+def test_alpha_zero_is_whitening_on_the_compressed_stream():
+    weight, x, x_c = _random_problem(1)
+    gram_c = x_c.T @ x_c
+    fit = anchored_factors(weight, 4, gram_c, x.T @ x_c, alpha=0.0)
+    whitened = low_rank_factors(weight, 4, cholesky_factor(gram_c), compute_dtype=torch.float64)
+    assert torch.allclose(fit.u @ fit.v, whitened.u @ whitened.v, atol=1e-9, rtol=1e-9)
+
+
+def test_anchored_fit_is_the_optimum_and_its_error_formula_holds():
+    """||W X - W' X'||: the Gram formula equals the direct error; alpha = 1 beats whitening on
+    either stream and random rank-r perturbations of itself."""
+    weight, x, x_c = _random_problem(2)
+    gram, gram_c, cross = x.T @ x, x_c.T @ x_c, x.T @ x_c
+    fit = anchored_factors(weight, 4, gram_c, cross, alpha=1.0)
+
+    def direct(product):
+        return float((x @ weight.T - x_c @ product.T).square().sum())
+
+    product = fit.u @ fit.v
+    assert fit_error(weight, product, gram, gram_c, cross) == pytest.approx(direct(product), rel=1e-9)
+    best = direct(product)
+    for g in (gram, gram_c):
+        other = low_rank_factors(weight, 4, cholesky_factor(g), compute_dtype=torch.float64)
+        assert best < direct(other.u @ other.v) * (1 - 1e-3)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        du = 1e-3 * torch.randn(fit.u.shape, generator=generator, dtype=torch.float64)
+        assert direct((fit.u + du) @ fit.v) > best
+
+
+def test_a_singular_compressed_gram_is_shifted_not_fatal():
+    weight, x, x_c = _random_problem(4, tokens=8)  # 8 tokens, 16 wide: G' of rank 8
+    fit = anchored_factors(weight, 4, x_c.T @ x_c, x.T @ x_c, alpha=1.0)
+    assert fit.fallback and torch.isfinite(fit.u @ fit.v).all()
+
+
+# ---------------------------------------------------------------------------- anchored (pipeline)
+
+def test_anchored_pass_on_layer_0_qkv_equals_whitening(stats64):
+    """Layer 0's q/k/v see the same inputs on both streams (nothing below them changed): the
+    anchored fit on the profiled windows is exactly SVD-LLM's factors; o_proj onwards differ."""
+    whitened, anchored = _model(), _model()
+    plan = Plan.uniform(target_shapes(whitened), 0.4)
+    compress_model(whitened, plan, CompressOptions(SVD64), "cpu", stats64)
+    record = compress_model(anchored, plan, CompressOptions(SVD64, AnchoredOptions(nsamples=8, alpha=1.0)), "cpu",
+                            stats64, WINDOWS)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        full = f"model.layers.0.self_attn.{name}"
+        a, w = anchored.get_submodule(full).weight_product, whitened.get_submodule(full).weight_product
+        assert torch.allclose(a, w, atol=1e-8), name
+        errors = record["modules"][full]["anchored"]["fit_error"]
+        assert errors[1] == pytest.approx(errors[0], rel=1e-6)
+    assert not torch.allclose(anchored.get_submodule("model.layers.1.self_attn.q_proj").weight_product,
+                              whitened.get_submodule("model.layers.1.self_attn.q_proj").weight_product, atol=1e-6)
+    # the fit to the original outputs never ends above where whitening left it (alpha = 1 is optimal)
+    for name, r in record["modules"].items():
+        assert r["anchored"]["fit_error"][1] <= r["anchored"]["fit_error"][0] * (1 + 1e-9), name
+    assert record["update"]["method"] == "anchored" and record["update"]["alpha"] == 1.0
+
+
+def test_anchored_layer_outputs_are_closer_to_the_original_than_whitening(correlated_stats):
+    original = _model(correlated=True)
+    target = _hidden(original, WINDOWS)
+    errors = {}
+    for label, update in (("whitening", None), ("anchored", AnchoredOptions(nsamples=8, alpha=1.0))):
+        model = _model(correlated=True)
+        compress_model(model, Plan.uniform(target_shapes(model), 0.6), CompressOptions(SVD64, update), "cpu",
+                       correlated_stats, WINDOWS)
+        errors[label] = float((_hidden(model, WINDOWS) - target).square().sum())
+    assert errors["anchored"] < 0.9 * errors["whitening"], errors
+
+
+# ------------------------------------------------------------------------------------ refinement
+
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    total = 20
+    factors = [lr_factor(s, total) for s in range(total)]
+    assert factors[0] == pytest.approx(0.5) and factors[1] == pytest.approx(1.0)  # 2 warm-up steps
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+    assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 17 / 18)))
+    assert lr_factor(total, total) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("target", ["block", "matrix"])
+def test_refinement_lowers_every_recorded_loss_and_keeps_the_parameter_count(target, correlated_stats):
+    torch.manual_seed(0)
+    plain, refined = _model(torch.float32, True), _model(torch.float32, True)
+    plan = Plan.uniform(target_shapes(plain), 0.6)
+    compress_model(plain, plan, CompressOptions(), "cpu", correlated_stats)
+    options = RefineOptions(target=target, nsamples=8, epochs=3, gradient_iters=60, lr=1e-3, batch_size=4)
+    record = compress_model(refined, plan, CompressOptions(refine=options), "cpu", correlated_stats, WINDOWS)
+    assert count_parameters(refined) == count_parameters(plain) == record["parameters"]["compressed"]
+    assert all(p.dtype == torch.float32 for p in refined.parameters())
+    losses = record["refine_losses"]
+    per = losses["per_block" if target == "block" else "per_module"]
+    assert losses["count"] == (2 if target == "block" else 14) == len(per)
+    for name, r in per.items():
+        assert r["loss_after"] <= r["loss_before"], name
+        assert r["loss_after"] == pytest.approx(min(r["losses"])), name  # the best iterate is the one kept
+    if target == "block":
+        assert losses["lowered"] > losses["count"] / 2  # strictly lower for most
+    else:  # q/k/v and gate/up see nearly the profiled inputs, where the whitened factors are already
+        # the minimiser; o and down see inputs the compression changed: there the loss must fall
+        moved = {n: r for n, r in per.items() if n.endswith(("o_proj", "down_proj"))}
+        assert all(r["loss_after"] < 0.99 * r["loss_before"] for r in moved.values()), moved
+        assert all(r["loss_after"] < 0.5 * r["loss_before"] for n, r in moved.items() if n.endswith("o_proj"))
+    if target == "block":  # and the whole model is closer to the original (per-matrix fits to W x' promise
+        # nothing end to end: not asserted for them)
+        target_out = _hidden(_model(torch.float32, True), WINDOWS)
+        error = {label: float((_hidden(m, WINDOWS) - target_out).square().sum()) for label, m in
+                 (("plain", plain), ("refined", refined))}
+        assert error["refined"] < error["plain"], error
+
+
+def test_a_divergent_refinement_leaves_the_layer_as_it_was(correlated_stats):
+    """lr 10 blows every step up: the best iterate is the starting point, restored bit for bit."""
+    plain, refined = _model(torch.float32, True), _model(torch.float32, True)
+    plan = Plan.uniform(target_shapes(plain), 0.6)
+    compress_model(plain, plan, CompressOptions(), "cpu", correlated_stats)
+    record = compress_model(refined, plan, CompressOptions(refine=RefineOptions(nsamples=8, epochs=2, lr=10.0)),
+                            "cpu", correlated_stats, WINDOWS)
+    for name, r in record["refine_losses"]["per_block"].items():
+        assert r["best_epoch"] == 0 and r["loss_after"] == r["loss_before"] and max(r["losses"]) > r["loss_before"]
+    for (name, a), (_, b) in zip(plain.state_dict().items(), refined.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_refinement_of_a_bfloat16_model_trains_in_float32_and_stays_bfloat16(correlated_stats):
+    model = _model(torch.bfloat16, True)
+    record = compress_model(model, Plan.uniform(target_shapes(model), 0.6),
+                            CompressOptions(refine=RefineOptions(target="matrix", nsamples=4, gradient_iters=10)),
+                            "cpu", correlated_stats, WINDOWS)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+    assert record["refine_losses"]["count"] == 14
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model("llama", str(tmp_path_factory.mktemp("models")))
+
+
+def _argv(tiny_dir, out, *extra):
+    return ["--step", "1,3", "--model", tiny_dir, "--dataset", "random", "--whitening_nsamples", "4",
+            "--updating_nsamples", "4", "--model_seq_len", "16", "--save_path", str(out), "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--update", "anchored", "--anchor_alpha", "1.5"], "--anchor_alpha 1.5"),
+    (["--anchor_alpha", "0.5"], "--anchor_alpha is for --update anchored"),
+    (["--refine", "gradient", "--refine_lr", "0"], "--refine_lr 0"),
+    (["--refine", "gradient", "--refine_epochs", "0"], "--refine_epochs 0"),
+    (["--refine", "gradient", "--gradient-iters", "0"], "--gradient_iters 0"),
+])
+def test_bad_refinement_flags_are_one_line_errors_before_any_work(extra, needle, tiny_dir, tmp_path, capsys):
+    assert compress.main(_argv(tiny_dir, tmp_path / "out", *extra)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_anchored_plus_block_refinement_records_what_ran(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    assert compress.main(_argv(tiny_dir, out, "--update", "anchored", "--anchor_alpha", "0.5", "--refine", "gradient",
+                               "--refine_target", "block", "--refine_epochs", "1", "--refine_nsamples", "6",
+                               "--refine_batch_size", "3")) == 0
+    with open(out / "config.json") as handle:
+        block = json.load(handle)["compression"]
+    assert block["method"] == "svd-llm+anchored(alpha=0.5)+refine(block: AA-SVD)"
+    assert block["update"]["alpha"] == 0.5 and block["update"]["nsamples"] == 4
+    assert block["refine"]["target"] == "block" and block["refine"]["nsamples"] == 6 and block["refine"]["epochs"] == 1
+    assert block["refine_losses"]["count"] == 2
+    assert all(r["loss_after"] <= r["loss_before"] for r in block["refine_losses"]["per_block"].values())
+    assert all("anchored" in r for r in block["modules"].values())
+    from utils.io import load_compressed
+    model, _, _ = load_compressed(str(out))
+    assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 14
+    assert os.path.isfile(out / "model.safetensors")
