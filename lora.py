@@ -349,6 +349,7 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     batches = _batches(len(examples.train), options, generator)
     start = time.perf_counter()
     record["val_loss_before"] = mean_loss(peft_model, examples.val, options.micro_batch_size, pad_id, device)
+    val_s = time.perf_counter() - start
     curve, window, val_curve, losses = [], [], [], []
     seen_examples = seen_tokens = 0
     peft_model.train()
@@ -376,12 +377,16 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
             curve.append([step + 1, round(sum(window) / len(window), 6)])
             window = []
         if options.eval_steps and (step + 1) % options.eval_steps == 0 and step < steps - 1 and examples.val:
+            val_start = time.perf_counter()
             val_curve.append([step + 1, round(mean_loss(peft_model, examples.val, options.micro_batch_size,
                                                         pad_id, device), 6)])
+            val_s += time.perf_counter() - val_start
         bar.set_postfix(loss=f"{total:.4f}", lr=f"{learning_rate_at(step, steps, options):.2e}")
     bar.close()
     peft_model.eval()
+    val_start = time.perf_counter()
     record["val_loss_after"] = mean_loss(peft_model, examples.val, options.micro_batch_size, pad_id, device)
+    val_s += time.perf_counter() - val_start
     merged = peft_model.merge_and_unload()
     if merged is not model:
         raise AssertionError("peft returned a different model object after merging")
@@ -395,7 +400,7 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
                   train_loss_first=round(losses[0], 6) if losses else None,
                   train_loss_final=round(sum(tail) / len(tail), 6) if tail else None,
                   train_loss_curve=curve, val_loss_curve=val_curve,
-                  seconds=round(time.perf_counter() - start, 3))
+                  seconds=round(time.perf_counter() - start, 3), validation_s=round(val_s, 3))
     return record
 
 
