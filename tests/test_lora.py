@@ -240,6 +240,10 @@ def test_lora_cli_as_svd_llm_users_type_it(compressed_dir, text_file, tmp_path, 
     assert [s["factor"] for s in record["stage_records"]] == ["u", "v"]
     assert all(s["steps"] == 3 and s["val_loss_after"] is not None for s in record["stage_records"])
     assert not torch.equal(logits(after), logits(before))
+    # the HF export (trust_remote_code) builds the same fine-tuned model
+    from transformers import AutoModelForCausalLM
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert torch.allclose(logits(remote), logits(after), rtol=0, atol=1e-5)
 
 
 def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path):
