@@ -106,7 +106,7 @@ class LoraOptions:
         need(self.eval_steps is None or self.eval_steps >= 1, f"--eval_steps {self.eval_steps}: must be at least 1")
         need(self.logging_steps >= 1, f"--logging_steps {self.logging_steps}: must be at least 1")
         need(len(self.stages) >= 1 and all(s in FACTORS for s in self.stages),
-             f"--stages {','.join(self.stages)}: a comma list of u and v (SVD-LLM: u,v)")
+             f"--lora_stages {','.join(self.stages)}: a comma list of u and v (SVD-LLM: u,v)")
 
     @property
     def accumulation(self) -> int:

@@ -25,11 +25,16 @@ def random_ids(n: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def low_rank(family: str = "llama", ratio: float = 0.4, dtype: torch.dtype = torch.float32):
-    """A tiny model made low-rank in memory (whitened SVD), and its compression block."""
+def low_rank(family: str = "llama", ratio: float = 0.4, dtype: torch.dtype = torch.float32, dense: tuple = ()):
+    """A tiny model made low-rank in memory (whitened SVD), the modules ending in `dense` kept
+    dense, and its compression block."""
     model = tiny_model(family)
     stats = profile_model(model, random_ids(8, 32), "cpu")
-    record = compress_model(model, Plan.uniform(target_shapes(model), ratio), CompressOptions(), "cpu", stats)
+    plan = Plan.uniform(target_shapes(model), ratio)
+    for name, module_plan in plan.modules.items():
+        if name.endswith(dense):
+            module_plan.rank = None
+    record = compress_model(model, plan, CompressOptions(), "cpu", stats)
     block = compression_block(record, "tiny", model, stats)
     return model.to(dtype), block
 
@@ -89,6 +94,20 @@ def test_u_stage_changes_only_u_and_v_stage_only_v():
     # adapters of rank 4 on the 14 v factors (in x r -> r): r * (in + r) each
     expected = sum(4 * (m.in_features + m.rank) for m in lora.low_rank_modules(model).values())
     assert stage["factor"] == "v" and stage["modules"] == 14 and stage["trainable_parameters"] == expected
+
+
+@pytest.mark.parametrize("family,expected", [("qwen2", 14 - 2), ("opt", 12 - 2)])
+def test_dense_linears_and_biases_stay_frozen(family, expected):
+    """Qwen2's q/k/v biases sit on u, OPT's fc1/fc2 kept dense here: neither is trained."""
+    model, _ = low_rank(family, dense=("fc2", "down_proj"))
+    dense = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.endswith(("fc2", "down_proj"))]
+    assert len(dense) == 2
+    rest0 = others(model)
+    record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(), options(max_steps=3), progress=False)
+    rest = others(model)
+    assert all(torch.equal(rest0[k], rest[k]) for k in rest0)  # biases, norms, embeddings, dense linears
+    n_low_rank = len(lora.low_rank_modules(model))
+    assert n_low_rank == expected and [s["modules"] for s in record["stage_records"]] == [n_low_rank, n_low_rank]
 
 
 def test_zero_steps_leave_logits_identical():
@@ -263,7 +282,7 @@ def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path):
     (["--data_path", "TEXT", "--lora_r", "0"], "--lora_r"),
     (["--data_path", "TEXT", "--lora_dropout", "1"], "--lora_dropout"),
     (["--data_path", "TEXT", "--max_steps", "-1"], "--max_steps"),
-    (["--data_path", "TEXT", "--lora_stages", "w"], "--stages"),
+    (["--data_path", "TEXT", "--lora_stages", "w"], "--lora_stages w"),
     (["--data_path", "TEXT", "--output_dir", "MODEL"], "input model"),
 ])
 def test_cli_errors_exit_2_before_loading(extra, needle, compressed_dir, text_file, tmp_path, capsys):
