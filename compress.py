@@ -256,6 +256,9 @@ def validate(args: argparse.Namespace) -> None:
     _validate_tasks_generation_placement(args, steps)
     if 7 in steps:
         from lora import LoraError, validate_args
+        if steps & {4, 5, 6}:
+            raise UsageError(f"--step {min(steps & {4, 5, 6})} with step 7: steps run in number order, so it would "
+                             f"measure the model before LoRA; run it in a second command with --model_path SAVE_PATH")
         try:
             args.lora_options = validate_args(args, chained=3 in steps)
         except LoraError as error:

@@ -303,6 +303,8 @@ def test_compress_step_7_errors_exit_2(tiny_dir, compressed_dir, text_file, tmp_
         (["--step", "7", "--model_path", tiny_dir, "--data_path", text_file, "--save_path", never], "not a compressed"),
         (["--step", "7", "--model_path", compressed_dir, "--data_path", text_file], "--save_path"),
         (["--step", "7", "--model_path", compressed_dir, "--data_path", "random", "--save_path", never], "no text"),
+        (["--step", "4,7", "--model_path", compressed_dir, "--data_path", text_file, "--save_path", never],
+         "before LoRA"),
     ]
     for argv, needle in cases:
         assert compress.main(argv + ["--device", "cpu"]) == 2
