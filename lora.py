@@ -329,7 +329,6 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     rest frozen; train; merge the adapters into the factors. The model is changed in place and is
     float32 on `device` during the stage. Returns the stage's record."""
     from peft import LoraConfig, get_peft_model
-    from tqdm import tqdm
     modules = low_rank_modules(model)
     targets = [f"{name}.{factor}" for name in modules]
     for target in targets:
@@ -341,8 +340,30 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=targets, bias="none")
     peft_model = get_peft_model(model, config)
+    try:
+        record = _train_adapters(peft_model, factor, len(targets), examples, options, device, pad_id, progress)
+    except BaseException:  # an interrupted stage leaves the model as it was: adapters dropped unmerged
+        peft_model.unload()
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+        raise
+    merged = peft_model.merge_and_unload()
+    if merged is not model:
+        raise AssertionError("peft returned a different model object after merging")
+    for name, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(name, p.requires_grad))
+    leftover = [name for name, _ in model.named_modules() if "lora_" in name]
+    if leftover:
+        raise AssertionError(f"adapters left after merging: {leftover[:3]}")
+    return record
+
+
+def _train_adapters(peft_model: nn.Module, factor: str, n_modules: int, examples: Examples, options: LoraOptions,
+                    device: torch.device | str, pad_id: int, progress: bool) -> dict:
+    """The training loop of one stage on the model with its adapters; returns the stage's record."""
+    from tqdm import tqdm
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    record = {"factor": factor, "modules": len(targets), "trainable_parameters": sum(p.numel() for p in trainable)}
+    record = {"factor": factor, "modules": n_modules, "trainable_parameters": sum(p.numel() for p in trainable)}
     steps = stage_steps(len(examples.train), options)
     optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(options.seed + 10 + FACTORS.index(factor))
@@ -387,14 +408,6 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     val_start = time.perf_counter()
     record["val_loss_after"] = mean_loss(peft_model, examples.val, options.micro_batch_size, pad_id, device)
     val_s += time.perf_counter() - val_start
-    merged = peft_model.merge_and_unload()
-    if merged is not model:
-        raise AssertionError("peft returned a different model object after merging")
-    for name, p in model.named_parameters():
-        p.requires_grad_(requires_grad.get(name, p.requires_grad))
-    leftover = [name for name, _ in model.named_modules() if "lora_" in name]
-    if leftover:
-        raise AssertionError(f"adapters left after merging: {leftover[:3]}")
     tail = losses[-min(len(losses), options.logging_steps):]
     record.update(steps=steps, examples_seen=seen_examples, tokens_seen=seen_tokens,
                   train_loss_first=round(losses[0], 6) if losses else None,
@@ -429,11 +442,13 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
     stages = []
     for factor in options.stages:
         model.to(device=device, dtype=torch.float32)  # exact from float16 / bfloat16
-        stages.append(train_stage(model, factor, examples, options, device, pad_id, progress))
-        if home_dtype != torch.float32:
-            _check_fits(model, home_dtype, factor)
-        model.to(device=home_device)
-        _restore_dtypes(model, home)
+        try:
+            stages.append(train_stage(model, factor, examples, options, device, pad_id, progress))
+            if home_dtype != torch.float32:
+                _check_fits(model, home_dtype, factor)
+        finally:
+            model.to(device=home_device)
+            _restore_dtypes(model, home)
         print(f"LoRA {factor}: {stages[-1]['steps']} steps, train loss {_fmt(stages[-1]['train_loss_first'])} -> "
               f"{_fmt(stages[-1]['train_loss_final'])}, validation loss {_fmt(stages[-1]['val_loss_before'])} -> "
               f"{_fmt(stages[-1]['val_loss_after'])} ({stages[-1]['seconds']:.1f} s)")

@@ -110,6 +110,26 @@ def test_dense_linears_and_biases_stay_frozen(family, expected):
     assert n_low_rank == expected and [s["modules"] for s in record["stage_records"]] == [n_low_rank, n_low_rank]
 
 
+def test_an_interrupted_stage_leaves_the_model_as_it_was(monkeypatch):
+    model, _ = low_rank(dtype=torch.float16)
+    before, names = logits(model), sorted(model.state_dict())
+    calls = []
+    real = lora.summed_nll
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # during training, after the validation pass
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "summed_nll", failing)
+    with pytest.raises(KeyboardInterrupt):
+        lora.sequential_lora(model, NoTokenizer(), pattern_examples(n_val=2), options(micro_batch_size=2), progress=False)
+    assert len(calls) == 3 and sorted(model.state_dict()) == names  # no adapter left
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert all(p.requires_grad for p in model.parameters()) and torch.equal(logits(model), before)
+
+
 def test_zero_steps_leave_logits_identical():
     model, _ = low_rank()
     before = logits(model)
