@@ -340,3 +340,27 @@ def test_quantized_model_is_refused(compressed_dir, text_file, tmp_path, capsys)
     capsys.readouterr()
     assert lora.main(["--prune_model", quantized, "--data_path", text_file, "--output_dir", str(tmp_path / "n")]) == 2
     assert "before step 8" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.environ.get("RUN_SLOW_TESTS") != "1",
+                    reason="loads SmolLM2's tokenizer from its GGUF file (20 s on a busy CPU): set RUN_SLOW_TESTS=1")
+def test_smollm2_alpaca_prompt_tokens_are_those_of_the_whole_text():
+    """With SmolLM2's BPE tokenizer, joining the separately tokenized prompt and response gives the
+    tokens of the whole text (measured: all 999 rows of the demo data), so the masked tokens are the
+    same ones SVD-LLM masks."""
+    from tests.conftest import SHARED_DATA
+    from utils.model import load_tokenizer, resolve_model
+    path = os.path.join(SHARED_DATA, "alpaca_demo", "alpaca_en_demo.jsonl")
+    if not os.path.isfile(path):
+        pytest.skip("no shared Alpaca demo data")
+    try:
+        tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
+    except Exception as error:  # noqa: BLE001 - the bundled model is optional in a bare clone
+        pytest.skip(f"SmolLM2 tokenizer unavailable ({error})")
+    rows = lora.read_alpaca_rows(path)[:100]
+    for row in rows:
+        ids, labels = lora.tokenize_alpaca(tokenizer, row, cutoff_len=100000)
+        prompt = lora.alpaca_prompt(row["instruction"], row.get("input"))
+        assert ids == tokenizer(prompt + row["output"])["input_ids"] + [tokenizer.eos_token_id]
+        masked = labels.count(lora.IGNORE_INDEX)
+        assert masked == len(tokenizer(prompt)["input_ids"]) and tokenizer.decode(ids[:masked]) == prompt
