@@ -3,7 +3,7 @@
     python compress.py --step 1-4 --model smollm2-135m --ratio 0.2 --dataset pydoc --save_path out/smol
 
 Steps: 1 profile, 2 allocate, 3 compress, 4 perplexity, 5 efficiency, 6 downstream tasks (lm-eval),
-8 quantization (GPTQ / RTN, packed), 9 generate (7: later).
+7 LoRA fine-tuning of the factors (SVD-LLM's U then V, lora.py), 8 quantization (GPTQ / RTN, packed), 9 generate.
 See README.md for every step, the ratio convention and the file formats.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 STEP_NAMES = {1: "profile", 2: "allocate", 3: "compress", 4: "perplexity", 5: "efficiency",
               6: "downstream tasks", 7: "LoRA update", 8: "quantization", 9: "generate"}
-IMPLEMENTED_STEPS = (1, 2, 3, 4, 5, 6, 8, 9)
+IMPLEMENTED_STEPS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 
 class UsageError(ValueError):
@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="smollm2-135m",
                    help="base model: a Hugging Face id, a local directory, a .gguf file, a bundled alias "
                         "(smollm2-135m, gemma3-270m) (default: smollm2-135m)")
-    g.add_argument("--model_path", default=None,
-                   help="a compressed model (directory or .pt) for steps 4-5; without it they use --model")
-    g.add_argument("--save_path", default=None, help="output of step 3: a directory or a NAME.pt file")
+    g.add_argument("--model_path", "--prune_model", dest="model_path", default=None,
+                   help="a compressed model (directory or .pt) for steps 4-9; without it they use --model "
+                        "(--prune_model: SVD-LLM's LoRA.py name)")
+    g.add_argument("--save_path", "--output_dir", dest="save_path", default=None,
+                   help="output of step 3 (7, 8): a directory or a NAME.pt file (--output_dir: SVD-LLM's LoRA.py name)")
     g.add_argument("--stats_path", default=None,
                    help="where step 1 writes and step 3 reads statistics (default: SAVE_PATH/stats)")
     g.add_argument("--plan", "--ranks_path", dest="plan", default=None,
@@ -218,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     g9.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     g9.add_argument("--no_chat_template", action="store_true", help="feed prompts as they are, not in the chat template")
     g9.add_argument("--compare", action="store_true", help="also generate with the original model, beside it")
+    from lora import add_lora_arguments
+    add_lora_arguments(p.add_argument_group("LoRA fine-tuning (step 7; SVD-LLM's utils/LoRA.py flags; lora.py)"))
     m = p.add_argument_group("placement (steps 4, 5, 6, 9)")
     m.add_argument("--device_map", default=None, choices=["auto", "balanced", "sequential"],
                    help="dispatch the model with accelerate over GPUs, CPU and disk instead of moving it whole "
@@ -326,6 +330,15 @@ def validate(args: argparse.Namespace) -> None:
         for spec in args.eval_datasets.split(","):
             validate_dataset(spec)
     _validate_tasks_generation_placement(args, steps)
+    if 7 in steps:
+        from lora import LoraError, validate_args
+        if steps & {4, 5, 6}:
+            raise UsageError(f"--step {min(steps & {4, 5, 6})} with step 7: steps run in number order, so it would "
+                             f"measure the model before LoRA; run it in a second command with --model_path SAVE_PATH")
+        try:
+            args.lora_options = validate_args(args, chained=3 in steps)
+        except LoraError as error:
+            raise UsageError(str(error)) from None
     # outputs: nothing that is not an earlier output of ours is replaced, and that only with --overwrite
     protected = [source.path] if source is not None and os.path.isdir(source.path) else []
     if 1 in steps:
@@ -865,6 +878,26 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     return session.compression
 
 
+def run_lora(args: argparse.Namespace, session: Session) -> dict:
+    """Step 7: SVD-LLM's sequential LoRA (U then V, lora.py) on the model step 3 left or on
+    --model_path; saved, same ranks and parameter count, to --save_path."""
+    import lora
+    from utils.io import save_compressed
+    from utils.pipeline import PipelineError
+    ensure_model(args, session, prefer_compressed=True)
+    if session.compression is None:
+        raise PipelineError("step 7 fine-tunes a compressed model: give --model_path or run step 3 first")
+    start = time.perf_counter()
+    session.compression = lora.run(session.model, session.tokenizer, session.compression, args,
+                                   args.lora_options, args.device)
+    session.timings["lora_s"] = round(time.perf_counter() - start, 3)
+    start = time.perf_counter()
+    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
+    session.timings["save_s"] = round(time.perf_counter() - start, 3)
+    print(f"LoRA: saved -> {args.save_path}; times: " + ", ".join(f"{k} {v:.1f}s" for k, v in session.timings.items()))
+    return session.compression
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -883,10 +916,11 @@ def main(argv: list[str] | None = None) -> int:
     from utils.io import CompressedModelError
     from utils.pipeline import PipelineError
     from utils.plan import PlanError
+    from lora import LoraError
     session = Session()
     steps = {6: tasks_eval.tasks_step, 9: generate.generate_step,
              1: run_profile, 2: run_allocate, 3: run_compress,
-             4: evaluater.perplexity_step, 5: evaluater.efficiency_step, 8: run_quantize}
+             4: evaluater.perplexity_step, 5: evaluater.efficiency_step, 7: run_lora, 8: run_quantize}
     try:
         if 3 in args.steps and 2 not in args.steps:  # a plan that does not fit fails before step 1 runs
             ensure_model(args, session)
@@ -894,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         for step in args.steps:
             steps[step](args, session)
     except (DatasetError, ModelSpecError, FileNotFoundError, PipelineError, PlanError, DecomposeError,
-            CompressedModelError, OutputError) as error:
+            CompressedModelError, OutputError, LoraError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,7 +30,7 @@ def compressed_dir(tiny_dir, tmp_path_factory):
     (["--step", "3", "--ratio", "0"], "--ratio"),
     (["--step", "10"], "unknown step"),
     (["--step", "one"], "--step"),
-    (["--step", "7"], "not implemented"),
+    (["--step", "7"], "--data_path"),
     (["--step", "1", "--model", "/nonexistent/model"], "no such"),
     (["--step", "1", "--model", "missing.gguf"], "GGUF"),
     (["--step", "1", "--dataset", "nonexistent.txt"], "neither"),

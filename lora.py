@@ -1,0 +1,655 @@
+"""Step 7: SVD-LLM's sequential LoRA fine-tuning of a compressed model, U first, then V (peft).
+
+    python lora.py --prune_model out/smol-20 --data_path ../shared/data/alpaca_demo/alpaca_en_demo.jsonl \
+        --output_dir out/smol-20-lora --lora_r 8 --num_epochs 2 --learning_rate 1e-4 --batch_size 64
+    python compress.py --step 7 --model_path out/smol-20 --data_path DATA --save_path out/smol-20-lora
+
+SVD-LLM (Wang et al., section 3.2; its utils/LoRA.py run twice with --lora_target_modules naming
+first every *_u_proj, then every *_v_proj) updates the two factors of each low-rank matrix W' = u v
+one after the other, so the two updates do not interfere:
+  stage "u": a LoRA adapter u + (alpha / r) B A on every low-rank module's u, every v frozen; train;
+             merge the adapters into u (peft's merge_and_unload);
+  stage "v": the same on every v, u (already updated) frozen; train; merge into v.
+Everything else (embeddings, norms, lm_head, the linears the plan kept dense) is frozen, as in
+SVD-LLM's code, where get_peft_model leaves only the adapters trainable. After merging, every
+factor has its old shape: the ranks and the parameter count are exactly those of the input
+(asserted), and the output is a compressed model in the same safe format, its compression block
+carrying a "lora" record (data, steps, lr, r, alpha, dropout, seed, losses of each stage).
+
+Precision: each stage casts the model to float32 in place (exact from float16 / bfloat16), trains
+and merges in float32, then casts it back to the dtype it came in, so the factors are rounded once
+per stage (a frozen factor goes float16 -> float32 -> float16 unchanged, bit for bit).
+
+Training, as SVD-LLM's (transformers Trainer) defaults: AdamW (no weight decay), linear warm-up
+then linear decay to 0, gradient clipping at norm 1, micro-batches with gradient accumulation to
+--batch_size; the loss is the mean token cross-entropy over the whole batch. Differences, on
+purpose: the warm-up is at most a tenth of a stage's steps (SVD-LLM's 100 steps would never end in
+a short run), and the final adapters are merged (no best-checkpoint reload).
+
+Data (--data_path):
+  * a .json/.jsonl file of Alpaca rows (instruction, input, output): the Alpaca-LoRA template (the
+    one SVD-LLM's Prompter uses), the loss on the response tokens only unless --train_on_inputs,
+    an EOS token appended when it fits; the prompt and the response are tokenized separately and
+    joined, so the masked tokens are exactly the prompt's (SVD-LLM masks the length of the
+    separately tokenized prompt inside the tokenized whole, which is the same unless the tokenizer
+    merges across the boundary);
+  * anything else utils.data reads (a plain text file, a .json/.jsonl with "text", pydoc; slices such
+    as FILE[0:0.8]): language-model loss on non-overlapping windows of --cutoff_len tokens.
+--val_set_size examples (Alpaca rows or windows), drawn with --seed, are held out for the validation
+loss, logged before and after each stage (and every --eval_steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from component import LowRankLinear
+
+IGNORE_INDEX = -100  # label of a token that is not scored (the prompt of an Alpaca row, padding)
+FACTORS = ("u", "v")
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n"
+                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ALPACA_FIELDS = ("instruction", "output")  # "input" may be missing or empty
+DEFAULT_VAL_SET_SIZE = 2000  # SVD-LLM's; capped at a tenth of the examples
+
+
+class LoraError(ValueError):
+    """Input that step 7 cannot use (the message names the problem and the fix)."""
+
+
+@dataclass
+class LoraOptions:
+    """SVD-LLM's LoRA.py settings (defaults: the issue's command line; r, alpha, dropout, cutoff as theirs)."""
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    learning_rate: float = 1e-4
+    num_epochs: float = 2
+    batch_size: int = 64
+    micro_batch_size: int = 4
+    max_steps: int | None = None  # per stage; None: num_epochs over the training examples
+    warmup_steps: int = 100  # at most a tenth of a stage's steps
+    max_grad_norm: float = 1.0
+    eval_steps: int | None = None  # validation loss every N steps too (None: before and after only)
+    logging_steps: int = 10  # the recorded training-loss curve: means over this many steps
+    seed: int = 0
+    stages: tuple[str, ...] = FACTORS
+
+    def check(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise LoraError(message)
+        need(self.r >= 1, f"--lora_r {self.r}: the adapter rank must be at least 1 (SVD-LLM: 8)")
+        need(self.alpha > 0, f"--lora_alpha {self.alpha}: must be > 0 (default 16; the update is scaled by alpha / r)")
+        need(0 <= self.dropout < 1, f"--lora_dropout {self.dropout}: must be in [0, 1) (default 0.05)")
+        need(self.learning_rate > 0, f"--learning_rate {self.learning_rate}: must be > 0 (SVD-LLM: 1e-4)")
+        need(self.num_epochs > 0, f"--num_epochs {self.num_epochs}: must be > 0")
+        need(self.micro_batch_size >= 1, f"--micro_batch_size {self.micro_batch_size}: must be at least 1")
+        need(self.batch_size >= self.micro_batch_size and self.batch_size % self.micro_batch_size == 0,
+             f"--batch_size {self.batch_size} must be a multiple of --micro_batch_size {self.micro_batch_size} "
+             f"(gradient accumulation of batch_size / micro_batch_size micro-batches)")
+        need(self.max_steps is None or self.max_steps >= 0, f"--max_steps {self.max_steps}: must be 0 or more")
+        need(self.warmup_steps >= 0, f"--warmup_steps {self.warmup_steps}: must be 0 or more")
+        need(self.max_grad_norm > 0, f"--max_grad_norm {self.max_grad_norm}: must be > 0")
+        need(self.eval_steps is None or self.eval_steps >= 1, f"--eval_steps {self.eval_steps}: must be at least 1")
+        need(self.logging_steps >= 1, f"--logging_steps {self.logging_steps}: must be at least 1")
+        need(len(self.stages) >= 1 and all(s in FACTORS for s in self.stages),
+             f"--lora_stages {','.join(self.stages)}: a comma list of u and v (SVD-LLM: u,v)")
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+
+# ---------------------------------------------------------------------------------------- data
+
+@dataclass
+class Examples:
+    """Tokenized training and validation examples: lists of (input_ids, labels) of equal lengths."""
+
+    train: list[tuple[list[int], list[int]]]
+    val: list[tuple[list[int], list[int]]]
+    info: dict
+
+
+def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
+    """The Alpaca-LoRA template (SVD-LLM's Prompter 'alpaca'): the text before the response."""
+    if input_text:
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def tokenize_alpaca(tokenizer, row: dict, cutoff_len: int, train_on_inputs: bool = False,
+                    add_eos: bool = True) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one Alpaca row, at most cutoff_len tokens; labels are IGNORE_INDEX on
+    exactly the prompt's tokens (unless train_on_inputs), the ids elsewhere."""
+    prompt_ids = list(tokenizer(alpaca_prompt(row["instruction"], row.get("input")))["input_ids"])
+    response_ids = list(tokenizer(row["output"], add_special_tokens=False)["input_ids"])
+    ids = (prompt_ids + response_ids)[:cutoff_len]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if add_eos and eos is not None and len(ids) < cutoff_len and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    labels = list(ids)
+    if not train_on_inputs:
+        masked = min(len(prompt_ids), len(ids))
+        labels[:masked] = [IGNORE_INDEX] * masked
+    return ids, labels
+
+
+def _split_path(spec: str) -> tuple[str, float, float]:
+    from utils.data import DatasetError, parse_dataset
+    try:
+        return parse_dataset(spec)
+    except DatasetError as error:
+        raise LoraError(f"--data_path {spec}: {error}") from None
+
+
+def read_alpaca_rows(path: str) -> list[dict] | None:
+    """The rows of an Alpaca-form .json/.jsonl file, or None when the file is not in that form."""
+    if not path.endswith((".json", ".jsonl")):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.read(1)
+            handle.seek(0)
+            rows = json.load(handle) if first == "[" else [json.loads(line) for line in handle if line.strip()]
+    except (OSError, ValueError) as error:
+        raise LoraError(f"--data_path {path}: not readable JSON / JSON lines ({error})") from None
+    if not rows or not isinstance(rows[0], dict) or not all(k in rows[0] for k in ALPACA_FIELDS):
+        return None
+    for number, row in enumerate(rows):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ALPACA_FIELDS):
+            raise LoraError(f"--data_path {path}: row {number} lacks a string 'instruction' or 'output' "
+                            f"(Alpaca rows: instruction, input, output)")
+    return rows
+
+
+def check_data_path(spec: str) -> str:
+    """Cheap checks before any model loads; returns the format: 'alpaca' or 'text'."""
+    from utils.data import BUILTIN_DATASETS, HUB_DATASETS
+    name, _, _ = _split_path(spec)
+    if name == "random":
+        raise LoraError("--data_path random has no text: give an Alpaca JSON/JSONL file or a text file")
+    if name in HUB_DATASETS:
+        from utils.data import DatasetError, check_hub_datasets
+        try:
+            check_hub_datasets({"--data_path": spec})
+        except DatasetError as error:
+            raise LoraError(str(error)) from None
+        return "text"
+    if name in BUILTIN_DATASETS:
+        return "text"
+    if not os.path.isfile(name):
+        raise LoraError(f"--data_path {name}: no such file (an Alpaca .json/.jsonl, or a plain text file)")
+    return "alpaca" if read_alpaca_rows(name) is not None else "text"
+
+
+def _held_out(count: int, val_set_size: int | None, seed: int, what: str) -> tuple[list[int], list[int]]:
+    """(training indices, validation indices) of `count` examples, drawn with `seed`."""
+    if val_set_size is None:
+        val_set_size = min(DEFAULT_VAL_SET_SIZE, count // 10)
+    if val_set_size < 0 or val_set_size >= count:
+        raise LoraError(f"--val_set_size {val_set_size}: the data has {count} {what}; hold out fewer "
+                        f"(0 for none) so that some are left to train on")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[val_set_size:]), sorted(order[:val_set_size])
+
+
+def load_examples(spec: str, tokenizer, cutoff_len: int, val_set_size: int | None = None, seed: int = 0,
+                  train_on_inputs: bool = False) -> Examples:
+    """The training and validation examples of --data_path (see the module docstring)."""
+    from utils.data import DatasetError, load_text, tokenize
+    if tokenizer is None:
+        raise LoraError("the model has no tokenizer: step 7 needs one to read --data_path")
+    data_format = check_data_path(spec)
+    name, start, end = _split_path(spec)
+    info = {"path": spec, "format": data_format, "cutoff_len": cutoff_len}
+    if data_format == "alpaca":
+        rows = read_alpaca_rows(name)
+        rows = rows[int(start * len(rows)):int(end * len(rows))]
+        examples = [tokenize_alpaca(tokenizer, row, cutoff_len, train_on_inputs) for row in rows]
+        scored = [e for e in examples if any(label != IGNORE_INDEX for label in e[1][1:])]
+        info.update(rows=len(rows), rows_without_response_tokens=len(examples) - len(scored),
+                    train_on_inputs=train_on_inputs, template="alpaca")
+        examples, what = scored, "Alpaca rows with response tokens within --cutoff_len"
+    else:
+        try:
+            ids = tokenize(tokenizer, load_text(spec, "train"))
+        except DatasetError as error:
+            raise LoraError(f"--data_path {spec}: {error}") from None
+        windows = ids.numel() // cutoff_len
+        if windows < 2:
+            raise LoraError(f"--data_path {spec}: {ids.numel()} tokens make {windows} window(s) of --cutoff_len "
+                            f"{cutoff_len}; give more text or a shorter --cutoff_len")
+        examples = [(w.tolist(), w.tolist()) for w in ids[:windows * cutoff_len].view(windows, cutoff_len)]
+        info.update(tokens=int(ids.numel()), windows=windows)
+        what = f"windows of {cutoff_len} tokens"
+    if not examples:
+        raise LoraError(f"--data_path {spec}: no usable examples (every response lies beyond --cutoff_len {cutoff_len})")
+    train_index, val_index = _held_out(len(examples), val_set_size, seed, what)
+    info.update(train_examples=len(train_index), val_examples=len(val_index), split_seed=seed)
+    return Examples([examples[i] for i in train_index], [examples[i] for i in val_index], info)
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding)."""
+    length = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, (ids, row_labels) in enumerate(batch):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(ids)] = torch.tensor(row_labels)
+        mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def scored_tokens(labels: torch.Tensor) -> int:
+    """Tokens whose next-token loss counts (a label's first position has no prediction)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_nll(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """Sum over the scored tokens of -log p(token | tokens before), float32."""
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                   use_cache=False).logits
+    labels = batch["labels"].to(device)
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, examples: list, micro_batch_size: int, pad_id: int,
+              device: torch.device | str) -> float | None:
+    """Mean token loss over `examples` (eval mode), None without examples."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[start:start + micro_batch_size], pad_id)
+        total += float(summed_nll(model, batch, device))
+        tokens += scored_tokens(batch["labels"])
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+# ---------------------------------------------------------------------------------------- training
+
+def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
+
+
+def factor_fingerprint(model: nn.Module) -> dict[str, int]:
+    """Parameter count and ranks: what step 7 must leave exactly as it was."""
+    from utils.model import count_parameters
+    return {"parameters": count_parameters(model),
+            **{f"rank:{name}": module.rank for name, module in low_rank_modules(model).items()}}
+
+
+def stage_steps(train_examples: int, options: LoraOptions) -> int:
+    """Optimizer steps of one stage: num_epochs passes over the training examples, capped by max_steps."""
+    steps = math.ceil(options.num_epochs * train_examples / options.batch_size)
+    return steps if options.max_steps is None else min(steps, options.max_steps)
+
+
+def learning_rate_at(step: int, total: int, options: LoraOptions) -> float:
+    """Linear warm-up (at most a tenth of the steps) then linear decay to 0, as Trainer's 'linear'."""
+    warmup = min(options.warmup_steps, total // 10)
+    if step < warmup:
+        return options.learning_rate * (step + 1) / (warmup + 1)
+    return options.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _batches(count: int, options: LoraOptions, generator: torch.Generator):
+    """Endless stream of index lists of batch_size examples: shuffled epoch after epoch (the last
+    batch of an epoch may be smaller)."""
+    while True:
+        order = torch.randperm(count, generator=generator).tolist()
+        for start in range(0, count, options.batch_size):
+            yield order[start:start + options.batch_size]
+
+
+def train_stage(model: nn.Module, factor: str, examples: Examples, options: LoraOptions,
+                device: torch.device | str, pad_id: int, progress: bool = True) -> dict:
+    """One SVD-LLM stage: LoRA adapters on the `factor` ('u' or 'v') of every LowRankLinear, the
+    rest frozen; train; merge the adapters into the factors. The model is changed in place and is
+    float32 on `device` during the stage. Returns the stage's record."""
+    from peft import LoraConfig, get_peft_model
+    modules = low_rank_modules(model)
+    targets = [f"{name}.{factor}" for name in modules]
+    for target in targets:
+        if type(model.get_submodule(target)) is not nn.Linear:
+            raise LoraError(f"{target} is a {type(model.get_submodule(target)).__name__}, not a float linear: "
+                            f"run step 7 before quantization (step 8)")
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    torch.manual_seed(options.seed + FACTORS.index(factor))  # adapter init (A random, B zero) and dropout
+    config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                        target_modules=targets, bias="none")
+    peft_model = get_peft_model(model, config)
+    try:
+        record = _train_adapters(peft_model, factor, len(targets), examples, options, device, pad_id, progress)
+    except BaseException:  # an interrupted stage leaves the model as it was: adapters dropped unmerged
+        peft_model.unload()
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
+        raise
+    merged = peft_model.merge_and_unload()
+    if merged is not model:
+        raise AssertionError("peft returned a different model object after merging")
+    for name, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(name, p.requires_grad))
+    leftover = [name for name, _ in model.named_modules() if "lora_" in name]
+    if leftover:
+        raise AssertionError(f"adapters left after merging: {leftover[:3]}")
+    return record
+
+
+def _train_adapters(peft_model: nn.Module, factor: str, n_modules: int, examples: Examples, options: LoraOptions,
+                    device: torch.device | str, pad_id: int, progress: bool) -> dict:
+    """The training loop of one stage on the model with its adapters; returns the stage's record."""
+    from tqdm import tqdm
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    record = {"factor": factor, "modules": n_modules, "trainable_parameters": sum(p.numel() for p in trainable)}
+    steps = stage_steps(len(examples.train), options)
+    optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(options.seed + 10 + FACTORS.index(factor))
+    batches = _batches(len(examples.train), options, generator)
+    start = time.perf_counter()
+    record["val_loss_before"] = mean_loss(peft_model, examples.val, options.micro_batch_size, pad_id, device)
+    val_s = time.perf_counter() - start
+    curve, window, val_curve, losses = [], [], [], []
+    seen_examples = seen_tokens = 0
+    peft_model.train()
+    bar = tqdm(range(steps), desc=f"LoRA {factor}", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        indices = next(batches)
+        micro = [collate([examples.train[i] for i in indices[k:k + options.micro_batch_size]], pad_id)
+                 for k in range(0, len(indices), options.micro_batch_size)]
+        tokens = sum(scored_tokens(b["labels"]) for b in micro)
+        total = 0.0
+        for batch in micro:  # gradient accumulation: the mean over the whole batch's tokens
+            loss = summed_nll(peft_model, batch, device) / max(tokens, 1)
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(trainable, options.max_grad_norm)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, steps, options)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(total)
+        window.append(total)
+        seen_examples += len(indices)
+        seen_tokens += tokens
+        if len(window) == options.logging_steps or step == steps - 1:
+            curve.append([step + 1, round(sum(window) / len(window), 6)])
+            window = []
+        if options.eval_steps and (step + 1) % options.eval_steps == 0 and step < steps - 1 and examples.val:
+            val_start = time.perf_counter()
+            val_curve.append([step + 1, round(mean_loss(peft_model, examples.val, options.micro_batch_size,
+                                                        pad_id, device), 6)])
+            val_s += time.perf_counter() - val_start
+        bar.set_postfix(loss=f"{total:.4f}", lr=f"{learning_rate_at(step, steps, options):.2e}")
+    bar.close()
+    peft_model.eval()
+    val_start = time.perf_counter()
+    record["val_loss_after"] = mean_loss(peft_model, examples.val, options.micro_batch_size, pad_id, device)
+    val_s += time.perf_counter() - val_start
+    tail = losses[-min(len(losses), options.logging_steps):]
+    record.update(steps=steps, examples_seen=seen_examples, tokens_seen=seen_tokens,
+                  train_loss_first=round(losses[0], 6) if losses else None,
+                  train_loss_final=round(sum(tail) / len(tail), 6) if tail else None,
+                  train_loss_curve=curve, val_loss_curve=val_curve,
+                  seconds=round(time.perf_counter() - start, 3), validation_s=round(val_s, 3))
+    return record
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0  # padded positions are masked out of attention and loss: any id will do
+
+
+def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: LoraOptions,
+                    device: torch.device | str = "cpu", progress: bool = True) -> dict:
+    """SVD-LLM's LoRA fine-tuning of a low-rank model, U stage then V stage (options.stages), in
+    place; returns the "lora" record. Ranks and parameter count are checked to be unchanged."""
+    import peft
+    options.check()
+    if not low_rank_modules(model):
+        raise LoraError("the model has no low-rank modules: step 7 fine-tunes the factors of a compressed model "
+                        "(run step 3 first)")
+    before = factor_fingerprint(model)
+    first = next(model.parameters())
+    home_dtype, home_device = first.dtype, first.device
+    home = _float_dtypes(model)
+    pad_id = _pad_id(tokenizer)
+    stages = []
+    for factor in options.stages:
+        model.to(device=device, dtype=torch.float32)  # exact from float16 / bfloat16
+        try:
+            stages.append(train_stage(model, factor, examples, options, device, pad_id, progress))
+            if home_dtype != torch.float32:
+                _check_fits(model, home_dtype, factor)
+        finally:
+            model.to(device=home_device)
+            _restore_dtypes(model, home)
+        print(f"LoRA {factor}: {stages[-1]['steps']} steps, train loss {_fmt(stages[-1]['train_loss_first'])} -> "
+              f"{_fmt(stages[-1]['train_loss_final'])}, validation loss {_fmt(stages[-1]['val_loss_before'])} -> "
+              f"{_fmt(stages[-1]['val_loss_after'])} ({stages[-1]['seconds']:.1f} s)")
+    after = factor_fingerprint(model)
+    if after != before:
+        changed = sorted(k for k in before if before[k] != after.get(k))
+        raise AssertionError(f"step 7 changed the architecture: {changed[:3]}")
+    settings = asdict(options)
+    settings["stages"] = list(options.stages)
+    return {"data": examples.info, **settings, "train_dtype": "float32", "saved_dtype": str(home_dtype).replace("torch.", ""),
+            "peft_version": peft.__version__, "trained": "LoRA adapters on the factor of each stage only; "
+            "embeddings, norms, lm_head and dense linears frozen", "parameters": after["parameters"],
+            "stage_records": stages}
+
+
+def _float_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    """dtype of every floating parameter and buffer (a float16 model may keep float32 buffers)."""
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return {name: t.dtype for name, t in tensors if t.is_floating_point()}
+
+
+def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Cast each floating parameter and buffer back to its recorded dtype, in place (ties kept)."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for key, param in module._parameters.items():
+            if param is not None and dtypes.get(prefix + key, param.dtype) != param.dtype:
+                param.data = param.data.to(dtypes[prefix + key])
+        for key, buffer in module._buffers.items():
+            if buffer is not None and dtypes.get(prefix + key, buffer.dtype) != buffer.dtype:
+                module._buffers[key] = buffer.to(dtypes[prefix + key])
+
+
+def _check_fits(model: nn.Module, dtype: torch.dtype, factor: str) -> None:
+    from component.low_rank_linear import largest_entry_fits
+    for name, module in low_rank_modules(model).items():
+        fits, largest = largest_entry_fits(dtype, getattr(module, factor).weight)
+        if not fits:
+            raise LoraError(f"after the LoRA {factor} stage {name}.{factor} has |entry| {largest:.4g}, which does not "
+                            f"fit in {dtype}; rerun with --dtype float32 or a lower --learning_rate")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def with_lora_record(compression: dict, record: dict) -> dict:
+    """The compression block with step 7's record (an earlier one kept under 'previous')."""
+    if compression.get("lora"):
+        record = {**record, "previous": compression["lora"]}
+    return {**compression, "lora": record}
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+def add_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Step 7's flags, named as SVD-LLM's utils/LoRA.py (shared by compress.py and this file)."""
+    defaults = LoraOptions()
+    p = parser
+    p.add_argument("--data_path", default=None,
+                   help="training data: an Alpaca .json/.jsonl (instruction, input, output) or a text file "
+                        "(slices such as FILE[0:0.8]); offline Alpaca-form sample: "
+                        "../shared/data/alpaca_demo/alpaca_en_demo.jsonl")
+    p.add_argument("--lora_r", type=int, default=defaults.r, help="adapter rank (default %(default)s)")
+    p.add_argument("--lora_alpha", type=float, default=defaults.alpha,
+                   help="adapter scale alpha; the update is (alpha / r) B A (default %(default)s)")
+    p.add_argument("--lora_dropout", type=float, default=defaults.dropout, help="dropout on the adapters' input "
+                   "(default %(default)s)")
+    p.add_argument("--batch_size", type=int, default=defaults.batch_size,
+                   help="examples per optimizer step (default %(default)s)")
+    p.add_argument("--micro_batch_size", type=int, default=defaults.micro_batch_size,
+                   help="examples per forward pass; gradients accumulate to --batch_size (default %(default)s)")
+    p.add_argument("--num_epochs", type=float, default=defaults.num_epochs,
+                   help="passes over the training data per stage (default %(default)s)")
+    p.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="peak AdamW learning rate "
+                   "(default %(default)s)")
+    p.add_argument("--cutoff_len", type=int, default=256, help="tokens per example at most / per text window "
+                   "(default %(default)s)")
+    p.add_argument("--val_set_size", type=int, default=None,
+                   help="examples held out for the validation loss (default: 2000 as SVD-LLM, at most a tenth "
+                        "of the examples; 0: none)")
+    p.add_argument("--max_steps", type=int, default=None, help="optimizer steps per stage at most (short runs)")
+    p.add_argument("--warmup_steps", type=int, default=defaults.warmup_steps,
+                   help="linear warm-up steps, at most a tenth of a stage's steps (default %(default)s)")
+    p.add_argument("--eval_steps", type=int, default=None,
+                   help="also log the validation loss every N steps (default: before and after each stage)")
+    p.add_argument("--train_on_inputs", action="store_true",
+                   help="Alpaca data: score the prompt tokens too (default: the response only)")
+    p.add_argument("--lora_stages", default="u,v",
+                   help="stages in order: u,v (SVD-LLM's sequential recipe), or one of them")
+
+
+def options_from_args(args: argparse.Namespace) -> LoraOptions:
+    options = LoraOptions(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                          learning_rate=args.learning_rate, num_epochs=args.num_epochs, batch_size=args.batch_size,
+                          micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
+                          warmup_steps=args.warmup_steps, eval_steps=args.eval_steps, seed=args.seed,
+                          stages=tuple(s.strip() for s in args.lora_stages.split(",") if s.strip()))
+    options.check()
+    return options
+
+
+def validate_args(args: argparse.Namespace, chained: bool = False) -> LoraOptions:
+    """Every step-7 check that needs no model (LoraError). chained: the model comes from step 3."""
+    from utils.io import is_compressed_model, read_json
+    from utils.outputs import check_output_path
+    options = options_from_args(args)
+    if not args.data_path:
+        raise LoraError("--data_path is required: an Alpaca .json/.jsonl or a text file to train on "
+                        "(e.g. ../shared/data/alpaca_demo/alpaca_en_demo.jsonl)")
+    if args.cutoff_len < 2:
+        raise LoraError(f"--cutoff_len {args.cutoff_len}: must be at least 2 tokens")
+    if args.val_set_size is not None and args.val_set_size < 0:
+        raise LoraError(f"--val_set_size {args.val_set_size}: must be 0 or more")
+    check_data_path(args.data_path)
+    if not args.save_path:
+        raise LoraError("--save_path (--output_dir) is required: step 7 writes the fine-tuned model there")
+    protected = []
+    if not chained:
+        if not args.model_path:
+            raise LoraError("step 7 fine-tunes a compressed model: give --model_path (--prune_model), "
+                            "or run step 3 in the same command")
+        if not os.path.exists(args.model_path):
+            raise LoraError(f"--model_path {args.model_path}: no such file or directory")
+        if not is_compressed_model(args.model_path):
+            raise LoraError(f"--model_path {args.model_path}: not a compressed model (no 'compression' block in "
+                            f"its config.json); run step 3 first")
+        if not args.model_path.endswith(".pt"):
+            block = read_json(os.path.join(args.model_path, "config.json"))["compression"]
+            if block.get("quantization"):
+                raise LoraError(f"--model_path {args.model_path}: quantized (step 8); LoRA trains float factors, "
+                                f"so run step 7 before step 8")
+            if not block.get("ranks"):
+                raise LoraError(f"--model_path {args.model_path}: has no low-rank modules; step 7 fine-tunes "
+                                f"the factors of a model compressed by step 3")
+        protected = [args.model_path]
+    check_output_path(args.save_path, "model", args.overwrite, protected)
+    return options
+
+
+def run(model: nn.Module, tokenizer, compression: dict, args: argparse.Namespace, options: LoraOptions,
+        device: str) -> dict:
+    """Read the data, train both stages, return the new compression block (the caller saves)."""
+    if compression.get("quantization"):
+        raise LoraError("the model is quantized (step 8); LoRA trains float factors, so run step 7 before step 8")
+    examples = load_examples(args.data_path, tokenizer, args.cutoff_len, args.val_set_size, args.seed,
+                             args.train_on_inputs)
+    print(f"LoRA data: {examples.info['format']} {args.data_path}: {len(examples.train)} training, "
+          f"{len(examples.val)} validation examples; {stage_steps(len(examples.train), options)} steps per stage "
+          f"of {options.batch_size} ({options.micro_batch_size} x {options.accumulation})")
+    record = sequential_lora(model, tokenizer, examples, options, device)
+    return with_lora_record(compression, record)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", "--prune_model", dest="model_path", default=None,
+                   help="the compressed model to fine-tune (directory or .pt); --prune_model is SVD-LLM's name")
+    p.add_argument("--save_path", "--output_dir", dest="save_path", default=None,
+                   help="where the fine-tuned compressed model goes; --output_dir is SVD-LLM's name")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --save_path")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the model is saved in (auto: as it was); training is float32 regardless")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, adapters, dropout, order")
+    add_lora_arguments(p.add_argument_group("LoRA (SVD-LLM's utils/LoRA.py flags)"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils.data import DatasetError
+    from utils.io import CompressedModelError, load_compressed, save_compressed
+    from utils.model import DTYPES, default_device, load_tokenizer, resolve_model
+    from utils.outputs import OutputError
+    args = build_parser().parse_args(argv)
+    try:
+        options = validate_args(args)
+        args.device = args.device or default_device()
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise LoraError(f"--device {args.device}: no CUDA device here; use --device cpu")
+        if not (args.device == "cpu" or args.device.startswith("cuda")):
+            raise LoraError(f"--device {args.device}: use cpu, cuda or cuda:N")
+    except (LoraError, DatasetError, OutputError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer, compression = load_compressed(args.model_path,
+                                                        None if args.dtype == "auto" else DTYPES[args.dtype])
+        if tokenizer is None:
+            tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
+        compression = run(model, tokenizer, compression, args, options, args.device)
+        save_compressed(model, tokenizer, args.save_path, compression)
+    except (LoraError, DatasetError, CompressedModelError, OutputError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    print(f"LoRA: saved -> {args.save_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

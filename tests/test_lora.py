@@ -1,0 +1,366 @@
+"""Step 7 (lora.py): SVD-LLM's sequential LoRA, U then V, with peft, on tiny models."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import compress
+import lora
+from component import LowRankLinear
+from scripts.sweep import make_tiny_model
+from tests.tiny_models import tiny_model
+from utils.io import load_compressed, save_compressed
+from utils.model import count_parameters, target_shapes
+from utils.pipeline import CompressOptions, compress_model, compression_block, profile_model
+from utils.plan import Plan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{}\n\n### Response:\n")
+
+
+def random_ids(n: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def low_rank(family: str = "llama", ratio: float = 0.4, dtype: torch.dtype = torch.float32, dense: tuple = ()):
+    """A tiny model made low-rank in memory (whitened SVD), the modules ending in `dense` kept
+    dense, and its compression block."""
+    model = tiny_model(family)
+    stats = profile_model(model, random_ids(8, 32), "cpu")
+    plan = Plan.uniform(target_shapes(model), ratio)
+    for name, module_plan in plan.modules.items():
+        if name.endswith(dense):
+            module_plan.rank = None
+    record = compress_model(model, plan, CompressOptions(), "cpu", stats)
+    block = compression_block(record, "tiny", model, stats)
+    return model.to(dtype), block
+
+
+def pattern_examples(n_train: int = 16, n_val: int = 4, length: int = 48) -> lora.Examples:
+    """Windows of a short repeating token cycle at random phases: learnable in a few steps."""
+    cycle = torch.tensor([3, 17, 42, 99, 7, 250, 128, 64, 11])
+    generator = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(n_train + n_val):
+        phase = int(torch.randint(0, len(cycle), (1,), generator=generator))
+        ids = cycle.roll(-phase).repeat(length // len(cycle) + 1)[:length].tolist()
+        rows.append((ids, list(ids)))
+    return lora.Examples(rows[:n_train], rows[n_train:], {"path": "pattern", "format": "text"})
+
+
+class NoTokenizer:
+    pad_token_id = 0
+
+
+def options(**overrides) -> lora.LoraOptions:
+    base = dict(r=4, alpha=8, dropout=0.0, learning_rate=1e-2, batch_size=4, micro_batch_size=2, max_steps=6,
+                warmup_steps=0, seed=0)
+    return lora.LoraOptions(**{**base, **overrides})
+
+
+def factors(model, which: str) -> dict[str, torch.Tensor]:
+    return {f"{name}.{which}": getattr(module, which).weight.detach().clone()
+            for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
+
+
+def others(model) -> dict[str, torch.Tensor]:
+    """Every parameter that is not a low-rank factor (embeddings, norms, dense linears, lm_head)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if not name.endswith((".u.weight", ".v.weight"))}
+
+
+def logits(model, ids=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(random_ids(2, 24, seed=5) if ids is None else ids).logits
+
+
+def test_u_stage_changes_only_u_and_v_stage_only_v():
+    model, _ = low_rank()
+    examples = pattern_examples()
+    u0, v0, rest0 = factors(model, "u"), factors(model, "v"), others(model)
+    record = lora.sequential_lora(model, NoTokenizer(), examples, options(stages=("u",)), progress=False)
+    u1, v1 = factors(model, "u"), factors(model, "v")
+    assert len(v1) == 14 and all(torch.equal(v0[k], v1[k]) for k in v0)  # bitwise
+    assert sum(not torch.equal(u0[k], u1[k]) for k in u0) == 14  # every u was updated
+    record = lora.sequential_lora(model, NoTokenizer(), examples, options(stages=("v",)), progress=False)
+    u2, v2 = factors(model, "u"), factors(model, "v")
+    assert all(torch.equal(u1[k], u2[k]) for k in u1)
+    assert sum(not torch.equal(v1[k], v2[k]) for k in v1) == 14
+    rest = others(model)
+    assert rest.keys() == rest0.keys() and all(torch.equal(rest0[k], rest[k]) for k in rest0)
+    stage = record["stage_records"][0]
+    # adapters of rank 4 on the 14 v factors (in x r -> r): r * (in + r) each
+    expected = sum(4 * (m.in_features + m.rank) for m in lora.low_rank_modules(model).values())
+    assert stage["factor"] == "v" and stage["modules"] == 14 and stage["trainable_parameters"] == expected
+
+
+@pytest.mark.parametrize("family,expected", [("qwen2", 14 - 2), ("opt", 12 - 2)])
+def test_dense_linears_and_biases_stay_frozen(family, expected):
+    """Qwen2's q/k/v biases sit on u, OPT's fc1/fc2 kept dense here: neither is trained."""
+    model, _ = low_rank(family, dense=("fc2", "down_proj"))
+    dense = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n.endswith(("fc2", "down_proj"))]
+    assert len(dense) == 2
+    rest0 = others(model)
+    record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(), options(max_steps=3), progress=False)
+    rest = others(model)
+    assert all(torch.equal(rest0[k], rest[k]) for k in rest0)  # biases, norms, embeddings, dense linears
+    n_low_rank = len(lora.low_rank_modules(model))
+    assert n_low_rank == expected and [s["modules"] for s in record["stage_records"]] == [n_low_rank, n_low_rank]
+
+
+def test_an_interrupted_stage_leaves_the_model_as_it_was(monkeypatch):
+    model, _ = low_rank(dtype=torch.float16)
+    before, names = logits(model), sorted(model.state_dict())
+    calls = []
+    real = lora.summed_nll
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # during training, after the validation pass
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "summed_nll", failing)
+    with pytest.raises(KeyboardInterrupt):
+        lora.sequential_lora(model, NoTokenizer(), pattern_examples(n_val=2), options(micro_batch_size=2), progress=False)
+    assert len(calls) == 3 and sorted(model.state_dict()) == names  # no adapter left
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert all(p.requires_grad for p in model.parameters()) and torch.equal(logits(model), before)
+
+
+def test_zero_steps_leave_logits_identical():
+    model, _ = low_rank()
+    before = logits(model)
+    record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(), options(max_steps=0), progress=False)
+    assert [s["steps"] for s in record["stage_records"]] == [0, 0]
+    assert torch.equal(logits(model), before)
+
+
+def test_training_lowers_the_loss_and_keeps_the_parameter_count():
+    model, _ = low_rank()
+    examples = pattern_examples()
+    params, state_names = count_parameters(model), sorted(model.state_dict())
+    record = lora.sequential_lora(model, NoTokenizer(), examples,
+                                  options(max_steps=20, num_epochs=20, learning_rate=2e-2), progress=False)
+    u, v = record["stage_records"]
+    # random tiny model: 5.56 nats (about ln 256) on held-out windows; the 9-token cycle is learnable:
+    # measured 5.56 -> 4.59 after U, -> 4.45 after V (training loss 5.56 -> 4.65 over the U stage)
+    assert u["val_loss_before"] > 5.0 and u["steps"] == v["steps"] == 20
+    assert u["val_loss_after"] < u["val_loss_before"] - 0.7, record
+    assert v["val_loss_before"] == pytest.approx(u["val_loss_after"])
+    assert v["val_loss_after"] < v["val_loss_before"] - 0.05
+    assert u["train_loss_final"] < u["train_loss_first"] - 0.7
+    assert count_parameters(model) == params == record["parameters"]
+    assert sorted(model.state_dict()) == state_names  # no adapter left, same names
+
+
+def test_float16_model_trains_in_float32_and_stays_float16():
+    model, _ = low_rank(dtype=torch.float16)
+    v0 = factors(model, "v")
+    record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(), options(stages=("u",)), progress=False)
+    assert record["train_dtype"] == "float32" and record["saved_dtype"] == "float16"
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert all(torch.equal(v0[k], w) for k, w in factors(model, "v").items())  # fp16 -> fp32 -> fp16 exact
+    # float32 training: the same start as the float32 model's (5.5617), measured 5.56 -> 5.32 in 6 steps
+    stage = record["stage_records"][0]
+    assert stage["val_loss_before"] == pytest.approx(5.5617, abs=2e-3)
+    assert stage["val_loss_after"] < stage["val_loss_before"] - 0.15
+
+
+@pytest.mark.parametrize("suffix", ["", ".pt"])
+def test_save_and_load_after_each_stage_give_identical_logits(tmp_path, suffix):
+    model, block = low_rank()
+    examples = pattern_examples()
+    for number, stage in enumerate(lora.FACTORS):
+        record = lora.sequential_lora(model, NoTokenizer(), examples, options(stages=(stage,)), progress=False)
+        block = lora.with_lora_record(block, record)
+        path = str(tmp_path / f"after_{stage}{suffix}")
+        save_compressed(model, None, path, block)
+        loaded, _, loaded_block = load_compressed(path)
+        assert torch.equal(logits(loaded), logits(model))
+        assert count_parameters(loaded) == count_parameters(model)
+        assert loaded_block["ranks"] == block["ranks"] and loaded_block["lora"]["stages"] == [stage]
+        assert ("previous" in loaded_block["lora"]) == (number == 1)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a byte-level tokenizer (one token per byte of text)."""
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def test_alpaca_labels_mask_exactly_the_prompt_tokens(byte_tokenizer):
+    row = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    ids, labels = lora.tokenize_alpaca(byte_tokenizer, row, cutoff_len=512)
+    prompt = lora.alpaca_prompt(row["instruction"], row["input"])
+    assert "### Input:\n2 and 3\n\n### Response:\n" in prompt
+    n_prompt = len(prompt.encode("utf-8"))  # the byte tokenizer: one token per byte
+    assert len(ids) == n_prompt + 1 and byte_tokenizer.decode(ids) == prompt + "5"
+    assert labels[:n_prompt] == [lora.IGNORE_INDEX] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    # no input: the other template; the response tokens keep their ids
+    ids, labels = lora.tokenize_alpaca(byte_tokenizer, {"instruction": "Say hi.", "input": "", "output": "hi there"}, 512)
+    n_prompt = len(PROMPT_NO_INPUT.format("Say hi.").encode())
+    assert sum(label == lora.IGNORE_INDEX for label in labels) == n_prompt and len(ids) == n_prompt + 8
+    assert byte_tokenizer.decode([i for i, label in zip(ids, labels) if label != lora.IGNORE_INDEX]) == "hi there"
+    # --train_on_inputs scores everything; --cutoff_len truncates
+    ids, labels = lora.tokenize_alpaca(byte_tokenizer, row, 512, train_on_inputs=True)
+    assert labels == ids
+    ids, labels = lora.tokenize_alpaca(byte_tokenizer, row, cutoff_len=40)
+    assert len(ids) == 40 and set(labels) == {lora.IGNORE_INDEX}
+
+
+def test_alpaca_file_examples_and_masked_loss(byte_tokenizer, tmp_path):
+    rows = [{"instruction": f"Repeat {i}.", "input": "" if i % 2 else f"x{i}", "output": f"{i} {i}"} for i in range(20)]
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = lora.load_examples(str(path), byte_tokenizer, 256, val_set_size=5, seed=0)
+    assert examples.info["format"] == "alpaca" and len(examples.train) == 15 and len(examples.val) == 5
+    batch = lora.collate(examples.train[:3], pad_id=0)
+    responses = sum(len(byte_tokenizer.decode([i for i, label in zip(ids, labels) if label != lora.IGNORE_INDEX]))
+                    for ids, labels in examples.train[:3])
+    assert lora.scored_tokens(batch["labels"]) == responses  # padding and prompts are not scored
+    # a JSON array of the same rows reads the same; a slice of it takes a fraction of the rows
+    array = tmp_path / "alpaca.json"
+    array.write_text(json.dumps(rows))
+    assert lora.load_examples(str(array), byte_tokenizer, 256, 5, 0).train == examples.train
+    assert lora.load_examples(f"{array}[0:0.5]", byte_tokenizer, 256, 2, 0).info["rows"] == 10
+
+
+def test_text_file_gives_windows_of_cutoff_len(byte_tokenizer, tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("abcdefghi\n" * 100)  # 100 lines, 1000 bytes
+    examples = lora.load_examples(str(path), byte_tokenizer, 64, val_set_size=3, seed=0)
+    assert examples.info["format"] == "text" and examples.info["windows"] == 15
+    assert len(examples.train) == 12 and len(examples.val) == 3
+    assert all(len(ids) == 64 and labels == ids for ids, labels in examples.train + examples.val)
+    assert lora.load_examples(f"{path}[0:0.5]", byte_tokenizer, 64, 0, 0).info["windows"] == 7  # 500 bytes
+
+
+# ---------------------------------------------------------------------------------------- command line
+
+@pytest.fixture(scope="module")
+def compressed_dir(tiny_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("c") / "out")
+    assert compress.main(["--step", "1-3", "--model", tiny_dir, "--dataset", "random", "--whitening_nsamples", "4",
+                          "--model_seq_len", "32", "--save_path", out, "--device", "cpu", "--ratio", "0.4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("d") / "text.txt"
+    path.write_text("the cat sat on the mat. " * 200)
+    return str(path)
+
+
+def test_lora_cli_as_svd_llm_users_type_it(compressed_dir, text_file, tmp_path, capsys):
+    out = str(tmp_path / "tuned")
+    assert lora.main(["--prune_model", compressed_dir, "--data_path", text_file, "--output_dir", out, "--lora_r", "4",
+                      "--num_epochs", "1", "--learning_rate", "1e-2", "--batch_size", "4", "--micro_batch_size", "2",
+                      "--cutoff_len", "32", "--max_steps", "3", "--val_set_size", "4", "--device", "cpu"]) == 0
+    assert "LoRA u: 3 steps" in capsys.readouterr().out
+    before, _, block_before = load_compressed(compressed_dir)
+    after, tokenizer, block = load_compressed(out)
+    record = block["lora"]
+    assert tokenizer is not None and block["ranks"] == block_before["ranks"]
+    assert count_parameters(after) == count_parameters(before) == record["parameters"]
+    assert record["r"] == 4 and record["alpha"] == 16 and record["learning_rate"] == 1e-2 and record["seed"] == 0
+    assert record["data"]["format"] == "text" and record["data"]["val_examples"] == 4
+    assert [s["factor"] for s in record["stage_records"]] == ["u", "v"]
+    assert all(s["steps"] == 3 and s["val_loss_after"] is not None for s in record["stage_records"])
+    assert not torch.equal(logits(after), logits(before))
+    # the HF export (trust_remote_code) builds the same fine-tuned model
+    from transformers import AutoModelForCausalLM
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert torch.allclose(logits(remote), logits(after), rtol=0, atol=1e-5)
+
+
+def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path):
+    out = str(tmp_path / "chained")
+    assert compress.main(["--step", "1-3,7", "--model", tiny_dir, "--dataset", "random", "--whitening_nsamples", "4",
+                          "--model_seq_len", "32", "--save_path", out, "--device", "cpu", "--data_path", text_file,
+                          "--cutoff_len", "32", "--batch_size", "2", "--micro_batch_size", "1", "--max_steps", "2",
+                          "--val_set_size", "2"]) == 0
+    _, _, block = load_compressed(out)
+    assert block["method"] == "svd-llm" and [s["steps"] for s in block["lora"]["stage_records"]] == [2, 2]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ([], "--data_path is required"),
+    (["--data_path", "/nonexistent.jsonl"], "no such file"),
+    (["--data_path", "TEXT", "--batch_size", "6", "--micro_batch_size", "4"], "multiple of --micro_batch_size"),
+    (["--data_path", "TEXT", "--lora_r", "0"], "--lora_r"),
+    (["--data_path", "TEXT", "--lora_dropout", "1"], "--lora_dropout"),
+    (["--data_path", "TEXT", "--max_steps", "-1"], "--max_steps"),
+    (["--data_path", "TEXT", "--lora_stages", "w"], "--lora_stages w"),
+    (["--data_path", "TEXT", "--output_dir", "MODEL"], "input model"),
+])
+def test_cli_errors_exit_2_before_loading(extra, needle, compressed_dir, text_file, tmp_path, capsys):
+    extra = [compressed_dir if a == "MODEL" else text_file if a == "TEXT" else a for a in extra]
+    argv = ["--prune_model", compressed_dir] + extra
+    if "--output_dir" not in extra:
+        argv += ["--output_dir", str(tmp_path / "never")]
+    assert lora.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_compress_step_7_errors_exit_2(tiny_dir, compressed_dir, text_file, tmp_path, capsys):
+    never = str(tmp_path / "never")
+    cases = [
+        (["--step", "7", "--model", tiny_dir, "--data_path", text_file, "--save_path", never], "--model_path"),
+        (["--step", "7", "--model_path", tiny_dir, "--data_path", text_file, "--save_path", never], "not a compressed"),
+        (["--step", "7", "--model_path", compressed_dir, "--data_path", text_file], "--save_path"),
+        (["--step", "7", "--model_path", compressed_dir, "--data_path", "random", "--save_path", never], "no text"),
+        (["--step", "4,7", "--model_path", compressed_dir, "--data_path", text_file, "--save_path", never],
+         "before LoRA"),
+    ]
+    for argv, needle in cases:
+        assert compress.main(argv + ["--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (argv, err)
+    assert not os.path.exists(never)
+
+
+def test_quantized_model_is_refused(compressed_dir, text_file, tmp_path, capsys):
+    quantized = str(tmp_path / "q")
+    assert compress.main(["--step", "8", "--model_path", compressed_dir, "--quant", "rtn", "--save_path", quantized,
+                          "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert lora.main(["--prune_model", quantized, "--data_path", text_file, "--output_dir", str(tmp_path / "n")]) == 2
+    assert "before step 8" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.environ.get("RUN_SLOW_TESTS") != "1",
+                    reason="loads SmolLM2's tokenizer from its GGUF file (20 s on a busy CPU): set RUN_SLOW_TESTS=1")
+def test_smollm2_alpaca_prompt_tokens_are_those_of_the_whole_text():
+    """With SmolLM2's BPE tokenizer, joining the separately tokenized prompt and response gives the
+    tokens of the whole text (measured: all 999 rows of the demo data), so the masked tokens are the
+    same ones SVD-LLM masks."""
+    from tests.conftest import SHARED_DATA
+    from utils.model import load_tokenizer, resolve_model
+    path = os.path.join(SHARED_DATA, "alpaca_demo", "alpaca_en_demo.jsonl")
+    if not os.path.isfile(path):
+        pytest.skip("no shared Alpaca demo data")
+    try:
+        tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
+    except Exception as error:  # noqa: BLE001 - the bundled model is optional in a bare clone
+        pytest.skip(f"SmolLM2 tokenizer unavailable ({error})")
+    rows = lora.read_alpaca_rows(path)[:100]
+    for row in rows:
+        ids, labels = lora.tokenize_alpaca(tokenizer, row, cutoff_len=100000)
+        prompt = lora.alpaca_prompt(row["instruction"], row.get("input"))
+        assert ids == tokenizer(prompt + row["output"])["input_ids"] + [tokenizer.eos_token_id]
+        masked = labels.count(lora.IGNORE_INDEX)
+        assert masked == len(tokenizer(prompt)["input_ids"]) and tokenizer.decode(ids[:masked]) == prompt
