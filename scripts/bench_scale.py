@@ -27,7 +27,7 @@ Stages, in one process, on the same calibration windows:
 total_s = profile_s + decompose_s (the work the issue's targets are about: no model load, no save).
 
 The per-stage breakdown wraps the functions the pipeline calls (utils.layerwise, utils.stats,
-utils.pipeline's save_file / load_file, methods.decompose's whitening_factor / low_rank_factors,
+utils.pipeline's save_file / load_file, methods.decompose's input_transform / low_rank_factors,
 utils.decompose's SVD, utils.io.save_compressed) with timers that synchronise the device on
 entry and exit (Gram products, whitening factors, SVDs, statistics I/O); --no_breakdown times
 the totals without those extra synchronisations.
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict:
         # statistics are read in a background thread (next layer while this one is decomposed): their
         # timer must not synchronise the device; timings["stats_wait_s"] is what it cost
         breakdown.wrap(pipeline, "load_file", "statistics load (background thread)", sync=False)
-        breakdown.wrap(decompose_pass, "whitening_factor", "whitening factor (cholesky/eigen)")
+        breakdown.wrap(decompose_pass, "input_transform", "whitening factor (cholesky/eigen)")
         breakdown.wrap(decompose_pass, "low_rank_factors", "low_rank_factors (W S, SVD, solve)")
         breakdown.wrap(decompose, "checked_svd", "svd (incl. gesvda residual check)", after=breakdown.note_svd)
         breakdown.wrap(decompose, "svd_residual", "gesvda residual check")
