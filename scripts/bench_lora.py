@@ -11,7 +11,8 @@ calibration slice (--data; --val_set_size of its windows held out for the valida
 wiki.valid.tokens[0.8:1] (first 32 windows of 512) of the original model, after compression, after
 the U stage and after the V stage; times of every stage. --model_path takes an already compressed
 model instead of compressing (e.g. the best refined one), --ratios is then ignored.
---alpaca adds a second run per model trained on the offline Alpaca-form sample instead of text.
+--datasets text,alpaca adds a run per model trained on the offline Alpaca-form sample (loss on the
+response tokens) instead of text; --datasets alpaca trains on it alone.
 
 The JSON is rewritten (atomically) after every measurement, so an interrupted run keeps its figures.
 Quick check that it runs (not a benchmark): --steps 1 --eval_limit 1 --batch_size 2 --micro_batch_size 1
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_len", type=int, default=512, help="calibration and evaluation window length")
     p.add_argument("--eval_limit", type=int, default=32)
     p.add_argument("--data", default=None, help="LoRA training data (default: the calibration slice)")
-    p.add_argument("--alpaca", action="store_true", help=f"also train on {ALPACA} (a second run per model)")
+    p.add_argument("--datasets", default="text",
+                   help=f"comma list of what to train on: text (--data), alpaca ({ALPACA}); each is a run per model")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per stage")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--micro_batch_size", type=int, default=4)
@@ -122,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                                micro_batch_size=opts.micro_batch_size, max_steps=opts.steps,
                                warmup_steps=opts.warmup_steps, seed=opts.seed)
     options.check()
-    datasets = {"text": opts.data or opts.calibration}
-    if opts.alpaca:
-        datasets["alpaca"] = ALPACA
+    sources = {"text": opts.data or opts.calibration, "alpaca": ALPACA}
+    kinds = [kind.strip() for kind in opts.datasets.split(",") if kind.strip()]
+    if not kinds or any(kind not in sources for kind in kinds):
+        raise SystemExit(f"--datasets {opts.datasets}: a comma list of {', '.join(sources)}")
+    datasets = {kind: sources[kind] for kind in kinds}
     examples = {}
     for name, spec in datasets.items():
         examples[name] = lora.load_examples(spec, tokenizer, opts.cutoff_len, opts.val_set_size, opts.seed)
