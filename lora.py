@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from component import LowRankLinear
+from component import ColumnPreservedLinear, LowRankLinear
 
 IGNORE_INDEX = -100  # label of a token that is not scored (the prompt of an Alpaca row, padding)
 FACTORS = ("u", "v")
@@ -289,8 +289,11 @@ def mean_loss(model: nn.Module, examples: list, micro_batch_size: int, pad_id: i
 
 # ---------------------------------------------------------------------------------------- training
 
-def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
+def low_rank_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules with factors u and v: LowRankLinear, and ColumnPreservedLinear (Duo-SVD's column
+    level, whose kept columns c stay frozen like every dense linear)."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, (LowRankLinear, ColumnPreservedLinear))}
 
 
 def factor_fingerprint(model: nn.Module) -> dict[str, int]:

@@ -364,3 +364,27 @@ def test_smollm2_alpaca_prompt_tokens_are_those_of_the_whole_text():
         assert ids == tokenizer(prompt + row["output"])["input_ids"] + [tokenizer.eos_token_id]
         masked = labels.count(lora.IGNORE_INDEX)
         assert masked == len(tokenizer(prompt)["input_ids"]) and tokenizer.decode(ids[:masked]) == prompt
+
+
+def test_column_preserved_layers_train_their_factors_and_keep_their_columns():
+    """Duo-SVD's column-preserving layers are trained like the plain low-rank ones (u, then v);
+    their exactly kept columns c stay frozen, and the parameter count does not move."""
+    from component import ColumnPreservedLinear
+    from methods import DecomposeOptions
+    from tests.test_column_preserve import boosted_tiny_model
+    model = boosted_tiny_model()
+    stats = profile_model(model, random_ids(8, 32), "cpu")
+    compress_model(model, Plan.uniform(target_shapes(model), 0.5),
+                   CompressOptions(DecomposeOptions(column_preserve=True)), "cpu", stats)
+    kept = {n: m for n, m in model.named_modules() if isinstance(m, ColumnPreservedLinear) and m.c is not None}
+    assert kept, "the boosted model should trade rank for columns somewhere"
+    before = {n: (m.u.weight.detach().clone(), m.v.weight.detach().clone(), m.c.weight.detach().clone())
+              for n, m in kept.items()}
+    params = count_parameters(model)
+    record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(), options(max_steps=3), progress=False)
+    assert count_parameters(model) == params
+    assert [s["modules"] for s in record["stage_records"]] == [len(lora.low_rank_modules(model))] * 2
+    for name, module in kept.items():
+        u, v, c = before[name]
+        assert not torch.equal(module.u.weight, u) and not torch.equal(module.v.weight, v)
+        assert torch.equal(module.c.weight, c)
