@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(parallel processes, each with its own --out) into --out and summarise")
     p.add_argument("--inputs", default=None, help="merge: comma list of JSON files written by --phase all")
     p.add_argument("--expected_runs", type=int, default=None, help="merge: partial stays true below this count")
+    p.add_argument("--original_from", default=None,
+                   help="take the original model's held-out perplexity from this earlier output (same settings)")
     p.add_argument("--skip_spectra", action="store_true", help="no spectra pass (a process that runs no v2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -155,6 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     eval_ids = tokenize(tokenizer, api.load_text(args.evaluation, "test"))
+    if args.original_from and "original_ppl" not in result:
+        earlier = read_json(args.original_from)
+        result.update({"original_ppl": earlier["original_ppl"], "original_eval_s": earlier["original_eval_s"],
+                       "original_from": os.path.relpath(args.original_from, ROOT)})
     if "original_ppl" not in result:
         original, result["original_eval_s"] = timed(perplexity, model, eval_ids, args.seq_len, 1, args.device,
                                                     args.eval_limit)
