@@ -175,3 +175,42 @@ def test_damaged_indices_are_refused(compressed, tmp_path):
     save_file(state, f"{copy}/model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CompressedModelError, match="input channels once"):
         load_compressed(copy)
+
+
+def test_cli_column_preserve_and_its_refusals(tmp_path, capsys):
+    import compress
+    from tests.tiny_models import save_tiny_model
+    tiny = save_tiny_model("llama", str(tmp_path))
+    base = ["--model", tiny, "--dataset", "random", "--whitening_nsamples", "4", "--model_seq_len", "16",
+            "--device", "cpu", "--save_path", str(tmp_path / "out")]
+    assert compress.main(["--step", "3", "--column_preserve", "--whitening", "none", *base]) == 2
+    assert "--column_preserve" in capsys.readouterr().err
+    assert compress.main(["--step", "3", "--column_preserve", "--update", "closed_form", *base]) == 2
+    assert "--update" in capsys.readouterr().err
+    assert compress.main(["--step", "1-3", "--column_preserve", "--ratio", "0.5", *base]) == 0
+    model, _, block = load_compressed(str(tmp_path / "out"))
+    assert block["column_preserve"] is True and block["modules"]
+    assert all("columns_kept" in r and r["column_error_after"] <= r["column_error_before"]
+               for r in block["modules"].values())
+
+
+def test_quantized_column_preserved_model_round_trips(compressed, tmp_path):
+    """Step 8 on a column-preserving model quantizes u, v and c as plain linears; both loaders rebuild it."""
+    from transformers import AutoModelForCausalLM
+    from methods.quantize import QuantizeOptions
+    from utils.pipeline import quantize_model
+    from utils.pipeline import linear_storage
+    _, block, path, plan, _ = compressed
+    model, _, _ = load_compressed(path)
+    quantization = quantize_model(model, QuantizeOptions("rtn", 8, 32), "cpu")
+    # storage is counted per original matrix (out x in), a column-preserving layer as one unit
+    assert linear_storage(model)["weights"] == sum(p.out_features * p.in_features for p in plan.modules.values())
+    assert any(name.endswith(".c") for name in quantization["modules"])
+    out = str(tmp_path / "quantized")
+    save_compressed(model, None, out, {**block, "quantization": quantization})
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    ours, _, _ = load_compressed(out)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(ours(ids).logits, expected) and torch.equal(remote(ids).logits, expected)
