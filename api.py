@@ -31,6 +31,8 @@ from utils.plan import Plan
 from generate import GenerationOptions, generate  # step 9
 from tasks_eval import evaluate_tasks  # step 6 (lm-eval)
 from utils.model import place_model  # --device_map: accelerate dispatch for evaluation
+from methods.allocation import asvd_plan, asvd_ppl_plan, duo_plan, v2_plan, whitened_spectra  # step 2
+from methods.sensitivity import SensitivityOptions, plan_calibration_ppl, sensitivity_table  # step 2
 
 __all__ = ["AnchoredOptions", "CompressOptions", "DecomposeOptions", "Plan", "QuantizeOptions", "RefineOptions",
            "Statistics", "UpdateOptions",
@@ -38,6 +40,8 @@ __all__ = ["AnchoredOptions", "CompressOptions", "DecomposeOptions", "Plan", "Qu
            "load_model", "load_text", "perplexity", "profile_model", "quantize_model", "save_compressed",
            "uncompressed_block", "uniform_plan"]
 __all__ += ["GenerationOptions", "evaluate_tasks", "generate", "place_model"]
+__all__ += ["SensitivityOptions", "asvd_plan", "asvd_ppl_plan", "duo_plan", "plan_calibration_ppl", "sensitivity_table",
+            "v2_plan", "whitened_spectra"]
 
 
 def uniform_plan(model: nn.Module, ratio: float) -> Plan:

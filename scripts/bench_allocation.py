@@ -55,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(default: --duo_ratios)")
     p.add_argument("--tables_dir", default=os.path.join(RESULTS, "stats"))
     p.add_argument("--v2_max_shift", type=float, default=0.15)
-    p.add_argument("--phase", default="all", choices=["all", "tables"])
+    p.add_argument("--phase", default="all", choices=["all", "tables", "merge"],
+                   help="all: the runs; tables: only the sensitivity tables; merge: combine the runs of --inputs "
+                        "(parallel processes, each with its own --out) into --out and summarise")
+    p.add_argument("--inputs", default=None, help="merge: comma list of JSON files written by --phase all")
+    p.add_argument("--expected_runs", type=int, default=None, help="merge: partial stays true below this count")
+    p.add_argument("--original_from", default=None,
+                   help="take the original model's held-out perplexity from this earlier output (same settings)")
+    p.add_argument("--skip_spectra", action="store_true", help="no spectra pass (a process that runs no v2)")
+    p.add_argument("--skip_svdvals_timing", action="store_true",
+                   help="do not time the former svdvals spectra (another process measures v2's cost)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=os.path.join(RESULTS, "smollm2_cpu.json"))
@@ -78,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     from utils.io import read_json, write_json
     from utils.pipeline import Statistics
     args = build_parser().parse_args(argv)
+    if args.phase == "merge":
+        return merge(args)
     allocations = args.allocations.split(",")
     unknown = [a for a in allocations if a not in ALLOCATIONS]
     if unknown:
@@ -148,13 +159,21 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     eval_ids = tokenize(tokenizer, api.load_text(args.evaluation, "test"))
+    if args.original_from and "original_ppl" not in result:
+        earlier = read_json(args.original_from)
+        result.update({"original_ppl": earlier["original_ppl"], "original_eval_s": earlier["original_eval_s"],
+                       "original_from": os.path.relpath(args.original_from, ROOT)})
     if "original_ppl" not in result:
         original, result["original_eval_s"] = timed(perplexity, model, eval_ids, args.seq_len, 1, args.device,
                                                     args.eval_limit)
         result["original_ppl"] = original["ppl"]
     # ---- v2's cost: the spectra, by the eigenvalues of the smaller Gram and (before) by svdvals
-    sigmas, result["spectra_s"] = timed(whitened_spectra, model, stats, args.device)
-    _, result["spectra_svdvals_s"] = timed(whitened_spectra, model, stats, args.device, method="svdvals")
+    sigmas = None
+    if not args.skip_spectra:
+        sigmas, result["spectra_s"] = timed(whitened_spectra, model, stats, args.device)
+        if not args.skip_svdvals_timing:
+            _, result["spectra_svdvals_s"] = timed(whitened_spectra, model, stats, args.device, method="svdvals")
+        result["spectra_method"] = "whitened_gram_spectrum (W H W^T / S^T W^T W S, float32 products)"
     save()
     done = {(r["ratio"], r["allocation"], r["column_preserve"]) for r in result["runs"]}
     preserve_modes = args.column_preserve.split(",")
@@ -212,6 +231,37 @@ def main(argv: list[str] | None = None) -> dict:
     summarise(result)
     result["partial"] = False
     save()
+    return result
+
+
+def merge(args: argparse.Namespace) -> dict:
+    """One JSON from the outputs of parallel processes: the first input's settings and shared
+    figures, every input's runs and tables (each run keeps its own timings), then the summary."""
+    from utils.io import read_json, write_json
+    parts = [read_json(path) for path in args.inputs.split(",")]
+    result = {k: v for k, v in parts[0].items() if k not in ("runs", "tables", "summary", "partial")}
+    for part in parts:  # the spectra figures of the last part that measured them (the newest code)
+        if "spectra_s" in part:
+            result.update({k: part.get(k) for k in ("spectra_s", "spectra_svdvals_s", "spectra_method")})
+    result["spectra_by_part"] = [{k: p.get(k) for k in ("spectra_s", "spectra_svdvals_s", "spectra_method")}
+                                 for p in parts]
+    result["runs"], result["tables"] = [], {}
+    result["merged_from"] = [{"path": os.path.relpath(path, ROOT), "settings": part["settings"],
+                              "partial": part.get("partial"), "runs": len(part.get("runs", []))}
+                             for path, part in zip(args.inputs.split(","), parts)]
+    seen = set()
+    for part in parts:
+        result["tables"].update(part.get("tables", {}))
+        for run in part.get("runs", []):
+            key = (run["ratio"], run["allocation"], run["column_preserve"])
+            if key not in seen:
+                seen.add(key)
+                result["runs"].append(run)
+    result["runs"].sort(key=lambda r: (r["ratio"], r["column_preserve"], ALLOCATIONS.index(r["allocation"])))
+    summarise(result)
+    result["partial"] = any(p.get("partial", True) for p in parts) or (
+        args.expected_runs is not None and len(result["runs"]) < args.expected_runs)
+    write_json(args.out, result)
     return result
 
 
