@@ -578,12 +578,14 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
 def _update_options(args: argparse.Namespace):
     from methods import AnchoredOptions, UpdateOptions
     from methods.anchored import DEFAULT_ANCHOR_ALPHA
+    from utils.model import DTYPES
     if args.update == "closed_form":
         return UpdateOptions(nsamples=args.updating_nsamples)
     if args.update == "anchored":
         alpha = DEFAULT_ANCHOR_ALPHA if args.anchor_alpha is None else args.anchor_alpha
         return AnchoredOptions(nsamples=args.updating_nsamples, alpha=alpha,
-                               whitening="eigen" if args.whitening == "eigen" else "cholesky")
+                               whitening="eigen" if args.whitening == "eigen" else "cholesky",
+                               svd_dtype=DTYPES[args.svd_dtype], svd_driver=args.svd_driver)
     return None
 
 

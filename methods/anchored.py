@@ -54,7 +54,7 @@ class AnchoredOptions:
     nsamples: int = 16  # calibration windows (of those the walk carries, the first)
     alpha: float = DEFAULT_ANCHOR_ALPHA  # 0: fit the compressed stream's own outputs, 1: the original outputs
     whitening: str = "cholesky"  # factor of G' (cholesky | eigen)
-    svd_dtype: torch.dtype = torch.float64
+    svd_dtype: torch.dtype = torch.float32  # the SVD's own precision, as the decomposition's; products float64
     svd_driver: str = "auto"
 
     def to_dict(self) -> dict:
