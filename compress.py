@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--update anchored (AA-SVD's fit, docs/refinement.md): each matrix refit in data-flow order to "
                         "alpha x the original model's outputs + (1 - alpha) x its own outputs on the compressed model's "
                         "inputs; 0 = whitening on the compressed stream, 1 = the original outputs (default "
-                        f"{DEFAULT_ANCHOR_ALPHA:g}, chosen from scripts/results/bench_refine/: see README)")
+                        f"{DEFAULT_ANCHOR_ALPHA:g}: on SmolLM2-135M it beat whitening at 60%% removed, 0.83x its perplexity, "
+                        "and no alpha did at 20%%; docs/refinement.md)")
     r = p.add_argument_group("refinement (step 3, after the decomposition / update; docs/refinement.md)")
     r.add_argument("--refine", default="none", choices=["none", "gradient"],
                    help="gradient refinement against the original model, one layer at a time (AdamW, warm-up then "
@@ -806,12 +807,14 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
 def _update_options(args: argparse.Namespace):
     from methods import AnchoredOptions, UpdateOptions
     from methods.anchored import DEFAULT_ANCHOR_ALPHA
+    from utils.model import DTYPES
     if args.update == "closed_form":
         return UpdateOptions(nsamples=args.updating_nsamples)
     if args.update == "anchored":
         alpha = DEFAULT_ANCHOR_ALPHA if args.anchor_alpha is None else args.anchor_alpha
         return AnchoredOptions(nsamples=args.updating_nsamples, alpha=alpha,
-                               whitening="eigen" if args.whitening == "eigen" else "cholesky")
+                               whitening="eigen" if args.whitening == "eigen" else "cholesky",
+                               svd_dtype=DTYPES[args.svd_dtype], svd_driver=args.svd_driver)
     return None
 
 

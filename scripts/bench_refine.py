@@ -57,6 +57,23 @@ def write_json(path: str, data: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
+def summarize(record: dict, ratios: list[float]) -> None:
+    """Best variant per ratio and the issue's targets, from the rows so far (partial runs too)."""
+    summary = {}
+    for ratio in ratios:
+        rows = [r for r in record["runs"] if r["ratio"] == ratio]
+        if not rows:
+            continue
+        best = min(rows, key=lambda r: r["ppl"])
+        summary[f"{ratio:g}"] = {"best_variant": best["variant"], "best_ppl": best["ppl"],
+                                 "best_over_whitening": best.get("ppl_over_whitening"),
+                                 "best_compress_s": best["seconds"]["compress"], "rows": len(rows)}
+    record["summary"] = summary
+    targets = {"0.2": 0.7, "0.6": 0.3}
+    record["targets"] = {k: {"at_most": v, "measured": summary.get(k, {}).get("best_over_whitening"),
+                             "met": (summary.get(k, {}).get("best_over_whitening") or 9e9) <= v} for k, v in targets.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -83,6 +100,8 @@ def main(argv=None) -> int:
                    help="step-1 statistics of exactly this calibration (profiled here when absent)")
     p.add_argument("--save_best", default=None, help="directory for the best model so far at each --save_ratios")
     p.add_argument("--save_ratios", default="0.2,0.6")
+    p.add_argument("--summarize_only", action="store_true",
+                   help="rewrite the summary of --out from its rows (for --ratios), run nothing")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows (and the original's figure) of an earlier run's --out JSON and run only the others")
     p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "bench_refine",
@@ -97,6 +116,13 @@ def main(argv=None) -> int:
     skip = {s for s in opts.skip.split(",") if s}
     save_ratios = {float(r) for r in opts.save_ratios.split(",") if r}
     torch.set_num_threads(opts.threads)
+    if opts.summarize_only:  # the rows as they are (a run stopped for time stays partial)
+        with open(opts.out) as handle:
+            record = json.load(handle)
+        summarize(record, ratios)
+        write_json(opts.out, record)
+        print(json.dumps(record["summary"], indent=1))
+        return 0
 
     from api import (CompressOptions, Statistics, calibration_windows, compress_model, count_parameters,
                      load_model, load_text, profile_model, save_compressed, uniform_plan)
@@ -113,7 +139,9 @@ def main(argv=None) -> int:
                                    f"windows (CPU time on a shared 2-core machine); block: {opts.refine_epochs} epochs, "
                                    f"{opts.refine_batch_size} windows per step; GSVD: {opts.gradient_iters} steps per matrix"),
                     "runs": []}
-    save = lambda: write_json(opts.out, record)  # noqa: E731
+    def save() -> None:
+        summarize(record, ratios)
+        write_json(opts.out, record)
 
     start = time.perf_counter()
     base, tokenizer = load_model(opts.model, torch.float32, opts.seed, opts.num_layers)
@@ -228,22 +256,10 @@ def main(argv=None) -> int:
         del model
         save()
 
-    summary = {}
-    for ratio in ratios:
-        rows = [r for r in record["runs"] if r["ratio"] == ratio]
-        if not rows:
-            continue
-        best = min(rows, key=lambda r: r["ppl"])
-        summary[f"{ratio:g}"] = {"best_variant": best["variant"], "best_ppl": best["ppl"],
-                                 "best_over_whitening": best.get("ppl_over_whitening"),
-                                 "best_compress_s": best["seconds"]["compress"]}
-    record["summary"] = summary
-    targets = {"0.2": 0.7, "0.6": 0.3}
-    record["targets"] = {k: {"at_most": v, "measured": summary.get(k, {}).get("best_over_whitening"),
-                             "met": (summary.get(k, {}).get("best_over_whitening") or 9e9) <= v} for k, v in targets.items()}
+    summarize(record, ratios)
     record["partial"] = False
     save()
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(record["summary"], indent=1))
     return 0
 
 

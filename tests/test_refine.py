@@ -131,8 +131,8 @@ def test_anchored_pass_on_layer_0_qkv_equals_whitening(stats64):
     whitened, anchored = _model(), _model()
     plan = Plan.uniform(target_shapes(whitened), 0.4)
     compress_model(whitened, plan, CompressOptions(SVD64), "cpu", stats64)
-    record = compress_model(anchored, plan, CompressOptions(SVD64, AnchoredOptions(nsamples=8, alpha=1.0)), "cpu",
-                            stats64, WINDOWS)
+    anchored_options = AnchoredOptions(nsamples=8, alpha=1.0, svd_dtype=torch.float64)
+    record = compress_model(anchored, plan, CompressOptions(SVD64, anchored_options), "cpu", stats64, WINDOWS)
     for name in ("q_proj", "k_proj", "v_proj"):
         full = f"model.layers.0.self_attn.{name}"
         a, w = anchored.get_submodule(full).weight_product, whitened.get_submodule(full).weight_product
@@ -151,7 +151,7 @@ def test_anchored_layer_outputs_are_closer_to_the_original_than_whitening(correl
     original = _model(correlated=True)
     target = _hidden(original, WINDOWS)
     errors = {}
-    for label, update in (("whitening", None), ("anchored", AnchoredOptions(nsamples=8, alpha=1.0))):
+    for label, update in (("whitening", None), ("anchored", AnchoredOptions(nsamples=8, alpha=1.0, svd_dtype=torch.float64))):
         model = _model(correlated=True)
         compress_model(model, Plan.uniform(target_shapes(model), 0.6), CompressOptions(SVD64, update), "cpu",
                        correlated_stats, WINDOWS)
