@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--calibration", default=DATA + "[0:0.8]")
     p.add_argument("--evaluation", default=DATA + "[0.8:1]")
+    p.add_argument("--scaling", default="none", choices=["none", "abs_mean", "abs_max"],
+                   help="decompose with ASVD's scaling (whitening none) instead of whitening: the sensitivity "
+                        "tables and step 3 both use it (issue 16's ASVD scaling + search rows)")
+    p.add_argument("--alpha", type=float, default=0.5, help="ASVD's scaling exponent (with --scaling)")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--eval_limit", type=int, default=32, help="held-back windows scored")
@@ -93,6 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [a for a in allocations if a not in ALLOCATIONS]
     if unknown:
         raise SystemExit(f"error: --allocations {unknown[0]}: choose from {', '.join(ALLOCATIONS)}")
+    whitening = "cholesky" if args.scaling == "none" else "none"
+    if args.scaling != "none" and ("on" in args.column_preserve.split(",") or {"v2", "duo"} & set(allocations)):
+        raise SystemExit("error: --scaling is ASVD's decomposition: run it with uniform / asvd_* allocations and "
+                         "--column_preserve off (v2, duo and column preservation read whitened spectra)")
     model, tokenizer = api.load_model(args.model, "auto", args.seed)
     model.eval()
     result = {"settings": {**vars(args), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
@@ -134,9 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
             candidates = sorted({round(min(max(1 - ratio + d, 0.05), 1.0), 6) for d in (-step, step)} | {1.0})
         else:
             candidates = floats(args.duo_candidates if metric == "kl" else args.asvd_candidates)
-        options = SensitivityOptions(metric, tuple(candidates), ratio if metric == "kl" else None, "cholesky")
+        options = SensitivityOptions(metric, tuple(candidates), ratio if metric == "kl" else None, whitening,
+                                     scaling=args.scaling, alpha=args.alpha)
         name = f"sensitivity_{metric}" + (f"_r{ratio:g}" if metric == "kl" else "") + \
-            f"_{args.sensitivity_nsamples}x{args.sensitivity_seq_len}.json"
+            f"_{args.sensitivity_nsamples}x{args.sensitivity_seq_len}" + \
+            (f"_{args.scaling}{args.alpha:g}" if args.scaling != "none" and metric != "stable_rank" else "") + ".json"
         path = os.path.join(args.tables_dir, name)
         (table, reused), seconds = timed(sensitivity_table, model, sens_windows if metric != "stable_rank" else None,
                                          stats, args.device, options, path, windows_info)
@@ -207,11 +217,13 @@ def main(argv: list[str] | None = None) -> dict:
                     plan, plan.detail = asvd_plan(model, ratio, table)
                 search_s = round(time.perf_counter() - start, 3)
                 compressed = copy.deepcopy(model)
-                options = api.CompressOptions(DecomposeOptions("cholesky", column_preserve=on))
+                options = api.CompressOptions(DecomposeOptions(whitening, column_preserve=on, scaling=args.scaling,
+                                                               alpha=args.alpha))
                 record, compress_s = timed(api.compress_model, compressed, plan, options, args.device, stats)
                 scored, eval_s = timed(perplexity, compressed, eval_ids, args.seq_len, 1, args.device, args.eval_limit)
                 allocate_s = round(search_s + sensitivity_s + (result["spectra_s"] if allocation == "v2" else 0.0), 3)
                 run = {"ratio": ratio, "allocation": allocation, "column_preserve": on, "ppl": scored["ppl"],
+                       "decomposition": "whitening" if args.scaling == "none" else f"{args.scaling} alpha {args.alpha:g}",
                        "windows": scored["windows"], "sensitivity_s": sensitivity_s, "search_s": search_s,
                        "allocate_s": allocate_s, "compress_s": compress_s, "eval_s": eval_s,
                        "removed_fraction": round(plan.removed_fraction(), 6),
