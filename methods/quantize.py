@@ -32,7 +32,7 @@ from component.quant_linear import QuantLinear, quant_linear_from
 from gptq import GPTQ, PACK_BITS, QuantizedWeight, QuantSpec, quantize_codes, rtn
 from gptq.quant import group_params
 from methods.closed_form import execution_groups
-from utils.layerwise import LayerContext, StopLayer, run_layer
+from utils.layerwise import LayerContext, StopLayer
 from utils.model import set_submodule
 
 METHODS = ("gptq", "rtn")
@@ -158,11 +158,7 @@ class Quantize:
 
         handle = module.register_forward_pre_hook(hook)
         try:
-            for i in range(context.num_windows):
-                try:
-                    run_layer(context.layer, context.inputs, context.layer_args, range(i, i + 1))
-                except StopLayer:
-                    pass
+            context.feed()
         finally:
             handle.remove()
         return solver if solver.nsamples else None

@@ -31,7 +31,7 @@ from torch import nn
 
 from component import LowRankLinear
 from methods.closed_form import execution_groups
-from utils.layerwise import LayerContext, StopLayer, run_layer
+from utils.layerwise import LayerContext, StopLayer
 
 REFINE_TARGETS = ("block", "matrix")
 
@@ -190,11 +190,7 @@ class Refine:
         handle = first.register_forward_hook(hook)
         try:
             with torch.no_grad():
-                for i in range(n):
-                    try:
-                        run_layer(context.layer, context.inputs, context.layer_args, range(i, i + 1))
-                    except StopLayer:
-                        pass
+                context.feed(range(n))
         finally:
             handle.remove()
         return torch.stack(sink)

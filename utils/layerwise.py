@@ -128,6 +128,16 @@ class LayerContext:
         self._need_inputs()
         return run_layer(self.layer, self.inputs, self.layer_args, indices)
 
+    def feed(self, indices: range | None = None) -> None:
+        """Run inputs[indices] (default: all) through the layer one window at a time, for the hooks
+        a pass registered: a hook may end a window's pass early by raising StopLayer."""
+        self._need_inputs()
+        for i in range(self.num_windows) if indices is None else indices:
+            try:
+                run_layer(self.layer, self.inputs, self.layer_args, range(i, i + 1))
+            except StopLayer:
+                pass
+
     def collect(self, modules: dict[str, nn.Module], indices: range | None = None,
                 stop_after: bool = False) -> LayerStatsCollector:
         """Input statistics (Gram, |x|) of `modules` over inputs[indices], from forward hooks.
@@ -150,10 +160,7 @@ class LayerContext:
             try:
                 for i in indices:
                     seen.clear()
-                    try:
-                        run_layer(self.layer, self.inputs, self.layer_args, range(i, i + 1))
-                    except StopLayer:
-                        pass
+                    self.feed(range(i, i + 1))
             finally:
                 for handle in handles:
                     handle.remove()
