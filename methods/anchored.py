@@ -41,7 +41,7 @@ from torch import nn
 from component import LowRankLinear, largest_entry_fits
 from methods.closed_form import execution_groups
 from utils.decompose import exact_svd
-from utils.layerwise import LayerContext, StopLayer, run_layer
+from utils.layerwise import LayerContext, StopLayer, feed_layer
 from utils.model import set_submodule
 from utils.whitening import WhiteningFactor, whitening_factor
 
@@ -138,9 +138,7 @@ def _first_inputs(layer: nn.Module, firsts: dict[str, nn.Module], inputs: torch.
 
     handles = [m.register_forward_hook(hook(n)) for n, m in firsts.items()]
     try:
-        run_layer(layer, inputs, layer_args, range(window, window + 1))
-    except StopLayer:
-        pass
+        feed_layer(layer, inputs, layer_args, range(window, window + 1))
     finally:
         for handle in handles:
             handle.remove()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from component import LowRankLinear, largest_entry_fits
-from utils.layerwise import LayerContext, StopLayer, run_layer
+from utils.layerwise import LayerContext, StopLayer
 from utils.update import update_u
 
 
@@ -61,9 +61,7 @@ def execution_groups(context: LayerContext, modules: dict[str, nn.Module]) -> li
 
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
     try:
-        run_layer(context.layer, context.inputs, context.layer_args, range(0, 1))
-    except StopLayer:
-        pass
+        context.feed(range(0, 1))
     finally:
         for handle in handles:
             handle.remove()

@@ -93,6 +93,18 @@ class StopLayer(Exception):
     """Raised from a hook to end a layer's forward pass early (its remaining modules are not needed)."""
 
 
+@torch.no_grad()
+def feed_layer(layer: nn.Module, inputs: torch.Tensor, layer_args: tuple[tuple, dict],
+               indices: range | None = None) -> None:
+    """Run inputs[indices] (default: all) through `layer` one window at a time, for the hooks a
+    pass registered on it: a hook may end a window's pass early by raising StopLayer."""
+    for i in range(inputs.shape[0]) if indices is None else indices:
+        try:
+            run_layer(layer, inputs, layer_args, range(i, i + 1))
+        except StopLayer:
+            pass
+
+
 @dataclass
 class LayerContext:
     """What a pass sees of the layer being compressed.
@@ -129,14 +141,9 @@ class LayerContext:
         return run_layer(self.layer, self.inputs, self.layer_args, indices)
 
     def feed(self, indices: range | None = None) -> None:
-        """Run inputs[indices] (default: all) through the layer one window at a time, for the hooks
-        a pass registered: a hook may end a window's pass early by raising StopLayer."""
+        """feed_layer on this layer's inputs[indices] (default: all), for the hooks a pass registered."""
         self._need_inputs()
-        for i in range(self.num_windows) if indices is None else indices:
-            try:
-                run_layer(self.layer, self.inputs, self.layer_args, range(i, i + 1))
-            except StopLayer:
-                pass
+        feed_layer(self.layer, self.inputs, self.layer_args, indices)
 
     def collect(self, modules: dict[str, nn.Module], indices: range | None = None,
                 stop_after: bool = False) -> LayerStatsCollector:
