@@ -586,18 +586,22 @@ def _validate_tasks_generation_placement(args: argparse.Namespace, steps: set[in
             raise UsageError(f"--offload_folder {args.offload_folder}: exists and is not a folder")
 
 
+def _is_our_json(path: str, file_format: str) -> bool:
+    """`path` is a JSON file this tool wrote with this "format" field (a plan, a sensitivity table)."""
+    from utils.io import read_json
+    try:
+        return os.path.isfile(path) and read_json(path).get("format") == file_format
+    except (ValueError, AttributeError, OSError):
+        return False
+
+
 def _check_plan_path(path: str, overwrite: bool) -> None:
     """A plan file is replaced only if it is one of ours (and, when it is not the default one
     step 2 writes next to the statistics, only with --overwrite)."""
-    from utils.io import read_json
     from utils.plan import PLAN_FORMAT
     if not os.path.exists(path):
         return
-    try:
-        ours = os.path.isfile(path) and read_json(path).get("format") == PLAN_FORMAT
-    except (ValueError, AttributeError, OSError):
-        ours = False
-    if not ours:
+    if not _is_our_json(path, PLAN_FORMAT):
         raise UsageError(f"--plan {path}: exists and is not a plan written by this tool; choose another path")
     if not overwrite:
         raise UsageError(f"{path}: a plan from an earlier run is there; pass --overwrite to replace it")
@@ -607,14 +611,9 @@ def _check_sensitivity_path(path: str) -> None:
     """An existing sensitivity table is reused (or refused when measured for something else, in
     step 2); anything else at that path is never replaced."""
     from methods.sensitivity import TABLE_FORMAT
-    from utils.io import read_json
     if not os.path.exists(path):
         return
-    try:
-        ours = os.path.isfile(path) and read_json(path).get("format") == TABLE_FORMAT
-    except (ValueError, AttributeError, OSError):
-        ours = False
-    if not ours:
+    if not _is_our_json(path, TABLE_FORMAT):
         raise UsageError(f"--sensitivity_path {path}: exists and is not a sensitivity table of this tool; "
                          f"choose another path")
 
