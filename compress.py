@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--refine_batch_size", type=int, default=8, help="calibration windows per optimiser step")
     r.add_argument("--refine_nsamples", type=int, default=None,
                    help="calibration windows of --dataset for the refinement (default: --updating_nsamples)")
+    r.add_argument("--refine_holdout", type=int, default=0,
+                   help="block: this many more windows of --dataset, after those trained on, whose block loss is "
+                        "measured every epoch and recorded (holdout_losses), never trained on: shows overfitting")
     q = p.add_argument_group("quantization (step 8; docs/quantization.md)")
     q.add_argument("--quant", default=None, choices=["gptq", "rtn"],
                    help="GPTQ (Hessian-aware, needs --nsamples calibration windows) or round-to-nearest (default gptq)")
@@ -459,7 +462,12 @@ def _validate_refinement(args: argparse.Namespace) -> None:
     if args.refine_nsamples is None:
         args.refine_nsamples = args.updating_nsamples
     if args.refine == "none":
+        if args.refine_holdout:
+            raise UsageError("--refine_holdout is for --refine gradient --refine_target block")
         return
+    if args.refine_holdout < 0 or (args.refine_holdout and args.refine_target != "block"):
+        raise UsageError(f"--refine_holdout {args.refine_holdout}: a non-negative number of windows, with "
+                         f"--refine_target block only")
     for name in ("refine_epochs", "gradient_iters", "refine_batch_size", "refine_nsamples"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -717,13 +725,15 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
     methods.sensitivity), then ASVD's search or Duo-SVD's DP (methods.allocation)."""
     from methods.allocation import asvd_plan, asvd_ppl_plan, duo_plan
     from methods.sensitivity import SensitivityError, SensitivityOptions, plan_calibration_ppl, sensitivity_table
+    from utils.model import DTYPES
     from utils.pipeline import PipelineError, Statistics
     stats = Statistics.open(stats_path_of(args))
     try:
         stats.check_model(session.model)
         options = SensitivityOptions(args.sensitivity_metric, tuple(args.sensitivity_ratios),
                                      args.ratio if args.allocation == "duo" else None, args.whitening,
-                                     args.scaling, args.alpha)
+                                     args.scaling, args.alpha, svd_dtype=DTYPES[args.svd_dtype],
+                                     svd_driver=args.svd_driver)
         needs_windows = args.sensitivity_metric != "stable_rank" or args.ppl_target is not None
         windows = _windows(args, session, args.sensitivity_nsamples) if needs_windows else None
         path = sensitivity_path_of(args)
@@ -823,7 +833,7 @@ def _refine_options(args: argparse.Namespace):
         return None
     return RefineOptions(target=args.refine_target, nsamples=args.refine_nsamples, epochs=args.refine_epochs,
                          gradient_iters=args.gradient_iters, lr=args.refine_lr, batch_size=args.refine_batch_size,
-                         seed=args.seed)
+                         holdout=args.refine_holdout, seed=args.seed)
 
 
 def _print_summary(compression: dict, timings: dict) -> None:
@@ -838,8 +848,11 @@ def _print_summary(compression: dict, timings: dict) -> None:
         print(f"update: anchored fit (alpha {compression['update']['alpha']:g}) on {len(ranks)} matrices")
     if compression.get("refine_losses"):
         losses = compression["refine_losses"]
+        held = (f", on the {args_held} held-out windows for {losses['holdout_lowered']}"
+                if (args_held := next((r.get('holdout_windows') for r in losses.get('per_block', {}).values()), None))
+                else "")
         print(f"refine ({losses['target']}): loss lowered for {losses['lowered']} of {losses['count']} "
-              f"{'blocks' if losses['target'] == 'block' else 'matrices'}")
+              f"{'blocks' if losses['target'] == 'block' else 'matrices'}{held}")
     print(f"fallbacks (H not positive definite): {compression['fallbacks']}; "
           f"times: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
 

@@ -48,11 +48,19 @@ class RefineOptions:
     warmup_fraction: float = 0.1
     final_lr_fraction: float = 0.1  # the cosine ends at lr * this
     checkpoints: int = 4  # matrix: loss measurements during the gradient_iters steps
+    holdout: int = 0  # block: windows after the nsamples trained on, whose loss is only measured (overfitting)
     seed: int = 0
 
     def __post_init__(self):
         if self.target not in REFINE_TARGETS:
             raise ValueError(f"unknown refinement target {self.target!r}; choose one of {REFINE_TARGETS}")
+        if self.holdout < 0 or (self.holdout and self.target != "block"):
+            raise ValueError(f"holdout {self.holdout}: a non-negative number of windows, for the block target only")
+
+    @property
+    def windows_needed(self) -> int:
+        """Calibration windows the walk must carry for this refinement (trained on + held out)."""
+        return self.nsamples + self.holdout
 
     def to_dict(self) -> dict:
         out = {"method": "gradient", "target": self.target, "nsamples": self.nsamples, "lr": self.lr,
@@ -61,6 +69,7 @@ class RefineOptions:
                "seed": self.seed}
         if self.target == "block":
             out["epochs"] = self.epochs
+            out["holdout"] = self.holdout
         else:
             out["gradient_iters"] = self.gradient_iters
         return out
@@ -130,6 +139,8 @@ class Refine:
         options, layer = self.options, context.layer
         n = min(options.nsamples, context.num_windows)
         windows = range(n)
+        # held-out windows: measured each epoch, never trained on nor used to choose the iterate
+        held = range(n, min(n + options.holdout, context.num_windows))
         params = [p for p in layer.parameters()]
         for p in params:
             p.requires_grad_(True)
@@ -143,6 +154,7 @@ class Refine:
         best, best_epoch = before, 0
         best_state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
         losses = [before]
+        held_losses = [self._block_loss(context, held)] if len(held) else []
         for epoch in range(1, options.epochs + 1):
             order = torch.randperm(n, generator=generator).tolist()
             for first in range(0, n, options.batch_size):
@@ -156,6 +168,8 @@ class Refine:
                 schedule.step()
             loss = self._block_loss(context, windows)
             losses.append(loss)
+            if len(held):
+                held_losses.append(self._block_loss(context, held))
             if loss < best:
                 best, best_epoch = loss, epoch
                 best_state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
@@ -163,9 +177,12 @@ class Refine:
             with torch.no_grad():
                 for key, value in layer.state_dict().items():
                     value.copy_(best_state[key])
-        self.layer_records[context.name] = {
-            "target": "block", "loss_before": before, "loss_after": best, "losses": losses,
-            "best_epoch": best_epoch, "steps": total, "windows": n, "seconds": round(time.perf_counter() - start, 3)}
+        record = {"target": "block", "loss_before": before, "loss_after": best, "losses": losses,
+                  "best_epoch": best_epoch, "steps": total, "windows": n, "seconds": round(time.perf_counter() - start, 3)}
+        if held_losses:  # the kept iterate's loss on windows it never saw, against the start's
+            record.update(holdout_windows=len(held), holdout_losses=held_losses,
+                          holdout_before=held_losses[0], holdout_after=held_losses[best_epoch])
+        self.layer_records[context.name] = record
 
     # ------------------------------------------------------------------------------------ matrix
 

@@ -43,6 +43,22 @@ VARIANTS = ("whitening", "closed_form", "anchored_0", "anchored_0.5", "anchored_
             "anchored_block", "gsvd_matrix")
 
 
+def parse_variant(variant: str) -> tuple[str, dict]:
+    """'block:e8:w16' -> ('block', {'e': 8, 'w': 16}): a variant with its overrides of the shared
+    settings: eN epochs, wN refinement windows, uN update / anchored-fit windows, aX the anchored alpha."""
+    name, *parts = variant.split(":")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    over: dict = {}
+    for part in parts:
+        key, value = part[:1], part[1:]
+        if key not in "ewua" or not key or not value:
+            raise ValueError(f"variant {variant!r}: overrides are eN (epochs), wN (refinement windows), "
+                             f"uN (update windows), aX (anchored alpha)")
+        over[key] = float(value) if key == "a" else int(value)
+    return name, over
+
+
 def perplexity(model, ids, seq_len, limit) -> dict:
     import evaluater
     result = evaluater.perplexity(model, ids, seq_len, 1, "cpu", limit, desc="ppl")
@@ -93,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--refine_lr", type=float, default=1e-4)
     p.add_argument("--refine_high_lr", type=float, default=1e-3, help="learning rate of the block_high_lr rows")
     p.add_argument("--refine_batch_size", type=int, default=2)
+    p.add_argument("--refine_holdout", type=int, default=0,
+                   help="block rows: calibration windows after the trained ones whose block loss is only measured")
     p.add_argument("--gradient_iters", type=int, default=50)
     p.add_argument("--num_layers", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
@@ -108,9 +126,11 @@ def main(argv=None) -> int:
                                                  "bench_refine_smollm2_cpu.json"))
     opts = p.parse_args(argv)
     variants = opts.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    try:
+        for variant in variants:
+            parse_variant(variant)
+    except ValueError as error:
+        p.error(str(error))
     groups = [[float(r) for r in group.split(",") if r] for group in opts.ratios.split(";")]
     ratios = [r for group in groups for r in group]
     skip = {s for s in opts.skip.split(",") if s}
@@ -183,29 +203,29 @@ def main(argv=None) -> int:
     best_saved: dict[float, float] = {float(k): v["ppl"] for k, v in record.get("saved_models", {}).items()}
     done = {(r["variant"], r["ratio"]) for r in record["runs"]}
     for r in record["runs"]:
-        if r.get("alpha") is not None and r["variant"] != "anchored_block" \
+        if r.get("alpha") is not None and not r["variant"].startswith("anchored_block") \
                 and r["ppl"] < best_alpha.get(r["ratio"], (float("inf"), 1.0))[0]:
             best_alpha[r["ratio"]] = (r["ppl"], r["alpha"])
 
     def options_of(variant: str, ratio: float) -> CompressOptions:
-        anchored = lambda a: AnchoredOptions(nsamples=opts.updating_nsamples, alpha=a)  # noqa: E731
-        block = RefineOptions(target="block", nsamples=opts.refine_nsamples, epochs=opts.refine_epochs,
-                              lr=opts.refine_lr, batch_size=opts.refine_batch_size, seed=opts.seed)
-        if variant == "whitening":
+        name, over = parse_variant(variant)
+        updating = over.get("u", opts.updating_nsamples)
+        anchored = lambda a: AnchoredOptions(nsamples=updating, alpha=a)  # noqa: E731
+        block = RefineOptions(target="block", nsamples=over.get("w", opts.refine_nsamples),
+                              epochs=over.get("e", opts.refine_epochs),
+                              lr=opts.refine_high_lr if name == "block_high_lr" else opts.refine_lr,
+                              batch_size=opts.refine_batch_size, holdout=opts.refine_holdout, seed=opts.seed)
+        if name == "whitening":
             return CompressOptions()
-        if variant == "closed_form":
-            return CompressOptions(update=UpdateOptions(nsamples=opts.updating_nsamples))
-        if variant.startswith("anchored_") and variant != "anchored_block":
-            return CompressOptions(update=anchored(float(variant.split("_")[1])))
-        if variant == "block":
+        if name == "closed_form":
+            return CompressOptions(update=UpdateOptions(nsamples=updating))
+        if name.startswith("anchored_") and name != "anchored_block":
+            return CompressOptions(update=anchored(float(name.split("_")[1])))
+        if name in ("block", "block_high_lr"):
             return CompressOptions(refine=block)
-        if variant == "block_high_lr":
-            return CompressOptions(refine=RefineOptions(target="block", nsamples=opts.refine_nsamples,
-                                                        epochs=opts.refine_epochs, lr=opts.refine_high_lr,
-                                                        batch_size=opts.refine_batch_size, seed=opts.seed))
-        if variant == "anchored_block":
-            return CompressOptions(update=anchored(best_alpha.get(ratio, (None, 1.0))[1]), refine=block)
-        return CompressOptions(refine=RefineOptions(target="matrix", nsamples=opts.refine_nsamples,
+        if name == "anchored_block":
+            return CompressOptions(update=anchored(over.get("a", best_alpha.get(ratio, (None, 1.0))[1])), refine=block)
+        return CompressOptions(refine=RefineOptions(target="matrix", nsamples=over.get("w", opts.refine_nsamples),
                                                     gradient_iters=opts.gradient_iters, lr=opts.refine_lr,
                                                     batch_size=opts.refine_batch_size, seed=opts.seed))
 
@@ -235,9 +255,15 @@ def main(argv=None) -> int:
                "refine_loss_ratio_mean": (sum(r["loss_after"] / r["loss_before"] for r in per.values()
                                               if r["loss_before"] > 0) / len(per)) if per else None,
                "updates_accepted": compression.get("updates_accepted")}
+        held = [r for r in per.values() if "holdout_after" in r]
+        if held:  # the refinement's effect on calibration windows it did not train on
+            row["holdout_lowered"] = [refine["holdout_lowered"], len(held)]
+            row["holdout_loss_ratio_mean"] = sum(r["holdout_after"] / r["holdout_before"] for r in held) / len(held)
+            row["train_loss_before_mean"] = sum(r["loss_before"] for r in held) / len(held)
+            row["holdout_loss_before_mean"] = sum(r["holdout_before"] for r in held) / len(held)
         if options.update is not None and isinstance(options.update, AnchoredOptions):
             row["alpha"] = options.update.alpha
-            if variant != "anchored_block" and result["ppl"] < best_alpha.get(ratio, (float("inf"), 1.0))[0]:
+            if not variant.startswith("anchored_block") and result["ppl"] < best_alpha.get(ratio, (float("inf"), 1.0))[0]:
                 best_alpha[ratio] = (result["ppl"], options.update.alpha)
         record["runs"].append(row)
         whitening = next((r["ppl"] for r in record["runs"] if r["variant"] == "whitening" and r["ratio"] == ratio), None)

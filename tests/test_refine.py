@@ -201,6 +201,29 @@ def test_refinement_lowers_every_recorded_loss_and_keeps_the_parameter_count(tar
         assert error["refined"] < error["plain"], error
 
 
+def test_held_out_windows_are_measured_every_epoch_and_never_trained_on(correlated_stats):
+    """holdout=4 after nsamples=4: the model is bit for bit the one trained on the 4 windows alone, and
+    the record carries the loss on the other 4 at the start and after every epoch."""
+    plan = Plan.uniform(target_shapes(_model(torch.float32, True)), 0.6)
+    models, records = [], []
+    for holdout in (0, 4):
+        model = _model(torch.float32, True)
+        options = RefineOptions(nsamples=4, holdout=holdout, epochs=3, lr=1e-3, batch_size=2)
+        records.append(compress_model(model, plan, CompressOptions(refine=options), "cpu", correlated_stats, WINDOWS))
+        models.append(model)
+    for (name, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        assert torch.equal(a, b), name
+    plain, held = records[0]["refine_losses"], records[1]["refine_losses"]
+    assert "holdout_lowered" not in plain and 0 <= held["holdout_lowered"] <= 2
+    for name, r in held["per_block"].items():
+        assert r["losses"] == plain["per_block"][name]["losses"]  # the same training
+        assert r["holdout_windows"] == 4 and len(r["holdout_losses"]) == 4
+        assert r["holdout_after"] == r["holdout_losses"][r["best_epoch"]] and r["holdout_before"] > 0
+        assert r["holdout_losses"] != r["losses"]  # other windows, other numbers
+    with pytest.raises(ValueError, match="holdout"):
+        RefineOptions(target="matrix", holdout=2)
+
+
 def test_a_divergent_refinement_leaves_the_layer_as_it_was(correlated_stats):
     """lr 10 blows every step up: the best iterate is the starting point, restored bit for bit."""
     plain, refined = _model(torch.float32, True), _model(torch.float32, True)
@@ -242,6 +265,8 @@ def _argv(tiny_dir, out, *extra):
     (["--refine", "gradient", "--refine_lr", "0"], "--refine_lr 0"),
     (["--refine", "gradient", "--refine_epochs", "0"], "--refine_epochs 0"),
     (["--refine", "gradient", "--gradient-iters", "0"], "--gradient_iters 0"),
+    (["--refine_holdout", "2"], "--refine_holdout is for --refine gradient"),
+    (["--refine", "gradient", "--refine_target", "matrix", "--refine_holdout", "2"], "--refine_holdout 2"),
 ])
 def test_bad_refinement_flags_are_one_line_errors_before_any_work(extra, needle, tiny_dir, tmp_path, capsys):
     assert compress.main(_argv(tiny_dir, tmp_path / "out", *extra)) == 2
@@ -254,13 +279,14 @@ def test_cli_anchored_plus_block_refinement_records_what_ran(tiny_dir, tmp_path)
     out = tmp_path / "out"
     assert compress.main(_argv(tiny_dir, out, "--update", "anchored", "--anchor_alpha", "0.5", "--refine", "gradient",
                                "--refine_target", "block", "--refine_epochs", "1", "--refine_nsamples", "6",
-                               "--refine_batch_size", "3")) == 0
+                               "--refine_batch_size", "3", "--refine_holdout", "2")) == 0
     with open(out / "config.json") as handle:
         block = json.load(handle)["compression"]
     assert block["method"] == "svd-llm+anchored(alpha=0.5)+refine(block: AA-SVD)"
     assert block["update"]["alpha"] == 0.5 and block["update"]["nsamples"] == 4
     assert block["refine"]["target"] == "block" and block["refine"]["nsamples"] == 6 and block["refine"]["epochs"] == 1
-    assert block["refine_losses"]["count"] == 2
+    assert block["refine_losses"]["count"] == 2 and block["refine"]["holdout"] == 2
+    assert all(r["holdout_windows"] == 2 for r in block["refine_losses"]["per_block"].values())
     assert all(r["loss_after"] <= r["loss_before"] for r in block["refine_losses"]["per_block"].values())
     assert all("anchored" in r for r in block["modules"].values())
     from utils.io import load_compressed

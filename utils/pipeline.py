@@ -195,7 +195,8 @@ class CompressOptions:
     @property
     def nsamples(self) -> int:
         """Calibration windows the walk carries: the most any pass uses (0: none)."""
-        return max([0] + [o.nsamples for o in (self.update, self.refine) if o is not None])
+        return max([0] + [o.nsamples for o in (self.update,) if o is not None]
+                   + [o.windows_needed for o in (self.refine,) if o is not None])
 
 
 def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions, device: torch.device | str,
@@ -268,8 +269,12 @@ def _refine_summary(options: RefineOptions | None, records: dict, layer_records:
         per = layer_records
     else:
         per = {name: r["refine"] for name, r in records.items() if "refine" in r}
-    return {"target": options.target, "per_" + ("block" if options.target == "block" else "module"): per,
-            "lowered": sum(r["loss_after"] < r["loss_before"] for r in per.values()), "count": len(per)}
+    summary = {"target": options.target, "per_" + ("block" if options.target == "block" else "module"): per,
+               "lowered": sum(r["loss_after"] < r["loss_before"] for r in per.values()), "count": len(per)}
+    held = [r for r in per.values() if "holdout_after" in r]
+    if held:  # blocks whose kept iterate also lowered the loss on windows it was not trained on
+        summary["holdout_lowered"] = sum(r["holdout_after"] < r["holdout_before"] for r in held)
+    return summary
 
 
 def compression_block(record: dict, base_model: str, model: torch.nn.Module, stats: Statistics | None = None,
