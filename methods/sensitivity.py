@@ -51,6 +51,7 @@ from component import LowRankLinear
 from utils.io import read_json, write_json
 from utils.layerwise import capture_layer_inputs
 from utils.model import copies_to, decoder_layers, layer_prefix, model_description, set_submodule, target_linears
+from utils.decompose import low_rank_factors
 from utils.plan import rank_for_ratio
 from utils.whitening import input_transform
 
@@ -74,6 +75,7 @@ class SensitivityOptions:
     scaling: str = "none"  # ASVD's activation-aware scaling (with whitening none): utils.whitening.input_transform
     alpha: float = 0.5
     svd_dtype: torch.dtype = torch.float32
+    svd_driver: str = "auto"  # utils.decompose.exact_svd's: checked gesvda on CUDA
     logprob_cache_bytes: int = LOGPROB_CACHE_BYTES
 
     def __post_init__(self):
@@ -227,18 +229,16 @@ def input_factor(stats_tensors: dict | None, stream: str, device, options: Sensi
 
 
 class _MatrixSVD:
-    """One whitened SVD of W, truncated on demand: rank r -> u (m x r) = U_r S_r, v = Vh_r S^-1."""
+    """One whitened SVD of W (utils.decompose.low_rank_factors with Sigma on u), truncated on demand:
+    rank r -> u (m x r) = U_r S_r, v = Vh_r S^-1; sigma: the whole spectrum."""
 
-    def __init__(self, weight: torch.Tensor, factor, max_rank: int, svd_dtype: torch.dtype,
+    def __init__(self, weight: torch.Tensor, factor, max_rank: int, svd_dtype: torch.dtype, svd_driver: str,
                  keep_on: torch.device | str):
-        target = weight.to(torch.float64) if factor is None else factor.right_multiply(weight)
-        u, s, vh = torch.linalg.svd(target.to(svd_dtype), full_matrices=False)
-        self.sigma = s.double().cpu()
-        k = max(1, min(max_rank, s.numel()))
-        v = vh[:k].to(torch.float64)
-        v = v if factor is None else factor.right_solve(v)
-        self.u = (u[:, :k] * s[:k]).to(torch.float32).to(keep_on)
-        self.v = v.to(torch.float32).to(keep_on)
+        factors = low_rank_factors(weight, max(1, min(max_rank, *weight.shape)), factor, "svd", svd_dtype,
+                                   svd_driver=svd_driver, sigma_fuse="U")
+        self.sigma = factors.spectrum
+        self.u = factors.u.to(torch.float32).to(keep_on)
+        self.v = factors.v.to(torch.float32).to(keep_on)
 
     def module(self, rank: int, bias: torch.Tensor | None, dtype: torch.dtype, device) -> LowRankLinear:
         return LowRankLinear.from_factors(self.u[:, :rank].to(device), self.v[:rank].to(device), bias, dtype, device)
@@ -361,7 +361,8 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
             wanted = [r for r in candidate_ranks[full].values() if r is not None]
             if base_ranks[full] is not None:
                 wanted.append(base_ranks[full])
-            svd = _MatrixSVD(linear.weight.detach(), factors[stream], max(wanted), options.svd_dtype, device)
+            svd = _MatrixSVD(linear.weight.detach(), factors[stream], max(wanted), options.svd_dtype,
+                              options.svd_driver, device)
             sigmas[full] = [float(s) for s in svd.sigma]
             return svd
 

@@ -142,6 +142,8 @@ class Factors:
     kept_energy: float  # sum of kept sigma^2 (of W S, or W when not whitened)
     total_energy: float  # ||W S||_F^2
     svd: SVDInfo | None = None  # exact SVD only: the driver used and its checked residual
+    spectrum: torch.Tensor | None = None  # every singular value the SVD computed (float64, CPU): all of
+    # them for the exact SVD, so a caller can truncate u[:, :k], v[:k] further and know what it drops
 
     @property
     def truncation_loss(self) -> float:
@@ -174,9 +176,11 @@ def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor
     # a sketch as wide as the matrix is the exact SVD: take it here, with the driver choice and check
     if decomposition == "svd" or sketch_covers(*target.shape, rank, oversamples):
         info = SVDInfo()
-        u, sigma, vh = exact_svd(target, rank, svd_driver, info)
+        u, spectrum, vh = checked_svd(target, resolve_svd_driver(svd_driver, target.device), info=info, rank=rank)
+        u, sigma, vh = u[:, :rank], spectrum[:rank], vh[:rank]  # exact_svd, keeping the whole spectrum
     else:
         u, sigma, vh = randomized_svd(target, rank, oversamples, n_iter, generator)
+        spectrum = sigma
     sigma64 = sigma.to(torch.float64)
     left, right = {"UV": (sigma64.sqrt(), sigma64.sqrt()), "U": (sigma64, torch.ones_like(sigma64)),
                    "V": (torch.ones_like(sigma64), sigma64)}[sigma_fuse]
@@ -185,4 +189,4 @@ def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor
     if whitening is not None:
         v = whitening.right_solve(v)
     return Factors(u=u, v=v, kept_energy=float(sigma.to(torch.float64).square().sum()),
-                   total_energy=total_energy, svd=info)
+                   total_energy=total_energy, svd=info, spectrum=spectrum.detach().to(torch.float64).cpu())
