@@ -9,20 +9,11 @@ import torch
 from methods.allocation import (asvd_plan, asvd_ppl_plan, duo_plan, v2_plan, whitened_gram_spectrum,
                                 whitened_singular_values, whitened_spectra)
 from methods.sensitivity import SensitivityOptions, SensitivityTable, measure_sensitivity, plan_calibration_ppl
-from tests.tiny_models import tiny_model
 from utils.allocate import (BUDGET_TOLERANCE, kept_at_threshold, kept_to_ranks, matrix_params, params_after,
                             params_before, sensitivity_order)
 from utils.model import target_shapes
-from utils.pipeline import profile_model
 from utils.plan import largest_useful_rank
 
-
-@pytest.fixture(scope="module")
-def setup():
-    model = tiny_model("llama")
-    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    stats = profile_model(model, windows, "cpu")
-    return model, windows, stats
 
 
 def assert_budget_rule(plan, ratio):
@@ -35,8 +26,8 @@ def assert_budget_rule(plan, ratio):
 
 
 @pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
-def test_every_allocation_meets_the_budget_rule(setup, ratio):
-    model, windows, stats = setup
+def test_every_allocation_meets_the_budget_rule(profiled_tiny_llama, ratio):
+    model, windows, stats = profiled_tiny_llama
     sigmas = whitened_spectra(model, stats, "cpu")
     plan, _ = v2_plan(model, ratio, sigmas)
     assert_budget_rule(plan, ratio)
@@ -138,8 +129,8 @@ def test_asvd_ppl_target_ends_on_a_feasible_bound():
         asvd_ppl_plan(shapes, 9.0, table, fake_ppl)
 
 
-def test_ppl_target_search_on_a_model(setup):
-    model, windows, stats = setup
+def test_ppl_target_search_on_a_model(profiled_tiny_llama):
+    model, windows, stats = profiled_tiny_llama
     table = measure_sensitivity(model, windows[:2], stats, "cpu", SensitivityOptions("ppl", (0.3, 0.6, 0.9)),
                                 progress=False)
     evaluate = plan_calibration_ppl(model, stats, windows[:2], "cpu")
@@ -173,10 +164,10 @@ def test_v2_spectra_from_the_smaller_gram_equal_svdvals(shape):
                                                                abs=1e-14 * top)
 
 
-def test_v2_spectra_pass_matches_svdvals_on_a_model(setup):
+def test_v2_spectra_pass_matches_svdvals_on_a_model(profiled_tiny_llama):
     """The Gram route (no factorisation of H for wide matrices, float32 products) gives the
     singular values and the truncation losses the SVD of W S gives."""
-    model, _, stats = setup
+    model, _, stats = profiled_tiny_llama
     fast = whitened_spectra(model, stats, "cpu")
     exact = whitened_spectra(model, stats, "cpu", method="svdvals")
     shapes = target_shapes(model)

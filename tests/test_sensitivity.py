@@ -15,13 +15,6 @@ from utils.pipeline import CompressOptions, compress_model, profile_model
 from utils.plan import ModulePlan, Plan, rank_for_ratio
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = tiny_model("llama")
-    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    stats = profile_model(model, windows, "cpu")
-    return model, windows, stats
-
 
 def compressed_logits(model, stats, windows, ranks):
     """Logits of a copy of `model` with the given ranks (step 3's whitened SVD), window by window."""
@@ -51,10 +44,10 @@ class ForwardCounter:
             h.remove()
 
 
-def test_kl_matches_whole_model_forward(setup):
+def test_kl_matches_whole_model_forward(profiled_tiny_llama):
     """value(name, p) = mean over tokens of KL(original || model with every matrix at the uniform
     rank of 0.4 but `name` at kept fraction p), computed here with whole-model forwards."""
-    model, windows, stats = setup
+    model, windows, stats = profiled_tiny_llama
     windows = windows[:2]
     table = measure_sensitivity(model, windows, stats, "cpu", SensitivityOptions("kl", (0.2, 0.9, 1.0), 0.4),
                                 progress=False)
@@ -79,8 +72,8 @@ def test_kl_matches_whole_model_forward(setup):
     assert table.values["model.layers.0.self_attn.k_proj"][0.2] != table.values["model.layers.0.self_attn.k_proj"][1.0]
 
 
-def test_ppl_matches_whole_model_forward(setup):
-    model, windows, stats = setup
+def test_ppl_matches_whole_model_forward(profiled_tiny_llama):
+    model, windows, stats = profiled_tiny_llama
     windows = windows[:2]
     table = measure_sensitivity(model, windows, stats, "cpu", SensitivityOptions("ppl", (0.3, 0.7)), progress=False)
 
@@ -98,8 +91,8 @@ def test_ppl_matches_whole_model_forward(setup):
             assert table.values[name][p] == pytest.approx(ppl({name: candidate_rank(m, k, p)}), rel=1e-5)
 
 
-def test_model_left_unchanged(setup):
-    model, windows, stats = setup
+def test_model_left_unchanged(profiled_tiny_llama):
+    model, windows, stats = profiled_tiny_llama
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         logits = model(windows[:1]).logits
@@ -126,8 +119,8 @@ def test_other_families_match_their_own_forward(family):
     assert len(table.values) == len(target_shapes(model))
 
 
-def test_cache_reused_without_forward_and_refused_when_key_differs(setup, tmp_path):
-    model, windows, stats = setup
+def test_cache_reused_without_forward_and_refused_when_key_differs(profiled_tiny_llama, tmp_path):
+    model, windows, stats = profiled_tiny_llama
     path = str(tmp_path / "sensitivity.json")
     options = SensitivityOptions("kl", (0.5, 1.0), 0.4)
     table, reused = sensitivity_table(model, windows[:2], stats, "cpu", options, path, {"dataset": "random"},
@@ -169,8 +162,8 @@ def test_cache_reused_without_forward_and_refused_when_key_differs(setup, tmp_pa
     assert not reused
 
 
-def test_stable_rank_needs_no_forward_pass(setup):
-    model, windows, stats = setup
+def test_stable_rank_needs_no_forward_pass(profiled_tiny_llama):
+    model, windows, stats = profiled_tiny_llama
     counter = ForwardCounter(model)
     try:
         table, _ = sensitivity_table(model, None, None, "cpu", SensitivityOptions("stable_rank", (0.2, 0.5)),
@@ -186,8 +179,8 @@ def test_stable_rank_needs_no_forward_pass(setup):
     assert row[0.2] == pytest.approx(-sr * 0.2 ** 0.1, rel=1e-5)
 
 
-def test_non_finite_sensitivity_names_the_matrix(setup, monkeypatch, tmp_path):
-    model, windows, stats = setup
+def test_non_finite_sensitivity_names_the_matrix(profiled_tiny_llama, monkeypatch, tmp_path):
+    model, windows, stats = profiled_tiny_llama
     real = sensitivity._nll_sum
     calls = {"n": 0}
 
