@@ -165,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs; 0 = whitening on the compressed stream, 1 = the original outputs (default "
                         f"{DEFAULT_ANCHOR_ALPHA:g}: on SmolLM2-135M it beat whitening at 60%% removed, 0.83x its perplexity, "
                         "and no alpha did at 20%%; docs/refinement.md)")
+    d.add_argument("--anchor_holdout", type=float, default=0.0,
+                   help="--update anchored: hold out this fraction of the --updating_nsamples windows and keep each "
+                        "matrix's fit only where it lowers the error on them (as the closed-form update does; "
+                        "default 0: always kept). The fit overfits few windows: docs/refinement.md")
     r = p.add_argument_group("refinement (step 3, after the decomposition / update; docs/refinement.md)")
     r.add_argument("--refine", default="none", choices=["none", "gradient"],
                    help="gradient refinement against the original model, one layer at a time (AdamW, warm-up then "
@@ -459,6 +463,11 @@ def _validate_refinement(args: argparse.Namespace) -> None:
         if not (math.isfinite(args.anchor_alpha) and 0.0 <= args.anchor_alpha <= 1.0):
             raise UsageError(f"--anchor_alpha {args.anchor_alpha}: must be in [0, 1] (0 = whitening on the compressed "
                              f"stream, 1 = fit the original outputs)")
+    if args.anchor_holdout:
+        if args.update != "anchored":
+            raise UsageError(f"--anchor_holdout is for --update anchored (got --update {args.update})")
+        if not (math.isfinite(args.anchor_holdout) and 0.0 <= args.anchor_holdout < 1.0):
+            raise UsageError(f"--anchor_holdout {args.anchor_holdout}: a fraction in [0, 1), e.g. 0.25")
     if args.refine_nsamples is None:
         args.refine_nsamples = args.updating_nsamples
     if args.refine == "none":
@@ -823,7 +832,8 @@ def _update_options(args: argparse.Namespace):
         alpha = DEFAULT_ANCHOR_ALPHA if args.anchor_alpha is None else args.anchor_alpha
         return AnchoredOptions(nsamples=args.updating_nsamples, alpha=alpha,
                                whitening="eigen" if args.whitening == "eigen" else "cholesky",
-                               svd_dtype=DTYPES[args.svd_dtype], svd_driver=args.svd_driver)
+                               svd_dtype=DTYPES[args.svd_dtype], svd_driver=args.svd_driver,
+                               holdout_fraction=args.anchor_holdout)
     return None
 
 
@@ -845,7 +855,8 @@ def _print_summary(compression: dict, timings: dict) -> None:
     if compression["update"] and compression["update"]["method"] == "closed_form":
         print(f"update: kept for {compression['updates_accepted']} of {len(ranks)} matrices")
     elif compression["update"]:
-        print(f"update: anchored fit (alpha {compression['update']['alpha']:g}) on {len(ranks)} matrices")
+        kept = sum(r.get("anchored", {}).get("applied", False) for r in compression["modules"].values())
+        print(f"update: anchored fit (alpha {compression['update']['alpha']:g}) kept for {kept} of {len(ranks)} matrices")
     if compression.get("refine_losses"):
         losses = compression["refine_losses"]
         held = (f", on the {args_held} held-out windows for {losses['holdout_lowered']}"

@@ -58,10 +58,20 @@ class AnchoredOptions:
     whitening: str = "cholesky"  # factor of G' (cholesky | eigen)
     svd_dtype: torch.dtype = torch.float32  # the SVD's own precision, as the decomposition's; products float64
     svd_driver: str = "auto"
+    holdout_fraction: float = 0.0  # of the windows, held out to accept or refuse each fit (0: always taken)
+
+    def __post_init__(self):
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction {self.holdout_fraction}: must be in [0, 1)")
+
+    def split(self, nsamples: int) -> tuple[range, range]:
+        """(fit windows, held-out windows): the held-out ones are the last; none when f is 0."""
+        held = 0 if nsamples < 2 or self.holdout_fraction == 0 else max(1, int(nsamples * self.holdout_fraction))
+        return range(0, nsamples - held), range(nsamples - held, nsamples)
 
     def to_dict(self) -> dict:
         return {"method": "anchored", "nsamples": self.nsamples, "alpha": self.alpha, "whitening": self.whitening,
-                "svd_dtype": str(self.svd_dtype).replace("torch.", "")}
+                "svd_dtype": str(self.svd_dtype).replace("torch.", ""), "holdout_fraction": self.holdout_fraction}
 
 
 def _solve_right_transpose(whitening: WhiteningFactor, matrix: torch.Tensor) -> torch.Tensor:
@@ -159,6 +169,7 @@ class AnchoredUpdate:
         if not low_rank:
             return
         windows = range(min(self.options.nsamples, context.num_windows))
+        fit_windows, held_windows = self.options.split(len(windows))
         groups = execution_groups(context, low_rank)
         # the original layer's inputs of every group at once (they do not change as groups are refit)
         with original_linears(context.layer, low_rank, originals):
@@ -168,20 +179,27 @@ class AnchoredUpdate:
         for group in groups:
             modules = {n: low_rank[n] for n in group}
             width = low_rank[group[0]].in_features
-            gram, gram_c, cross = (torch.zeros(width, width, dtype=torch.float64, device=context.device)
-                                   for _ in range(3))
-            for window in windows:
-                x = reference[window][group[0]].to(torch.float64)
-                x_c = _first_inputs(context.layer, {group[0]: low_rank[group[0]]}, context.inputs,
-                                    context.layer_args, window)[group[0]].to(torch.float64)
-                gram += x.T @ x
-                gram_c += x_c.T @ x_c
-                cross += x.T @ x_c
+            grams = []  # (G, G', C) of the fit windows, then of the held-out ones
+            for part in (fit_windows, held_windows):
+                if not len(part):
+                    continue
+                gram, gram_c, cross = (torch.zeros(width, width, dtype=torch.float64, device=context.device)
+                                       for _ in range(3))
+                for window in part:
+                    x = reference[window][group[0]].to(torch.float64)
+                    x_c = _first_inputs(context.layer, {group[0]: low_rank[group[0]]}, context.inputs,
+                                        context.layer_args, window)[group[0]].to(torch.float64)
+                    gram += x.T @ x
+                    gram_c += x_c.T @ x_c
+                    cross += x.T @ x_c
+                grams.append((gram, gram_c, cross))
             for name, module in modules.items():
-                self._refit(context, name, module, originals[name], gram, gram_c, cross)
+                self._refit(context, name, module, originals[name], *grams[0],
+                            held=grams[1] if len(grams) > 1 else None)
 
     def _refit(self, context: LayerContext, name: str, module: LowRankLinear, weight: torch.Tensor,
-               gram: torch.Tensor, gram_c: torch.Tensor, cross: torch.Tensor) -> None:
+               gram: torch.Tensor, gram_c: torch.Tensor, cross: torch.Tensor,
+               held: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         options = self.options
         before = fit_error(weight, module.weight_product, gram, gram_c, cross)
         fit = anchored_factors(weight, module.rank, gram_c, cross, options.alpha, options.whitening,
@@ -189,11 +207,20 @@ class AnchoredUpdate:
         after = fit_error(weight, fit.u @ fit.v, gram, gram_c, cross)
         reference = float(((weight.to(torch.float64) @ gram) * weight.to(torch.float64)).sum())
         fits, _ = largest_entry_fits(module.u.weight.dtype, fit.u, fit.v)
-        if fits:  # factors the layer's dtype cannot hold (fp16 tops out at 65504) are not taken
+        held_errors = None
+        if held is not None:  # the fit's error on windows it did not see, against the current factors'
+            held_errors = [fit_error(weight, module.weight_product, *held), fit_error(weight, fit.u @ fit.v, *held)]
+        applied = fits and (held_errors is None or held_errors[1] < held_errors[0])
+        if applied:  # not taken: factors the layer's dtype cannot hold (fp16 tops out at 65504), or a fit
+            # that does worse on the held-out windows than what it would replace
             module.u.weight.data.copy_(fit.u.to(module.u.weight.dtype))
             module.v.weight.data.copy_(fit.v.to(module.v.weight.dtype))
-        self.records.setdefault(f"{context.name}.{name}", {})["anchored"] = {
+        fits = applied
+        record = self.records.setdefault(f"{context.name}.{name}", {})
+        record["anchored"] = {
             "alpha": options.alpha, "applied": fits, "whitening_fallback": fit.fallback,
             "fit_error": [before, after if fits else before],
             "relative_fit_error": [(before / reference) ** 0.5 if reference > 0 else 0.0,
                                    ((after if fits else before) / reference) ** 0.5 if reference > 0 else 0.0]}
+        if held_errors is not None:  # [the replaced factors', the fit's] error on the held-out windows
+            record["anchored"]["holdout_error"] = held_errors

@@ -45,17 +45,18 @@ VARIANTS = ("whitening", "closed_form", "anchored_0", "anchored_0.5", "anchored_
 
 def parse_variant(variant: str) -> tuple[str, dict]:
     """'block:e8:w16' -> ('block', {'e': 8, 'w': 16}): a variant with its overrides of the shared
-    settings: eN epochs, wN refinement windows, uN update / anchored-fit windows, aX the anchored alpha."""
+    settings: eN epochs, wN refinement windows, uN update / anchored-fit windows, aX the anchored alpha,
+    hX the anchored fit's held-out fraction (a fit is kept only where it does better on those windows)."""
     name, *parts = variant.split(":")
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     over: dict = {}
     for part in parts:
         key, value = part[:1], part[1:]
-        if key not in "ewua" or not key or not value:
+        if key not in "ewuah" or not key or not value:
             raise ValueError(f"variant {variant!r}: overrides are eN (epochs), wN (refinement windows), "
-                             f"uN (update windows), aX (anchored alpha)")
-        over[key] = float(value) if key == "a" else int(value)
+                             f"uN (update windows), aX (anchored alpha), hX (anchored fit's held-out fraction)")
+        over[key] = float(value) if key in "ah" else int(value)
     return name, over
 
 
@@ -210,7 +211,8 @@ def main(argv=None) -> int:
     def options_of(variant: str, ratio: float) -> CompressOptions:
         name, over = parse_variant(variant)
         updating = over.get("u", opts.updating_nsamples)
-        anchored = lambda a: AnchoredOptions(nsamples=updating, alpha=a)  # noqa: E731
+        anchored = lambda a: AnchoredOptions(nsamples=updating, alpha=a,  # noqa: E731
+                                             holdout_fraction=over.get("h", 0.0))
         block = RefineOptions(target="block", nsamples=over.get("w", opts.refine_nsamples),
                               epochs=over.get("e", opts.refine_epochs),
                               lr=opts.refine_high_lr if name == "block_high_lr" else opts.refine_lr,
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
             return CompressOptions()
         if name == "closed_form":
             return CompressOptions(update=UpdateOptions(nsamples=updating))
-        if name.startswith("anchored_") and name != "anchored_block":
+        if name.startswith("anchored_") and name != "anchored_block":  # anchored_A
             return CompressOptions(update=anchored(float(name.split("_")[1])))
         if name in ("block", "block_high_lr"):
             return CompressOptions(refine=block)

@@ -161,6 +161,37 @@ def test_anchored_layer_outputs_are_closer_to_the_original_than_whitening(correl
 
 # ------------------------------------------------------------------------------------ refinement
 
+def test_anchored_fit_is_kept_only_where_it_does_better_on_held_out_windows(correlated_stats):
+    """holdout_fraction 0.25 of 32 windows: each matrix's fit (on the first 24) is kept exactly where its
+    error on the last 8 is below the replaced factors'; a refused matrix keeps them bit for bit. With
+    8 windows (192 fit tokens for inputs up to 160 wide) every fit is refused: it overfits."""
+    plain, model = _model(torch.float32, True), _model(torch.float32, True)
+    plan = Plan.uniform(target_shapes(plain), 0.6)
+    compress_model(plain, plan, CompressOptions(), "cpu", correlated_stats)
+    options = AnchoredOptions(nsamples=32, alpha=0.5, holdout_fraction=0.25)
+    assert options.split(32) == (range(0, 24), range(24, 32)) and AnchoredOptions().split(8) == (range(8), range(8, 8))
+    windows = torch.randint(0, 256, (32, 32), generator=torch.Generator().manual_seed(1))
+    record = compress_model(model, plan, CompressOptions(update=options), "cpu", correlated_stats, windows)
+    modules = dict(plain.named_modules())
+    kept = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, LowRankLinear):
+            continue
+        r = record["modules"][name]["anchored"]
+        before, after = r["holdout_error"]
+        assert r["applied"] == (after < before), name
+        kept += r["applied"]
+        same = torch.equal(module.u.weight, modules[name].u.weight) and torch.equal(module.v.weight, modules[name].v.weight)
+        if not r["applied"] and name.startswith("model.layers.0."):  # below it the inputs moved: whitened
+            assert same, name  # factors of layer 1 differ only through what they were refused against
+    assert kept >= 7, kept  # of 14 (13 measured): where the inputs moved, the fit helps
+    few = compress_model(_model(torch.float32, True), plan, CompressOptions(update=AnchoredOptions(
+        nsamples=8, alpha=0.5, holdout_fraction=0.25)), "cpu", correlated_stats, WINDOWS)
+    assert sum(r["anchored"]["applied"] for r in few["modules"].values()) <= 2  # 0 measured
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        AnchoredOptions(holdout_fraction=1.0)
+
+
 def test_schedule_warms_up_then_decays_to_a_tenth():
     total = 20
     factors = [lr_factor(s, total) for s in range(total)]
@@ -266,6 +297,8 @@ def _argv(tiny_dir, out, *extra):
     (["--refine", "gradient", "--refine_epochs", "0"], "--refine_epochs 0"),
     (["--refine", "gradient", "--gradient-iters", "0"], "--gradient_iters 0"),
     (["--refine_holdout", "2"], "--refine_holdout is for --refine gradient"),
+    (["--anchor_holdout", "0.25"], "--anchor_holdout is for --update anchored"),
+    (["--update", "anchored", "--anchor_holdout", "1"], "--anchor_holdout 1.0"),
     (["--refine", "gradient", "--refine_target", "matrix", "--refine_holdout", "2"], "--refine_holdout 2"),
 ])
 def test_bad_refinement_flags_are_one_line_errors_before_any_work(extra, needle, tiny_dir, tmp_path, capsys):
