@@ -862,9 +862,8 @@ def _print_summary(compression: dict, timings: dict) -> None:
         print(f"update: anchored fit (alpha {compression['update']['alpha']:g}) kept for {kept} of {len(ranks)} matrices")
     if compression.get("refine_losses"):
         losses = compression["refine_losses"]
-        held = (f", on the {args_held} held-out windows for {losses['holdout_lowered']}"
-                if (args_held := next((r.get('holdout_windows') for r in losses.get('per_block', {}).values()), None))
-                else "")
+        held_windows = next((r.get("holdout_windows") for r in losses.get("per_block", {}).values()), None)
+        held = f", on the {held_windows} held-out windows for {losses['holdout_lowered']}" if held_windows else ""
         print(f"refine ({losses['target']}): loss lowered for {losses['lowered']} of {losses['count']} "
               f"{'blocks' if losses['target'] == 'block' else 'matrices'}{held}")
     print(f"fallbacks (H not positive definite): {compression['fallbacks']}; "

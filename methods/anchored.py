@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from component import LowRankLinear, largest_entry_fits
-from methods.closed_form import execution_groups
+from methods.closed_form import execution_groups, holdout_split
 from utils.decompose import exact_svd
 from utils.layerwise import LayerContext, StopLayer, feed_layer
 from utils.model import set_submodule
@@ -66,8 +66,9 @@ class AnchoredOptions:
 
     def split(self, nsamples: int) -> tuple[range, range]:
         """(fit windows, held-out windows): the held-out ones are the last; none when f is 0."""
-        held = 0 if nsamples < 2 or self.holdout_fraction == 0 else max(1, int(nsamples * self.holdout_fraction))
-        return range(0, nsamples - held), range(nsamples - held, nsamples)
+        if self.holdout_fraction == 0:
+            return range(nsamples), range(nsamples, nsamples)
+        return holdout_split(nsamples, self.holdout_fraction)
 
     def to_dict(self) -> dict:
         return {"method": "anchored", "nsamples": self.nsamples, "alpha": self.alpha, "whitening": self.whitening,
@@ -178,24 +179,28 @@ class AnchoredUpdate:
                          for w in windows]
         for group in groups:
             modules = {n: low_rank[n] for n in group}
-            width = low_rank[group[0]].in_features
-            grams = []  # (G, G', C) of the fit windows, then of the held-out ones
-            for part in (fit_windows, held_windows):
-                if not len(part):
-                    continue
-                gram, gram_c, cross = (torch.zeros(width, width, dtype=torch.float64, device=context.device)
-                                       for _ in range(3))
-                for window in part:
-                    x = reference[window][group[0]].to(torch.float64)
-                    x_c = _first_inputs(context.layer, {group[0]: low_rank[group[0]]}, context.inputs,
-                                        context.layer_args, window)[group[0]].to(torch.float64)
-                    gram += x.T @ x
-                    gram_c += x_c.T @ x_c
-                    cross += x.T @ x_c
-                grams.append((gram, gram_c, cross))
+            first = group[0]
+            fit_grams = self._grams(context, reference, first, low_rank[first], fit_windows)
+            held_grams = self._grams(context, reference, first, low_rank[first], held_windows) if len(held_windows) else None
             for name, module in modules.items():
-                self._refit(context, name, module, originals[name], *grams[0],
-                            held=grams[1] if len(grams) > 1 else None)
+                self._refit(context, name, module, originals[name], *fit_grams, held=held_grams)
+
+    @staticmethod
+    def _grams(context: LayerContext, reference: list[dict[str, torch.Tensor]], first: str, module: LowRankLinear,
+               windows: range) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(G, G', C) in float64 over `windows` of the group whose first module is `first`: its
+        original inputs X from `reference`, its compressed inputs X' collected now (after the groups
+        before it were refit)."""
+        width = module.in_features
+        gram, gram_c, cross = (torch.zeros(width, width, dtype=torch.float64, device=context.device) for _ in range(3))
+        for window in windows:
+            x = reference[window][first].to(torch.float64)
+            x_c = _first_inputs(context.layer, {first: module}, context.inputs, context.layer_args,
+                                window)[first].to(torch.float64)
+            gram += x.T @ x
+            gram_c += x_c.T @ x_c
+            cross += x.T @ x_c
+        return gram, gram_c, cross
 
     def _refit(self, context: LayerContext, name: str, module: LowRankLinear, weight: torch.Tensor,
                gram: torch.Tensor, gram_c: torch.Tensor, cross: torch.Tensor,
@@ -208,19 +213,19 @@ class AnchoredUpdate:
         reference = float(((weight.to(torch.float64) @ gram) * weight.to(torch.float64)).sum())
         fits, _ = largest_entry_fits(module.u.weight.dtype, fit.u, fit.v)
         held_errors = None
-        if held is not None:  # the fit's error on windows it did not see, against the current factors'
+        if held is not None:  # [the replaced factors', the fit's] error on windows the fit did not see
             held_errors = [fit_error(weight, module.weight_product, *held), fit_error(weight, fit.u @ fit.v, *held)]
+        # not taken: factors the layer's dtype cannot hold (fp16 tops out at 65504), or a fit that does
+        # worse on the held-out windows than the factors it would replace
         applied = fits and (held_errors is None or held_errors[1] < held_errors[0])
-        if applied:  # not taken: factors the layer's dtype cannot hold (fp16 tops out at 65504), or a fit
-            # that does worse on the held-out windows than what it would replace
+        if applied:
             module.u.weight.data.copy_(fit.u.to(module.u.weight.dtype))
             module.v.weight.data.copy_(fit.v.to(module.v.weight.dtype))
-        fits = applied
-        record = self.records.setdefault(f"{context.name}.{name}", {})
-        record["anchored"] = {
-            "alpha": options.alpha, "applied": fits, "whitening_fallback": fit.fallback,
-            "fit_error": [before, after if fits else before],
-            "relative_fit_error": [(before / reference) ** 0.5 if reference > 0 else 0.0,
-                                   ((after if fits else before) / reference) ** 0.5 if reference > 0 else 0.0]}
-        if held_errors is not None:  # [the replaced factors', the fit's] error on the held-out windows
-            record["anchored"]["holdout_error"] = held_errors
+        kept = after if applied else before
+        record = {"alpha": options.alpha, "applied": applied, "whitening_fallback": fit.fallback,
+                  "fit_error": [before, kept],
+                  "relative_fit_error": [(before / reference) ** 0.5 if reference > 0 else 0.0,
+                                         (kept / reference) ** 0.5 if reference > 0 else 0.0]}
+        if held_errors is not None:
+            record["holdout_error"] = held_errors
+        self.records.setdefault(f"{context.name}.{name}", {})["anchored"] = record

@@ -23,6 +23,13 @@ from utils.layerwise import LayerContext, StopLayer
 from utils.update import update_u
 
 
+def holdout_split(nsamples: int, fraction: float) -> tuple[range, range]:
+    """(fit windows, held-out windows) of `nsamples`: the last max(1, floor(fraction n)) are held
+    out (none of fewer than 2 windows)."""
+    held = 0 if nsamples < 2 else max(1, int(nsamples * fraction))
+    return range(0, nsamples - held), range(nsamples - held, nsamples)
+
+
 @dataclass
 class UpdateOptions:
     nsamples: int = 16  # calibration windows carried through the walk
@@ -32,8 +39,7 @@ class UpdateOptions:
 
     def split(self, nsamples: int) -> tuple[range, range]:
         """(fit windows, held-out windows): the held-out ones are the last."""
-        held = 0 if nsamples < 2 else max(1, int(nsamples * self.holdout_fraction))
-        return range(0, nsamples - held), range(nsamples - held, nsamples)
+        return holdout_split(nsamples, self.holdout_fraction)
 
     def to_dict(self) -> dict:
         return {"method": "closed_form", "nsamples": self.nsamples, "holdout_fraction": self.holdout_fraction,

@@ -48,10 +48,10 @@ from torch import nn
 from tqdm import tqdm
 
 from component import LowRankLinear
+from utils.decompose import low_rank_factors
 from utils.io import read_json, write_json
 from utils.layerwise import capture_layer_inputs
 from utils.model import copies_to, decoder_layers, layer_prefix, model_description, set_submodule, target_linears
-from utils.decompose import low_rank_factors
 from utils.plan import rank_for_ratio
 from utils.whitening import input_transform
 

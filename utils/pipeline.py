@@ -195,8 +195,8 @@ class CompressOptions:
     @property
     def nsamples(self) -> int:
         """Calibration windows the walk carries: the most any pass uses (0: none)."""
-        return max([0] + [o.nsamples for o in (self.update,) if o is not None]
-                   + [o.windows_needed for o in (self.refine,) if o is not None])
+        return max(0, self.update.nsamples if self.update is not None else 0,
+                   self.refine.windows_needed if self.refine is not None else 0)
 
 
 def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions, device: torch.device | str,
