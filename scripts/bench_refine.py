@@ -203,10 +203,15 @@ def main(argv=None) -> int:
     best_alpha: dict[float, tuple[float, float]] = {}  # ratio -> (ppl, alpha)
     best_saved: dict[float, float] = {float(k): v["ppl"] for k, v in record.get("saved_models", {}).items()}
     done = {(r["variant"], r["ratio"]) for r in record["runs"]}
+
+    def consider_alpha(row: dict) -> None:
+        """An anchored-fit-alone row sets its ratio's best alpha (for anchored_block) when it is the lowest so far."""
+        if row.get("alpha") is not None and not row["variant"].startswith("anchored_block") \
+                and row["ppl"] < best_alpha.get(row["ratio"], (float("inf"), 1.0))[0]:
+            best_alpha[row["ratio"]] = (row["ppl"], row["alpha"])
+
     for r in record["runs"]:
-        if r.get("alpha") is not None and not r["variant"].startswith("anchored_block") \
-                and r["ppl"] < best_alpha.get(r["ratio"], (float("inf"), 1.0))[0]:
-            best_alpha[r["ratio"]] = (r["ppl"], r["alpha"])
+        consider_alpha(r)
 
     def options_of(variant: str, ratio: float) -> CompressOptions:
         name, over = parse_variant(variant)
@@ -265,8 +270,7 @@ def main(argv=None) -> int:
             row["holdout_loss_before_mean"] = sum(r["holdout_before"] for r in held) / len(held)
         if options.update is not None and isinstance(options.update, AnchoredOptions):
             row["alpha"] = options.update.alpha
-            if not variant.startswith("anchored_block") and result["ppl"] < best_alpha.get(ratio, (float("inf"), 1.0))[0]:
-                best_alpha[ratio] = (result["ppl"], options.update.alpha)
+            consider_alpha(row)
         record["runs"].append(row)
         whitening = next((r["ppl"] for r in record["runs"] if r["variant"] == "whitening" and r["ratio"] == ratio), None)
         if whitening:
