@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -57,6 +59,21 @@ def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+needs_proc = pytest.mark.skipif(not os.path.isfile("/proc/self/stat"), reason="process start times come from /proc")
+
+
+def start_of(pid: int) -> int:
+    """A running process's start time as a temporary's name records it (/proc/PID/stat field 22)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[19])
+
+
+def temporary_name(path, kind: str, pid: int, start: int = 1, host: str = HOST) -> str:
+    """The name atomic_path gives a temporary of the run (pid, start, host): PATH.KIND-PID-START@HOST."""
+    return f"{path}.{kind}-{pid}-{start}@{host}"
 
 
 # ---------------------------------------------------------------------------------------- allowed
@@ -195,16 +212,17 @@ def test_protected_model_directory(tmp_path):
 
 # ---------------------------------------------------------------------------------------- stale partials
 
+@needs_proc
 def test_stale_partials_removed_live_ones_kept(tmp_path, capsys):
     out = str(tmp_path / "out")
     dead = dead_pid()
-    stale_dir = model_dir(f"{out}.partial-{dead}")
-    stale_old = write(f"{out}.old-{dead}", "old")
-    live = write(f"{out}.partial-{os.getpid()}", "mine")
-    other = write(tmp_path / f"outer.partial-{dead}", "another path's")
+    stale_dir = model_dir(temporary_name(out, "partial", dead))
+    stale_old = write(temporary_name(out, "old", dead), "old")
+    live = write(temporary_name(out, "partial", os.getpid(), start_of(os.getpid())), "mine")
+    other = write(temporary_name(tmp_path / "outer", "partial", dead), "another path's")
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # another run still writing: its temporary is its work in progress
-        live_other = model_dir(f"{out}.old-{running.pid}")
+        live_other = model_dir(temporary_name(out, "old", running.pid, start_of(running.pid)))
         removed = clean_stale_partials(out)
     finally:
         running.kill()
@@ -221,9 +239,9 @@ def test_stale_partials_removed_live_ones_kept(tmp_path, capsys):
 def test_stale_partial_with_foreign_files_kept_and_stats_rescued(tmp_path, capsys):
     out = str(tmp_path / "out")
     dead = dead_pid()
-    foreign = write(f"{out}.old-{dead}/thesis.tex", "mine")
+    foreign = write(os.path.join(temporary_name(out, "old", dead), "thesis.tex"), "mine")
     unrelated = model_dir(f"{out}.partial-{dead}x")  # not a pid suffix: not a temporary of ours
-    with_stats = model_dir(f"{out}.partial-{dead}")
+    with_stats = model_dir(temporary_name(out, "partial", dead))
     stats_dir(os.path.join(with_stats, "stats"))
     clean_stale_partials(out)
     assert os.path.exists(foreign) and os.path.isdir(unrelated)
@@ -234,10 +252,40 @@ def test_stale_partial_with_foreign_files_kept_and_stats_rescued(tmp_path, capsy
 
 def test_atomic_path_cleans_stale_partials(tmp_path):
     out = str(tmp_path / "plan.json")
-    stale = write(f"{out}.partial-{dead_pid()}", "half")
+    stale = write(temporary_name(out, "partial", dead_pid()), "half")
     with atomic_path(out) as temporary:
         write(temporary, "{}")
     assert not os.path.exists(stale) and open(out).read() == "{}"
+
+
+def test_other_hosts_and_unmarked_temporaries_kept_and_reported(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    dead = dead_pid()  # not running here, which says nothing about a run on another node
+    elsewhere = model_dir(temporary_name(out, "partial", dead, host="other-node"))
+    elsewhere_old = write(temporary_name(out, "old", dead, host="other-node"), "old")
+    unmarked = write(f"{out}.partial-{dead}", "an earlier version's")
+    ours = write(temporary_name(out, "partial", dead), "half")
+    assert clean_stale_partials(out) == [ours]
+    assert os.path.isdir(elsewhere) and os.path.isfile(elsewhere_old) and os.path.isfile(unmarked)
+    lines = capsys.readouterr().out.splitlines()
+    for kept in (elsewhere, elsewhere_old):
+        assert [line for line in lines if kept in line and "other-node" in line and "kept" in line]
+    assert [line for line in lines if unmarked in line and "kept" in line and "host" in line]
+    assert len(lines) == 4  # one per kept temporary, one for the removal
+
+
+@needs_proc
+def test_reused_pid_is_not_a_running_run(tmp_path):
+    out = str(tmp_path / "out")
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # the same pid, started at another time: a killed run whose pid was given to a new process
+        reused = model_dir(temporary_name(out, "partial", running.pid, start_of(running.pid) + 1))
+        live = model_dir(temporary_name(out, "old", running.pid, start_of(running.pid)))
+        assert clean_stale_partials(out) == [reused]
+        assert os.path.isdir(live)
+    finally:
+        running.kill()
+        running.wait()
 
 
 # ---------------------------------------------------------------------------------------- atomic_path

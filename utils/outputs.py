@@ -7,7 +7,7 @@ Before any work starts, `check_output_path` judges what already sits at an outpu
   anything else, or a path inside --model -> refused, even with --overwrite; nothing touched
 "Ours" is judged precisely: every entry must be a name this tool writes (below) and the marker
 must be present (config.json with a "compression" block; meta.json with the statistics keys; a
-.pt dict with our keys). `clean_stale_partials` removes the temporaries of killed runs.
+.pt dict with our keys). `clean_stale_partials` removes the temporaries of killed runs of this host.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from typing import Iterable
 
 KINDS = ("model", "stats")
@@ -34,8 +35,14 @@ STATS_FILES = frozenset({"meta.json", "fisher.safetensors"})
 STATS_FILE_PATTERNS = (re.compile(r"layer_\d{4,}\.safetensors"), re.compile(r"(plan|ranks|sensitivity)_[\w.+-]+\.json"))
 STATS_KEYS = ("model", "layer_prefix", "streams", "gram_layout")
 PT_KEYS = ("format_version", "config", "compression", "state_dict")
-# a temporary of our own atomic write of one of the files above, left inside by a killed run
-_TEMPORARY_SUFFIX = re.compile(r"\.(partial|old)-\d+$")
+# A temporary of an atomic write is PATH.partial-TOKEN (the new output being written) or PATH.old-TOKEN
+# (the output it replaces, between the two renames of a directory swap), TOKEN = PID-START@HOST:
+# the writing process, its start (clock ticks after boot, /proc/PID/stat; 0 without /proc) and host.
+# The marker is in the name, so a file and a directory temporary are judged alike and a marker file
+# cannot go missing. Earlier versions wrote TOKEN = PID, which names no host: such names are kept.
+_TEMPORARY = r"\.(partial|old)-((\d+)(?:-(\d+)@([A-Za-z0-9_.-]+))?)"
+# one of the files above written by such a write, left inside a temporary by a killed run
+_TEMPORARY_SUFFIX = re.compile(_TEMPORARY + "$")
 _SHOW = 3  # foreign names quoted in a message
 
 
@@ -207,6 +214,26 @@ def check_output_path(path: str, kind: str, overwrite: bool, protected: Iterable
 
 # ---------------------------------------------------------------------------------------- stale temporaries
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "unknown"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name ([0] state, [19] start time), or None
+    where there is no /proc or the process is hidden from us."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()  # the name may hold spaces and ")"
+    except (OSError, IndexError):
+        return None
+
+
+def temporary_token() -> str:
+    """This process's TOKEN for the names of its temporaries: PID-START@HOST."""
+    fields = _proc_stat(os.getpid())
+    return f"{os.getpid()}-{fields[19] if fields else 0}@{_host()}"
+
+
 def _alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -221,6 +248,44 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _running_here(pid: int, start: int) -> bool:
+    """Whether the process `pid` of this host that started at `start` still runs; a pid reused by
+    a later process does not count, nor does a zombie."""
+    if not _alive(pid):
+        return False
+    fields = _proc_stat(pid)
+    if fields is None:  # no /proc (or hidden from us): the pid alone decides
+        return True
+    return fields[0] != "Z" and (start == 0 or int(fields[19]) == start)
+
+
+def _owner(match: re.Match) -> str:
+    """Who left a temporary: "dead" (a killed run of this host: ours to clean up), "running" (a run
+    of this host at work), "elsewhere" (a run on another host, which we cannot check) or
+    "unmarked" (an earlier version's name, which says no host)."""
+    pid, start, host = match.group(3, 4, 5)
+    if host is None:
+        return "unmarked"
+    if host != _host():
+        return "elsewhere"
+    return "running" if _running_here(int(pid), int(start)) else "dead"
+
+
+def _temporaries(path: str) -> list[tuple[str, re.Match]]:
+    """PATH's temporaries (their paths and name matches), sorted by name."""
+    directory, base = os.path.split(path)
+    pattern = re.compile(re.escape(base) + _TEMPORARY)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [(os.path.join(directory, name), match) for name in names if (match := pattern.fullmatch(name))]
+
+
+def _real_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
 def _rescue_stats(stale: str, path: str) -> None:
     # a run killed while replacing a model directory may have moved step 1's stats/ into its
     # temporary already; put them back where the next write of PATH keeps them (KEEP_SUBDIRS)
@@ -233,23 +298,26 @@ def _rescue_stats(stale: str, path: str) -> None:
 
 
 def clean_stale_partials(path: str) -> list[str]:
-    """Remove PATH.partial-<pid> / PATH.old-<pid> left by killed runs (pid not running) and
-    return them; a live pid's are another run's work in progress and stay. A stale directory
-    holding files this tool never writes is kept too, with a printed warning."""
+    """Remove PATH.partial-TOKEN / PATH.old-TOKEN left by killed runs of this host and return them.
+    A running process's temporaries are its work in progress and stay (a pid reused since does
+    not count as running); another host's and an earlier version's unmarked ones stay too, with
+    a printed line each, since nothing here can tell whether their run has ended. A stale
+    directory holding files this tool never writes is kept too, with a printed warning."""
     path = os.path.abspath(path)
-    directory, base = os.path.split(path)
-    pattern = re.compile(re.escape(base) + r"\.(partial|old)-(\d+)")
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return []
     removed: list[str] = []
-    for name in names:
-        match = pattern.fullmatch(name)
-        if not match or int(match.group(2)) == os.getpid() or _alive(int(match.group(2))):
+    for stale, match in _temporaries(path):
+        owner = _owner(match)
+        if owner == "running":
             continue
-        stale = os.path.join(directory, name)
-        if os.path.isdir(stale) and not os.path.islink(stale):
+        if owner == "elsewhere":
+            print(f"kept {stale}: a temporary of a run on host {match.group(5)}, which this host cannot "
+                  f"check; remove it by hand once that run has ended")
+            continue
+        if owner == "unmarked":
+            print(f"kept {stale}: a temporary of an earlier version, which did not record its host; "
+                  f"remove it by hand if no run on any host is writing {path}")
+            continue
+        if _real_dir(stale):
             foreign = foreign_entries(stale)
             if foreign:
                 print(f"kept stale {stale}: it contains {_list(foreign)}, which this tool did not write; "
