@@ -214,7 +214,7 @@ def test_protected_model_directory(tmp_path):
 
 @needs_proc
 def test_stale_partials_removed_live_ones_kept(tmp_path, capsys):
-    out = str(tmp_path / "out")
+    out = model_dir(tmp_path / "out")  # in place: no replacement of it was cut short
     dead = dead_pid()
     stale_dir = model_dir(temporary_name(out, "partial", dead))
     stale_old = write(temporary_name(out, "old", dead), "old")
@@ -239,7 +239,7 @@ def test_stale_partials_removed_live_ones_kept(tmp_path, capsys):
 def test_stale_partial_with_foreign_files_kept_and_stats_rescued(tmp_path, capsys):
     out = str(tmp_path / "out")
     dead = dead_pid()
-    foreign = write(os.path.join(temporary_name(out, "old", dead), "thesis.tex"), "mine")
+    foreign = write(os.path.join(temporary_name(out, "partial", dead_pid()), "thesis.tex"), "mine")
     unrelated = model_dir(f"{out}.partial-{dead}x")  # not a pid suffix: not a temporary of ours
     with_stats = model_dir(temporary_name(out, "partial", dead))
     stats_dir(os.path.join(with_stats, "stats"))
@@ -286,6 +286,68 @@ def test_reused_pid_is_not_a_running_run(tmp_path):
     finally:
         running.kill()
         running.wait()
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, sys
+sys.path.insert(0, {root!r})
+from tests.test_outputs import model_dir
+from utils.io import atomic_path
+renamed = []
+def replace(source, target):  # os.replace, but the process dies just after the first rename
+    if renamed:
+        os._exit(9)
+    renamed.append(source)
+    real_replace(source, target)
+real_replace, os.replace = os.replace, replace
+with atomic_path({out!r}) as temporary:
+    model_dir(temporary, **{{"results.json": "new"}})
+"""
+
+
+def kill_between_renames(out: str) -> None:
+    """Replace the model directory `out` in a process killed between the swap's two renames."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES.format(root=root, out=out)],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 9
+    left = sorted(name.split("-")[0] for name in os.listdir(os.path.dirname(out)))
+    assert left == ["out.old", "out.partial"]  # the old and the new output, only as temporaries
+
+
+@pytest.mark.parametrize("trigger", ["clean", "write", "check"])
+def test_kill_between_the_swaps_renames_is_recovered(tmp_path, trigger):
+    out = model_dir(tmp_path / "out", **{"results.json": "old"})
+    kill_between_renames(out)
+    if trigger == "clean":
+        clean_stale_partials(out)
+    elif trigger == "write":  # the next run writing the same path: it finishes the swap, then replaces
+        with atomic_path(out) as temporary:
+            assert judge_directory(out) == "model" and open(os.path.join(out, "results.json")).read() == "new"
+            model_dir(temporary, **{"results.json": "newer"})
+    else:  # judged as the earlier output that it is, so replacing it again needs --overwrite
+        with pytest.raises(OutputError, match="--overwrite"):
+            check_output_path(out, "model", overwrite=False)
+    assert judge_directory(out) == "model"
+    assert open(os.path.join(out, "results.json")).read() == ("newer" if trigger == "write" else "new")
+
+
+def test_old_output_restored_when_the_new_one_is_gone(tmp_path):
+    out = str(tmp_path / "out")
+    old = model_dir(temporary_name(out, "old", dead_pid()), **{"results.json": "old"})
+    clean_stale_partials(out)
+    assert not os.path.exists(old) and open(os.path.join(out, "results.json")).read() == "old"
+
+
+def test_load_compressed_finishes_an_interrupted_swap(tmp_path):
+    from tests.tiny_models import tiny_model
+    from utils.io import load_compressed
+    model, out, dead = tiny_model("llama"), str(tmp_path / "out"), dead_pid()
+    save_compressed(model, None, str(tmp_path / "old"), {**COMPRESSION, "ratio": 0.1})
+    save_compressed(model, None, str(tmp_path / "new"), {**COMPRESSION, "ratio": 0.2})
+    os.replace(tmp_path / "old", temporary_name(out, "old", dead))  # where the kill left them
+    os.replace(tmp_path / "new", temporary_name(out, "partial", dead))
+    assert load_compressed(out)[2]["ratio"] == 0.2
 
 
 # ---------------------------------------------------------------------------------------- atomic_path

@@ -85,6 +85,8 @@ def atomic_path(path: str) -> Iterator[str]:
         # at `temporary` (it may hold stats/ moved out of `path`) until a later run cleans it
         refuse_foreign(f" (the new output is at {temporary})")
         old = f"{path}.old-{token}"
+        # a kill between these two renames leaves PATH missing: the next run that writes or loads
+        # PATH completes the swap from the two temporaries (utils.outputs.recover_interrupted_swap)
         os.replace(path, old)
         os.replace(temporary, path)
         _remove(old)
@@ -244,6 +246,9 @@ def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
     """Load a compressed model on the CPU: (model, tokenizer or None, compression block)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    from utils.outputs import recover_interrupted_swap
+    if not os.path.exists(path):
+        recover_interrupted_swap(path)  # a replacement of it that a kill cut short
     if not os.path.exists(path):
         raise CompressedModelError(f"{path}: no such compressed model (run step 3 to write it)")
     if path.endswith(".pt"):

@@ -7,7 +7,8 @@ Before any work starts, `check_output_path` judges what already sits at an outpu
   anything else, or a path inside --model -> refused, even with --overwrite; nothing touched
 "Ours" is judged precisely: every entry must be a name this tool writes (below) and the marker
 must be present (config.json with a "compression" block; meta.json with the statistics keys; a
-.pt dict with our keys). `clean_stale_partials` removes the temporaries of killed runs of this host.
+.pt dict with our keys). `clean_stale_partials` removes the temporaries of killed runs of this
+host, after `recover_interrupted_swap` has put back an output a kill left only as temporaries.
 """
 from __future__ import annotations
 
@@ -167,7 +168,9 @@ def _inside(child: str, parent: str) -> bool:
 
 def check_output_path(path: str, kind: str, overwrite: bool, protected: Iterable[str] = ()) -> None:
     """Raise OutputError unless writing `kind` ("model" or "stats") at `path` loses nothing the
-    user did not ask to replace. Run it before any work, so a refusal costs nothing."""
+    user did not ask to replace. Run it before any work, so a refusal costs nothing. A missing
+    `path` that a killed run's replacement left as temporaries is put back first
+    (recover_interrupted_swap), so what is judged is that output."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
     what = "compressed model" if kind == "model" else "statistics directory"
@@ -183,7 +186,7 @@ def check_output_path(path: str, kind: str, overwrite: bool, protected: Iterable
             raise OutputError(f"{path} contains the input model {entry}; choose an output path that does not")
     if os.path.islink(path):
         raise OutputError(f"{path} is a symbolic link; pass the path it points to, or choose another path")
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not recover_interrupted_swap(path):
         return
     if os.path.isdir(path):
         if kind == "model" and path.endswith(".pt"):
@@ -286,6 +289,30 @@ def _real_dir(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path)
 
 
+def recover_interrupted_swap(path: str) -> str | None:
+    """Put back an output that a run killed between the two renames of a directory replacement
+    (PATH -> PATH.old-TOKEN, PATH.partial-TOKEN -> PATH) left only as temporaries; return the
+    temporary moved to PATH, or None. PATH.old-TOKEN is created only once the new output is
+    complete, so with both present the replacement is completed; with the old one alone, it is
+    restored. Only a killed run of this host is touched, and only while PATH does not exist."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        return None
+    for old, match in _temporaries(path):
+        if match.group(1) != "old" or not _real_dir(old) or _owner(match) != "dead":
+            continue
+        new = f"{path}.partial-{match.group(2)}"
+        if _real_dir(new):
+            os.replace(new, path)
+            print(f"completed the replacement of {path} that a killed run left half done: "
+                  f"moved its new output {new} into place")
+            return new
+        os.replace(old, path)
+        print(f"restored {path} from {old}, where a run killed while replacing it had moved it")
+        return old
+    return None
+
+
 def _rescue_stats(stale: str, path: str) -> None:
     # a run killed while replacing a model directory may have moved step 1's stats/ into its
     # temporary already; put them back where the next write of PATH keeps them (KEEP_SUBDIRS)
@@ -298,12 +325,14 @@ def _rescue_stats(stale: str, path: str) -> None:
 
 
 def clean_stale_partials(path: str) -> list[str]:
-    """Remove PATH.partial-TOKEN / PATH.old-TOKEN left by killed runs of this host and return them.
+    """Remove PATH.partial-TOKEN / PATH.old-TOKEN left by killed runs of this host and return
+    them, once recover_interrupted_swap has put back an output a kill left only as temporaries.
     A running process's temporaries are its work in progress and stay (a pid reused since does
     not count as running); another host's and an earlier version's unmarked ones stay too, with
     a printed line each, since nothing here can tell whether their run has ended. A stale
     directory holding files this tool never writes is kept too, with a printed warning."""
     path = os.path.abspath(path)
+    recover_interrupted_swap(path)
     removed: list[str] = []
     for stale, match in _temporaries(path):
         owner = _owner(match)
