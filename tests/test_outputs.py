@@ -350,6 +350,14 @@ def test_load_compressed_finishes_an_interrupted_swap(tmp_path):
     assert load_compressed(out)[2]["ratio"] == 0.2
 
 
+def test_opening_statistics_finishes_an_interrupted_swap(tmp_path):
+    from utils.pipeline import Statistics
+    out, dead = str(tmp_path / "stats"), dead_pid()
+    model_dir(temporary_name(out, "old", dead), **{"meta.json": '{"seq_len": 1}'})
+    model_dir(temporary_name(out, "partial", dead), **{"meta.json": '{"seq_len": 2}'})
+    assert Statistics.open(out).meta["seq_len"] == 2
+
+
 # ---------------------------------------------------------------------------------------- atomic_path
 
 def test_atomic_path_never_deletes_foreign_files(tmp_path):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from methods import (AnchoredOptions, AnchoredUpdate, ClosedFormUpdate, Decompose, DecomposeOptions, Refine,
                      RefineOptions, UpdateOptions)
 from utils.io import atomic_path, read_json, write_json
+from utils.outputs import recover_interrupted_swap
 from utils.layerwise import LayerContext, walk_layers
 from utils.model import (count_parameters, decoder_layers, dtype_name, layer_prefix, model_description,
                          target_linears, target_shapes)
@@ -51,6 +52,7 @@ class Statistics:
 
     @classmethod
     def open(cls, path: str) -> "Statistics":
+        recover_interrupted_swap(path)  # a replacement of these statistics that a kill cut short
         meta_path = os.path.join(path, STATS_META)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"no statistics in {path}: run step 1 first "
