@@ -76,22 +76,26 @@ def test_unpack_codes_is_the_inverse_of_gptq_pack(bits, columns):
 @pytest.mark.parametrize("bits", PACK_BITS)
 @pytest.mark.parametrize("groupsize,act_order", [(-1, False), (32, False), (48, False), (32, True)])
 def test_quant_linear_holds_exactly_the_quantized_weight(bits, groupsize, act_order):
-    """QuantLinear de-quantizes to GPTQ's own expression (float16-rounded scales), whatever the
-    group layout: per row, whole groups, a shorter last group (100 = 2 x 48 + 4), act_order's g_idx."""
+    """QuantLinear de-quantizes, from its float16 scales and zeros and packed codes, to exactly the Q
+    GPTQ's error feedback used and its recorded loss is of, whatever the group layout: per row, whole
+    groups, a shorter last group (100 = 2 x 48 + 4), act_order's g_idx."""
     generator = torch.Generator().manual_seed(bits)
     w, x = torch.randn(12, 100, generator=generator), torch.randn(300, 100, generator=generator)
     solver = GPTQ(100)
     solver.add_batch(x)
-    qw = solver.solve(w, QuantSpec(bits, groupsize), act_order=act_order)
+    qw = solver.solve(w, QuantSpec(bits, groupsize), act_order=act_order, keep_q=True)
     bias = torch.randn(12, generator=generator)
     module = quant_linear_from(qw, bias, torch.float32)
     assert (module.g_idx is not None) == (act_order and groupsize != -1)
-    expected = dequantize(qw.codes, qw.scale.half().float(), qw.zero, groupsize, qw.g_idx)
-    assert torch.equal(module.dequantized_weight(), expected)
+    stored = module.dequantized_weight()
+    assert torch.equal(stored, solver.q_used), "the stored weight is not the one the solve's error was of"
+    assert torch.equal(module.scales.float(), qw.scale) and torch.equal(module.zeros.float(), qw.zero)
     assert torch.equal(module.codes(), qw.codes)
-    assert torch.equal(module(x[:7]), torch.nn.functional.linear(x[:7], expected, bias))
-    # float16 scales differ from the solve's float32 ones by at most float16's rounding
-    assert torch.allclose(expected, qw.dequantize(), rtol=2 ** -10, atol=0)
+    assert torch.equal(module(x[:7]), torch.nn.functional.linear(x[:7], stored, bias))
+    # the recorded loss is the damped objective tr((W - Q)(H + damp I)(W - Q)^T) / 2 of the stored Q
+    H = solver.H + 0.01 * torch.diag(solver.H).mean() * torch.eye(100, dtype=solver.H.dtype)
+    d = (w - stored).double()
+    assert solver.last_loss == pytest.approx(0.5 * float(torch.trace(d @ H @ d.T)), rel=1e-5)
 
 
 def test_dtype_casts_keep_the_float16_scales_and_the_cache_is_never_saved():
