@@ -671,6 +671,29 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
     return session
 
 
+MODEL_STEPS = (3, 7, 8)  # the steps that produce a model and write it to --save_path
+
+
+def writes_model(args: argparse.Namespace, step: int) -> bool:
+    """Only the last model-producing step of the command writes --save_path: chained steps hand the
+    model over in memory, so --step 3,8 writes the quantized model once, not the float one first."""
+    return step == max(s for s in args.steps if s in MODEL_STEPS)
+
+
+def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
+    """Write the session's model to --save_path if `step` is the command's last model step."""
+    from utils.io import save_compressed
+    if not writes_model(args, step):
+        later = [s for s in args.steps if s in MODEL_STEPS and s > step]
+        print(f"{STEP_NAMES[step]}: handed to step {later[0]} in memory (step "
+              f"{later[-1]} writes {args.save_path})")
+        return False
+    start = time.perf_counter()
+    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
+    session.timings["save_s"] = round(time.perf_counter() - start, 3)
+    return True
+
+
 def _windows(args: argparse.Namespace, session: Session, nsamples: int):
     from utils.data import calibration_windows
     return calibration_windows(args.dataset, session.tokenizer, nsamples, args.model_seq_len, args.seed,
@@ -793,9 +816,9 @@ def _plan_for_step3(args: argparse.Namespace, session: Session):
 
 
 def run_compress(args: argparse.Namespace, session: Session) -> dict:
-    """Step 3: apply the plan (decompose, optionally update u) and save the model."""
+    """Step 3: apply the plan (decompose, optionally update u) and save the model (unless step 7 or
+    8 follows in the same command)."""
     from methods import DecomposeOptions
-    from utils.io import save_compressed
     from utils.model import DTYPES
     from utils.pipeline import CompressOptions, Statistics, compress_model, compression_block
     from utils.presets import is_random_spec
@@ -818,9 +841,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
                                     plan_source, is_random_spec(args.model))
     session.compression = compression
-    start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, compression)
-    session.timings["save_s"] = round(time.perf_counter() - start, 3)
+    _save_model(args, session, 3)
     _print_summary(compression, session.timings)
     return compression
 
@@ -874,7 +895,7 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     """Step 8: quantize every linear of the decoder layers (GPTQ or RTN, methods/quantize.py) of the
     model step 3 left, of --model_path, or of the original --model; save it, packed."""
     from methods.quantize import QuantizeError
-    from utils.io import safetensors_tensor_bytes, save_compressed
+    from utils.io import safetensors_tensor_bytes
     from utils.pipeline import PipelineError, linear_storage, quantize_model, uncompressed_block
     from utils.presets import is_random_spec
     ensure_model(args, session, prefer_compressed=True)
@@ -889,9 +910,7 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     base = session.compression or uncompressed_block(args.model, session.model, args.seed, args.num_layers,
                                                      is_random_spec(args.model))
     session.compression = {**base, "quantization": record}
-    start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
-    session.timings["save_s"] = round(time.perf_counter() - start, 3)
+    _save_model(args, session, 8)  # always the last model step
     storage = record["linear_storage"]
     if not args.save_path.endswith(".pt"):  # the bytes as they are in the file
         storage = linear_storage(session.model, safetensors_tensor_bytes(os.path.join(args.save_path, "model.safetensors")))
@@ -910,7 +929,6 @@ def run_lora(args: argparse.Namespace, session: Session) -> dict:
     """Step 7: SVD-LLM's sequential LoRA (U then V, lora.py) on the model step 3 left or on
     --model_path; saved, same ranks and parameter count, to --save_path."""
     import lora
-    from utils.io import save_compressed
     from utils.pipeline import PipelineError
     ensure_model(args, session, prefer_compressed=True)
     if session.compression is None:
@@ -919,10 +937,9 @@ def run_lora(args: argparse.Namespace, session: Session) -> dict:
     session.compression = lora.run(session.model, session.tokenizer, session.compression, args,
                                    args.lora_options, args.device)
     session.timings["lora_s"] = round(time.perf_counter() - start, 3)
-    start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
-    session.timings["save_s"] = round(time.perf_counter() - start, 3)
-    print(f"LoRA: saved -> {args.save_path}; times: " + ", ".join(f"{k} {v:.1f}s" for k, v in session.timings.items()))
+    if _save_model(args, session, 7):
+        print(f"LoRA: saved -> {args.save_path}; times: " +
+              ", ".join(f"{k} {v:.1f}s" for k, v in session.timings.items()))
     return session.compression
 
 

@@ -373,6 +373,27 @@ def test_cli_step8_on_the_original_and_weight_quant_on_step3(model_dir, tmp_path
     assert block["ranks"] and block["quantization"]["method"] == "gptq"
 
 
+def test_cli_step_3_8_writes_the_save_path_once_with_the_quantized_model(model_dir, tmp_path, monkeypatch):
+    """Chained steps hand the model over in memory: --step 3,8 writes only step 8's model (it used to
+    write the float model of step 3 and then replace it)."""
+    import utils.io
+    written = []
+    save = utils.io.save_compressed
+
+    def counting_save(model, tokenizer, path, compression):
+        written.append((path, "quantization" in compression))
+        return save(model, tokenizer, path, compression)
+
+    monkeypatch.setattr(utils.io, "save_compressed", counting_save)
+    path = str(tmp_path / "svd-rtn")
+    assert run_cli("--step", "1,3,8", "--model", model_dir, "--dataset", "random", "--model_seq_len", "32",
+                   "--whitening_nsamples", "8", "--quant", "rtn", "--save_path", path) == 0
+    assert written == [(path, True)]
+    model, _, block = load_compressed(path)
+    assert block["ranks"] and block["quantization"]["method"] == "rtn"
+    assert all(isinstance(model.get_submodule(f"{n}.u"), QuantLinear) for n in block["ranks"])
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--wbits", "5"], "packed storage exists for 2, 3, 4, 8 bits"),
     (["--wbits", "6"], "packed storage exists for 2, 3, 4, 8 bits"),
