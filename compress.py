@@ -47,7 +47,7 @@ def parse_steps(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from methods.anchored import DEFAULT_ANCHOR_ALPHA
+    from methods.anchored import DEFAULT_ANCHOR_ALPHA, DEFAULT_ANCHOR_HOLDOUT
     from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("pipeline")
@@ -165,10 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs; 0 = whitening on the compressed stream, 1 = the original outputs (default "
                         f"{DEFAULT_ANCHOR_ALPHA:g}: on SmolLM2-135M it beat whitening at 60%% removed, 0.83x its perplexity, "
                         "and no alpha did at 20%%; docs/refinement.md)")
-    d.add_argument("--anchor_holdout", type=float, default=0.0,
+    d.add_argument("--anchor_holdout", type=float, default=None,
                    help="--update anchored: hold out this fraction of the --updating_nsamples windows and keep each "
-                        "matrix's fit only where it lowers the error on them (as the closed-form update does; "
-                        "default 0: always kept). The fit overfits few windows: docs/refinement.md")
+                        "matrix's fit only where it lowers the error on them, as the closed-form update does "
+                        f"(default {DEFAULT_ANCHOR_HOLDOUT:g}; needs at least 3 windows; 0: every fit kept, ungated). "
+                        "The fit overfits few windows: docs/refinement.md")
     r = p.add_argument_group("refinement (step 3, after the decomposition / update; docs/refinement.md)")
     r.add_argument("--refine", default="none", choices=["none", "gradient"],
                    help="gradient refinement against the original model, one layer at a time (AdamW, warm-up then "
@@ -466,11 +467,17 @@ def _validate_refinement(args: argparse.Namespace) -> None:
         if not (math.isfinite(args.anchor_alpha) and 0.0 <= args.anchor_alpha <= 1.0):
             raise UsageError(f"--anchor_alpha {args.anchor_alpha}: must be in [0, 1] (0 = whitening on the compressed "
                              f"stream, 1 = fit the original outputs)")
-    if args.anchor_holdout:
-        if args.update != "anchored":
-            raise UsageError(f"--anchor_holdout is for --update anchored (got --update {args.update})")
+    if args.anchor_holdout is not None and args.update != "anchored":
+        raise UsageError(f"--anchor_holdout is for --update anchored (got --update {args.update})")
+    if args.update == "anchored":
+        from methods.anchored import DEFAULT_ANCHOR_HOLDOUT, holdout_problem
+        if args.anchor_holdout is None:
+            args.anchor_holdout = DEFAULT_ANCHOR_HOLDOUT
         if not (math.isfinite(args.anchor_holdout) and 0.0 <= args.anchor_holdout < 1.0):
             raise UsageError(f"--anchor_holdout {args.anchor_holdout}: a fraction in [0, 1), e.g. 0.25")
+        problem = holdout_problem(args.updating_nsamples, args.anchor_holdout)
+        if problem:
+            raise UsageError(problem)
     if args.refine_nsamples is None:
         args.refine_nsamples = args.updating_nsamples
     if args.refine == "none":
@@ -880,7 +887,10 @@ def _print_summary(compression: dict, timings: dict) -> None:
         print(f"update: kept for {compression['updates_accepted']} of {len(ranks)} matrices")
     elif compression["update"]:
         kept = sum(r.get("anchored", {}).get("applied", False) for r in compression["modules"].values())
-        print(f"update: anchored fit (alpha {compression['update']['alpha']:g}) kept for {kept} of {len(ranks)} matrices")
+        gate = compression["update"].get("holdout_fraction")
+        print(f"update: anchored fit (alpha {compression['update']['alpha']:g}) kept for {kept} of {len(ranks)} matrices"
+              + (f" (each kept only where it lowered the error on the held-out {gate:g} of the windows)" if gate
+                 else " (ungated: --anchor_holdout 0)"))
     if compression.get("refine_losses"):
         losses = compression["refine_losses"]
         held_windows = next((r.get("holdout_windows") for r in losses.get("per_block", {}).values()), None)
