@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "summed over output rows per input channel, square-rooted), layer by layer with bounded "
                         "memory; needed by --scaling fisher and fisher_abs_mean")
     c.add_argument("--updating_nsamples", type=int, default=16,
-                   help="calibration windows for the closed-form update (a quarter are held out) and the anchored fit")
+                   help="calibration windows for the closed-form update and the anchored fit; a quarter are held out, "
+                        "drawn to share no token with step 1's windows (README, Data)")
     c.add_argument("--model_seq_len", type=int, default=2048, help="tokens per calibration/evaluation window")
     d = p.add_argument_group("decomposition")
     d.add_argument("--ratio", type=float, default=None,
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration windows of --dataset for the refinement (default: --updating_nsamples)")
     r.add_argument("--refine_holdout", type=int, default=0,
                    help="block: this many more windows of --dataset, after those trained on, whose block loss is "
-                        "measured every epoch and recorded (holdout_losses), never trained on: shows overfitting")
+                        "measured every epoch and recorded (holdout_losses), never trained on: shows overfitting "
+                        "(drawn to share no token with step 1's windows or the fit windows, as the update's held-out ones)")
     q = p.add_argument_group("quantization (step 8; docs/quantization.md)")
     q.add_argument("--quant", default=None, choices=["gptq", "rtn"],
                    help="GPTQ (Hessian-aware, needs --nsamples calibration windows) or round-to-nearest (default gptq)")
@@ -837,7 +839,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
                          alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve),
         _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
-    windows = _windows(args, session, options.nsamples) if options.nsamples else None
+    windows, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None)
     try:
         record = compress_model(session.model, plan, options, args.device, stats, windows)
     finally:
@@ -846,11 +848,25 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
             stats.close()
     session.timings["compress_s"] = record.pop("seconds")
     compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
-                                    plan_source, is_random_spec(args.model))
+                                    plan_source, is_random_spec(args.model), heldout)
     session.compression = compression
     _save_model(args, session, 3)
     _print_summary(compression, session.timings)
     return compression
+
+
+def _step3_windows(args: argparse.Namespace, session: Session, options, stats):
+    """The windows step 3's update / refinement carry, the held-out ones drawn so that none shares a
+    token with step 1's windows (when its statistics are of this --dataset) or with the fit windows;
+    and the record of how."""
+    from utils.data import calibration_windows_with_heldout
+    exclude = []
+    meta = stats.meta if stats is not None else {}
+    if meta.get("dataset") == args.dataset and all(meta.get(k) is not None for k in ("nsamples", "seq_len", "seed")):
+        exclude.append((int(meta["nsamples"]), int(meta["seq_len"]), int(meta["seed"])))
+    return calibration_windows_with_heldout(args.dataset, session.tokenizer, options.nsamples, args.model_seq_len,
+                                            args.seed, options.heldout_positions(), exclude,
+                                            vocab_size=session.model.config.vocab_size)
 
 
 def _update_options(args: argparse.Namespace):
