@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ASVD's flag: the fraction of the matrices' parameters KEPT, i.e. --ratio 1-P")
     d.add_argument("--ppl_target", type=float, default=None,
                    help="asvd: search the most compression whose calibration perplexity (on the sensitivity "
-                        "windows, model really compressed) stays below this; instead of --ratio")
+                        "windows, model really compressed with step 3's --whitening/--scaling, --alpha, "
+                        "--decomposition, --sigma_fuse, --svd_dtype; WITHOUT column preservation, update or "
+                        "refinement) stays below this; instead of --ratio. Step 3 measures the model it builds on "
+                        "the same windows and records it against the target (compression block: ppl_target)")
     d.add_argument("--sensitivity_metric", default=None, choices=["ppl", "stable_rank", "kl"],
                    help="asvd: ppl = calibration perplexity with only that matrix compressed (default), stable_rank "
                         "= ASVD's spectral metric (no forward pass); duo: kl (the only one)")
@@ -768,7 +771,8 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
     """Step 2 for --allocation asvd / duo: the sensitivity table (reused or measured,
     methods.sensitivity), then ASVD's search or Duo-SVD's DP (methods.allocation)."""
     from methods.allocation import asvd_plan, asvd_ppl_plan, duo_plan
-    from methods.sensitivity import SensitivityError, SensitivityOptions, plan_calibration_ppl, sensitivity_table
+    from methods.sensitivity import (NOT_SEARCHED, SensitivityError, SensitivityOptions, plan_calibration_ppl,
+                                     searched_decomposition, sensitivity_table)
     from utils.model import DTYPES
     from utils.pipeline import PipelineError, Statistics
     stats = Statistics.open(stats_path_of(args))
@@ -795,9 +799,13 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
             if args.allocation == "duo":
                 plan, detail = duo_plan(session.model, args.ratio, table)
             elif args.ppl_target is not None:
+                searched = searched_decomposition(_decompose_options(args))
                 plan, detail = asvd_ppl_plan(session.model, args.ppl_target, table,
-                                             plan_calibration_ppl(session.model, stats, windows, args.device,
-                                                                  args.whitening, args.scaling, args.alpha))
+                                             plan_calibration_ppl(session.model, stats, windows, args.device, searched))
+                # what the searched perplexity is of, so step 3 can say where its model differs and measure it
+                detail["search"] = {"decompose": searched.to_dict(), "not_searched": NOT_SEARCHED,
+                                    "windows": {"dataset": args.dataset, "nsamples": int(windows.shape[0]),
+                                                "seq_len": args.model_seq_len, "seed": args.seed}}
             else:
                 plan, detail = asvd_plan(session.model, args.ratio, table)
         except ValueError as error:
@@ -827,17 +835,11 @@ def _plan_for_step3(args: argparse.Namespace, session: Session):
 def run_compress(args: argparse.Namespace, session: Session) -> dict:
     """Step 3: apply the plan (decompose, optionally update u) and save the model (unless step 7 or
     8 follows in the same command)."""
-    from methods import DecomposeOptions
-    from utils.model import DTYPES
     from utils.pipeline import CompressOptions, Statistics, compress_model, compression_block
     from utils.presets import is_random_spec
     ensure_model(args, session)
     plan, plan_source = _plan_for_step3(args, session)
-    options = CompressOptions(
-        DecomposeOptions(args.whitening, args.decomposition, DTYPES[args.svd_dtype], args.svd_driver,
-                         args.rsvd_oversamples, args.rsvd_n_iter, args.seed, scaling=args.scaling,
-                         alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve),
-        _update_options(args), _refine_options(args))
+    options = CompressOptions(_decompose_options(args), _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
     windows, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None)
     try:
@@ -849,10 +851,64 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     session.timings["compress_s"] = record.pop("seconds")
     compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
                                     plan_source, is_random_spec(args.model), heldout)
+    target = _ppl_target_check(args, session, plan, options)
+    if target is not None:
+        compression["ppl_target"] = target
     session.compression = compression
     _save_model(args, session, 3)
     _print_summary(compression, session.timings)
     return compression
+
+
+def _decompose_options(args: argparse.Namespace):
+    from methods import DecomposeOptions
+    from utils.model import DTYPES
+    return DecomposeOptions(args.whitening, args.decomposition, DTYPES[args.svd_dtype], args.svd_driver,
+                            args.rsvd_oversamples, args.rsvd_n_iter, args.seed, scaling=args.scaling,
+                            alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve)
+
+
+def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options) -> dict | None:
+    """For a plan made by the --ppl_target search: the model step 3 built, measured on the search's own
+    windows against the target, and where step 3 did what the search did not (None for other plans)."""
+    from methods.sensitivity import calibration_ppl
+    from utils.data import DatasetError, calibration_windows
+    detail = plan.detail or {}
+    if detail.get("target") != "ppl":
+        return None
+    search = detail.get("search") or {}
+    searched = search.get("decompose") or {}
+    built = options.decompose.to_dict()
+    differs = [f"{key} {built[key]} (searched: {searched[key]})" for key in built
+               if key in searched and built[key] != searched[key]]
+    differs += [f"{what} {name}" for what, name in (
+        ("update", options.update.to_dict()["method"] if options.update else None),
+        ("refine", options.refine.target if options.refine else None)) if name]
+    record = {"target": detail["ppl_target"], "search_calibration_ppl": detail.get("calibration_ppl"),
+              "search_decompose": searched or None, "step3_differs": differs, "final_calibration_ppl": None}
+    windows_spec = search.get("windows")
+    if windows_spec is None:
+        record["not_measured"] = "the plan does not say which windows the search measured on (an earlier version)"
+    else:
+        try:
+            windows = calibration_windows(windows_spec["dataset"], session.tokenizer, windows_spec["nsamples"],
+                                          windows_spec["seq_len"], windows_spec["seed"],
+                                          vocab_size=session.model.config.vocab_size)
+        except DatasetError as error:
+            record["not_measured"] = str(error)
+        else:
+            home = next(session.model.parameters()).device
+            start = time.perf_counter()
+            ppl = calibration_ppl(session.model, windows, args.device)
+            session.model.to(home)
+            session.timings["ppl_target_check_s"] = round(time.perf_counter() - start, 3)
+            record.update(final_calibration_ppl=ppl, met=ppl < record["target"], windows=windows_spec)
+    final = record["final_calibration_ppl"]
+    print(f"ppl target {record['target']:g}: the search's calibration perplexity {record['search_calibration_ppl']:.3f}, "
+          + (f"the model built {final:.3f} ({'met' if record['met'] else 'MISSED'})" if final is not None
+             else f"the model built not measured ({record['not_measured']})")
+          + (f"; step 3 differs from the search: {', '.join(differs)}" if differs else ""))
+    return record
 
 
 def _step3_windows(args: argparse.Namespace, session: Session, options, stats):
