@@ -63,7 +63,8 @@ def stored_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
     if dtype == torch.float32:
         return scale
     low = scale.to(dtype)
-    up = torch.nextafter(low, torch.full_like(low, float("inf")))
+    # scales are positive: the next representable value up is the bit pattern plus one (any device)
+    up = (low.view(torch.int16) + 1).view(dtype)
     return torch.where(low.float() < scale, up, low).float()
 
 
