@@ -41,7 +41,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -514,33 +514,53 @@ def sensitivity_table(model: nn.Module, windows: torch.Tensor | None, stats, dev
     return table, False
 
 
+# What the --ppl_target search does not apply when it compresses a candidate (each would multiply
+# the search's cost): the model step 3 builds with any of them differs from the one the search measured.
+NOT_SEARCHED = "column preservation, the update (closed-form or anchored) and the refinement"
+
+
+def searched_decomposition(decompose=None):
+    """The DecomposeOptions the --ppl_target search compresses its candidates with: step 3's
+    (`decompose`: whitening or scaling, SVD or RSVD, sigma fuse, SVD precision and driver) less
+    column preservation."""
+    from methods.decompose import DecomposeOptions
+    return replace(decompose or DecomposeOptions(), column_preserve=False)
+
+
+@torch.no_grad()
+def calibration_ppl(model: nn.Module, windows: torch.Tensor, device: torch.device | str) -> float:
+    """Perplexity of `model` (moved to `device`) on `windows`, each window's first token unscored: the
+    number the --ppl_target search compares with its target, and step 3 with it after building."""
+    model.to(device)
+    total = torch.zeros((), dtype=torch.float64)
+    for w in range(windows.shape[0]):
+        ids = windows[w].to(device)
+        total += _nll_sum(model(input_ids=ids[None], use_cache=False).logits[0], ids).cpu()
+    return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
 @torch.no_grad()
 def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device: torch.device | str,
-                         whitening: str = "cholesky", scaling: str = "none", alpha: float = 0.5):
+                         decompose=None):
     """ranks -> calibration perplexity on `windows` of a copy of `model` compressed by those ranks
-    (step 3's decomposition with `whitening` or `scaling`): what ASVD's --ppl_target search evaluates."""
+    with searched_decomposition(decompose) (step 3's decomposition; default: DecomposeOptions()): what
+    ASVD's --ppl_target search evaluates. Not applied: NOT_SEARCHED."""
     import copy
 
     from utils.model import target_shapes
     from utils.pipeline import CompressOptions, compress_model
-    from methods.decompose import DecomposeOptions
     from utils.plan import ModulePlan, Plan
     shapes = target_shapes(model)
+    decompose = searched_decomposition(decompose)
 
-    @torch.no_grad()
     def evaluate(ranks: dict) -> float:
         compressed = copy.deepcopy(model)
         plan = Plan({n: ModulePlan(m, k, b, ranks.get(n)) for n, (m, k, b) in shapes.items()}, None, "asvd")
         if plan.ranks:
-            decompose = DecomposeOptions(whitening, scaling=scaling, alpha=alpha)
             compress_model(compressed, plan, CompressOptions(decompose), device,
                            stats if decompose.needs_stats else None)
-        compressed.to(device)
-        total = torch.zeros((), dtype=torch.float64)
-        for w in range(windows.shape[0]):
-            ids = windows[w].to(device)
-            total += _nll_sum(compressed(input_ids=ids[None], use_cache=False).logits[0], ids).cpu()
+        ppl = calibration_ppl(compressed, windows, device)
         del compressed
-        return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))
+        return ppl
 
     return evaluate

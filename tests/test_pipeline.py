@@ -294,3 +294,42 @@ def test_update_the_dtype_cannot_hold_is_not_taken(model_dirs, tmp_path, monkeyp
     for module in session.model.modules():
         if isinstance(module, LowRankLinear):
             assert torch.isfinite(module.u.weight).all()
+
+
+def test_held_out_windows_share_no_token_with_step_1s_windows(tmp_path, monkeypatch):
+    """Step 3's update draws its windows with step 1's seed, so they used to BE step 1's first 16: its
+    held-out quarter (positions 12-15) measured on text the whitening statistics were made from. Now
+    those are drawn apart: no held-out window shares a token with any of step 1's 32 windows (nor with
+    the fit windows, which stay step 1's first 12), and the block records how they were drawn."""
+    import random
+
+    import utils.pipeline
+    from scripts.sweep import make_tiny_model
+    model_dir = make_tiny_model(str(tmp_path / "m"))
+    text = tmp_path / "calibration.txt"
+    words = random.Random(0).choices(["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"], k=3000)
+    text.write_text(" ".join(words))
+    seen = {}
+    for name in ("profile_model", "compress_model"):
+        def capture(*args, _name=name, _real=getattr(utils.pipeline, name), **kwargs):
+            seen[_name] = args[1] if _name == "profile_model" else args[5]
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(utils.pipeline, name, capture)
+    out = tmp_path / "out"
+    assert compress.main(["--step", "1,3", "--model", model_dir, "--dataset", str(text), "--whitening_nsamples", "32",
+                          "--model_seq_len", "16", "--update", "closed_form", "--updating_nsamples", "16",
+                          "--save_path", str(out), "--device", "cpu"]) == 0
+    step1, step3 = seen["profile_model"], seen["compress_model"]
+    assert step3.shape == (16, 16) and torch.equal(step3[:12], step1[:12])  # the fit windows are step 1's
+    for held in step3[12:]:
+        assert not any(torch.equal(held, window) for window in step1), "a held-out window is one of step 1's"
+    from utils.data import load_text, tokenize, window_starts
+    from utils.model import load_tokenizer, resolve_model
+    block = json.load(open(out / "config.json"))["compression"]["heldout_windows"]
+    assert block["positions"] == [12, 13, 14, 15] and len(block["starts"]) == 4
+    ids = tokenize(load_tokenizer(resolve_model(model_dir)), load_text(str(text), "train"))
+    step1_starts = window_starts(ids.numel(), 32, 16, 0)
+    assert all(torch.equal(ids[s:s + 16], w) for s, w in zip(step1_starts.tolist(), step1))
+    for start, window in zip(block["starts"], step3[12:]):
+        assert torch.equal(ids[start:start + 16], window)
+        assert bool(((step1_starts - start).abs() >= 16).all()), f"held-out window at {start} overlaps step 1's"

@@ -131,7 +131,7 @@ def test_anchored_pass_on_layer_0_qkv_equals_whitening(stats64):
     whitened, anchored = _model(), _model()
     plan = Plan.uniform(target_shapes(whitened), 0.4)
     compress_model(whitened, plan, CompressOptions(SVD64), "cpu", stats64)
-    anchored_options = AnchoredOptions(nsamples=8, alpha=1.0, svd_dtype=torch.float64)
+    anchored_options = AnchoredOptions(nsamples=8, alpha=1.0, svd_dtype=torch.float64, holdout_fraction=0)
     record = compress_model(anchored, plan, CompressOptions(SVD64, anchored_options), "cpu", stats64, WINDOWS)
     for name in ("q_proj", "k_proj", "v_proj"):
         full = f"model.layers.0.self_attn.{name}"
@@ -151,7 +151,7 @@ def test_anchored_layer_outputs_are_closer_to_the_original_than_whitening(correl
     original = _model(correlated=True)
     target = _hidden(original, WINDOWS)
     errors = {}
-    for label, update in (("whitening", None), ("anchored", AnchoredOptions(nsamples=8, alpha=1.0, svd_dtype=torch.float64))):
+    for label, update in (("whitening", None), ("anchored", AnchoredOptions(nsamples=8, alpha=1.0, svd_dtype=torch.float64, holdout_fraction=0))):
         model = _model(correlated=True)
         compress_model(model, Plan.uniform(target_shapes(model), 0.6), CompressOptions(SVD64, update), "cpu",
                        correlated_stats, WINDOWS)
@@ -169,7 +169,8 @@ def test_anchored_fit_is_kept_only_where_it_does_better_on_held_out_windows(corr
     plan = Plan.uniform(target_shapes(plain), 0.6)
     compress_model(plain, plan, CompressOptions(), "cpu", correlated_stats)
     options = AnchoredOptions(nsamples=32, alpha=0.5, holdout_fraction=0.25)
-    assert options.split(32) == (range(0, 24), range(24, 32)) and AnchoredOptions().split(8) == (range(8), range(8, 8))
+    assert options.split(32) == (range(0, 24), range(24, 32))
+    assert AnchoredOptions(holdout_fraction=0).split(8) == (range(8), range(8, 8))
     windows = torch.randint(0, 256, (32, 32), generator=torch.Generator().manual_seed(1))
     record = compress_model(model, plan, CompressOptions(update=options), "cpu", correlated_stats, windows)
     modules = dict(plain.named_modules())
@@ -190,6 +191,38 @@ def test_anchored_fit_is_kept_only_where_it_does_better_on_held_out_windows(corr
     assert sum(r["anchored"]["applied"] for r in few["modules"].values()) <= 2  # 0 measured
     with pytest.raises(ValueError, match="holdout_fraction"):
         AnchoredOptions(holdout_fraction=1.0)
+
+
+def test_default_anchored_fit_is_gated_and_a_fit_worse_on_held_out_windows_is_not_applied(stats64, monkeypatch):
+    """The default options hold out a quarter of the windows (4 windows: 3 fit, 1 held out). A fit forced
+    to be bad (the solver's factors scaled by 3) raises the held-out error, so no matrix takes it and
+    the factors stay the whitened ones bit for bit; with holdout_fraction 0 the same fit is applied."""
+    import methods.anchored as anchored
+    assert AnchoredOptions().holdout_fraction == 0.25 and AnchoredOptions(nsamples=4).split(4) == (range(3), range(3, 4))
+    solve = anchored.anchored_factors
+
+    def bad_fit(*args, **kwargs):
+        fit = solve(*args, **kwargs)
+        return anchored.AnchoredFit(3 * fit.u, fit.v, fit.fallback)
+
+    monkeypatch.setattr(anchored, "anchored_factors", bad_fit)
+    plan = Plan.uniform(target_shapes(_model()), 0.4)
+    plain = _model()
+    compress_model(plain, plan, CompressOptions(SVD64), "cpu", stats64)
+    gated = _model()
+    record = compress_model(gated, plan, CompressOptions(SVD64, AnchoredOptions(nsamples=4)), "cpu", stats64, WINDOWS)
+    assert record["update"]["holdout_fraction"] == 0.25
+    anchored_records = [r["anchored"] for r in record["modules"].values()]
+    assert len(anchored_records) == 14 and not any(r["applied"] for r in anchored_records)
+    assert all(r["holdout_error"][1] > r["holdout_error"][0] for r in anchored_records)
+    for (name, module), (_, reference) in zip(gated.named_modules(), plain.named_modules()):
+        if isinstance(module, LowRankLinear):
+            assert torch.equal(module.u.weight, reference.u.weight), name
+    ungated = compress_model(_model(), plan, CompressOptions(SVD64, AnchoredOptions(nsamples=4, holdout_fraction=0)),
+                             "cpu", stats64, WINDOWS)
+    assert all(r["anchored"]["applied"] for r in ungated["modules"].values())
+    with pytest.raises(ValueError, match="at least 3 windows"):
+        AnchoredOptions(nsamples=2)
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth():
@@ -299,6 +332,7 @@ def _argv(tiny_dir, out, *extra):
     (["--refine_holdout", "2"], "--refine_holdout is for --refine gradient"),
     (["--anchor_holdout", "0.25"], "--anchor_holdout is for --update anchored"),
     (["--update", "anchored", "--anchor_holdout", "1"], "--anchor_holdout 1.0"),
+    (["--update", "anchored", "--updating_nsamples", "2"], "needs at least 3 windows"),
     (["--refine", "gradient", "--refine_target", "matrix", "--refine_holdout", "2"], "--refine_holdout 2"),
 ])
 def test_bad_refinement_flags_are_one_line_errors_before_any_work(extra, needle, tiny_dir, tmp_path, capsys):

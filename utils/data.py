@@ -139,12 +139,20 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def calibration_windows(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int,
                         vocab_size: int | None = None) -> torch.Tensor:
-    """nsamples x seq_len token ids at seeded random offsets (same seed, same windows)."""
-    generator = torch.Generator().manual_seed(seed)
+    """nsamples x seq_len token ids at seeded random offsets (same seed, same windows; the first n
+    of a larger draw are the n of a smaller one)."""
     if parse_dataset(spec)[0] == "random":
         if vocab_size is None:
             raise DatasetError("dataset 'random' needs the model's vocabulary size")
+        generator = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab_size, (nsamples, seq_len), generator=generator)
+    ids = _calibration_ids(spec, tokenizer, seq_len)
+    starts = window_starts(ids.numel(), nsamples, seq_len, seed)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def _calibration_ids(spec: str, tokenizer, seq_len: int) -> torch.Tensor:
+    """The token ids of a calibration text, at least one window long."""
     if tokenizer is None:
         raise DatasetError(f"the model has no tokenizer, so dataset {spec!r} cannot be tokenized: "
                            f"use --dataset random")
@@ -152,5 +160,63 @@ def calibration_windows(spec: str, tokenizer, nsamples: int, seq_len: int, seed:
     if ids.numel() <= seq_len:
         raise DatasetError(f"dataset {spec!r} has {ids.numel()} tokens, fewer than one window of "
                            f"{seq_len}: lower --model_seq_len or use a longer text")
-    starts = torch.randint(0, ids.numel() - seq_len, (nsamples,), generator=generator)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return ids
+
+
+# Held-out windows (what the update's and the refinement's held-out checks measure on) come from their
+# own generator, seed + this, among the offsets whose window shares no token with the windows that
+# were fitted on (step 1's statistics, the fit windows): a held-out check on seen text is no check.
+HELDOUT_SEED_OFFSET = 7919
+
+
+def window_starts(num_tokens: int, nsamples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The start offsets calibration_windows draws in a text of `num_tokens` tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_tokens - seq_len, (nsamples,), generator=generator)
+
+
+def disjoint_starts(num_tokens: int, nsamples: int, seq_len: int, seed: int,
+                    exclude: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
+    """`nsamples` starts of `seq_len`-token windows that share no token with any excluded window
+    (starts, length), drawn uniformly (generator seeded `seed`) among the starts that qualify;
+    also returns how many starts qualified."""
+    limit = num_tokens - seq_len  # starts are in [0, limit), as calibration_windows draws them
+    cover = torch.zeros(limit + 1, dtype=torch.int64)  # +1 / -1 at each excluded interval's ends
+    for starts, length in exclude:
+        ones = torch.ones_like(starts)
+        cover.index_add_(0, (starts - seq_len + 1).clamp(0, limit), ones)
+        cover.index_add_(0, (starts + length).clamp(0, limit), -ones)
+    free = (cover.cumsum(0)[:limit] == 0).nonzero().squeeze(1)
+    if free.numel() == 0:
+        raise DatasetError(f"no window of {seq_len} tokens is left that the calibration windows do not "
+                           f"overlap, so held-out windows cannot be drawn: use a longer text or fewer windows")
+    generator = torch.Generator().manual_seed(seed)
+    return free[torch.randint(0, free.numel(), (nsamples,), generator=generator)], int(free.numel())
+
+
+def calibration_windows_with_heldout(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int,
+                                     heldout: list[int], exclude: list[tuple[int, int, int]] = (),
+                                     vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """calibration_windows(spec, ..., nsamples, seq_len, seed), except the windows at positions
+    `heldout` (those a pass only measures on): drawn with seed + HELDOUT_SEED_OFFSET among the
+    offsets whose window shares no token with these `nsamples` windows' own draw nor with the
+    windows of each `exclude` draw (nsamples, seq_len, seed) of the same text, e.g. step 1's.
+    Returns the windows and a record of how the held-out ones were drawn."""
+    heldout = sorted(set(heldout))
+    record = {"positions": heldout, "seed": seed + HELDOUT_SEED_OFFSET}
+    if not heldout or parse_dataset(spec)[0] == "random":
+        windows = calibration_windows(spec, tokenizer, nsamples, seq_len, seed, vocab_size)
+        if heldout:  # random token ids: another generator is other windows
+            generator = torch.Generator().manual_seed(seed + HELDOUT_SEED_OFFSET)
+            windows[heldout] = torch.randint(0, vocab_size, (len(heldout), seq_len), generator=generator)
+            record["drawn"] = "random token ids from their own seed"
+        return windows, record
+    ids = _calibration_ids(spec, tokenizer, seq_len)
+    windows = torch.stack([ids[s:s + seq_len] for s in window_starts(ids.numel(), nsamples, seq_len, seed).tolist()])
+    draws = [(nsamples, seq_len, seed), *((n, length, s) for n, length, s in exclude if ids.numel() > length)]
+    starts, free = disjoint_starts(ids.numel(), len(heldout), seq_len, seed + HELDOUT_SEED_OFFSET,
+                                   [(window_starts(ids.numel(), n, length, s), length) for n, length, s in draws])
+    windows[heldout] = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return windows, {**record, "starts": starts.tolist(), "free_starts": free,
+                     "disjoint_from": [{"nsamples": n, "seq_len": length, "seed": s} for n, length, s in draws],
+                     "drawn": "offsets whose window shares no token with any window of the disjoint_from draws"}

@@ -200,6 +200,17 @@ class CompressOptions:
         return max(0, self.update.nsamples if self.update is not None else 0,
                    self.refine.windows_needed if self.refine is not None else 0)
 
+    def heldout_positions(self) -> list[int]:
+        """Positions, among the carried windows, of those a pass only measures on: the update's held-out
+        windows and the refinement's --refine_holdout ones (utils.data.calibration_windows_with_heldout
+        draws them apart from the windows that were fitted on)."""
+        held: set[int] = set()
+        if self.update is not None:
+            held.update(self.update.split(self.update.nsamples)[1])
+        if self.refine is not None:
+            held.update(range(self.refine.nsamples, self.refine.windows_needed))
+        return sorted(held)
+
 
 def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions, device: torch.device | str,
                    stats: Statistics | None = None, windows: torch.Tensor | None = None) -> dict:
@@ -281,9 +292,10 @@ def _refine_summary(options: RefineOptions | None, records: dict, layer_records:
 
 def compression_block(record: dict, base_model: str, model: torch.nn.Module, stats: Statistics | None = None,
                       seed: int = 0, num_layers: int | None = None, plan_source: str | None = None,
-                      random_weights: bool = False) -> dict:
+                      random_weights: bool = False, heldout_windows: dict | None = None) -> dict:
     """The "compression" block saved with a model: compress_model's record plus what the model was
-    made from (base model, calibration, seed, dtype), which loading and evaluation read."""
+    made from (base model, calibration, seed, dtype, how the held-out windows were drawn), which
+    loading and evaluation read."""
     calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")}
     update, refine = record.get("update"), record.get("refine")
     method = ("svd-llm" if record["whitening"] != "none" else
@@ -298,8 +310,8 @@ def compression_block(record: dict, base_model: str, model: torch.nn.Module, sta
             "method": method,
             "ratio": record["plan"]["ratio"], "plan_source": plan_source, **record,
             "updating_nsamples": update["nsamples"] if update else 0,
-            "calibration": calibration, "seed": seed, "dtype": dtype_name(next(model.parameters()).dtype),
-            "random_weights": random_weights,
+            "calibration": calibration, "heldout_windows": heldout_windows, "seed": seed,
+            "dtype": dtype_name(next(model.parameters()).dtype), "random_weights": random_weights,
             "num_layers": num_layers}  # None: all of the base model's decoder layers were kept
 
 
