@@ -7,6 +7,7 @@ Llama, Mistral, Qwen2, Gemma 3, OPT and most other decoder-only families work un
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -223,6 +224,28 @@ def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> Callab
     copies_to: the returned function puts the originals back."""
     layers = decoder_layers(model)
     return copies_to(model, device, skip={id(t) for t in list(layers.parameters()) + list(layers.buffers())})
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha1 (first 16 hex digits) of named tensors' names and bytes, in name order."""
+    digest = hashlib.sha1()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(model: nn.Module) -> dict:
+    """What tells one checkpoint's weights from another's, cheaply: digests of the first and last
+    decoder layers' state dicts as loaded. "sha1" hashes their bytes (it changes with the dtype
+    they were loaded in too); "signs_sha1" hashes only the sign bits of the float tensors, which
+    a cast between float32, bfloat16 and float16 never changes, so the same checkpoint loaded in
+    another --dtype still matches on it."""
+    layers = decoder_layers(model)
+    tensors = {f"{i}.{k}": v for i in {0, len(layers) - 1} for k, v in layers[i].state_dict().items()}
+    signs = {k: torch.signbit(v) if v.is_floating_point() else v for k, v in tensors.items()}
+    return {"dtype": dtype_name(next(model.parameters()).dtype), "sha1": tensors_digest(tensors),
+            "signs_sha1": tensors_digest(signs)}
 
 
 def model_description(model: nn.Module) -> dict:
