@@ -95,3 +95,80 @@ def test_cli_refuses_statistics_of_another_checkpoint(tmp_path, capsys):
     warnings = [line for line in messages(capsys) if line.startswith(("warning:", "error:"))]
     assert len(warnings) == 1 and warnings[0].startswith("warning:") and other in warnings[0], warnings
     assert os.path.isfile(os.path.join(out, "config.json"))
+
+
+# ---------------------------------------------------------------------------------------- mixture of experts
+
+def tiny_moe(kind: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, num_experts_per_tok=2)
+    config = {"mixtral": lambda: MixtralConfig(intermediate_size=96, num_local_experts=4, **common),
+              "qwen2_moe": lambda: Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=32,
+                                                  shared_expert_intermediate_size=64, num_experts=4, **common),
+              "qwen3_moe": lambda: Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+                                                  **common)}[kind]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_mixture_of_experts_is_refused_naming_the_experts_and_their_share(kind):
+    from utils.model import ModelSpecError, count_parameters
+    model = tiny_moe(kind)
+    layer = decoder_layers(model)[0]
+    share = sum(p.numel() for n, p in layer.named_parameters() if n.startswith(("mlp.experts.", "mlp.gate."))) \
+        * len(decoder_layers(model)) / count_parameters(model)
+    with pytest.raises(ModelSpecError, match=rf"mlp\.experts\.gate_up_proj.*\({100 * share:.1f}% of the model's "
+                                             rf"parameters\).*mixture-of-experts models .* not supported yet"):
+        profile_model(model, windows(), "cpu")
+
+
+class LinearExpertsModel(torch.nn.Module):
+    """A mixture of experts built from nn.Linear (router included), more experts than layers:
+    the longest uniform ModuleList is a list of experts."""
+
+    def __init__(self, layers: int = 2, experts: int = 8):
+        super().__init__()
+        from transformers import PretrainedConfig
+        self.config = PretrainedConfig(num_hidden_layers=layers, num_local_experts=experts, model_type="toy_moe")
+
+        def block():
+            mlp = torch.nn.Module()
+            mlp.gate = torch.nn.Linear(16, experts, bias=False)
+            mlp.experts = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(experts))
+            layer = torch.nn.Module()
+            layer.q_proj, layer.mlp = torch.nn.Linear(16, 16), mlp
+            return layer
+        self.layers = torch.nn.ModuleList(block() for _ in range(layers))
+
+
+def test_the_decoder_layers_are_never_a_list_of_experts_and_linear_experts_are_refused():
+    from utils.model import ModelSpecError, check_supported
+    model = LinearExpertsModel()
+    assert decoder_layers(model) is model.layers
+    with pytest.raises(ModelSpecError, match=r"mlp\.gate\.weight, mlp\.experts\.0\.weight.* and \d+ more .*"
+                                             r"num_local_experts 8"):
+        check_supported(model)
+
+
+def test_cli_refuses_a_mixture_of_experts_before_any_work(tmp_path, capsys):
+    model_dir, out = str(tmp_path / "mixtral"), str(tmp_path / "out")
+    tiny_moe("mixtral").save_pretrained(model_dir)
+    capsys.readouterr()
+    assert compress.main(["--step", "1,3", "--ratio", "0.2", "--model", model_dir, "--dataset", "random",
+                          "--whitening_nsamples", "2", "--model_seq_len", "16", "--save_path", out,
+                          "--device", "cpu"]) == 2
+    err = messages(capsys)
+    assert len(err) == 1 and err[0].startswith("error: mixtral:") and "mlp.experts.gate_up_proj" in err[0] \
+        and "mixture-of-experts" in err[0], err
+    assert not os.path.exists(out)
+
+
+def test_dense_families_are_accepted():
+    from tests.tiny_models import FAMILIES
+    from utils.model import check_supported, unhandled_weights
+    for family in FAMILIES:
+        model = tiny_model(family)
+        assert unhandled_weights(model) == {}
+        check_supported(model)

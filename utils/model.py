@@ -114,12 +114,14 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", seed: int = 0,
             dtype = DTYPES[dtype]
     source = resolve_model(spec)
     if is_random_spec(spec):  # seeded random weights, no tokenizer (use --dataset random)
-        return build_random_model(spec, torch.float16 if dtype == "auto" else dtype, seed, num_layers,
-                                  device="cpu"), None
+        model = build_random_model(spec, torch.float16 if dtype == "auto" else dtype, seed, num_layers, device="cpu")
+        check_supported(model)
+        return model, None
     if dtype == "auto" and source.gguf_file:
         dtype = torch.float32  # de-quantised GGUF weights: no dtype of their own to keep
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, low_cpu_mem_usage=True,
                                                  **source.pretrained_kwargs())
+    check_supported(model)
     if num_layers is not None:
         keep_first_layers(model, num_layers)
     model.eval()
@@ -138,16 +140,16 @@ def keep_first_layers(model: nn.Module, num_layers: int) -> None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder blocks: the longest ModuleList whose items are all the same class."""
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            kinds = {type(item) for item in module}
-            if len(kinds) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None:
+    """The stack of decoder blocks: of the ModuleLists whose items are all the same class, the
+    outermost one with config.num_hidden_layers items, else the longest (a list of experts inside
+    a block, which may be longer than the stack or as long, is never taken for it)."""
+    candidates = [module for module in model.modules()  # pre-order: an outer list comes first
+                  if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(item) for item in module}) == 1]
+    if not candidates:
         raise ValueError(f"{type(model).__name__}: found no list of decoder layers")
-    return best
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    matching = [module for module in candidates if len(module) == depth]
+    return matching[0] if matching else max(candidates, key=len)
 
 
 def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -163,6 +165,58 @@ def target_shapes(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
         for name, linear in target_linears(layer).items():
             shapes[f"{prefix}.{index}.{name}"] = (linear.out_features, linear.in_features, linear.bias is not None)
     return shapes
+
+
+# config fields that give a mixture-of-experts model's expert count (Mixtral, Qwen-MoE, OLMoE, DeepSeek, ...)
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_count(config) -> tuple[str, int] | None:
+    """(config field, number of experts) of a mixture-of-experts model, None for a dense one."""
+    for name in EXPERT_COUNT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return name, value
+    return None
+
+
+def unhandled_weights(model: nn.Module) -> dict[str, int]:
+    """Weights of the decoder layers that compression would leave dense or get wrong, by name
+    within a layer -> their parameter count over all layers: every parameter of 2 or more
+    dimensions outside a target nn.Linear (fused experts, routers, convolutions; norms and other
+    1-D vectors are small and stay dense by design), and in a mixture-of-experts model the experts
+    and the router when they are nn.Linear (under an 'experts' module, or one output per expert)."""
+    experts = expert_count(getattr(model, "config", None))
+    found: dict[str, int] = {}
+    for layer in decoder_layers(model):
+        for name, parameter in layer.named_parameters():
+            owner = layer.get_submodule(name.rpartition(".")[0])
+            target = type(owner) is nn.Linear
+            expert_linear = experts is not None and target and (
+                "experts" in name.split(".") or owner.out_features == experts[1])
+            if (parameter.ndim >= 2 and not target) or expert_linear:
+                found[name] = found.get(name, 0) + parameter.numel()
+    return found
+
+
+def check_supported(model: nn.Module) -> None:
+    """ModelSpecError, naming the weights and their share of the model, when the decoder layers hold
+    weights this tool does not compress (a mixture of experts, a layer that is not nn.Linear):
+    compressing the rest would leave them dense without a word."""
+    found, experts = unhandled_weights(model), expert_count(getattr(model, "config", None))
+    if not found and experts is None:
+        return
+    names = list(found)
+    listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    share = sum(found.values()) / count_parameters(model)
+    what = (f"its decoder layers hold {listed} ({share:.1%} of the model's parameters), which this tool does not "
+            f"compress" if found else "it routes tokens to experts")
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    if experts is not None:
+        raise ModelSpecError(f"{kind}: {what}: mixture-of-experts models ({experts[0]} {experts[1]}) are not "
+                             f"supported yet; use a dense model")
+    raise ModelSpecError(f"{kind}: {what}: only nn.Linear layers are compressed, so this architecture is not "
+                         f"supported yet")
 
 
 def layer_prefix(model: nn.Module) -> str:

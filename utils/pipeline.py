@@ -22,8 +22,8 @@ from methods import (AnchoredOptions, AnchoredUpdate, ClosedFormUpdate, Decompos
                      RefineOptions, UpdateOptions)
 from utils.io import atomic_path, read_json, write_json
 from utils.layerwise import LayerContext, walk_layers
-from utils.model import (count_parameters, decoder_layers, dtype_name, layer_prefix, model_description,
-                         target_linears, target_shapes, weights_fingerprint)
+from utils.model import (check_supported, count_parameters, decoder_layers, dtype_name, layer_prefix,
+                         model_description, target_linears, target_shapes, weights_fingerprint)
 from utils.plan import Plan
 from utils.stats import LayerStatsCollector
 
@@ -146,6 +146,7 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
     Grams are summed in float64 and stored in `gram_dtype` (float32 halves the files; float64
     for exact checks). fisher: also ASVD's fisher information (utils.fisher), on the same
     windows, stored beside them (FISHER_FILE, meta["fisher"])."""
+    check_supported(model)
     model_dtype = next(model.parameters()).dtype
     streams: dict[str, dict[str, str]] = {}
     layers: dict[int, dict] = {}
@@ -230,6 +231,7 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
     windows carried through the walk when a pass needs activations (the update: its nsamples).
     force_stats: use statistics collected on other weights of the same architecture, with a
     warning (Statistics.check_model)."""
+    check_supported(model)
     plan.validate(target_shapes(model))
     if stats is not None:
         stats.check_model(model, force_stats)
@@ -386,6 +388,7 @@ def quantize_model(model: torch.nn.Module, options, device: torch.device | str,
     (dataset, seed), recorded beside their count and length."""
     from component.quant_linear import QuantLinear
     from methods.quantize import Quantize
+    check_supported(model)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise PipelineError("the model is already quantized; step 8 starts from a float model "
                             "(the original, or the output of step 3)")
