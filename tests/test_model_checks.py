@@ -172,3 +172,16 @@ def test_dense_families_are_accepted():
         model = tiny_model(family)
         assert unhandled_weights(model) == {}
         check_supported(model)
+
+
+def test_a_mixture_of_experts_is_refused_before_its_weights_are_read(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    from utils.model import ModelSpecError, load_model
+    model_dir = str(tmp_path / "qwen3_moe")
+    tiny_moe("qwen3_moe").save_pretrained(model_dir)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were read")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
+    with pytest.raises(ModelSpecError, match=r"qwen3_moe: .*mlp\.experts\.gate_up_proj.*% of the model's parameters"):
+        load_model(model_dir)

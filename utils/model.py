@@ -119,6 +119,12 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", seed: int = 0,
         return model, None
     if dtype == "auto" and source.gguf_file:
         dtype = torch.float32  # de-quantised GGUF weights: no dtype of their own to keep
+    if not source.gguf_file:  # (a GGUF file's config is parsed from the file: as slow as loading it)
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(source.path)
+        if expert_count(config) is not None:  # refused before reading the weights (tens of GB for a real one)
+            with torch.device("meta"):
+                check_supported(AutoModelForCausalLM.from_config(config))
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, low_cpu_mem_usage=True,
                                                  **source.pretrained_kwargs())
     check_supported(model)
