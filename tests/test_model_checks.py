@@ -185,3 +185,25 @@ def test_a_mixture_of_experts_is_refused_before_its_weights_are_read(tmp_path, m
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", never)
     with pytest.raises(ModelSpecError, match=r"qwen3_moe: .*mlp\.experts\.gate_up_proj.*% of the model's parameters"):
         load_model(model_dir)
+
+
+# ---------------------------------------------------------------------------------------- quantized parameters
+
+def test_a_quantized_model_counts_the_weights_its_codes_stand_for():
+    import evaluater
+    from component import QuantLinear
+    from methods.quantize import QuantizeOptions
+    from utils.model import count_parameters
+    from utils.pipeline import quantize_model
+    original = tiny_model("qwen2")  # q/k/v biases: a QuantLinear's bias is a parameter, counted once
+    model = copy.deepcopy(original)
+    quantize_model(model, QuantizeOptions("rtn", 4, 32), "cpu")
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
+    assert count_parameters(model) == count_parameters(original)
+    prompts = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    figures = evaluater.measure_efficiency({"model": model, "original": original}, prompts, gen_len=2, repeats=1,
+                                           device="cpu")
+    assert figures["model"]["parameters"] == figures["original"]["parameters"]
+    assert figures["model"]["weight_bytes"] == evaluater.weight_bytes(model) < figures["original"]["weight_bytes"]
+    ratios = evaluater.efficiency_ratios(figures["model"], figures["original"])
+    assert ratios["parameters"] == 1.0 and ratios["weight_bytes"] < 1.0

@@ -240,8 +240,11 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied embedding / lm_head counts once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Distinct parameters (a tied embedding / lm_head counts once), a quantized linear's weight
+    counted as the out x in weights it stands for (QuantLinear keeps its packed codes in buffers)."""
+    from component.quant_linear import QuantLinear
+    quantized = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantLinear))
+    return quantized + sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def copies_to(root: nn.Module, device: torch.device | str, skip: set[int] = frozenset()) -> Callable[[], None]:
