@@ -2,8 +2,10 @@
 
 Everything else asks this module for "the decoder layers" and "the linears to compress" and
 never touches family-specific attribute names. Layers and linears are found from the module
-structure (the longest ModuleList of identical blocks; the nn.Linear children of a block), so
-Llama, Mistral, Qwen2, Gemma 3, OPT and most other decoder-only families work unchanged.
+structure (the ModuleList of config.num_hidden_layers identical blocks; the nn.Linear children of
+a block), so Llama, Mistral, Qwen2, Gemma 3, OPT and most other decoder-only families work
+unchanged. A model whose blocks hold other weight matrices (mixtures of experts) is refused
+(check_supported) rather than compressed in part.
 """
 from __future__ import annotations
 
@@ -294,7 +296,7 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha1()
     for name in sorted(tensors):
         digest.update(name.encode())
-        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy())  # no copy of the bytes
     return digest.hexdigest()[:16]
 
 
