@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output of step 3 (7, 8): a directory or a NAME.pt file (--output_dir: SVD-LLM's LoRA.py name)")
     g.add_argument("--stats_path", default=None,
                    help="where step 1 writes and step 3 reads statistics (default: SAVE_PATH/stats)")
+    g.add_argument("--force_stats", action="store_true",
+                   help="steps 2-3: use statistics whose weight fingerprint (first and last decoder layers, recorded "
+                        "by step 1) differs from the model's, with a warning; without it they are refused. The "
+                        "architecture must still match")
     g.add_argument("--plan", "--ranks_path", dest="plan", default=None,
                    help="the per-module plan (JSON) step 2 writes and step 3 reads (default: STATS/plan_RATIO.json; "
                         "step 3 uses it when it exists, else uniform ranks from --ratio). --ranks_path is an alias")
@@ -738,7 +742,7 @@ def run_allocate(args: argparse.Namespace, session: Session):
         from utils.pipeline import Statistics
         stats = Statistics.open(stats_path_of(args))
         try:
-            stats.check_model(session.model)
+            stats.check_model(session.model, args.force_stats)
             sigmas = whitened_spectra(session.model, stats, args.device, args.whitening)
         finally:
             stats.close()
@@ -777,7 +781,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
     from utils.pipeline import PipelineError, Statistics
     stats = Statistics.open(stats_path_of(args))
     try:
-        stats.check_model(session.model)
+        stats.check_model(session.model, args.force_stats)
         options = SensitivityOptions(args.sensitivity_metric, tuple(args.sensitivity_ratios),
                                      args.ratio if args.allocation == "duo" else None, args.whitening,
                                      args.scaling, args.alpha, svd_dtype=DTYPES[args.svd_dtype],
@@ -843,7 +847,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
     windows, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None)
     try:
-        record = compress_model(session.model, plan, options, args.device, stats, windows)
+        record = compress_model(session.model, plan, options, args.device, stats, windows, args.force_stats)
     finally:
         if stats is not None:
             session.timings["stats_wait_s"] = round(stats.wait_s, 3)

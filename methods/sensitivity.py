@@ -37,7 +37,6 @@ candidates, metric, base state and whitening; sensitivity_table reuses it when t
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -51,7 +50,8 @@ from component import LowRankLinear
 from utils.decompose import low_rank_factors
 from utils.io import read_json, write_json
 from utils.layerwise import capture_layer_inputs
-from utils.model import copies_to, decoder_layers, layer_prefix, model_description, set_submodule, target_linears
+from utils.model import (copies_to, decoder_layers, layer_prefix, model_description, set_submodule, target_linears,
+                         tensors_digest, weights_fingerprint)
 from utils.plan import rank_for_ratio
 from utils.whitening import input_transform
 
@@ -140,14 +140,6 @@ class SensitivityTable:
 
 # ---------------------------------------------------------------------------------------- the key
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha1()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def statistics_key(stats) -> dict | None:
     """What identifies step 1's statistics: their meta (dataset, windows, seed, tokens) and a hash
     of layer 0's tensors (any re-profiling changes it)."""
@@ -155,20 +147,18 @@ def statistics_key(stats) -> dict | None:
         return None
     meta = {k: stats.meta.get(k) for k in ("model", "dataset", "nsamples", "seq_len", "seed", "tokens")}
     tensors, _ = stats.layer(0)
-    return {**meta, "layer0_sha1": _digest(tensors)}
+    return {**meta, "layer0_sha1": tensors_digest(tensors)}
 
 
 def table_key(model: nn.Module, stats, windows: torch.Tensor | None, options: SensitivityOptions,
               windows_info: dict | None = None) -> dict:
     """model (description and a hash of its first and last decoder layers' weights), statistics,
     windows (what they are and a hash of their ids), candidates, metric, base state, whitening."""
-    layers = decoder_layers(model)
-    fingerprint = {f"{i}.{k}": v for i in {0, len(layers) - 1} for k, v in layers[i].state_dict().items()}
-    description = {**model_description(model), "weights_sha1": _digest(fingerprint)}  # first and last layer
+    description = {**model_description(model), "weights_sha1": weights_fingerprint(model)["sha1"]}  # first and last layer
     win = None
     if windows is not None and options.metric != "stable_rank":
         win = {**(windows_info or {}), "nsamples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-               "ids_sha1": _digest({"ids": windows.to(torch.int64)})}
+               "ids_sha1": tensors_digest({"ids": windows.to(torch.int64)})}
     return {"model": description, "statistics": statistics_key(stats) if options.metric != "stable_rank" else None,
             "windows": win, "candidates": [float(r) for r in options.ratios], "metric": options.metric,
             "base_state": options.base_state(),
