@@ -256,7 +256,7 @@ def _update_pass(fit_tokens: torch.Tensor, held_tokens: torch.Tensor, stats_toke
 def _qkv_inputs(model, windows) -> torch.Tensor:
     """Layer 0's q/k/v input on `windows` (the normed embeddings: the same in every compressed model)."""
     sink = []
-    handle = decoder_layers(model)[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: sink.append(i[0][0]))
+    handle = decoder_layers(model)[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: sink.append(i[0][0].detach()))
     with torch.no_grad():
         for window in windows:
             model(window[None])
@@ -275,9 +275,17 @@ def test_update_that_raises_the_held_out_error_is_not_taken(one_thread):
     """Whitening from the held-out windows makes layer 0's q/k/v factors the best rank-r ones on
     exactly the inputs the held-out windows give them: any u fitted to other windows (other tokens)
     must raise their held-out error, so q/k/v must keep their factors bit for bit."""
+    from utils.update import closed_form_u
     fit, held = _windows(6, 0, 128, 1), _windows(2, 128, 256, 2)
-    _, plain, updated, record = _update_pass(fit, held, stats_tokens=held)
-    for name in QKV:
+    original, plain, updated, record = _update_pass(fit, held, stats_tokens=held)
+    x_fit, x_held = _qkv_inputs(original, fit), _qkv_inputs(original, held)
+    for name in QKV:  # the premise, measured here: the fitted u helps on the fit windows and hurts held out
+        weight, module = original.get_submodule(name).weight.detach(), plain.get_submodule(name)
+        u, v = module.u.weight.detach(), module.v.weight.detach()
+        candidate, _ = closed_form_u(weight, v, x_fit.T @ x_fit)
+        error = {(label, side): float(torch.linalg.norm(x @ (weight - w @ v).T) ** 2)
+                 for label, w in (("u", u), ("candidate", candidate)) for side, x in (("fit", x_fit), ("held", x_held))}
+        assert error["candidate", "fit"] < error["u", "fit"] and error["candidate", "held"] > error["u", "held"], error
         assert record["modules"][name]["update"]["accepted"] is False, name
         for factor in ("u", "v"):
             a, b = (m.get_submodule(f"{name}.{factor}").weight for m in (plain, updated))
@@ -297,7 +305,7 @@ def test_update_that_lowers_the_held_out_error_is_taken(one_thread):
         assert torch.equal(plain.get_submodule(name).v.weight, updated.get_submodule(name).v.weight), name
     x = _qkv_inputs(original, pair)
     for name in QKV:
-        weight = original.get_submodule(name).weight
+        weight = original.get_submodule(name).weight.detach()
         before, after = (float(torch.linalg.norm(x @ (weight - m.get_submodule(name).weight_product.detach()).T) ** 2)
                          for m in (plain, updated))
         assert after < 0.99 * before, (name, before, after)
