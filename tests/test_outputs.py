@@ -109,14 +109,13 @@ def test_earlier_outputs_need_overwrite(tmp_path):
         check_output_path(path, kind, overwrite=True)
 
 
-def test_what_save_compressed_writes_is_ours(tmp_path):
+@pytest.mark.parametrize("tokenizer_of", [None, pytest.param("smollm2-135m", marks=pytest.mark.integration("smollm2"))])
+def test_what_save_compressed_writes_is_ours(tokenizer_of, tmp_path):
+    """The model files alone, and with the bundled SmolLM2's tokenizer files (chat_template.jinja among them)."""
     from tests.tiny_models import tiny_model
     from utils.model import resolve_model, load_tokenizer
     model = tiny_model("llama")
-    try:
-        tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
-    except Exception:  # the bundled package is optional here; the model files are the point
-        tokenizer = None
+    tokenizer = load_tokenizer(resolve_model(tokenizer_of)) if tokenizer_of else None
     directory, single = str(tmp_path / "out"), str(tmp_path / "out.pt")
     save_compressed(model, tokenizer, directory, COMPRESSION)
     save_compressed(model, None, single, COMPRESSION)
