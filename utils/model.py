@@ -103,12 +103,15 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_model(spec: str, dtype: torch.dtype | str = "auto", seed: int = 0,
-               num_layers: int | None = None) -> tuple[nn.Module, object]:
+               num_layers: int | None = None, stream: bool = False) -> tuple[nn.Module, object]:
     """Load a causal LM on the CPU (layers move to the device one at a time later).
 
     dtype "auto" keeps the checkpoint's own dtype (a bfloat16 model stays bfloat16; a GGUF file
     is de-quantised to float32; a random preset uses float16, its real checkpoints' dtype).
     `num_layers` keeps only the first N decoder layers (for timing runs on a slice of a model).
+    stream: a local safetensors checkpoint directory is loaded without its decoder layers, which
+    the layer walk reads from disk one at a time (LayerStream); GGUF files, hub ids and random
+    presets are loaded whole whatever this says.
     """
     from transformers import AutoModelForCausalLM
     if isinstance(dtype, str):
@@ -127,6 +130,12 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", seed: int = 0,
         if expert_count(config) is not None:  # refused before reading the weights (tens of GB for a real one)
             with torch.device("meta"):
                 check_supported(AutoModelForCausalLM.from_config(config))
+    weight_map = safetensors_weight_map(source.path) if stream and os.path.isdir(source.path) and not source.gguf_file else None
+    model = _load_streamed(source.path, weight_map, dtype, num_layers) if weight_map else None
+    if model is not None:
+        model.eval()
+        model.config.use_cache = False
+        return model, load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, low_cpu_mem_usage=True,
                                                  **source.pretrained_kwargs())
     check_supported(model)
@@ -307,7 +316,7 @@ def weights_fingerprint(model: nn.Module) -> dict:
     a cast between float32, bfloat16 and float16 never changes, so the same checkpoint loaded in
     another --dtype still matches on it."""
     layers = decoder_layers(model)
-    tensors = {f"{i}.{k}": v for i in {0, len(layers) - 1} for k, v in layers[i].state_dict().items()}
+    tensors = {f"{i}.{k}": v for i in {0, len(layers) - 1} for k, v in layer_state_dict(model, i).items()}
     signs = {k: torch.signbit(v) if v.is_floating_point() else v for k, v in tensors.items()}
     return {"dtype": dtype_name(next(model.parameters()).dtype), "sha1": tensors_digest(tensors),
             "signs_sha1": tensors_digest(signs)}
@@ -432,3 +441,173 @@ def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map
     dispatch_model(model, mapping, main_device=main, offload_dir=offload_dir)
     return Placement(torch.device(f"cuda:{main}" if isinstance(main, int) else main), mapping, device_map,
                      max_memory, offload_dir, held)
+
+
+# ---------------------------------------------------------------------------------------- streaming from disk
+
+STREAM_ATTRIBUTE = "_svd_layer_stream"
+
+
+def safetensors_weight_map(directory: str) -> dict[str, str] | None:
+    """Tensor name -> file of a Hugging Face safetensors checkpoint directory (sharded with
+    model.safetensors.index.json, or one model.safetensors), None when it has neither."""
+    import json
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            return {name: os.path.join(directory, file) for name, file in json.load(handle)["weight_map"].items()}
+    single = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    from safetensors import safe_open
+    with safe_open(single, framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+class LayerStream:
+    """The decoder layers of a model built on the meta device, read from the checkpoint's
+    safetensors files when the layer walk reaches them (load) and put back on meta after (release),
+    so that host memory holds the non-layer weights and about one layer whatever the depth."""
+
+    def __init__(self, weight_map: dict[str, str], prefix: str, dtype: torch.dtype):
+        self.weight_map, self.prefix, self.dtype = weight_map, prefix, dtype
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors from the files, cast to the model's dtype (as from_pretrained does)."""
+        from safetensors import safe_open
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise ModelSpecError(f"{name} is not in the checkpoint's safetensors files")
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with safe_open(file, framework="pt") as handle:
+                for name in file_names:
+                    tensor = handle.get_tensor(name)
+                    tensors[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return tensors
+
+    def layer_state(self, model: nn.Module, index: int) -> dict[str, torch.Tensor]:
+        """Layer `index`'s state dict as loading it would give it, read from disk."""
+        names = list(decoder_layers(model)[index].state_dict())
+        tensors = self.read([f"{self.prefix}.{index}.{name}" for name in names])
+        return {name: tensors[f"{self.prefix}.{index}.{name}"] for name in names}
+
+    def is_loaded(self, layer: nn.Module) -> bool:
+        return not any(p.is_meta for p in layer.parameters())
+
+    def load(self, model: nn.Module, index: int) -> None:
+        """Materialise decoder layer `index` on the CPU from the checkpoint (no-op when it is real)."""
+        layer = decoder_layers(model)[index]
+        if self.is_loaded(layer):
+            return
+        _assign(layer, self.layer_state(model, index))
+
+    def release(self, model: nn.Module, index: int) -> None:
+        """Put decoder layer `index` back on the meta device: its memory is freed."""
+        decoder_layers(model)[index].to("meta")
+
+
+def _assign(root: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Put `tensors` (names relative to root) in place of root's parameters / buffers."""
+    for name, tensor in tensors.items():
+        owner_name, _, key = name.rpartition(".")
+        owner = root.get_submodule(owner_name) if owner_name else root
+        if key in owner._parameters:
+            owner._parameters[key] = nn.Parameter(tensor, requires_grad=owner._parameters[key].requires_grad)
+        else:
+            owner._buffers[key] = tensor
+
+
+def layer_stream(model: nn.Module) -> LayerStream | None:
+    """The stream of a model loaded with stream=True, None for a model wholly in memory."""
+    return getattr(model, STREAM_ATTRIBUTE, None)
+
+
+def layer_state_dict(model: nn.Module, index: int) -> dict[str, torch.Tensor]:
+    """Decoder layer `index`'s state dict, read from disk when the layer is streamed and not loaded."""
+    stream, layer = layer_stream(model), decoder_layers(model)[index]
+    if stream is not None and not stream.is_loaded(layer):
+        return stream.layer_state(model, index)
+    return layer.state_dict()
+
+
+def load_all_layers(model: nn.Module) -> None:
+    """Make a streamed model whole in memory (for steps that need every layer at once)."""
+    stream = layer_stream(model)
+    if stream is None:
+        return
+    for index in range(len(decoder_layers(model))):
+        stream.load(model, index)
+    delattr(model, STREAM_ATTRIBUTE)
+
+
+def _load_streamed(directory: str, weight_map: dict[str, str], dtype: torch.dtype | str,
+                   num_layers: int | None) -> nn.Module | None:
+    """The model of a safetensors checkpoint directory with its decoder layers on the meta device
+    (LayerStream reads them later) and everything else loaded; None when this architecture cannot
+    be streamed (buffers in the decoder layers, or non-layer buffers without a rebuild rule)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(directory)
+    if dtype == "auto":
+        dtype = _checkpoint_dtype(config, weight_map)
+    if num_layers is not None:
+        total = config.num_hidden_layers
+        if not 1 <= num_layers <= total:
+            raise ValueError(f"--num_layers {num_layers}: the model has {total} decoder layers")
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:num_layers]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    check_supported(model)
+    layers = decoder_layers(model)
+    if any(True for _ in layers.buffers()):
+        return None
+    layer_ids = {id(t) for t in layers.parameters()}
+    prefix = layer_prefix(model)
+    non_layer: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in layer_ids or id(parameter) in seen:
+            continue
+        if name in weight_map:
+            non_layer[name] = parameter
+            seen.add(id(parameter))
+    missing = [name for name, p in model.named_parameters() if id(p) not in layer_ids and id(p) not in seen]
+    if missing:
+        return None  # a renamed or converted checkpoint: let from_pretrained map it
+    stream = LayerStream(weight_map, prefix, dtype)
+    _assign(model, stream.read(list(non_layer)))
+    for module_name, module in model.named_modules():
+        buffers = dict(module.named_buffers(recurse=False))
+        if not buffers or module_name.startswith(prefix + "."):
+            continue
+        if "RotaryEmbedding" not in type(module).__name__:
+            return None
+        # non-persistent tables (inv_freq): recomputed as constructing the module does
+        with torch.device("cpu"):
+            fresh = type(module)(config=module.config)
+        for key, value in fresh.named_buffers(recurse=False):
+            module._buffers[key] = value
+    model.tie_weights()
+    setattr(model, STREAM_ATTRIBUTE, stream)
+    return model
+
+
+def _checkpoint_dtype(config, weight_map: dict[str, str]) -> torch.dtype:
+    """What dtype="auto" gives: the config's dtype, else the first floating tensor's."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from safetensors import safe_open
+    for name, file in weight_map.items():
+        with safe_open(file, framework="pt") as handle:
+            tensor = handle.get_slice(name)
+            kind = tensor.get_dtype()
+            if kind in ("F32", "F16", "BF16", "F64"):
+                return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}[kind]
+    return torch.float32
