@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.model import copies_to, decoder_layers, layer_prefix, non_layer_modules_to
+from utils.model import copies_to, decoder_layers, layer_prefix, layer_stream, non_layer_modules_to
 from utils.stats import LayerStatsCollector
 
 
@@ -180,7 +180,8 @@ LayerFn = Callable[[LayerContext], "torch.Tensor | None"]
 @torch.no_grad()
 def walk_layers(model: nn.Module, windows: torch.Tensor | None, device: torch.device | str, fn: LayerFn,
                 desc: str, offload: torch.device | str = "cpu", changes_weights: bool = True,
-                reference: bool = False) -> None:
+                reference: bool = False, finished: Callable[[int, nn.Module], None] | None = None,
+                start: int = 0, replay: Callable[[LayerContext], None] | None = None) -> None:
     """Call fn(context) for every decoder layer in order, the layer on `device`.
 
     With `windows`, the calibration activations flow through the walk: fn may run the layer
@@ -191,6 +192,13 @@ def walk_layers(model: nn.Module, windows: torch.Tensor | None, device: torch.de
     reference inputs before fn changes it. With changes_weights=False fn promises to change no
     weight in place: the layer's original offloaded tensors are put back instead of copying the
     device ones back (anything fn added or replaced is still moved to `offload`).
+
+    finished(index, layer) is called with each layer fn has done, back on `offload` (to write it
+    out). A streamed model (utils.model.LayerStream) has each layer read from disk before it is
+    reached and put back on the meta device after. start: the layers before it were done by an
+    earlier, interrupted run: fn is not called for them; replay(context) puts a layer in its done
+    state instead (its original weights are read only when activations flow), and the layer's
+    outputs as replay left it carry the activations on.
     """
     if reference and windows is None:
         raise ValueError("a reference stream needs calibration windows")
@@ -200,8 +208,22 @@ def walk_layers(model: nn.Module, windows: torch.Tensor | None, device: torch.de
         reference_inputs = inputs.clone() if reference else None
     layers = decoder_layers(model)
     prefix = layer_prefix(model)
+    stream = layer_stream(model)
     for index in tqdm(range(len(layers)), desc=desc):
-        restore = None if changes_weights else copies_to(layers[index], device)
+        done_before = index < start
+        if done_before and windows is None:  # nothing flows: the done layer is only put in its final form
+            context = LayerContext(index, f"{prefix}.{index}", layers[index], device)
+            try:
+                if replay is not None:
+                    replay(context)
+            finally:
+                if stream is not None:
+                    stream.release(model, index)
+                context = None
+            continue
+        if stream is not None:
+            stream.load(model, index)
+        restore = None if changes_weights and not done_before else copies_to(layers[index], device)
         layer = layers[index] if restore else layers[index].to(device)
         context = LayerContext(index, f"{prefix}.{index}", layer, device, inputs,
                                None if layer_args is None else layer_args[index])
@@ -209,7 +231,19 @@ def walk_layers(model: nn.Module, windows: torch.Tensor | None, device: torch.de
             if reference:
                 context.reference_inputs = reference_inputs
                 context.reference_outputs = run_layer(layer, reference_inputs, layer_args[index])
-            outputs = fn(context)
+            if done_before:
+                if restore is not None:  # replay puts the done layer in place on `offload`, not the device copy
+                    restore()
+                    restore = None
+                    context.layer = layer = layers[index]
+                outputs = None
+                if replay is not None:
+                    replay(context)
+                    layer = layers[index]
+                    restore = copies_to(layer, device)
+                    context.layer = layer
+            else:
+                outputs = fn(context)
             if windows is not None:
                 if outputs is None:
                     outputs = context.outputs if context.outputs is not None else context.run()
@@ -220,3 +254,7 @@ def walk_layers(model: nn.Module, windows: torch.Tensor | None, device: torch.de
                 restore()
             layers[index] = layer.to(offload)  # a no-op for what restore() put back
             layer = context = None
+        if finished is not None and not done_before:
+            finished(index, layers[index])
+        if stream is not None:
+            stream.release(model, index)
