@@ -25,7 +25,7 @@ import contextlib
 import json
 import os
 import shutil
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -44,19 +44,29 @@ class CompressedModelError(ValueError):
 
 
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
+def atomic_path(path: str, adopt: Callable[[str], bool] | None = None) -> Iterator[str]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds.
+
+    adopt(temporary): offered each PATH.partial-TOKEN directory of a killed run of this host
+    before stale temporaries are removed; the first it accepts becomes this run's temporary, with
+    what it holds (a resumed run); it may raise to refuse the run, and then nothing is removed.
 
     Stale temporaries of killed runs are removed first. An existing directory is replaced only
     if it is empty or wholly ours (utils.outputs), so files we did not write are never deleted.
     Temporaries are named PATH.partial-TOKEN / PATH.old-TOKEN, TOKEN naming this process and
     host (utils.outputs.temporary_token), so a later run knows whose they are.
     """
-    from utils.outputs import (OutputError, clean_stale_partials, foreign_entries, judge_directory,
-                               temporary_token)
+    from utils.outputs import (OutputError, clean_stale_partials, dead_partials, foreign_entries,
+                               judge_directory, temporary_token)
     path = os.path.abspath(path)
     created = _missing_parents(os.path.dirname(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    token = temporary_token()
+    temporary = f"{path}.partial-{token}"
+    adopted = next((candidate for candidate in dead_partials(path) if adopt(candidate)), None) if adopt else None
+    if adopted is not None:  # renamed to this run's name first, so the cleaning below keeps it
+        _remove(temporary)
+        os.replace(adopted, temporary)
     clean_stale_partials(path)
 
     def refuse_foreign(where: str) -> None:
@@ -67,9 +77,8 @@ def atomic_path(path: str) -> Iterator[str]:
             raise OutputError(f"{path} {problem}; not replacing it{where}; move it away and rerun")
 
     refuse_foreign("")  # before any work: nothing is lost by refusing now
-    token = temporary_token()
-    temporary = f"{path}.partial-{token}"
-    _remove(temporary)
+    if adopted is None:
+        _remove(temporary)
     try:
         yield temporary
     except BaseException:
@@ -147,6 +156,144 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -
         for keep in KEEP_SUBDIRS:
             if os.path.isdir(os.path.join(path, keep)):
                 os.replace(os.path.join(path, keep), os.path.join(temporary, keep))
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+    # inside a temporary directory: a kill mid-write leaves the previous version whole
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _save_config_and_tokenizer(model: nn.Module, tokenizer, directory: str, compression: dict) -> None:
+    config = model.config.to_dict()
+    config["compression"] = compression
+    config = remote_code_config(config)
+    write_remote_code(directory, config)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, default=str)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+class ShardedModelWriter:
+    """A compressed model directory written as its decoder layers are finished: layer i into
+    model-(i+1)-of-N.safetensors, the other tensors (embeddings, norm, head) into the last shard,
+    and model.safetensors.index.json, as Hugging Face shards a checkpoint. All of it goes into the
+    atomic temporary (PATH.partial-TOKEN) with a progress.json naming the layers done and what
+    the run was (`identity`: digests of its inputs), so that a killed run, rerun with the same
+    inputs, continues where it stopped; other inputs are refused naming the difference (with
+    overwrite, they start over). The directory is renamed into place by finish().
+
+        with ShardedModelWriter(path, num_layers, identity) as writer:
+            writer.layers_done, writer.state          # what an interrupted run left (0, None: nothing)
+            writer.write_layer(index, tensors, state)  # for every finished layer, in order
+            writer.finish(model, tokenizer, compression)
+    """
+
+    def __init__(self, path: str, num_layers: int, identity: dict, overwrite: bool = False):
+        self.path, self.num_layers, self.identity, self.overwrite = path, num_layers, identity, overwrite
+        self.layers_done, self.state, self.temporary = 0, None, None
+        self._stack: contextlib.ExitStack | None = None
+        self._finished = False
+
+    def _progress_path(self, directory: str | None = None) -> str:
+        from utils.outputs import PROGRESS_FILE
+        return os.path.join(directory or self.temporary, PROGRESS_FILE)
+
+    def _adopt(self, candidate: str) -> bool:
+        from utils.outputs import OutputError
+        try:
+            progress = read_json(self._progress_path(candidate))
+        except (OSError, ValueError):
+            return False
+        if progress.get("kind") != "model" or not isinstance(progress.get("identity"), dict):
+            return False
+        recorded = progress["identity"]
+        differ = [key for key in sorted(set(recorded) | set(self.identity)) if recorded.get(key) != self.identity.get(key)]
+        if not differ:
+            return True
+        if self.overwrite:
+            return False  # removed as a stale temporary: this run starts over
+        raise OutputError(f"{candidate} holds an interrupted run of other {', '.join(differ)} "
+                          f"({progress.get('layers_done')} layers done); rerun with the same arguments to resume it, "
+                          f"or pass --overwrite to start over")
+
+    def __enter__(self) -> "ShardedModelWriter":
+        self._stack = contextlib.ExitStack()
+        self.temporary = self._stack.enter_context(atomic_path(self.path, adopt=self._adopt))
+        if os.path.isfile(self._progress_path()):
+            progress = read_json(self._progress_path())
+            self.layers_done, self.state = int(progress["layers_done"]), progress.get("state")
+            print(f"resuming: {self.layers_done} of {self.num_layers} layers were done by an interrupted run "
+                  f"({self.temporary})")
+        else:
+            os.makedirs(self.temporary, exist_ok=True)
+        return self
+
+    def __exit__(self, kind, error, trace) -> bool:
+        if kind is None and not self._finished:
+            kind = RuntimeError
+            error = RuntimeError("ShardedModelWriter left without finish(): nothing was written")
+        return self._stack.__exit__(kind, error, trace)
+
+    def shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.num_layers + 1:05d}.safetensors"
+
+    def write_layer(self, index: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        """Layer `index`'s tensors (qualified names) into its shard, then the progress record
+        (`state`: what a resumed run needs besides the tensors, JSON-able)."""
+        from safetensors.torch import save_file
+        if index != self.layers_done:
+            raise ValueError(f"layer {index} written after {self.layers_done} layers")
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()},
+                  os.path.join(self.temporary, self.shard_name(index + 1)), metadata={"format": "pt"})
+        self.layers_done, self.state = index + 1, state
+        _write_text_atomically(self._progress_path(), json.dumps(
+            {"kind": "model", "identity": self.identity, "layers_done": self.layers_done, "state": state}))
+
+    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors written for layer `index` (by this run or the interrupted one)."""
+        from safetensors.torch import load_file
+        return load_file(os.path.join(self.temporary, self.shard_name(index + 1)))
+
+    def finish(self, model: nn.Module, tokenizer, compression: dict) -> None:
+        """Write the non-layer tensors, the index, config and tokenizer, and rename into place."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        from utils.model import layer_prefix
+        if self.layers_done != self.num_layers:
+            raise ValueError(f"{self.layers_done} of {self.num_layers} layers written")
+        prefix = layer_prefix(model) + "."
+        rest: dict[str, torch.Tensor] = {}
+        stored: set[int] = set()
+        for name, tensor in model.state_dict().items():
+            if name.startswith(prefix):
+                continue
+            if tensor.data_ptr() in stored:  # a tied lm_head is stored once, under the embedding's name
+                continue
+            stored.add(tensor.data_ptr())
+            rest[name] = tensor.detach().contiguous()
+        save_file(rest, os.path.join(self.temporary, self.shard_name(self.num_layers + 1)), metadata={"format": "pt"})
+        weight_map, total = {}, 0
+        for number in range(1, self.num_layers + 2):
+            with safe_open(os.path.join(self.temporary, self.shard_name(number)), framework="pt") as handle:
+                for name in handle.keys():
+                    weight_map[name] = self.shard_name(number)
+        for name, nbytes in ((n, b) for number in range(1, self.num_layers + 2)
+                             for n, b in safetensors_tensor_bytes(os.path.join(self.temporary, self.shard_name(number))).items()):
+            total += nbytes
+        with open(os.path.join(self.temporary, INDEX_FILE), "w", encoding="utf-8") as handle:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
+        _save_config_and_tokenizer(model, tokenizer, self.temporary, compression)
+        for keep in KEEP_SUBDIRS:
+            if os.path.isdir(os.path.join(self.path, keep)):
+                os.replace(os.path.join(self.path, keep), os.path.join(self.temporary, keep))
+        os.remove(self._progress_path())
+        self._finished = True
 
 
 def is_compressed_model(path: str) -> bool:
@@ -267,17 +414,52 @@ def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
             raise CompressedModelError(f"{path}: config.json has no 'compression' block; "
                                        f"pass an uncompressed model with --model instead")
         compression = config_dict["compression"]
-        try:
-            state = load_file(os.path.join(path, "model.safetensors"))
+        try:  # the headers only: each file's tensors are read when the model is ready for them
+            files, state = _stored_tensors(path)
         except (SafetensorError, OSError, ValueError) as error:
-            raise CompressedModelError(f"{path}/model.safetensors is damaged or truncated ({error}); "
+            raise CompressedModelError(f"{path}: the tensor files are damaged or truncated ({error}); "
                                        f"rerun step 3") from None
         tokenizer = _load_saved_tokenizer(path)
     if dtype is None:
         dtype = _model_dtype(state, compression)
     model = build_low_rank_model(config_dict, compression, dtype)
-    _load_state_strict(model, state, path)
+    _check_state(model, state, path)
+    if path.endswith(".pt"):
+        model.load_state_dict(state, strict=False)
+    else:
+        for file in files:  # one file's tensors in memory at a time, beside the model
+            try:
+                part = load_file(file)
+            except (SafetensorError, OSError, ValueError) as error:
+                raise CompressedModelError(f"{file} is damaged or truncated ({error}); rerun step 3") from None
+            model.load_state_dict(part, strict=False)
+            del part
+    _check_loaded(model, path)
     return model, tokenizer, compression
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _stored_tensors(path: str) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The safetensors files of a model directory (sharded with an index, or model.safetensors)
+    and every tensor they hold as a meta tensor of its shape and dtype, read from the headers."""
+    from safetensors import safe_open
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+        names = sorted(set(read_json(index)["weight_map"].values()))
+    else:
+        names = ["model.safetensors"]
+    files = [os.path.join(path, name) for name in names]
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                entry = handle.get_slice(name)
+                state[name] = torch.empty(entry.get_shape(), dtype=SAFETENSORS_DTYPES[entry.get_dtype()], device="meta")
+    return files, state
 
 
 def _load_saved_tokenizer(path: str):
@@ -290,7 +472,9 @@ def _load_saved_tokenizer(path: str):
         return None
 
 
-def _load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """CompressedModelError unless `state` (tensors, or meta tensors of their shapes and dtypes)
+    has exactly the model's tensors, of its shapes."""
     expected = model.state_dict()
     # a tied lm_head is stored once (safetensors) or twice (.pt): one name per tied group suffices
     groups: dict[int, list[str]] = {}
@@ -309,7 +493,9 @@ def _load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], path: s
         if not expected[name].is_floating_point() and tensor.dtype != expected[name].dtype:
             # integer codes and group indices are bit patterns: a cast would silently corrupt them
             raise CompressedModelError(f"{path}: {name} is {tensor.dtype}, expected {expected[name].dtype}")
-    model.load_state_dict(state, strict=False)
+
+
+def _check_loaded(model: nn.Module, path: str) -> None:
     model.tie_weights()
     for name, module in model.named_modules():
         if isinstance(module, ColumnPreservedLinear) and module.c is not None:

@@ -29,10 +29,12 @@ TOKENIZER_FILES = frozenset({
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
     "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
 })
-MODEL_FILES = frozenset({"config.json", "model.safetensors", "generation_config.json",
-                         "results.json"}) | TOKENIZER_FILES  # results.json: steps 4-5
-MODEL_FILE_PATTERNS = (re.compile(r"modeling_\w+\.py"),)
-STATS_FILES = frozenset({"meta.json", "fisher.safetensors"})
+# progress.json: the resume record inside the temporary of a run that writes layer by layer
+PROGRESS_FILE = "progress.json"
+MODEL_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json",
+                         "results.json", PROGRESS_FILE}) | TOKENIZER_FILES  # results.json: steps 4-5
+MODEL_FILE_PATTERNS = (re.compile(r"modeling_\w+\.py"), re.compile(r"model-\d{5}-of-\d{5}\.safetensors"))
+STATS_FILES = frozenset({"meta.json", "fisher.safetensors", PROGRESS_FILE})
 STATS_FILE_PATTERNS = (re.compile(r"layer_\d{4,}\.safetensors"), re.compile(r"(plan|ranks|sensitivity)_[\w.+-]+\.json"))
 STATS_KEYS = ("model", "layer_prefix", "streams", "gram_layout")
 PT_KEYS = ("format_version", "config", "compression", "state_dict")
@@ -283,6 +285,13 @@ def _temporaries(path: str) -> list[tuple[str, re.Match]]:
     except OSError:
         return []
     return [(os.path.join(directory, name), match) for name in names if (match := pattern.fullmatch(name))]
+
+
+def dead_partials(path: str) -> list[str]:
+    """PATH.partial-TOKEN directories left by killed runs of this host: what a resumed run may
+    continue from (utils.io.atomic_path's adopt)."""
+    return [temporary for temporary, match in _temporaries(os.path.abspath(path))
+            if match.group(1) == "partial" and _real_dir(temporary) and _owner(match) == "dead"]
 
 
 def _real_dir(path: str) -> bool:
