@@ -9,6 +9,7 @@ See README.md for every step, the ratio convention and the file formats.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -682,12 +683,20 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
         session.model, session.tokenizer, session.compression = model, tokenizer, compression
     else:
-        session.model, session.tokenizer = load_model(args.model, args.dtype, args.seed, args.num_layers)
+        session.model, session.tokenizer = load_model(args.model, args.dtype, args.seed, args.num_layers,
+                                                      stream=streams_layers(args))
     session.timings["load_s"] = round(time.perf_counter() - start, 3)
     return session
 
 
 MODEL_STEPS = (3, 7, 8)  # the steps that produce a model and write it to --save_path
+
+
+def streams_layers(args: argparse.Namespace) -> bool:
+    """Whether --model's decoder layers are read from disk one at a time (utils.model.LayerStream):
+    when every step of the command goes layer by layer (1 and 3) and the output is a directory,
+    which step 3 writes layer by layer; other steps need the whole model in memory."""
+    return set(args.steps) <= {1, 3} and not (3 in args.steps and (args.save_path or "").endswith(".pt"))
 
 
 def writes_model(args: argparse.Namespace, step: int) -> bool:
@@ -839,27 +848,41 @@ def _plan_for_step3(args: argparse.Namespace, session: Session):
 def run_compress(args: argparse.Namespace, session: Session) -> dict:
     """Step 3: apply the plan (decompose, optionally update u) and save the model (unless step 7 or
     8 follows in the same command)."""
-    from utils.pipeline import CompressOptions, Statistics, compress_model, compression_block
+    from utils.io import ShardedModelWriter
+    from utils.model import decoder_layers
+    from utils.pipeline import CompressOptions, Statistics, compress_identity, compress_model, compression_block
     from utils.presets import is_random_spec
     ensure_model(args, session)
     plan, plan_source = _plan_for_step3(args, session)
     options = CompressOptions(_decompose_options(args), _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
     windows, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None)
-    try:
-        record = compress_model(session.model, plan, options, args.device, stats, windows, args.force_stats)
-    finally:
-        if stats is not None:
-            session.timings["stats_wait_s"] = round(stats.wait_s, 3)
-            stats.close()
-    session.timings["compress_s"] = record.pop("seconds")
-    compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
-                                    plan_source, is_random_spec(args.model), heldout)
-    target = _ppl_target_check(args, session, plan, options)
-    if target is not None:
-        compression["ppl_target"] = target
-    session.compression = compression
-    _save_model(args, session, 3)
+    writer = None
+    if writes_model(args, 3) and not args.save_path.endswith(".pt"):  # written layer by layer, resumable
+        writer = ShardedModelWriter(args.save_path, len(decoder_layers(session.model)),
+                                    compress_identity(session.model, plan, options, args.device, stats, windows),
+                                    args.overwrite)
+    with writer or contextlib.nullcontext():
+        try:
+            record = compress_model(session.model, plan, options, args.device, stats, windows, args.force_stats,
+                                    writer)
+        finally:
+            if stats is not None:
+                session.timings["stats_wait_s"] = round(stats.wait_s, 3)
+                stats.close()
+        session.timings["compress_s"] = record.pop("seconds")
+        compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
+                                        plan_source, is_random_spec(args.model), heldout)
+        target = _ppl_target_check(args, session, plan, options)
+        if target is not None:
+            compression["ppl_target"] = target
+        session.compression = compression
+        if writer is not None:
+            start = time.perf_counter()
+            writer.finish(session.model, session.tokenizer, compression)
+            session.timings["save_s"] = round(time.perf_counter() - start, 3)
+        else:
+            _save_model(args, session, 3)
     _print_summary(compression, session.timings)
     return compression
 
@@ -891,7 +914,10 @@ def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options)
     record = {"target": detail["ppl_target"], "search_calibration_ppl": detail.get("calibration_ppl"),
               "search_decompose": searched or None, "step3_differs": differs, "final_calibration_ppl": None}
     windows_spec = search.get("windows")
-    if windows_spec is None:
+    from utils.model import layer_stream
+    if layer_stream(session.model) is not None:
+        record["not_measured"] = "the layers were streamed from disk, not held in memory; run step 4 on the output"
+    elif windows_spec is None:
         record["not_measured"] = "the plan does not say which windows the search measured on (an earlier version)"
     else:
         try:

@@ -79,7 +79,8 @@ def copy_of(directory: str, tmp_path, name: str) -> str:
 
 def test_truncated_safetensors_is_refused(compressed_dir, tmp_path):
     damaged = copy_of(compressed_dir, tmp_path, "damaged")
-    weights = os.path.join(damaged, "model.safetensors")
+    # step 3 writes shards (model-0000k-of-0000n.safetensors): the last one holds the embeddings
+    weights = os.path.join(damaged, sorted(n for n in os.listdir(damaged) if n.startswith("model-"))[-1])
     size = os.path.getsize(weights)
     with open(weights, "r+b") as handle:
         handle.truncate(size // 2)
@@ -100,7 +101,7 @@ def test_ranks_that_do_not_match_the_tensors_are_refused(compressed_dir, tmp_pat
 
 def test_missing_tensor_is_refused(compressed_dir, tmp_path):
     bad = copy_of(compressed_dir, tmp_path, "missing")
-    path = os.path.join(bad, "model.safetensors")
+    path = os.path.join(bad, sorted(n for n in os.listdir(bad) if n.startswith("model-"))[0])  # layer 0's shard
     tensors = load_file(path)
     tensors.pop(next(k for k in tensors if k.endswith(".v.weight")))
     save_file(tensors, path)

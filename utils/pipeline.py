@@ -24,7 +24,8 @@ from utils.io import atomic_path, read_json, write_json
 from utils.outputs import recover_interrupted_swap
 from utils.layerwise import LayerContext, walk_layers
 from utils.model import (check_supported, count_parameters, decoder_layers, dtype_name, layer_prefix,
-                         model_description, target_linears, target_shapes, weights_fingerprint)
+                         model_description, set_submodule, target_linears, target_shapes, tensors_digest,
+                         weights_fingerprint)
 from utils.plan import Plan
 from utils.stats import LayerStatsCollector
 
@@ -234,16 +235,65 @@ class CompressOptions:
         return sorted(held)
 
 
+def _json_digest(data) -> str:
+    import hashlib
+    import json
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def compress_identity(model: torch.nn.Module, plan: Plan, options: CompressOptions, device: torch.device | str,
+                      stats: Statistics | None = None, windows: torch.Tensor | None = None) -> dict:
+    """What a resumed step 3 must share with the run it continues, by name (digests): the weights,
+    their dtype, the plan, the options, the statistics, the carried windows and the device (whose
+    arithmetic the finished layers carry)."""
+    fingerprint = weights_fingerprint(model)
+    carried = windows[:options.nsamples] if windows is not None and options.nsamples else None
+    return {"model weights": fingerprint["sha1"], "dtype": fingerprint["dtype"], "plan": _json_digest(plan.to_dict()),
+            "options": _json_digest(options.to_dict()),
+            "statistics": None if stats is None else _json_digest(stats.meta),
+            "calibration windows": None if carried is None else tensors_digest({"windows": carried}),
+            "device": str(torch.device(device))}
+
+
+def _replay_layer(layer: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], records: dict) -> None:
+    """Put a layer that an interrupted run finished back in its compressed form: its recorded
+    modules made low-rank (or column-preserved) and every tensor the run wrote for it assigned."""
+    from component import ColumnPreservedLinear, LowRankLinear
+    from utils.model import _assign
+    for local, linear in target_linears(layer).items():
+        record = records.get(f"{name}.{local}")
+        if not record or "rank" not in record:
+            continue
+        with torch.device("meta"):
+            if record.get("columns_kept"):
+                module = ColumnPreservedLinear(linear.in_features, linear.out_features, int(record["rank"]),
+                                               int(record["columns_kept"]), bias=linear.bias is not None,
+                                               dtype=linear.weight.dtype)
+            else:
+                module = LowRankLinear(linear.in_features, linear.out_features, int(record["rank"]),
+                                       bias=linear.bias is not None, dtype=linear.weight.dtype)
+        set_submodule(layer, local, module)
+    local_tensors = {key[len(name) + 1:]: tensor for key, tensor in tensors.items()}
+    expected = layer.state_dict()
+    if set(local_tensors) != set(expected) or any(tuple(local_tensors[k].shape) != tuple(expected[k].shape)
+                                                  for k in expected):
+        raise PipelineError(f"cannot resume: the tensors the interrupted run wrote for {name} do not match its "
+                            f"records; rerun with --overwrite")
+    _assign(layer, local_tensors)
+
+
 def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions, device: torch.device | str,
                    stats: Statistics | None = None, windows: torch.Tensor | None = None,
-                   force_stats: bool = False) -> dict:
+                   force_stats: bool = False, writer=None) -> dict:
     """Step 3: apply `plan` to `model` in place, layer by layer, and return the record of what was
     done (the plan, per-module truncation losses, update errors and fallbacks, parameter counts).
 
     stats: step 1's statistics (needed unless whitening is 'none'); windows: the calibration
     windows carried through the walk when a pass needs activations (the update: its nsamples).
     force_stats: use statistics collected on other weights of the same architecture, with a
-    warning (Statistics.check_model)."""
+    warning (Statistics.check_model). writer: a utils.io.ShardedModelWriter; each layer is written
+    to it when done, and the layers an interrupted run wrote to it are taken from it instead of
+    being compressed again (with activations, they are run from the written tensors)."""
     check_supported(model)
     plan.validate(target_shapes(model))
     if stats is not None:
@@ -272,10 +322,29 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
         for compression_pass in passes:
             compression_pass(context)
 
+    prefix, generator = layer_prefix(model), passes[0].generator
+    start_layer, finished, replay = 0, None, None
+    if writer is not None:
+        if writer.state is not None:  # an interrupted run's layers: its records and where its random stream was
+            start_layer = writer.layers_done
+            records.update(writer.state["records"])
+            layer_records.update(writer.state["layer_records"])
+            generator.set_state(torch.tensor(writer.state["generator"], dtype=torch.uint8))
+
+        def finished(index: int, layer: torch.nn.Module) -> None:
+            writer.write_layer(index, layer.state_dict(prefix=f"{prefix}.{index}."),
+                               {"records": records, "layer_records": layer_records,
+                                "generator": generator.get_state().tolist()})
+
+        def replay(context: LayerContext) -> None:
+            _replay_layer(decoder_layers(model)[context.index], context.name, writer.layer_tensors(context.index),
+                          records)
+
     start = time.perf_counter()
     walk_layers(model, windows if needs_activations else None, device, apply,
                 desc="compress" + (f"+{options.update.to_dict()['method']}" if options.update else "")
-                + (f"+refine({options.refine.target})" if options.refine else ""), reference=needs_reference)
+                + (f"+refine({options.refine.target})" if options.refine else ""), reference=needs_reference,
+                finished=finished, start=start_layer, replay=replay)
     seconds = time.perf_counter() - start
     params_after = count_parameters(model)
     updates = [r["update"] for r in records.values() if "update" in r]
