@@ -1,0 +1,182 @@
+"""Weights streamed from disk, step 3's output written layer by layer, and resuming a killed run.
+
+An 8-layer tiny Llama saved as a sharded safetensors checkpoint: steps 1 and 3 must never hold
+more than two of its decoder layers in memory, the sharded output must load to the logits of
+the in-memory path, and a run killed after some layers, rerun, must give the bit-identical model.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import compress
+from tests.tiny_models import tiny_config
+from utils.io import load_compressed
+from utils.model import LayerStream, decoder_layers, layer_stream, load_all_layers, load_model
+
+LAYERS = 8
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory):
+    """An 8-layer tiny Llama (tied embeddings), saved in shards of about one layer."""
+    from transformers import AutoModelForCausalLM
+    config = tiny_config("llama")
+    config.num_hidden_layers = LAYERS
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("deep") / "llama8")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path, max_shard_size="100KB")
+    assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
+    return path
+
+
+def common(model: str, out: str, *extra: str) -> list[str]:
+    return ["--model", model, "--dataset", "random", "--whitening_nsamples", "4", "--model_seq_len", "16",
+            "--ratio", "0.4", "--device", "cpu", "--save_path", out, *extra]
+
+
+def all_tensors(path: str) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(path, name)))
+    if "lm_head.weight" in tensors and "model.embed_tokens.weight" not in tensors:
+        # the tied pair is stored once: safetensors' save_model keeps the head's name, the shards the embedding's
+        tensors["model.embed_tokens.weight"] = tensors.pop("lm_head.weight")
+    return tensors
+
+
+def assert_same_tensors(a: str, b: str) -> None:
+    first, second = all_tensors(a), all_tensors(b)
+    assert sorted(first) == sorted(second)
+    for name in first:
+        assert first[name].dtype == second[name].dtype and torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float16"])
+def test_streamed_model_is_the_loaded_model(deep_dir, dtype):
+    whole, _ = load_model(deep_dir, dtype)
+    streamed, _ = load_model(deep_dir, dtype, stream=True)
+    assert layer_stream(streamed) is not None
+    assert all(p.is_meta for p in decoder_layers(streamed).parameters())  # nothing of the layers read yet
+    assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
+    load_all_layers(streamed)
+    mine = {**dict(streamed.named_parameters()), **dict(streamed.named_buffers())}
+    theirs = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
+    assert sorted(mine) == sorted(theirs)
+    for name, tensor in theirs.items():
+        assert mine[name].dtype == tensor.dtype and torch.equal(mine[name], tensor), name
+
+
+def test_steps_1_and_3_hold_at_most_two_layers(deep_dir, tmp_path, monkeypatch):
+    real_at_load: list[int] = []
+    original_load = LayerStream.load
+
+    def counting_load(self, model, index):
+        original_load(self, model, index)
+        real_at_load.append(sum(not any(p.is_meta for p in layer.parameters()) for layer in decoder_layers(model)))
+
+    monkeypatch.setattr(LayerStream, "load", counting_load)
+    out = str(tmp_path / "out")
+    assert compress.main(["--step", "1,3", *common(deep_dir, out)]) == 0
+    assert len(real_at_load) == 2 * LAYERS  # every layer read from disk once by each step
+    assert max(real_at_load) <= 2
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert len(set(index["weight_map"].values())) == LAYERS + 1
+    assert not os.path.exists(os.path.join(out, "progress.json"))
+
+
+def test_sharded_output_is_the_in_memory_result(deep_dir, tmp_path):
+    """Streamed steps 1,3 (sharded output) against the same steps on the whole model in memory
+    (api calls, unsharded model.safetensors): the same tensors bit for bit, the same logits."""
+    from utils.io import save_compressed
+    from utils.pipeline import CompressOptions, compress_model, compression_block, profile_model
+    from utils.plan import Plan
+    from utils.data import calibration_windows
+    from utils.model import target_shapes
+    from methods import DecomposeOptions
+    out = str(tmp_path / "streamed")
+    assert compress.main(["--step", "1,3", *common(deep_dir, out)]) == 0
+    model, tokenizer = load_model(deep_dir)
+    windows = calibration_windows("random", None, 4, 16, 0, vocab_size=model.config.vocab_size)
+    stats = profile_model(model, windows, "cpu")
+    record = compress_model(model, Plan.uniform(target_shapes(model), 0.4), CompressOptions(DecomposeOptions()), "cpu", stats)
+    whole = str(tmp_path / "whole")
+    save_compressed(model, tokenizer, whole, compression_block(record, deep_dir, model, stats))
+    assert os.path.isfile(os.path.join(whole, "model.safetensors"))
+    assert_same_tensors(out, whole)
+    loaded, _, _ = load_compressed(out)
+    reference, _, _ = load_compressed(whole)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(loaded(ids).logits, reference(ids).logits)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+KILLER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import compress
+from utils.io import ShardedModelWriter
+write = ShardedModelWriter.write_layer
+def write_then_die(self, index, tensors, state):
+    write(self, index, tensors, state)
+    if index == {kill_after}:
+        os._exit(9)  # a kill: no cleanup runs
+ShardedModelWriter.write_layer = write_then_die
+sys.exit(compress.main({argv!r}))
+"""
+
+
+def killed_run(argv: list[str], kill_after: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", KILLER.format(repo=REPO, kill_after=kill_after, argv=argv)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 9, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("variant", [
+    ["--decomposition", "rsvd", "--rsvd_oversamples", "4"],  # its random stream goes on from where the killed run left it
+    ["--update", "closed_form", "--updating_nsamples", "4"],  # activations recomputed from the written layers
+])
+def test_killed_step3_resumes_bit_identically(deep_dir, tmp_path, capsys, variant):
+    stats = str(tmp_path / "stats")
+    assert compress.main(["--step", "1", *common(deep_dir, str(tmp_path / "unused"), "--stats_path", stats)]) == 0
+    step3 = ["--step", "3", *common(deep_dir, str(tmp_path / "out"), "--stats_path", stats, *variant)]
+    killed_run(step3, kill_after=2)
+    partials = [n for n in os.listdir(tmp_path) if n.startswith("out.partial-")]
+    assert len(partials) == 1 and not os.path.exists(tmp_path / "out")
+    progress = json.load(open(tmp_path / partials[0] / "progress.json"))
+    assert progress["layers_done"] == 3
+    capsys.readouterr()
+    assert compress.main(step3) == 0
+    assert "resuming: 3 of 8 layers" in capsys.readouterr().out
+    uninterrupted = ["--step", "3", *common(deep_dir, str(tmp_path / "ref"), "--stats_path", stats, *variant)]
+    assert compress.main(uninterrupted) == 0
+    assert_same_tensors(str(tmp_path / "out"), str(tmp_path / "ref"))
+    blocks = [json.load(open(tmp_path / d / "config.json"))["compression"] for d in ("out", "ref")]
+    for block in blocks:
+        block.pop("seconds", None)
+    assert blocks[0]["modules"] == blocks[1]["modules"]
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+
+
+def test_resume_with_other_arguments_is_refused_or_overwritten(deep_dir, tmp_path, capsys):
+    stats = str(tmp_path / "stats")
+    assert compress.main(["--step", "1", *common(deep_dir, str(tmp_path / "unused"), "--stats_path", stats)]) == 0
+    out = str(tmp_path / "out")
+    killed_run(["--step", "3", *common(deep_dir, out, "--stats_path", stats)], kill_after=1)
+    other = ["--step", "3", *common(deep_dir, out, "--stats_path", stats, "--whitening", "eigen")]
+    capsys.readouterr()
+    assert compress.main(other) == 2
+    error = capsys.readouterr().err
+    assert "options" in error and "--overwrite" in error and len(error.strip().splitlines()) == 1
+    assert len([n for n in os.listdir(tmp_path) if n.startswith("out.partial-")]) == 1  # kept
+    assert compress.main(other + ["--overwrite"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
