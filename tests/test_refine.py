@@ -454,4 +454,4 @@ def test_cli_anchored_plus_block_refinement_records_what_ran(tiny_dir, tmp_path)
     from utils.io import load_compressed
     model, _, _ = load_compressed(str(out))
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 14
-    assert os.path.isfile(out / "model.safetensors")
+    assert os.path.isfile(out / "model.safetensors.index.json")  # written layer by layer
