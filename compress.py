@@ -695,8 +695,10 @@ MODEL_STEPS = (3, 7, 8)  # the steps that produce a model and write it to --save
 def streams_layers(args: argparse.Namespace) -> bool:
     """Whether --model's decoder layers are read from disk one at a time (utils.model.LayerStream):
     when every step of the command goes layer by layer (1 and 3) and the output is a directory,
-    which step 3 writes layer by layer; other steps need the whole model in memory."""
-    return set(args.steps) <= {1, 3} and not (3 in args.steps and (args.save_path or "").endswith(".pt"))
+    which step 3 writes layer by layer; other steps (and step 1's --fisher backward) need the whole
+    model in memory."""
+    return (set(args.steps) <= {1, 3} and not (3 in args.steps and (args.save_path or "").endswith(".pt"))
+            and not args.fisher)
 
 
 def writes_model(args: argparse.Namespace, step: int) -> bool:
@@ -732,7 +734,8 @@ def run_profile(args: argparse.Namespace, session: Session):
     windows = _windows(args, session, args.whitening_nsamples)
     start = time.perf_counter()
     stats = profile_model(session.model, windows, args.device, stats_path_of(args),
-                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed}, fisher=args.fisher)
+                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed}, fisher=args.fisher,
+                          overwrite=args.overwrite)
     stats.close()
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
     print(f"profile: {stats.meta['num_layers']} layers, {stats.meta['tokens']} tokens -> {stats_path_of(args)} "

@@ -180,3 +180,38 @@ def test_resume_with_other_arguments_is_refused_or_overwritten(deep_dir, tmp_pat
     assert compress.main(other + ["--overwrite"]) == 0
     assert "resuming" not in capsys.readouterr().out
     assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+
+
+def test_killed_step1_resumes_bit_identically(deep_dir, tmp_path, capsys):
+    """Step 1 killed after its fourth layer's statistics were written: the rerun profiles the rest
+    (running the done layers only for their outputs) to the same files, byte for byte."""
+    killer = KILLER.replace("from utils.io import ShardedModelWriter", "import utils.pipeline as pipeline").replace(
+        """write = ShardedModelWriter.write_layer
+def write_then_die(self, index, tensors, state):
+    write(self, index, tensors, state)
+    if index == {kill_after}:
+        os._exit(9)  # a kill: no cleanup runs
+ShardedModelWriter.write_layer = write_then_die""", """progress = pipeline.write_progress
+def progress_then_die(directory, kind, identity, layers_done, state):
+    progress(directory, kind, identity, layers_done, state)
+    if layers_done == {kill_after} + 1:
+        os._exit(9)
+pipeline.write_progress = progress_then_die""")
+    stats = str(tmp_path / "stats")
+    argv = ["--step", "1", *common(deep_dir, str(tmp_path / "unused"), "--stats_path", stats)]
+    done = subprocess.run([sys.executable, "-c", killer.format(repo=REPO, kill_after=3, argv=argv)], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 9, done.stderr[-2000:]
+    partial = [n for n in os.listdir(tmp_path) if n.startswith("stats.partial-")]
+    assert len(partial) == 1 and json.load(open(tmp_path / partial[0] / "progress.json"))["layers_done"] == 4
+    capsys.readouterr()
+    assert compress.main(argv) == 0
+    assert "resuming: 4 of 8 layers" in capsys.readouterr().out
+    reference = str(tmp_path / "reference")
+    assert compress.main(["--step", "1", *common(deep_dir, str(tmp_path / "unused"), "--stats_path", reference)]) == 0
+    names = sorted(os.listdir(stats))
+    assert names == sorted(os.listdir(reference)) and "progress.json" not in names
+    for name in names:
+        if name.endswith(".safetensors"):
+            assert open(os.path.join(stats, name), "rb").read() == open(os.path.join(reference, name), "rb").read(), name
+    assert json.load(open(os.path.join(stats, "meta.json")))["streams"] == json.load(open(os.path.join(reference, "meta.json")))["streams"]

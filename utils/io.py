@@ -179,6 +179,43 @@ def _save_config_and_tokenizer(model: nn.Module, tokenizer, directory: str, comp
         tokenizer.save_pretrained(directory)
 
 
+def resumable(kind: str, identity: dict, overwrite: bool) -> Callable[[str], bool]:
+    """atomic_path's adopt for a run that writes layer by layer: a killed run's temporary is
+    continued when its progress.json is of this `kind` and records this `identity`; one of other
+    identity is refused in one line naming what differs (with `overwrite` it is removed instead)."""
+    def adopt(candidate: str) -> bool:
+        from utils.outputs import PROGRESS_FILE, OutputError
+        try:
+            progress = read_json(os.path.join(candidate, PROGRESS_FILE))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(progress, dict) or progress.get("kind") != kind or not isinstance(progress.get("identity"), dict):
+            return False
+        recorded = progress["identity"]
+        differ = [key for key in sorted(set(recorded) | set(identity)) if recorded.get(key) != identity.get(key)]
+        if not differ:
+            return True
+        if overwrite:
+            return False  # removed as a stale temporary: this run starts over
+        raise OutputError(f"{candidate} holds an interrupted run with other {', '.join(differ)} "
+                          f"({progress.get('layers_done')} layers done); rerun with the same arguments to resume it, "
+                          f"or pass --overwrite to start over")
+    return adopt
+
+
+def write_progress(directory: str, kind: str, identity: dict, layers_done: int, state: dict) -> None:
+    """The resume record of a run that writes layer by layer (see resumable), replaced atomically."""
+    from utils.outputs import PROGRESS_FILE
+    _write_text_atomically(os.path.join(directory, PROGRESS_FILE), json.dumps(
+        {"kind": kind, "identity": identity, "layers_done": layers_done, "state": state}, default=str))
+
+
+def read_progress(directory: str) -> dict | None:
+    from utils.outputs import PROGRESS_FILE
+    path = os.path.join(directory, PROGRESS_FILE)
+    return read_json(path) if os.path.isfile(path) else None
+
+
 class ShardedModelWriter:
     """A compressed model directory written as its decoder layers are finished: layer i into
     model-(i+1)-of-N.safetensors, the other tensors (embeddings, norm, head) into the last shard,
@@ -200,33 +237,16 @@ class ShardedModelWriter:
         self._stack: contextlib.ExitStack | None = None
         self._finished = False
 
-    def _progress_path(self, directory: str | None = None) -> str:
+    def _progress_path(self) -> str:
         from utils.outputs import PROGRESS_FILE
-        return os.path.join(directory or self.temporary, PROGRESS_FILE)
-
-    def _adopt(self, candidate: str) -> bool:
-        from utils.outputs import OutputError
-        try:
-            progress = read_json(self._progress_path(candidate))
-        except (OSError, ValueError):
-            return False
-        if progress.get("kind") != "model" or not isinstance(progress.get("identity"), dict):
-            return False
-        recorded = progress["identity"]
-        differ = [key for key in sorted(set(recorded) | set(self.identity)) if recorded.get(key) != self.identity.get(key)]
-        if not differ:
-            return True
-        if self.overwrite:
-            return False  # removed as a stale temporary: this run starts over
-        raise OutputError(f"{candidate} holds an interrupted run of other {', '.join(differ)} "
-                          f"({progress.get('layers_done')} layers done); rerun with the same arguments to resume it, "
-                          f"or pass --overwrite to start over")
+        return os.path.join(self.temporary, PROGRESS_FILE)
 
     def __enter__(self) -> "ShardedModelWriter":
         self._stack = contextlib.ExitStack()
-        self.temporary = self._stack.enter_context(atomic_path(self.path, adopt=self._adopt))
-        if os.path.isfile(self._progress_path()):
-            progress = read_json(self._progress_path())
+        self.temporary = self._stack.enter_context(
+            atomic_path(self.path, adopt=resumable("model", self.identity, self.overwrite)))
+        progress = read_progress(self.temporary) if os.path.isdir(self.temporary) else None
+        if progress is not None:
             self.layers_done, self.state = int(progress["layers_done"]), progress.get("state")
             print(f"resuming: {self.layers_done} of {self.num_layers} layers were done by an interrupted run "
                   f"({self.temporary})")
@@ -252,8 +272,7 @@ class ShardedModelWriter:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()},
                   os.path.join(self.temporary, self.shard_name(index + 1)), metadata={"format": "pt"})
         self.layers_done, self.state = index + 1, state
-        _write_text_atomically(self._progress_path(), json.dumps(
-            {"kind": "model", "identity": self.identity, "layers_done": self.layers_done, "state": state}))
+        write_progress(self.temporary, "model", self.identity, self.layers_done, state)
 
     def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors written for layer `index` (by this run or the interrupted one)."""

@@ -232,16 +232,13 @@ def walk_layers(model: nn.Module, windows: torch.Tensor | None, device: torch.de
                 context.reference_inputs = reference_inputs
                 context.reference_outputs = run_layer(layer, reference_inputs, layer_args[index])
             if done_before:
-                if restore is not None:  # replay puts the done layer in place on `offload`, not the device copy
-                    restore()
-                    restore = None
-                    context.layer = layer = layers[index]
                 outputs = None
-                if replay is not None:
+                if replay is not None:  # the done layer is put in place on `offload`, then copied to the device
+                    restore()
+                    context.layer = layers[index]
                     replay(context)
-                    layer = layers[index]
-                    restore = copies_to(layer, device)
-                    context.layer = layer
+                    restore = copies_to(layers[index], device)
+                    context.layer = layer = layers[index]
             else:
                 outputs = fn(context)
             if windows is not None:

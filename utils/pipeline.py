@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from methods import (AnchoredOptions, AnchoredUpdate, ClosedFormUpdate, Decompose, DecomposeOptions, Refine,
                      RefineOptions, UpdateOptions)
-from utils.io import atomic_path, read_json, write_json
+from utils.io import atomic_path, read_json, read_progress, resumable, write_json, write_progress
 from utils.outputs import recover_interrupted_swap
 from utils.layerwise import LayerContext, walk_layers
 from utils.model import (check_supported, count_parameters, decoder_layers, dtype_name, layer_prefix,
@@ -142,13 +142,16 @@ def _check_finite(collector: LayerStatsCollector, layer_name: str, dtype: torch.
 
 def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.device | str,
                   path: str | None = None, meta: dict | None = None,
-                  gram_dtype: torch.dtype = torch.float32, fisher: bool = False) -> Statistics:
+                  gram_dtype: torch.dtype = torch.float32, fisher: bool = False, overwrite: bool = False) -> Statistics:
     """Step 1: Gram / |x| statistics of every distinct input of every target linear, layer by
     layer. Written atomically to `path` when given (layer i's file is written in the background
     while layer i+1 runs), else kept in memory. `meta` adds fields (data set, seed) to meta.json.
     Grams are summed in float64 and stored in `gram_dtype` (float32 halves the files; float64
     for exact checks). fisher: also ASVD's fisher information (utils.fisher), on the same
-    windows, stored beside them (FISHER_FILE, meta["fisher"])."""
+    windows, stored beside them (FISHER_FILE, meta["fisher"]). A run killed while writing `path`
+    is continued by the next one with the same model, windows and options from its first layer
+    not written (the earlier layers are only run, for their outputs); other inputs are refused
+    unless `overwrite`, which starts over."""
     check_supported(model)
     model_dtype = next(model.parameters()).dtype
     streams: dict[str, dict[str, str]] = {}
@@ -175,14 +178,20 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
             return outputs
         if pending:  # bounds the memory held to two layers' statistics; re-raises a failed write
             pending.pop().result()
-        pending.append(writer.submit(save_file, tensors, os.path.join(directory, f"layer_{context.index:04d}.safetensors")))
+        pending.append(writer.submit(save_layer, tensors, directory, context.index, dict(streams)))
         return outputs
+
+    def save_layer(tensors: dict, directory: str, index: int, streams_so_far: dict) -> None:
+        save_file(tensors, os.path.join(directory, f"layer_{index:04d}.safetensors"))
+        write_progress(directory, "stats", identity, index + 1, {"streams": streams_so_far})
 
     def collect_fisher() -> dict[str, torch.Tensor] | None:
         if not fisher:
             return None
         from utils.fisher import fisher_information
         start = time.perf_counter()
+        from utils.model import load_all_layers
+        load_all_layers(model)  # the backward pass needs every layer (not streamed from disk)
         values, summary = fisher_information(model, windows, device)
         full_meta["fisher"] = {**summary, "seconds": round(time.perf_counter() - start, 3)}
         return values
@@ -190,10 +199,21 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
     if path is None:
         walk_layers(model, windows, device, lambda c: collect(c, None), desc="profile", changes_weights=False)
         return Statistics(full_meta, layers=layers, fisher=collect_fisher())
-    with atomic_path(path) as temporary:
-        os.makedirs(temporary)
+    identity = {"model weights": full_meta["weights_fingerprint"]["sha1"], "dtype": full_meta["dtype"],
+                "calibration windows": tensors_digest({"windows": windows}), "options": _json_digest(
+                    {k: v for k, v in full_meta.items() if k not in ("weights_fingerprint", "streams")}),
+                "fisher": fisher, "device": str(torch.device(device))}
+    with atomic_path(path, adopt=resumable("stats", identity, overwrite)) as temporary:
+        progress = read_progress(temporary) if os.path.isdir(temporary) else None
+        if progress is None:
+            os.makedirs(temporary, exist_ok=True)
+        else:
+            streams.update(progress["state"]["streams"])
+            print(f"resuming: {progress['layers_done']} of {full_meta['num_layers']} layers were profiled by an "
+                  f"interrupted run ({temporary})")
         try:
-            walk_layers(model, windows, device, lambda c: collect(c, temporary), desc="profile", changes_weights=False)
+            walk_layers(model, windows, device, lambda c: collect(c, temporary), desc="profile", changes_weights=False,
+                        start=progress["layers_done"] if progress else 0)
             for future in pending:
                 future.result()
         finally:
@@ -202,6 +222,7 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
         if fisher_values is not None:
             save_file(fisher_values, os.path.join(temporary, FISHER_FILE))
         write_json(os.path.join(temporary, STATS_META), full_meta)
+        os.remove(os.path.join(temporary, "progress.json"))
     return Statistics.open(path)
 
 
