@@ -215,3 +215,14 @@ pipeline.write_progress = progress_then_die""")
         if name.endswith(".safetensors"):
             assert open(os.path.join(stats, name), "rb").read() == open(os.path.join(reference, name), "rb").read(), name
     assert json.load(open(os.path.join(stats, "meta.json")))["streams"] == json.load(open(os.path.join(reference, "meta.json")))["streams"]
+
+
+def test_sharded_output_loads_with_remote_code(deep_dir, tmp_path):
+    """transformers itself reads the sharded directory through modeling_svd_compress.py."""
+    from transformers import AutoModelForCausalLM
+    out = str(tmp_path / "out")
+    assert compress.main(["--step", "1,3", *common(deep_dir, out)]) == 0
+    ours, _, _ = load_compressed(out)
+    theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(ours(ids).logits, theirs(ids).logits)

@@ -592,6 +592,7 @@ def _load_streamed(directory: str, weight_map: dict[str, str], dtype: torch.dtyp
         for key, value in fresh.named_buffers(recurse=False):
             module._buffers[key] = value
     model.tie_weights()
+    model.config._name_or_path = directory  # as from_pretrained records it
     setattr(model, STREAM_ATTRIBUTE, stream)
     return model
 
