@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -255,3 +256,6 @@ def walk_layers(model: nn.Module, windows: torch.Tensor | None, device: torch.de
             finished(index, layers[index])
         if stream is not None:
             stream.release(model, index)
+            # a pass's hooks and collectors form reference cycles: collect them now, so that one
+            # layer's float64 statistics are not still held when the next layer's are summed
+            gc.collect()
