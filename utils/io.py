@@ -281,7 +281,6 @@ class ShardedModelWriter:
 
     def finish(self, model: nn.Module, tokenizer, compression: dict) -> None:
         """Write the non-layer tensors, the index, config and tokenizer, and rename into place."""
-        from safetensors import safe_open
         from safetensors.torch import save_file
         from utils.model import layer_prefix
         if self.layers_done != self.num_layers:
@@ -298,13 +297,10 @@ class ShardedModelWriter:
             rest[name] = tensor.detach().contiguous()
         save_file(rest, os.path.join(self.temporary, self.shard_name(self.num_layers + 1)), metadata={"format": "pt"})
         weight_map, total = {}, 0
-        for number in range(1, self.num_layers + 2):
-            with safe_open(os.path.join(self.temporary, self.shard_name(number)), framework="pt") as handle:
-                for name in handle.keys():
-                    weight_map[name] = self.shard_name(number)
-        for name, nbytes in ((n, b) for number in range(1, self.num_layers + 2)
-                             for n, b in safetensors_tensor_bytes(os.path.join(self.temporary, self.shard_name(number))).items()):
-            total += nbytes
+        for number in range(1, self.num_layers + 2):  # from the headers: no tensor is read back
+            for name, nbytes in safetensors_tensor_bytes(os.path.join(self.temporary, self.shard_name(number))).items():
+                weight_map[name] = self.shard_name(number)
+                total += nbytes
         with open(os.path.join(self.temporary, INDEX_FILE), "w", encoding="utf-8") as handle:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2)
         _save_config_and_tokenizer(model, tokenizer, self.temporary, compression)
