@@ -46,6 +46,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -342,7 +343,9 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     torch.manual_seed(options.seed + FACTORS.index(factor))  # adapter init (A random, B zero) and dropout
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=targets, bias="none")
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     try:
         record = _train_adapters(peft_model, factor, len(targets), examples, options, device, pad_id, progress)
     except BaseException:  # an interrupted stage leaves the model as it was: adapters dropped unmerged

@@ -385,3 +385,14 @@ def test_column_preserved_layers_train_their_factors_and_keep_their_columns():
         u, v, c = before[name]
         assert not torch.equal(module.u.weight, u) and not torch.equal(module.v.weight, v)
         assert torch.equal(module.c.weight, c)
+
+
+def test_a_stage_warns_nothing():
+    # peft's get_peft_model read transformers' deprecated is_gradient_checkpointing: a FutureWarning
+    # at every step 7 that the user cannot act on
+    import warnings
+    model, _ = low_rank()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora.sequential_lora(model, NoTokenizer(), pattern_examples(), options(max_steps=1), progress=False)
+    assert [str(w.message) for w in caught] == []
