@@ -197,3 +197,51 @@ def test_saved_tokenizer_loads_without_a_prompt(no_prompt, tmp_path):
     _, loaded, _ = load_compressed(path)
     assert loaded is not None and loaded("hello world")["input_ids"] == [1, 2]
     assert no_prompt == []  # AutoTokenizer reads config.json too: it must not offer to run the code
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def _run_quiet(code: str, tmp_path) -> tuple[str, str]:
+    """Run `code` in a fresh interpreter with stdin closed (a prompt would read EOF) and a timeout
+    (a prompt waiting on a terminal would hang); (stdout, stderr)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
+
+
+def test_loading_a_compressed_model_prints_nothing(tmp_path):
+    # every load used to log transformers' "You are using a model of type `svd_compress_llama` to
+    # instantiate a model of type ``" (AutoTokenizer falling back to a generic config)
+    model, compression = make_low_rank("llama")
+    path = str(tmp_path / "quiet")
+    save_compressed(model, _word_tokenizer(), path, compression)
+    out, err = _run_quiet(f"from utils.io import load_compressed\n"
+                          f"_, t, _ = load_compressed({path!r})\nprint(t('hello world')['input_ids'])", tmp_path)
+    assert out.strip() == "[1, 2]"
+    assert err == ""
+
+
+def test_exported_tokenizer_loads_without_remote_code_or_prompt(tmp_path):
+    # README's sharing line: the directory's tokenizer through a concrete tokenizer class, which
+    # reads the tokenizer files only (AutoTokenizer reads config.json, whose auto_map asks y/N)
+    tokenizer = _word_tokenizer()
+    model, compression = make_low_rank("llama")
+    path = str(tmp_path / "shared")
+    save_compressed(model, tokenizer, path, compression)
+    out, err = _run_quiet(f"from transformers import PreTrainedTokenizerFast\n"
+                          f"t = PreTrainedTokenizerFast.from_pretrained({path!r})\n"
+                          f"print(t('hello world there')['input_ids'])", tmp_path)
+    assert out.strip() == str(tokenizer("hello world there")["input_ids"]) == "[1, 2, 0]"
+    assert err == ""

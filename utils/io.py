@@ -272,7 +272,7 @@ def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
         except (SafetensorError, OSError, ValueError) as error:
             raise CompressedModelError(f"{path}/model.safetensors is damaged or truncated ({error}); "
                                        f"rerun step 3") from None
-        tokenizer = _load_saved_tokenizer(path)
+        tokenizer = _load_saved_tokenizer(path, config_dict)
     if dtype is None:
         dtype = _model_dtype(state, compression)
     model = build_low_rank_model(config_dict, compression, dtype)
@@ -280,12 +280,13 @@ def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
     return model, tokenizer, compression
 
 
-def _load_saved_tokenizer(path: str):
+def _load_saved_tokenizer(path: str, config_dict: dict):
     from transformers import AutoTokenizer
     try:
-        # AutoTokenizer reads config.json through AutoConfig, which would offer to run the
-        # directory's remote code (an interactive y/N prompt); the tokenizer files alone suffice
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        # given the base config, AutoTokenizer does not read config.json: through AutoConfig that
+        # would offer to run the directory's remote code (an interactive y/N prompt) and, refused,
+        # warn that a model of type svd_compress_<base> instantiates a generic config
+        return AutoTokenizer.from_pretrained(path, config=_config_from_dict(config_dict))
     except (OSError, ValueError):
         return None
 
