@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_path", "--output_dir", dest="save_path", default=None,
                    help="output of step 3 (7, 8): a directory or a NAME.pt file (--output_dir: SVD-LLM's LoRA.py name)")
     g.add_argument("--stats_path", default=None,
-                   help="where step 1 writes and step 3 reads statistics (default: SAVE_PATH/stats)")
+                   help="where step 1 writes and step 3 reads statistics (default: SAVE_PATH.stats beside the model; "
+                        "SAVE_PATH/stats of earlier versions is still read)")
     g.add_argument("--force_stats", action="store_true",
                    help="steps 2-3: use statistics whose weight fingerprint (first and last decoder layers, recorded "
                         "by step 1) differs from the model's, with a warning; without it they are refused. The "
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype the model runs in: auto = the checkpoint's own (GGUF: float32; a compressed "
                         "model: the dtype it was saved in); statistics and decompositions are float32/64 regardless")
+    g.add_argument("--save_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype steps 3, 7 and 8 write the model in (the computation keeps --dtype): auto = the "
+                        "dtype it ran in, except a GGUF source (de-quantised to float32, no dtype of its own): "
+                        "bfloat16")
     g.add_argument("--device", "--DEV", dest="device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     g.add_argument("--num_layers", type=int, default=None,
@@ -257,13 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_stats_path(save_path: str) -> str:
-    if save_path.endswith(".pt"):
-        return save_path[:-3] + ".stats"
-    return os.path.join(save_path, "stats")
+    """Beside the model, never inside it (the directory is what gets shared): NAME.stats for
+    NAME.pt and for a directory NAME."""
+    save_path = save_path.rstrip("/" + os.sep) or save_path
+    return (save_path[:-3] if save_path.endswith(".pt") else save_path) + ".stats"
 
 
 def stats_path_of(args: argparse.Namespace) -> str:
-    return args.stats_path or default_stats_path(args.save_path)
+    if args.stats_path:
+        return args.stats_path
+    path = default_stats_path(args.save_path)
+    # earlier versions wrote SAVE_PATH/stats: read it there while no step 1 writes the new place
+    inside = os.path.join(args.save_path, "stats")
+    if (1 not in getattr(args, "steps", ()) and not os.path.exists(path)
+            and os.path.isfile(os.path.join(inside, "meta.json"))):
+        return inside
+    return path
 
 
 def plan_path_of(args: argparse.Namespace) -> str:
@@ -314,7 +328,7 @@ def validate(args: argparse.Namespace) -> None:
     source = resolve_model(args.model) if needs_base else None
     if steps & {1, 3} and not args.save_path and not (steps == {1} and args.stats_path):
         raise UsageError("--save_path is required: step 3 writes the model there and step 1 the "
-                         "statistics to SAVE_PATH/stats (or give --stats_path)")
+                         "statistics to SAVE_PATH.stats (or give --stats_path)")
     if 2 in steps and args.allocation != "uniform":
         if args.whitening == "none" and args.allocation != "asvd":
             raise UsageError(f"--allocation {args.allocation} ranks matrices by their whitened truncation loss: "
@@ -326,7 +340,7 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--v2_max_shift {args.v2_max_shift}: must be in (0, 1), e.g. 0.15")
     if 2 in steps and not (args.save_path or args.stats_path or args.plan):
         raise UsageError("step 2 writes the plan to --plan, or next to the statistics "
-                         "(--stats_path, or SAVE_PATH/stats): give one of them")
+                         "(--stats_path, or SAVE_PATH.stats): give one of them")
     if steps & {1} or (3 in steps and _needs_calibration_windows(args)):
         validate_dataset(args.dataset)
     if 3 in steps and 1 not in steps and (args.whitening != "none" or args.scaling != "none"):
@@ -665,6 +679,7 @@ class Session:
     compression: dict | None = None  # None: the model is the original
     timings: dict = field(default_factory=dict)
     placement: object = None  # where evaluation put the model (evaluater.place_for_evaluation)
+    dequantized: bool = False  # the model is a GGUF file de-quantised to float32 (--dtype auto)
 
 
 def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: bool = False) -> Session:
@@ -683,6 +698,8 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
         session.model, session.tokenizer, session.compression = model, tokenizer, compression
     else:
         session.model, session.tokenizer = load_model(args.model, args.dtype, args.seed, args.num_layers)
+        from utils.model import resolve_model
+        session.dequantized = args.dtype == "auto" and bool(resolve_model(args.model).gguf_file)
     session.timings["load_s"] = round(time.perf_counter() - start, 3)
     return session
 
@@ -696,6 +713,14 @@ def writes_model(args: argparse.Namespace, step: int) -> bool:
     return step == max(s for s in args.steps if s in MODEL_STEPS)
 
 
+def save_dtype_of(args: argparse.Namespace, session: Session):
+    """--save_dtype as a torch dtype; None keeps the model's own (auto, except a de-quantised GGUF)."""
+    from utils.model import DEQUANTIZED_SAVE_DTYPE, DTYPES
+    if args.save_dtype != "auto":
+        return DTYPES[args.save_dtype]
+    return DEQUANTIZED_SAVE_DTYPE if session.dequantized else None
+
+
 def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
     """Write the session's model to --save_path if `step` is the command's last model step."""
     from utils.io import save_compressed
@@ -705,7 +730,7 @@ def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
               f"{later[-1]} writes {args.save_path})")
         return False
     start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
+    save_compressed(session.model, session.tokenizer, args.save_path, session.compression, save_dtype_of(args, session))
     session.timings["save_s"] = round(time.perf_counter() - start, 3)
     return True
 

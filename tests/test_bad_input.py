@@ -138,7 +138,7 @@ def test_uncompressed_directory_is_not_a_compressed_model(tiny_dir):
 
 def test_statistics_of_another_model_are_refused(compressed_dir, tmp_path, capsys):
     other = save_tiny_model("qwen2", str(tmp_path))
-    rc = compress.main(["--step", "3", "--model", other, "--stats_path", os.path.join(compressed_dir, "stats"),
+    rc = compress.main(["--step", "3", "--model", other, "--stats_path", compressed_dir + ".stats",
                         "--save_path", str(tmp_path / "out"), "--device", "cpu"])
     assert rc == 2
     assert "rerun step 1" in capsys.readouterr().err

@@ -124,9 +124,21 @@ def read_json(path: str) -> dict:
         return json.load(handle)
 
 
-def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -> None:
-    """Write a compressed model (directory, or a single .pt file) atomically."""
+def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
+                    dtype: torch.dtype | None = None) -> None:
+    """Write a compressed model (directory, or a single .pt file) atomically.
+
+    `dtype` (None: the model's own) casts the model's floating parameters in place before writing,
+    so the model in memory is the one written; `compression` then records it (dtype, and the
+    dtype it was compressed in as compressed_dtype)."""
     from safetensors.torch import save_model
+    from utils.model import cast_parameters, dtype_name
+    if dtype is not None and dtype_name(dtype) != compression.get("dtype", dtype_name(dtype)):
+        compression["compressed_dtype"] = compression["dtype"]
+        compression["dtype"] = dtype_name(dtype)
+    if dtype is not None:
+        cast_parameters(model, dtype)
+        model.config.dtype = dtype  # config.json's dtype: what from_pretrained(dtype="auto") builds
     config = model.config.to_dict()
     config["compression"] = compression
     with atomic_path(path) as temporary:

