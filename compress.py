@@ -157,9 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "parameters when that lowers a matrix's whitened truncation error by over 1%% (needs whitening)")
     d.add_argument("--decomposition", default="svd", choices=["svd", "rsvd"], help="exact or randomized SVD")
     d.add_argument("--rsvd_oversamples", type=int, default=DEFAULT_OVERSAMPLES,
-                   help="randomized SVD: extra sketch columns (default %(default)s; with the default "
-                        "--rsvd_n_iter: at least 2x faster than exact SVD at under 1%% extra truncation loss, "
-                        "scripts/results/bench_rsvd_cpu.json)")
+                   help="randomized SVD: extra sketch columns (default %(default)s; speed and extra truncation loss "
+                        "with the default --rsvd_n_iter: README, scripts/results/bench_rsvd_cpu.json)")
     d.add_argument("--rsvd_n_iter", type=int, default=DEFAULT_N_ITER,
                    help="randomized SVD: power iterations (default %(default)s)")
     d.add_argument("--svd_dtype", default="float32", choices=["float32", "float64"],
@@ -169,15 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(falls back to the default driver), LAPACK on CPU")
     d.add_argument("--update", default="none", choices=["none", "closed_form", "anchored"],
                    help="closed-form update of u against the original layer outputs (SVD-LLM step 2), refit in "
-                        "the layer's execution order on --updating_nsamples windows. On SmolLM2-135M (held-back WikiText-2 "
-                        "slice, docs/evaluation.md) it lowered perplexity at 40%% and 60%% removed (144.7 vs 167.4, "
-                        "385.2 vs 605.2) and RAISED it at 20%% (76.4 vs 70.6): measure it on your model")
+                        "the layer's execution order on --updating_nsamples windows. It can RAISE perplexity "
+                        "(docs/evaluation.md, docs/refinement.md): measure it on your model")
     d.add_argument("--anchor_alpha", type=float, default=None,
                    help="--update anchored (AA-SVD's fit, docs/refinement.md): each matrix refit in data-flow order to "
                         "alpha x the original model's outputs + (1 - alpha) x its own outputs on the compressed model's "
                         "inputs; 0 = whitening on the compressed stream, 1 = the original outputs (default "
-                        f"{DEFAULT_ANCHOR_ALPHA:g}: on SmolLM2-135M it beat whitening at 60%% removed, 0.83x its perplexity, "
-                        "and no alpha did at 20%%; docs/refinement.md)")
+                        f"{DEFAULT_ANCHOR_ALPHA:g}; what each alpha measured: docs/refinement.md)")
     d.add_argument("--anchor_holdout", type=float, default=None,
                    help="--update anchored: hold out this fraction of the --updating_nsamples windows and keep each "
                         "matrix's fit only where it lowers the error on them, as the closed-form update does "
@@ -192,9 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer's outputs on the original stream); matrix = GSVD's per-matrix u, v refinement (to "
                         "the original matrix's outputs on the inputs it sees)")
     r.add_argument("--refine_epochs", type=int, default=2,
-                   help="block: epochs over the windows (AA-SVD uses 25; on SmolLM2-135M at 60%% removed 8 epochs "
-                        "gave 0.66x the perplexity of 2, at 2.8x the time; more windows helped more than more "
-                        "epochs: docs/refinement.md)")
+                   help="block: epochs over the windows (AA-SVD uses 25; more epochs against more windows: "
+                        "docs/refinement.md)")
     r.add_argument("--gradient_iters", "--gradient-iters", dest="gradient_iters", type=int, default=500,
                    help="matrix: optimiser steps per matrix (GSVD's --gradient-iters, an alias)")
     r.add_argument("--refine_lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0.01)")
