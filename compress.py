@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", "--calib_dataset", dest="dataset", default="wikitext2",
                    help="calibration data: wikitext2, ptb, c4, pydoc (offline), random, or a local file "
                         "(.json/.jsonl with 'text', else plain text); a slice such as FILE[0:0.8] takes "
-                        "that fraction of its lines. --calib_dataset is ASVD's name for it")
+                        "that fraction of its lines. Chat data: .json/.jsonl rows with instruction/input/output "
+                        "(Alpaca) or a messages list, rendered with the chat template and packed as whole "
+                        "conversations (a slice takes a fraction of the rows). --calib_dataset is ASVD's name")
     c.add_argument("--whitening_nsamples", "--n_calib_samples", dest="whitening_nsamples", type=int, default=256,
                    help="calibration windows for step 1 (--n_calib_samples is ASVD's name for it)")
     c.add_argument("--fisher", action="store_true",
@@ -339,7 +341,7 @@ def validate(args: argparse.Namespace) -> None:
                              f"(no 'compression' block in its config.json); pass a base model with --model")
     if steps & {4, 5}:
         for spec in args.eval_datasets.split(","):
-            validate_dataset(spec)
+            validate_dataset(spec, text_only=True)
     _validate_tasks_generation_placement(args, steps)
     if 7 in steps:
         from lora import LoraError, validate_args
@@ -672,19 +674,28 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
 
 
 def _windows(args: argparse.Namespace, session: Session, nsamples: int):
-    from utils.data import calibration_windows
-    return calibration_windows(args.dataset, session.tokenizer, nsamples, args.model_seq_len, args.seed,
-                               vocab_size=session.model.config.vocab_size)
+    """(windows, what they are) of --dataset: every step that calibrates draws them here."""
+    from utils.data import calibration_data
+    windows, info = calibration_data(args.dataset, session.tokenizer, nsamples, args.model_seq_len, args.seed,
+                                     vocab_size=session.model.config.vocab_size)
+    if info["kind"] == "chat":
+        packing = info["packing"]
+        print(f"calibration: {windows.shape[0]} windows of {args.model_seq_len} tokens from {info['rows']} "
+              f"{info['format']} rows ({info['template']}): {packing['whole']} whole conversations, "
+              f"{packing['longer_than_window']} cut at a window's end, {packing['tail_fillers']} window tails "
+              f"filled by a cut conversation ({packing['tail_filler_tokens']} tokens)")
+    return windows, info
 
 
 def run_profile(args: argparse.Namespace, session: Session):
     """Step 1: statistics of the calibration windows, written to the statistics path."""
     from utils.pipeline import profile_model
     ensure_model(args, session)
-    windows = _windows(args, session, args.whitening_nsamples)
+    windows, data = _windows(args, session, args.whitening_nsamples)
     start = time.perf_counter()
     stats = profile_model(session.model, windows, args.device, stats_path_of(args),
-                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed}, fisher=args.fisher)
+                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed, "data": data},
+                          fisher=args.fisher)
     stats.close()
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
     print(f"profile: {stats.meta['num_layers']} layers, {stats.meta['tokens']} tokens -> {stats_path_of(args)} "
@@ -747,7 +758,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
                                      args.scaling, args.alpha, svd_dtype=DTYPES[args.svd_dtype],
                                      svd_driver=args.svd_driver)
         needs_windows = args.sensitivity_metric != "stable_rank" or args.ppl_target is not None
-        windows = _windows(args, session, args.sensitivity_nsamples) if needs_windows else None
+        windows = _windows(args, session, args.sensitivity_nsamples)[0] if needs_windows else None
         path = sensitivity_path_of(args)
         start = time.perf_counter()
         try:
@@ -807,7 +818,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
                          alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve),
         _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
-    windows = _windows(args, session, options.nsamples) if options.nsamples else None
+    windows, data = _windows(args, session, options.nsamples) if options.nsamples else (None, None)
     try:
         record = compress_model(session.model, plan, options, args.device, stats, windows)
     finally:
@@ -817,6 +828,9 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     session.timings["compress_s"] = record.pop("seconds")
     compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
                                     plan_source, is_random_spec(args.model))
+    if data is not None:  # the windows of the update / refinement
+        compression["calibration_windows"] = {**data, "nsamples": int(windows.shape[0]),
+                                              "seq_len": int(windows.shape[1])}
     session.compression = compression
     start = time.perf_counter()
     save_compressed(session.model, session.tokenizer, args.save_path, compression)
@@ -879,10 +893,10 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     from utils.presets import is_random_spec
     ensure_model(args, session, prefer_compressed=True)
     options = _quantize_options(args)
-    windows = _windows(args, session, args.nsamples) if options.needs_activations else None
+    windows, data = _windows(args, session, args.nsamples) if options.needs_activations else (None, None)
     try:
         record = quantize_model(session.model, options, args.device, windows,
-                                {"dataset": args.dataset, "seed": args.seed})
+                                {"dataset": args.dataset, "seed": args.seed, "data": data})
     except QuantizeError as error:
         raise PipelineError(str(error)) from None
     session.timings["quantize_s"] = record.pop("seconds")

