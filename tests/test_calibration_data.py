@@ -156,3 +156,90 @@ def test_smollm2_chat_template_windows_hold_the_answers(tmp_path):
     text = tokenizer.decode(windows[0])
     assert "<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>" in text
     assert "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n2 + 3 = 5.<|im_end|>" in text
+
+
+# ---------------------------------------------------------------------------------------- self-calibration
+
+def self_data(model, tokenizer, seed=0, cache_dir=None, **settings):
+    from utils.self_calibration import SelfCalibrationOptions, self_calibration_data
+    options = SelfCalibrationOptions(**{"batch_size": 2, **settings})
+    return self_calibration_data(model, tokenizer, 4, 24, seed, options, "cpu", cache_dir, progress=False)
+
+
+def test_self_calibration_is_seeded_and_starts_from_the_chat_template(chat_tokenizer):
+    from tests.tiny_models import tiny_model
+    model = tiny_model("llama")
+    ids, info = self_data(model, chat_tokenizer)
+    again, _ = self_data(model, chat_tokenizer)
+    other, _ = self_data(model, chat_tokenizer, seed=1)
+    assert ids.shape == (4, 24) and torch.equal(ids, again) and not torch.equal(ids, other)
+    start = "<|user|><|end|>"  # an empty user turn (the template has no assistant header to add)
+    assert all(chat_tokenizer.decode(row).startswith(start) for row in ids)
+    assert len({tuple(row[len(start):].tolist()) for row in ids}) == 4  # four different continuations
+    assert info["kind"] == "self" and info["settings"]["seed"] == 0 and info["settings"]["top_p"] == 0.95
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])  # rotary and learned absolute positions
+def test_self_calibration_batches_prompts_of_different_lengths_as_if_alone(family):
+    """Left padding is masked and positions start after it: at a near-zero temperature (greedy) a
+    row of a padded batch is the same as the row generated alone."""
+    from tests.tiny_models import tiny_model
+    from utils.self_calibration import SelfCalibrationOptions, generate_sequences
+    model = tiny_model(family)
+    with torch.no_grad():  # larger weights: greedy continuations that do not repeat one token
+        for parameter in model.parameters():
+            parameter.mul_(3)
+    starts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [40, 41, 42, 43]]
+    greedy = SelfCalibrationOptions(1e-4, 1e-4, batch_size=3)
+    batched = generate_sequences(model, starts, 16, greedy, 0, "cpu", progress=False)
+    alone = torch.cat([generate_sequences(model, [s], 16, greedy, 0, "cpu", progress=False) for s in starts])
+    assert torch.equal(batched, alone)
+    assert batched[1, :2].tolist() == [3, 4] and len(set(batched[2, 4:].tolist())) > 5
+
+
+def test_self_calibration_is_cached_for_the_same_settings_and_weights(chat_tokenizer, tmp_path, monkeypatch):
+    from tests.tiny_models import tiny_model
+    from utils import self_calibration
+    model = tiny_model("llama")
+    calls = []
+    generate = self_calibration.generate_sequences
+    monkeypatch.setattr(self_calibration, "generate_sequences", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    ids, info = self_data(model, chat_tokenizer, cache_dir=str(tmp_path))
+    assert len(calls) == 1 and not info["cached"] and (tmp_path / self_calibration.CACHE_FILE).is_file()
+    cached, info = self_data(model, chat_tokenizer, cache_dir=str(tmp_path))
+    assert len(calls) == 1 and info["cached"] and torch.equal(cached, ids)
+    self_data(model, chat_tokenizer, cache_dir=str(tmp_path), top_p=0.9)  # other settings: generated anew
+    assert len(calls) == 2
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)  # other weights (lm_head is tied to the embedding)
+    self_data(model, chat_tokenizer, cache_dir=str(tmp_path), top_p=0.9)
+    assert len(calls) == 3
+
+
+def test_cli_self_calibration_generates_once_and_records_its_settings(tiny_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+    from transformers import AutoTokenizer
+    from utils import self_calibration
+    model_dir = tmp_path / "tiny-chat"
+    shutil.copytree(tiny_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(str(model_dir))
+    calls = []
+    generate = self_calibration.generate_sequences
+    monkeypatch.setattr(self_calibration, "generate_sequences", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    save = tmp_path / "out"
+    argv = ["--step", "1,3", "--model", str(model_dir), "--dataset", "self", "--whitening_nsamples", "4",
+            "--model_seq_len", "32", "--update", "closed_form", "--updating_nsamples", "4", "--save_path", str(save),
+            "--device", "cpu", "--self_temperature", "1.2:1.0"]
+    assert compress.main(argv) == 0 and len(calls) == 1  # step 3's update windows are step 1's
+    block = json.loads((save / "config.json").read_text())["compression"]
+    assert block["calibration"]["data"]["kind"] == "self" and block["calibration_windows"]["kind"] == "self"
+    settings = block["calibration"]["data"]["settings"]
+    assert (settings["temperature_start"], settings["temperature_end"], settings["top_p"]) == (1.2, 1.0, 0.95)
+    assert (save / "stats" / self_calibration.CACHE_FILE).is_file()
+    assert compress.main(argv + ["--overwrite"]) == 0 and len(calls) == 1  # read from the cache
+    assert "read from the cache" in capsys.readouterr().out
+    assert compress.main(argv[:-2] + ["--self_temperature", "x"]) == 2
+    assert compress.main(["--step", "1", "--model", str(model_dir), "--dataset", "pydoc", "--self_top_p", "0.5",
+                          "--save_path", str(tmp_path / "o2")]) == 2
