@@ -14,7 +14,8 @@ from utils.data import DatasetError, calibration_data, validate_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +164,7 @@ def test_smollm2_chat_template_windows_hold_the_answers(tmp_path):
 def self_data(model, tokenizer, seed=0, cache_dir=None, **settings):
     from utils.self_calibration import SelfCalibrationOptions, self_calibration_data
     options = SelfCalibrationOptions(**{"batch_size": 2, **settings})
-    return self_calibration_data(model, tokenizer, 4, 24, seed, options, "cpu", cache_dir, progress=False)
+    return self_calibration_data(model, tokenizer, 4, 48, seed, options, "cpu", cache_dir, progress=False)
 
 
 def test_self_calibration_is_seeded_and_starts_from_the_chat_template(chat_tokenizer):
@@ -172,8 +173,8 @@ def test_self_calibration_is_seeded_and_starts_from_the_chat_template(chat_token
     ids, info = self_data(model, chat_tokenizer)
     again, _ = self_data(model, chat_tokenizer)
     other, _ = self_data(model, chat_tokenizer, seed=1)
-    assert ids.shape == (4, 24) and torch.equal(ids, again) and not torch.equal(ids, other)
-    start = "<|user|><|end|>"  # an empty user turn (the template has no assistant header to add)
+    assert ids.shape == (4, 48) and torch.equal(ids, again) and not torch.equal(ids, other)
+    start = "<|user|><|end|><|assistant|>"  # an empty user turn, then the assistant's header
     assert all(chat_tokenizer.decode(row).startswith(start) for row in ids)
     assert len({tuple(row[len(start):].tolist()) for row in ids}) == 4  # four different continuations
     assert info["kind"] == "self" and info["settings"]["seed"] == 0 and info["settings"]["top_p"] == 0.95
@@ -230,7 +231,7 @@ def test_cli_self_calibration_generates_once_and_records_its_settings(tiny_dir, 
     monkeypatch.setattr(self_calibration, "generate_sequences", lambda *a, **k: calls.append(1) or generate(*a, **k))
     save = tmp_path / "out"
     argv = ["--step", "1,3", "--model", str(model_dir), "--dataset", "self", "--whitening_nsamples", "4",
-            "--model_seq_len", "32", "--update", "closed_form", "--updating_nsamples", "4", "--save_path", str(save),
+            "--model_seq_len", "48", "--update", "closed_form", "--updating_nsamples", "4", "--save_path", str(save),
             "--device", "cpu", "--self_temperature", "1.2:1.0"]
     assert compress.main(argv) == 0 and len(calls) == 1  # step 3's update windows are step 1's
     block = json.loads((save / "config.json").read_text())["compression"]
@@ -243,3 +244,30 @@ def test_cli_self_calibration_generates_once_and_records_its_settings(tiny_dir, 
     assert compress.main(argv[:-2] + ["--self_temperature", "x"]) == 2
     assert compress.main(["--step", "1", "--model", str(model_dir), "--dataset", "pydoc", "--self_top_p", "0.5",
                           "--save_path", str(tmp_path / "o2")]) == 2
+
+
+# ---------------------------------------------------------------------------------------- step 7 on chat data
+
+def scored_text(tokenizer, example) -> str:
+    ids, labels = example
+    return tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+
+
+def test_lora_trains_on_the_assistant_turns_of_chat_rendered_rows(chat_tokenizer, tiny_dir, tmp_path):
+    import lora
+    from transformers import AutoTokenizer
+    rows = alpaca_rows(10)
+    examples = lora.load_examples(write_jsonl(tmp_path / "chat.jsonl", rows), chat_tokenizer, 256, val_set_size=0)
+    assert examples.info["format"] == "chat" and examples.info["template"] == "chat_template"
+    assert [chat_tokenizer.decode(ids) for ids, _ in examples.train] == [rendered(r) for r in rows]
+    assert [scored_text(chat_tokenizer, e) for e in examples.train] == [f"{r['output']}<|end|>" for r in rows]
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+             {"role": "assistant", "content": "4"}]
+    path = write_jsonl(tmp_path / "messages.jsonl", [{"messages": turns}] * 4)
+    examples = lora.load_examples(path, chat_tokenizer, 256, val_set_size=0)
+    assert scored_text(chat_tokenizer, examples.train[0]) == "Hello.<|end|>4<|end|>"
+    plain = AutoTokenizer.from_pretrained(tiny_dir)  # no chat template: the ### blocks, answers scored
+    examples = lora.load_examples(path, plain, 256, val_set_size=0)
+    assert examples.info["template"].startswith("alpaca") and scored_text(plain, examples.train[0]) == "Hello.4"
+    assert plain.decode(examples.train[0][0]).startswith("Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello.")

@@ -282,14 +282,40 @@ def plain_chat_text(messages: list[dict], eos: str = "") -> str:
     return "\n\n".join(parts)
 
 
+def _conversation_text(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return plain_chat_text(messages, tokenizer.eos_token or "") + ("\n\n### Response:\n" if generation_prompt else "")
+
+
+def _conversation_ids(tokenizer, text: str) -> list[int]:
+    # a chat template's text carries BOS where the model wants one: no special tokens are added to it
+    return list(tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
+
+
 def render_conversation(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a whole conversation, the assistant's turns included: the tokenizer's chat
-    template (its text carries BOS where the model wants one, so no special tokens are added),
-    else plain_chat_text."""
-    if has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(plain_chat_text(messages, tokenizer.eos_token or ""))["input_ids"])
+    template, else plain_chat_text."""
+    return _conversation_ids(tokenizer, _conversation_text(tokenizer, messages))
+
+
+def assistant_token_mask(tokenizer, messages: list[dict], ids: list[int]) -> list[bool] | None:
+    """True on the tokens of `ids` (render_conversation's) that the assistant's turns add: each
+    turn is what the conversation through it renders beyond the conversation before it with the
+    generation prompt. None when the template does not render those as prefixes of the whole."""
+    mask = [False] * len(ids)
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        try:
+            before = _conversation_ids(tokenizer, _conversation_text(tokenizer, messages[:turn], generation_prompt=True))
+            through = _conversation_ids(tokenizer, _conversation_text(tokenizer, messages[:turn + 1]))
+        except Exception:  # a template that refuses a partial conversation (e.g. one not starting with user)
+            return None
+        if ids[:len(before)] != before or ids[:len(through)] != through:
+            return None
+        mask[len(before):len(through)] = [True] * (len(through) - len(before))
+    return mask
 
 
 def pack_conversations(count: int, tokens_of, nsamples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:

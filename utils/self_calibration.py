@@ -129,10 +129,7 @@ def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, 
     """len(starts) x seq_len token ids: each start, then tokens sampled after it (see the module
     docstring). A batch is left-padded to its longest start and masked, so rows do not see padding."""
     from tqdm import tqdm
-    if any(len(s) >= seq_len for s in starts):
-        longest = max(len(s) for s in starts)
-        raise DatasetError(f"a self-calibration prompt has {longest} tokens, not fewer than --model_seq_len "
-                           f"{seq_len}: shorten it or raise --model_seq_len")
+    _check_lengths(starts, seq_len)
     generator = torch.Generator().manual_seed(seed)
     keyword = _cache_keyword(model)
     rows: list[list[int]] = []
@@ -159,6 +156,13 @@ def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, 
             new = torch.cat(generated, dim=1).tolist()
             rows += [(s + row)[:seq_len] for s, row in zip(batch, new)]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def _check_lengths(starts: list[list[int]], seq_len: int) -> None:
+    longest = max(len(s) for s in starts)
+    if longest >= seq_len:
+        raise DatasetError(f"a self-calibration start (prompt in its chat template) has {longest} tokens, not fewer "
+                           f"than --model_seq_len {seq_len}: shorten the prompt or raise --model_seq_len")
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -210,6 +214,7 @@ def self_calibration_data(model: nn.Module, tokenizer, nsamples: int, seq_len: i
     `model` must be the original (uncompressed) model."""
     options.check()
     starts, start = prefixes(tokenizer, nsamples, options)
+    _check_lengths(starts, seq_len)
     settings = settings_of(model, seq_len, seed, options, start)
     info = {"dataset": "self", "kind": "self", "settings": settings}
     ids = cached_sequences(cache_dir, settings, nsamples) if cache_dir else None
