@@ -502,6 +502,7 @@ def _validate_refinement(args: argparse.Namespace) -> None:
 def _validate_self_calibration(args: argparse.Namespace) -> None:
     """--dataset self's settings -> args.self_options; its flags with another --dataset are refused."""
     from utils.data import SELF_DATASET, DatasetError
+    from utils.presets import is_random_spec
     from utils.self_calibration import SelfCalibrationOptions, read_prompt_file
     if args.dataset != SELF_DATASET:
         given = [f"--{name}" for name, default in (("self_prompts", None), ("self_temperature", "1.0"),
@@ -511,6 +512,8 @@ def _validate_self_calibration(args: argparse.Namespace) -> None:
             raise UsageError(f"{given[0]} is for --dataset self (now --dataset {args.dataset})")
         args.self_options = None
         return
+    if args.model and is_random_spec(args.model):
+        raise UsageError(f"--dataset self: {args.model} has random weights and no tokenizer; use --dataset random")
     try:
         start, _, end = args.self_temperature.partition(":")
         temperatures = (float(start), float(end or start))

@@ -271,3 +271,22 @@ def test_lora_trains_on_the_assistant_turns_of_chat_rendered_rows(chat_tokenizer
     examples = lora.load_examples(path, plain, 256, val_set_size=0)
     assert examples.info["template"].startswith("alpaca") and scored_text(plain, examples.train[0]) == "Hello.4"
     assert plain.decode(examples.train[0][0]).startswith("Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello.")
+
+
+def test_self_calibration_starts(chat_tokenizer, tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+    from utils.self_calibration import SelfCalibrationOptions, prefixes, read_prompt_file
+    path = tmp_path / "prompts.txt"
+    path.write_text("What is 2+2?\n\nName a river.\n")
+    options = SelfCalibrationOptions(prompts=read_prompt_file(str(path)))
+    starts, how = prefixes(chat_tokenizer, 3, options)
+    assert [chat_tokenizer.decode(s) for s in starts] == [
+        "<|user|>What is 2+2?<|end|><|assistant|>", "<|user|>Name a river.<|end|><|assistant|>",
+        "<|user|>What is 2+2?<|end|><|assistant|>"] and how.startswith("chat template: prompts")
+    plain = AutoTokenizer.from_pretrained(tiny_dir)  # no chat template and no BOS token
+    with pytest.raises(DatasetError, match="--self_prompts"):
+        prefixes(plain, 2, SelfCalibrationOptions())
+    plain.bos_token = "B"
+    assert prefixes(plain, 2, SelfCalibrationOptions()) == ([[plain.bos_token_id]] * 2, "BOS token")
+    assert compress.main(["--step", "1", "--model", "random:llama2-7b", "--num_layers", "1", "--dataset", "self",
+                          "--save_path", str(tmp_path / "out")]) == 2
