@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from component import ColumnPreservedLinear, LowRankLinear
-from utils.data import ALPACA_FIELDS, ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
+from utils.data import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
 
 IGNORE_INDEX = -100  # label of a token that is not scored (the prompt of an Alpaca row, padding)
 FACTORS = ("u", "v")

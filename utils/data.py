@@ -323,8 +323,8 @@ def pack_conversations(count: int, tokens_of, nsamples: int, seq_len: int, seed:
     a seeded random order and placed whole: each window starts with a conversation and is filled
     with the next ones that fit its remaining room (the first that fits among the next
     PACK_LOOKAHEAD). A conversation longer than a window starts one and is cut at its end. When
-    none fits the room left, the start of the next conversation fills it, cut (windows have no
-    padding); that conversation is not used again. When the data set runs short, a new seeded
+    none fits the room left, the start of the next conversation that fits a window fills it, cut
+    (windows have no padding); that conversation is not used again. When the data set runs short, a new seeded
     order of all its conversations follows (the record says whether any was reused)."""
     generator = torch.Generator().manual_seed(seed)
     queue: deque[int] = deque()
