@@ -290,3 +290,14 @@ def test_self_calibration_starts(chat_tokenizer, tiny_dir, tmp_path):
     assert prefixes(plain, 2, SelfCalibrationOptions()) == ([[plain.bos_token_id]] * 2, "BOS token")
     assert compress.main(["--step", "1", "--model", "random:llama2-7b", "--num_layers", "1", "--dataset", "self",
                           "--save_path", str(tmp_path / "out")]) == 2
+
+
+def test_self_calibration_rows_do_not_depend_on_the_count(chat_tokenizer):
+    """Each row has its own generator: the first rows of a longer run are those of a shorter one."""
+    from tests.tiny_models import tiny_model
+    from utils.self_calibration import SelfCalibrationOptions, self_calibration_data
+    model = tiny_model("llama")
+    options = SelfCalibrationOptions(batch_size=2)
+    four, _ = self_calibration_data(model, chat_tokenizer, 4, 40, 0, options, "cpu", progress=False)
+    three, _ = self_calibration_data(model, chat_tokenizer, 3, 40, 0, options, "cpu", progress=False)
+    assert torch.equal(four[:3], three) and not torch.equal(four[0], four[1])

@@ -10,8 +10,10 @@ to write further turns itself. Temperature follows the paper's linear schedule, 
 temperature_start to temperature_end over the first schedule_tokens tokens (a hotter start makes
 the sequences begin differently; its exact values could not be checked here, so the default is a
 constant 1.0, the model's own distribution), with nucleus sampling (top_p 0.95: the 5% tail of
-unlikely tokens, which small models sample badly, is cut) throughout. Sampling draws from one
-torch.Generator seeded with `seed`, so a seed gives the same token ids on the same device.
+unlikely tokens, which small models sample badly, is cut) throughout. Sequence i samples from its
+own torch.Generator seeded from (seed, i), so a seed gives the same ids whatever the batch size
+(up to floating-point differences between batch shapes), and the first n sequences of a larger
+cache are those a run of n would write.
 
 The ids are cached in a safetensors file with a JSON of the settings and a fingerprint of the
 weights (`cached_sequences`, `save_sequences`), so a later step or run with the same settings and
@@ -53,7 +55,8 @@ class SelfCalibrationOptions:
             raise DatasetError("self-calibration: schedule_tokens must be >= 0 and batch_size >= 1")
 
     def describe(self) -> dict:
-        settings = asdict(self)  # batch_size included: the rows of a batch share the generator's draws
+        settings = asdict(self)
+        del settings["batch_size"]  # each row samples from its own generator: batching does not change it
         prompts = settings.pop("prompts")
         settings["prompts"] = len(prompts)
         settings["prompts_sha1"] = hashlib.sha1("\n".join(prompts).encode()).hexdigest()[:16] if prompts else None
@@ -130,7 +133,6 @@ def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, 
     docstring). A batch is left-padded to its longest start and masked, so rows do not see padding."""
     from tqdm import tqdm
     _check_lengths(starts, seq_len)
-    generator = torch.Generator().manual_seed(seed)
     keyword = _cache_keyword(model)
     rows: list[list[int]] = []
     total = sum(seq_len - len(s) for s in starts)
@@ -142,11 +144,12 @@ def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, 
             mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in batch], device=device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            generators = [torch.Generator().manual_seed(_row_seed(seed, first + row)) for row in range(len(batch))]
             generated = []
             for step in range(seq_len - min(len(s) for s in batch)):
                 logits = out.logits[:, -1].float().cpu()
                 probs = _nucleus(torch.softmax(logits / options.temperature(step), dim=-1), options.top_p)
-                token = torch.multinomial(probs, 1, generator=generator)
+                token = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
                 generated.append(token)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 positions = positions[:, -1:] + 1
@@ -156,6 +159,11 @@ def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, 
             new = torch.cat(generated, dim=1).tolist()
             rows += [(s + row)[:seq_len] for s, row in zip(batch, new)]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def _row_seed(seed: int, row: int) -> int:
+    """A 32-bit seed of (seed, row): CPU generators keep only 32 bits of what they are given."""
+    return int.from_bytes(hashlib.sha1(f"{seed}:{row}".encode()).digest()[:4], "little")
 
 
 def _check_lengths(starts: list[list[int]], seq_len: int) -> None:
