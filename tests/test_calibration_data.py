@@ -228,18 +228,22 @@ def test_cli_self_calibration_generates_once_and_records_its_settings(tiny_dir, 
     tokenizer.save_pretrained(str(model_dir))
     calls = []
     generate = self_calibration.generate_sequences
-    monkeypatch.setattr(self_calibration, "generate_sequences", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    monkeypatch.setattr(self_calibration, "generate_sequences",
+                        lambda *a, **k: calls.append(len(a[1])) or generate(*a, **k))  # rows written
     save = tmp_path / "out"
     argv = ["--step", "1,3", "--model", str(model_dir), "--dataset", "self", "--whitening_nsamples", "4",
             "--model_seq_len", "48", "--update", "closed_form", "--updating_nsamples", "4", "--save_path", str(save),
             "--device", "cpu", "--self_temperature", "1.2:1.0"]
-    assert compress.main(argv) == 0 and len(calls) == 1  # step 3's update windows are step 1's
+    # step 3's fit windows are step 1's 4 rows; its held-out window (a quarter of 4) is a 5th row, the only
+    # one written again
+    assert compress.main(argv) == 0 and calls == [4, 1]
     block = json.loads((save / "config.json").read_text())["compression"]
     assert block["calibration"]["data"]["kind"] == "self" and block["calibration_windows"]["kind"] == "self"
     settings = block["calibration"]["data"]["settings"]
     assert (settings["temperature_start"], settings["temperature_end"], settings["top_p"]) == (1.2, 1.0, 0.95)
     assert (save / "stats" / self_calibration.CACHE_FILE).is_file()
-    assert compress.main(argv + ["--overwrite"]) == 0 and len(calls) == 1  # read from the cache
+    assert block["heldout_windows"]["rows"] == [4, 5]
+    assert compress.main(argv + ["--overwrite"]) == 0 and calls == [4, 1]  # all 5 read from the cache
     assert "read from the cache" in capsys.readouterr().out
     assert compress.main(argv[:-2] + ["--self_temperature", "x"]) == 2
     assert compress.main(["--step", "1", "--model", str(model_dir), "--dataset", "pydoc", "--self_top_p", "0.5",
