@@ -44,6 +44,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ from tqdm import tqdm
 from component import LowRankLinear
 from utils.decompose import low_rank_factors
 from utils.io import read_json, write_json
-from utils.layerwise import capture_layer_inputs, layer_on_device
+from utils.layerwise import LayerContext, capture_layer_inputs, layer_on_device, walk_layers
 from utils.model import (copies_to, decoder_layers, head_on_hidden, layer_prefix, model_description, set_submodule,
                          target_linears, tensors_digest, weights_fingerprint)
 from utils.plan import rank_for_ratio
@@ -518,39 +519,66 @@ def searched_decomposition(decompose=None):
 
 
 @torch.no_grad()
-def calibration_ppl(model: nn.Module, windows: torch.Tensor, device: torch.device | str) -> float:
-    """Perplexity of `model` (moved to `device`) on `windows`, each window's first token unscored: the
-    number the --ppl_target search compares with its target, and step 3 with it after building."""
-    model.to(device)
-    total = torch.zeros((), dtype=torch.float64)
-    for w in range(windows.shape[0]):
-        ids = windows[w].to(device)
-        total += _nll_sum(model(input_ids=ids[None], use_cache=False).logits[0], ids).cpu()
-    return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))
+def calibration_ppl(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
+                    offload: torch.device | str = "cpu") -> float:
+    """Perplexity of `model` on `windows`, each window's first token unscored: the number the
+    --ppl_target search compares with its target, and step 3 with it after building. Layer by layer
+    (one decoder layer on `device` at a time, then the head); the model is left on `offload`."""
+    return _walk_ppl(model, windows, device, None, offload)
 
 
 @torch.no_grad()
-def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device: torch.device | str,
-                         decompose=None):
-    """ranks -> calibration perplexity on `windows` of a copy of `model` compressed by those ranks
-    with searched_decomposition(decompose) (step 3's decomposition; default: DecomposeOptions()): what
-    ASVD's --ppl_target search evaluates. Not applied: NOT_SEARCHED."""
-    import copy
+def _walk_ppl(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
+              change: Callable[[LayerContext], Callable[[], None]] | None, offload: torch.device | str) -> float:
+    """calibration_ppl with each layer as change(context) makes it (on the device; the function it
+    returns puts the layer back as it was, after the layer's outputs are taken)."""
+    final: dict[str, torch.Tensor] = {}
 
+    def run(context: LayerContext) -> torch.Tensor:
+        undo = change(context) if change is not None else None
+        try:
+            final["hidden"] = context.run()
+        finally:
+            if undo is not None:
+                undo()
+        return final["hidden"]
+
+    walk_layers(model, windows, device, run, desc="calibration ppl", offload=offload, changes_weights=False)
+    total = torch.zeros((), dtype=torch.float64)
+    with head_on_hidden(model, device) as head:
+        for w in range(windows.shape[0]):
+            ids = windows[w:w + 1].to(device)
+            total += _nll_sum(head(final["hidden"][w:w + 1], ids).logits[0], ids[0]).cpu()
+    return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device: torch.device | str,
+                         decompose=None, offload: torch.device | str = "cpu"):
+    """ranks -> calibration perplexity on `windows` of `model` compressed by those ranks with
+    searched_decomposition(decompose) (step 3's decomposition; default: DecomposeOptions()): what
+    ASVD's --ppl_target search evaluates. Not applied: NOT_SEARCHED. Each layer is compressed on the
+    device during the walk and put back as it was once its outputs are taken: no copy of the model."""
+    from methods.decompose import Decompose
     from utils.model import target_shapes
-    from utils.pipeline import CompressOptions, compress_model
     from utils.plan import ModulePlan, Plan
     shapes = target_shapes(model)
     decompose = searched_decomposition(decompose)
 
     def evaluate(ranks: dict) -> float:
-        compressed = copy.deepcopy(model)
         plan = Plan({n: ModulePlan(m, k, b, ranks.get(n)) for n, (m, k, b) in shapes.items()}, None, "asvd")
-        if plan.ranks:
-            compress_model(compressed, plan, CompressOptions(decompose), device,
-                           stats if decompose.needs_stats else None)
-        ppl = calibration_ppl(compressed, windows, device)
-        del compressed
-        return ppl
+        if not plan.ranks:
+            return calibration_ppl(model, windows, device, offload)
+        compress_layer = Decompose(plan, decompose, stats if decompose.needs_stats else None)
+
+        def change(context: LayerContext) -> Callable[[], None]:
+            before = dict(target_linears(context.layer))
+            compress_layer(context)
+
+            def undo() -> None:
+                for name, module in before.items():
+                    set_submodule(context.layer, name, module)
+            return undo
+
+        return _walk_ppl(model, windows, device, change, offload)
 
     return evaluate
