@@ -24,6 +24,11 @@ to its dtype. --lora_frozen_dtype float32 casts the whole model to float32 for t
 (exact from float16 / bfloat16; 4 bytes per weight) and casts it back afterwards; for a float32
 model the two are the same. --gradient_checkpointing keeps only each decoder layer's input for the
 backward pass and recomputes the layer (same gradients; dropout's random state is replayed).
+--lora_offload_layers keeps the decoder layers on the host: each comes to the device when it runs
+(utils.layerwise.layer_on_device: one at a time) and its forward is checkpointed around that move,
+so the backward pass brings it in again to recompute it; only the adapters, the embeddings, final
+norm and lm_head, and each layer's input (per micro-batch) stay on the device. Same training as
+without it (tested); for a model whose frozen weights do not fit the device.
 
 Training, as SVD-LLM's (transformers Trainer) defaults: AdamW (no weight decay), linear warm-up
 then linear decay to 0, gradient clipping at norm 1, micro-batches with gradient accumulation to
@@ -52,6 +57,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -94,6 +100,7 @@ class LoraOptions:
     stages: tuple[str, ...] = FACTORS
     frozen_dtype: str = "model"  # model: frozen weights in the model's dtype, float32 adapters | float32: all float32
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass instead of keeping it
+    offload_layers: bool = False  # decoder layers on the host, one at a time on the device (and recomputed there)
 
     def check(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -352,19 +359,28 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     torch.manual_seed(options.seed + FACTORS.index(factor))  # adapter init (A random, B zero) and dropout
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=targets, bias="none")
+    offload = next(model.parameters()).device  # where the layers stay with offload_layers
     peft_model = get_peft_model(model, config)  # float32 adapters also on a float16 / bfloat16 model
-    if options.gradient_checkpointing:  # non-reentrant: no input needs requires_grad (the embeddings are frozen)
+    checkpointing = options.gradient_checkpointing and not options.offload_layers  # (offloading checkpoints itself)
+    if checkpointing:  # non-reentrant: no input needs requires_grad (the embeddings are frozen)
         model.activation_checkpointing_enable({"use_reentrant": False})
+    unstream = _stream_layers(model, device, offload) if options.offload_layers else None
     try:
         record = _train_adapters(peft_model, factor, len(targets), examples, options, device, pad_id, progress)
+        if unstream is not None:
+            unstream, undo = None, unstream
+            undo()
         _merge_in_float32(peft_model, factor)
     except BaseException:  # an interrupted stage leaves the model as it was: adapters dropped unmerged
+        if unstream is not None:
+            unstream, undo = None, unstream
+            undo()
         peft_model.unload()
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(name, p.requires_grad))
         raise
     finally:
-        if options.gradient_checkpointing:
+        if checkpointing:
             model.activation_checkpointing_disable()
     merged = peft_model.unload()  # the adapters are merged already
     if merged is not model:
@@ -375,6 +391,47 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     if leftover:
         raise AssertionError(f"adapters left after merging: {leftover[:3]}")
     return record
+
+
+def _stream_layers(model: nn.Module, device: torch.device | str, offload: torch.device | str) -> Callable[[], None]:
+    """Train with the decoder layers on `offload`: each comes to the device when it runs, and its forward
+    is checkpointed (non-reentrant) around the move, so the backward pass brings it in again to
+    recompute it instead of keeping its weights on the device. The trainable adapters (moved, so
+    their gradients reach them) and copies of the non-layer modules are on the device meanwhile.
+    Returns the function that puts everything back."""
+    from torch.utils.checkpoint import checkpoint
+
+    from utils.layerwise import layer_on_device
+    from utils.model import decoder_layers, non_layer_modules_to
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    homes = [p.device for p in trainable]
+    for p in trainable:
+        p.data = p.data.to(device)
+    keep = frozenset(id(p) for p in trainable)
+    restore_non_layer = non_layer_modules_to(model, device)
+    layers = list(decoder_layers(model))
+
+    def streamed(layer: nn.Module, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            with layer_on_device(layer, device, offload, keep=keep):
+                return forward(*args, **kwargs)
+
+        def call(*args, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return run(*args, **kwargs)
+        return call
+
+    for layer in layers:
+        layer.forward = streamed(layer, layer.forward)  # an instance attribute, deleted by undo
+
+    def undo() -> None:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+        restore_non_layer()
+        for p, home in zip(trainable, homes):
+            p.data = p.data.to(home)
+    return undo
 
 
 def _merge_in_float32(peft_model: nn.Module, factor: str) -> None:
@@ -491,7 +548,7 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
     upcast = options.frozen_dtype == "float32"
     for factor in options.stages:
         # exact from float16 / bfloat16; without the upcast only the adapters are float32
-        model.to(device=device, dtype=torch.float32 if upcast else None)
+        model.to(device=None if options.offload_layers else device, dtype=torch.float32 if upcast else None)
         try:
             stages.append(train_stage(model, factor, examples, options, device, pad_id, progress))
             if upcast and home_dtype != torch.float32:
@@ -595,6 +652,9 @@ def add_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                         "float32: the whole model in float32 during training")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute each decoder layer in the backward pass (less activation memory, one more forward)")
+    p.add_argument("--lora_offload_layers", action="store_true",
+                   help="keep the decoder layers on the host and bring one at a time to the device (forward, and "
+                        "again to recompute it in the backward pass): for a model larger than the device")
 
 
 def options_from_args(args: argparse.Namespace) -> LoraOptions:
@@ -603,7 +663,8 @@ def options_from_args(args: argparse.Namespace) -> LoraOptions:
                           micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
                           warmup_steps=args.warmup_steps, eval_steps=args.eval_steps, seed=args.seed,
                           stages=tuple(s.strip() for s in args.lora_stages.split(",") if s.strip()),
-                          frozen_dtype=args.lora_frozen_dtype, gradient_checkpointing=args.gradient_checkpointing)
+                          frozen_dtype=args.lora_frozen_dtype, gradient_checkpointing=args.gradient_checkpointing,
+                          offload_layers=args.lora_offload_layers)
     options.check()
     return options
 

@@ -439,3 +439,24 @@ def test_column_preserved_layers_train_their_factors_and_keep_their_columns():
         u, v, c = before[name]
         assert not torch.equal(module.u.weight, u) and not torch.equal(module.v.weight, v)
         assert torch.equal(module.c.weight, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offloaded_layers_give_the_same_training(dtype):
+    """--lora_offload_layers (layers on the host, each moved in and recomputed) trains as the model on
+    the device does: same losses and factors, the adapters' dropout included."""
+    runs = []
+    for offload_layers in (False, True):
+        model, _ = low_rank(dtype=dtype)
+        record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(),
+                                      options(dropout=0.1, offload_layers=offload_layers), progress=False)
+        runs.append((record["stage_records"], factors(model, "u"), factors(model, "v"), model))
+    (records, u, v, _), (records_o, u_o, v_o, model) = runs
+    for a, b in zip(records, records_o):
+        assert [x[1] for x in a["train_loss_curve"]] == pytest.approx([x[1] for x in b["train_loss_curve"]], rel=1e-5)
+        assert a["val_loss_after"] == pytest.approx(b["val_loss_after"], rel=1e-5)
+    assert all(torch.allclose(u[k].float(), u_o[k].float(), atol=1e-6) for k in u)
+    assert all(torch.allclose(v[k].float(), v_o[k].float(), atol=1e-6) for k in v)
+    assert any(not torch.equal(u[k], factors(low_rank(dtype=dtype)[0], "u")[k]) for k in u)  # it trained
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)  # the layers are plain again
+    assert {p.dtype for p in model.parameters()} == {dtype} and all(p.requires_grad for p in model.parameters())

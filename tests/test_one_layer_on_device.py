@@ -1,10 +1,10 @@
-"""Issue 33: steps 1 (with and without --fisher) and 2 (duo, asvd and the ppl search) hold at most two
-decoder layers on the device at once, on a tiny 6-layer model.
+"""Issue 33: steps 1 (with and without --fisher), 2 (duo, asvd and the ppl search) and 7 (LoRA with
+--lora_offload_layers) hold at most two decoder layers on the device at once, on a tiny 6-layer model.
 
 On a CPU-only machine "on the device" cannot be read off the tensors, so the test watches the one
 way a layer comes to the device, utils.layerwise.layer_on_device (wrapped in every module that
-uses it), and checks with a forward pre-hook on every decoder layer that each layer runs only while
-it is one of the layers moved in: code that moved the whole stack (or a copy of the model) to the
+uses it), and checks with a forward pre-hook inside every decoder layer (on its first child: step 7
+moves a layer in inside its forward) that each layer runs only while it is one of the layers moved in: code that moved the whole stack (or a copy of the model) to the
 device some other way would run layers that were never moved in, and fails here as well as code
 that moved in more than two at once."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 import pytest
 import torch
 
+import lora
 import methods.sensitivity
 import utils.fisher
 import utils.layerwise
@@ -24,7 +25,7 @@ from utils.pipeline import profile_model
 from utils.plan import rank_for_ratio
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MOVERS = (utils.layerwise, utils.fisher, methods.sensitivity)  # the modules that bring layers to the device
+MOVERS = (utils.layerwise, utils.fisher, methods.sensitivity, lora)  # the modules that bring layers to the device
 LAYERS = 6
 
 
@@ -60,12 +61,14 @@ class Residency:
 
         for module in MOVERS:
             monkeypatch.setattr(module, "layer_on_device", tracked, raising=False)
-        self.handles = [layer.register_forward_pre_hook(self.check) for layer in decoder_layers(model)]
+        self.layer_of = {id(next(layer.children())): layer for layer in decoder_layers(model)}
+        self.handles = [next(layer.children()).register_forward_pre_hook(self.check) for layer in decoder_layers(model)]
 
     def check(self, module, args):
         self.runs += 1
-        if id(module) not in self.resident:
-            self.strays.append(self.index.get(id(module), "a copy"))
+        layer = self.layer_of.get(id(module))
+        if layer is None or id(layer) not in self.resident:
+            self.strays.append("a copy" if layer is None else self.index[id(layer)])
 
     def close(self):
         for handle in self.handles:
@@ -126,3 +129,30 @@ def test_step2_ppl_search(setting, residency):
     dense = calibration_ppl(model, windows, "cpu")
     residency.assert_at_most(1)
     assert ppl > dense > 1.0
+
+
+def low_rank_model():
+    from utils.pipeline import CompressOptions, compress_model
+    from utils.plan import Plan
+    model = many_layer_model()
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    compress_model(model, Plan.uniform(target_shapes(model), 0.4), CompressOptions(), "cpu", profile_model(model, windows, "cpu"))
+    return model
+
+
+@pytest.mark.parametrize("offload_layers", [True, False])
+def test_step7_lora(monkeypatch, offload_layers):
+    """--lora_offload_layers: one layer at a time, also in the backward pass's recomputation; without it
+    the whole model trains on the device, which the test must see (strays)."""
+    from tests.test_lora import NoTokenizer, options, pattern_examples
+    model = low_rank_model()
+    residency = Residency(model, monkeypatch)
+    try:
+        lora.sequential_lora(model, NoTokenizer(), pattern_examples(n_train=4, n_val=2, length=16),
+                             options(max_steps=2, offload_layers=offload_layers), progress=False)
+    finally:
+        residency.close()
+    if offload_layers:
+        residency.assert_at_most(1)
+    else:
+        assert residency.runs > 0 and residency.strays and residency.entries == 0

@@ -92,13 +92,17 @@ def run_layer(layer: nn.Module, inputs: torch.Tensor, layer_args: tuple[tuple, d
 
 @contextmanager
 def layer_on_device(layer: nn.Module, device: torch.device | str, offload: torch.device | str = "cpu",
-                    changes_weights: bool = False) -> Iterator[nn.Module]:
+                    changes_weights: bool = False, keep: frozenset[int] = frozenset()) -> Iterator[nn.Module]:
     """The one way a decoder layer comes to the device: within the block `layer` (the same module)
     computes on `device`; after it, also on an error, it is on `offload` again. With
     changes_weights=False the block promises to change no weight in place: device copies stand in
     for the layer's tensors and the originals are put back (utils.model.copies_to: no copy back
-    from the device); modules the block added or replaced are moved to `offload`."""
-    restore = None if changes_weights else copies_to(layer, device)
+    from the device); modules the block added or replaced are moved to `offload`.
+    keep: ids of tensors that live on the device already and stay there (trained adapters, whose
+    gradients must reach the tensors themselves); with them the block may add no module."""
+    if keep and changes_weights:
+        raise ValueError("keep is for a block that changes no weight (changes_weights=False)")
+    restore = None if changes_weights else copies_to(layer, device, skip=keep)
     if restore is None:
         layer.to(device)
     try:
@@ -106,7 +110,8 @@ def layer_on_device(layer: nn.Module, device: torch.device | str, offload: torch
     finally:
         if restore is not None:
             restore()
-        layer.to(offload)  # a no-op for what restore() put back
+        if not keep:
+            layer.to(offload)  # a no-op for what restore() put back
 
 
 class StopLayer(Exception):
