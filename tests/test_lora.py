@@ -339,14 +339,18 @@ def test_lora_cli_as_svd_llm_users_type_it(compressed_dir, text_file, tmp_path, 
     assert torch.allclose(logits(remote), logits(after), rtol=0, atol=1e-5)
 
 
-def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--lora_offload_layers", "--gradient_checkpointing", "--lora_frozen_dtype", "float32"]])
+def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path, extra):
     out = str(tmp_path / "chained")
     assert compress.main(["--step", "1-3,7", "--model", tiny_dir, "--dataset", "random", "--whitening_nsamples", "4",
                           "--model_seq_len", "32", "--save_path", out, "--device", "cpu", "--data_path", text_file,
                           "--cutoff_len", "32", "--batch_size", "2", "--micro_batch_size", "1", "--max_steps", "2",
-                          "--val_set_size", "2"]) == 0
+                          "--val_set_size", "2", *extra]) == 0
     _, _, block = load_compressed(out)
     assert block["method"] == "svd-llm" and [s["steps"] for s in block["lora"]["stage_records"]] == [2, 2]
+    record = block["lora"]
+    assert (record["offload_layers"], record["gradient_checkpointing"], record["frozen_dtype"]) == (
+        (True, True, "float32") if extra else (False, False, "model"))
 
 
 @pytest.mark.parametrize("extra,needle", [
