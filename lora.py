@@ -346,8 +346,9 @@ def _batches(count: int, options: LoraOptions, generator: torch.Generator):
 def train_stage(model: nn.Module, factor: str, examples: Examples, options: LoraOptions,
                 device: torch.device | str, pad_id: int, progress: bool = True) -> dict:
     """One SVD-LLM stage: LoRA adapters on the `factor` ('u' or 'v') of every LowRankLinear, the
-    rest frozen; train; merge the adapters into the factors. The model is changed in place and is
-    float32 on `device` during the stage. Returns the stage's record."""
+    rest frozen; train; merge the adapters into the factors. The model is changed in place; it is on
+    `device` during the stage (with options.offload_layers its decoder layers stay where they are and
+    come to the device one at a time) in the dtype sequential_lora gave it. Returns the stage's record."""
     from peft import LoraConfig, get_peft_model
     modules = low_rank_modules(model)
     targets = [f"{name}.{factor}" for name in modules]
@@ -364,8 +365,10 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     checkpointing = options.gradient_checkpointing and not options.offload_layers  # (offloading checkpoints itself)
     if checkpointing:  # non-reentrant: no input needs requires_grad (the embeddings are frozen)
         model.activation_checkpointing_enable({"use_reentrant": False})
-    unstream = _stream_layers(model, device, offload) if options.offload_layers else None
+    unstream = None
     try:
+        if options.offload_layers:
+            unstream = _stream_layers(model, device, offload)
         record = _train_adapters(peft_model, factor, len(targets), examples, options, device, pad_id, progress)
         if unstream is not None:
             unstream, undo = None, unstream
