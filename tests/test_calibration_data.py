@@ -141,7 +141,7 @@ def test_step_1_records_chat_data_in_the_statistics(tiny_dir, tmp_path):
     assert compress.main(["--step", "1", "--model", str(model_dir), "--dataset", f"{path}[0:0.9]",
                           "--save_path", str(save), "--model_seq_len", "64", "--whitening_nsamples", "3",
                           "--device", "cpu"]) == 0
-    meta = json.loads((save / "stats" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "out.stats" / "meta.json").read_text())
     assert meta["dataset"] == f"{path}[0:0.9]" and meta["data"]["kind"] == "chat"
     assert meta["data"]["template"] == "chat_template" and meta["data"]["rows"] == 27
 
@@ -241,7 +241,7 @@ def test_cli_self_calibration_generates_once_and_records_its_settings(tiny_dir, 
     assert block["calibration"]["data"]["kind"] == "self" and block["calibration_windows"]["kind"] == "self"
     settings = block["calibration"]["data"]["settings"]
     assert (settings["temperature_start"], settings["temperature_end"], settings["top_p"]) == (1.2, 1.0, 0.95)
-    assert (save / "stats" / self_calibration.CACHE_FILE).is_file()
+    assert (tmp_path / "out.stats" / self_calibration.CACHE_FILE).is_file()
     assert block["heldout_windows"]["rows"] == [4, 5]
     assert compress.main(argv + ["--overwrite"]) == 0 and calls == [4, 1]  # all 5 read from the cache
     assert "read from the cache" in capsys.readouterr().out
@@ -409,7 +409,7 @@ def test_cli_self_calibration_held_out_rows_are_not_step_1s(tiny_dir, tmp_path, 
     assert calls == [(6, 0), (1, 6)]  # step 1's six rows, then row 6 alone
     block = json.loads((save / "config.json").read_text())["compression"]
     assert block["heldout_windows"]["positions"] == [3] and block["heldout_windows"]["rows"] == [6, 7]
-    rows = load_file(str(save / "stats" / CACHE_FILE))["input_ids"]
+    rows = load_file(str(tmp_path / "out.stats" / CACHE_FILE))["input_ids"]
     assert rows.shape[0] == 7
     windows = seen[0]
     assert torch.equal(windows[:3], rows[:3]) and torch.equal(windows[3], rows[6])
