@@ -186,7 +186,39 @@ def table_rsvd() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"rsvd": table_rsvd, "update": table_update, "allocation": table_allocation, "tasks": table_tasks, "save_dtype": table_save_dtype}
+QUANT_LABELS = {"original_fp16": "original, float16", "svdllm20_fp16": "SVD-LLM 20%, float16",
+                "svdllm40_fp16": "SVD-LLM 40%, float16", "svdllm20_rtn8": "SVD-LLM 20% + RTN int8 per channel",
+                "gptq4_g128": "GPTQ 4-bit g128", "rtn4_g128": "RTN 4-bit g128 (reference)",
+                "svdllm75_fp16": "SVD-LLM 75%, float16", "svdllm20_gptq4_g128": "SVD-LLM 20% + GPTQ 4-bit g128",
+                "gptq3_g128": "GPTQ 3-bit g128", "rtn3_g128": "RTN 3-bit g128 (reference)"}
+
+
+def table_quant() -> str:
+    """Low rank against quantization at equal bytes (scripts/bench_quant.py, two runs)."""
+    sources = ["bench_quant_smollm2_cpu.json", "bench_quant_smollm2_cpu_rtn.json"]
+    main = _load(sources[0])
+    settings = main["settings"]
+    points = {k: v for source in sources for k, v in _load(source)["points"].items()}
+    first = points["original_fp16"]["perplexity"]
+    lines = [_caption(settings["evaluation"], first["windows"], first["seq_len"], settings["calibration"],
+                      settings["nsamples"], sources, f"; GPTQ on the first {settings['gptq_nsamples']} of them; "
+                      f"floats stored in {settings['stored_float_dtype']}, computed in {settings['compute_dtype']}"),
+             "",
+             "| point | perplexity | linear weights on disk | bits / weight | of float16 | file | time to make |",
+             "|---|---|---|---|---|---|---|"]
+    mib = 2 ** 20
+    order = sorted(points, key=lambda k: (-points[k]["storage"]["linear_bytes"], k.startswith("rtn")))
+    for key in order:
+        point, storage = points[key], points[key]["storage"]
+        time = ("-" if key == "original_fp16" else
+                f"{point['compress_s']:.0f} s" + (" + profile" if key.startswith("svdllm") else ""))
+        lines.append(f"| {QUANT_LABELS.get(key, point['description'])} | {point['perplexity']['ppl']:.2f} "
+                     f"| {storage['linear_bytes'] / mib:.1f} MiB | {storage['bits_per_weight']:.2f} "
+                     f"| {storage['fraction_of_fp16']:.1%} | {point['file_bytes'] / mib:.1f} MiB | {time} |")
+    return "\n".join(lines)
+
+
+TABLES = {"quant": table_quant, "rsvd": table_rsvd, "update": table_update, "allocation": table_allocation, "tasks": table_tasks, "save_dtype": table_save_dtype}
 DOCS = ("README.md", "docs/evaluation.md", "docs/refinement.md", "docs/quantization.md", "docs/lora.md",
         "docs/scale.md")
 MARKED = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
