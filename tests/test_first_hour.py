@@ -102,3 +102,20 @@ def test_a_compression_block_names_no_source_for_a_plain_checkpoint(tiny_dir, tm
     out = str(tmp_path / "out")
     assert cli("--step", "1-3", "--model", tiny_dir, "--save_path", out) == 0
     assert load_compressed(out)[2]["base_model_source"] is None
+
+
+def test_a_dequantized_gguf_model_is_not_saved_as_gguf(tmp_path):
+    # transformers records quant_method gguf in the config of a model it de-quantised from a GGUF file;
+    # written into config.json it made every bfloat16 load warn that "a GGUF checkpoint with its
+    # weights packed is fastest in float32", about weights that are plain tensors
+    from tests.test_remote_code import _run_quiet, make_low_rank
+    model, compression = make_low_rank("llama")
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.Q4_1.gguf", "dequantize": False}
+    compression["dtype"] = "float32"
+    path = str(tmp_path / "from-gguf")
+    save_compressed(model, None, path, compression, torch.bfloat16)
+    assert "quantization_config" not in json.loads(open(os.path.join(path, "config.json")).read())
+    out, err = _run_quiet(f"from transformers import AutoModelForCausalLM\n"
+                          f"m = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True)\n"
+                          f"print(next(m.parameters()).dtype)", tmp_path)
+    assert out.strip() == "torch.bfloat16" and "GGUF" not in err

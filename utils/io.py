@@ -140,6 +140,8 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
         cast_parameters(model, dtype)
         model.config.dtype = dtype  # config.json's dtype: what from_pretrained(dtype="auto") builds
     config = model.config.to_dict()
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del config["quantization_config"]  # de-quantised from a GGUF file: the tensors written are plain
     config["compression"] = compression
     with atomic_path(path) as temporary:
         if path.endswith(".pt"):
