@@ -380,9 +380,9 @@ def test_cli_step_3_8_writes_the_save_path_once_with_the_quantized_model(model_d
     written = []
     save = utils.io.save_compressed
 
-    def counting_save(model, tokenizer, path, compression):
+    def counting_save(model, tokenizer, path, compression, dtype=None):
         written.append((path, "quantization" in compression))
-        return save(model, tokenizer, path, compression)
+        return save(model, tokenizer, path, compression, dtype)
 
     monkeypatch.setattr(utils.io, "save_compressed", counting_save)
     path = str(tmp_path / "svd-rtn")
