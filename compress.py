@@ -696,6 +696,18 @@ def writes_model(args: argparse.Namespace, step: int) -> bool:
     return step == max(s for s in args.steps if s in MODEL_STEPS)
 
 
+def _protected_inputs(args: argparse.Namespace) -> tuple[str, ...]:
+    """The paths a save may not replace, be inside or contain: the input model(s) on disk."""
+    from utils.model import ModelSpecError, resolve_model
+    paths = [args.model_path] if args.model_path else []
+    try:
+        source = resolve_model(args.model)
+        paths += [source.path] if os.path.isdir(source.path) else []
+    except ModelSpecError:
+        pass
+    return tuple(paths)
+
+
 def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
     """Write the session's model to --save_path if `step` is the command's last model step."""
     from utils.io import save_compressed
@@ -705,7 +717,8 @@ def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
               f"{later[-1]} writes {args.save_path})")
         return False
     start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
+    save_compressed(session.model, session.tokenizer, args.save_path, session.compression, args.overwrite,
+                    _protected_inputs(args))
     session.timings["save_s"] = round(time.perf_counter() - start, 3)
     return True
 

@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
         compression = run(model, tokenizer, compression, args, options, args.device)
-        save_compressed(model, tokenizer, args.save_path, compression)
+        save_compressed(model, tokenizer, args.save_path, compression, args.overwrite, (args.model_path,))
     except (LoraError, DatasetError, CompressedModelError, OutputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

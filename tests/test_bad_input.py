@@ -126,7 +126,7 @@ def test_interrupted_save_keeps_the_previous_output(compressed_dir, tmp_path, mo
     model, tokenizer, compression = load_compressed(target)
     monkeypatch.setattr("safetensors.torch.save_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk")))
     with pytest.raises(RuntimeError):
-        model_io.save_compressed(model, tokenizer, target, compression)
+        model_io.save_compressed(model, tokenizer, target, compression, overwrite=True)
     load_compressed(target)  # still the old, complete model
     assert sorted(os.listdir(tmp_path)) == ["previous"]
 
@@ -143,3 +143,26 @@ def test_statistics_of_another_model_are_refused(compressed_dir, tmp_path, capsy
     assert rc == 2
     assert "rerun step 1" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_api_save_follows_the_cli_rule_on_earlier_outputs(compressed_dir, tmp_path):
+    """save_compressed refuses an earlier output without overwrite=True (the CLI's --overwrite) and
+    anything it did not write even with it; nothing is touched by a refusal."""
+    from utils.outputs import OutputError
+    target = copy_of(compressed_dir, tmp_path, "previous")
+    weights = os.path.join(target, "model.safetensors")
+    before = os.stat(weights).st_mtime_ns
+    model, tokenizer, compression = load_compressed(target)
+    with pytest.raises(OutputError, match="already holds a compressed model.*--overwrite"):
+        model_io.save_compressed(model, tokenizer, target, {**compression, "ratio": 0.5})
+    assert os.stat(weights).st_mtime_ns == before and load_compressed(target)[2]["ratio"] != 0.5
+    model_io.save_compressed(model, tokenizer, target, {**compression, "ratio": 0.5}, overwrite=True)
+    assert load_compressed(target)[2]["ratio"] == 0.5
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    with pytest.raises(OutputError, match="todo.txt"):
+        model_io.save_compressed(model, tokenizer, str(foreign), compression, overwrite=True)
+    assert os.listdir(foreign) == ["todo.txt"]
+    with pytest.raises(OutputError, match="input model"):
+        model_io.save_compressed(model, tokenizer, os.path.join(target, "inner"), compression, protected=(target,))

@@ -124,9 +124,16 @@ def read_json(path: str) -> dict:
         return json.load(handle)
 
 
-def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -> None:
-    """Write a compressed model (directory, or a single .pt file) atomically."""
+def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict, overwrite: bool = False,
+                    protected: tuple[str, ...] = ()) -> None:
+    """Write a compressed model (directory, or a single .pt file) atomically.
+
+    The CLI's rule (utils.outputs.check_output_path): an earlier output of this tool at `path` is
+    replaced only with overwrite=True, anything else there never (OutputError, nothing touched);
+    `protected` are paths (the input model) the output may not be, contain or be inside."""
     from safetensors.torch import save_model
+    from utils.outputs import check_output_path
+    check_output_path(path, "model", overwrite, protected)
     config = model.config.to_dict()
     config["compression"] = compression
     with atomic_path(path) as temporary:
