@@ -26,15 +26,22 @@ class UsageError(ValueError):
 def parse_steps(text: str) -> list[int]:
     """'3' | '1,3' | '1-4' (and mixes like '1,3-5') -> sorted unique step numbers."""
     steps: set[int] = set()
+    reversed_range = None
     try:
         for part in text.split(","):
             if "-" in part:
                 first, last = (int(x) for x in part.split("-", 1))
+                if first > last:
+                    reversed_range = reversed_range or (part, first, last)
                 steps.update(range(first, last + 1))
             else:
                 steps.add(int(part))
     except ValueError:
         raise UsageError(f"--step {text!r}: give a number, a comma list or a range such as 1-4") from None
+    if reversed_range:
+        part, first, last = reversed_range
+        raise UsageError(f"--step {text!r}: the range {part} is reversed; steps run in number order: "
+                         f"write {last}-{first}")
     unknown = sorted(s for s in steps if s not in STEP_NAMES)
     if unknown or not steps:
         raise UsageError(f"--step {text!r}: unknown step {unknown}; steps are " +
@@ -46,15 +53,29 @@ def parse_steps(text: str) -> list[int]:
     return sorted(steps)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and epilog as written; every option's default shown (cost depends on them:
+    --whitening_nsamples, --model_seq_len, --eval_datasets ...), except None (said in the text) and
+    on/off flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is argparse.SUPPRESS or isinstance(default, bool) \
+                or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from methods.anchored import DEFAULT_ANCHOR_ALPHA, DEFAULT_ANCHOR_HOLDOUT
     from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("pipeline")
     g.add_argument("--step", required=True, help="step(s) to run: N, a comma list (1,3) or a range (1-4)")
     g.add_argument("--model", default="smollm2-135m",
                    help="base model: a Hugging Face id, a local directory, a .gguf file, a bundled alias "
-                        "(smollm2-135m, gemma3-270m) (default: smollm2-135m)")
+                        "(smollm2-135m, gemma3-270m)")
     g.add_argument("--model_path", "--prune_model", dest="model_path", default=None,
                    help="a compressed model (directory or .pt) for steps 4-9; without it they use --model "
                         "(--prune_model: SVD-LLM's LoRA.py name)")
@@ -99,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ratio", type=float, default=None,
                    help="fraction of the compressed matrices' parameters removed, in (0, 1): per matrix with "
                         "the uniform allocation, overall with the others (default 0.2)")
+    d.add_argument("--model_ratio", type=float, default=None,
+                   help="fraction of the WHOLE model's parameters removed, in (0, 1), instead of --ratio: embeddings, "
+                        "norms and lm_head stay dense, so this asks for a larger per-matrix --ratio, computed from "
+                        "the model's config before anything loads (refused when unreachable even at rank 1)")
     d.add_argument("--allocation", default="uniform", choices=["uniform", "asvd", "v2", "duo"],
                    help="step 2: uniform ranks; v2 = SVD-LLM V2's ranks from the whitened truncation losses (no "
                         "forward pass); duo = Duo-SVD's knapsack DP over each matrix's KL sensitivity (the others at "
@@ -144,17 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "name for it. Default none")
     d.add_argument("--act_aware", action="store_true",
                    help="ASVD's flag: --scaling abs_mean (or the --scaling_method given)")
-    d.add_argument("--alpha", type=float, default=0.5, help="ASVD: the exponent of the scaling statistic (default 0.5)")
+    d.add_argument("--alpha", type=float, default=0.5, help="ASVD: the exponent of the scaling statistic")
     d.add_argument("--sigma_fuse", default="UV", choices=["UV", "U", "V"],
-                   help="where the singular values go: UV = their square root into both factors (default), U or V")
+                   help="where the singular values go: UV = their square root into both factors, U or V")
     d.add_argument("--column_preserve", action="store_true",
                    help="step 3: Duo-SVD's column level: trade rank for exactly kept input columns at no more "
                         "parameters when that lowers a matrix's whitened truncation error by over 1%% (needs whitening)")
     d.add_argument("--decomposition", default="svd", choices=["svd", "rsvd"], help="exact or randomized SVD")
     d.add_argument("--rsvd_oversamples", type=int, default=DEFAULT_OVERSAMPLES,
-                   help="randomized SVD: extra sketch columns (default %(default)s; with the default "
-                        "--rsvd_n_iter: at least 2x faster than exact SVD at under 1%% extra truncation loss, "
-                        "scripts/results/bench_rsvd_cpu.json)")
+                   help="randomized SVD: extra sketch columns (speed and extra truncation loss against the exact SVD: "
+                        "README, Randomized SVD)")
     d.add_argument("--rsvd_n_iter", type=int, default=DEFAULT_N_ITER,
                    help="randomized SVD: power iterations (default %(default)s)")
     d.add_argument("--svd_dtype", default="float32", choices=["float32", "float64"],
@@ -164,15 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(falls back to the default driver), LAPACK on CPU")
     d.add_argument("--update", default="none", choices=["none", "closed_form", "anchored"],
                    help="closed-form update of u against the original layer outputs (SVD-LLM step 2), refit in "
-                        "the layer's execution order on --updating_nsamples windows. On SmolLM2-135M (held-back WikiText-2 "
-                        "slice, docs/evaluation.md) it lowered perplexity at 40%% and 60%% removed (144.7 vs 167.4, "
-                        "385.2 vs 605.2) and RAISED it at 20%% (76.4 vs 70.6): measure it on your model")
+                        "the layer's execution order on --updating_nsamples windows. It can RAISE perplexity (at a low --ratio "
+                        "on SmolLM2-135M: docs/evaluation.md): measure it on your model")
     d.add_argument("--anchor_alpha", type=float, default=None,
                    help="--update anchored (AA-SVD's fit, docs/refinement.md): each matrix refit in data-flow order to "
                         "alpha x the original model's outputs + (1 - alpha) x its own outputs on the compressed model's "
                         "inputs; 0 = whitening on the compressed stream, 1 = the original outputs (default "
-                        f"{DEFAULT_ANCHOR_ALPHA:g}: on SmolLM2-135M it beat whitening at 60%% removed, 0.83x its perplexity, "
-                        "and no alpha did at 20%%; docs/refinement.md)")
+                        f"{DEFAULT_ANCHOR_ALPHA:g}; which alpha helped at which ratio on SmolLM2-135M: docs/refinement.md)")
     d.add_argument("--anchor_holdout", type=float, default=None,
                    help="--update anchored: hold out this fraction of the --updating_nsamples windows and keep each "
                         "matrix's fit only where it lowers the error on them, as the closed-form update does "
@@ -187,9 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer's outputs on the original stream); matrix = GSVD's per-matrix u, v refinement (to "
                         "the original matrix's outputs on the inputs it sees)")
     r.add_argument("--refine_epochs", type=int, default=2,
-                   help="block: epochs over the windows (AA-SVD uses 25; on SmolLM2-135M at 60%% removed 8 epochs "
-                        "gave 0.66x the perplexity of 2, at 2.8x the time; more windows helped more than more "
-                        "epochs: docs/refinement.md)")
+                   help="block: epochs over the windows (AA-SVD uses 25; epochs against windows on SmolLM2-135M: "
+                        "docs/refinement.md)")
     r.add_argument("--gradient_iters", "--gradient-iters", dest="gradient_iters", type=int, default=500,
                    help="matrix: optimiser steps per matrix (GSVD's --gradient-iters, an alias)")
     r.add_argument("--refine_lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0.01)")
@@ -211,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     q.add_argument("--blocksize", type=int, default=128, help="GPTQ: columns per lazy-batch block")
     q.add_argument("--nsamples", type=int, default=128,
-                   help="GPTQ calibration windows of --model_seq_len tokens from --dataset (default 128, as GPTQ)")
+                   help="GPTQ calibration windows of --model_seq_len tokens from --dataset (GPTQ uses 128)")
     q.add_argument("--weight_quant", default=None, choices=["rtn_int8", "rtn_int6"],
                    help="ASVD's flag: with step 3, quantize its output by RTN per output channel "
                         "(= --step 3,8 --quant rtn --wbits 8 --groupsize -1); rtn_int6 is refused (no packed 6-bit layout)")
@@ -231,13 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "winogrande_local, boolq_local; default: all of them) or stock lm-eval tasks (need the hub)")
     t.add_argument("--tasks_data", default=None,
                    help="folder with the local tasks' JSONL files (default: ../shared/data next to the repository)")
-    t.add_argument("--num_fewshot", type=int, default=0, help="in-context examples per prompt (default 0)")
+    t.add_argument("--num_fewshot", type=int, default=0, help="in-context examples per prompt")
     t.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     g9 = p.add_argument_group("generation (step 9)")
     g9.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     g9.add_argument("--prompts", default=None, help="a file of prompts: one per line, or .jsonl rows with \"prompt\"")
     g9.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per prompt at most")
-    g9.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    g9.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     g9.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     g9.add_argument("--no_chat_template", action="store_true", help="feed prompts as they are, not in the chat template")
     g9.add_argument("--compare", action="store_true", help="also generate with the original model, beside it")
@@ -282,7 +303,7 @@ def validate(args: argparse.Namespace) -> None:
     _validate_allocation_flags(args)  # --ratio / --param_ratio_target / --strategy first: others read them
     _validate_quantization(args)  # step 8, and --weight_quant adding it after step 3
     _resolve_scaling(args)
-    if not 0.0 < args.ratio < 1.0:
+    if args.ratio is not None and not 0.0 < args.ratio < 1.0:
         raise UsageError(f"--ratio {args.ratio}: the fraction of parameters removed must be in (0, 1), e.g. 0.2")
     for name in ("whitening_nsamples", "updating_nsamples", "model_seq_len", "eval_batch_size",
                  "prefill_len", "gen_seq_len", "repeats"):
@@ -311,7 +332,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--svd_driver gesvda is CUDA-only: use --svd_driver auto on the CPU")
     steps = set(args.steps)
     needs_base = steps & {1, 2, 3} or (steps & {4, 5, 6, 9} and not args.model_path)
-    source = resolve_model(args.model) if needs_base else None
+    source = _resolve_base_model(args) if needs_base else None
+    if args.model_ratio is not None:
+        _convert_model_ratio(args)
     if steps & {1, 3} and not args.save_path and not (steps == {1} and args.stats_path):
         raise UsageError("--save_path is required: step 3 writes the model there and step 1 the "
                          "statistics to SAVE_PATH/stats (or give --stats_path)")
@@ -382,6 +405,83 @@ def validate(args: argparse.Namespace) -> None:
     check_hub_datasets(hub)
 
 
+def _resolve_base_model(args: argparse.Namespace):
+    """resolve_model, and a name that cannot be loaded refused at once (one line, exit 2) rather
+    than after a minute of hub retries: a near-miss of a bundled alias is named; a hub id that is
+    neither in the local cache nor reachable (or not on the hub) is refused."""
+    import difflib
+
+    from utils.model import BUNDLED, resolve_model
+    from utils.presets import is_random_spec
+    source = resolve_model(args.model)
+    spec = source.spec
+    if is_random_spec(spec) or source.gguf_file or os.path.isdir(source.path):
+        return source
+    # what resolve_model leaves as a hub id: not an alias, not an existing local path
+    if _hub_cached(spec):
+        return source
+    near = difflib.get_close_matches(spec.lower(), list(BUNDLED), n=1, cutoff=0.75)
+    if near and "/" not in spec:
+        raise UsageError(f"--model {spec}: no such bundled model or directory; did you mean --model {near[0]}? "
+                         f"(bundled: {', '.join(BUNDLED)})")
+    what = (f"--model {spec}: no such local directory or file, not a bundled alias ({', '.join(BUNDLED)}), "
+            f"and not in the Hugging Face cache")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UsageError(f"{what}, and HF_HUB_OFFLINE=1: check the name, or download it with the hub reachable")
+    from utils import data
+    if not data._hub_reachable():
+        raise UsageError(f"{what}, and the hub cannot be reached: check the name, or download it where the hub "
+                         f"can be reached (or pass a local directory / .gguf file)")
+    if _hub_repo_exists(spec) is False:
+        raise UsageError(f"{what}, and the hub has no model {spec!r}: check the name (hub ids are OWNER/NAME)")
+    return source
+
+
+def _architecture(args: argparse.Namespace):
+    """--model built from its config on the meta device (utils.architecture), once per command;
+    None when the config cannot be read that way (then checks fall back to the loaded model)."""
+    if not hasattr(args, "_architecture"):
+        from utils.architecture import architecture
+        try:
+            args._architecture, args._architecture_error = architecture(args.model, args.num_layers), None
+        except Exception as error:  # e.g. remote code, an unusual layout: the loaded model will tell
+            args._architecture, args._architecture_error = None, (str(error).splitlines() or [""])[0]
+    return args._architecture
+
+
+def _convert_model_ratio(args: argparse.Namespace) -> None:
+    """--model_ratio (whole model) -> the per-matrix --ratio, from the config's shapes."""
+    from utils.architecture import ratio_for_model_fraction
+    arch = _architecture(args)
+    if arch is None:
+        raise UsageError(f"--model_ratio needs the model's shapes from its config, which could not be read "
+                         f"({args._architecture_error}); give the per-matrix --ratio instead")
+    try:
+        args.ratio = ratio_for_model_fraction(arch.shapes, arch.parameters, args.model_ratio)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(f"--model_ratio {args.model_ratio:g}: per-matrix --ratio {args.ratio:g} (the decoder layers' linear "
+          f"weights are {arch.target_parameters / arch.parameters:.1%} of the model's {arch.parameters:,} parameters)")
+
+
+def _hub_cached(spec: str) -> bool:
+    """A hub id whose config.json is in the local Hugging Face cache (loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # an id the cache cannot even parse: judged by the checks after this
+        return False
+
+
+def _hub_repo_exists(spec: str) -> bool | None:
+    """True / False from the hub; None when it cannot say (network trouble, a malformed id it refuses)."""
+    try:
+        from huggingface_hub import repo_exists
+        return bool(repo_exists(spec))
+    except Exception as error:
+        return False if type(error).__name__ == "HFValidationError" else None
+
+
 def _validate_allocation_flags(args: argparse.Namespace) -> None:
     """--ratio and its aliases, --strategy, and the sensitivity flags of step 2."""
     from methods.sensitivity import ASVD_RATIOS, DUO_RATIOS
@@ -398,7 +498,17 @@ def _validate_allocation_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"--param_ratio_target {args.param_ratio_target} means --ratio {implied:g}; it "
                              f"contradicts --ratio {args.ratio}: give one of them")
         args.ratio = implied
-    if args.ratio is None:
+    if args.model_ratio is not None:
+        if args.ratio is not None:
+            raise UsageError(f"--model_ratio {args.model_ratio} (of the whole model) and "
+                             f"{'--param_ratio_target' if args.param_ratio_target is not None else '--ratio'} "
+                             f"(per matrix) size the same thing: give one of them")
+        if not 0.0 < args.model_ratio < 1.0:
+            raise UsageError(f"--model_ratio {args.model_ratio}: the fraction of the whole model's parameters "
+                             f"removed must be in (0, 1), e.g. 0.3")
+        if not set(args.steps) & {2, 3}:
+            raise UsageError("--model_ratio sizes the compression of steps 2-3: add --step 2 or 3, or leave it out")
+    elif args.ratio is None:
         args.ratio = 0.2
     sensitivity_flags = {"--sensitivity_metric": args.sensitivity_metric, "--sensitivity_ratios": args.sensitivity_ratios,
                          "--ppl_target": args.ppl_target}
@@ -573,7 +683,7 @@ def _validate_quantization(args: argparse.Namespace) -> None:
                                  f"model (the original, or the output of step 3)")
             protected = [args.model_path]
         else:
-            source = resolve_model(args.model)
+            source = _resolve_base_model(args)
             protected = [source.path] if os.path.isdir(source.path) else []
         check_output_path(args.save_path, "model", args.overwrite, protected)
     if options.needs_activations:
@@ -834,12 +944,12 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
     return plan
 
 
-def _plan_for_step3(args: argparse.Namespace, session: Session):
+def _plan_for_step3(args: argparse.Namespace, session: Session, shapes: dict | None = None):
     """Step 2's plan when there is one (--plan, or STATS/plan_RATIO.json), else the uniform one;
-    validated against the model."""
+    validated against the model (or against `shapes`, the config's, before the weights load)."""
     from utils.model import target_shapes
     from utils.plan import Plan
-    shapes = target_shapes(session.model)
+    shapes = target_shapes(session.model) if shapes is None else shapes
     path = plan_path_of(args) if (args.plan or args.save_path or args.stats_path) else None
     if path and os.path.isfile(path):
         plan, source = Plan.load(path, shapes), path
@@ -871,10 +981,25 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     target = _ppl_target_check(args, session, plan, options)
     if target is not None:
         compression["ppl_target"] = target
+    if args.model_ratio is not None:  # what was asked, and the per-matrix ratio it became
+        compression["model_ratio"] = {"asked": args.model_ratio, "ratio": args.ratio,
+                                      "removed_fraction": compression["parameters"]["removed_fraction"]}
     session.compression = compression
-    _save_model(args, session, 3)
-    _print_summary(compression, session.timings)
+    saved = _save_model(args, session, 3)
+    _print_summary(compression, session.timings, args.save_path if saved else None)
     return compression
+
+
+def disk_bytes(path: str) -> int:
+    """Bytes of a saved model: the .pt file, or every file of the directory (statistics excluded)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, dirs, files in os.walk(path):
+        if root == path:
+            dirs[:] = [d for d in dirs if d != "stats"]
+        total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
+    return total
 
 
 def _decompose_options(args: argparse.Namespace):
@@ -966,12 +1091,15 @@ def _refine_options(args: argparse.Namespace):
                          holdout=args.refine_holdout, seed=args.seed)
 
 
-def _print_summary(compression: dict, timings: dict) -> None:
+def _print_summary(compression: dict, timings: dict, saved_path: str | None = None) -> None:
     ranks = list(compression["ranks"].values())
     params = compression["parameters"]
+    asked = compression.get("model_ratio")
     print(f"compress: {len(ranks)} matrices low-rank (rank {min(ranks, default=0)}-{max(ranks, default=0)}), "
-          f"{len(compression['dense_modules'])} dense; ratio {compression['ratio']} nominal; parameters "
-          f"{params['original']:,} -> {params['compressed']:,} ({params['removed_fraction']:.1%} of the model removed)")
+          f"{len(compression['dense_modules'])} dense; per-matrix ratio {compression['ratio']} (of the compressed "
+          f"matrices' parameters); whole model: parameters {params['original']:,} -> {params['compressed']:,} "
+          f"({params['removed_fraction']:.1%} removed" + (f", --model_ratio {asked['asked']:g} asked)" if asked else ")")
+          + (f"; {disk_bytes(saved_path) / 2**20:.1f} MiB on disk ({saved_path})" if saved_path else ""))
     if compression["update"] and compression["update"]["method"] == "closed_form":
         print(f"update: kept for {compression['updates_accepted']} of {len(ranks)} matrices")
     elif compression["update"]:
@@ -1066,9 +1194,11 @@ def main(argv: list[str] | None = None) -> int:
              1: run_profile, 2: run_allocate, 3: run_compress,
              4: evaluater.perplexity_step, 5: evaluater.efficiency_step, 7: run_lora, 8: run_quantize}
     try:
-        if 3 in args.steps and 2 not in args.steps:  # a plan that does not fit fails before step 1 runs
-            ensure_model(args, session)
-            _plan_for_step3(args, session)
+        if 3 in args.steps and 2 not in args.steps:  # a plan that does not fit fails before step 1 runs,
+            arch = _architecture(args)  # and before the weights load when the config alone gives the shapes
+            if arch is None:
+                ensure_model(args, session)
+            _plan_for_step3(args, session, None if arch is None else arch.shapes)
         for step in args.steps:
             steps[step](args, session)
     except (DatasetError, ModelSpecError, FileNotFoundError, PipelineError, PlanError, DecomposeError,
