@@ -147,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate KEPT fractions, comma list in (0, 1], 1 = dense (default: duo 0.1,...,0.9,1 as "
                         "Duo-SVD; asvd 0.1,...,0.9 as ASVD)")
     d.add_argument("--sensitivity_nsamples", type=int, default=16,
-                   help="calibration windows (--dataset, --model_seq_len) of the sensitivity pass (default %(default)s); "
-                        "cost: matrices x candidates x these windows through the layers after each matrix")
+                   help="calibration windows (--dataset, --sensitivity_seq_len) of the sensitivity pass (default "
+                        "%(default)s); cost: matrices x candidates x these windows through the layers after each "
+                        "matrix (estimated and printed before the pass starts)")
+    d.add_argument("--sensitivity_seq_len", type=int, default=None,
+                   help="tokens per window of the sensitivity pass (default: --model_seq_len); its cost grows "
+                        "with it")
     d.add_argument("--sensitivity_path", default=None,
                    help="the sensitivity table (JSON; default STATS/sensitivity_METRIC[_rRATIO].json): reused when it "
                         "was measured for this model, statistics, windows, candidates and base state, refused "
@@ -511,7 +515,7 @@ def _validate_allocation_flags(args: argparse.Namespace) -> None:
     elif args.ratio is None:
         args.ratio = 0.2
     sensitivity_flags = {"--sensitivity_metric": args.sensitivity_metric, "--sensitivity_ratios": args.sensitivity_ratios,
-                         "--ppl_target": args.ppl_target}
+                         "--ppl_target": args.ppl_target, "--sensitivity_seq_len": args.sensitivity_seq_len}
     if args.allocation not in ("asvd", "duo"):
         given = [k for k, v in sensitivity_flags.items() if v is not None]
         if given:
@@ -548,6 +552,9 @@ def _validate_allocation_flags(args: argparse.Namespace) -> None:
         args.sensitivity_ratios = ratios
     if args.sensitivity_nsamples < 1:
         raise UsageError("--sensitivity_nsamples must be at least 1")
+    if args.sensitivity_seq_len is not None and args.sensitivity_seq_len < 2:
+        raise UsageError(f"--sensitivity_seq_len {args.sensitivity_seq_len}: at least 2 tokens (a window's first "
+                         f"token is not scored); leave it out for --model_seq_len")
 
 
 def _resolve_scaling(args: argparse.Namespace) -> None:
@@ -833,25 +840,63 @@ def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
     return True
 
 
-def _windows(args: argparse.Namespace, session: Session, nsamples: int):
+def _windows(args: argparse.Namespace, session: Session, nsamples: int, seq_len: int | None = None):
     from utils.data import calibration_windows
-    return calibration_windows(args.dataset, session.tokenizer, nsamples, args.model_seq_len, args.seed,
+    return calibration_windows(args.dataset, session.tokenizer, nsamples, seq_len or args.model_seq_len, args.seed,
                                vocab_size=session.model.config.vocab_size)
 
 
 def run_profile(args: argparse.Namespace, session: Session):
     """Step 1: statistics of the calibration windows, written to the statistics path."""
     from utils.pipeline import profile_model
+    from utils.io import read_json, write_json
     ensure_model(args, session)
     windows = _windows(args, session, args.whitening_nsamples)
+    estimates = _profile_estimates(args, session, windows)
     start = time.perf_counter()
     stats = profile_model(session.model, windows, args.device, stats_path_of(args),
                           meta={"model": args.model, "dataset": args.dataset, "seed": args.seed}, fisher=args.fisher)
     stats.close()
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
+    fisher_s = (stats.meta.get("fisher") or {}).get("seconds")
+    actual = {"profile": session.timings["profile_s"] - (fisher_s or 0.0), "fisher": fisher_s}
+    meta_path = os.path.join(stats_path_of(args), "meta.json")  # the estimates beside what the passes took
+    write_json(meta_path, {**read_json(meta_path),
+                           "cost": {name: e.record(actual[name]) for name, e in estimates.items()}})
     print(f"profile: {stats.meta['num_layers']} layers, {stats.meta['tokens']} tokens -> {stats_path_of(args)} "
           f"({session.timings['profile_s']:.1f} s)")
     return stats.meta
+
+
+def _timed_unit(args: argparse.Namespace, session: Session, seq_len: int) -> dict:
+    """utils.cost.window_seconds on the device the passes use: one layer and the head on one window."""
+    from utils.cost import window_seconds
+    return window_seconds(session.model, seq_len, args.device, args.seed)
+
+
+def _announce(estimate):
+    print(estimate.message())
+    return estimate
+
+
+def _profile_estimates(args: argparse.Namespace, session: Session, windows) -> dict:
+    """Step 1's passes (profile, and --fisher's backward) estimated from one timed window."""
+    from utils.cost import estimate
+    count, seq_len = int(windows.shape[0]), int(windows.shape[1])
+    unit = _timed_unit(args, session, seq_len)
+    cheaper = []
+    if count > 32:
+        cheaper.append(("--whitening_nsamples 32", 32 / count))
+    if seq_len > 512:
+        cheaper.append(("--model_seq_len 512", 512 / seq_len))
+    where = f"one window of {seq_len} tokens through the model on {args.device}"
+    # profiling: the forward, and the Gram products of every linear input, about as much again
+    out = {"profile": _announce(estimate("profile (step 1)", {"windows": count}, where, unit["window_s"], 2.0,
+                                         cheaper))}
+    if args.fisher:  # a forward, then a backward (about two forwards) per layer and window
+        out["fisher"] = _announce(estimate("fisher (step 1, --fisher)", {"windows": count}, where,
+                                           unit["window_s"], 3.0, cheaper))
+    return out
 
 
 def run_allocate(args: argparse.Namespace, session: Session):
@@ -910,8 +955,11 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
                                      args.scaling, args.alpha, svd_dtype=DTYPES[args.svd_dtype],
                                      svd_driver=args.svd_driver)
         needs_windows = args.sensitivity_metric != "stable_rank" or args.ppl_target is not None
-        windows = _windows(args, session, args.sensitivity_nsamples) if needs_windows else None
+        windows = _windows(args, session, args.sensitivity_nsamples, args.sensitivity_seq_len) if needs_windows else None
         path = sensitivity_path_of(args)
+        cost = None
+        if args.sensitivity_metric != "stable_rank" and (args.overwrite or not os.path.exists(path)):
+            cost = _sensitivity_estimate(args, session, windows, options)  # not for a table that is reused
         start = time.perf_counter()
         try:
             table, reused = sensitivity_table(session.model, windows, stats, args.device, options, path,
@@ -919,6 +967,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
         except SensitivityError as error:
             raise PipelineError(str(error)) from None
         session.timings["sensitivity_s"] = round(time.perf_counter() - start, 3)
+        cost = None if cost is None or reused else cost.record(session.timings["sensitivity_s"])
         print(f"sensitivity: {'reused' if reused else 'measured'} {args.sensitivity_metric} table "
               f"({len(table.values)} matrices x {len(options.ratios)} candidates, {table.evaluations} evaluations) "
               f"-> {path}")
@@ -932,7 +981,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
                 # what the searched perplexity is of, so step 3 can say where its model differs and measure it
                 detail["search"] = {"decompose": searched.to_dict(), "not_searched": NOT_SEARCHED,
                                     "windows": {"dataset": args.dataset, "nsamples": int(windows.shape[0]),
-                                                "seq_len": args.model_seq_len, "seed": args.seed}}
+                                                "seq_len": int(windows.shape[1]), "seed": args.seed}}
             else:
                 plan, detail = asvd_plan(session.model, args.ratio, table)
         except ValueError as error:
@@ -940,8 +989,38 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
     finally:
         stats.close()
     plan.detail = {**detail, "sensitivity_path": path, "sensitivity_reused": reused,
-                   "sensitivity_nsamples": None if windows is None else int(windows.shape[0])}
+                   "sensitivity_nsamples": None if windows is None else int(windows.shape[0]),
+                   "sensitivity_seq_len": None if windows is None else int(windows.shape[1]),
+                   "sensitivity_cost": cost}  # the estimate printed before the pass, and its actual time
     return plan
+
+
+def _sensitivity_estimate(args: argparse.Namespace, session: Session, windows, options):
+    """The sensitivity pass: every matrix x candidate re-runs its layer, the layers after it and the
+    head on every window; one layer and the head on one window are timed first."""
+    from utils.cost import estimate
+    from utils.model import layer_prefix, target_shapes
+    count, seq_len = int(windows.shape[0]), int(windows.shape[1])
+    unit = _timed_unit(args, session, seq_len)
+    prefix = layer_prefix(session.model) + "."
+    shares = []  # per matrix: the share of a whole window's time that one of its evaluations re-runs
+    for name in target_shapes(session.model):
+        index = int(name[len(prefix):].split(".", 1)[0])
+        shares.append(((unit["layers"] - index) * unit["layer_s"] + unit["head_s"]) / unit["window_s"])
+    candidates = len(options.ratios)
+    cheaper = []
+    if count > 4:
+        cheaper.append((f"--sensitivity_nsamples {max(1, count // 4)}", max(1, count // 4) / count))
+    if candidates > 4:
+        fewer = "0.25,0.5,0.75,1" if args.allocation == "duo" else "0.25,0.5,0.75"
+        cheaper.append((f"--sensitivity_ratios {fewer}", len(fewer.split(",")) / candidates))
+    if seq_len > 256:
+        shorter = max(128, seq_len // 4)
+        cheaper.append((f"--sensitivity_seq_len {shorter}", shorter / seq_len))
+    return _announce(estimate(f"sensitivity pass ({options.metric})",
+                              {"matrices": len(shares), "candidates": candidates, "windows": count},
+                              f"one window of {seq_len} tokens through the model on {args.device}", unit["window_s"],
+                              sum(shares) / len(shares), cheaper))
 
 
 def _plan_for_step3(args: argparse.Namespace, session: Session, shapes: dict | None = None):
@@ -969,6 +1048,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     options = CompressOptions(_decompose_options(args), _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
     windows, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None)
+    refine_cost = _refine_estimate(args, session, options.refine, len(plan.ranks)) if options.refine else None
     try:
         record = compress_model(session.model, plan, options, args.device, stats, windows, args.force_stats)
     finally:
@@ -981,6 +1061,10 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     target = _ppl_target_check(args, session, plan, options)
     if target is not None:
         compression["ppl_target"] = target
+    if refine_cost is not None:  # the estimate printed before the refinement, and what it took
+        losses = compression.get("refine_losses") or {}
+        per = losses.get("per_block") or losses.get("per_module") or {}
+        compression["cost"] = {"refine": refine_cost.record(sum(r.get("seconds", 0.0) for r in per.values()))}
     if args.model_ratio is not None:  # what was asked, and the per-matrix ratio it became
         compression["model_ratio"] = {"asked": args.model_ratio, "ratio": args.ratio,
                                       "removed_fraction": compression["parameters"]["removed_fraction"]}
@@ -1000,6 +1084,26 @@ def disk_bytes(path: str) -> int:
             dirs[:] = [d for d in dirs if d != "stats"]
         total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
     return total
+
+
+def _refine_estimate(args: argparse.Namespace, session: Session, refine, low_rank: int):
+    """The gradient refinement: block = every layer x epoch x window forward and backward (about three
+    forwards of a layer); matrix = every matrix x step x window of a batch through that matrix (a
+    layer's time over its matrices, three times)."""
+    from utils.cost import estimate
+    unit = _timed_unit(args, session, args.model_seq_len)
+    where = f"one decoder layer on one window of {args.model_seq_len} tokens on {args.device}"
+    if refine.target == "block":
+        cheaper = [("--refine_epochs 1", 1 / refine.epochs)] if refine.epochs > 1 else []
+        if refine.nsamples > 8:
+            cheaper.append(("--refine_nsamples 8", 8 / refine.nsamples))
+        return _announce(estimate("refinement (block)", {"layers": unit["layers"], "epochs": refine.epochs,
+                                                          "windows": refine.nsamples}, where, unit["layer_s"],
+                                  3.0 + refine.holdout / refine.nsamples, cheaper))
+    cheaper = [("--gradient_iters 100", 100 / refine.gradient_iters)] if refine.gradient_iters > 100 else []
+    return _announce(estimate("refinement (matrix)", {"matrices": low_rank, "steps": refine.gradient_iters,
+                                                       "windows per step": min(refine.batch_size, refine.nsamples)},
+                              where, unit["layer_s"], 3.0 * unit["layers"] / max(1, low_rank), cheaper))
 
 
 def _decompose_options(args: argparse.Namespace):

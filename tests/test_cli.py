@@ -50,3 +50,68 @@ def test_model_ratio_conversion_matches_the_uniform_plan():
         assert abs(removed - fraction) <= sum(m + n for m, n, _ in shapes.values()) / total
     with pytest.raises(ValueError, match="unreachable"):
         ratio_for_model_fraction(shapes, total, 0.8)
+
+
+# ------------------------------------------------------------------ costs said before the wait
+
+def test_sensitivity_pass_is_estimated_before_it_starts_and_recorded(tiny_dir, tmp_path, capsys, monkeypatch):
+    import json
+
+    import methods.sensitivity as sensitivity
+    printed_before = []
+    original = sensitivity.sensitivity_table
+
+    def watched(*args, **kwargs):
+        printed_before.append(capsys.readouterr().out)  # everything printed before the pass starts
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "sensitivity_table", watched)
+    out = str(tmp_path / "out")
+    assert compress.main(["--step", "1-2", "--model", tiny_dir, "--allocation", "duo", "--ratio", "0.3",
+                          "--dataset", "random", "--whitening_nsamples", "4", "--model_seq_len", "16",
+                          "--sensitivity_nsamples", "8", "--sensitivity_seq_len", "300", "--save_path", out,
+                          "--device", "cpu"]) == 0
+    line = next(l for l in printed_before[0].splitlines() if l.startswith("sensitivity pass (kl): about"))
+    assert "14 matrices x 10 candidates x 8 windows" in line  # the tiny llama: 2 layers x 7 linears
+    assert "one window of 300 tokens" in line  # --sensitivity_seq_len, not --model_seq_len
+    for flag in ("--sensitivity_nsamples 2", "--sensitivity_ratios 0.25,0.5,0.75,1", "--sensitivity_seq_len 128"):
+        assert flag in line, line
+    with open(os.path.join(out, "stats", "plan_0.3.json")) as handle:
+        detail = json.load(handle)["detail"]
+    cost = detail["sensitivity_cost"]
+    assert cost["counts"] == {"matrices": 14, "candidates": 10, "windows": 8}
+    assert cost["estimated_s"] > 0 and cost["actual_s"] > 0 and detail["sensitivity_seq_len"] == 300
+    with open(os.path.join(out, "stats", "meta.json")) as handle:
+        profile = json.load(handle)["cost"]["profile"]
+    assert profile["counts"] == {"windows": 4} and profile["actual_s"] > 0
+
+
+def test_refinement_is_estimated_before_it_starts_and_recorded(tiny_dir, tmp_path, capsys, monkeypatch):
+    import utils.pipeline as pipeline
+    from utils.io import load_compressed
+    printed_before = []
+    original = pipeline.compress_model
+
+    def watched(*args, **kwargs):
+        printed_before.append(capsys.readouterr().out)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "compress_model", watched)
+    out = str(tmp_path / "out")
+    assert compress.main(["--step", "3", "--model", tiny_dir, "--whitening", "none", "--dataset", "random",
+                          "--model_seq_len", "16", "--refine", "gradient", "--refine_epochs", "3",
+                          "--refine_nsamples", "4", "--save_path", out, "--device", "cpu"]) == 0
+    line = next(l for l in printed_before[0].splitlines() if l.startswith("refinement (block): about"))
+    assert "2 layers x 3 epochs x 4 windows" in line and "--refine_epochs 1" in line
+    cost = load_compressed(out)[2]["cost"]["refine"]
+    assert cost["counts"] == {"layers": 2, "epochs": 3, "windows": 4} and cost["actual_s"] > 0
+
+
+def test_estimate_is_counts_times_the_timed_unit():
+    from utils.cost import estimate
+    e = estimate("pass", {"matrices": 210, "candidates": 10, "windows": 16}, "one window", 0.5, 0.5,
+                 [("--sensitivity_nsamples 4", 0.25), ("--not-cheaper 1", 1.0)])
+    assert e.seconds == pytest.approx(210 * 10 * 16 * 0.5 * 0.5)
+    assert e.message().startswith("pass: about 2.3 h = 210 matrices x 10 candidates x 16 windows")
+    assert "--sensitivity_nsamples 4 (about 35 min)" in e.message() and "--not-cheaper" not in e.message()
+    assert e.record(12.0)["estimated_s"] == pytest.approx(8400.0) and e.record(12.0)["actual_s"] == 12.0
