@@ -115,3 +115,96 @@ def test_estimate_is_counts_times_the_timed_unit():
     assert e.message().startswith("pass: about 2.3 h = 210 matrices x 10 candidates x 16 windows")
     assert "--sensitivity_nsamples 4 (about 35 min)" in e.message() and "--not-cheaper" not in e.message()
     assert e.record(12.0)["estimated_s"] == pytest.approx(8400.0) and e.record(12.0)["actual_s"] == 12.0
+
+
+# ------------------------------------------------------------------ --help
+
+def _help_blocks(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """First option string -> its whole entry in --help, whitespace collapsed."""
+    blocks = {}
+    for block in re.split(r"\n(?=  -)", parser.format_help()):
+        words = block.split()
+        if words and words[0].startswith("-"):
+            blocks[words[0].rstrip(",")] = " ".join(words)
+    return blocks
+
+
+def test_help_shows_every_default():
+    parser = compress.build_parser()
+    blocks = _help_blocks(parser)
+    missing = []
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or default is None or default is argparse.SUPPRESS or isinstance(default, bool):
+            continue  # None: the help says what happens; on/off flags are off
+        block = blocks[action.option_strings[0]]
+        if f"(default: {default})" not in block and f"(default {default}" not in block:
+            missing.append(action.option_strings[0])
+    assert not missing, missing
+    for flag, value in (("--whitening_nsamples", 256), ("--model_seq_len", 2048), ("--eval_datasets", "wikitext2"),
+                        ("--refine_batch_size", 8)):  # the ones that decide what a first run costs
+        assert f"(default: {value})" in blocks[flag]
+
+
+def _examples() -> list[tuple[str, list[str]]]:
+    """(the comment above it, argv) of every command in --help's examples, in order."""
+    lines = compress.EXAMPLES.splitlines()
+    return [(lines[i - 1].strip(), shlex.split(line)[2:]) for i, line in enumerate(lines)
+            if line.strip().startswith("python compress.py")]
+
+
+def test_help_examples_say_how_long_they_take():
+    examples = _examples()
+    assert len(examples) >= 2 and compress.EXAMPLES in compress.build_parser().format_help()
+    for comment, argv in examples:
+        assert re.search(r"\(about \d+ (s|min)\)", comment), comment  # minutes at most, on a CPU
+        assert "--device" in argv and argv[argv.index("--device") + 1] == "cpu"
+
+
+@pytest.fixture(scope="module")
+def tiny_compressed(tiny_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("c") / "model")
+    assert compress.main(["--step", "3", "--model", tiny_dir, "--whitening", "none", "--save_path", out,
+                          "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.mark.integration("smollm2")
+def test_help_examples_run_as_written_offline(tiny_compressed, tmp_path, monkeypatch):
+    """Each example, in order, from a fresh folder with the hub unreachable, through every argument
+    check to the steps it asks for; the steps themselves are recorded, not run (the time they take
+    is the comment's), and step 3 leaves a compressed model where the next example reads it."""
+    import shutil
+
+    import evaluater
+    import generate
+    import tasks_eval
+    import utils.model
+    from utils import data
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(data, "_hub_reachable", lambda timeout=3.0: False)
+    ran = []
+
+    def recorder(step):
+        def run(args, session):
+            ran.append(step)
+            if step == 3:
+                shutil.copytree(tiny_compressed, args.save_path, dirs_exist_ok=True)
+        return run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an example loaded weights during its checks")
+
+    for name, step in (("run_profile", 1), ("run_allocate", 2), ("run_compress", 3), ("run_lora", 7),
+                       ("run_quantize", 8)):
+        monkeypatch.setattr(compress, name, recorder(step))
+    monkeypatch.setattr(evaluater, "perplexity_step", recorder(4))
+    monkeypatch.setattr(evaluater, "efficiency_step", recorder(5))
+    monkeypatch.setattr(tasks_eval, "tasks_step", recorder(6))
+    monkeypatch.setattr(generate, "generate_step", recorder(9))
+    monkeypatch.setattr(utils.model, "load_model", refuse)
+    for comment, argv in _examples():
+        ran.clear()
+        assert compress.main(argv) == 0, argv
+        assert ran == compress.parse_steps(argv[argv.index("--step") + 1]), (argv, ran)
