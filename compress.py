@@ -116,7 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", "--calib_dataset", dest="dataset", default="wikitext2",
                    help="calibration data: wikitext2, ptb, c4, pydoc (offline), random, or a local file "
                         "(.json/.jsonl with 'text', else plain text); a slice such as FILE[0:0.8] takes "
-                        "that fraction of its lines. --calib_dataset is ASVD's name for it")
+                        "that fraction of its lines. Chat data: .json/.jsonl rows with instruction/input/output "
+                        "(Alpaca) or a messages list, rendered with the chat template and packed as whole "
+                        "conversations (a slice takes a fraction of the rows). self: text the original model "
+                        "writes itself (self-calibration, cached beside the statistics). --calib_dataset is ASVD's name")
+    c.add_argument("--self_prompts", default=None,
+                   help="--dataset self: user turns the model answers, one per line (a chat model; default: an "
+                        "empty user turn; a model without a chat template starts from them instead of BOS)")
+    c.add_argument("--self_temperature", default="1.0",
+                   help="--dataset self: sampling temperature, or START:END (e.g. 1.5:1.0) for the paper's linear "
+                        "schedule over the first 32 generated tokens")
+    c.add_argument("--self_top_p", type=float, default=0.95, help="--dataset self: nucleus sampling mass")
+    c.add_argument("--self_batch_size", type=int, default=16, help="--dataset self: sequences generated at once")
     c.add_argument("--whitening_nsamples", "--n_calib_samples", dest="whitening_nsamples", type=int, default=256,
                    help="calibration windows for step 1 (--n_calib_samples is ASVD's name for it)")
     c.add_argument("--fisher", action="store_true",
@@ -334,6 +345,7 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be 0 or more (defaults: --rsvd_oversamples {DEFAULT_OVERSAMPLES} "
                              f"--rsvd_n_iter {DEFAULT_N_ITER})")
     _validate_refinement(args)
+    _validate_self_calibration(args)
     if args.device is None:
         from utils.model import default_device
         args.device = default_device()
@@ -387,7 +399,7 @@ def validate(args: argparse.Namespace) -> None:
                              f"(no 'compression' block in its config.json); pass a base model with --model")
     if steps & {4, 5}:
         for spec in args.eval_datasets.split(","):
-            validate_dataset(spec)
+            validate_dataset(spec, text_only=True)
     _validate_tasks_generation_placement(args, steps)
     if 7 in steps:
         from lora import LoraError, validate_args
@@ -631,6 +643,36 @@ def _validate_refinement(args: argparse.Namespace) -> None:
         raise UsageError(f"--refine_lr {args.refine_lr}: must be a positive number, e.g. 1e-4")
 
 
+def _validate_self_calibration(args: argparse.Namespace) -> None:
+    """--dataset self's settings -> args.self_options; its flags with another --dataset are refused."""
+    from utils.data import SELF_DATASET, DatasetError
+    from utils.presets import is_random_spec
+    from utils.self_calibration import SelfCalibrationOptions, read_prompt_file
+    if args.dataset != SELF_DATASET:
+        given = [f"--{name}" for name, default in (("self_prompts", None), ("self_temperature", "1.0"),
+                                                   ("self_top_p", 0.95), ("self_batch_size", 16))
+                 if getattr(args, name) != default]
+        if given:
+            raise UsageError(f"{given[0]} is for --dataset self (now --dataset {args.dataset})")
+        args.self_options = None
+        return
+    if args.model and is_random_spec(args.model):
+        raise UsageError(f"--dataset self: {args.model} has random weights and no tokenizer; use --dataset random")
+    try:
+        start, _, end = args.self_temperature.partition(":")
+        temperatures = (float(start), float(end or start))
+    except ValueError:
+        raise UsageError(f"--self_temperature {args.self_temperature}: give one number (e.g. 1.0) or START:END "
+                         f"(e.g. 1.5:1.0)") from None
+    try:
+        prompts = read_prompt_file(args.self_prompts) if args.self_prompts else ()
+        args.self_options = SelfCalibrationOptions(*temperatures, top_p=args.self_top_p,
+                                                   batch_size=args.self_batch_size, prompts=prompts)
+        args.self_options.check()
+    except DatasetError as error:
+        raise UsageError(str(error)) from None
+
+
 def _needs_calibration_windows(args: argparse.Namespace) -> bool:
     """Step 3 carries calibration windows of --dataset (the update or the refinement)."""
     return args.update != "none" or args.refine != "none"
@@ -793,6 +835,7 @@ class Session:
     compression: dict | None = None  # None: the model is the original
     timings: dict = field(default_factory=dict)
     placement: object = None  # where evaluation put the model (evaluater.place_for_evaluation)
+    self_calibration: tuple | None = None  # (ids, what they are) the original model wrote (--dataset self)
 
 
 def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: bool = False) -> Session:
@@ -852,9 +895,50 @@ def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
 
 
 def _windows(args: argparse.Namespace, session: Session, nsamples: int, seq_len: int | None = None):
-    from utils.data import calibration_windows
-    return calibration_windows(args.dataset, session.tokenizer, nsamples, seq_len or args.model_seq_len, args.seed,
-                               vocab_size=session.model.config.vocab_size)
+    """(windows, what they are) of --dataset: every step that calibrates draws them here; seq_len:
+    tokens per window when not --model_seq_len (the sensitivity pass's --sensitivity_seq_len)."""
+    from utils.data import SELF_DATASET, calibration_data
+    seq_len = seq_len or args.model_seq_len
+    if args.dataset == SELF_DATASET:  # the model's own sequences of --model_seq_len, cut to seq_len
+        windows, info = _self_windows(args, session, nsamples)
+        return (windows, info) if seq_len >= windows.shape[1] else (windows[:, :seq_len], {**info, "cut_to": seq_len})
+    windows, info = calibration_data(args.dataset, session.tokenizer, nsamples, seq_len, args.seed,
+                                     vocab_size=session.model.config.vocab_size)
+    if info["kind"] == "chat":
+        packing = info["packing"]
+        print(f"calibration: {windows.shape[0]} windows of {seq_len} tokens from {info['rows']} "
+              f"{info['format']} rows ({info['template']}): {packing['whole']} whole conversations, "
+              f"{packing['longer_than_window']} cut at a window's end, {packing['tail_fillers']} window tails "
+              f"filled by a cut conversation ({packing['tail_filler_tokens']} tokens)")
+    return windows, info
+
+
+def _self_windows(args: argparse.Namespace, session: Session, nsamples: int, compressed: bool = False):
+    """--dataset self: the original model's own text, from an earlier step of this command, from
+    the cache beside the statistics, or generated (utils.self_calibration). compressed: the model
+    in memory is compressed even though session.compression is not set yet (step 3 measuring)."""
+    from utils.self_calibration import cached_rows, self_calibration_data
+    if session.self_calibration is not None and session.self_calibration[0].shape[0] >= nsamples:
+        ids, info = session.self_calibration
+        return ids[:nsamples], info
+    original = session.model
+    if compressed or session.compression is not None:  # the model in memory is compressed: the original writes
+        from utils.model import load_model
+        compression = session.compression or {}
+        original, _ = load_model(compression.get("base_model") or args.model, args.dtype, args.seed,
+                                 compression.get("num_layers", args.num_layers))
+    cache_dir = stats_path_of(args) if (args.save_path or args.stats_path) else None
+    ids, info = self_calibration_data(original, session.tokenizer, nsamples, args.model_seq_len, args.seed,
+                                      args.self_options, args.device, cache_dir)
+    known = info.get("rows_from_cache")
+    print(f"self-calibration: {ids.shape[0]} sequences of {ids.shape[1]} tokens "
+          + (f"read from the cache in {cache_dir}" if info["cached"] else
+             f"({known} from the cache in {cache_dir}, the rest generated)" if known else "generated"))
+    # every row known for these settings (the cache may hold more, e.g. step 3's held-out rows after
+    # step 1's), so that step 1 writing its statistics folder anew puts them all back
+    rows = cached_rows(cache_dir, info["settings"]) if cache_dir else None
+    session.self_calibration = (rows if rows is not None and rows.shape[0] > ids.shape[0] else ids, info)
+    return ids, info
 
 
 def run_profile(args: argparse.Namespace, session: Session):
@@ -862,12 +946,16 @@ def run_profile(args: argparse.Namespace, session: Session):
     from utils.pipeline import profile_model
     from utils.io import read_json, write_json
     ensure_model(args, session)
-    windows = _windows(args, session, args.whitening_nsamples)
+    windows, data = _windows(args, session, args.whitening_nsamples)
     estimates = _profile_estimates(args, session, windows)
     start = time.perf_counter()
     stats = profile_model(session.model, windows, args.device, stats_path_of(args),
-                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed}, fisher=args.fisher)
+                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed, "data": data},
+                          fisher=args.fisher)
     stats.close()
+    if data["kind"] == "self":  # step 1 replaced the statistics folder: the generated ids go back beside them
+        from utils.self_calibration import save_sequences
+        save_sequences(stats_path_of(args), session.self_calibration[0], data["settings"])
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
     fisher_s = (stats.meta.get("fisher") or {}).get("seconds")
     actual = {"profile": session.timings["profile_s"] - (fisher_s or 0.0), "fisher": fisher_s}
@@ -966,7 +1054,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
                                      args.scaling, args.alpha, svd_dtype=DTYPES[args.svd_dtype],
                                      svd_driver=args.svd_driver)
         needs_windows = args.sensitivity_metric != "stable_rank" or args.ppl_target is not None
-        windows = _windows(args, session, args.sensitivity_nsamples, args.sensitivity_seq_len) if needs_windows else None
+        windows = _windows(args, session, args.sensitivity_nsamples, args.sensitivity_seq_len)[0] if needs_windows else None
         path = sensitivity_path_of(args)
         cost = None
         if args.sensitivity_metric != "stable_rank" and (args.overwrite or not os.path.exists(path)):
@@ -1058,7 +1146,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     plan, plan_source = _plan_for_step3(args, session)
     options = CompressOptions(_decompose_options(args), _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
-    windows, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None)
+    windows, data, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None, None)
     refine_cost = _refine_estimate(args, session, options.refine, len(plan.ranks)) if options.refine else None
     try:
         record = compress_model(session.model, plan, options, args.device, stats, windows, args.force_stats)
@@ -1069,6 +1157,9 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     session.timings["compress_s"] = record.pop("seconds")
     compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
                                     plan_source, is_random_spec(args.model), heldout)
+    if data is not None:  # the windows of the update / refinement
+        compression["calibration_windows"] = {**data, "nsamples": int(windows.shape[0]),
+                                              "seq_len": int(windows.shape[1])}
     target = _ppl_target_check(args, session, plan, options)
     if target is not None:
         compression["ppl_target"] = target
@@ -1129,7 +1220,7 @@ def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options)
     """For a plan made by the --ppl_target search: the model step 3 built, measured on the search's own
     windows against the target, and where step 3 did what the search did not (None for other plans)."""
     from methods.sensitivity import calibration_ppl
-    from utils.data import DatasetError, calibration_windows
+    from utils.data import SELF_DATASET, DatasetError, calibration_windows
     detail = plan.detail or {}
     if detail.get("target") != "ppl":
         return None
@@ -1148,9 +1239,14 @@ def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options)
         record["not_measured"] = "the plan does not say which windows the search measured on (an earlier version)"
     else:
         try:
-            windows = calibration_windows(windows_spec["dataset"], session.tokenizer, windows_spec["nsamples"],
-                                          windows_spec["seq_len"], windows_spec["seed"],
-                                          vocab_size=session.model.config.vocab_size)
+            if windows_spec["dataset"] != SELF_DATASET:
+                windows = calibration_windows(windows_spec["dataset"], session.tokenizer, windows_spec["nsamples"],
+                                              windows_spec["seq_len"], windows_spec["seed"],
+                                              vocab_size=session.model.config.vocab_size)
+            elif (windows_spec["seq_len"], windows_spec["seed"]) != (args.model_seq_len, args.seed):
+                raise DatasetError("the search measured on self-calibration text of another --model_seq_len / --seed")
+            else:  # the original model's text (this command's, the cache's, or written again by the original)
+                windows = _self_windows(args, session, windows_spec["nsamples"], compressed=True)[0]
         except DatasetError as error:
             record["not_measured"] = str(error)
         else:
@@ -1169,17 +1265,48 @@ def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options)
 
 
 def _step3_windows(args: argparse.Namespace, session: Session, options, stats):
-    """The windows step 3's update / refinement carry, the held-out ones drawn so that none shares a
-    token with step 1's windows (when its statistics are of this --dataset) or with the fit windows;
-    and the record of how."""
-    from utils.data import calibration_windows_with_heldout
+    """The windows step 3's update / refinement carry, what they are (as _windows says), and the
+    record of how the held-out ones were drawn: apart from step 1's windows (when its statistics
+    are of this --dataset) and from the fit windows. Text: no shared token; chat data: no shared
+    conversation (utils.data.calibration_data_with_heldout); self: rows of the generation that
+    neither uses (_self_step3_windows)."""
+    from utils.data import SELF_DATASET, calibration_data_with_heldout
     exclude = []
     meta = stats.meta if stats is not None else {}
     if meta.get("dataset") == args.dataset and all(meta.get(k) is not None for k in ("nsamples", "seq_len", "seed")):
         exclude.append((int(meta["nsamples"]), int(meta["seq_len"]), int(meta["seed"])))
-    return calibration_windows_with_heldout(args.dataset, session.tokenizer, options.nsamples, args.model_seq_len,
-                                            args.seed, options.heldout_positions(), exclude,
-                                            vocab_size=session.model.config.vocab_size)
+    if args.dataset == SELF_DATASET:
+        return _self_step3_windows(args, session, options, exclude)
+    windows, data, heldout = calibration_data_with_heldout(args.dataset, session.tokenizer, options.nsamples,
+                                                           args.model_seq_len, args.seed, options.heldout_positions(),
+                                                           exclude, vocab_size=session.model.config.vocab_size)
+    if data["kind"] == "chat":
+        print(f"calibration: {windows.shape[0]} windows of {args.model_seq_len} tokens from {data['rows']} "
+              f"{data['format']} rows ({data['template']}); {len(heldout['positions'])} held out, packed from the "
+              f"{heldout['conversations_left']} conversations no calibration window uses")
+    return windows, data, heldout
+
+
+def _self_step3_windows(args: argparse.Namespace, session: Session, options, exclude: list):
+    """--dataset self: the first options.nsamples generated rows, the held-out positions replaced by
+    the rows after both these and step 1's (rows FIRST.. of a larger generation: row i samples from
+    its own (seed, i) generator, so a larger cache's first rows are the smaller run's and the later
+    rows are text neither step saw)."""
+    from utils.data import HELDOUT_SEED_OFFSET
+    held = options.heldout_positions()
+    if not held:
+        windows, data = _self_windows(args, session, options.nsamples)
+        return windows, data, {"positions": [], "seed": args.seed + HELDOUT_SEED_OFFSET}
+    first = max([options.nsamples] + [n for n, _, seed in exclude if seed == args.seed])
+    ids, data = _self_windows(args, session, first + len(held))
+    windows = ids[:options.nsamples].clone()
+    windows[held] = ids[first:first + len(held)]
+    return windows, data, {"positions": held, "seed": args.seed, "rows": [first, first + len(held)],
+                           "disjoint_from": [{"nsamples": n, "seq_len": length, "seed": seed}
+                                             for n, length, seed in [(options.nsamples, args.model_seq_len, args.seed),
+                                                                     *exclude]],
+                           "drawn": "generated rows after those of every disjoint_from draw (rows [first, end) of a "
+                                    "larger generation with the same settings)"}
 
 
 def _update_options(args: argparse.Namespace):
@@ -1242,10 +1369,10 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     from utils.presets import is_random_spec
     ensure_model(args, session, prefer_compressed=True)
     options = _quantize_options(args)
-    windows = _windows(args, session, args.nsamples) if options.needs_activations else None
+    windows, data = _windows(args, session, args.nsamples) if options.needs_activations else (None, None)
     try:
         record = quantize_model(session.model, options, args.device, windows,
-                                {"dataset": args.dataset, "seed": args.seed})
+                                {"dataset": args.dataset, "seed": args.seed, "data": data})
     except QuantizeError as error:
         raise PipelineError(str(error)) from None
     session.timings["quantize_s"] = record.pop("seconds")

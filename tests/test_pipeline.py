@@ -228,7 +228,7 @@ def test_closed_form_update_is_sequential_and_fits_the_compressed_stream(model_d
                      "--updating_nsamples", "8", "--ratio", "0.6")
     session = run_steps(args)
     assert len(fitted) == 14
-    fit_windows = compress._windows(args, session, 8)[:6]  # the last quarter (2 windows) is held out
+    fit_windows = compress._windows(args, session, 8)[0][:6]  # the last quarter (2 windows) is held out
     final = _layer_inputs_of_final_model(session.model, fit_windows)
     for name, gram in fitted.items():
         expected = final[name]

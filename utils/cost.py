@@ -65,20 +65,18 @@ def window_seconds(model: nn.Module, seq_len: int, device: torch.device | str, s
     """The timed unit: seconds of one decoder layer and of the head on one window of `seq_len`
     random tokens on `device` (layer 0 and the head moved there and back, as the passes do), and
     their sum over the model: {"layer_s", "head_s", "window_s", "layers"}."""
-    from utils.layerwise import capture_layer_inputs, run_layer
-    from utils.model import copies_to, decoder_layers
+    from utils.layerwise import capture_layer_inputs, layer_on_device, run_layer
+    from utils.model import decoder_layers
     layers = decoder_layers(model)
     vocab = model.config.vocab_size
     window = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed))
     hidden, layer_args = capture_layer_inputs(model, window, device)
-    restore = copies_to(layers[0], device)
-    try:
-        run_layer(layers[0], hidden, layer_args[0])  # warm-up (kernels, allocator)
+    home = next(layers[0].parameters()).device
+    with layer_on_device(layers[0], device, offload=home) as layer:  # the one way a layer comes to the device
+        run_layer(layer, hidden, layer_args[0])  # warm-up (kernels, allocator)
         start = _now(device)
-        out = run_layer(layers[0], hidden, layer_args[0])
+        out = run_layer(layer, hidden, layer_args[0])
         layer_s = _now(device) - start
-    finally:
-        restore()
     head = model.get_output_embeddings()
     weight = head.weight.to(device)
     start = _now(device)
