@@ -1,6 +1,4 @@
-"""One CLI for SVD compression of causal language models.
-
-    python compress.py --step 1-4 --model smollm2-135m --ratio 0.2 --dataset pydoc --save_path out/smol
+"""One CLI for SVD compression of causal language models (examples at the end of --help).
 
 Steps: 1 profile, 2 allocate, 3 compress, 4 perplexity, 5 efficiency, 6 downstream tasks (lm-eval),
 7 LoRA fine-tuning of the factors (SVD-LLM's U then V, lora.py), 8 quantization (GPTQ / RTN, packed), 9 generate.
@@ -14,6 +12,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+# --help's examples: each runs as written on a fresh clone (bundled model, offline data), in this order;
+# tests/test_cli.py runs them through the argument checks. Times: one CPU thread of a shared machine.
+EXAMPLES = """examples (offline, on a fresh clone after scripts/install.sh; times measured on one CPU thread):
+  # perplexity of the bundled SmolLM2-135M on held-back Python documentation (about 5 min)
+  python compress.py --step 4 --model smollm2-135m --eval_datasets "pydoc[0.9:1]" --model_seq_len 512 --eval_limit 32 --device cpu
+  # compress it (20% of every decoder matrix removed, 15.8% of the model) and measure it again (about 17 min)
+  python compress.py --step 1-4 --model smollm2-135m --ratio 0.2 --dataset "pydoc[0:0.9]" --whitening_nsamples 32 --model_seq_len 512 --eval_datasets "pydoc[0.9:1]" --eval_limit 32 --device cpu --save_path out/smollm2-135m-20 --overwrite
+  # its completion beside the original's (about 2 min)
+  python compress.py --step 9 --model_path out/smollm2-135m-20 --prompt "What is the capital of France?" --compare --max_new_tokens 32 --device cpu
+
+The defaults are the papers' settings (--whitening_nsamples 256 windows of --model_seq_len 2048 tokens of
+WikiText-2, from the hub): hours on a CPU. Every long pass prints its estimated time before it starts."""
+
 STEP_NAMES = {1: "profile", 2: "allocate", 3: "compress", 4: "perplexity", 5: "efficiency",
               6: "downstream tasks", 7: "LoRA update", 8: "quantization", 9: "generate"}
 IMPLEMENTED_STEPS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
@@ -26,15 +37,22 @@ class UsageError(ValueError):
 def parse_steps(text: str) -> list[int]:
     """'3' | '1,3' | '1-4' (and mixes like '1,3-5') -> sorted unique step numbers."""
     steps: set[int] = set()
+    reversed_range = None
     try:
         for part in text.split(","):
             if "-" in part:
                 first, last = (int(x) for x in part.split("-", 1))
+                if first > last:
+                    reversed_range = reversed_range or (part, first, last)
                 steps.update(range(first, last + 1))
             else:
                 steps.add(int(part))
     except ValueError:
         raise UsageError(f"--step {text!r}: give a number, a comma list or a range such as 1-4") from None
+    if reversed_range:
+        part, first, last = reversed_range
+        raise UsageError(f"--step {text!r}: the range {part} is reversed; steps run in number order: "
+                         f"write {last}-{first}")
     unknown = sorted(s for s in steps if s not in STEP_NAMES)
     if unknown or not steps:
         raise UsageError(f"--step {text!r}: unknown step {unknown}; steps are " +
@@ -46,15 +64,29 @@ def parse_steps(text: str) -> list[int]:
     return sorted(steps)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and epilog as written; every option's default shown (cost depends on them:
+    --whitening_nsamples, --model_seq_len, --eval_datasets ...), except None (said in the text) and
+    on/off flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is argparse.SUPPRESS or isinstance(default, bool) \
+                or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from methods.anchored import DEFAULT_ANCHOR_ALPHA, DEFAULT_ANCHOR_HOLDOUT
     from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     g = p.add_argument_group("pipeline")
     g.add_argument("--step", required=True, help="step(s) to run: N, a comma list (1,3) or a range (1-4)")
     g.add_argument("--model", default="smollm2-135m",
                    help="base model: a Hugging Face id, a local directory, a .gguf file, a bundled alias "
-                        "(smollm2-135m, gemma3-270m) (default: smollm2-135m)")
+                        "(smollm2-135m, gemma3-270m)")
     g.add_argument("--model_path", "--prune_model", dest="model_path", default=None,
                    help="a compressed model (directory or .pt) for steps 4-9; without it they use --model "
                         "(--prune_model: SVD-LLM's LoRA.py name)")
@@ -115,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ratio", type=float, default=None,
                    help="fraction of the compressed matrices' parameters removed, in (0, 1): per matrix with "
                         "the uniform allocation, overall with the others (default 0.2)")
+    d.add_argument("--model_ratio", type=float, default=None,
+                   help="fraction of the WHOLE model's parameters removed, in (0, 1), instead of --ratio: embeddings, "
+                        "norms and lm_head stay dense, so this asks for a larger per-matrix --ratio, computed from "
+                        "the model's config before anything loads (refused when unreachable even at rank 1)")
     d.add_argument("--allocation", default="uniform", choices=["uniform", "asvd", "v2", "duo"],
                    help="step 2: uniform ranks; v2 = SVD-LLM V2's ranks from the whitened truncation losses (no "
                         "forward pass); duo = Duo-SVD's knapsack DP over each matrix's KL sensitivity (the others at "
@@ -138,8 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate KEPT fractions, comma list in (0, 1], 1 = dense (default: duo 0.1,...,0.9,1 as "
                         "Duo-SVD; asvd 0.1,...,0.9 as ASVD)")
     d.add_argument("--sensitivity_nsamples", type=int, default=16,
-                   help="calibration windows (--dataset, --model_seq_len) of the sensitivity pass (default %(default)s); "
-                        "cost: matrices x candidates x these windows through the layers after each matrix")
+                   help="calibration windows (--dataset, --sensitivity_seq_len) of the sensitivity pass (default "
+                        "%(default)s); cost: matrices x candidates x these windows through the layers after each "
+                        "matrix (estimated and printed before the pass starts)")
+    d.add_argument("--sensitivity_seq_len", type=int, default=None,
+                   help="tokens per window of the sensitivity pass (default: --model_seq_len); its cost grows "
+                        "with it")
     d.add_argument("--sensitivity_path", default=None,
                    help="the sensitivity table (JSON; default STATS/sensitivity_METRIC[_rRATIO].json): reused when it "
                         "was measured for this model, statistics, windows, candidates and base state, refused "
@@ -160,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "name for it. Default none")
     d.add_argument("--act_aware", action="store_true",
                    help="ASVD's flag: --scaling abs_mean (or the --scaling_method given)")
-    d.add_argument("--alpha", type=float, default=0.5, help="ASVD: the exponent of the scaling statistic (default 0.5)")
+    d.add_argument("--alpha", type=float, default=0.5, help="ASVD: the exponent of the scaling statistic")
     d.add_argument("--sigma_fuse", default="UV", choices=["UV", "U", "V"],
-                   help="where the singular values go: UV = their square root into both factors (default), U or V")
+                   help="where the singular values go: UV = their square root into both factors, U or V")
     d.add_argument("--column_preserve", action="store_true",
                    help="step 3: Duo-SVD's column level: trade rank for exactly kept input columns at no more "
                         "parameters when that lowers a matrix's whitened truncation error by over 1%% (needs whitening)")
@@ -223,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     q.add_argument("--blocksize", type=int, default=128, help="GPTQ: columns per lazy-batch block")
     q.add_argument("--nsamples", type=int, default=128,
-                   help="GPTQ calibration windows of --model_seq_len tokens from --dataset (default 128, as GPTQ)")
+                   help="GPTQ calibration windows of --model_seq_len tokens from --dataset (GPTQ uses 128)")
     q.add_argument("--weight_quant", default=None, choices=["rtn_int8", "rtn_int6"],
                    help="ASVD's flag: with step 3, quantize its output by RTN per output channel "
                         "(= --step 3,8 --quant rtn --wbits 8 --groupsize -1); rtn_int6 is refused (no packed 6-bit layout)")
@@ -243,13 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "winogrande_local, boolq_local; default: all of them) or stock lm-eval tasks (need the hub)")
     t.add_argument("--tasks_data", default=None,
                    help="folder with the local tasks' JSONL files (default: ../shared/data next to the repository)")
-    t.add_argument("--num_fewshot", type=int, default=0, help="in-context examples per prompt (default 0)")
+    t.add_argument("--num_fewshot", type=int, default=0, help="in-context examples per prompt")
     t.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     g9 = p.add_argument_group("generation (step 9)")
     g9.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     g9.add_argument("--prompts", default=None, help="a file of prompts: one per line, or .jsonl rows with \"prompt\"")
     g9.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per prompt at most")
-    g9.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    g9.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     g9.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     g9.add_argument("--no_chat_template", action="store_true", help="feed prompts as they are, not in the chat template")
     g9.add_argument("--compare", action="store_true", help="also generate with the original model, beside it")
@@ -303,7 +343,7 @@ def validate(args: argparse.Namespace) -> None:
     _validate_allocation_flags(args)  # --ratio / --param_ratio_target / --strategy first: others read them
     _validate_quantization(args)  # step 8, and --weight_quant adding it after step 3
     _resolve_scaling(args)
-    if not 0.0 < args.ratio < 1.0:
+    if args.ratio is not None and not 0.0 < args.ratio < 1.0:
         raise UsageError(f"--ratio {args.ratio}: the fraction of parameters removed must be in (0, 1), e.g. 0.2")
     for name in ("whitening_nsamples", "updating_nsamples", "model_seq_len", "eval_batch_size",
                  "prefill_len", "gen_seq_len", "repeats"):
@@ -333,7 +373,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--svd_driver gesvda is CUDA-only: use --svd_driver auto on the CPU")
     steps = set(args.steps)
     needs_base = steps & {1, 2, 3} or (steps & {4, 5, 6, 9} and not args.model_path)
-    source = resolve_model(args.model) if needs_base else None
+    source = _resolve_base_model(args) if needs_base else None
+    if args.model_ratio is not None:
+        _convert_model_ratio(args)
     if steps & {1, 3} and not args.save_path and not (steps == {1} and args.stats_path):
         raise UsageError("--save_path is required: step 3 writes the model there and step 1 the "
                          "statistics to SAVE_PATH.stats (or give --stats_path)")
@@ -404,6 +446,83 @@ def validate(args: argparse.Namespace) -> None:
     check_hub_datasets(hub)
 
 
+def _resolve_base_model(args: argparse.Namespace):
+    """resolve_model, and a name that cannot be loaded refused at once (one line, exit 2) rather
+    than after a minute of hub retries: a near-miss of a bundled alias is named; a hub id that is
+    neither in the local cache nor reachable (or not on the hub) is refused."""
+    import difflib
+
+    from utils.model import BUNDLED, resolve_model
+    from utils.presets import is_random_spec
+    source = resolve_model(args.model)
+    spec = source.spec
+    if is_random_spec(spec) or source.gguf_file or os.path.isdir(source.path):
+        return source
+    # what resolve_model leaves as a hub id: not an alias, not an existing local path
+    if _hub_cached(spec):
+        return source
+    near = difflib.get_close_matches(spec.lower(), list(BUNDLED), n=1, cutoff=0.75)
+    if near and "/" not in spec:
+        raise UsageError(f"--model {spec}: no such bundled model or directory; did you mean --model {near[0]}? "
+                         f"(bundled: {', '.join(BUNDLED)})")
+    what = (f"--model {spec}: no such local directory or file, not a bundled alias ({', '.join(BUNDLED)}), "
+            f"and not in the Hugging Face cache")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UsageError(f"{what}, and HF_HUB_OFFLINE=1: check the name, or download it with the hub reachable")
+    from utils import data
+    if not data._hub_reachable():
+        raise UsageError(f"{what}, and the hub cannot be reached: check the name, or download it where the hub "
+                         f"can be reached (or pass a local directory / .gguf file)")
+    if _hub_repo_exists(spec) is False:
+        raise UsageError(f"{what}, and the hub has no model {spec!r}: check the name (hub ids are OWNER/NAME)")
+    return source
+
+
+def _architecture(args: argparse.Namespace):
+    """--model built from its config on the meta device (utils.architecture), once per command;
+    None when the config cannot be read that way (then checks fall back to the loaded model)."""
+    if not hasattr(args, "_architecture"):
+        from utils.architecture import architecture
+        try:
+            args._architecture, args._architecture_error = architecture(args.model, args.num_layers), None
+        except Exception as error:  # e.g. remote code, an unusual layout: the loaded model will tell
+            args._architecture, args._architecture_error = None, (str(error).splitlines() or [""])[0]
+    return args._architecture
+
+
+def _convert_model_ratio(args: argparse.Namespace) -> None:
+    """--model_ratio (whole model) -> the per-matrix --ratio, from the config's shapes."""
+    from utils.architecture import ratio_for_model_fraction
+    arch = _architecture(args)
+    if arch is None:
+        raise UsageError(f"--model_ratio needs the model's shapes from its config, which could not be read "
+                         f"({args._architecture_error}); give the per-matrix --ratio instead")
+    try:
+        args.ratio = ratio_for_model_fraction(arch.shapes, arch.parameters, args.model_ratio)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(f"--model_ratio {args.model_ratio:g}: per-matrix --ratio {args.ratio:g} (the decoder layers' linear "
+          f"weights are {arch.target_parameters / arch.parameters:.1%} of the model's {arch.parameters:,} parameters)")
+
+
+def _hub_cached(spec: str) -> bool:
+    """A hub id whose config.json is in the local Hugging Face cache (loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # an id the cache cannot even parse: judged by the checks after this
+        return False
+
+
+def _hub_repo_exists(spec: str) -> bool | None:
+    """True / False from the hub; None when it cannot say (network trouble, a malformed id it refuses)."""
+    try:
+        from huggingface_hub import repo_exists
+        return bool(repo_exists(spec))
+    except Exception as error:
+        return False if type(error).__name__ == "HFValidationError" else None
+
+
 def _validate_allocation_flags(args: argparse.Namespace) -> None:
     """--ratio and its aliases, --strategy, and the sensitivity flags of step 2."""
     from methods.sensitivity import ASVD_RATIOS, DUO_RATIOS
@@ -420,10 +539,20 @@ def _validate_allocation_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"--param_ratio_target {args.param_ratio_target} means --ratio {implied:g}; it "
                              f"contradicts --ratio {args.ratio}: give one of them")
         args.ratio = implied
-    if args.ratio is None:
+    if args.model_ratio is not None:
+        if args.ratio is not None:
+            raise UsageError(f"--model_ratio {args.model_ratio} (of the whole model) and "
+                             f"{'--param_ratio_target' if args.param_ratio_target is not None else '--ratio'} "
+                             f"(per matrix) size the same thing: give one of them")
+        if not 0.0 < args.model_ratio < 1.0:
+            raise UsageError(f"--model_ratio {args.model_ratio}: the fraction of the whole model's parameters "
+                             f"removed must be in (0, 1), e.g. 0.3")
+        if not set(args.steps) & {2, 3}:
+            raise UsageError("--model_ratio sizes the compression of steps 2-3: add --step 2 or 3, or leave it out")
+    elif args.ratio is None:
         args.ratio = 0.2
     sensitivity_flags = {"--sensitivity_metric": args.sensitivity_metric, "--sensitivity_ratios": args.sensitivity_ratios,
-                         "--ppl_target": args.ppl_target}
+                         "--ppl_target": args.ppl_target, "--sensitivity_seq_len": args.sensitivity_seq_len}
     if args.allocation not in ("asvd", "duo"):
         given = [k for k, v in sensitivity_flags.items() if v is not None]
         if given:
@@ -460,6 +589,9 @@ def _validate_allocation_flags(args: argparse.Namespace) -> None:
         args.sensitivity_ratios = ratios
     if args.sensitivity_nsamples < 1:
         raise UsageError("--sensitivity_nsamples must be at least 1")
+    if args.sensitivity_seq_len is not None and args.sensitivity_seq_len < 2:
+        raise UsageError(f"--sensitivity_seq_len {args.sensitivity_seq_len}: at least 2 tokens (a window's first "
+                         f"token is not scored); leave it out for --model_seq_len")
 
 
 def _resolve_scaling(args: argparse.Namespace) -> None:
@@ -625,7 +757,7 @@ def _validate_quantization(args: argparse.Namespace) -> None:
                                  f"model (the original, or the output of step 3)")
             protected = [args.model_path]
         else:
-            source = resolve_model(args.model)
+            source = _resolve_base_model(args)
             protected = [source.path] if os.path.isdir(source.path) else []
         check_output_path(args.save_path, "model", args.overwrite, protected)
     if options.needs_activations:
@@ -760,6 +892,18 @@ def save_dtype_of(args: argparse.Namespace, session: Session):
     return DEQUANTIZED_SAVE_DTYPE if session.dequantized else None
 
 
+def _protected_inputs(args: argparse.Namespace) -> tuple[str, ...]:
+    """The paths a save may not replace, be inside or contain: the input model(s) on disk."""
+    from utils.model import ModelSpecError, resolve_model
+    paths = [args.model_path] if args.model_path else []
+    try:
+        source = resolve_model(args.model)
+        paths += [source.path] if os.path.isdir(source.path) else []
+    except ModelSpecError:
+        pass
+    return tuple(paths)
+
+
 def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
     """Write the session's model to --save_path if `step` is the command's last model step."""
     from utils.io import save_compressed
@@ -769,21 +913,25 @@ def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
               f"{later[-1]} writes {args.save_path})")
         return False
     start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, session.compression, save_dtype_of(args, session))
+    save_compressed(session.model, session.tokenizer, args.save_path, session.compression,
+                    save_dtype_of(args, session), args.overwrite, _protected_inputs(args))
     session.timings["save_s"] = round(time.perf_counter() - start, 3)
     return True
 
 
-def _windows(args: argparse.Namespace, session: Session, nsamples: int):
-    """(windows, what they are) of --dataset: every step that calibrates draws them here."""
+def _windows(args: argparse.Namespace, session: Session, nsamples: int, seq_len: int | None = None):
+    """(windows, what they are) of --dataset: every step that calibrates draws them here; seq_len:
+    tokens per window when not --model_seq_len (the sensitivity pass's --sensitivity_seq_len)."""
     from utils.data import SELF_DATASET, calibration_data
-    if args.dataset == SELF_DATASET:
-        return _self_windows(args, session, nsamples)
-    windows, info = calibration_data(args.dataset, session.tokenizer, nsamples, args.model_seq_len, args.seed,
+    seq_len = seq_len or args.model_seq_len
+    if args.dataset == SELF_DATASET:  # the model's own sequences of --model_seq_len, cut to seq_len
+        windows, info = _self_windows(args, session, nsamples)
+        return (windows, info) if seq_len >= windows.shape[1] else (windows[:, :seq_len], {**info, "cut_to": seq_len})
+    windows, info = calibration_data(args.dataset, session.tokenizer, nsamples, seq_len, args.seed,
                                      vocab_size=session.model.config.vocab_size)
     if info["kind"] == "chat":
         packing = info["packing"]
-        print(f"calibration: {windows.shape[0]} windows of {args.model_seq_len} tokens from {info['rows']} "
+        print(f"calibration: {windows.shape[0]} windows of {seq_len} tokens from {info['rows']} "
               f"{info['format']} rows ({info['template']}): {packing['whole']} whole conversations, "
               f"{packing['longer_than_window']} cut at a window's end, {packing['tail_fillers']} window tails "
               f"filled by a cut conversation ({packing['tail_filler_tokens']} tokens)")
@@ -821,8 +969,10 @@ def _self_windows(args: argparse.Namespace, session: Session, nsamples: int, com
 def run_profile(args: argparse.Namespace, session: Session):
     """Step 1: statistics of the calibration windows, written to the statistics path."""
     from utils.pipeline import profile_model
+    from utils.io import read_json, write_json
     ensure_model(args, session)
     windows, data = _windows(args, session, args.whitening_nsamples)
+    estimates = _profile_estimates(args, session, windows)
     start = time.perf_counter()
     stats = profile_model(session.model, windows, args.device, stats_path_of(args),
                           meta={"model": args.model, "dataset": args.dataset, "seed": args.seed, "data": data},
@@ -832,9 +982,45 @@ def run_profile(args: argparse.Namespace, session: Session):
         from utils.self_calibration import save_sequences
         save_sequences(stats_path_of(args), session.self_calibration[0], data["settings"])
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
+    fisher_s = (stats.meta.get("fisher") or {}).get("seconds")
+    actual = {"profile": session.timings["profile_s"] - (fisher_s or 0.0), "fisher": fisher_s}
+    meta_path = os.path.join(stats_path_of(args), "meta.json")  # the estimates beside what the passes took
+    write_json(meta_path, {**read_json(meta_path),
+                           "cost": {name: e.record(actual[name]) for name, e in estimates.items()}})
     print(f"profile: {stats.meta['num_layers']} layers, {stats.meta['tokens']} tokens -> {stats_path_of(args)} "
           f"({session.timings['profile_s']:.1f} s)")
     return stats.meta
+
+
+def _timed_unit(args: argparse.Namespace, session: Session, seq_len: int) -> dict:
+    """utils.cost.window_seconds on the device the passes use: one layer and the head on one window."""
+    from utils.cost import window_seconds
+    return window_seconds(session.model, seq_len, args.device, args.seed)
+
+
+def _announce(estimate):
+    print(estimate.message())
+    return estimate
+
+
+def _profile_estimates(args: argparse.Namespace, session: Session, windows) -> dict:
+    """Step 1's passes (profile, and --fisher's backward) estimated from one timed window."""
+    from utils.cost import estimate
+    count, seq_len = int(windows.shape[0]), int(windows.shape[1])
+    unit = _timed_unit(args, session, seq_len)
+    cheaper = []
+    if count > 32:
+        cheaper.append(("--whitening_nsamples 32", 32 / count))
+    if seq_len > 512:
+        cheaper.append(("--model_seq_len 512", 512 / seq_len))
+    where = f"one window of {seq_len} tokens through the model on {args.device}"
+    # profiling: the forward, and the Gram products of every linear input, about as much again
+    out = {"profile": _announce(estimate("profile (step 1)", {"windows": count}, where, unit["window_s"], 2.0,
+                                         cheaper))}
+    if args.fisher:  # a forward, then a backward (about two forwards) per layer and window
+        out["fisher"] = _announce(estimate("fisher (step 1, --fisher)", {"windows": count}, where,
+                                           unit["window_s"], 3.0, cheaper))
+    return out
 
 
 def run_allocate(args: argparse.Namespace, session: Session):
@@ -893,8 +1079,11 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
                                      args.scaling, args.alpha, svd_dtype=DTYPES[args.svd_dtype],
                                      svd_driver=args.svd_driver)
         needs_windows = args.sensitivity_metric != "stable_rank" or args.ppl_target is not None
-        windows = _windows(args, session, args.sensitivity_nsamples)[0] if needs_windows else None
+        windows = _windows(args, session, args.sensitivity_nsamples, args.sensitivity_seq_len)[0] if needs_windows else None
         path = sensitivity_path_of(args)
+        cost = None
+        if args.sensitivity_metric != "stable_rank" and (args.overwrite or not os.path.exists(path)):
+            cost = _sensitivity_estimate(args, session, windows, options)  # not for a table that is reused
         start = time.perf_counter()
         try:
             table, reused = sensitivity_table(session.model, windows, stats, args.device, options, path,
@@ -902,6 +1091,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
         except SensitivityError as error:
             raise PipelineError(str(error)) from None
         session.timings["sensitivity_s"] = round(time.perf_counter() - start, 3)
+        cost = None if cost is None or reused else cost.record(session.timings["sensitivity_s"])
         print(f"sensitivity: {'reused' if reused else 'measured'} {args.sensitivity_metric} table "
               f"({len(table.values)} matrices x {len(options.ratios)} candidates, {table.evaluations} evaluations) "
               f"-> {path}")
@@ -915,7 +1105,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
                 # what the searched perplexity is of, so step 3 can say where its model differs and measure it
                 detail["search"] = {"decompose": searched.to_dict(), "not_searched": NOT_SEARCHED,
                                     "windows": {"dataset": args.dataset, "nsamples": int(windows.shape[0]),
-                                                "seq_len": args.model_seq_len, "seed": args.seed}}
+                                                "seq_len": int(windows.shape[1]), "seed": args.seed}}
             else:
                 plan, detail = asvd_plan(session.model, args.ratio, table)
         except ValueError as error:
@@ -923,16 +1113,46 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
     finally:
         stats.close()
     plan.detail = {**detail, "sensitivity_path": path, "sensitivity_reused": reused,
-                   "sensitivity_nsamples": None if windows is None else int(windows.shape[0])}
+                   "sensitivity_nsamples": None if windows is None else int(windows.shape[0]),
+                   "sensitivity_seq_len": None if windows is None else int(windows.shape[1]),
+                   "sensitivity_cost": cost}  # the estimate printed before the pass, and its actual time
     return plan
 
 
-def _plan_for_step3(args: argparse.Namespace, session: Session):
+def _sensitivity_estimate(args: argparse.Namespace, session: Session, windows, options):
+    """The sensitivity pass: every matrix x candidate re-runs its layer, the layers after it and the
+    head on every window; one layer and the head on one window are timed first."""
+    from utils.cost import estimate
+    from utils.model import layer_prefix, target_shapes
+    count, seq_len = int(windows.shape[0]), int(windows.shape[1])
+    unit = _timed_unit(args, session, seq_len)
+    prefix = layer_prefix(session.model) + "."
+    shares = []  # per matrix: the share of a whole window's time that one of its evaluations re-runs
+    for name in target_shapes(session.model):
+        index = int(name[len(prefix):].split(".", 1)[0])
+        shares.append(((unit["layers"] - index) * unit["layer_s"] + unit["head_s"]) / unit["window_s"])
+    candidates = len(options.ratios)
+    cheaper = []
+    if count > 4:
+        cheaper.append((f"--sensitivity_nsamples {max(1, count // 4)}", max(1, count // 4) / count))
+    if candidates > 4:
+        fewer = "0.25,0.5,0.75,1" if args.allocation == "duo" else "0.25,0.5,0.75"
+        cheaper.append((f"--sensitivity_ratios {fewer}", len(fewer.split(",")) / candidates))
+    if seq_len > 256:
+        shorter = max(128, seq_len // 4)
+        cheaper.append((f"--sensitivity_seq_len {shorter}", shorter / seq_len))
+    return _announce(estimate(f"sensitivity pass ({options.metric})",
+                              {"matrices": len(shares), "candidates": candidates, "windows": count},
+                              f"one window of {seq_len} tokens through the model on {args.device}", unit["window_s"],
+                              sum(shares) / len(shares), cheaper))
+
+
+def _plan_for_step3(args: argparse.Namespace, session: Session, shapes: dict | None = None):
     """Step 2's plan when there is one (--plan, or STATS/plan_RATIO.json), else the uniform one;
-    validated against the model."""
+    validated against the model (or against `shapes`, the config's, before the weights load)."""
     from utils.model import target_shapes
     from utils.plan import Plan
-    shapes = target_shapes(session.model)
+    shapes = target_shapes(session.model) if shapes is None else shapes
     path = plan_path_of(args) if (args.plan or args.save_path or args.stats_path) else None
     if path and os.path.isfile(path):
         plan, source = Plan.load(path, shapes), path
@@ -952,6 +1172,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     options = CompressOptions(_decompose_options(args), _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
     windows, data, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None, None)
+    refine_cost = _refine_estimate(args, session, options.refine, len(plan.ranks)) if options.refine else None
     try:
         record = compress_model(session.model, plan, options, args.device, stats, windows, args.force_stats)
     finally:
@@ -967,10 +1188,49 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     target = _ppl_target_check(args, session, plan, options)
     if target is not None:
         compression["ppl_target"] = target
+    if refine_cost is not None:  # the estimate printed before the refinement, and what it took
+        losses = compression.get("refine_losses") or {}
+        per = losses.get("per_block") or losses.get("per_module") or {}
+        compression["cost"] = {"refine": refine_cost.record(sum(r.get("seconds", 0.0) for r in per.values()))}
+    if args.model_ratio is not None:  # what was asked, and the per-matrix ratio it became
+        compression["model_ratio"] = {"asked": args.model_ratio, "ratio": args.ratio,
+                                      "removed_fraction": compression["parameters"]["removed_fraction"]}
     session.compression = compression
-    _save_model(args, session, 3)
-    _print_summary(compression, session.timings)
+    saved = _save_model(args, session, 3)
+    _print_summary(compression, session.timings, args.save_path if saved else None)
     return compression
+
+
+def disk_bytes(path: str) -> int:
+    """Bytes of a saved model: the .pt file, or every file of the directory (statistics excluded)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, dirs, files in os.walk(path):
+        if root == path:
+            dirs[:] = [d for d in dirs if d != "stats"]
+        total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
+    return total
+
+
+def _refine_estimate(args: argparse.Namespace, session: Session, refine, low_rank: int):
+    """The gradient refinement: block = every layer x epoch x window forward and backward (about three
+    forwards of a layer); matrix = every matrix x step x window of a batch through that matrix (a
+    layer's time over its matrices, three times)."""
+    from utils.cost import estimate
+    unit = _timed_unit(args, session, args.model_seq_len)
+    where = f"one decoder layer on one window of {args.model_seq_len} tokens on {args.device}"
+    if refine.target == "block":
+        cheaper = [("--refine_epochs 1", 1 / refine.epochs)] if refine.epochs > 1 else []
+        if refine.nsamples > 8:
+            cheaper.append(("--refine_nsamples 8", 8 / refine.nsamples))
+        return _announce(estimate("refinement (block)", {"layers": unit["layers"], "epochs": refine.epochs,
+                                                          "windows": refine.nsamples}, where, unit["layer_s"],
+                                  3.0 + refine.holdout / refine.nsamples, cheaper))
+    cheaper = [("--gradient_iters 100", 100 / refine.gradient_iters)] if refine.gradient_iters > 100 else []
+    return _announce(estimate("refinement (matrix)", {"matrices": low_rank, "steps": refine.gradient_iters,
+                                                       "windows per step": min(refine.batch_size, refine.nsamples)},
+                              where, unit["layer_s"], 3.0 * unit["layers"] / max(1, low_rank), cheaper))
 
 
 def _decompose_options(args: argparse.Namespace):
@@ -1098,12 +1358,15 @@ def _refine_options(args: argparse.Namespace):
                          holdout=args.refine_holdout, seed=args.seed)
 
 
-def _print_summary(compression: dict, timings: dict) -> None:
+def _print_summary(compression: dict, timings: dict, saved_path: str | None = None) -> None:
     ranks = list(compression["ranks"].values())
     params = compression["parameters"]
+    asked = compression.get("model_ratio")
     print(f"compress: {len(ranks)} matrices low-rank (rank {min(ranks, default=0)}-{max(ranks, default=0)}), "
-          f"{len(compression['dense_modules'])} dense; ratio {compression['ratio']} nominal; parameters "
-          f"{params['original']:,} -> {params['compressed']:,} ({params['removed_fraction']:.1%} of the model removed)")
+          f"{len(compression['dense_modules'])} dense; per-matrix ratio {compression['ratio']} (of the compressed "
+          f"matrices' parameters); whole model: parameters {params['original']:,} -> {params['compressed']:,} "
+          f"({params['removed_fraction']:.1%} removed" + (f", --model_ratio {asked['asked']:g} asked)" if asked else ")")
+          + (f"; {disk_bytes(saved_path) / 2**20:.1f} MiB on disk ({saved_path})" if saved_path else ""))
     if compression["update"] and compression["update"]["method"] == "closed_form":
         print(f"update: kept for {compression['updates_accepted']} of {len(ranks)} matrices")
     elif compression["update"]:
@@ -1198,9 +1461,11 @@ def main(argv: list[str] | None = None) -> int:
              1: run_profile, 2: run_allocate, 3: run_compress,
              4: evaluater.perplexity_step, 5: evaluater.efficiency_step, 7: run_lora, 8: run_quantize}
     try:
-        if 3 in args.steps and 2 not in args.steps:  # a plan that does not fit fails before step 1 runs
-            ensure_model(args, session)
-            _plan_for_step3(args, session)
+        if 3 in args.steps and 2 not in args.steps:  # a plan that does not fit fails before step 1 runs,
+            arch = _architecture(args)  # and before the weights load when the config alone gives the shapes
+            if arch is None:
+                ensure_model(args, session)
+            _plan_for_step3(args, session, None if arch is None else arch.shapes)
         for step in args.steps:
             steps[step](args, session)
     except (DatasetError, ModelSpecError, FileNotFoundError, PipelineError, PlanError, DecomposeError,

@@ -685,7 +685,7 @@ def add_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     p.add_argument("--lora_stages", default="u,v",
                    help="stages in order: u,v (SVD-LLM's sequential recipe), or one of them")
     p.add_argument("--lora_frozen_dtype", choices=FROZEN_DTYPES, default=defaults.frozen_dtype,
-                   help="model: the frozen weights stay in the model's dtype, adapters float32 (default); "
+                   help="model: the frozen weights stay in the model's dtype, adapters float32; "
                         "float32: the whole model in float32 during training")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute each decoder layer in the backward pass (less activation memory, one more forward)")
@@ -754,8 +754,28 @@ def run(model: nn.Module, tokenizer, compression: dict, args: argparse.Namespace
     print(f"LoRA data: {examples.info['format']} {args.data_path}: {len(examples.train)} training, "
           f"{len(examples.val)} validation examples; {stage_steps(len(examples.train), options)} steps per stage "
           f"of {options.batch_size} ({options.micro_batch_size} x {options.accumulation})")
+    cost = lora_estimate(model, len(examples.train), options, args.cutoff_len, device, args.seed)
+    print(cost.message())
+    start = time.perf_counter()
     record = sequential_lora(model, tokenizer, examples, options, device)
+    record["cost"] = cost.record(time.perf_counter() - start)  # the estimate printed before, and what it took
     return with_lora_record(compression, record)
+
+
+def lora_estimate(model: nn.Module, train_examples: int, options: LoraOptions, cutoff_len: int, device,
+                  seed: int = 0):
+    """Both stages' steps x examples per step x one timed window of cutoff_len tokens through the
+    model, three times (forward and backward); utils.cost."""
+    from utils.cost import estimate, window_seconds
+    unit = window_seconds(model, cutoff_len, device, seed)
+    steps = stage_steps(train_examples, options)
+    cheaper = [("--max_steps 50", 50 / steps)] if steps > 50 else []
+    if cutoff_len > 128:
+        cheaper.append(("--cutoff_len 128", 128 / cutoff_len))
+    return estimate("LoRA (step 7)", {"stages": len(options.stages), "steps": steps,
+                                      "examples per step": options.batch_size},
+                    f"one window of {cutoff_len} tokens through the model on {device} (at most; examples are "
+                    f"often shorter)", unit["window_s"], 3.0, cheaper)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -795,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
         compression = run(model, tokenizer, compression, args, options, args.device)
-        save_compressed(model, tokenizer, args.save_path, compression)
+        save_compressed(model, tokenizer, args.save_path, compression, overwrite=args.overwrite,
+                        protected=(args.model_path,))
     except (LoraError, DatasetError, CompressedModelError, OutputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

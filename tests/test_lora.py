@@ -322,10 +322,15 @@ def test_lora_cli_as_svd_llm_users_type_it(compressed_dir, text_file, tmp_path, 
     assert lora.main(["--prune_model", compressed_dir, "--data_path", text_file, "--output_dir", out, "--lora_r", "4",
                       "--num_epochs", "1", "--learning_rate", "1e-2", "--batch_size", "4", "--micro_batch_size", "2",
                       "--cutoff_len", "32", "--max_steps", "3", "--val_set_size", "4", "--device", "cpu"]) == 0
-    assert "LoRA u: 3 steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "LoRA u: 3 steps" in printed
+    # the estimate comes before the training, and the record holds it with the time taken
+    estimate = printed.index("LoRA (step 7): about")
+    assert "2 stages x 3 steps x 4 examples per step" in printed[estimate:] and estimate < printed.index("LoRA u: 3 steps")
     before, _, block_before = load_compressed(compressed_dir)
     after, tokenizer, block = load_compressed(out)
     record = block["lora"]
+    assert record["cost"]["counts"] == {"stages": 2, "steps": 3, "examples per step": 4} and record["cost"]["actual_s"] > 0
     assert tokenizer is not None and block["ranks"] == block_before["ranks"]
     assert count_parameters(after) == count_parameters(before) == record["parameters"]
     assert record["r"] == 4 and record["alpha"] == 16 and record["learning_rate"] == 1e-2 and record["seed"] == 0

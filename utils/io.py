@@ -125,14 +125,20 @@ def read_json(path: str) -> dict:
 
 
 def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
-                    dtype: torch.dtype | None = None) -> None:
+                    dtype: torch.dtype | None = None, overwrite: bool = False,
+                    protected: tuple[str, ...] = ()) -> None:
     """Write a compressed model (directory, or a single .pt file) atomically.
 
+    The CLI's rule (utils.outputs.check_output_path): an earlier output of this tool at `path` is
+    replaced only with overwrite=True, anything else there never (OutputError, nothing touched);
+    `protected` are paths (the input model) the output may not be, contain or be inside.
     `dtype` (None: the model's own) casts the model's floating parameters in place before writing,
     so the model in memory is the one written; `compression` then records it (dtype, and the
     dtype it was compressed in as compressed_dtype)."""
     from safetensors.torch import save_model
     from utils.model import cast_parameters, dtype_name
+    from utils.outputs import check_output_path
+    check_output_path(path, "model", overwrite, protected)
     if dtype is not None and dtype_name(dtype) != compression.get("dtype", dtype_name(dtype)):
         compression["compressed_dtype"] = compression["dtype"]
         compression["dtype"] = dtype_name(dtype)
