@@ -76,12 +76,12 @@ def test_sensitivity_pass_is_estimated_before_it_starts_and_recorded(tiny_dir, t
     assert "one window of 300 tokens" in line  # --sensitivity_seq_len, not --model_seq_len
     for flag in ("--sensitivity_nsamples 2", "--sensitivity_ratios 0.25,0.5,0.75,1", "--sensitivity_seq_len 128"):
         assert flag in line, line
-    with open(os.path.join(out, "stats", "plan_0.3.json")) as handle:
+    with open(os.path.join(out + ".stats", "plan_0.3.json")) as handle:
         detail = json.load(handle)["detail"]
     cost = detail["sensitivity_cost"]
     assert cost["counts"] == {"matrices": 14, "candidates": 10, "windows": 8}
     assert cost["estimated_s"] > 0 and cost["actual_s"] > 0 and detail["sensitivity_seq_len"] == 300
-    with open(os.path.join(out, "stats", "meta.json")) as handle:
+    with open(os.path.join(out + ".stats", "meta.json")) as handle:
         profile = json.load(handle)["cost"]["profile"]
     assert profile["counts"] == {"windows": 4} and profile["actual_s"] > 0
 
