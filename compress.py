@@ -681,7 +681,8 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
     start = time.perf_counter()
     if prefer_compressed and getattr(args, "model_path", None):
         dtype = None if args.dtype == "auto" else DTYPES[args.dtype]  # None: as it was saved
-        model, tokenizer, compression = load_compressed(args.model_path, dtype)
+        # fused: the v factors of q/k/v and gate/up run as one matmul (float rounding only)
+        model, tokenizer, compression = load_compressed(args.model_path, dtype, fuse=True)
         if tokenizer is None:
             from utils.model import load_tokenizer, resolve_model
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
