@@ -163,3 +163,14 @@ def test_rank_below_the_multiple_takes_the_multiple_or_stays_dense():
     assert rounded.params_after() == 16 * 200 + 32 * 200 + 400 <= plan.params_after() == 3 * 200 + 47 * 200 + 3 * 40
     with pytest.raises(PlanError, match="more than the plan"):  # nothing to pay for a's 3 -> 16
         Plan({"a": ModulePlan(100, 100, False, 3)}).round_ranks(16)
+
+
+def test_perplexity_unchanged_by_fusion(tmp_path):
+    from evaluater import perplexity
+    model, compression = low_rank_everywhere("qwen2")
+    save_compressed(model, None, str(tmp_path / "m"), compression)
+    text = torch.randint(0, 256, (4 * 32,), generator=torch.Generator().manual_seed(9))
+    plain = perplexity(load_compressed(str(tmp_path / "m"))[0], text, 32)["ppl"]
+    fused = perplexity(load_compressed(str(tmp_path / "m"), fuse=True)[0], text, 32)["ppl"]
+    assert plain == pytest.approx(fused, rel=1e-4)
+    assert plain > 200  # a random model on random tokens: near the vocabulary size, so the check has teeth
