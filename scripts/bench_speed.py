@@ -156,7 +156,8 @@ def load_row(row: str, args, original: nn.Module) -> nn.Module:
     from utils.io import load_compressed
     if ROWS[row] is None:
         return original
-    model, _, _ = load_compressed(os.path.join(args.models_dir, ROWS[row]), torch.float32,
+    from utils.model import DTYPES
+    model, _, _ = load_compressed(os.path.join(args.models_dir, ROWS[row]), DTYPES[args.dtype],
                                   fuse=not row.endswith("_unfused"))
     # quantized rows: torch's low-bit kernels, which are fast with bfloat16 activations only (the
     # float32 model's quantized layers round their inputs and outputs to bfloat16); _dequant rows:
@@ -208,6 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(RESULTS, "smollm2_cpu.json"))
     p.add_argument("--append", action="store_true", help="merge into --out instead of starting it anew")
     p.add_argument("--build_only", action="store_true", help="build the rows' models and stop")
+    p.add_argument("--table", action="store_true", help="print the markdown table and the plot of --out, and stop")
     p.add_argument("--plot", default=None, help="PNG of the ratios against their limits (default: --out with .png)")
     args = p.parse_args(argv)
     rows, shapes = args.rows.split(","), args.shapes.split(",")
@@ -222,6 +224,11 @@ def main(argv=None) -> int:
     import evaluater
     from utils.data import load_text, tokenize
     from utils.io import read_json, write_json
+    if args.table:
+        result = read_json(args.out)
+        plot(result, args.plot or os.path.splitext(args.out)[0] + ".png")
+        print(markdown(result))
+        return 0
     from utils.model import load_model
 
     started = time.perf_counter()
@@ -310,8 +317,25 @@ def main(argv=None) -> int:
     result["total_s"] = round(time.perf_counter() - started, 1)
     write_json(args.out, result)
     plot(result, args.plot or os.path.splitext(args.out)[0] + ".png")
+    print(markdown(result))
     print(f"-> {args.out} ({result['total_s']:.0f} s)")
     return 0
+
+
+def markdown(result: dict) -> str:
+    """The README table: per row, each measured ratio with its limit and the fraction of it, and perplexity."""
+    keys = sorted({k for entry in result["rows"].values() for k in entry.get("shapes", {})},
+                  key=lambda k: (not k.startswith("prefill"), k))
+    lines = ["| model | " + " | ".join(f"{k}: x orig. / limit" for k in keys) + " | perplexity |",
+             "|---|" + "---|" * (len(keys) + 1)]
+    for row, entry in result["rows"].items():
+        cells = []
+        for key in keys:
+            f = entry.get("shapes", {}).get(key)
+            cells.append("" if f is None else f"{f['ratio']:.2f} / {f['limit']:.2f} ({f['fraction_of_limit']:.0%})")
+        ppl = (entry.get("perplexity") or {}).get("ppl")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {'' if ppl is None else f'{ppl:.3f}'} |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: str) -> None:
@@ -340,7 +364,7 @@ def plot(result: dict, path: str) -> None:
         ax.invert_yaxis()
         ax.set_title(f"{key}: speed vs original")
         ax.set_xlabel("x original")
-    axes[0][0].legend(loc="lower right")
+    axes[0][0].legend(loc="best")
     fig.suptitle(f"{result['model']} on {result['settings']['device']} ({result['settings']['date']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
