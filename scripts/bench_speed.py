@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--append", action="store_true", help="merge into --out instead of starting it anew")
     p.add_argument("--build_only", action="store_true", help="build the rows' models and stop")
     p.add_argument("--table", action="store_true", help="print the markdown table and the plot of --out, and stop")
+    p.add_argument("--merge", default=None, help="comma list of JSON of other runs (other rows or shapes, each "
+                                                 "against its own original): merge into --out, table, plot, stop")
     p.add_argument("--plot", default=None, help="PNG of the ratios against their limits (default: --out with .png)")
     args = p.parse_args(argv)
     rows, shapes = args.rows.split(","), args.shapes.split(",")
@@ -224,7 +226,19 @@ def main(argv=None) -> int:
     import evaluater
     from utils.data import load_text, tokenize
     from utils.io import read_json, write_json
-    if args.table:
+    if args.merge:
+        result = read_json(args.out)
+        for path in args.merge.split(","):
+            other = read_json(path)
+            for row, entry in other["rows"].items():
+                target = result["rows"].setdefault(row, {k: v for k, v in entry.items() if k != "shapes"})
+                target.setdefault("shapes", {}).update(entry.get("shapes", {}))
+                if "perplexity" not in target and "perplexity" in entry:
+                    target["perplexity"] = entry["perplexity"]
+            result["runs"] += other.get("runs", [])
+            result["partial"] = result.get("partial") or other.get("partial")
+        write_json(args.out, result)
+    if args.table or args.merge:
         result = read_json(args.out)
         plot(result, args.plot or os.path.splitext(args.out)[0] + ".png")
         print(markdown(result))
@@ -251,7 +265,7 @@ def main(argv=None) -> int:
     original, tokenizer = load_model(args.model, args.dtype, args.seed, args.num_layers)
     original.eval()
     os.makedirs(args.models_dir, exist_ok=True)
-    built = build_models(sorted({ROWS[r] for r in rows if ROWS[r]}), args, tokenizer, original)
+    built = build_models(list(dict.fromkeys(ROWS[r] for r in rows if ROWS[r])), args, tokenizer, original)
     if args.build_only:
         return 0
     original.to(args.device)
