@@ -131,14 +131,14 @@ def build_models(names: list[str], args, tokenizer, original: nn.Module) -> dict
             block = uncompressed_block(args.model, model, args.seed, args.num_layers)
         else:
             if stats is None:
-                stats = profile_model(original, windows, "cpu")
+                stats = profile_model(original, windows, args.device)
             plan = Plan.uniform(target_shapes(model), ratio)
             if multiple > 1:
                 plan = plan.round_ranks(multiple)
-            compressed = compress_model(model, plan, CompressOptions(), "cpu", stats)
+            compressed = compress_model(model, plan, CompressOptions(), args.device, stats)
             block = compression_block(compressed, args.model, model, stats, args.seed, args.num_layers)
         if quant:
-            section = quantize_model(model, QuantizeOptions("gptq", quant[0], quant[1]), "cpu",
+            section = quantize_model(model, QuantizeOptions("gptq", quant[0], quant[1]), args.device,
                                      windows[:args.gptq_nsamples], {"dataset": args.calibration, "seed": args.seed})
             block = {**block, "quantization": section}
         save_compressed(model, tokenizer, os.path.join(args.models_dir, name), block)
