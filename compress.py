@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "forward pass); duo = Duo-SVD's knapsack DP over each matrix's KL sensitivity (the others at "
                         "--ratio); asvd = ASVD's binary search over each matrix's sensitivity (the others dense) to "
                         "--ratio or --ppl_target. All meet --ratio within 0.5%% of the matrices' parameters, never over")
+    d.add_argument("--rank_multiple", type=int, default=1,
+                   help="round every rank of the plan down to a multiple of N (8 / 16 / 64: the tiles of matmul "
+                        "kernels); the rounded plan never costs more parameters than the unrounded one")
     d.add_argument("--strategy", default=None, choices=["dp"],
                    help="Duo-SVD's flag: --strategy dp = --allocation duo. Note Duo-SVD's --ratio is the fraction KEPT; "
                         "here --ratio is the fraction removed: its --ratio 0.8 is --ratio 0.2 (or --param_ratio_target 0.8)")
@@ -551,6 +554,8 @@ def _validate_allocation_flags(args: argparse.Namespace) -> None:
             raise UsageError("--model_ratio sizes the compression of steps 2-3: add --step 2 or 3, or leave it out")
     elif args.ratio is None:
         args.ratio = 0.2
+    if args.rank_multiple < 1:
+        raise UsageError(f"--rank_multiple {args.rank_multiple}: give a positive whole number (1 leaves ranks as planned)")
     sensitivity_flags = {"--sensitivity_metric": args.sensitivity_metric, "--sensitivity_ratios": args.sensitivity_ratios,
                          "--ppl_target": args.ppl_target, "--sensitivity_seq_len": args.sensitivity_seq_len}
     if args.allocation not in ("asvd", "duo"):
@@ -862,7 +867,8 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
     start = time.perf_counter()
     if prefer_compressed and getattr(args, "model_path", None):
         dtype = None if args.dtype == "auto" else DTYPES[args.dtype]  # None: as it was saved
-        model, tokenizer, compression = load_compressed(args.model_path, dtype)
+        # fused: the v factors of q/k/v and gate/up run as one matmul (float rounding only)
+        model, tokenizer, compression = load_compressed(args.model_path, dtype, fuse=True)
         if tokenizer is None:
             from utils.model import load_tokenizer, resolve_model
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
@@ -1043,6 +1049,8 @@ def run_allocate(args: argparse.Namespace, session: Session):
         plan = _sensitivity_plan(args, session)
     else:
         plan = Plan.uniform(target_shapes(session.model), args.ratio)
+    if args.rank_multiple > 1:
+        plan = plan.round_ranks(args.rank_multiple)
     session.timings["allocate_s"] = round(time.perf_counter() - start, 3)
     path = plan_path_of(args)
     plan.save(path)
@@ -1158,6 +1166,8 @@ def _plan_for_step3(args: argparse.Namespace, session: Session, shapes: dict | N
         plan, source = Plan.load(path, shapes), path
     else:
         plan, source = Plan.uniform(shapes, args.ratio), None
+    if args.rank_multiple > 1:
+        plan = plan.round_ranks(args.rank_multiple)
     plan.validate(shapes, source=f"plan {source}" if source else "plan")
     return plan, source
 

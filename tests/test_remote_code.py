@@ -68,7 +68,7 @@ def random_ids() -> torch.Tensor:
 
 def test_remote_code_gives_our_loaders_logits(saved, no_prompt):
     family, path, original = saved
-    ours, _, compression = load_compressed(path)
+    ours, _, compression = load_compressed(path, fuse=True)  # as the remote code: v factors fused
     assert no_prompt == []
     remote = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
     assert type(remote).__name__ == "SvdCompress" + compression["base_architecture"]
@@ -79,7 +79,9 @@ def test_remote_code_gives_our_loaders_logits(saved, no_prompt):
     ids = random_ids()
     with torch.no_grad():
         expected = ours(ids).logits
-        assert torch.equal(original(ids).logits, expected)
+        # both loaders fuse the v factors of q/k/v and gate/up (one matmul): float rounding only
+        unfused = original(ids).logits
+        assert (unfused - expected).abs().max() <= 1e-6 * unfused.abs().max()
         assert torch.equal(remote(ids).logits, expected)
     if ours.config.tie_word_embeddings:
         assert remote.lm_head.weight is remote.get_input_embeddings().weight

@@ -53,24 +53,12 @@ ${quant_linear_source}
 ${column_preserved_source}
 
 
-class LowRankLinear(nn.Module):
-    """y = u(v(x)); parameter names v.weight, u.weight, u.bias match the saved tensors."""
+# ---- copied verbatim from svd-compress component/low_rank_linear.py ----
+${low_rank_source}
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.v = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.u = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.u(self.v(x))
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, bias={self.u.bias is not None}")
+# the sibling linears each family feeds one tensor (svd-compress utils/model.py)
+SHARED_INPUT_SIBLINGS = ${shared_input_siblings}
 
 
 class ${config_class}(${base_config_class}):
@@ -135,6 +123,7 @@ class ${model_class}(${base_architecture}):
         wrong = {key: names[:5] for key, names in wrong.items() if names}
         if wrong:
             raise ValueError(f"the saved tensors do not match the recorded low-rank architecture: {wrong}")
+        share_inputs(model, SHARED_INPUT_SIBLINGS)  # q/k/v and gate/up: one matmul for their v factors
         return (model, info) if want_info else model
 
 
@@ -218,10 +207,20 @@ def _column_preserved_source() -> str:
     return inspect.getsource(column_preserved_linear.ColumnPreservedLinear)
 
 
+def _low_rank_source() -> str:
+    """component/low_rank_linear.py's layer, its shared-input projection and share_inputs (torch only)."""
+    import inspect
+    from component import low_rank_linear as lr
+    return "\n\n".join(inspect.getsource(obj) for obj in (lr.largest_entry_fits, lr.LowRankLinear,
+                                                            lr.SharedInputProjection, lr.share_inputs))
+
+
 def modeling_source(config_dict: dict) -> str:
     """The text of the modeling file for the base family of `config_dict` (either layout)."""
+    from utils.model import SHARED_INPUT_SIBLINGS
     return _TEMPLATE.substitute(_class_names(base_model_type(config_dict)), quant_linear_source=_quant_linear_source(),
-                                column_preserved_source=_column_preserved_source())
+                                column_preserved_source=_column_preserved_source(), low_rank_source=_low_rank_source(),
+                                shared_input_siblings=repr(SHARED_INPUT_SIBLINGS))
 
 
 def write_remote_code(directory: str, config_dict: dict) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from component import ColumnPreservedLinear, LowRankLinear
 from component.quant_linear import QuantLinear
 from utils.hf_remote import base_config_dict, remote_code_config, write_remote_code
-from utils.model import set_submodule
+from utils.model import fuse_shared_inputs, set_submodule
 
 FORMAT_VERSION = 1
 KEEP_SUBDIRS = ("stats",)
@@ -136,6 +136,12 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
     so the model in memory is the one written; `compression` then records it (dtype, and the
     dtype it was compressed in as compressed_dtype)."""
     from safetensors.torch import save_model
+    from component.low_rank_linear import unshare_inputs
+    if unshare_inputs(model):  # fused v factors share one storage, which safetensors refuses
+        try:
+            return save_compressed(model, tokenizer, path, compression, dtype, overwrite, protected)
+        finally:
+            fuse_shared_inputs(model)
     from utils.model import cast_parameters, dtype_name
     from utils.outputs import check_output_path
     check_output_path(path, "model", overwrite, protected)
@@ -262,8 +268,13 @@ def safetensors_tensor_bytes(path: str) -> dict[str, int]:
             for name, entry in header.items() if name != "__metadata__"}
 
 
-def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, object, dict]:
-    """Load a compressed model on the CPU: (model, tokenizer or None, compression block)."""
+def load_compressed(path: str, dtype: torch.dtype | None = None, fuse: bool = False) -> tuple[nn.Module, object, dict]:
+    """Load a compressed model on the CPU: (model, tokenizer or None, compression block).
+
+    `fuse`: low-rank layers that read one input (q/k/v, gate/up) run their v factors as one
+    matmul (utils.model.fuse_shared_inputs): the same tensors and names, the same outputs to
+    float rounding (two matmul shapes round differently); off, the model computes exactly as
+    the one that was saved. The CLI and the trust_remote_code loader fuse."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from utils.outputs import recover_interrupted_swap
@@ -297,6 +308,8 @@ def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
         dtype = _model_dtype(state, compression)
     model = build_low_rank_model(config_dict, compression, dtype)
     _load_state_strict(model, state, path)
+    if fuse:
+        fuse_shared_inputs(model)
     return model, tokenizer, compression
 
 

@@ -201,6 +201,18 @@ def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return {name: module for name, module in layer.named_modules() if type(module) is nn.Linear}
 
 
+# sibling linears that every supported family feeds the same tensor: attention q/k/v (Llama,
+# Mistral, Qwen2, Gemma 3, OPT) and the MLP's gate/up (Llama, Mistral, Qwen2, Gemma 3)
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """Run the v factors of the low-rank layers that read one input as one matmul (component.
+    share_inputs); same outputs, nothing saved changes. Returns the groups fused."""
+    from component.low_rank_linear import share_inputs
+    return share_inputs(model, SHARED_INPUT_SIBLINGS)
+
+
 def target_shapes(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
     """Qualified name -> (out_features, in_features, has_bias) of every target linear, in layer order."""
     prefix = layer_prefix(model)
