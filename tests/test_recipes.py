@@ -197,3 +197,33 @@ def test_missing_data_fails_before_the_first_step(argv, needle, tiny_dir, tmp_pa
     err = capsys.readouterr().err
     assert ran == [] and err.count("\n") == 1 and needle in err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_bench_chooses_best_on_the_validation_slice_not_the_test_slice():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_recipes", os.path.join(ROOT, "scripts", "bench_recipes.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = {"rows": [{"recipe": "best", "ratio": 0.2, "ppl": {"validation": 30.0, "test": 10.0}},
+                       {"recipe": "svd-llm", "ratio": 0.2, "ppl": {"validation": 20.0, "test": 50.0}},
+                       {"recipe": "asvd", "ratio": 0.2, "returncode": 1}]}
+    bench.summarize(record, [0.2])
+    assert record["summary"]["0.2"] == {"chosen": "svd-llm", "validation_ppl": 20.0, "test_ppl": 50.0,
+                                        "best_is_chosen": False, "rows": 2}
+    command, save = bench.row_command(bench.build_parser().parse_args(["--extra", "--whitening_nsamples 4"]),
+                                      "svd-llm-lora", 0.4)
+    assert command[2:4] == ["--recipe", "svd-llm-lora"] and "--data_path" in command
+    assert command[-2:] == ["--whitening_nsamples", "4"]  # the extra flags come last and override the recipe
+
+
+def test_a_recipe_run_with_perplexity_can_be_replaced_with_overwrite(tiny_dir, tmp_path):
+    """The original's results JSON a recipe run writes beside the model counts as ours."""
+    from utils.outputs import OutputError, check_output_path
+    out = tmp_path / "o"
+    assert compress.main(["--recipe", "svd-llm", "--model", tiny_dir, "--dataset", "random", "--whitening_nsamples",
+                          "4", "--model_seq_len", "16", "--save_path", str(out), "--device", "cpu"]) == 0
+    (out / "results.original.json").write_text("{}")
+    check_output_path(str(out), "model", True)  # raises if the file were foreign
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError):
+        check_output_path(str(out), "model", True)
