@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -289,6 +290,45 @@ def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> Callab
     copies_to: the returned function puts the originals back."""
     layers = decoder_layers(model)
     return copies_to(model, device, skip={id(t) for t in list(layers.parameters()) + list(layers.buffers())})
+
+
+class _HeadInput(nn.Module):
+    """Stands in for a decoder layer while head_on_hidden runs: the first returns the given hidden
+    states in place of its input, the others pass their input on (one class, so that the list
+    still reads as the decoder stack)."""
+
+    def __init__(self, given: dict, first: bool):
+        super().__init__()
+        self.given, self.first = given, first
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return self.given["hidden"] if self.first else hidden_states
+
+
+@contextmanager
+def head_on_hidden(model: nn.Module, device: torch.device | str) -> Iterator[Callable[..., object]]:
+    """Within the block, head(hidden, input_ids, labels=None) is the model's output (logits; the
+    loss with labels) of its own head on final hidden states `hidden` (1 x L x d, on `device`):
+    the final norm, lm_head and any logit soft-capping, run as the model's forward runs them, so no
+    family's module names are needed. The decoder layers stand aside meanwhile (not run, not moved;
+    back in place after the block), and the non-layer modules are copied to `device`."""
+    restore = non_layer_modules_to(model, device)  # before the swap: it finds the layers by their class
+    layers = decoder_layers(model)
+    originals = list(layers)
+    given: dict = {}
+
+    def head(hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        given["hidden"] = hidden
+        return model(input_ids=input_ids, labels=labels, use_cache=False)
+
+    try:
+        for j in range(len(layers)):
+            layers[j] = _HeadInput(given, first=(j == 0))
+        yield head
+    finally:
+        for j, layer in enumerate(originals):
+            layers[j] = layer
+        restore()
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -177,12 +177,12 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
         pending.append(writer.submit(save_file, tensors, os.path.join(directory, f"layer_{context.index:04d}.safetensors")))
         return outputs
 
-    def collect_fisher() -> dict[str, torch.Tensor] | None:
+    def collect_fisher(scratch_dir: str | None = None) -> dict[str, torch.Tensor] | None:
         if not fisher:
             return None
         from utils.fisher import fisher_information
         start = time.perf_counter()
-        values, summary = fisher_information(model, windows, device)
+        values, summary = fisher_information(model, windows, device, scratch_dir=scratch_dir)
         full_meta["fisher"] = {**summary, "seconds": round(time.perf_counter() - start, 3)}
         return values
 
@@ -197,7 +197,8 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
                 future.result()
         finally:
             writer.shutdown(wait=True)
-        fisher_values = collect_fisher()
+        # the layers' inputs meanwhile go beside the statistics: the disk the user chose for them
+        fisher_values = collect_fisher(temporary)
         if fisher_values is not None:
             save_file(fisher_values, os.path.join(temporary, FISHER_FILE))
         write_json(os.path.join(temporary, STATS_META), full_meta)
