@@ -111,7 +111,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
            "whitening, SVD, then each matrix's u, v by AdamW against its original outputs",
            cpu={**_CPU_DATA, "gradient_iters": 20, "refine_nsamples": 8, "refine_batch_size": 2},
            notes=("the seed's SiLU on gate_proj outputs and its importance-weighted loss are not reproduced "
-                  "(docs/refinement.md)",)),
+                  "(docs/refinement.md)",
+                  "uncertain: seed 42 and 8 windows per step are from the seed's SVD-LLM baseline script "
+                  "(svd_llm.sh); its wgsvd.sh as stored gives only --gradient-iters, --matrix-iters 1, --ratio, "
+                  "--calib-samples")),
     Recipe("aa-svd", (1, 3), {"dataset": "wikitext2", "whitening_nsamples": 256, "model_seq_len": 2048, "seed": 42,
                               **_WHITENED_SVD, "update": "anchored", "anchor_alpha": 1.0, "anchor_holdout": 0.0,
                               "updating_nsamples": 256, "refine": "gradient", "refine_target": "block",
