@@ -80,10 +80,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from methods.anchored import DEFAULT_ANCHOR_ALPHA, DEFAULT_ANCHOR_HOLDOUT
+    from recipes import names as recipe_names
     from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     g = p.add_argument_group("pipeline")
-    g.add_argument("--step", required=True, help="step(s) to run: N, a comma list (1,3) or a range (1-4)")
+    g.add_argument("--step", default=None,
+                   help="step(s) to run: N, a comma list (1,3) or a range (1-4); with --recipe, default: the recipe's")
+    g.add_argument("--recipe", default=None, choices=recipe_names(),
+                   help="a published method as one flag: sets its flags (yours override them) and, without "
+                        "--step, runs its steps in one command (README, \"Recipes\")")
+    g.add_argument("--print", dest="print_recipe", action="store_true",
+                   help="with --recipe: print the flags it expands to, and where each comes from, then exit")
     g.add_argument("--model", default="smollm2-135m",
                    help="base model: a Hugging Face id, a local directory, a .gguf file, a bundled alias "
                         "(smollm2-135m, gemma3-270m)")
@@ -918,6 +925,8 @@ def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
         print(f"{STEP_NAMES[step]}: handed to step {later[0]} in memory (step "
               f"{later[-1]} writes {args.save_path})")
         return False
+    if getattr(args, "recipe_record", None) and session.compression is not None:
+        session.compression["recipe"] = args.recipe_record  # the recipe and its expansion (README, "Recipes")
     start = time.perf_counter()
     save_compressed(session.model, session.tokenizer, args.save_path, session.compression,
                     save_dtype_of(args, session), args.overwrite, _protected_inputs(args))
@@ -1447,6 +1456,90 @@ def run_lora(args: argparse.Namespace, session: Session) -> dict:
     return session.compression
 
 
+def _typed_flags(argv: list[str] | None) -> dict:
+    """The flags the user typed (destination -> value): the command line parsed again with every
+    default suppressed, so a flag typed with its default value still counts as typed."""
+    shadow = build_parser()
+    for action in shadow._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return vars(shadow.parse_args(argv))
+
+
+def apply_recipe(args: argparse.Namespace, argv: list[str] | None) -> bool:
+    """--recipe NAME (recipes.py): its flags where the user typed none, its steps unless --step
+    says which; without --step also perplexity before/after when --eval_datasets is typed. Returns
+    True when --print asked only to see the expansion."""
+    import recipes
+    from utils.data import DatasetError, check_hub_datasets, validate_dataset
+    from utils.model import default_device
+    if args.recipe is None:
+        raise UsageError(f"--print shows a recipe's flags: add --recipe NAME ({', '.join(recipes.names())})")
+    typed = _typed_flags(argv)
+    recipe = recipes.RECIPES[args.recipe]
+    ratio = args.ratio if args.ratio is not None else \
+        1.0 - args.param_ratio_target if args.param_ratio_target is not None else 0.2
+    cpu = not (args.device or default_device()).startswith("cuda")
+    offline = False
+    if "dataset" not in typed and recipe.flags.get("dataset") in recipes.HUB_DATASETS:
+        try:
+            check_hub_datasets({"--dataset": recipe.flags["dataset"]})
+        except DatasetError:
+            offline = True
+    args.recipe_run = args.step is None  # one command for the recipe's whole pipeline
+    steps = tuple(parse_steps(args.step)) if args.step else recipe.steps
+    try:
+        resolved = recipes.resolve(args.recipe, typed, ratio, cpu, offline, steps, strict=not args.print_recipe)
+    except recipes.RecipeError as error:
+        raise UsageError(str(error)) from None
+    for dest, value in resolved["set"].items():
+        setattr(args, dest, value)
+    args.recipe_record = record = resolved["record"]
+    if args.recipe_run and 1 in steps and (args.save_path or args.stats_path):
+        meta = os.path.join(stats_path_of(args), "meta.json")
+        if os.path.isfile(meta):
+            from utils.io import read_json
+            if recipes.statistics_match(read_json(meta), args.model, args.dataset, args.whitening_nsamples,
+                                        args.model_seq_len, args.seed, args.fisher):
+                steps = tuple(s for s in steps if s != 1)
+                record["reused_statistics"] = stats_path_of(args)
+                print(f"recipe {args.recipe}: step 1's statistics in {stats_path_of(args)} are of this model, data "
+                      f"set and windows: reused (step 1 skipped)")
+    args.step = ",".join(map(str, steps))
+    if args.print_recipe:
+        others = [recipes.flag_text(k, v) for k, v in typed.items()
+                  if k not in record["flags"] and k not in ("recipe", "print_recipe", "step") and v is not False]
+        command = " ".join(["python compress.py --step", args.step, *others,
+                            *(recipes.flag_text(k, v) for k, v in record["flags"].items())])
+        print(recipes.describe(record, command))
+        return True
+    args.recipe_eval = args.recipe_run and "eval_datasets" in typed
+    if args.recipe_eval:  # checked now: a bad evaluation set must not wait for the end of the pipeline
+        for spec in args.eval_datasets.split(","):
+            validate_dataset(spec, text_only=True)
+        check_hub_datasets({"--eval_datasets": args.eval_datasets})
+    return False
+
+
+def recipe_perplexity(args: argparse.Namespace, session: Session) -> None:
+    """The end of `--recipe NAME` without --step, with --eval_datasets: step 4 on the model the
+    pipeline made (its results JSON), then on the original loaded anew (a JSON of its own beside
+    it), and one line per data set with both."""
+    import copy
+    import evaluater
+    after = evaluater.perplexity_step(args, session)
+    original = copy.copy(args)
+    original.model_path = None
+    target = args.results or (args.save_path[:-3] + ".results.json" if args.save_path.endswith(".pt")
+                              else os.path.join(args.save_path, "results.json"))
+    original.results = target[:-5] + ".original.json" if target.endswith(".json") else target + ".original"
+    before = evaluater.perplexity_step(original, Session())
+    for spec, result in after.items():
+        a, b = result["ppl"], before[spec]["ppl"]
+        ratio = f" ({a / b:.2f}x)" if a is not None and b else ""
+        print(f"recipe {args.recipe}: perplexity {spec}: before {b if b is None else f'{b:.4f}'} -> after "
+              f"{a if a is None else f'{a:.4f}'}{ratio}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1454,6 +1547,11 @@ def main(argv: list[str] | None = None) -> int:
     from utils.model import ModelSpecError
     from utils.outputs import OutputError
     try:
+        if args.recipe or args.print_recipe:
+            if apply_recipe(args, argv):
+                return 0  # --print: shown, nothing runs
+        elif args.step is None:
+            raise UsageError("--step is required (e.g. --step 1-3), or --recipe NAME to run a method's steps")
         validate(args)
     except (UsageError, ModelSpecError, DatasetError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -1478,6 +1576,8 @@ def main(argv: list[str] | None = None) -> int:
             _plan_for_step3(args, session, None if arch is None else arch.shapes)
         for step in args.steps:
             steps[step](args, session)
+        if getattr(args, "recipe_eval", False):
+            recipe_perplexity(args, session)
     except (DatasetError, ModelSpecError, FileNotFoundError, PipelineError, PlanError, DecomposeError,
             CompressedModelError, OutputError, LoraError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -29,8 +29,8 @@ TOKENIZER_FILES = frozenset({
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
     "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
 })
-MODEL_FILES = frozenset({"config.json", "model.safetensors", "generation_config.json",
-                         "results.json"}) | TOKENIZER_FILES  # results.json: steps 4-5
+MODEL_FILES = frozenset({"config.json", "model.safetensors", "generation_config.json", "results.json",
+                         "results.original.json"}) | TOKENIZER_FILES  # results*.json: steps 4-5 (--recipe: the original's)
 MODEL_FILE_PATTERNS = (re.compile(r"modeling_\w+\.py"),)
 STATS_FILES = frozenset({"meta.json", "fisher.safetensors",
                          "self_calibration.safetensors", "self_calibration.json"})  # the last two: --dataset self
