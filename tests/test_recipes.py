@@ -120,8 +120,12 @@ def record_steps(monkeypatch):
     ran = []
     for step, name in ((1, "run_profile"), (2, "run_allocate"), (3, "run_compress"), (7, "run_lora"),
                        (8, "run_quantize")):
-        monkeypatch.setattr(compress, name, lambda args, session, step=step: ran.append(step))
-    monkeypatch.setattr(compress, "_plan_for_step3", lambda args, session: None)
+        def record(args, session, step=step):
+            ran.append(step)
+            if step == 3:  # step 3 leaves its model in the session, as the real one does
+                session.model = session.model or "the compressed model"
+        monkeypatch.setattr(compress, name, record)
+    monkeypatch.setattr(compress, "_plan_for_step3", lambda args, session, shapes=None: None)
     return ran
 
 
@@ -149,7 +153,7 @@ def test_recipe_run_records_the_recipe_and_reuses_statistics(tiny_dir, tmp_path,
     assert block["recipe"]["name"] == "svd-llm" and block["recipe"]["steps"] == [1, 3]
     assert block["recipe"]["flags"]["seed"] == 3 and block["recipe"]["origin"]["dataset"] == "yours"
     assert block["calibration"]["seed"] == 3  # the recipe's seed reached step 1
-    stats_meta = os.path.join(out, "stats", "meta.json")
+    stats_meta = os.path.join(out + ".stats", "meta.json")
     stamp = os.stat(stats_meta).st_mtime_ns
     capsys.readouterr()
     assert compress.main(argv + ["--overwrite"]) == 0  # the same statistics: step 1 is skipped
