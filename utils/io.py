@@ -126,7 +126,7 @@ def read_json(path: str) -> dict:
 
 def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -> None:
     """Write a compressed model (directory, or a single .pt file) atomically."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     config = model.config.to_dict()
     config["compression"] = compression
     with atomic_path(path) as temporary:
@@ -138,7 +138,7 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -
         os.makedirs(temporary)
         config = remote_code_config(config)
         write_remote_code(temporary, config)
-        save_model(model, os.path.join(temporary, "model.safetensors"), metadata={"format": "pt"})
+        save_file(_deduplicated_state(model), os.path.join(temporary, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(temporary, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2, default=str)
         if tokenizer is not None:
@@ -147,6 +147,16 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -
         for keep in KEEP_SUBDIRS:
             if os.path.isdir(os.path.join(path, keep)):
                 os.replace(os.path.join(path, keep), os.path.join(temporary, keep))
+
+
+def _deduplicated_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once, under the name the model registers first: a tied
+    lm_head is stored as the input embedding, as transformers' save_pretrained does, because loaders
+    of the decoder alone (AutoModel, vLLM's Transformers backend) read the embedding under its own name."""
+    state = model.state_dict()
+    first = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {name: tensor.detach().contiguous() for name, tensor in state.items() if name not in tied}
 
 
 def is_compressed_model(path: str) -> bool:
