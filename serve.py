@@ -101,8 +101,8 @@ def serve_step(args: argparse.Namespace, session) -> dict:
         print(f"serve: {len(engines)} vLLM engines with {vllm_python} (minutes each on a CPU: one compile per model)")
         done = subprocess.run([vllm_python, SERVE_CHECK, request_path, out_path])
         if done.returncode != 0 or not os.path.isfile(out_path):
-            raise DatasetError(f"scripts/serve_check.py failed with exit {done.returncode} (its output is above); "
-                               f"{INSTALL_HINT}")
+            raise DatasetError(f"scripts/serve_check.py with {vllm_python} failed with exit {done.returncode} "
+                               f"(its output is above)")
         with open(out_path, encoding="utf-8") as handle:
             served = json.load(handle)
     finally:

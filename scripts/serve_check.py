@@ -103,10 +103,11 @@ def decode_speed(llm, prompts: list, new_tokens: int, repeats: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 4 and argv[1] == "--engine":  # the child: one engine
+    if len(argv) == 5 and argv[1] == "--engine":  # the child: one engine, its record to a file (vLLM prints)
         request = json.load(open(argv[2], encoding="utf-8"))
-        engine = request["engines"][int(argv[3])]
-        json.dump(run_engine(request, engine), sys.stdout)
+        record = run_engine(request, request["engines"][int(argv[3])])
+        with open(argv[4], "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
         return 0
     if len(argv) != 3:
         print(f"usage: {argv[0]} REQUEST.json OUT.json (written by python compress.py --step 10)", file=sys.stderr)
@@ -123,12 +124,15 @@ def main(argv: list[str]) -> int:
     for index, engine in enumerate(request["engines"]):
         print(f"serve_check: {engine['name']} ({engine['model']}, model_impl={engine['model_impl']}) ...",
               file=sys.stderr, flush=True)
-        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--engine", request_path, str(index)],
-                               env=env, stdout=subprocess.PIPE, text=True)
-        if child.returncode != 0:
+        record_path = f"{out_path}.engine{index}"
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--engine", request_path, str(index),
+                                record_path], env=env)
+        if child.returncode != 0 or not os.path.isfile(record_path):
             engines.append({**engine, "error": f"vLLM exited with {child.returncode} (its log is above)"})
             continue
-        engines.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        with open(record_path, encoding="utf-8") as handle:
+            engines.append(json.load(handle))
+        os.remove(record_path)
     with open(out_path, "w", encoding="utf-8") as handle:
         json.dump({"vllm_version": vllm.__version__, "engines": engines}, handle, indent=2)
     return 0

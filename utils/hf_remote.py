@@ -97,23 +97,30 @@ def swap_compressed_modules(root: nn.Module, config, prefix: str = "") -> None:
         parent, _, child = name[len(prefix):].rpartition(".")
         setattr(root.get_submodule(parent) if parent else root, child, module)
 
+    def buffer_device(dense: nn.Linear):
+        # vLLM builds the model with parameters on "meta" and buffers on the real device, then loads
+        # the buffers in place (a meta one would load nothing); left to the surrounding default device,
+        # the index and code buffers land where each loader wants them
+        return None if dense.weight.is_meta else dense.weight.device
+
     for name, rank in (compression.get("ranks") or {}).items():
         dense = dense_linear(name, (LowRankLinear, ColumnPreservedLinear)) if name.startswith(prefix) else None
         if dense is None:
             continue
-        where = {"dtype": dense.weight.dtype, "device": dense.weight.device}
         if name in preserved:
             put(name, ColumnPreservedLinear(dense.in_features, dense.out_features, int(preserved[name]["rank"]),
-                                            int(preserved[name]["columns"]), dense.bias is not None, **where))
+                                            int(preserved[name]["columns"]), dense.bias is not None,
+                                            dtype=dense.weight.dtype, device=buffer_device(dense)))
         else:
-            put(name, LowRankLinear(dense.in_features, dense.out_features, int(rank), dense.bias is not None, **where))
+            put(name, LowRankLinear(dense.in_features, dense.out_features, int(rank), dense.bias is not None,
+                                    dtype=dense.weight.dtype, device=dense.weight.device))
     for name, record in quantized.items():
         dense = dense_linear(name, (QuantLinear,)) if name.startswith(prefix) else None
         if dense is None:
             continue
         put(name, QuantLinear(dense.in_features, dense.out_features, int(record["bits"]), int(record["groupsize"]),
                               dense.bias is not None, bool(record.get("g_idx")),
-                              dtype=dense.weight.dtype, device=dense.weight.device))
+                              dtype=dense.weight.dtype, device=buffer_device(dense)))
 
 
 class ${config_class}(${base_config_class}):
