@@ -129,10 +129,11 @@ def summarize(served: dict, requests: list[dict], tokenizer, dense_path: str | N
     for name, engine in engines.items():
         if name in failed:
             continue
-        entry = {key: engine[key] for key in ("model_impl", "architecture", "served_by", "load_seconds", "speed")}
+        entry = {key: engine.get(key) for key in ("model_impl", "architecture", "load_seconds", "speed",
+                                                  "load_average_before", "load_average_after")}
         if name == "compressed":
             entry["text"] = compare_text(requests, engine, tokenizer)
-            print(f"serve: compressed in vLLM ({engine['served_by']}): {entry['text']['equal']} of "
+            print(f"serve: compressed in vLLM ({engine['architecture']}): {entry['text']['equal']} of "
                   f"{entry['text']['prompts']} greedy completions equal ours token for token")
             for row in entry["text"]["rows"]:
                 if not row["equal"]:
@@ -141,7 +142,7 @@ def summarize(served: dict, requests: list[dict], tokenizer, dense_path: str | N
         else:
             entry["compressed_speedup"] = round(compressed_speed / engine["speed"]["decode_tokens_per_s"], 3)
         data["engines"][name] = entry
-        print(f"serve: {name:28s} {engine['served_by'] or engine['architecture']:28s} decode "
+        print(f"serve: {name:28s} {engine['architecture']:28s} decode "
               f"{engine['speed']['decode_tokens_per_s']:8.1f} tokens/s (batch {engine['speed']['batch_size']})"
               + (f", compressed x{entry['compressed_speedup']}" if "compressed_speedup" in entry else ""))
     for name, error in failed.items():

@@ -52,7 +52,7 @@ def run_engine(request: dict, engine: dict) -> dict:
     load_seconds = time.perf_counter() - start
     config = llm.llm_engine.model_config
     record = {"name": engine["name"], "model": engine["model"], "model_impl": engine["model_impl"],
-              "architecture": config.architecture, "served_by": _served_class(llm),
+              "architecture": config.architecture,  # resolved: vLLM's own class or TransformersForCausalLM
               "load_seconds": round(load_seconds, 1), "load_average_before": os.getloadavg()}
     greedy = SamplingParams(temperature=0.0, max_tokens=request["max_new_tokens"])
     prompts = [TokensPrompt(prompt_token_ids=p["prompt_ids"]) for p in request["prompts"]]
@@ -70,15 +70,6 @@ def run_engine(request: dict, engine: dict) -> dict:
                                    request["repeats"])
     record["load_average_after"] = os.getloadavg()  # a shared machine: say how busy it was
     return record
-
-
-def _served_class(llm) -> str | None:
-    """The model class vLLM instantiated (its own Llama, or the Transformers backend), where reachable."""
-    try:
-        names = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.__class__.__name__
-        return names
-    except AttributeError:
-        return None
 
 
 def decode_speed(llm, prompts: list, new_tokens: int, repeats: int) -> dict:

@@ -20,9 +20,23 @@ from scripts.sweep import make_tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def save_served_tiny_llama(directory: str) -> str:
+    """A tiny random Llama that vLLM's CPU attention can serve (head_dim 64; the test families' 16 is
+    refused), with the byte-level tokenizer of scripts/sweep.py's tiny model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    path = make_tiny_model(directory)  # for its tokenizer files
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
+                         max_position_embeddings=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return make_tiny_model(str(tmp_path_factory.mktemp("tiny")))
+    return save_served_tiny_llama(str(tmp_path_factory.mktemp("tiny")))
 
 
 @pytest.fixture(scope="module")
