@@ -107,12 +107,14 @@ def serve_step(args: argparse.Namespace, session) -> dict:
             served = json.load(handle)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    path = results_path(args, session)
+    # the engines' own records first: minutes of serving are not lost to a fault in the summary
+    update_results(path, args, session, "serving", {"engines_raw": served})
     data = summarize(served, requests, tokenizer, dense_path if args.dense_path else None)
     data["settings"] = {**options.describe(), "dtype": dtype, "batch_size": args.serve_batch_size,
                         "speed_new_tokens": args.gen_seq_len, "repeats": args.repeats,
                         "max_model_len": args.serve_max_model_len, "enforce_eager": args.serve_eager,
                         "vllm_version": served.get("vllm_version")}
-    path = results_path(args, session)
     update_results(path, args, session, "serving", data)
     print(f"serve: results -> {path}")
     return data

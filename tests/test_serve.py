@@ -90,8 +90,14 @@ def vllm_python() -> str:
 
 
 @pytest.mark.slow
-def test_vllm_serves_the_compressed_directory_with_our_greedy_text(tiny_dir, compressed_dir, tmp_path):
+@pytest.mark.parametrize("quantized", [False, True], ids=["low_rank", "low_rank_int8"])
+def test_vllm_serves_the_compressed_directory_with_our_greedy_text(tiny_dir, compressed_dir, quantized, tmp_path):
     python = vllm_python()
+    if quantized:  # QuantLinear's packed codes are buffers: vLLM must load them, not leave them on "meta"
+        quantized_dir = str(tmp_path / "q8")
+        assert compress.main(["--step", "8", "--model_path", compressed_dir, "--quant", "rtn", "--wbits", "8",
+                              "--save_path", quantized_dir, "--device", "cpu"]) == 0
+        compressed_dir = quantized_dir
     results = tmp_path / "serve.json"
     prompts = ["The cat sat on", "Numbers: 1 2 3", "abc"]
     argv = ["--step", "10", "--model_path", compressed_dir, "--dense_path", tiny_dir, "--device", "cpu",
