@@ -4,7 +4,8 @@ vLLM pins its own torch and transformers, so it lives in a venv of its own (scri
 on a CPU box, `pip install vllm` on a GPU one). This step runs in the project's venv: it generates the
 reference greedily with our loader (step 9's code), saves the dense original as a plain Hugging Face
 directory when none is given, writes a request JSON and runs scripts/serve_check.py with the vLLM venv's
-python, which serves every model in the same engine settings, one engine per process.
+python, which serves every model in the same engine settings, one engine per process, all loaded at once
+and timed in turns.
 """
 from __future__ import annotations
 
@@ -131,8 +132,7 @@ def summarize(served: dict, requests: list[dict], tokenizer, dense_path: str | N
     for name, engine in engines.items():
         if name in failed:
             continue
-        entry = {key: engine.get(key) for key in ("model_impl", "architecture", "load_seconds", "speed",
-                                                  "load_average_before", "load_average_after")}
+        entry = {key: engine.get(key) for key in ("model_impl", "architecture", "load_seconds", "speed")}
         if name == "compressed":
             entry["text"] = compare_text(requests, engine, tokenizer)
             print(f"serve: compressed in vLLM ({engine['architecture']}): {entry['text']['equal']} of "

@@ -41,8 +41,8 @@ def first_difference(ours: list[int], theirs: list[int]) -> int | None:
     return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
 
 
-def run_engine(request: dict, engine: dict) -> dict:
-    """In a child process: load one model in vLLM, generate the prompts greedily, time batched decoding."""
+def run_engine(request: dict, engine: dict):
+    """In a child process: load one model in vLLM and generate the prompts greedily."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     start = time.perf_counter()
@@ -66,39 +66,60 @@ def run_engine(request: dict, engine: dict) -> dict:
             entry["first_difference"] = first_difference(prompt["reference_ids"], ids)
             entry["equal"] = entry["first_difference"] is None
         record["completions"].append(entry)
-    record["speed"] = decode_speed(llm, prompts[:request["batch_size"]], request["speed_new_tokens"],
-                                   request["repeats"])
-    record["load_average_after"] = os.getloadavg()  # a shared machine: say how busy it was
-    return record
+    return record, llm, prompts[:request["batch_size"]]
 
 
-def decode_speed(llm, prompts: list, new_tokens: int, repeats: int) -> dict:
-    """Decode tokens/s of one batch: (time for new_tokens tokens - time for 1) per generated token, so
-    the prefill is left out; EOS ignored so that every sequence runs the same length. Median of repeats."""
+def timed_generate(llm, prompts: list, tokens: int) -> float:
+    """Seconds for one batch to generate `tokens` tokens each (EOS ignored: every sequence runs as long)."""
     from vllm import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - start
 
-    def seconds(tokens: int) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        return time.perf_counter() - start
 
-    seconds(new_tokens)  # warm-up
-    prefill = statistics.median(seconds(1) for _ in range(repeats))
-    full = statistics.median(seconds(new_tokens) for _ in range(repeats))
-    decoded = len(prompts) * (new_tokens - 1)
-    return {"batch_size": len(prompts), "new_tokens": new_tokens, "repeats": repeats,
+def serve_engine(request_path: str, index: int, record_path: str) -> None:
+    """The child: load, generate the text, write the record to record_path, then time on the parent's
+    word: each line "time" on stdin runs one round (1 token, then new_tokens tokens) and appends its two
+    times to record_path.times; "done" ends."""
+    request = json.load(open(request_path, encoding="utf-8"))
+    record, llm, batch = run_engine(request, request["engines"][index])
+    timed_generate(llm, batch, request["speed_new_tokens"])  # warm-up
+    with open(record_path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+    for line in sys.stdin:
+        if line.strip() != "time":
+            break
+        times = [timed_generate(llm, batch, 1), timed_generate(llm, batch, request["speed_new_tokens"])]
+        with open(record_path + ".times", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(times + [os.getloadavg()[0]]) + "\n")
+
+
+def decode_speed(rounds: list[list[float]], batch_size: int, new_tokens: int) -> dict:
+    """Decode tokens/s of one batch: (time for new_tokens tokens - time for 1) per generated token, so the
+    prefill is left out; medians over the rounds."""
+    prefill = statistics.median(r[0] for r in rounds)
+    full = statistics.median(r[1] for r in rounds)
+    return {"batch_size": batch_size, "new_tokens": new_tokens, "repeats": len(rounds),
             "prefill_plus_one_s": round(prefill, 4), "total_s": round(full, 4),
-            "decode_tokens_per_s": round(decoded / (full - prefill), 2),
-            "end_to_end_tokens_per_s": round(len(prompts) * new_tokens / full, 2)}
+            "decode_tokens_per_s": round(batch_size * (new_tokens - 1) / (full - prefill), 2),
+            "end_to_end_tokens_per_s": round(batch_size * new_tokens / full, 2),
+            "rounds": rounds, "load_average": [r[2] for r in rounds]}
+
+
+def wait_for(path: str, children: list, timeout: float = 3600) -> bool:
+    """Until `path` exists (True) or every child has exited (False)."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if all(c.poll() is not None for c in children) or time.time() > deadline:
+            return os.path.exists(path)
+        time.sleep(0.1)
+    return True
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) == 5 and argv[1] == "--engine":  # the child: one engine, its record to a file (vLLM prints)
-        request = json.load(open(argv[2], encoding="utf-8"))
-        record = run_engine(request, request["engines"][int(argv[3])])
-        with open(argv[4], "w", encoding="utf-8") as handle:
-            json.dump(record, handle)
+    if len(argv) == 5 and argv[1] == "--engine":  # the child: one engine (records to files: vLLM prints)
+        serve_engine(argv[2], int(argv[3]), argv[4])
         return 0
     if len(argv) != 3:
         print(f"usage: {argv[0]} REQUEST.json OUT.json (written by python compress.py --step 10)", file=sys.stderr)
@@ -111,19 +132,40 @@ def main(argv: list[str]) -> int:
     request_path, out_path = argv[1], argv[2]
     request = json.load(open(request_path, encoding="utf-8"))
     env = engine_environment(request.get("device", "cpu"))
-    engines = []
+    # every engine is loaded at once and the timing rounds go round them in turn, so that a shared
+    # machine's changing load falls on all of them alike; their memory is freed when they exit
+    children, paths = [], []
     for index, engine in enumerate(request["engines"]):
-        print(f"serve_check: {engine['name']} ({engine['model']}, model_impl={engine['model_impl']}) ...",
+        print(f"serve_check: loading {engine['name']} ({engine['model']}, model_impl={engine['model_impl']})",
               file=sys.stderr, flush=True)
-        record_path = f"{out_path}.engine{index}"
-        child = subprocess.run([sys.executable, os.path.abspath(__file__), "--engine", request_path, str(index),
-                                record_path], env=env)
-        if child.returncode != 0 or not os.path.isfile(record_path):
+        paths.append(f"{out_path}.engine{index}")
+        children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--engine", request_path,
+                                          str(index), paths[-1]], env=env, stdin=subprocess.PIPE, text=True))
+    ready = [wait_for(path, [child]) for path, child in zip(paths, children)]
+    live = [i for i, ok in enumerate(ready) if ok]
+    for round_number in range(request["repeats"]):
+        print(f"serve_check: timing round {round_number + 1} of {request['repeats']}", file=sys.stderr, flush=True)
+        for i in live:
+            done = sum(1 for _ in open(paths[i] + ".times")) if os.path.exists(paths[i] + ".times") else 0
+            children[i].stdin.write("time\n")
+            children[i].stdin.flush()
+            while (sum(1 for _ in open(paths[i] + ".times")) if os.path.exists(paths[i] + ".times") else 0) == done:
+                if children[i].poll() is not None:
+                    break
+                time.sleep(0.05)
+    engines = []
+    for i, (engine, child) in enumerate(zip(request["engines"], children)):
+        if child.poll() is None:
+            child.stdin.write("done\n")
+            child.stdin.close()
+        child.wait()
+        if i not in live or not os.path.exists(paths[i] + ".times"):
             engines.append({**engine, "error": f"vLLM exited with {child.returncode} (its log is above)"})
             continue
-        with open(record_path, encoding="utf-8") as handle:
-            engines.append(json.load(handle))
-        os.remove(record_path)
+        record = json.load(open(paths[i], encoding="utf-8"))
+        rounds = [json.loads(line) for line in open(paths[i] + ".times", encoding="utf-8")]
+        record["speed"] = decode_speed(rounds, request["batch_size"], request["speed_new_tokens"])
+        engines.append(record)
     with open(out_path, "w", encoding="utf-8") as handle:
         json.dump({"vllm_version": vllm.__version__, "engines": engines}, handle, indent=2)
     return 0
