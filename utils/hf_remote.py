@@ -5,6 +5,8 @@ base class, drops every u/v factor as "unexpected" and runs on random weights. S
   * a custom model_type "svd_compress_<base model_type>" that no transformers release knows, plus an
     auto_map naming the classes of modeling_svd_compress.py (written into the directory): the Auto
     classes then refuse to load without trust_remote_code=True and, with it, load the low-rank model;
+    its AutoModel entry (the decoder alone, layers swapped the same way) is what vLLM's Transformers
+    backend builds, so `LLM(model=DIR, trust_remote_code=True)` serves the directory (README, Serve it);
   * a guard entry GUARD_KEY = {"model_type": <base type>, "vocab_size": <message>}: when a concrete
     class (LlamaForCausalLM.from_pretrained(DIR)) reads a config whose model_type is not its own,
     transformers looks for a nested dict carrying its model_type and builds the config from that,
