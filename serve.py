@@ -141,11 +141,12 @@ def summarize(served: dict, requests: list[dict], tokenizer, dense_path: str | N
                 if not row["equal"]:
                     print(f"  differs at token {row['first_difference']} of {row['prompt']!r}: "
                           f"ours {row['ours'][:60]!r} vs vLLM {row['vllm'][:60]!r}")
-        else:
+        elif compressed_speed and engine["speed"]["decode_tokens_per_s"]:
             entry["compressed_speedup"] = round(compressed_speed / engine["speed"]["decode_tokens_per_s"], 3)
         data["engines"][name] = entry
         print(f"serve: {name:28s} {engine['architecture']:28s} decode "
-              f"{engine['speed']['decode_tokens_per_s']:8.1f} tokens/s (batch {engine['speed']['batch_size']})"
+              f"{engine['speed']['decode_tokens_per_s'] or 'n/a (raise --gen_seq_len)'} tokens/s "
+              f"(batch {engine['speed']['batch_size']})"
               + (f", compressed x{entry['compressed_speedup']}" if "compressed_speedup" in entry else ""))
     for name, error in failed.items():
         print(f"serve: {name}: {error}")

@@ -100,9 +100,11 @@ def decode_speed(rounds: list[list[float]], batch_size: int, new_tokens: int) ->
     prefill is left out; medians over the rounds."""
     prefill = statistics.median(r[0] for r in rounds)
     full = statistics.median(r[1] for r in rounds)
+    # too few tokens on a busy machine can time N tokens faster than 1: no figure rather than a wrong one
+    decode = round(batch_size * (new_tokens - 1) / (full - prefill), 2) if full > prefill else None
     return {"batch_size": batch_size, "new_tokens": new_tokens, "repeats": len(rounds),
             "prefill_plus_one_s": round(prefill, 4), "total_s": round(full, 4),
-            "decode_tokens_per_s": round(batch_size * (new_tokens - 1) / (full - prefill), 2),
+            "decode_tokens_per_s": decode,
             "end_to_end_tokens_per_s": round(batch_size * new_tokens / full, 2),
             "rounds": rounds, "load_average": [r[2] for r in rounds]}
 

@@ -115,4 +115,5 @@ def test_vllm_serves_the_compressed_directory_with_our_greedy_text(vllm_python, 
     # served through the Transformers backend from the directory's own modeling file, not a dense Llama
     assert served["architecture"] == "TransformersForCausalLM"
     assert served["text"]["equal"] == len(prompts), served["text"]["rows"]
-    assert data["engines"]["dense"]["speed"]["decode_tokens_per_s"] > 0
+    # speed is the benchmark's business (no wall-clock asserts here): only that every engine was timed
+    assert all(len(engine["speed"]["rounds"]) == 1 for engine in data["engines"].values())
