@@ -1,7 +1,8 @@
 """One CLI for SVD compression of causal language models (examples at the end of --help).
 
 Steps: 1 profile, 2 allocate, 3 compress, 4 perplexity, 5 efficiency, 6 downstream tasks (lm-eval),
-7 LoRA fine-tuning of the factors (SVD-LLM's U then V, lora.py), 8 quantization (GPTQ / RTN, packed), 9 generate.
+7 LoRA fine-tuning of the factors (SVD-LLM's U then V, lora.py), 8 quantization (GPTQ / RTN, packed), 9 generate,
+10 serve check in vLLM (serve.py).
 See README.md for every step, the ratio convention and the file formats.
 """
 from __future__ import annotations
@@ -26,8 +27,8 @@ The defaults are the papers' settings (--whitening_nsamples 256 windows of --mod
 WikiText-2, from the hub): hours on a CPU. Every long pass prints its estimated time before it starts."""
 
 STEP_NAMES = {1: "profile", 2: "allocate", 3: "compress", 4: "perplexity", 5: "efficiency",
-              6: "downstream tasks", 7: "LoRA update", 8: "quantization", 9: "generate"}
-IMPLEMENTED_STEPS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+              6: "downstream tasks", 7: "LoRA update", 8: "quantization", 9: "generate", 10: "serve check (vLLM)"}
+IMPLEMENTED_STEPS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 
 
 class UsageError(ValueError):
@@ -303,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     g9.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     g9.add_argument("--no_chat_template", action="store_true", help="feed prompts as they are, not in the chat template")
     g9.add_argument("--compare", action="store_true", help="also generate with the original model, beside it")
+    s10 = p.add_argument_group("serve check (step 10, vLLM; takes --prompt/--prompts, --max_new_tokens from step 9 "
+                               "and --gen_seq_len, --repeats from step 5)")
+    s10.add_argument("--vllm_python", default=None,
+                     help="python of a venv with vLLM (default: $VLLM_PYTHON, else this one if it has vLLM; "
+                          "scripts/install_vllm_cpu.sh makes one on a CPU box)")
+    s10.add_argument("--dense_path", default=None,
+                     help="the original as a plain Hugging Face directory, served for the speed comparison "
+                          "(default: the compressed model's base model, saved to a temporary directory)")
+    s10.add_argument("--serve_batch_size", type=int, default=4, help="sequences decoded together for tokens/s")
+    s10.add_argument("--serve_max_model_len", type=int, default=1024, help="vLLM's max_model_len (KV cache size)")
+    s10.add_argument("--serve_eager", action="store_true", help="vLLM's enforce_eager: no torch.compile (faster start)")
     from lora import add_lora_arguments
     add_lora_arguments(p.add_argument_group("LoRA fine-tuning (step 7; SVD-LLM's utils/LoRA.py flags; lora.py)"))
     m = p.add_argument_group("placement (steps 4, 5, 6, 9)")
@@ -415,7 +427,9 @@ def validate(args: argparse.Namespace) -> None:
                                  f"{stats_path_of(args)} do not have: rerun step 1 with --fisher")
     if args.plan and 3 in steps and 2 not in steps and not os.path.isfile(args.plan):
         raise UsageError(f"--plan {args.plan}: no such file (run step 2 to write it)")
-    if args.model_path and steps & {4, 5, 6, 9} and 3 not in steps:
+    if 10 in steps:
+        _validate_serve(args, steps)
+    if args.model_path and steps & {4, 5, 6, 9, 10} and 3 not in steps:
         if not os.path.exists(args.model_path):
             raise UsageError(f"--model_path {args.model_path}: no such file or directory")
         if not is_compressed_model(args.model_path):
@@ -777,6 +791,30 @@ def _validate_quantization(args: argparse.Namespace) -> None:
         validate_dataset(args.dataset)
         if not (1 in steps or (3 in steps and _needs_calibration_windows(args))):  # else validate checks it
             check_hub_datasets({"--dataset": args.dataset})
+
+
+def _validate_serve(args: argparse.Namespace, steps: set[int]) -> None:
+    """Step 10: a saved compressed directory, greedy prompts, and a python that has vLLM."""
+    from generate import read_prompts
+    from serve import INSTALL_HINT, find_vllm_python
+    if not args.model_path or args.model_path.endswith(".pt") or steps & {3, 7, 8}:
+        raise UsageError("step 10 serves a saved compressed directory: give --model_path DIR (a NAME.pt file "
+                         "cannot be served; run the steps that make the model in a command before)")
+    read_prompts(args.prompt, args.prompts)
+    if args.temperature != 0:
+        raise UsageError("step 10 compares greedy text with vLLM's: leave --temperature at 0")
+    for name in ("max_new_tokens", "serve_batch_size", "serve_max_model_len", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if args.gen_seq_len < 2:
+        raise UsageError("--gen_seq_len must be at least 2 (decode speed leaves the first token out)")
+    if args.dense_path and not os.path.isfile(os.path.join(args.dense_path, "config.json")):
+        raise UsageError(f"--dense_path {args.dense_path}: not a Hugging Face model directory (no config.json)")
+    python = find_vllm_python(args.vllm_python)
+    if python is None:
+        raise UsageError(f"step 10 needs vLLM, which this python cannot import: {INSTALL_HINT}")
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise UsageError(f"--vllm_python / VLLM_PYTHON {python}: no such executable; {INSTALL_HINT}")
 
 
 def _validate_tasks_generation_placement(args: argparse.Namespace, steps: set[int]) -> None:
@@ -1558,6 +1596,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import evaluater
     import generate
+    import serve
     import tasks_eval
     from methods.decompose import DecomposeError
     from utils.io import CompressedModelError
@@ -1565,7 +1604,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.plan import PlanError
     from lora import LoraError
     session = Session()
-    steps = {6: tasks_eval.tasks_step, 9: generate.generate_step,
+    steps = {6: tasks_eval.tasks_step, 9: generate.generate_step, 10: serve.serve_step,
              1: run_profile, 2: run_allocate, 3: run_compress,
              4: evaluater.perplexity_step, 5: evaluater.efficiency_step, 7: run_lora, 8: run_quantize}
     try:

@@ -28,7 +28,7 @@ def compressed_dir(tiny_dir, tmp_path_factory):
 @pytest.mark.parametrize("argv,needle", [
     (["--step", "3", "--ratio", "1.2"], "--ratio"),
     (["--step", "3", "--ratio", "0"], "--ratio"),
-    (["--step", "10"], "unknown step"),
+    (["--step", "11"], "unknown step"),
     (["--step", "one"], "--step"),
     (["--step", "4-1"], "the range 4-1 is reversed; steps run in number order: write 1-4"),
     (["--step", "3", "--ratio", "0.2", "--model_ratio", "0.3"], "give one of them"),
@@ -119,7 +119,7 @@ def test_interrupted_save_leaves_no_complete_looking_output(compressed_dir, tmp_
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("safetensors.torch.save_model", explode)
+    monkeypatch.setattr("safetensors.torch.save_file", explode)
     with pytest.raises(KeyboardInterrupt):
         model_io.save_compressed(model, tokenizer, target, compression)
     assert os.listdir(tmp_path) == []  # neither the target nor a temporary sibling remains
@@ -128,7 +128,7 @@ def test_interrupted_save_leaves_no_complete_looking_output(compressed_dir, tmp_
 def test_interrupted_save_keeps_the_previous_output(compressed_dir, tmp_path, monkeypatch):
     target = copy_of(compressed_dir, tmp_path, "previous")
     model, tokenizer, compression = load_compressed(target)
-    monkeypatch.setattr("safetensors.torch.save_model", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk")))
+    monkeypatch.setattr("safetensors.torch.save_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk")))
     with pytest.raises(RuntimeError):
         model_io.save_compressed(model, tokenizer, target, compression, overwrite=True)
     load_compressed(target)  # still the old, complete model

@@ -89,6 +89,20 @@ def test_remote_code_gives_our_loaders_logits(saved, no_prompt):
     assert torch.equal(generated, ours.generate(ids[:1, :6], max_new_tokens=3, do_sample=False))
 
 
+def test_remote_base_model_gives_our_hidden_states(saved, no_prompt):
+    """AutoModel (what vLLM's Transformers backend builds) must be the low-rank decoder, not the dense one."""
+    from transformers import AutoModel
+    _, path, _ = saved
+    ours, _, compression = load_compressed(path)
+    remote = AutoModel.from_pretrained(path, trust_remote_code=True)
+    assert type(remote).__name__ == "SvdCompress" + type(ours.base_model).__name__
+    prefix = ours.base_model_prefix + "."
+    for name, rank in compression["ranks"].items():
+        assert remote.get_submodule(name.removeprefix(prefix)).rank == rank
+    with torch.no_grad():
+        assert torch.equal(remote(random_ids()).last_hidden_state, ours.base_model(random_ids()).last_hidden_state)
+
+
 @pytest.mark.parametrize("trust", [None, False])
 def test_auto_class_refuses_without_trust_remote_code(saved, no_prompt, trust):
     _, path, _ = saved
@@ -118,7 +132,8 @@ def test_config_layout(saved):
     assert config["compression"]["base_model_type"] == base_type
     assert config["compression"]["base_architecture"] == type(original).__name__
     module = os.path.splitext(hf_remote.MODELING_FILE)[0]
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    # vLLM's Transformers backend imports them in this order and builds the AutoModel one
+    assert list(config["auto_map"]) == ["AutoConfig", "AutoModel", "AutoModelForCausalLM"]
     assert all(ref.startswith(module + ".") for ref in config["auto_map"].values())
     assert config["architectures"] == [config["auto_map"]["AutoModelForCausalLM"].split(".")[1]]
     assert is_compressed_model(path)

@@ -135,7 +135,7 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
     `dtype` (None: the model's own) casts the model's floating parameters in place before writing,
     so the model in memory is the one written; `compression` then records it (dtype, and the
     dtype it was compressed in as compressed_dtype)."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from component.low_rank_linear import unshare_inputs
     if unshare_inputs(model):  # fused v factors share one storage, which safetensors refuses
         try:
@@ -152,9 +152,11 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
         cast_parameters(model, dtype)
         model.config.dtype = dtype  # config.json's dtype: what from_pretrained(dtype="auto") builds
     config = model.config.to_dict()
-    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
-        del config["quantization_config"]  # de-quantised from a GGUF file: the tensors written are plain
     config["compression"] = compression
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        # a GGUF checkpoint is de-quantized on load: the saved tensors are plain floats, and engines
+        # that read the entry (vLLM) would look for GGUF blocks
+        del config["quantization_config"]
     with atomic_path(path) as temporary:
         if path.endswith(".pt"):
             state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -164,7 +166,7 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
         os.makedirs(temporary)
         config = remote_code_config(config)
         write_remote_code(temporary, config)
-        save_model(model, os.path.join(temporary, "model.safetensors"), metadata={"format": "pt"})
+        save_file(_deduplicated_state(model), os.path.join(temporary, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(temporary, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2, default=str)
         if tokenizer is not None:
@@ -173,6 +175,16 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
         for keep in KEEP_SUBDIRS:
             if os.path.isdir(os.path.join(path, keep)):
                 os.replace(os.path.join(path, keep), os.path.join(temporary, keep))
+
+
+def _deduplicated_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once, under the name the model registers first: a tied
+    lm_head is stored as the input embedding, as transformers' save_pretrained does, because loaders
+    of the decoder alone (AutoModel, vLLM's Transformers backend) read the embedding under its own name."""
+    state = model.state_dict()
+    first = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {name: tensor.detach().contiguous() for name, tensor in state.items() if name not in tied}
 
 
 def is_compressed_model(path: str) -> bool:
