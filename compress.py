@@ -1,9 +1,8 @@
-"""One CLI for SVD compression of causal language models.
-
-    python compress.py --step 1-4 --model smollm2-135m --ratio 0.2 --dataset pydoc --save_path out/smol
+"""One CLI for SVD compression of causal language models (examples at the end of --help).
 
 Steps: 1 profile, 2 allocate, 3 compress, 4 perplexity, 5 efficiency, 6 downstream tasks (lm-eval),
-7 LoRA fine-tuning of the factors (SVD-LLM's U then V, lora.py), 8 quantization (GPTQ / RTN, packed), 9 generate.
+7 LoRA fine-tuning of the factors (SVD-LLM's U then V, lora.py), 8 quantization (GPTQ / RTN, packed), 9 generate,
+10 serve check in vLLM (serve.py).
 See README.md for every step, the ratio convention and the file formats.
 """
 from __future__ import annotations
@@ -15,9 +14,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+# --help's examples: each runs as written on a fresh clone (bundled model, offline data), in this order;
+# tests/test_cli.py runs them through the argument checks. Times: one CPU thread of a shared machine.
+EXAMPLES = """examples (offline, on a fresh clone after scripts/install.sh; times measured on one CPU thread):
+  # perplexity of the bundled SmolLM2-135M on held-back Python documentation (about 5 min)
+  python compress.py --step 4 --model smollm2-135m --eval_datasets "pydoc[0.9:1]" --model_seq_len 512 --eval_limit 32 --device cpu
+  # compress it (20% of every decoder matrix removed, 15.8% of the model) and measure it again (about 17 min)
+  python compress.py --step 1-4 --model smollm2-135m --ratio 0.2 --dataset "pydoc[0:0.9]" --whitening_nsamples 32 --model_seq_len 512 --eval_datasets "pydoc[0.9:1]" --eval_limit 32 --device cpu --save_path out/smollm2-135m-20 --overwrite
+  # its completion beside the original's (about 2 min)
+  python compress.py --step 9 --model_path out/smollm2-135m-20 --prompt "What is the capital of France?" --compare --max_new_tokens 32 --device cpu
+
+The defaults are the papers' settings (--whitening_nsamples 256 windows of --model_seq_len 2048 tokens of
+WikiText-2, from the hub): hours on a CPU. Every long pass prints its estimated time before it starts."""
+
 STEP_NAMES = {1: "profile", 2: "allocate", 3: "compress", 4: "perplexity", 5: "efficiency",
-              6: "downstream tasks", 7: "LoRA update", 8: "quantization", 9: "generate"}
-IMPLEMENTED_STEPS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+              6: "downstream tasks", 7: "LoRA update", 8: "quantization", 9: "generate", 10: "serve check (vLLM)"}
+IMPLEMENTED_STEPS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 
 
 class UsageError(ValueError):
@@ -27,15 +39,22 @@ class UsageError(ValueError):
 def parse_steps(text: str) -> list[int]:
     """'3' | '1,3' | '1-4' (and mixes like '1,3-5') -> sorted unique step numbers."""
     steps: set[int] = set()
+    reversed_range = None
     try:
         for part in text.split(","):
             if "-" in part:
                 first, last = (int(x) for x in part.split("-", 1))
+                if first > last:
+                    reversed_range = reversed_range or (part, first, last)
                 steps.update(range(first, last + 1))
             else:
                 steps.add(int(part))
     except ValueError:
         raise UsageError(f"--step {text!r}: give a number, a comma list or a range such as 1-4") from None
+    if reversed_range:
+        part, first, last = reversed_range
+        raise UsageError(f"--step {text!r}: the range {part} is reversed; steps run in number order: "
+                         f"write {last}-{first}")
     unknown = sorted(s for s in steps if s not in STEP_NAMES)
     if unknown or not steps:
         raise UsageError(f"--step {text!r}: unknown step {unknown}; steps are " +
@@ -47,22 +66,44 @@ def parse_steps(text: str) -> list[int]:
     return sorted(steps)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and epilog as written; every option's default shown (cost depends on them:
+    --whitening_nsamples, --model_seq_len, --eval_datasets ...), except None (said in the text) and
+    on/off flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is argparse.SUPPRESS or isinstance(default, bool) \
+                or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from methods.anchored import DEFAULT_ANCHOR_ALPHA, DEFAULT_ANCHOR_HOLDOUT
+    from recipes import names as recipe_names
     from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     g = p.add_argument_group("pipeline")
-    g.add_argument("--step", required=True, help="step(s) to run: N, a comma list (1,3) or a range (1-4)")
+    g.add_argument("--step", default=None,
+                   help="step(s) to run: N, a comma list (1,3) or a range (1-4); with --recipe, default: the recipe's")
+    g.add_argument("--recipe", default=None, choices=recipe_names(),
+                   help="a published method as one flag: sets its flags (yours override them) and, without "
+                        "--step, runs its steps in one command (README, \"Recipes\")")
+    g.add_argument("--print", dest="print_recipe", action="store_true",
+                   help="with --recipe: print the flags it expands to, and where each comes from, then exit")
     g.add_argument("--model", default="smollm2-135m",
                    help="base model: a Hugging Face id, a local directory, a .gguf file, a bundled alias "
-                        "(smollm2-135m, gemma3-270m) (default: smollm2-135m)")
+                        "(smollm2-135m, gemma3-270m)")
     g.add_argument("--model_path", "--prune_model", dest="model_path", default=None,
                    help="a compressed model (directory or .pt) for steps 4-9; without it they use --model "
                         "(--prune_model: SVD-LLM's LoRA.py name)")
     g.add_argument("--save_path", "--output_dir", dest="save_path", default=None,
                    help="output of step 3 (7, 8): a directory or a NAME.pt file (--output_dir: SVD-LLM's LoRA.py name)")
     g.add_argument("--stats_path", default=None,
-                   help="where step 1 writes and step 3 reads statistics (default: SAVE_PATH/stats)")
+                   help="where step 1 writes and step 3 reads statistics (default: SAVE_PATH.stats beside the model; "
+                        "SAVE_PATH/stats of earlier versions is still read)")
     g.add_argument("--force_stats", action="store_true",
                    help="steps 2-3: use statistics whose weight fingerprint (first and last decoder layers, recorded "
                         "by step 1) differs from the model's, with a warning; without it they are refused. The "
@@ -76,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype the model runs in: auto = the checkpoint's own (GGUF: float32; a compressed "
                         "model: the dtype it was saved in); statistics and decompositions are float32/64 regardless")
+    g.add_argument("--save_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype steps 3, 7 and 8 write the model in (the computation keeps --dtype): auto = the "
+                        "dtype it ran in, except a GGUF source (de-quantised to float32, no dtype of its own): "
+                        "bfloat16")
     g.add_argument("--device", "--DEV", dest="device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     g.add_argument("--num_layers", type=int, default=None,
@@ -85,7 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", "--calib_dataset", dest="dataset", default="wikitext2",
                    help="calibration data: wikitext2, ptb, c4, pydoc (offline), random, or a local file "
                         "(.json/.jsonl with 'text', else plain text); a slice such as FILE[0:0.8] takes "
-                        "that fraction of its lines. --calib_dataset is ASVD's name for it")
+                        "that fraction of its lines. Chat data: .json/.jsonl rows with instruction/input/output "
+                        "(Alpaca) or a messages list, rendered with the chat template and packed as whole "
+                        "conversations (a slice takes a fraction of the rows). self: text the original model "
+                        "writes itself (self-calibration, cached beside the statistics). --calib_dataset is ASVD's name")
+    c.add_argument("--self_prompts", default=None,
+                   help="--dataset self: user turns the model answers, one per line (a chat model; default: an "
+                        "empty user turn; a model without a chat template starts from them instead of BOS)")
+    c.add_argument("--self_temperature", default="1.0",
+                   help="--dataset self: sampling temperature, or START:END (e.g. 1.5:1.0) for the paper's linear "
+                        "schedule over the first 32 generated tokens")
+    c.add_argument("--self_top_p", type=float, default=0.95, help="--dataset self: nucleus sampling mass")
+    c.add_argument("--self_batch_size", type=int, default=16, help="--dataset self: sequences generated at once")
     c.add_argument("--whitening_nsamples", "--n_calib_samples", dest="whitening_nsamples", type=int, default=256,
                    help="calibration windows for step 1 (--n_calib_samples is ASVD's name for it)")
     c.add_argument("--fisher", action="store_true",
@@ -100,11 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ratio", type=float, default=None,
                    help="fraction of the compressed matrices' parameters removed, in (0, 1): per matrix with "
                         "the uniform allocation, overall with the others (default 0.2)")
+    d.add_argument("--model_ratio", type=float, default=None,
+                   help="fraction of the WHOLE model's parameters removed, in (0, 1), instead of --ratio: embeddings, "
+                        "norms and lm_head stay dense, so this asks for a larger per-matrix --ratio, computed from "
+                        "the model's config before anything loads (refused when unreachable even at rank 1)")
     d.add_argument("--allocation", default="uniform", choices=["uniform", "asvd", "v2", "duo"],
                    help="step 2: uniform ranks; v2 = SVD-LLM V2's ranks from the whitened truncation losses (no "
                         "forward pass); duo = Duo-SVD's knapsack DP over each matrix's KL sensitivity (the others at "
                         "--ratio); asvd = ASVD's binary search over each matrix's sensitivity (the others dense) to "
                         "--ratio or --ppl_target. All meet --ratio within 0.5%% of the matrices' parameters, never over")
+    d.add_argument("--rank_multiple", type=int, default=1,
+                   help="round every rank of the plan down to a multiple of N (8 / 16 / 64: the tiles of matmul "
+                        "kernels); the rounded plan never costs more parameters than the unrounded one")
     d.add_argument("--strategy", default=None, choices=["dp"],
                    help="Duo-SVD's flag: --strategy dp = --allocation duo. Note Duo-SVD's --ratio is the fraction KEPT; "
                         "here --ratio is the fraction removed: its --ratio 0.8 is --ratio 0.2 (or --param_ratio_target 0.8)")
@@ -123,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate KEPT fractions, comma list in (0, 1], 1 = dense (default: duo 0.1,...,0.9,1 as "
                         "Duo-SVD; asvd 0.1,...,0.9 as ASVD)")
     d.add_argument("--sensitivity_nsamples", type=int, default=16,
-                   help="calibration windows (--dataset, --model_seq_len) of the sensitivity pass (default %(default)s); "
-                        "cost: matrices x candidates x these windows through the layers after each matrix")
+                   help="calibration windows (--dataset, --sensitivity_seq_len) of the sensitivity pass (default "
+                        "%(default)s); cost: matrices x candidates x these windows through the layers after each "
+                        "matrix (estimated and printed before the pass starts)")
+    d.add_argument("--sensitivity_seq_len", type=int, default=None,
+                   help="tokens per window of the sensitivity pass (default: --model_seq_len); its cost grows "
+                        "with it")
     d.add_argument("--sensitivity_path", default=None,
                    help="the sensitivity table (JSON; default STATS/sensitivity_METRIC[_rRATIO].json): reused when it "
                         "was measured for this model, statistics, windows, candidates and base state, refused "
@@ -145,17 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "name for it. Default none")
     d.add_argument("--act_aware", action="store_true",
                    help="ASVD's flag: --scaling abs_mean (or the --scaling_method given)")
-    d.add_argument("--alpha", type=float, default=0.5, help="ASVD: the exponent of the scaling statistic (default 0.5)")
+    d.add_argument("--alpha", type=float, default=0.5, help="ASVD: the exponent of the scaling statistic")
     d.add_argument("--sigma_fuse", default="UV", choices=["UV", "U", "V"],
-                   help="where the singular values go: UV = their square root into both factors (default), U or V")
+                   help="where the singular values go: UV = their square root into both factors, U or V")
     d.add_argument("--column_preserve", action="store_true",
                    help="step 3: Duo-SVD's column level: trade rank for exactly kept input columns at no more "
                         "parameters when that lowers a matrix's whitened truncation error by over 1%% (needs whitening)")
     d.add_argument("--decomposition", default="svd", choices=["svd", "rsvd"], help="exact or randomized SVD")
     d.add_argument("--rsvd_oversamples", type=int, default=DEFAULT_OVERSAMPLES,
-                   help="randomized SVD: extra sketch columns (default %(default)s; with the default "
-                        "--rsvd_n_iter: at least 2x faster than exact SVD at under 1%% extra truncation loss, "
-                        "scripts/results/bench_rsvd_cpu.json)")
+                   help="randomized SVD: extra sketch columns (default %(default)s; speed and extra truncation loss "
+                        "with the default --rsvd_n_iter: README, scripts/results/bench_rsvd_cpu.json)")
     d.add_argument("--rsvd_n_iter", type=int, default=DEFAULT_N_ITER,
                    help="randomized SVD: power iterations (default %(default)s)")
     d.add_argument("--svd_dtype", default="float32", choices=["float32", "float64"],
@@ -165,15 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(falls back to the default driver), LAPACK on CPU")
     d.add_argument("--update", default="none", choices=["none", "closed_form", "anchored"],
                    help="closed-form update of u against the original layer outputs (SVD-LLM step 2), refit in "
-                        "the layer's execution order on --updating_nsamples windows. On SmolLM2-135M (held-back WikiText-2 "
-                        "slice, docs/evaluation.md) it lowered perplexity at 40%% and 60%% removed (144.7 vs 167.4, "
-                        "385.2 vs 605.2) and RAISED it at 20%% (76.4 vs 70.6): measure it on your model")
+                        "the layer's execution order on --updating_nsamples windows. It can RAISE perplexity "
+                        "(docs/evaluation.md, docs/refinement.md): measure it on your model")
     d.add_argument("--anchor_alpha", type=float, default=None,
                    help="--update anchored (AA-SVD's fit, docs/refinement.md): each matrix refit in data-flow order to "
                         "alpha x the original model's outputs + (1 - alpha) x its own outputs on the compressed model's "
                         "inputs; 0 = whitening on the compressed stream, 1 = the original outputs (default "
-                        f"{DEFAULT_ANCHOR_ALPHA:g}: on SmolLM2-135M it beat whitening at 60%% removed, 0.83x its perplexity, "
-                        "and no alpha did at 20%%; docs/refinement.md)")
+                        f"{DEFAULT_ANCHOR_ALPHA:g}; what each alpha measured: docs/refinement.md)")
     d.add_argument("--anchor_holdout", type=float, default=None,
                    help="--update anchored: hold out this fraction of the --updating_nsamples windows and keep each "
                         "matrix's fit only where it lowers the error on them, as the closed-form update does "
@@ -188,9 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer's outputs on the original stream); matrix = GSVD's per-matrix u, v refinement (to "
                         "the original matrix's outputs on the inputs it sees)")
     r.add_argument("--refine_epochs", type=int, default=2,
-                   help="block: epochs over the windows (AA-SVD uses 25; on SmolLM2-135M at 60%% removed 8 epochs "
-                        "gave 0.66x the perplexity of 2, at 2.8x the time; more windows helped more than more "
-                        "epochs: docs/refinement.md)")
+                   help="block: epochs over the windows (AA-SVD uses 25; more epochs against more windows: "
+                        "docs/refinement.md)")
     r.add_argument("--gradient_iters", "--gradient-iters", dest="gradient_iters", type=int, default=500,
                    help="matrix: optimiser steps per matrix (GSVD's --gradient-iters, an alias)")
     r.add_argument("--refine_lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0.01)")
@@ -212,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     q.add_argument("--blocksize", type=int, default=128, help="GPTQ: columns per lazy-batch block")
     q.add_argument("--nsamples", type=int, default=128,
-                   help="GPTQ calibration windows of --model_seq_len tokens from --dataset (default 128, as GPTQ)")
+                   help="GPTQ calibration windows of --model_seq_len tokens from --dataset (GPTQ uses 128)")
     q.add_argument("--weight_quant", default=None, choices=["rtn_int8", "rtn_int6"],
                    help="ASVD's flag: with step 3, quantize its output by RTN per output channel "
                         "(= --step 3,8 --quant rtn --wbits 8 --groupsize -1); rtn_int6 is refused (no packed 6-bit layout)")
@@ -232,16 +295,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "winogrande_local, boolq_local; default: all of them) or stock lm-eval tasks (need the hub)")
     t.add_argument("--tasks_data", default=None,
                    help="folder with the local tasks' JSONL files (default: ../shared/data next to the repository)")
-    t.add_argument("--num_fewshot", type=int, default=0, help="in-context examples per prompt (default 0)")
+    t.add_argument("--num_fewshot", type=int, default=0, help="in-context examples per prompt")
     t.add_argument("--limit", type=int, default=None, help="score only the first N documents of each task")
     g9 = p.add_argument_group("generation (step 9)")
     g9.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     g9.add_argument("--prompts", default=None, help="a file of prompts: one per line, or .jsonl rows with \"prompt\"")
     g9.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per prompt at most")
-    g9.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    g9.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     g9.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     g9.add_argument("--no_chat_template", action="store_true", help="feed prompts as they are, not in the chat template")
     g9.add_argument("--compare", action="store_true", help="also generate with the original model, beside it")
+    s10 = p.add_argument_group("serve check (step 10, vLLM; takes --prompt/--prompts, --max_new_tokens from step 9 "
+                               "and --gen_seq_len, --repeats from step 5)")
+    s10.add_argument("--vllm_python", default=None,
+                     help="python of a venv with vLLM (default: $VLLM_PYTHON, else this one if it has vLLM; "
+                          "scripts/install_vllm_cpu.sh makes one on a CPU box)")
+    s10.add_argument("--dense_path", default=None,
+                     help="the original as a plain Hugging Face directory, served for the speed comparison "
+                          "(default: the compressed model's base model, saved to a temporary directory)")
+    s10.add_argument("--serve_batch_size", type=int, default=4, help="sequences decoded together for tokens/s")
+    s10.add_argument("--serve_max_model_len", type=int, default=1024, help="vLLM's max_model_len (KV cache size)")
+    s10.add_argument("--serve_eager", action="store_true", help="vLLM's enforce_eager: no torch.compile (faster start)")
     from lora import add_lora_arguments
     add_lora_arguments(p.add_argument_group("LoRA fine-tuning (step 7; SVD-LLM's utils/LoRA.py flags; lora.py)"))
     m = p.add_argument_group("placement (steps 4, 5, 6, 9)")
@@ -258,13 +332,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_stats_path(save_path: str) -> str:
-    if save_path.endswith(".pt"):
-        return save_path[:-3] + ".stats"
-    return os.path.join(save_path, "stats")
+    """Beside the model, never inside it (the directory is what gets shared): NAME.stats for
+    NAME.pt and for a directory NAME."""
+    save_path = save_path.rstrip("/" + os.sep) or save_path
+    return (save_path[:-3] if save_path.endswith(".pt") else save_path) + ".stats"
 
 
 def stats_path_of(args: argparse.Namespace) -> str:
-    return args.stats_path or default_stats_path(args.save_path)
+    if args.stats_path:
+        return args.stats_path
+    path = default_stats_path(args.save_path)
+    # earlier versions wrote SAVE_PATH/stats: read it there while no step 1 writes the new place
+    inside = os.path.join(args.save_path, "stats")
+    if (1 not in getattr(args, "steps", ()) and not os.path.exists(path)
+            and os.path.isfile(os.path.join(inside, "meta.json"))):
+        return inside
+    return path
 
 
 def plan_path_of(args: argparse.Namespace) -> str:
@@ -283,7 +366,7 @@ def validate(args: argparse.Namespace) -> None:
     _validate_allocation_flags(args)  # --ratio / --param_ratio_target / --strategy first: others read them
     _validate_quantization(args)  # step 8, and --weight_quant adding it after step 3
     _resolve_scaling(args)
-    if not 0.0 < args.ratio < 1.0:
+    if args.ratio is not None and not 0.0 < args.ratio < 1.0:
         raise UsageError(f"--ratio {args.ratio}: the fraction of parameters removed must be in (0, 1), e.g. 0.2")
     for name in ("whitening_nsamples", "updating_nsamples", "model_seq_len", "eval_batch_size",
                  "prefill_len", "gen_seq_len", "repeats"):
@@ -299,6 +382,7 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be 0 or more (defaults: --rsvd_oversamples {DEFAULT_OVERSAMPLES} "
                              f"--rsvd_n_iter {DEFAULT_N_ITER})")
     _validate_refinement(args)
+    _validate_self_calibration(args)
     if args.device is None:
         from utils.model import default_device
         args.device = default_device()
@@ -312,10 +396,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--svd_driver gesvda is CUDA-only: use --svd_driver auto on the CPU")
     steps = set(args.steps)
     needs_base = steps & {1, 2, 3} or (steps & {4, 5, 6, 9} and not args.model_path)
-    source = resolve_model(args.model) if needs_base else None
+    source = _resolve_base_model(args) if needs_base else None
+    if args.model_ratio is not None:
+        _convert_model_ratio(args)
     if steps & {1, 3} and not args.save_path and not (steps == {1} and args.stats_path):
         raise UsageError("--save_path is required: step 3 writes the model there and step 1 the "
-                         "statistics to SAVE_PATH/stats (or give --stats_path)")
+                         "statistics to SAVE_PATH.stats (or give --stats_path)")
     if 2 in steps and args.allocation != "uniform":
         if args.whitening == "none" and args.allocation != "asvd":
             raise UsageError(f"--allocation {args.allocation} ranks matrices by their whitened truncation loss: "
@@ -327,7 +413,7 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--v2_max_shift {args.v2_max_shift}: must be in (0, 1), e.g. 0.15")
     if 2 in steps and not (args.save_path or args.stats_path or args.plan):
         raise UsageError("step 2 writes the plan to --plan, or next to the statistics "
-                         "(--stats_path, or SAVE_PATH/stats): give one of them")
+                         "(--stats_path, or SAVE_PATH.stats): give one of them")
     if steps & {1} or (3 in steps and _needs_calibration_windows(args)):
         validate_dataset(args.dataset)
     if 3 in steps and 1 not in steps and (args.whitening != "none" or args.scaling != "none"):
@@ -342,7 +428,9 @@ def validate(args: argparse.Namespace) -> None:
                                  f"{stats_path_of(args)} do not have: rerun step 1 with --fisher")
     if args.plan and 3 in steps and 2 not in steps and not os.path.isfile(args.plan):
         raise UsageError(f"--plan {args.plan}: no such file (run step 2 to write it)")
-    if args.model_path and steps & {4, 5, 6, 9} and 3 not in steps:
+    if 10 in steps:
+        _validate_serve(args, steps)
+    if args.model_path and steps & {4, 5, 6, 9, 10} and 3 not in steps:
         if not os.path.exists(args.model_path):
             raise UsageError(f"--model_path {args.model_path}: no such file or directory")
         if not is_compressed_model(args.model_path):
@@ -350,7 +438,7 @@ def validate(args: argparse.Namespace) -> None:
                              f"(no 'compression' block in its config.json); pass a base model with --model")
     if steps & {4, 5}:
         for spec in args.eval_datasets.split(","):
-            validate_dataset(spec)
+            validate_dataset(spec, text_only=True)
     _validate_tasks_generation_placement(args, steps)
     if 7 in steps:
         from lora import LoraError, validate_args
@@ -383,6 +471,83 @@ def validate(args: argparse.Namespace) -> None:
     check_hub_datasets(hub)
 
 
+def _resolve_base_model(args: argparse.Namespace):
+    """resolve_model, and a name that cannot be loaded refused at once (one line, exit 2) rather
+    than after a minute of hub retries: a near-miss of a bundled alias is named; a hub id that is
+    neither in the local cache nor reachable (or not on the hub) is refused."""
+    import difflib
+
+    from utils.model import BUNDLED, resolve_model
+    from utils.presets import is_random_spec
+    source = resolve_model(args.model)
+    spec = source.spec
+    if is_random_spec(spec) or source.gguf_file or os.path.isdir(source.path):
+        return source
+    # what resolve_model leaves as a hub id: not an alias, not an existing local path
+    if _hub_cached(spec):
+        return source
+    near = difflib.get_close_matches(spec.lower(), list(BUNDLED), n=1, cutoff=0.75)
+    if near and "/" not in spec:
+        raise UsageError(f"--model {spec}: no such bundled model or directory; did you mean --model {near[0]}? "
+                         f"(bundled: {', '.join(BUNDLED)})")
+    what = (f"--model {spec}: no such local directory or file, not a bundled alias ({', '.join(BUNDLED)}), "
+            f"and not in the Hugging Face cache")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UsageError(f"{what}, and HF_HUB_OFFLINE=1: check the name, or download it with the hub reachable")
+    from utils import data
+    if not data._hub_reachable():
+        raise UsageError(f"{what}, and the hub cannot be reached: check the name, or download it where the hub "
+                         f"can be reached (or pass a local directory / .gguf file)")
+    if _hub_repo_exists(spec) is False:
+        raise UsageError(f"{what}, and the hub has no model {spec!r}: check the name (hub ids are OWNER/NAME)")
+    return source
+
+
+def _architecture(args: argparse.Namespace):
+    """--model built from its config on the meta device (utils.architecture), once per command;
+    None when the config cannot be read that way (then checks fall back to the loaded model)."""
+    if not hasattr(args, "_architecture"):
+        from utils.architecture import architecture
+        try:
+            args._architecture, args._architecture_error = architecture(args.model, args.num_layers), None
+        except Exception as error:  # e.g. remote code, an unusual layout: the loaded model will tell
+            args._architecture, args._architecture_error = None, (str(error).splitlines() or [""])[0]
+    return args._architecture
+
+
+def _convert_model_ratio(args: argparse.Namespace) -> None:
+    """--model_ratio (whole model) -> the per-matrix --ratio, from the config's shapes."""
+    from utils.architecture import ratio_for_model_fraction
+    arch = _architecture(args)
+    if arch is None:
+        raise UsageError(f"--model_ratio needs the model's shapes from its config, which could not be read "
+                         f"({args._architecture_error}); give the per-matrix --ratio instead")
+    try:
+        args.ratio = ratio_for_model_fraction(arch.shapes, arch.parameters, args.model_ratio)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    print(f"--model_ratio {args.model_ratio:g}: per-matrix --ratio {args.ratio:g} (the decoder layers' linear "
+          f"weights are {arch.target_parameters / arch.parameters:.1%} of the model's {arch.parameters:,} parameters)")
+
+
+def _hub_cached(spec: str) -> bool:
+    """A hub id whose config.json is in the local Hugging Face cache (loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # an id the cache cannot even parse: judged by the checks after this
+        return False
+
+
+def _hub_repo_exists(spec: str) -> bool | None:
+    """True / False from the hub; None when it cannot say (network trouble, a malformed id it refuses)."""
+    try:
+        from huggingface_hub import repo_exists
+        return bool(repo_exists(spec))
+    except Exception as error:
+        return False if type(error).__name__ == "HFValidationError" else None
+
+
 def _validate_allocation_flags(args: argparse.Namespace) -> None:
     """--ratio and its aliases, --strategy, and the sensitivity flags of step 2."""
     from methods.sensitivity import ASVD_RATIOS, DUO_RATIOS
@@ -399,10 +564,22 @@ def _validate_allocation_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"--param_ratio_target {args.param_ratio_target} means --ratio {implied:g}; it "
                              f"contradicts --ratio {args.ratio}: give one of them")
         args.ratio = implied
-    if args.ratio is None:
+    if args.model_ratio is not None:
+        if args.ratio is not None:
+            raise UsageError(f"--model_ratio {args.model_ratio} (of the whole model) and "
+                             f"{'--param_ratio_target' if args.param_ratio_target is not None else '--ratio'} "
+                             f"(per matrix) size the same thing: give one of them")
+        if not 0.0 < args.model_ratio < 1.0:
+            raise UsageError(f"--model_ratio {args.model_ratio}: the fraction of the whole model's parameters "
+                             f"removed must be in (0, 1), e.g. 0.3")
+        if not set(args.steps) & {2, 3}:
+            raise UsageError("--model_ratio sizes the compression of steps 2-3: add --step 2 or 3, or leave it out")
+    elif args.ratio is None:
         args.ratio = 0.2
+    if args.rank_multiple < 1:
+        raise UsageError(f"--rank_multiple {args.rank_multiple}: give a positive whole number (1 leaves ranks as planned)")
     sensitivity_flags = {"--sensitivity_metric": args.sensitivity_metric, "--sensitivity_ratios": args.sensitivity_ratios,
-                         "--ppl_target": args.ppl_target}
+                         "--ppl_target": args.ppl_target, "--sensitivity_seq_len": args.sensitivity_seq_len}
     if args.allocation not in ("asvd", "duo"):
         given = [k for k, v in sensitivity_flags.items() if v is not None]
         if given:
@@ -439,6 +616,9 @@ def _validate_allocation_flags(args: argparse.Namespace) -> None:
         args.sensitivity_ratios = ratios
     if args.sensitivity_nsamples < 1:
         raise UsageError("--sensitivity_nsamples must be at least 1")
+    if args.sensitivity_seq_len is not None and args.sensitivity_seq_len < 2:
+        raise UsageError(f"--sensitivity_seq_len {args.sensitivity_seq_len}: at least 2 tokens (a window's first "
+                         f"token is not scored); leave it out for --model_seq_len")
 
 
 def _resolve_scaling(args: argparse.Namespace) -> None:
@@ -502,6 +682,36 @@ def _validate_refinement(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
     if not (math.isfinite(args.refine_lr) and args.refine_lr > 0):
         raise UsageError(f"--refine_lr {args.refine_lr}: must be a positive number, e.g. 1e-4")
+
+
+def _validate_self_calibration(args: argparse.Namespace) -> None:
+    """--dataset self's settings -> args.self_options; its flags with another --dataset are refused."""
+    from utils.data import SELF_DATASET, DatasetError
+    from utils.presets import is_random_spec
+    from utils.self_calibration import SelfCalibrationOptions, read_prompt_file
+    if args.dataset != SELF_DATASET:
+        given = [f"--{name}" for name, default in (("self_prompts", None), ("self_temperature", "1.0"),
+                                                   ("self_top_p", 0.95), ("self_batch_size", 16))
+                 if getattr(args, name) != default]
+        if given:
+            raise UsageError(f"{given[0]} is for --dataset self (now --dataset {args.dataset})")
+        args.self_options = None
+        return
+    if args.model and is_random_spec(args.model):
+        raise UsageError(f"--dataset self: {args.model} has random weights and no tokenizer; use --dataset random")
+    try:
+        start, _, end = args.self_temperature.partition(":")
+        temperatures = (float(start), float(end or start))
+    except ValueError:
+        raise UsageError(f"--self_temperature {args.self_temperature}: give one number (e.g. 1.0) or START:END "
+                         f"(e.g. 1.5:1.0)") from None
+    try:
+        prompts = read_prompt_file(args.self_prompts) if args.self_prompts else ()
+        args.self_options = SelfCalibrationOptions(*temperatures, top_p=args.self_top_p,
+                                                   batch_size=args.self_batch_size, prompts=prompts)
+        args.self_options.check()
+    except DatasetError as error:
+        raise UsageError(str(error)) from None
 
 
 def _needs_calibration_windows(args: argparse.Namespace) -> bool:
@@ -574,7 +784,7 @@ def _validate_quantization(args: argparse.Namespace) -> None:
                                  f"model (the original, or the output of step 3)")
             protected = [args.model_path]
         else:
-            source = resolve_model(args.model)
+            source = _resolve_base_model(args)
             protected = [source.path] if os.path.isdir(source.path) else []
         check_output_path(args.save_path, "model", args.overwrite, protected)
     if options.needs_activations:
@@ -582,6 +792,30 @@ def _validate_quantization(args: argparse.Namespace) -> None:
         validate_dataset(args.dataset)
         if not (1 in steps or (3 in steps and _needs_calibration_windows(args))):  # else validate checks it
             check_hub_datasets({"--dataset": args.dataset})
+
+
+def _validate_serve(args: argparse.Namespace, steps: set[int]) -> None:
+    """Step 10: a saved compressed directory, greedy prompts, and a python that has vLLM."""
+    from generate import read_prompts
+    from serve import INSTALL_HINT, find_vllm_python
+    if not args.model_path or args.model_path.endswith(".pt") or steps & {3, 7, 8}:
+        raise UsageError("step 10 serves a saved compressed directory: give --model_path DIR (a NAME.pt file "
+                         "cannot be served; run the steps that make the model in a command before)")
+    read_prompts(args.prompt, args.prompts)
+    if args.temperature != 0:
+        raise UsageError("step 10 compares greedy text with vLLM's: leave --temperature at 0")
+    for name in ("max_new_tokens", "serve_batch_size", "serve_max_model_len", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if args.gen_seq_len < 2:
+        raise UsageError("--gen_seq_len must be at least 2 (decode speed leaves the first token out)")
+    if args.dense_path and not os.path.isfile(os.path.join(args.dense_path, "config.json")):
+        raise UsageError(f"--dense_path {args.dense_path}: not a Hugging Face model directory (no config.json)")
+    python = find_vllm_python(args.vllm_python)
+    if python is None:
+        raise UsageError(f"step 10 needs vLLM, which this python cannot import: {INSTALL_HINT}")
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise UsageError(f"--vllm_python / VLLM_PYTHON {python}: no such executable; {INSTALL_HINT}")
 
 
 def _validate_tasks_generation_placement(args: argparse.Namespace, steps: set[int]) -> None:
@@ -666,6 +900,8 @@ class Session:
     compression: dict | None = None  # None: the model is the original
     timings: dict = field(default_factory=dict)
     placement: object = None  # where evaluation put the model (evaluater.place_for_evaluation)
+    dequantized: bool = False  # the model is a GGUF file de-quantised to float32 (--dtype auto)
+    self_calibration: tuple | None = None  # (ids, what they are) the original model wrote (--dataset self)
 
 
 def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: bool = False) -> Session:
@@ -677,7 +913,8 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
     start = time.perf_counter()
     if prefer_compressed and getattr(args, "model_path", None):
         dtype = None if args.dtype == "auto" else DTYPES[args.dtype]  # None: as it was saved
-        model, tokenizer, compression = load_compressed(args.model_path, dtype)
+        # fused: the v factors of q/k/v and gate/up run as one matmul (float rounding only)
+        model, tokenizer, compression = load_compressed(args.model_path, dtype, fuse=True)
         if tokenizer is None:
             from utils.model import load_tokenizer, resolve_model
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
@@ -685,6 +922,8 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
     else:
         session.model, session.tokenizer = load_model(args.model, args.dtype, args.seed, args.num_layers,
                                                       stream=streams_layers(args))
+        from utils.model import resolve_model
+        session.dequantized = args.dtype == "auto" and bool(resolve_model(args.model).gguf_file)
     session.timings["load_s"] = round(time.perf_counter() - start, 3)
     return session
 
@@ -695,16 +934,37 @@ MODEL_STEPS = (3, 7, 8)  # the steps that produce a model and write it to --save
 def streams_layers(args: argparse.Namespace) -> bool:
     """Whether --model's decoder layers are read from disk one at a time (utils.model.LayerStream):
     when every step of the command goes layer by layer (1 and 3) and the output is a directory,
-    which step 3 writes layer by layer; other steps (and step 1's --fisher backward) need the whole
-    model in memory."""
+    which step 3 writes layer by layer; other steps (and step 1's --fisher backward, --dataset
+    self's generation) need the whole model in memory."""
+    from utils.data import SELF_DATASET
     return (set(args.steps) <= {1, 3} and not (3 in args.steps and (args.save_path or "").endswith(".pt"))
-            and not args.fisher)
+            and not args.fisher and args.dataset != SELF_DATASET)  # --dataset self: the whole model generates
 
 
 def writes_model(args: argparse.Namespace, step: int) -> bool:
     """Only the last model-producing step of the command writes --save_path: chained steps hand the
     model over in memory, so --step 3,8 writes the quantized model once, not the float one first."""
     return step == max(s for s in args.steps if s in MODEL_STEPS)
+
+
+def save_dtype_of(args: argparse.Namespace, session: Session):
+    """--save_dtype as a torch dtype; None keeps the model's own (auto, except a de-quantised GGUF)."""
+    from utils.model import DEQUANTIZED_SAVE_DTYPE, DTYPES
+    if args.save_dtype != "auto":
+        return DTYPES[args.save_dtype]
+    return DEQUANTIZED_SAVE_DTYPE if session.dequantized else None
+
+
+def _protected_inputs(args: argparse.Namespace) -> tuple[str, ...]:
+    """The paths a save may not replace, be inside or contain: the input model(s) on disk."""
+    from utils.model import ModelSpecError, resolve_model
+    paths = [args.model_path] if args.model_path else []
+    try:
+        source = resolve_model(args.model)
+        paths += [source.path] if os.path.isdir(source.path) else []
+    except ModelSpecError:
+        pass
+    return tuple(paths)
 
 
 def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
@@ -715,32 +975,117 @@ def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
         print(f"{STEP_NAMES[step]}: handed to step {later[0]} in memory (step "
               f"{later[-1]} writes {args.save_path})")
         return False
+    if getattr(args, "recipe_record", None) and session.compression is not None:
+        session.compression["recipe"] = args.recipe_record  # the recipe and its expansion (README, "Recipes")
     start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
+    save_compressed(session.model, session.tokenizer, args.save_path, session.compression,
+                    save_dtype_of(args, session), args.overwrite, _protected_inputs(args))
     session.timings["save_s"] = round(time.perf_counter() - start, 3)
     return True
 
 
-def _windows(args: argparse.Namespace, session: Session, nsamples: int):
-    from utils.data import calibration_windows
-    return calibration_windows(args.dataset, session.tokenizer, nsamples, args.model_seq_len, args.seed,
-                               vocab_size=session.model.config.vocab_size)
+def _windows(args: argparse.Namespace, session: Session, nsamples: int, seq_len: int | None = None):
+    """(windows, what they are) of --dataset: every step that calibrates draws them here; seq_len:
+    tokens per window when not --model_seq_len (the sensitivity pass's --sensitivity_seq_len)."""
+    from utils.data import SELF_DATASET, calibration_data
+    seq_len = seq_len or args.model_seq_len
+    if args.dataset == SELF_DATASET:  # the model's own sequences of --model_seq_len, cut to seq_len
+        windows, info = _self_windows(args, session, nsamples)
+        return (windows, info) if seq_len >= windows.shape[1] else (windows[:, :seq_len], {**info, "cut_to": seq_len})
+    windows, info = calibration_data(args.dataset, session.tokenizer, nsamples, seq_len, args.seed,
+                                     vocab_size=session.model.config.vocab_size)
+    if info["kind"] == "chat":
+        packing = info["packing"]
+        print(f"calibration: {windows.shape[0]} windows of {seq_len} tokens from {info['rows']} "
+              f"{info['format']} rows ({info['template']}): {packing['whole']} whole conversations, "
+              f"{packing['longer_than_window']} cut at a window's end, {packing['tail_fillers']} window tails "
+              f"filled by a cut conversation ({packing['tail_filler_tokens']} tokens)")
+    return windows, info
+
+
+def _self_windows(args: argparse.Namespace, session: Session, nsamples: int, compressed: bool = False):
+    """--dataset self: the original model's own text, from an earlier step of this command, from
+    the cache beside the statistics, or generated (utils.self_calibration). compressed: the model
+    in memory is compressed even though session.compression is not set yet (step 3 measuring)."""
+    from utils.self_calibration import cached_rows, self_calibration_data
+    if session.self_calibration is not None and session.self_calibration[0].shape[0] >= nsamples:
+        ids, info = session.self_calibration
+        return ids[:nsamples], info
+    original = session.model
+    if compressed or session.compression is not None:  # the model in memory is compressed: the original writes
+        from utils.model import load_model
+        compression = session.compression or {}
+        original, _ = load_model(compression.get("base_model") or args.model, args.dtype, args.seed,
+                                 compression.get("num_layers", args.num_layers))
+    cache_dir = stats_path_of(args) if (args.save_path or args.stats_path) else None
+    ids, info = self_calibration_data(original, session.tokenizer, nsamples, args.model_seq_len, args.seed,
+                                      args.self_options, args.device, cache_dir)
+    known = info.get("rows_from_cache")
+    print(f"self-calibration: {ids.shape[0]} sequences of {ids.shape[1]} tokens "
+          + (f"read from the cache in {cache_dir}" if info["cached"] else
+             f"({known} from the cache in {cache_dir}, the rest generated)" if known else "generated"))
+    # every row known for these settings (the cache may hold more, e.g. step 3's held-out rows after
+    # step 1's), so that step 1 writing its statistics folder anew puts them all back
+    rows = cached_rows(cache_dir, info["settings"]) if cache_dir else None
+    session.self_calibration = (rows if rows is not None and rows.shape[0] > ids.shape[0] else ids, info)
+    return ids, info
 
 
 def run_profile(args: argparse.Namespace, session: Session):
     """Step 1: statistics of the calibration windows, written to the statistics path."""
     from utils.pipeline import profile_model
+    from utils.io import read_json, write_json
     ensure_model(args, session)
-    windows = _windows(args, session, args.whitening_nsamples)
+    windows, data = _windows(args, session, args.whitening_nsamples)
+    estimates = _profile_estimates(args, session, windows)
     start = time.perf_counter()
     stats = profile_model(session.model, windows, args.device, stats_path_of(args),
-                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed}, fisher=args.fisher,
-                          overwrite=args.overwrite)
+                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed, "data": data},
+                          fisher=args.fisher, overwrite=args.overwrite)
     stats.close()
+    if data["kind"] == "self":  # step 1 replaced the statistics folder: the generated ids go back beside them
+        from utils.self_calibration import save_sequences
+        save_sequences(stats_path_of(args), session.self_calibration[0], data["settings"])
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
+    fisher_s = (stats.meta.get("fisher") or {}).get("seconds")
+    actual = {"profile": session.timings["profile_s"] - (fisher_s or 0.0), "fisher": fisher_s}
+    meta_path = os.path.join(stats_path_of(args), "meta.json")  # the estimates beside what the passes took
+    write_json(meta_path, {**read_json(meta_path),
+                           "cost": {name: e.record(actual[name]) for name, e in estimates.items()}})
     print(f"profile: {stats.meta['num_layers']} layers, {stats.meta['tokens']} tokens -> {stats_path_of(args)} "
           f"({session.timings['profile_s']:.1f} s)")
     return stats.meta
+
+
+def _timed_unit(args: argparse.Namespace, session: Session, seq_len: int) -> dict:
+    """utils.cost.window_seconds on the device the passes use: one layer and the head on one window."""
+    from utils.cost import window_seconds
+    return window_seconds(session.model, seq_len, args.device, args.seed)
+
+
+def _announce(estimate):
+    print(estimate.message())
+    return estimate
+
+
+def _profile_estimates(args: argparse.Namespace, session: Session, windows) -> dict:
+    """Step 1's passes (profile, and --fisher's backward) estimated from one timed window."""
+    from utils.cost import estimate
+    count, seq_len = int(windows.shape[0]), int(windows.shape[1])
+    unit = _timed_unit(args, session, seq_len)
+    cheaper = []
+    if count > 32:
+        cheaper.append(("--whitening_nsamples 32", 32 / count))
+    if seq_len > 512:
+        cheaper.append(("--model_seq_len 512", 512 / seq_len))
+    where = f"one window of {seq_len} tokens through the model on {args.device}"
+    # profiling: the forward, and the Gram products of every linear input, about as much again
+    out = {"profile": _announce(estimate("profile (step 1)", {"windows": count}, where, unit["window_s"], 2.0,
+                                         cheaper))}
+    if args.fisher:  # a forward, then a backward (about two forwards) per layer and window
+        out["fisher"] = _announce(estimate("fisher (step 1, --fisher)", {"windows": count}, where,
+                                           unit["window_s"], 3.0, cheaper))
+    return out
 
 
 def run_allocate(args: argparse.Namespace, session: Session):
@@ -763,6 +1108,8 @@ def run_allocate(args: argparse.Namespace, session: Session):
         plan = _sensitivity_plan(args, session)
     else:
         plan = Plan.uniform(target_shapes(session.model), args.ratio)
+    if args.rank_multiple > 1:
+        plan = plan.round_ranks(args.rank_multiple)
     session.timings["allocate_s"] = round(time.perf_counter() - start, 3)
     path = plan_path_of(args)
     plan.save(path)
@@ -799,8 +1146,11 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
                                      args.scaling, args.alpha, svd_dtype=DTYPES[args.svd_dtype],
                                      svd_driver=args.svd_driver)
         needs_windows = args.sensitivity_metric != "stable_rank" or args.ppl_target is not None
-        windows = _windows(args, session, args.sensitivity_nsamples) if needs_windows else None
+        windows = _windows(args, session, args.sensitivity_nsamples, args.sensitivity_seq_len)[0] if needs_windows else None
         path = sensitivity_path_of(args)
+        cost = None
+        if args.sensitivity_metric != "stable_rank" and (args.overwrite or not os.path.exists(path)):
+            cost = _sensitivity_estimate(args, session, windows, options)  # not for a table that is reused
         start = time.perf_counter()
         try:
             table, reused = sensitivity_table(session.model, windows, stats, args.device, options, path,
@@ -808,6 +1158,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
         except SensitivityError as error:
             raise PipelineError(str(error)) from None
         session.timings["sensitivity_s"] = round(time.perf_counter() - start, 3)
+        cost = None if cost is None or reused else cost.record(session.timings["sensitivity_s"])
         print(f"sensitivity: {'reused' if reused else 'measured'} {args.sensitivity_metric} table "
               f"({len(table.values)} matrices x {len(options.ratios)} candidates, {table.evaluations} evaluations) "
               f"-> {path}")
@@ -821,7 +1172,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
                 # what the searched perplexity is of, so step 3 can say where its model differs and measure it
                 detail["search"] = {"decompose": searched.to_dict(), "not_searched": NOT_SEARCHED,
                                     "windows": {"dataset": args.dataset, "nsamples": int(windows.shape[0]),
-                                                "seq_len": args.model_seq_len, "seed": args.seed}}
+                                                "seq_len": int(windows.shape[1]), "seed": args.seed}}
             else:
                 plan, detail = asvd_plan(session.model, args.ratio, table)
         except ValueError as error:
@@ -829,21 +1180,53 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
     finally:
         stats.close()
     plan.detail = {**detail, "sensitivity_path": path, "sensitivity_reused": reused,
-                   "sensitivity_nsamples": None if windows is None else int(windows.shape[0])}
+                   "sensitivity_nsamples": None if windows is None else int(windows.shape[0]),
+                   "sensitivity_seq_len": None if windows is None else int(windows.shape[1]),
+                   "sensitivity_cost": cost}  # the estimate printed before the pass, and its actual time
     return plan
 
 
-def _plan_for_step3(args: argparse.Namespace, session: Session):
+def _sensitivity_estimate(args: argparse.Namespace, session: Session, windows, options):
+    """The sensitivity pass: every matrix x candidate re-runs its layer, the layers after it and the
+    head on every window; one layer and the head on one window are timed first."""
+    from utils.cost import estimate
+    from utils.model import layer_prefix, target_shapes
+    count, seq_len = int(windows.shape[0]), int(windows.shape[1])
+    unit = _timed_unit(args, session, seq_len)
+    prefix = layer_prefix(session.model) + "."
+    shares = []  # per matrix: the share of a whole window's time that one of its evaluations re-runs
+    for name in target_shapes(session.model):
+        index = int(name[len(prefix):].split(".", 1)[0])
+        shares.append(((unit["layers"] - index) * unit["layer_s"] + unit["head_s"]) / unit["window_s"])
+    candidates = len(options.ratios)
+    cheaper = []
+    if count > 4:
+        cheaper.append((f"--sensitivity_nsamples {max(1, count // 4)}", max(1, count // 4) / count))
+    if candidates > 4:
+        fewer = "0.25,0.5,0.75,1" if args.allocation == "duo" else "0.25,0.5,0.75"
+        cheaper.append((f"--sensitivity_ratios {fewer}", len(fewer.split(",")) / candidates))
+    if seq_len > 256:
+        shorter = max(128, seq_len // 4)
+        cheaper.append((f"--sensitivity_seq_len {shorter}", shorter / seq_len))
+    return _announce(estimate(f"sensitivity pass ({options.metric})",
+                              {"matrices": len(shares), "candidates": candidates, "windows": count},
+                              f"one window of {seq_len} tokens through the model on {args.device}", unit["window_s"],
+                              sum(shares) / len(shares), cheaper))
+
+
+def _plan_for_step3(args: argparse.Namespace, session: Session, shapes: dict | None = None):
     """Step 2's plan when there is one (--plan, or STATS/plan_RATIO.json), else the uniform one;
-    validated against the model."""
+    validated against the model (or against `shapes`, the config's, before the weights load)."""
     from utils.model import target_shapes
     from utils.plan import Plan
-    shapes = target_shapes(session.model)
+    shapes = target_shapes(session.model) if shapes is None else shapes
     path = plan_path_of(args) if (args.plan or args.save_path or args.stats_path) else None
     if path and os.path.isfile(path):
         plan, source = Plan.load(path, shapes), path
     else:
         plan, source = Plan.uniform(shapes, args.ratio), None
+    if args.rank_multiple > 1:
+        plan = plan.round_ranks(args.rank_multiple)
     plan.validate(shapes, source=f"plan {source}" if source else "plan")
     return plan, source
 
@@ -859,12 +1242,14 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     plan, plan_source = _plan_for_step3(args, session)
     options = CompressOptions(_decompose_options(args), _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
-    windows, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None)
+    windows, data, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None, None)
+    refine_cost = _refine_estimate(args, session, options.refine, len(plan.ranks)) if options.refine else None
     writer = None
     if writes_model(args, 3) and not args.save_path.endswith(".pt"):  # written layer by layer, resumable
         writer = ShardedModelWriter(args.save_path, len(decoder_layers(session.model)),
                                     compress_identity(session.model, plan, options, args.device, stats, windows),
-                                    args.overwrite)
+                                    args.overwrite, dtype=save_dtype_of(args, session),
+                                    protected=_protected_inputs(args))
     with writer or contextlib.nullcontext():
         try:
             record = compress_model(session.model, plan, options, args.device, stats, windows, args.force_stats,
@@ -876,18 +1261,63 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
         session.timings["compress_s"] = record.pop("seconds")
         compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
                                         plan_source, is_random_spec(args.model), heldout)
+        if data is not None:  # the windows of the update / refinement
+            compression["calibration_windows"] = {**data, "nsamples": int(windows.shape[0]),
+                                                  "seq_len": int(windows.shape[1])}
         target = _ppl_target_check(args, session, plan, options)
         if target is not None:
             compression["ppl_target"] = target
+        if refine_cost is not None:  # the estimate printed before the refinement, and what it took
+            losses = compression.get("refine_losses") or {}
+            per = losses.get("per_block") or losses.get("per_module") or {}
+            compression["cost"] = {"refine": refine_cost.record(sum(r.get("seconds", 0.0) for r in per.values()))}
+        if args.model_ratio is not None:  # what was asked, and the per-matrix ratio it became
+            compression["model_ratio"] = {"asked": args.model_ratio, "ratio": args.ratio,
+                                          "removed_fraction": compression["parameters"]["removed_fraction"]}
         session.compression = compression
         if writer is not None:
+            if getattr(args, "recipe_record", None):
+                compression["recipe"] = args.recipe_record  # the recipe and its expansion (README, "Recipes")
             start = time.perf_counter()
             writer.finish(session.model, session.tokenizer, compression)
             session.timings["save_s"] = round(time.perf_counter() - start, 3)
+            saved = True
         else:
-            _save_model(args, session, 3)
-    _print_summary(compression, session.timings)
+            saved = _save_model(args, session, 3)
+    _print_summary(compression, session.timings, args.save_path if saved else None)
     return compression
+
+
+def disk_bytes(path: str) -> int:
+    """Bytes of a saved model: the .pt file, or every file of the directory (statistics excluded)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, dirs, files in os.walk(path):
+        if root == path:
+            dirs[:] = [d for d in dirs if d != "stats"]
+        total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
+    return total
+
+
+def _refine_estimate(args: argparse.Namespace, session: Session, refine, low_rank: int):
+    """The gradient refinement: block = every layer x epoch x window forward and backward (about three
+    forwards of a layer); matrix = every matrix x step x window of a batch through that matrix (a
+    layer's time over its matrices, three times)."""
+    from utils.cost import estimate
+    unit = _timed_unit(args, session, args.model_seq_len)
+    where = f"one decoder layer on one window of {args.model_seq_len} tokens on {args.device}"
+    if refine.target == "block":
+        cheaper = [("--refine_epochs 1", 1 / refine.epochs)] if refine.epochs > 1 else []
+        if refine.nsamples > 8:
+            cheaper.append(("--refine_nsamples 8", 8 / refine.nsamples))
+        return _announce(estimate("refinement (block)", {"layers": unit["layers"], "epochs": refine.epochs,
+                                                          "windows": refine.nsamples}, where, unit["layer_s"],
+                                  3.0 + refine.holdout / refine.nsamples, cheaper))
+    cheaper = [("--gradient_iters 100", 100 / refine.gradient_iters)] if refine.gradient_iters > 100 else []
+    return _announce(estimate("refinement (matrix)", {"matrices": low_rank, "steps": refine.gradient_iters,
+                                                       "windows per step": min(refine.batch_size, refine.nsamples)},
+                              where, unit["layer_s"], 3.0 * unit["layers"] / max(1, low_rank), cheaper))
 
 
 def _decompose_options(args: argparse.Namespace):
@@ -902,7 +1332,7 @@ def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options)
     """For a plan made by the --ppl_target search: the model step 3 built, measured on the search's own
     windows against the target, and where step 3 did what the search did not (None for other plans)."""
     from methods.sensitivity import calibration_ppl
-    from utils.data import DatasetError, calibration_windows
+    from utils.data import SELF_DATASET, DatasetError, calibration_windows
     detail = plan.detail or {}
     if detail.get("target") != "ppl":
         return None
@@ -924,9 +1354,14 @@ def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options)
         record["not_measured"] = "the plan does not say which windows the search measured on (an earlier version)"
     else:
         try:
-            windows = calibration_windows(windows_spec["dataset"], session.tokenizer, windows_spec["nsamples"],
-                                          windows_spec["seq_len"], windows_spec["seed"],
-                                          vocab_size=session.model.config.vocab_size)
+            if windows_spec["dataset"] != SELF_DATASET:
+                windows = calibration_windows(windows_spec["dataset"], session.tokenizer, windows_spec["nsamples"],
+                                              windows_spec["seq_len"], windows_spec["seed"],
+                                              vocab_size=session.model.config.vocab_size)
+            elif (windows_spec["seq_len"], windows_spec["seed"]) != (args.model_seq_len, args.seed):
+                raise DatasetError("the search measured on self-calibration text of another --model_seq_len / --seed")
+            else:  # the original model's text (this command's, the cache's, or written again by the original)
+                windows = _self_windows(args, session, windows_spec["nsamples"], compressed=True)[0]
         except DatasetError as error:
             record["not_measured"] = str(error)
         else:
@@ -945,17 +1380,48 @@ def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options)
 
 
 def _step3_windows(args: argparse.Namespace, session: Session, options, stats):
-    """The windows step 3's update / refinement carry, the held-out ones drawn so that none shares a
-    token with step 1's windows (when its statistics are of this --dataset) or with the fit windows;
-    and the record of how."""
-    from utils.data import calibration_windows_with_heldout
+    """The windows step 3's update / refinement carry, what they are (as _windows says), and the
+    record of how the held-out ones were drawn: apart from step 1's windows (when its statistics
+    are of this --dataset) and from the fit windows. Text: no shared token; chat data: no shared
+    conversation (utils.data.calibration_data_with_heldout); self: rows of the generation that
+    neither uses (_self_step3_windows)."""
+    from utils.data import SELF_DATASET, calibration_data_with_heldout
     exclude = []
     meta = stats.meta if stats is not None else {}
     if meta.get("dataset") == args.dataset and all(meta.get(k) is not None for k in ("nsamples", "seq_len", "seed")):
         exclude.append((int(meta["nsamples"]), int(meta["seq_len"]), int(meta["seed"])))
-    return calibration_windows_with_heldout(args.dataset, session.tokenizer, options.nsamples, args.model_seq_len,
-                                            args.seed, options.heldout_positions(), exclude,
-                                            vocab_size=session.model.config.vocab_size)
+    if args.dataset == SELF_DATASET:
+        return _self_step3_windows(args, session, options, exclude)
+    windows, data, heldout = calibration_data_with_heldout(args.dataset, session.tokenizer, options.nsamples,
+                                                           args.model_seq_len, args.seed, options.heldout_positions(),
+                                                           exclude, vocab_size=session.model.config.vocab_size)
+    if data["kind"] == "chat":
+        print(f"calibration: {windows.shape[0]} windows of {args.model_seq_len} tokens from {data['rows']} "
+              f"{data['format']} rows ({data['template']}); {len(heldout['positions'])} held out, packed from the "
+              f"{heldout['conversations_left']} conversations no calibration window uses")
+    return windows, data, heldout
+
+
+def _self_step3_windows(args: argparse.Namespace, session: Session, options, exclude: list):
+    """--dataset self: the first options.nsamples generated rows, the held-out positions replaced by
+    the rows after both these and step 1's (rows FIRST.. of a larger generation: row i samples from
+    its own (seed, i) generator, so a larger cache's first rows are the smaller run's and the later
+    rows are text neither step saw)."""
+    from utils.data import HELDOUT_SEED_OFFSET
+    held = options.heldout_positions()
+    if not held:
+        windows, data = _self_windows(args, session, options.nsamples)
+        return windows, data, {"positions": [], "seed": args.seed + HELDOUT_SEED_OFFSET}
+    first = max([options.nsamples] + [n for n, _, seed in exclude if seed == args.seed])
+    ids, data = _self_windows(args, session, first + len(held))
+    windows = ids[:options.nsamples].clone()
+    windows[held] = ids[first:first + len(held)]
+    return windows, data, {"positions": held, "seed": args.seed, "rows": [first, first + len(held)],
+                           "disjoint_from": [{"nsamples": n, "seq_len": length, "seed": seed}
+                                             for n, length, seed in [(options.nsamples, args.model_seq_len, args.seed),
+                                                                     *exclude]],
+                           "drawn": "generated rows after those of every disjoint_from draw (rows [first, end) of a "
+                                    "larger generation with the same settings)"}
 
 
 def _update_options(args: argparse.Namespace):
@@ -982,12 +1448,15 @@ def _refine_options(args: argparse.Namespace):
                          holdout=args.refine_holdout, seed=args.seed)
 
 
-def _print_summary(compression: dict, timings: dict) -> None:
+def _print_summary(compression: dict, timings: dict, saved_path: str | None = None) -> None:
     ranks = list(compression["ranks"].values())
     params = compression["parameters"]
+    asked = compression.get("model_ratio")
     print(f"compress: {len(ranks)} matrices low-rank (rank {min(ranks, default=0)}-{max(ranks, default=0)}), "
-          f"{len(compression['dense_modules'])} dense; ratio {compression['ratio']} nominal; parameters "
-          f"{params['original']:,} -> {params['compressed']:,} ({params['removed_fraction']:.1%} of the model removed)")
+          f"{len(compression['dense_modules'])} dense; per-matrix ratio {compression['ratio']} (of the compressed "
+          f"matrices' parameters); whole model: parameters {params['original']:,} -> {params['compressed']:,} "
+          f"({params['removed_fraction']:.1%} removed" + (f", --model_ratio {asked['asked']:g} asked)" if asked else ")")
+          + (f"; {disk_bytes(saved_path) / 2**20:.1f} MiB on disk ({saved_path})" if saved_path else ""))
     if compression["update"] and compression["update"]["method"] == "closed_form":
         print(f"update: kept for {compression['updates_accepted']} of {len(ranks)} matrices")
     elif compression["update"]:
@@ -1015,10 +1484,10 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     from utils.presets import is_random_spec
     ensure_model(args, session, prefer_compressed=True)
     options = _quantize_options(args)
-    windows = _windows(args, session, args.nsamples) if options.needs_activations else None
+    windows, data = _windows(args, session, args.nsamples) if options.needs_activations else (None, None)
     try:
         record = quantize_model(session.model, options, args.device, windows,
-                                {"dataset": args.dataset, "seed": args.seed})
+                                {"dataset": args.dataset, "seed": args.seed, "data": data})
     except QuantizeError as error:
         raise PipelineError(str(error)) from None
     session.timings["quantize_s"] = record.pop("seconds")
@@ -1058,6 +1527,90 @@ def run_lora(args: argparse.Namespace, session: Session) -> dict:
     return session.compression
 
 
+def _typed_flags(argv: list[str] | None) -> dict:
+    """The flags the user typed (destination -> value): the command line parsed again with every
+    default suppressed, so a flag typed with its default value still counts as typed."""
+    shadow = build_parser()
+    for action in shadow._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return vars(shadow.parse_args(argv))
+
+
+def apply_recipe(args: argparse.Namespace, argv: list[str] | None) -> bool:
+    """--recipe NAME (recipes.py): its flags where the user typed none, its steps unless --step
+    says which; without --step also perplexity before/after when --eval_datasets is typed. Returns
+    True when --print asked only to see the expansion."""
+    import recipes
+    from utils.data import DatasetError, check_hub_datasets, validate_dataset
+    from utils.model import default_device
+    if args.recipe is None:
+        raise UsageError(f"--print shows a recipe's flags: add --recipe NAME ({', '.join(recipes.names())})")
+    typed = _typed_flags(argv)
+    recipe = recipes.RECIPES[args.recipe]
+    ratio = args.ratio if args.ratio is not None else \
+        1.0 - args.param_ratio_target if args.param_ratio_target is not None else 0.2
+    cpu = not (args.device or default_device()).startswith("cuda")
+    offline = False
+    if "dataset" not in typed and recipe.flags.get("dataset") in recipes.HUB_DATASETS:
+        try:
+            check_hub_datasets({"--dataset": recipe.flags["dataset"]})
+        except DatasetError:
+            offline = True
+    args.recipe_run = args.step is None  # one command for the recipe's whole pipeline
+    steps = tuple(parse_steps(args.step)) if args.step else recipe.steps
+    try:
+        resolved = recipes.resolve(args.recipe, typed, ratio, cpu, offline, steps, strict=not args.print_recipe)
+    except recipes.RecipeError as error:
+        raise UsageError(str(error)) from None
+    for dest, value in resolved["set"].items():
+        setattr(args, dest, value)
+    args.recipe_record = record = resolved["record"]
+    if args.recipe_run and 1 in steps and (args.save_path or args.stats_path):
+        meta = os.path.join(stats_path_of(args), "meta.json")
+        if os.path.isfile(meta):
+            from utils.io import read_json
+            if recipes.statistics_match(read_json(meta), args.model, args.dataset, args.whitening_nsamples,
+                                        args.model_seq_len, args.seed, args.fisher):
+                steps = tuple(s for s in steps if s != 1)
+                record["reused_statistics"] = stats_path_of(args)
+                print(f"recipe {args.recipe}: step 1's statistics in {stats_path_of(args)} are of this model, data "
+                      f"set and windows: reused (step 1 skipped)")
+    args.step = ",".join(map(str, steps))
+    if args.print_recipe:
+        others = [recipes.flag_text(k, v) for k, v in typed.items()
+                  if k not in record["flags"] and k not in ("recipe", "print_recipe", "step") and v is not False]
+        command = " ".join(["python compress.py --step", args.step, *others,
+                            *(recipes.flag_text(k, v) for k, v in record["flags"].items())])
+        print(recipes.describe(record, command))
+        return True
+    args.recipe_eval = args.recipe_run and "eval_datasets" in typed
+    if args.recipe_eval:  # checked now: a bad evaluation set must not wait for the end of the pipeline
+        for spec in args.eval_datasets.split(","):
+            validate_dataset(spec, text_only=True)
+        check_hub_datasets({"--eval_datasets": args.eval_datasets})
+    return False
+
+
+def recipe_perplexity(args: argparse.Namespace, session: Session) -> None:
+    """The end of `--recipe NAME` without --step, with --eval_datasets: step 4 on the model the
+    pipeline made (its results JSON), then on the original loaded anew (a JSON of its own beside
+    it), and one line per data set with both."""
+    import copy
+    import evaluater
+    after = evaluater.perplexity_step(args, session)
+    original = copy.copy(args)
+    original.model_path = None
+    target = args.results or (args.save_path[:-3] + ".results.json" if args.save_path.endswith(".pt")
+                              else os.path.join(args.save_path, "results.json"))
+    original.results = target[:-5] + ".original.json" if target.endswith(".json") else target + ".original"
+    before = evaluater.perplexity_step(original, Session())
+    for spec, result in after.items():
+        a, b = result["ppl"], before[spec]["ppl"]
+        ratio = f" ({a / b:.2f}x)" if a is not None and b else ""
+        print(f"recipe {args.recipe}: perplexity {spec}: before {b if b is None else f'{b:.4f}'} -> after "
+              f"{a if a is None else f'{a:.4f}'}{ratio}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1065,12 +1618,18 @@ def main(argv: list[str] | None = None) -> int:
     from utils.model import ModelSpecError
     from utils.outputs import OutputError
     try:
+        if args.recipe or args.print_recipe:
+            if apply_recipe(args, argv):
+                return 0  # --print: shown, nothing runs
+        elif args.step is None:
+            raise UsageError("--step is required (e.g. --step 1-3), or --recipe NAME to run a method's steps")
         validate(args)
     except (UsageError, ModelSpecError, DatasetError, OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     import evaluater
     import generate
+    import serve
     import tasks_eval
     from methods.decompose import DecomposeError
     from utils.io import CompressedModelError
@@ -1078,15 +1637,19 @@ def main(argv: list[str] | None = None) -> int:
     from utils.plan import PlanError
     from lora import LoraError
     session = Session()
-    steps = {6: tasks_eval.tasks_step, 9: generate.generate_step,
+    steps = {6: tasks_eval.tasks_step, 9: generate.generate_step, 10: serve.serve_step,
              1: run_profile, 2: run_allocate, 3: run_compress,
              4: evaluater.perplexity_step, 5: evaluater.efficiency_step, 7: run_lora, 8: run_quantize}
     try:
-        if 3 in args.steps and 2 not in args.steps:  # a plan that does not fit fails before step 1 runs
-            ensure_model(args, session)
-            _plan_for_step3(args, session)
+        if 3 in args.steps and 2 not in args.steps:  # a plan that does not fit fails before step 1 runs,
+            arch = _architecture(args)  # and before the weights load when the config alone gives the shapes
+            if arch is None:
+                ensure_model(args, session)
+            _plan_for_step3(args, session, None if arch is None else arch.shapes)
         for step in args.steps:
             steps[step](args, session)
+        if getattr(args, "recipe_eval", False):
+            recipe_perplexity(args, session)
     except (DatasetError, ModelSpecError, FileNotFoundError, PipelineError, PlanError, DecomposeError,
             CompressedModelError, OutputError, LoraError) as error:
         print(f"error: {error}", file=sys.stderr)

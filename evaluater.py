@@ -352,12 +352,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def measure_efficiency(models: dict[str, nn.Module], prompts: torch.Tensor, gen_len: int, repeats: int,
-                       device: str, warmup: int = 1) -> dict[str, dict]:
+                       device: str, warmup: int = 1, memory: bool = True) -> dict[str, dict]:
     """Time every model (each already on `device`) with the same prompts; repetitions interleaved.
 
     Per model: prefill tokens/s, decode new tokens/s, per-step decode latency (median, p90),
-    peak memory, parameters and weight bytes; each timing the median over `repeats` runs after
-    `warmup` discarded runs."""
+    peak memory (one more run; `memory=False` leaves it out), parameters and weight bytes; each
+    timing the median over `repeats` runs after `warmup` discarded runs."""
     batch, length = prompts.shape
     runs: dict[str, list[dict]] = {name: [] for name in models}
     for index in tqdm(range(warmup + repeats), desc="efficiency", leave=False):
@@ -375,7 +375,7 @@ def measure_efficiency(models: dict[str, nn.Module], prompts: torch.Tensor, gen_
             "prefill_s": statistics.median(r["prefill_s"] for r in runs[name]),
             "decode_tokens_per_s": statistics.median(decode),
             "decode_latency_ms": {"median": 1e3 * statistics.median(steps), "p90": 1e3 * _percentile(steps, 0.9)},
-            "peak_memory": peak_memory(model, prompts, gen_len, device),
+            "peak_memory": peak_memory(model, prompts, gen_len, device) if memory else None,
             "parameters": count_parameters(model), "weight_bytes": weight_bytes(model),
             "linear_flops_per_token": linear_flops_per_token(model),
             "runs": {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode},

@@ -16,9 +16,19 @@ factor has its old shape: the ranks and the parameter count are exactly those of
 (asserted), and the output is a compressed model in the same safe format, its compression block
 carrying a "lora" record (data, steps, lr, r, alpha, dropout, seed, losses of each stage).
 
-Precision: each stage casts the model to float32 in place (exact from float16 / bfloat16), trains
-and merges in float32, then casts it back to the dtype it came in, so the factors are rounded once
-per stage (a frozen factor goes float16 -> float32 -> float16 unchanged, bit for bit).
+Precision and memory: the frozen weights stay in the model's own dtype on the device and the
+adapters are float32 (peft's autocast_adapter_dtype); a float16 model trains with dynamic loss
+scaling (torch.amp.GradScaler: float16 gradients through the frozen layers would underflow, and a
+step whose gradients overflow is skipped). Each adapted factor is merged in float32 and rounded once
+to its dtype. --lora_frozen_dtype float32 casts the whole model to float32 for the stage instead
+(exact from float16 / bfloat16; 4 bytes per weight) and casts it back afterwards; for a float32
+model the two are the same. --gradient_checkpointing keeps only each decoder layer's input for the
+backward pass and recomputes the layer (same gradients; dropout's random state is replayed).
+--lora_offload_layers keeps the decoder layers on the host: each comes to the device when it runs
+(utils.layerwise.layer_on_device: one at a time) and its forward is checkpointed around that move,
+so the backward pass brings it in again to recompute it; only the adapters, the embeddings, final
+norm and lm_head, and each layer's input (per micro-batch) stay on the device. Same training as
+without it (tested); for a model whose frozen weights do not fit the device.
 
 Training, as SVD-LLM's (transformers Trainer) defaults: AdamW (no weight decay), linear warm-up
 then linear decay to 0, gradient clipping at norm 1, micro-batches with gradient accumulation to
@@ -27,7 +37,12 @@ purpose: the warm-up is at most a tenth of a stage's steps (SVD-LLM's 100 steps 
 a short run), and the final adapters are merged (no best-checkpoint reload).
 
 Data (--data_path):
-  * a .json/.jsonl file of Alpaca rows (instruction, input, output): the Alpaca-LoRA template (the
+  * chat data (utils.data: Alpaca rows, or rows with a "messages" list) and a tokenizer with a chat
+    template: each row rendered as calibration renders it (utils.data.render_conversation), the
+    loss on the assistant's turns only (utils.data.assistant_token_mask) unless --train_on_inputs;
+    messages rows without a chat template: the "### Instruction:" / "### Response:" blocks, likewise;
+  * a .json/.jsonl file of Alpaca rows (instruction, input, output) and a tokenizer without a chat
+    template: the Alpaca-LoRA template (the
     one SVD-LLM's Prompter uses), the loss on the response tokens only unless --train_on_inputs,
     an EOS token appended when it fits; the prompt and the response are tokenized separately and
     joined, so the masked tokens are exactly the prompt's (SVD-LLM masks the length of the
@@ -41,26 +56,23 @@ loss, logged before and after each stage (and every --eval_steps).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from component import ColumnPreservedLinear, LowRankLinear
+from utils.data import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
 
 IGNORE_INDEX = -100  # label of a token that is not scored (the prompt of an Alpaca row, padding)
 FACTORS = ("u", "v")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                       "context. Write a response that appropriately completes the request.\n\n"
-                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_FIELDS = ("instruction", "output")  # "input" may be missing or empty
+FROZEN_DTYPES = ("model", "float32")
 DEFAULT_VAL_SET_SIZE = 2000  # SVD-LLM's; capped at a tenth of the examples
 
 
@@ -86,6 +98,9 @@ class LoraOptions:
     logging_steps: int = 10  # the recorded training-loss curve: means over this many steps
     seed: int = 0
     stages: tuple[str, ...] = FACTORS
+    frozen_dtype: str = "model"  # model: frozen weights in the model's dtype, float32 adapters | float32: all float32
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass instead of keeping it
+    offload_layers: bool = False  # decoder layers on the host, one at a time on the device (and recomputed there)
 
     def check(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -107,6 +122,8 @@ class LoraOptions:
         need(self.logging_steps >= 1, f"--logging_steps {self.logging_steps}: must be at least 1")
         need(len(self.stages) >= 1 and all(s in FACTORS for s in self.stages),
              f"--lora_stages {','.join(self.stages)}: a comma list of u and v (SVD-LLM: u,v)")
+        need(self.frozen_dtype in FROZEN_DTYPES,
+             f"--lora_frozen_dtype {self.frozen_dtype}: choose one of {', '.join(FROZEN_DTYPES)}")
 
     @property
     def accumulation(self) -> int:
@@ -156,28 +173,31 @@ def _split_path(spec: str) -> tuple[str, float, float]:
         raise LoraError(f"--data_path {spec}: {error}") from None
 
 
-def read_alpaca_rows(path: str) -> list[dict] | None:
-    """The rows of an Alpaca-form .json/.jsonl file, or None when the file is not in that form."""
+def _chat_rows(path: str) -> tuple[list, str] | None:
+    """(rows, 'alpaca' or 'messages') of a chat-data .json/.jsonl file (utils.data's reading and
+    checks), or None when the file is not chat data."""
+    from utils.data import DatasetError, check_chat_rows, chat_format, read_json_rows
     if not path.endswith((".json", ".jsonl")):
         return None
     try:
-        with open(path, encoding="utf-8") as handle:
-            first = handle.read(1)
-            handle.seek(0)
-            rows = json.load(handle) if first == "[" else [json.loads(line) for line in handle if line.strip()]
-    except (OSError, ValueError) as error:
-        raise LoraError(f"--data_path {path}: not readable JSON / JSON lines ({error})") from None
-    if not rows or not isinstance(rows[0], dict) or not all(k in rows[0] for k in ALPACA_FIELDS):
-        return None
-    for number, row in enumerate(rows):
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ALPACA_FIELDS):
-            raise LoraError(f"--data_path {path}: row {number} lacks a string 'instruction' or 'output' "
-                            f"(Alpaca rows: instruction, input, output)")
-    return rows
+        rows = read_json_rows(path)
+        form = chat_format(rows)
+        if form is not None:
+            check_chat_rows(path, rows, form)
+    except (OSError, DatasetError) as error:
+        raise LoraError(f"--data_path {error}") from None
+    return None if form is None else (rows, form)
+
+
+def read_alpaca_rows(path: str) -> list[dict] | None:
+    """The rows of an Alpaca-form .json/.jsonl file, or None when the file is not in that form."""
+    found = _chat_rows(path)
+    return found[0] if found is not None and found[1] == "alpaca" else None
 
 
 def check_data_path(spec: str) -> str:
-    """Cheap checks before any model loads; returns the format: 'alpaca' or 'text'."""
+    """Cheap checks before any model loads; returns the format: 'alpaca' (or 'chat' once the
+    tokenizer turns out to have a chat template), 'chat' (messages rows) or 'text'."""
     from utils.data import BUILTIN_DATASETS, HUB_DATASETS
     name, _, _ = _split_path(spec)
     if name == "random":
@@ -193,7 +213,22 @@ def check_data_path(spec: str) -> str:
         return "text"
     if not os.path.isfile(name):
         raise LoraError(f"--data_path {name}: no such file (an Alpaca .json/.jsonl, or a plain text file)")
-    return "alpaca" if read_alpaca_rows(name) is not None else "text"
+    found = _chat_rows(name)
+    return "text" if found is None else "alpaca" if found[1] == "alpaca" else "chat"
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], cutoff_len: int,
+                          train_on_inputs: bool = False) -> tuple[tuple[list[int], list[int]], bool]:
+    """((input_ids, labels), masked) of one conversation rendered as calibration renders it
+    (utils.data.render_conversation: the chat template), at most cutoff_len tokens; labels are
+    IGNORE_INDEX outside the assistant's turns unless train_on_inputs. masked is False when the
+    template did not let the turns be found (then every token is scored)."""
+    from utils.data import assistant_token_mask, render_conversation
+    ids = render_conversation(tokenizer, messages)
+    mask = None if train_on_inputs else assistant_token_mask(tokenizer, messages, ids)
+    ids = ids[:cutoff_len]
+    labels = list(ids) if mask is None else [i if keep else IGNORE_INDEX for i, keep in zip(ids, mask)]
+    return (ids, labels), mask is not None or train_on_inputs
 
 
 def _held_out(count: int, val_set_size: int | None, seed: int, what: str) -> tuple[list[int], list[int]]:
@@ -216,7 +251,21 @@ def load_examples(spec: str, tokenizer, cutoff_len: int, val_set_size: int | Non
     data_format = check_data_path(spec)
     name, start, end = _split_path(spec)
     info = {"path": spec, "format": data_format, "cutoff_len": cutoff_len}
-    if data_format == "alpaca":
+    if data_format == "alpaca" and getattr(tokenizer, "chat_template", None):
+        data_format = info["format"] = "chat"  # an instruct model learns in the form it is used
+    if data_format == "chat":
+        from utils.data import conversation, has_chat_template
+        rows, form = _chat_rows(name)
+        rows = rows[int(start * len(rows)):int(end * len(rows))]
+        rendered = [tokenize_conversation(tokenizer, conversation(row, form), cutoff_len, train_on_inputs)
+                    for row in rows]
+        examples = [example for example, _ in rendered]
+        scored = [e for e in examples if any(label != IGNORE_INDEX for label in e[1][1:])]
+        info.update(rows=len(rows), rows_without_response_tokens=len(examples) - len(scored),
+                    rows_scored_whole=sum(not masked for _, masked in rendered), train_on_inputs=train_on_inputs,
+                    template="chat_template" if has_chat_template(tokenizer) else "alpaca blocks (no chat template)")
+        examples, what = scored, "conversations with assistant tokens within --cutoff_len"
+    elif data_format == "alpaca":
         rows = read_alpaca_rows(name)
         rows = rows[int(start * len(rows)):int(end * len(rows))]
         examples = [tokenize_alpaca(tokenizer, row, cutoff_len, train_on_inputs) for row in rows]
@@ -329,8 +378,9 @@ def _batches(count: int, options: LoraOptions, generator: torch.Generator):
 def train_stage(model: nn.Module, factor: str, examples: Examples, options: LoraOptions,
                 device: torch.device | str, pad_id: int, progress: bool = True) -> dict:
     """One SVD-LLM stage: LoRA adapters on the `factor` ('u' or 'v') of every LowRankLinear, the
-    rest frozen; train; merge the adapters into the factors. The model is changed in place and is
-    float32 on `device` during the stage. Returns the stage's record."""
+    rest frozen; train; merge the adapters into the factors. The model is changed in place; it is on
+    `device` during the stage (with options.offload_layers its decoder layers stay where they are and
+    come to the device one at a time) in the dtype sequential_lora gave it. Returns the stage's record."""
     from peft import LoraConfig, get_peft_model
     modules = low_rank_modules(model)
     targets = [f"{name}.{factor}" for name in modules]
@@ -342,15 +392,34 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     torch.manual_seed(options.seed + FACTORS.index(factor))  # adapter init (A random, B zero) and dropout
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=targets, bias="none")
-    peft_model = get_peft_model(model, config)
+    offload = next(model.parameters()).device  # where the layers stay with offload_layers
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, config)  # float32 adapters also on a float16 / bfloat16 model
+    checkpointing = options.gradient_checkpointing and not options.offload_layers  # (offloading checkpoints itself)
+    if checkpointing:  # non-reentrant: no input needs requires_grad (the embeddings are frozen)
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    unstream = None
     try:
+        if options.offload_layers:
+            unstream = _stream_layers(model, device, offload)
         record = _train_adapters(peft_model, factor, len(targets), examples, options, device, pad_id, progress)
+        if unstream is not None:
+            unstream, undo = None, unstream
+            undo()
+        _merge_in_float32(peft_model, factor)
     except BaseException:  # an interrupted stage leaves the model as it was: adapters dropped unmerged
+        if unstream is not None:
+            unstream, undo = None, unstream
+            undo()
         peft_model.unload()
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(name, p.requires_grad))
         raise
-    merged = peft_model.merge_and_unload()
+    finally:
+        if checkpointing:
+            model.activation_checkpointing_disable()
+    merged = peft_model.unload()  # the adapters are merged already
     if merged is not model:
         raise AssertionError("peft returned a different model object after merging")
     for name, p in model.named_parameters():
@@ -361,6 +430,66 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     return record
 
 
+def _stream_layers(model: nn.Module, device: torch.device | str, offload: torch.device | str) -> Callable[[], None]:
+    """Train with the decoder layers on `offload`: each comes to the device when it runs, and its forward
+    is checkpointed (non-reentrant) around the move, so the backward pass brings it in again to
+    recompute it instead of keeping its weights on the device. The trainable adapters (moved, so
+    their gradients reach them) and copies of the non-layer modules are on the device meanwhile.
+    Returns the function that puts everything back."""
+    from torch.utils.checkpoint import checkpoint
+
+    from utils.layerwise import layer_on_device
+    from utils.model import decoder_layers, non_layer_modules_to
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    homes = [p.device for p in trainable]
+    for p in trainable:
+        p.data = p.data.to(device)
+    keep = frozenset(id(p) for p in trainable)
+    restore_non_layer = non_layer_modules_to(model, device)
+    layers = list(decoder_layers(model))
+
+    def streamed(layer: nn.Module, forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            with layer_on_device(layer, device, offload, keep=keep):
+                return forward(*args, **kwargs)
+
+        def call(*args, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return run(*args, **kwargs)
+        return call
+
+    for layer in layers:
+        layer.forward = streamed(layer, layer.forward)  # an instance attribute, deleted by undo
+
+    def undo() -> None:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+        restore_non_layer()
+        for p, home in zip(trainable, homes):
+            p.data = p.data.to(home)
+    return undo
+
+
+def _merge_in_float32(peft_model: nn.Module, factor: str) -> None:
+    """Add each adapter's update to its factor in float32 and round the sum once to the factor's
+    dtype (peft's own merge would round the update first, then the sum). LoraError when a merged
+    entry does not fit that dtype."""
+    from peft.tuners.lora import LoraLayer
+
+    from component.low_rank_linear import largest_entry_fits
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or not module.active_adapters:
+            continue
+        weight = module.get_base_layer().weight
+        merged = weight.detach().float() + sum(module.get_delta_weight(a).float() for a in module.active_adapters)
+        fits, largest = largest_entry_fits(weight.dtype, merged)
+        if not fits:
+            raise LoraError(f"after the LoRA {factor} stage {name} has |entry| {largest:.4g}, which does not fit in "
+                            f"{weight.dtype}; rerun with --dtype float32 or a lower --learning_rate")
+        weight.data = merged.to(weight.dtype)
+
+
 def _train_adapters(peft_model: nn.Module, factor: str, n_modules: int, examples: Examples, options: LoraOptions,
                     device: torch.device | str, pad_id: int, progress: bool) -> dict:
     """The training loop of one stage on the model with its adapters; returns the stage's record."""
@@ -369,6 +498,10 @@ def _train_adapters(peft_model: nn.Module, factor: str, n_modules: int, examples
     record = {"factor": factor, "modules": n_modules, "trainable_parameters": sum(p.numel() for p in trainable)}
     steps = stage_steps(len(examples.train), options)
     optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=0.0)
+    # float16 frozen layers: scale the loss so that their gradients do not underflow (no-op otherwise)
+    half = any(p.dtype == torch.float16 for p in peft_model.parameters() if not p.requires_grad)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=half)
+    skipped = 0
     generator = torch.Generator().manual_seed(options.seed + 10 + FACTORS.index(factor))
     batches = _batches(len(examples.train), options, generator)
     start = time.perf_counter()
@@ -386,12 +519,16 @@ def _train_adapters(peft_model: nn.Module, factor: str, n_modules: int, examples
         total = 0.0
         for batch in micro:  # gradient accumulation: the mean over the whole batch's tokens
             loss = summed_nll(peft_model, batch, device) / max(tokens, 1)
-            loss.backward()
+            scaler.scale(loss).backward()
             total += float(loss.detach())
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable, options.max_grad_norm)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, steps, options)
-        optimizer.step()
+        scale = scaler.get_scale() if half else None
+        scaler.step(optimizer)  # skipped when a gradient overflowed (float16 only)
+        scaler.update()
+        skipped += bool(half and scaler.get_scale() < scale)
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
         window.append(total)
@@ -412,6 +549,8 @@ def _train_adapters(peft_model: nn.Module, factor: str, n_modules: int, examples
     record["val_loss_after"] = mean_loss(peft_model, examples.val, options.micro_batch_size, pad_id, device)
     val_s += time.perf_counter() - val_start
     tail = losses[-min(len(losses), options.logging_steps):]
+    if half:
+        record.update(loss_scaling=True, overflow_skipped_steps=skipped)
     record.update(steps=steps, examples_seen=seen_examples, tokens_seen=seen_tokens,
                   train_loss_first=round(losses[0], 6) if losses else None,
                   train_loss_final=round(sum(tail) / len(tail), 6) if tail else None,
@@ -443,11 +582,13 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
     home = _float_dtypes(model)
     pad_id = _pad_id(tokenizer)
     stages = []
+    upcast = options.frozen_dtype == "float32"
     for factor in options.stages:
-        model.to(device=device, dtype=torch.float32)  # exact from float16 / bfloat16
+        # exact from float16 / bfloat16; without the upcast only the adapters are float32
+        model.to(device=None if options.offload_layers else device, dtype=torch.float32 if upcast else None)
         try:
             stages.append(train_stage(model, factor, examples, options, device, pad_id, progress))
-            if home_dtype != torch.float32:
+            if upcast and home_dtype != torch.float32:
                 _check_fits(model, home_dtype, factor)
         finally:
             model.to(device=home_device)
@@ -461,7 +602,8 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
         raise AssertionError(f"step 7 changed the architecture: {changed[:3]}")
     settings = asdict(options)
     settings["stages"] = list(options.stages)
-    return {"data": examples.info, **settings, "train_dtype": "float32", "saved_dtype": str(home_dtype).replace("torch.", ""),
+    train_dtype = "float32" if upcast else f"frozen {str(home_dtype).replace('torch.', '')}, adapters float32"
+    return {"data": examples.info, **settings, "train_dtype": train_dtype, "saved_dtype": str(home_dtype).replace("torch.", ""),
             "peft_version": peft.__version__, "trained": "LoRA adapters on the factor of each stage only; "
             "embeddings, norms, lm_head and dense linears frozen", "parameters": after["parameters"],
             "stage_records": stages}
@@ -542,6 +684,14 @@ def add_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
                    help="Alpaca data: score the prompt tokens too (default: the response only)")
     p.add_argument("--lora_stages", default="u,v",
                    help="stages in order: u,v (SVD-LLM's sequential recipe), or one of them")
+    p.add_argument("--lora_frozen_dtype", choices=FROZEN_DTYPES, default=defaults.frozen_dtype,
+                   help="model: the frozen weights stay in the model's dtype, adapters float32; "
+                        "float32: the whole model in float32 during training")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute each decoder layer in the backward pass (less activation memory, one more forward)")
+    p.add_argument("--lora_offload_layers", action="store_true",
+                   help="keep the decoder layers on the host and bring one at a time to the device (forward, and "
+                        "again to recompute it in the backward pass): for a model larger than the device")
 
 
 def options_from_args(args: argparse.Namespace) -> LoraOptions:
@@ -549,7 +699,9 @@ def options_from_args(args: argparse.Namespace) -> LoraOptions:
                           learning_rate=args.learning_rate, num_epochs=args.num_epochs, batch_size=args.batch_size,
                           micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
                           warmup_steps=args.warmup_steps, eval_steps=args.eval_steps, seed=args.seed,
-                          stages=tuple(s.strip() for s in args.lora_stages.split(",") if s.strip()))
+                          stages=tuple(s.strip() for s in args.lora_stages.split(",") if s.strip()),
+                          frozen_dtype=args.lora_frozen_dtype, gradient_checkpointing=args.gradient_checkpointing,
+                          offload_layers=args.lora_offload_layers)
     options.check()
     return options
 
@@ -602,8 +754,28 @@ def run(model: nn.Module, tokenizer, compression: dict, args: argparse.Namespace
     print(f"LoRA data: {examples.info['format']} {args.data_path}: {len(examples.train)} training, "
           f"{len(examples.val)} validation examples; {stage_steps(len(examples.train), options)} steps per stage "
           f"of {options.batch_size} ({options.micro_batch_size} x {options.accumulation})")
+    cost = lora_estimate(model, len(examples.train), options, args.cutoff_len, device, args.seed)
+    print(cost.message())
+    start = time.perf_counter()
     record = sequential_lora(model, tokenizer, examples, options, device)
+    record["cost"] = cost.record(time.perf_counter() - start)  # the estimate printed before, and what it took
     return with_lora_record(compression, record)
+
+
+def lora_estimate(model: nn.Module, train_examples: int, options: LoraOptions, cutoff_len: int, device,
+                  seed: int = 0):
+    """Both stages' steps x examples per step x one timed window of cutoff_len tokens through the
+    model, three times (forward and backward); utils.cost."""
+    from utils.cost import estimate, window_seconds
+    unit = window_seconds(model, cutoff_len, device, seed)
+    steps = stage_steps(train_examples, options)
+    cheaper = [("--max_steps 50", 50 / steps)] if steps > 50 else []
+    if cutoff_len > 128:
+        cheaper.append(("--cutoff_len 128", 128 / cutoff_len))
+    return estimate("LoRA (step 7)", {"stages": len(options.stages), "steps": steps,
+                                      "examples per step": options.batch_size},
+                    f"one window of {cutoff_len} tokens through the model on {device} (at most; examples are "
+                    f"often shorter)", unit["window_s"], 3.0, cheaper)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the fine-tuned compressed model goes; --output_dir is SVD-LLM's name")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output of this tool at --save_path")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype the model is saved in (auto: as it was); training is float32 regardless")
+                   help="dtype the model is loaded and saved in (auto: as it was); see --lora_frozen_dtype")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, adapters, dropout, order")
     add_lora_arguments(p.add_argument_group("LoRA (SVD-LLM's utils/LoRA.py flags)"))
@@ -643,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
         compression = run(model, tokenizer, compression, args, options, args.device)
-        save_compressed(model, tokenizer, args.save_path, compression)
+        save_compressed(model, tokenizer, args.save_path, compression, overwrite=args.overwrite,
+                        protected=(args.model_path,))
     except (LoraError, DatasetError, CompressedModelError, OutputError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

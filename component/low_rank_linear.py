@@ -3,10 +3,17 @@
 W (out x in) is replaced by u @ v with v: in -> rank (no bias) and u: rank -> out (carrying
 the original bias), so y = u(v(x)). Parameters: rank * (in + out) (+ out for the bias). Step 8 may replace u and/or v by
 component.quant_linear.QuantLinear (packed codes); the forward is unchanged.
+
+Low-rank layers that read the same input (attention q/k/v, MLP gate/up) can share one
+SharedInputProjection (share_inputs, at load): their v factors then run as one matmul and each u
+reads its slice of the result. Nothing saved changes: each v.weight stays a parameter of its own
+name, a view into the concatenated weight. Only torch is used here: utils/hf_remote.py copies this
+file's classes into the modeling file of every saved directory.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,6 +33,7 @@ class LowRankLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.v = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
         self.u = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+        self.shared_input = None  # a SharedInputProjection (a plain object: no state of its own)
 
     @classmethod
     def from_factors(cls, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -55,8 +63,108 @@ class LowRankLinear(nn.Module):
         return u.to(v.dtype) @ v if u.dtype != v.dtype else u @ v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_input is not None:
+            projected = self.shared_input.project(x, self)
+            if projected is not None:
+                return self.u(projected)
         return self.u(self.v(x))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.u.bias is not None}")
+
+
+class SharedInputProjection:
+    """The v factors of low-rank layers fed the same tensor, run as one matmul.
+
+    The first member called with an input computes x @ [v_1; v_2; ...]^T once; the others, called
+    with that very tensor (same object, unmodified), take their slices of it; once every member
+    has taken its slice the group lets go of the input and the product. The members' v
+    weights become row blocks of the concatenated weight (views: no extra memory, and the
+    parameters keep their names and shapes). A move or cast of the model gives each parameter
+    a tensor of its own again; the next call concatenates anew. Members run unfused while
+    gradients are wanted, while a v carries a forward hook, or once a v is no longer a plain linear
+    (quantized, LoRA-wrapped)."""
+
+    def __init__(self, members: list[LowRankLinear]):
+        self.members = list(members)
+        self.starts: dict[int, tuple[int, int]] = {}  # id(member) -> its rows of the fused weight
+        self.fused: torch.Tensor | None = None
+        self._input: torch.Tensor | None = None
+        self._input_version = -1
+        self._output: torch.Tensor | None = None
+        self._waiting: set[int] = set()  # members that have not yet taken their slice of _output
+
+    def _intact(self) -> bool:
+        fused = self.fused
+        if fused is None:
+            return False
+        row_bytes = fused.shape[1] * fused.element_size()
+        for member in self.members:
+            weight = member.v.weight
+            start, _ = self.starts[id(member)]
+            if (weight.device != fused.device or weight.dtype != fused.dtype
+                    or weight.data_ptr() != fused.data_ptr() + start * row_bytes):
+                return False
+        return True
+
+    @torch.no_grad()
+    def _fuse(self) -> None:
+        self._input = self._output = None
+        fused = torch.cat([member.v.weight.detach() for member in self.members])
+        start = 0
+        for member in self.members:
+            rows = member.v.weight.shape[0]
+            member.v.weight.data = fused[start:start + rows]
+            self.starts[id(member)] = (start, start + rows)
+            start += rows
+        self.fused = fused
+
+    def project(self, x: torch.Tensor, member: LowRankLinear) -> torch.Tensor | None:
+        """member.v(x) from the shared product, or None when the members must run unfused."""
+        if any(type(m.v) is not nn.Linear or m.v._forward_hooks or m.v._forward_pre_hooks for m in self.members):
+            return None  # a v replaced, or watched by a hook (GPTQ's input capture) that must see it run
+        if torch.is_grad_enabled() and any(m.v.weight.requires_grad for m in self.members):
+            return None
+        if not self._intact():
+            self._fuse()
+        if x is not self._input or x._version != self._input_version or id(member) not in self._waiting:
+            self._output = F.linear(x, self.fused)
+            self._input, self._input_version = x, x._version
+            self._waiting = {id(m) for m in self.members}
+        start, end = self.starts[id(member)]
+        projected = self._output[..., start:end]
+        self._waiting.discard(id(member))
+        if not self._waiting:  # all served: hold no activations between forwards
+            self._input = self._output = None
+        return projected
+
+
+def share_inputs(model: nn.Module, sibling_names: tuple[tuple[str, ...], ...]) -> int:
+    """Give every group of at least two LowRankLinear siblings (children of one module, named
+    together in one tuple of `sibling_names`, e.g. q_proj/k_proj/v_proj) one SharedInputProjection;
+    the caller vouches that the parent feeds them the same tensor. Returns the groups formed."""
+    groups = 0
+    for parent in model.modules():
+        for names in sibling_names:
+            members = [parent._modules[name] for name in names if type(parent._modules.get(name)) is LowRankLinear]
+            if len(members) >= 2:
+                projection = SharedInputProjection(members)
+                for member in members:
+                    member.shared_input = projection
+                groups += 1
+    return groups
+
+
+def unshare_inputs(model: nn.Module) -> int:
+    """Undo share_inputs: every v weight gets its own storage again (safetensors refuses tensors
+    that share memory). Returns the layers released."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "shared_input", None) is not None:
+            if type(module.v) is nn.Linear:
+                with torch.no_grad():
+                    module.v.weight.data = module.v.weight.detach().clone()
+            module.shared_input = None
+            count += 1
+    return count

@@ -8,8 +8,18 @@ group g_idx[j] when the layer carries ``g_idx`` (GPTQ's act_order with groups), 
 The buffers are the layer's state: qweight (uint8), scales, zeros (float16), g_idx (int32, only
 with act_order groups), and a bias parameter in the model's dtype.
 
-De-quantization is per forward by default: each call unpacks the codes into a temporary float
-weight, so the layer keeps only its packed bytes in memory (4-bit, group 128: 0.27 of float16).
+By default each call de-quantizes the codes into a temporary float weight, so the layer keeps
+only its packed bytes in memory (4-bit, group 128: 0.27 of float16). On the CPU, inputs in
+``kernel_activations`` (default bfloat16) instead run torch's weight-only low-bit matmuls on the
+codes themselves: 2-, 3- and 4-bit codes (groups of a multiple of 32 columns, or one group per row)
+through aten._weight_int4pack_mm_for_cpu (codes c read as 4-bit, centred on 8; W = s (c - 8) + s (8 - z)), 8-bit
+per-channel codes through aten._weight_int8pack_mm (as c - 128, plus s (128 - z) times the row sums
+of x). Those kernels are fast for bfloat16 only (in torch 2.13 their float32 path is a reference
+loop, slower than de-quantizing), so ``set_low_bit_kernel(model, torch.bfloat16, cast=True)`` lets
+float32 inputs take them too, rounded to bfloat16 on the way in and out of each quantized layer.
+The packed operand is built from the stored codes at the first call and kept next to them (never
+saved). Layouts those kernels lack (act-order group indices, 8 bits with groups, groups not a
+multiple of 32) always de-quantize (``kernel()`` says which path a layer takes and why).
 ``cache_weight=True`` (or ``set_weight_cache(model, True)``) instead keeps the de-quantized weight
 after the first call as a non-persistent buffer: as fast as a dense layer, as large in memory, and
 never saved. Measured costs: docs/quantization.md.
@@ -78,6 +88,9 @@ class QuantLinear(nn.Module):
             self.register_parameter("bias", None)
         self.cache_weight = cache_weight
         self.register_buffer("weight_cache", None, persistent=False)
+        self._packed = None  # (dtype, tensors) of the CPU low-bit kernel, built at the first call
+        self.kernel_activations = torch.bfloat16  # inputs of this dtype run the low-bit kernel (None: never)
+        self.cast_to_kernel = False  # True: other float inputs too, cast to kernel_activations and back
 
     def codes(self) -> torch.Tensor:
         """The uint8 codes (out x in)."""
@@ -101,7 +114,76 @@ class QuantLinear(nn.Module):
             weight[:, full:].sub_(zeros[:, groups:]).mul_(scales[:, groups:])
         return weight
 
+    def kernel(self) -> str:
+        """The CPU matmul of this layer: "int4pack", "int8pack" or "dequantize (why)"."""
+        if self.g_idx is not None:
+            return "dequantize (act-order group indices)"
+        if self.bits == 8:
+            return "int8pack" if self.n_groups == 1 else "dequantize (8 bits with groups: the int8 kernel is per channel)"
+        if self.n_groups > 1 and self.groupsize % 32:
+            return f"dequantize (groups of {self.groupsize} columns: the int4 kernel needs a multiple of 32)"
+        return "int4pack"
+
+    @torch.no_grad()
+    def _pack_for_kernel(self, dtype: torch.dtype) -> tuple:
+        """The operands of this layer's CPU kernel for inputs of `dtype`, from the stored codes."""
+        codes = unpack_codes(self.qweight, self.bits, self.in_features, torch.int32)
+        scales, zeros = self.scales.float(), self.zeros.float()
+        if self.bits == 8:  # y = s * (x @ (c - 128)^T) + s * (128 - z) * sum(x); K padded to 64 (the
+            # bfloat16 kernel crashes on other widths for more than one row), padded inputs are zeros
+            columns = -(-self.in_features // 64) * 64
+            weight = torch.zeros(self.out_features, columns, dtype=torch.int8)
+            weight[:, :self.in_features] = codes - 128
+            return (weight, scales[:, 0].to(dtype).contiguous(), (scales[:, 0] * (128 - zeros[:, 0])).to(dtype), columns)
+        # the int4 kernel: groups of `tile` columns (a divisor of ours), N a multiple of 16, K of
+        # `tile`; padded rows are cut from the output, padded columns meet zero-padded inputs
+        group = self.groupsize if self.n_groups > 1 else 128
+        tile = next(t for t in (128, 64, 32) if group % t == 0)
+        rows = -(-self.out_features // 16) * 16
+        columns = -(-self.in_features // tile) * tile
+        # fewer than 4 bits: codes shifted to centre on 8, so that the offset s (centre - z) stays
+        # small and its rounding to the activations' dtype does not swamp the weight
+        shift = 8 - 2 ** (self.bits - 1)
+        padded = torch.full((rows, columns), 8, dtype=torch.int32)
+        padded[:self.out_features, :self.in_features] = codes + shift
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1)
+        ours = torch.arange(0, columns, tile) // group if self.n_groups > 1 else torch.zeros(columns // tile, dtype=torch.long)
+        ours = ours.clamp(max=self.n_groups - 1)
+        scale = torch.zeros(rows, columns // tile)
+        offset = torch.zeros(rows, columns // tile)
+        scale[:self.out_features] = scales[:, ours]
+        offset[:self.out_features] = scales[:, ours] * (8 - shift - zeros[:, ours])  # W = s (c + shift - 8) + s (8 - shift - z)
+        scale_and_offset = torch.stack([scale.t(), offset.t()], dim=-1).to(dtype).contiguous()
+        return (packed, scale_and_offset, tile, columns)
+
+    def _kernel_forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._packed is None or self._packed[0] != x.dtype:
+            self._packed = (x.dtype, self._pack_for_kernel(x.dtype))
+        operands = self._packed[1]
+        flat = x.reshape(-1, self.in_features)
+        if self.bits == 8:
+            weight, scales, offset, columns = operands
+            sums = flat.sum(dim=-1, keepdim=True)
+            if columns != self.in_features:
+                flat = F.pad(flat, (0, columns - self.in_features))
+            y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), weight, scales) + sums * offset
+        else:
+            packed, scale_and_offset, tile, columns = operands
+            if columns != self.in_features:
+                flat = F.pad(flat, (0, columns - self.in_features))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), packed, tile, scale_and_offset)
+            if y.shape[1] != self.out_features:
+                y = y[:, :self.out_features]
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel_dtype = self.kernel_activations
+        if (kernel_dtype is not None and not self.cache_weight and x.device.type == "cpu" and x.is_floating_point()
+                and (x.dtype == kernel_dtype or self.cast_to_kernel) and not self.kernel().startswith("dequantize")):
+            y = self._kernel_forward(x.to(kernel_dtype), None if self.bias is None else self.bias.to(kernel_dtype))
+            return y.to(x.dtype)
         weight = self.weight_cache
         if weight is None or weight.dtype != x.dtype:
             weight = self.dequantized_weight().to(x.dtype)
@@ -115,6 +197,7 @@ class QuantLinear(nn.Module):
         # scales and zeros: they move with the module but keep their dtype and values
         kept = {name: self._buffers[name] for name in ("scales", "zeros")}
         self.weight_cache = None
+        self._packed = None
         super()._apply(fn, recurse)
         for name, tensor in kept.items():
             moved = self._buffers[name]
@@ -124,6 +207,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.weight_cache = None
+        self._packed = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -157,6 +241,18 @@ def quant_linear_from(quantized, bias: torch.Tensor | None, dtype: torch.dtype,
         if bias is not None:
             module.bias.copy_(bias)
     return module
+
+
+def set_low_bit_kernel(model: nn.Module, activations: torch.dtype | None = torch.bfloat16, cast: bool = False) -> int:
+    """Which inputs every QuantLinear of `model` runs through torch's low-bit CPU kernels: those in
+    `activations` (None: none; every call de-quantizes), and with `cast` any float input, rounded to
+    `activations` for the kernel. Returns how many layers have a kernel for their layout."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.kernel_activations, module.cast_to_kernel = activations, cast
+            count += not module.kernel().startswith("dequantize")
+    return count
 
 
 def set_weight_cache(model: nn.Module, enabled: bool) -> int:

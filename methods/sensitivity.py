@@ -20,16 +20,19 @@ What the reference does and we follow: the base state is set once with the ORIGI
 statistics (step 1's Grams) for every matrix (no re-profiling of the compressed model); a matrix's
 candidate truncations all come from one whitened SVD of it; the candidates' truncation is
 "(U_r S_r Vh_r) S^-1" of W S. Where we differ (cost only, not results): the reference runs the whole
-model for every candidate; here each decoder layer's inputs in the base state are cached once,
-so a change to a matrix of layer i re-runs layers i..L-1 and the head only.
+model for every candidate; here a change to a matrix of layer i re-runs layers i..L-1 and the head
+only, from layer i's inputs in the base state.
 
-Memory (float32 on the device / CPU): the base-state inputs of every layer (layers x N x L x d:
-30 x 4 x 256 x 576 x 4 B = 70 MB for SmolLM2), the kept factors of every matrix up to the largest
-candidate rank for the kl metric (about 0.9 of the layers' parameters), and the original model's
-log-probabilities, N x L x vocab, for the kl metric: stored only when that is at most
-`logprob_cache_bytes` (default 512 MiB: SmolLM2, vocab 49152, 4 x 256 tokens: 201 MB, 4 x 512:
-403 MB); above that only the original final hidden states are kept and the original log-probs
-are recomputed per evaluation (one more pass of the head).
+Memory: decoder layers come to the device one at a time, two while the perturbed streams of a layer
+pass through a later one (each later layer comes once per group of perturbations, not once per
+perturbation); the base state (the SVD modules) and the kept factors of every matrix up to the
+largest candidate rank (kl: about 0.9 of the layers' parameters) stay on `offload` (the host).
+Activations: the windows' streams of one layer (original, base state, and as many perturbed streams,
+N x L x d each, as `stream_bytes` allows, default 2 GiB), and for the kl metric the original model's
+log-probabilities, N x L x vocab, stored only when that is at most `logprob_cache_bytes` (default
+512 MiB: SmolLM2, vocab 49152, 4 x 256 tokens: 201 MB, 4 x 512: 403 MB); above that only the
+original final hidden states are kept and the original log-probs are recomputed per evaluation (one
+more pass of the head).
 
 The table on disk (utils.io.write_json, atomic) is keyed by model, statistics, windows,
 candidates, metric, base state and whitening; sensitivity_table reuses it when the key matches
@@ -41,6 +44,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -49,9 +53,9 @@ from tqdm import tqdm
 from component import LowRankLinear
 from utils.decompose import low_rank_factors
 from utils.io import read_json, write_json
-from utils.layerwise import capture_layer_inputs
-from utils.model import (copies_to, decoder_layers, layer_prefix, model_description, set_submodule, target_linears,
-                         tensors_digest, weights_fingerprint)
+from utils.layerwise import LayerContext, capture_layer_inputs, layer_on_device, walk_layers
+from utils.model import (copies_to, decoder_layers, head_on_hidden, layer_prefix, model_description, set_submodule,
+                         target_linears, tensors_digest, weights_fingerprint)
 from utils.plan import rank_for_ratio
 from utils.whitening import input_transform
 
@@ -60,6 +64,7 @@ METRICS = ("kl", "ppl", "stable_rank")
 DUO_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # kept fractions, 1.0 = dense (Duo-SVD)
 ASVD_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # ASVD's param_ratio_candidates
 LOGPROB_CACHE_BYTES = 512 * 2 ** 20
+STREAM_BYTES = 2 * 2 ** 30  # perturbed streams (N x L x d each) carried through the later layers at once
 
 
 class SensitivityError(ValueError):
@@ -236,24 +241,6 @@ class _MatrixSVD:
 
 # ---------------------------------------------------------------------------------------- head
 
-class _Inject(nn.Module):
-    """Stands in for decoder layer 0 (others: _Pass) so that the model's own forward maps given
-    final hidden states to logits: embeddings are computed and ignored, then final norm, head and
-    any logit soft-capping run as the model runs them (no knowledge of model families here)."""
-
-    def __init__(self):
-        super().__init__()
-        self.hidden: torch.Tensor | None = None
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return self.hidden
-
-
-class _Pass(nn.Module):
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
 def _kl_mean(original_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """sum over tokens of KL(p || q), float64 scalar, p from log-probs (L x V), q from logits."""
     q = torch.log_softmax(logits.float(), dim=-1)
@@ -291,10 +278,16 @@ def stable_rank_table(model: nn.Module, options: SensitivityOptions, key: dict) 
 
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: torch.device | str,
-                        options: SensitivityOptions, key: dict | None = None,
-                        progress: bool = True) -> SensitivityTable:
+                        options: SensitivityOptions, key: dict | None = None, progress: bool = True,
+                        offload: torch.device | str = "cpu", stream_bytes: int = STREAM_BYTES) -> SensitivityTable:
     """Measure the table (metric kl or ppl) on `windows` (N x L token ids). The model is left as it
-    was (original modules and weights back in place, also on an error)."""
+    was (original modules and weights back in place, on `offload`, also on an error).
+
+    Decoder layers come to the device one at a time (two while a perturbed layer's streams pass
+    through a later one): a first walk sets the base state (kept on `offload`) and gets the final
+    hidden states of both streams; a second walk takes each layer in turn, makes its perturbed
+    streams (one per candidate of each of its matrices, N x L x d each, as many at once as fit in
+    `stream_bytes`) and brings every later layer to the device once per such group to carry them."""
     if options.metric == "stable_rank":
         return stable_rank_table(model, options, key or table_key(model, stats, None, options))
     if (options.whitening != "none" or options.scaling != "none") and stats is None:
@@ -309,157 +302,174 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
     n_windows, seq_len = windows.shape
     hidden, layer_args = capture_layer_inputs(model, windows, device)
     originals = list(layers)
-    restore_weights = copies_to(layers, device)  # the layers stay on the device for the pass
-    replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (layer, name, original module)
-    inject = _Inject()
-    restore_non_layer = None
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []  # (layer, name, original module): the base state
+    per_matrix = options.scaling.startswith("fisher")  # fisher belongs to the weight, not the stream
+    svds: dict[str, _MatrixSVD] = {}  # kept on `offload`
+    sigmas: dict[str, list[float]] = {}
+    base_ranks: dict[str, int | None] = {}
+    candidate_ranks: dict[str, dict[float, int | None]] = {}
+    original_of: dict[str, nn.Module] = {}
+    names_of_layer: list[list[str]] = []
+
+    def run(layer: nn.Module, h: torch.Tensor, index: int) -> torch.Tensor:
+        args, kwargs = layer_args[index]
+        return torch.cat([_first(layer(h[w:w + 1], *args, **kwargs)) for w in range(n_windows)])
+
+    def svd_of(full: str, linear: nn.Module, factors: dict, stats_tensors, streams, name: str) -> _MatrixSVD:
+        stream = streams.get(name)
+        slot = full if per_matrix else stream
+        if slot not in factors:
+            factors[slot] = input_factor(stats_tensors, stream, device, options,
+                                         stats.fisher(full) if per_matrix else None)
+        wanted = [r for r in candidate_ranks[full].values() if r is not None]
+        if base_ranks[full] is not None:
+            wanted.append(base_ranks[full])
+        svd = _MatrixSVD(linear.weight.detach(), factors[slot], max(wanted), options.svd_dtype,
+                         options.svd_driver, offload)
+        sigmas[full] = [float(s) for s in svd.sigma]
+        return svd
+
     try:
-        restore_non_layer = _install_head(model, layers, inject, device)
+        with head_on_hidden(model, device) as head:
+            def head_logits(h: torch.Tensor, w: int) -> torch.Tensor:
+                return head(h, windows[w:w + 1]).logits[0]
 
-        def head_logits(h: torch.Tensor, w: int) -> torch.Tensor:
-            inject.hidden = h
-            return model(input_ids=windows[w:w + 1], use_cache=False).logits[0]
+            # ---- walk 1, the two streams: original (the kl reference) and base state. With a base
+            # state every matrix's SVD is taken here, once, and kept for the measuring walk.
+            original_h = hidden.clone() if (kl and options.base_ratio is not None) else None
+            base_h = hidden
+            for index, layer in enumerate(tqdm(originals, desc="sensitivity: base state", disable=not progress)):
+                with layer_on_device(layer, device, offload):
+                    if original_h is not None:
+                        original_h = run(layer, original_h, index)
+                    names_of_layer.append([])
+                    stats_tensors, streams = None, {}
+                    if options.base_ratio is not None and stats is not None:
+                        stats_tensors, streams = stats.layer(index)
+                    factors: dict = {}
+                    for name, linear in target_linears(layer).items():
+                        full = f"{prefix}.{index}.{name}"
+                        names_of_layer[-1].append(name)
+                        original_of[full] = linear
+                        m, n = linear.out_features, linear.in_features
+                        candidate_ranks[full] = {p: candidate_rank(m, n, p) for p in options.ratios}
+                        base_ranks[full] = None if options.base_ratio is None else rank_for_ratio(m, n, options.base_ratio)
+                        if base_ranks[full] is None:
+                            continue
+                        svds[full] = svd_of(full, linear, factors, stats_tensors, streams, name)
+                        bias = linear.bias.detach() if linear.bias is not None else None
+                        replaced.append((layer, name, linear))
+                        set_submodule(layer, name, svds[full].module(base_ranks[full], bias, dtype, device))
+                    base_h = run(layer, base_h, index)
+            final_base = base_h
+            if original_h is None:
+                original_h = final_base  # the base state is the original model
+            # ---- the reference distribution (kl): original log-probs, stored when small enough
+            store_logprobs = kl and n_windows * seq_len * _vocab(model) * 4 <= options.logprob_cache_bytes
+            original_logprobs = None
+            if store_logprobs:
+                original_logprobs = torch.stack([torch.log_softmax(head_logits(original_h[w:w + 1], w).float(), -1)
+                                                 for w in range(n_windows)])
 
-        def run_from(first: int, h: torch.Tensor) -> torch.Tensor:
-            for k in range(first, len(originals)):
-                args, kwargs = layer_args[k]
-                out = originals[k](h, *args, **kwargs)
-                h = out[0] if isinstance(out, tuple) else out
-            return h
+            def reference(w: int) -> torch.Tensor:
+                if original_logprobs is not None:
+                    return original_logprobs[w]
+                return torch.log_softmax(head_logits(original_h[w:w + 1], w).float(), -1)
 
-        # ---- the two streams, layer by layer: original (the kl reference) and base state. With a
-        # base state every matrix's SVD is taken here, once, and kept for the measuring loop.
-        base_inputs: list[torch.Tensor] = []
-        svds: dict[str, _MatrixSVD] = {}
-        sigmas: dict[str, list[float]] = {}
-        base_ranks: dict[str, int | None] = {}
-        candidate_ranks: dict[str, dict[float, int | None]] = {}
-        original_of: dict[str, nn.Module] = {}
-        names_of_layer: list[list[str]] = []
-        original_h = hidden.clone() if (kl and options.base_ratio is not None) else None
-        base_h = hidden
+            def metric(final: torch.Tensor) -> float:
+                total = torch.zeros((), dtype=torch.float64)
+                for w in range(n_windows):
+                    logits = head_logits(final[w:w + 1], w)
+                    total += (_kl_mean(reference(w), logits) if kl else _nll_sum(logits, windows[w])).cpu()
+                if kl:
+                    return float(total) / (n_windows * seq_len)
+                return math.exp(float(total) / (n_windows * (seq_len - 1)))
 
-        per_matrix = options.scaling.startswith("fisher")  # fisher belongs to the weight, not the stream
-
-        def svd_of(full: str, linear: nn.Module, factors: dict, stats_tensors, streams, name: str) -> _MatrixSVD:
-            stream = streams.get(name)
-            slot = full if per_matrix else stream
-            if slot not in factors:
-                factors[slot] = input_factor(stats_tensors, stream, device, options,
-                                             stats.fisher(full) if per_matrix else None)
-            stream = slot
-            wanted = [r for r in candidate_ranks[full].values() if r is not None]
-            if base_ranks[full] is not None:
-                wanted.append(base_ranks[full])
-            svd = _MatrixSVD(linear.weight.detach(), factors[stream], max(wanted), options.svd_dtype,
-                              options.svd_driver, device)
-            sigmas[full] = [float(s) for s in svd.sigma]
-            return svd
-
-        for index, layer in enumerate(tqdm(originals, desc="sensitivity: base state", disable=not progress)):
-            args, kwargs = layer_args[index]
-            if original_h is not None:
-                original_h = torch.cat([_first(layer(original_h[w:w + 1], *args, **kwargs)) for w in range(n_windows)])
-            base_inputs.append(base_h)
-            names_of_layer.append([])
-            stats_tensors, streams = None, {}
-            if options.base_ratio is not None and stats is not None:
-                stats_tensors, streams = stats.layer(index)
-            factors: dict = {}
-            for name, linear in target_linears(layer).items():
-                full = f"{prefix}.{index}.{name}"
-                names_of_layer[-1].append(name)
-                original_of[full] = linear
-                m, n = linear.out_features, linear.in_features
-                candidate_ranks[full] = {p: candidate_rank(m, n, p) for p in options.ratios}
-                base_ranks[full] = None if options.base_ratio is None else rank_for_ratio(m, n, options.base_ratio)
-                if base_ranks[full] is None:
-                    continue
-                svds[full] = svd_of(full, linear, factors, stats_tensors, streams, name)
-                bias = linear.bias.detach() if linear.bias is not None else None
-                replaced.append((layer, name, linear))
-                set_submodule(layer, name, svds[full].module(base_ranks[full], bias, dtype, device))
-            base_h = torch.cat([_first(layer(base_h[w:w + 1], *args, **kwargs)) for w in range(n_windows)])
-        final_base = base_h
-        if original_h is None:
-            original_h = final_base  # the base state is the original model
-        # ---- the reference distribution (kl): original log-probs, stored when small enough
-        store_logprobs = kl and n_windows * seq_len * _vocab(model) * 4 <= options.logprob_cache_bytes
-        original_logprobs = None
-        if store_logprobs:
-            original_logprobs = torch.stack([torch.log_softmax(head_logits(original_h[w:w + 1], w).float(), -1)
-                                             for w in range(n_windows)])
-
-        def reference(w: int) -> torch.Tensor:
-            if original_logprobs is not None:
-                return original_logprobs[w]
-            return torch.log_softmax(head_logits(original_h[w:w + 1], w).float(), -1)
-
-        def metric_from(first: int, inputs: torch.Tensor | None = None) -> float:
-            total = torch.zeros((), dtype=torch.float64)
-            for w in range(n_windows):
-                h = run_from(first, base_inputs[first][w:w + 1]) if inputs is None else inputs[w:w + 1]
-                logits = head_logits(h, w)
-                total += (_kl_mean(reference(w), logits) if kl else _nll_sum(logits, windows[w])).cpu()
-            if kl:
-                return float(total) / (n_windows * seq_len)
-            return math.exp(float(total) / (n_windows * (seq_len - 1)))
-
-        base_value = metric_from(len(originals), final_base)
-        if not math.isfinite(base_value):
-            raise SensitivityError(f"the {options.metric} of the base state ({options.base_state()}) is {base_value}: "
-                                   f"not finite; use --dtype float32 or a smaller --ratio")
-        evaluations = 1
-        # ---- one matrix at a time, the others in the base state
-        values: dict[str, dict[float, float]] = {}
-        bar = tqdm(total=sum(len(r) for r in candidate_ranks.values()), desc=f"sensitivity ({options.metric})",
-                   disable=not progress)
-        for index, layer in enumerate(originals):
-            stats_tensors, streams = None, {}
-            if options.base_ratio is None and stats is not None:
-                stats_tensors, streams = stats.layer(index)
-            factors = {}
-            for name in names_of_layer[index]:
-                full = f"{prefix}.{index}.{name}"
-                current = layer.get_submodule(name)  # the base state's module
-                original = original_of[full]
-                bias = original.bias.detach() if original.bias is not None else None
-                svd = svds.pop(full, None)
-                if svd is None and any(r is not None for r in candidate_ranks[full].values()):
-                    svd = svd_of(full, original, factors, stats_tensors, streams, name)
-                row: dict[float, float] = {}
-                dense_value = None
-                for p, rank in candidate_ranks[full].items():
-                    if rank == base_ranks[full]:
-                        row[p] = base_value  # the base state itself
-                    elif rank is None and dense_value is not None:
-                        row[p] = dense_value  # a rank that would not shrink it: dense
-                    else:
-                        set_submodule(layer, name, original if rank is None else svd.module(rank, bias, dtype, device))
-                        try:
-                            row[p] = metric_from(index)
-                        finally:
-                            set_submodule(layer, name, current)
-                        evaluations += 1
-                        if rank is None:
-                            dense_value = row[p]
-                    if not math.isfinite(row[p]):
-                        raise SensitivityError(f"sensitivity of {full} at kept fraction {p:g} (rank {rank}) is "
-                                               f"{row[p]}: not finite; use --dtype float32 or drop that candidate "
-                                               f"from --sensitivity_ratios")
-                    bar.update(1)
-                values[full] = row
-                del svd
-        bar.close()
+            base_value = metric(final_base)
+            if not math.isfinite(base_value):
+                raise SensitivityError(f"the {options.metric} of the base state ({options.base_state()}) is {base_value}: "
+                                       f"not finite; use --dtype float32 or a smaller --ratio")
+            evaluations = 1
+            # ---- walk 2: one matrix at a time, the others in the base state
+            values: dict[str, dict[float, float]] = {}
+            bar = tqdm(total=sum(len(r) for r in candidate_ranks.values()), desc=f"sensitivity ({options.metric})",
+                       disable=not progress)
+            per_group = max(1, stream_bytes // max(1, hidden.numel() * hidden.element_size()))
+            base_h = hidden
+            for index in range(len(originals)):
+                with layer_on_device(originals[index], device, offload) as layer:
+                    stats_tensors, streams = None, {}
+                    if options.base_ratio is None and stats is not None:
+                        stats_tensors, streams = stats.layer(index)
+                    factors = {}
+                    jobs: list[tuple[str, str, int | None, _MatrixSVD | None]] = []  # (full, name, rank, svd)
+                    rows: dict[str, dict[float, float | int]] = {}  # p -> a value (float) or its job's index (int)
+                    for name in names_of_layer[index]:
+                        full = f"{prefix}.{index}.{name}"
+                        svd = svds.pop(full, None)
+                        if svd is None and any(r is not None for r in candidate_ranks[full].values()):
+                            svd = svd_of(full, original_of[full], factors, stats_tensors, streams, name)
+                        row, dense_job = {}, None
+                        for p, rank in candidate_ranks[full].items():
+                            if rank == base_ranks[full]:
+                                row[p] = base_value  # the base state itself
+                            elif rank is None and dense_job is not None:
+                                row[p] = dense_job  # a rank that would not shrink it: dense
+                            else:
+                                row[p] = len(jobs)
+                                if rank is None:
+                                    dense_job = len(jobs)
+                                jobs.append((full, name, rank, svd))
+                        rows[full] = row
+                    results: list[float] = []
+                    for first in range(0, len(jobs), per_group):
+                        results += _measure_group(jobs[first:first + per_group], layer, base_h, index, originals,
+                                                  original_of, run, metric, dtype, device, offload)
+                    evaluations += len(jobs)
+                    for full, row in rows.items():
+                        for p, value in row.items():
+                            row[p] = value if isinstance(value, float) else results[value]
+                            if not math.isfinite(row[p]):
+                                raise SensitivityError(
+                                    f"sensitivity of {full} at kept fraction {p:g} (rank {candidate_ranks[full][p]}) "
+                                    f"is {row[p]}: not finite; use --dtype float32 or drop that candidate from "
+                                    f"--sensitivity_ratios")
+                            bar.update(1)
+                        values[full] = row
+                    base_h = run(layer, base_h, index)
+            bar.close()
     finally:
         for layer, name, original in reversed(replaced):
             set_submodule(layer, name, original)
-        for j, layer in enumerate(originals):
-            layers[j] = layer
-        if restore_non_layer is not None:
-            restore_non_layer()
-        restore_weights()
     return SensitivityTable(key, values, base_value, candidate_ranks, sigmas, time.perf_counter() - start, evaluations)
+
+
+def _measure_group(jobs: list, layer: nn.Module, inputs: torch.Tensor, index: int, originals: list[nn.Module],
+                   original_of: dict[str, nn.Module], run, metric, dtype: torch.dtype, device: torch.device | str,
+                   offload: torch.device | str) -> list[float]:
+    """The metric of each job (a matrix of `layer`, decoder layer `index`, on the device, at a rank;
+    None: dense): the job's stream through `layer` from `inputs`, then through every later layer,
+    each brought to the device once for all the jobs' streams."""
+    streams = []
+    for full, name, rank, svd in jobs:
+        current = layer.get_submodule(name)  # the base state's module
+        original = original_of[full]
+        if rank is None:  # the dense original: device copies of its tensors meanwhile
+            restore, module = copies_to(original, device), original
+        else:
+            bias = original.bias.detach() if original.bias is not None else None
+            restore, module = None, svd.module(rank, bias, dtype, device)
+        set_submodule(layer, name, module)
+        try:
+            streams.append(run(layer, inputs, index))
+        finally:
+            set_submodule(layer, name, current)
+            if restore is not None:
+                restore()
+    for later in range(index + 1, len(originals)):
+        with layer_on_device(originals[later], device, offload) as next_layer:
+            streams = [run(next_layer, h, later) for h in streams]
+    return [metric(h) for h in streams]
 
 
 def _first(out) -> torch.Tensor:
@@ -468,15 +478,6 @@ def _first(out) -> torch.Tensor:
 
 def _vocab(model: nn.Module) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
-
-
-def _install_head(model: nn.Module, layers: nn.ModuleList, inject: _Inject, device) -> callable:
-    """Put the injecting stand-ins in the layer list and the non-layer modules on the device."""
-    from utils.model import non_layer_modules_to
-    restore = non_layer_modules_to(model, device)  # before the swap: it finds the layers by their class
-    for j in range(len(layers)):
-        layers[j] = inject if j == 0 else _Pass()
-    return restore
 
 
 def sensitivity_table(model: nn.Module, windows: torch.Tensor | None, stats, device: torch.device | str,
@@ -518,39 +519,66 @@ def searched_decomposition(decompose=None):
 
 
 @torch.no_grad()
-def calibration_ppl(model: nn.Module, windows: torch.Tensor, device: torch.device | str) -> float:
-    """Perplexity of `model` (moved to `device`) on `windows`, each window's first token unscored: the
-    number the --ppl_target search compares with its target, and step 3 with it after building."""
-    model.to(device)
-    total = torch.zeros((), dtype=torch.float64)
-    for w in range(windows.shape[0]):
-        ids = windows[w].to(device)
-        total += _nll_sum(model(input_ids=ids[None], use_cache=False).logits[0], ids).cpu()
-    return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))
+def calibration_ppl(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
+                    offload: torch.device | str = "cpu") -> float:
+    """Perplexity of `model` on `windows`, each window's first token unscored: the number the
+    --ppl_target search compares with its target, and step 3 with it after building. Layer by layer
+    (one decoder layer on `device` at a time, then the head); the model is left on `offload`."""
+    return _walk_ppl(model, windows, device, None, offload)
 
 
 @torch.no_grad()
-def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device: torch.device | str,
-                         decompose=None):
-    """ranks -> calibration perplexity on `windows` of a copy of `model` compressed by those ranks
-    with searched_decomposition(decompose) (step 3's decomposition; default: DecomposeOptions()): what
-    ASVD's --ppl_target search evaluates. Not applied: NOT_SEARCHED."""
-    import copy
+def _walk_ppl(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
+              change: Callable[[LayerContext], Callable[[], None]] | None, offload: torch.device | str) -> float:
+    """calibration_ppl with each layer as change(context) makes it (on the device; the function it
+    returns puts the layer back as it was, after the layer's outputs are taken)."""
+    final: dict[str, torch.Tensor] = {}
 
+    def run(context: LayerContext) -> torch.Tensor:
+        undo = change(context) if change is not None else None
+        try:
+            final["hidden"] = context.run()
+        finally:
+            if undo is not None:
+                undo()
+        return final["hidden"]
+
+    walk_layers(model, windows, device, run, desc="calibration ppl", offload=offload, changes_weights=False)
+    total = torch.zeros((), dtype=torch.float64)
+    with head_on_hidden(model, device) as head:
+        for w in range(windows.shape[0]):
+            ids = windows[w:w + 1].to(device)
+            total += _nll_sum(head(final["hidden"][w:w + 1], ids).logits[0], ids[0]).cpu()
+    return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device: torch.device | str,
+                         decompose=None, offload: torch.device | str = "cpu"):
+    """ranks -> calibration perplexity on `windows` of `model` compressed by those ranks with
+    searched_decomposition(decompose) (step 3's decomposition; default: DecomposeOptions()): what
+    ASVD's --ppl_target search evaluates. Not applied: NOT_SEARCHED. Each layer is compressed on the
+    device during the walk and put back as it was once its outputs are taken: no copy of the model."""
+    from methods.decompose import Decompose
     from utils.model import target_shapes
-    from utils.pipeline import CompressOptions, compress_model
     from utils.plan import ModulePlan, Plan
     shapes = target_shapes(model)
     decompose = searched_decomposition(decompose)
 
     def evaluate(ranks: dict) -> float:
-        compressed = copy.deepcopy(model)
         plan = Plan({n: ModulePlan(m, k, b, ranks.get(n)) for n, (m, k, b) in shapes.items()}, None, "asvd")
-        if plan.ranks:
-            compress_model(compressed, plan, CompressOptions(decompose), device,
-                           stats if decompose.needs_stats else None)
-        ppl = calibration_ppl(compressed, windows, device)
-        del compressed
-        return ppl
+        if not plan.ranks:
+            return calibration_ppl(model, windows, device, offload)
+        compress_layer = Decompose(plan, decompose, stats if decompose.needs_stats else None)
+
+        def change(context: LayerContext) -> Callable[[], None]:
+            before = dict(target_linears(context.layer))
+            compress_layer(context)
+
+            def undo() -> None:
+                for name, module in before.items():
+                    set_submodule(context.layer, name, module)
+            return undo
+
+        return _walk_ppl(model, windows, device, change, offload)
 
     return evaluate

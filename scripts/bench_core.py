@@ -226,8 +226,9 @@ def main(argv=None) -> int:
                     stats.close()
             decomposition_s = compression.pop("seconds")
             start = time.perf_counter()
-            save_compressed(model, tokenizer, save_path,
-                            compression_block(compression, opts.model, model, stats, opts.seed, opts.num_layers))
+            save_compressed(model, tokenizer, save_path,  # the benchmark's own work folder: a rerun replaces it
+                            compression_block(compression, opts.model, model, stats, opts.seed, opts.num_layers),
+                            overwrite=True)
             save_s = round(time.perf_counter() - start, 3)
             entry = {"ratio": ratio, **settings,
                      "decomposition_s": decomposition_s, "save_s": save_s,

@@ -187,7 +187,7 @@ def main(argv=None) -> int:
         torch.nn.Module.to(built, torch.float16)
         path = os.path.join(args.workdir, name)
         start = time.perf_counter()
-        save_compressed(built, tokenizer, path, block)
+        save_compressed(built, tokenizer, path, block, overwrite=True)  # its own work folder: a rerun replaces it
         record["save_s"] = round(time.perf_counter() - start, 3)
         file = os.path.join(path, "model.safetensors")
         record["storage"] = linear_storage(built, safetensors_tensor_bytes(file))

@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
         compression = pipeline.compression_block(record, options.model, model, stats, options.seed, options.num_layers,
                                                  random_weights=is_random_spec(options.model))
         start = time.perf_counter()
-        io_module.save_compressed(model, loaded["tokenizer"], save_path, compression)
+        io_module.save_compressed(model, loaded["tokenizer"], save_path, compression, overwrite=True)  # its work folder
         timings["save_s"] = round(time.perf_counter() - start, 3)
         return compression
 

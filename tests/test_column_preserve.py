@@ -155,7 +155,8 @@ def test_save_load_round_trip_gives_identical_logits(compressed, monkeypatch):
     with torch.no_grad():
         expected = model(ids).logits
         assert torch.equal(ours(ids).logits, expected)
-        assert torch.equal(remote(ids).logits, expected)
+        # the remote code runs the v factors of q/k/v and gate/up as one matmul: float rounding
+        assert (remote(ids).logits - expected).abs().max() <= 1e-5 * expected.abs().max()
     for name, entry in block["column_preserved"].items():
         module = remote.get_submodule(name)
         assert type(module).__name__ == "ColumnPreservedLinear" and module.columns == entry["columns"]

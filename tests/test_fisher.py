@@ -75,3 +75,26 @@ def test_cli_fisher_scaling_needs_fisher_statistics(tmp_path, capsys):
     assert "rerun step 1 with --fisher" in capsys.readouterr().err
     assert compress.main(["--step", "1-3", "--fisher", "--scaling", "fisher", "--overwrite", *base]) == 0
     assert compress.main(["--step", "3", "--act_aware", "--sigma_fuse", "U", "--overwrite", *base]) == 0
+
+
+def test_layer_inputs_go_to_disk_and_are_removed(tmp_path, monkeypatch, one_thread):
+    """The backward reads each layer's inputs from a file in scratch_dir (every layer's, N x L x d),
+    and nothing is left there afterwards."""
+    import utils.fisher
+    model = tiny_model("llama")
+    windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    read = []
+    real = torch.load
+
+    def load(path, *args, **kwargs):
+        tensor = real(path, *args, **kwargs)
+        read.append((str(path).startswith(str(tmp_path)), tuple(tensor.shape)))
+        return tensor
+
+    monkeypatch.setattr(utils.fisher.torch, "load", load)
+    fisher, _ = fisher_information(model, windows, "cpu", scratch_dir=str(tmp_path))
+    assert read == [(True, (3, 16, 64))] * 2  # two decoder layers, read top down
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    expected = brute_force_fisher(model, windows)
+    assert all(float((fisher[n] - expected[n]).abs().max() / expected[n].abs().max()) < 1e-4 for n in expected)

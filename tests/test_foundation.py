@@ -348,7 +348,7 @@ def test_v2_allocation_meets_the_budget_and_drives_step_3(tiny_dir, tmp_path):
     assert compress.main(["--step", "1-3", "--model", tiny_dir, "--dataset", "random", "--whitening_nsamples", "8",
                           "--model_seq_len", "32", "--save_path", str(out), "--device", "cpu", "--ratio", "0.4",
                           "--allocation", "v2"]) == 0
-    plan = Plan.load(str(out / "stats" / "plan_0.4.json"))
+    plan = Plan.load(str(tmp_path / "out.stats" / "plan_0.4.json"))
     assert plan.allocation == "v2" and 0.4 <= plan.removed_fraction() <= 0.405
     uniform = {n: rank_for_ratio(p.out_features, p.in_features, 0.4) for n, p in plan.modules.items()}
     assert any(p.rank != uniform[n] for n, p in plan.modules.items())

@@ -157,9 +157,11 @@ def test_training_lowers_the_loss_and_keeps_the_parameter_count():
 
 
 def test_float16_model_trains_in_float32_and_stays_float16():
+    """--lora_frozen_dtype float32: the whole model in float32 for the stage, as before."""
     model, _ = low_rank(dtype=torch.float16)
     v0 = factors(model, "v")
-    record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(), options(stages=("u",)), progress=False)
+    record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(), options(stages=("u",), frozen_dtype="float32"),
+                                  progress=False)
     assert record["train_dtype"] == "float32" and record["saved_dtype"] == "float16"
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     assert all(torch.equal(v0[k], w) for k, w in factors(model, "v").items())  # fp16 -> fp32 -> fp16 exact
@@ -167,6 +169,58 @@ def test_float16_model_trains_in_float32_and_stays_float16():
     stage = record["stage_records"][0]
     assert stage["val_loss_before"] == pytest.approx(5.5617, abs=2e-3)
     assert stage["val_loss_after"] < stage["val_loss_before"] - 0.15
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_frozen_weights_stay_in_the_model_dtype_with_float32_adapters(dtype, monkeypatch):
+    """The default: no float32 copy of the frozen model; the adapters (the only trainable tensors)
+    are float32, and a float16 model trains with loss scaling."""
+    model, _ = low_rank(dtype=dtype)
+    v0 = factors(model, "v")
+    seen = []
+    real = lora._train_adapters
+
+    def spy(peft_model, *args, **kwargs):
+        seen.append({(p.dtype, p.requires_grad) for p in peft_model.parameters()})
+        return real(peft_model, *args, **kwargs)
+
+    monkeypatch.setattr(lora, "_train_adapters", spy)
+    record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(), options(stages=("u",)), progress=False)
+    assert seen == [{(dtype, False), (torch.float32, True)}]
+    assert record["train_dtype"] == f"frozen {str(dtype)[6:]}, adapters float32"
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert all(torch.equal(v0[k], w) for k, w in factors(model, "v").items())  # the frozen factor untouched
+    stage = record["stage_records"][0]
+    assert stage.get("loss_scaling", False) == (dtype == torch.float16)
+    # the same start as the float32 model's (5.5617) to the dtype's rounding, and it learns
+    assert stage["val_loss_before"] == pytest.approx(5.5617, abs=3e-2)
+    assert stage["val_loss_after"] < stage["val_loss_before"] - 0.15
+
+
+def test_gradient_checkpointing_gives_the_same_training():
+    from utils.model import decoder_layers
+    runs, calls = [], []
+    for checkpointing in (False, True):
+        model, _ = low_rank()
+        count = [0]
+        # on a module inside each layer: transformers checkpoints the layer's forward, outside its hooks
+        hooks = [next(layer.children()).register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+                 for layer in decoder_layers(model)]
+        record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(),
+                                      options(dropout=0.1, gradient_checkpointing=checkpointing), progress=False)
+        for hook in hooks:
+            hook.remove()
+        runs.append((record["stage_records"], factors(model, "u"), factors(model, "v")))
+        calls.append(count[0])
+        assert not model.is_activation_checkpointing
+    # 2 stages x 6 steps x 2 micro-batches x 2 layers recomputed in the backward pass
+    assert calls[1] - calls[0] == 2 * 6 * 2 * 2
+    (records, u, v), (records_c, u_c, v_c) = runs
+    for a, b in zip(records, records_c):
+        assert [x[1] for x in a["train_loss_curve"]] == pytest.approx([x[1] for x in b["train_loss_curve"]], rel=1e-5)
+        assert a["val_loss_after"] == pytest.approx(b["val_loss_after"], rel=1e-5)
+    assert all(torch.allclose(u[k], u_c[k], atol=1e-6) for k in u) and all(torch.allclose(v[k], v_c[k], atol=1e-6) for k in v)
+    assert any(not torch.equal(u[k], factors(low_rank()[0], "u")[k]) for k in u)  # it trained
 
 
 @pytest.mark.parametrize("suffix", ["", ".pt"])
@@ -268,10 +322,15 @@ def test_lora_cli_as_svd_llm_users_type_it(compressed_dir, text_file, tmp_path, 
     assert lora.main(["--prune_model", compressed_dir, "--data_path", text_file, "--output_dir", out, "--lora_r", "4",
                       "--num_epochs", "1", "--learning_rate", "1e-2", "--batch_size", "4", "--micro_batch_size", "2",
                       "--cutoff_len", "32", "--max_steps", "3", "--val_set_size", "4", "--device", "cpu"]) == 0
-    assert "LoRA u: 3 steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "LoRA u: 3 steps" in printed
+    # the estimate comes before the training, and the record holds it with the time taken
+    estimate = printed.index("LoRA (step 7): about")
+    assert "2 stages x 3 steps x 4 examples per step" in printed[estimate:] and estimate < printed.index("LoRA u: 3 steps")
     before, _, block_before = load_compressed(compressed_dir)
     after, tokenizer, block = load_compressed(out)
     record = block["lora"]
+    assert record["cost"]["counts"] == {"stages": 2, "steps": 3, "examples per step": 4} and record["cost"]["actual_s"] > 0
     assert tokenizer is not None and block["ranks"] == block_before["ranks"]
     assert count_parameters(after) == count_parameters(before) == record["parameters"]
     assert record["r"] == 4 and record["alpha"] == 16 and record["learning_rate"] == 1e-2 and record["seed"] == 0
@@ -285,14 +344,18 @@ def test_lora_cli_as_svd_llm_users_type_it(compressed_dir, text_file, tmp_path, 
     assert torch.allclose(logits(remote), logits(after), rtol=0, atol=1e-5)
 
 
-def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--lora_offload_layers", "--gradient_checkpointing", "--lora_frozen_dtype", "float32"]])
+def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path, extra):
     out = str(tmp_path / "chained")
     assert compress.main(["--step", "1-3,7", "--model", tiny_dir, "--dataset", "random", "--whitening_nsamples", "4",
                           "--model_seq_len", "32", "--save_path", out, "--device", "cpu", "--data_path", text_file,
                           "--cutoff_len", "32", "--batch_size", "2", "--micro_batch_size", "1", "--max_steps", "2",
-                          "--val_set_size", "2"]) == 0
+                          "--val_set_size", "2", *extra]) == 0
     _, _, block = load_compressed(out)
     assert block["method"] == "svd-llm" and [s["steps"] for s in block["lora"]["stage_records"]] == [2, 2]
+    record = block["lora"]
+    assert (record["offload_layers"], record["gradient_checkpointing"], record["frozen_dtype"]) == (
+        (True, True, "float32") if extra else (False, False, "model"))
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -385,3 +448,35 @@ def test_column_preserved_layers_train_their_factors_and_keep_their_columns():
         u, v, c = before[name]
         assert not torch.equal(module.u.weight, u) and not torch.equal(module.v.weight, v)
         assert torch.equal(module.c.weight, c)
+
+
+def test_a_stage_warns_nothing():
+    # peft's get_peft_model read transformers' deprecated is_gradient_checkpointing: a FutureWarning
+    # at every step 7 that the user cannot act on
+    import warnings
+    model, _ = low_rank()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora.sequential_lora(model, NoTokenizer(), pattern_examples(), options(max_steps=1), progress=False)
+    assert [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offloaded_layers_give_the_same_training(dtype):
+    """--lora_offload_layers (layers on the host, each moved in and recomputed) trains as the model on
+    the device does: same losses and factors, the adapters' dropout included."""
+    runs = []
+    for offload_layers in (False, True):
+        model, _ = low_rank(dtype=dtype)
+        record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(),
+                                      options(dropout=0.1, offload_layers=offload_layers), progress=False)
+        runs.append((record["stage_records"], factors(model, "u"), factors(model, "v"), model))
+    (records, u, v, _), (records_o, u_o, v_o, model) = runs
+    for a, b in zip(records, records_o):
+        assert [x[1] for x in a["train_loss_curve"]] == pytest.approx([x[1] for x in b["train_loss_curve"]], rel=1e-5)
+        assert a["val_loss_after"] == pytest.approx(b["val_loss_after"], rel=1e-5)
+    assert all(torch.allclose(u[k].float(), u_o[k].float(), atol=1e-6) for k in u)
+    assert all(torch.allclose(v[k].float(), v_o[k].float(), atol=1e-6) for k in v)
+    assert any(not torch.equal(u[k], factors(low_rank(dtype=dtype)[0], "u")[k]) for k in u)  # it trained
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)  # the layers are plain again
+    assert {p.dtype for p in model.parameters()} == {dtype} and all(p.requires_grad for p in model.parameters())

@@ -126,7 +126,7 @@ def test_what_save_compressed_writes_is_ours(tokenizer_of, tmp_path):
         check_output_path(path, "model", overwrite=True)
     # and a second save over the first (stats/ kept) goes through atomic_path's own check
     stats_dir(os.path.join(directory, "stats"))
-    save_compressed(model, tokenizer, directory, COMPRESSION)
+    save_compressed(model, tokenizer, directory, COMPRESSION, overwrite=True)
     assert os.path.isfile(os.path.join(directory, "stats", "meta.json"))
     assert not [n for n in os.listdir(tmp_path) if ".old-" in n or ".partial-" in n]
 

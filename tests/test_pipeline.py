@@ -83,8 +83,8 @@ def test_compress_ranks_params_and_reload(family, ratio, model_dirs, tmp_path):
     assert compression["ranks"] == session.compression["ranks"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
-    # the statistics of step 1 survive step 3 writing into the same directory
-    assert os.path.isfile(os.path.join(save_path, "stats", "meta.json"))
+    # the statistics of step 1 are beside the model, not inside it
+    assert os.path.isfile(os.path.join(save_path + ".stats", "meta.json"))
     config = json.load(open(os.path.join(save_path, "config.json")))
     block = config["compression"]
     for key in ("base_model", "method", "ratio", "ranks", "whitening", "decomposition", "calibration", "fallbacks"):
@@ -115,8 +115,8 @@ def test_layerwise_statistics_match_a_full_forward(family, model_dirs, tmp_path)
             model(window[None])
     for h in handles:
         h.remove()
-    stats = load_file(str(tmp_path / "out" / "stats" / "layer_0001.safetensors"))
-    meta = json.load(open(tmp_path / "out" / "stats" / "meta.json"))
+    stats = load_file(str(tmp_path / "out.stats" / "layer_0001.safetensors"))
+    meta = json.load(open(tmp_path / "out.stats" / "meta.json"))
     streams = meta["streams"]["1"]
     assert len(set(streams.values())) == 4  # q/k/v share one Gram, gate/up share one
     for name, gram in grams.items():
@@ -153,7 +153,7 @@ def test_step3_alone_reads_statistics_and_matches_chained_run(model_dirs, tmp_pa
     chained = str(tmp_path / "chained")
     session = run_steps(make_args(model_dirs["llama"], chained))
     assert compress.main(["--step", "3", "--model", model_dirs["llama"], "--save_path", str(tmp_path / "alone"),
-                          "--stats_path", os.path.join(chained, "stats"), "--device", "cpu"]) == 0
+                          "--stats_path", chained + ".stats", "--device", "cpu"]) == 0
     alone, _, _ = load_compressed(str(tmp_path / "alone"))
     ids = torch.arange(20)[None]
     with torch.no_grad():
@@ -228,7 +228,7 @@ def test_closed_form_update_is_sequential_and_fits_the_compressed_stream(model_d
                      "--updating_nsamples", "8", "--ratio", "0.6")
     session = run_steps(args)
     assert len(fitted) == 14
-    fit_windows = compress._windows(args, session, 8)[:6]  # the last quarter (2 windows) is held out
+    fit_windows = compress._windows(args, session, 8)[0][:6]  # the last quarter (2 windows) is held out
     final = _layer_inputs_of_final_model(session.model, fit_windows)
     for name, gram in fitted.items():
         expected = final[name]
@@ -318,7 +318,7 @@ def test_step2_plan_drives_step3(model_dirs, tmp_path):
     assert compress.main(["--step", "1,2", "--model", model_dirs["llama"], "--dataset", "random",
                           "--whitening_nsamples", "4", "--model_seq_len", "16", "--save_path", out,
                           "--ratio", "0.4", "--device", "cpu"]) == 0
-    plan_path = os.path.join(out, "stats", "plan_0.4.json")
+    plan_path = os.path.join(out + ".stats", "plan_0.4.json")
     table = json.load(open(plan_path))
     assert table["ratio"] == 0.4 and len(table["modules"]) == 14
     assert table["modules"]["model.layers.0.mlp.down_proj"] == {"shape": [64, 160], "bias": False,
@@ -339,7 +339,7 @@ def test_step2_plan_drives_step3(model_dirs, tmp_path):
         block["parameters"]["original"] - block["parameters"]["compressed"])
     # at another ratio the plan is not picked up: uniform ranks
     assert compress.main(["--step", "3", "--model", model_dirs["llama"], "--save_path", str(tmp_path / "o2"),
-                          "--stats_path", os.path.join(out, "stats"), "--ratio", "0.2", "--device", "cpu"]) == 0
+                          "--stats_path", out + ".stats", "--ratio", "0.2", "--device", "cpu"]) == 0
     assert load_compressed(str(tmp_path / "o2"))[2]["plan_source"] is None
 
 

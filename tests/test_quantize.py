@@ -359,12 +359,12 @@ def test_cli_step8_on_the_original_and_weight_quant_on_step3(model_dir, tmp_path
     section = block["quantization"]
     assert (section["method"], section["wbits"], section["groupsize"], section["calibration"]) == ("rtn", 8, -1, None)
     assert set(section["modules"]) == {f"{n}.{f}" for n in block["ranks"] for f in ("u", "v")}
-    assert os.path.isfile(os.path.join(int8_path, "stats", "meta.json"))  # step 1's statistics survive
+    assert os.path.isfile(os.path.join(int8_path + ".stats", "meta.json"))  # step 1's statistics, beside the model
     model, _, _ = load_compressed(int8_path)
     assert all(isinstance(model.get_submodule(f"{n}.u"), QuantLinear) for n in block["ranks"])
     # step 8 from a saved step-3 model: the low-rank block gets the quantization section
     low_rank_path = str(tmp_path / "svd")
-    assert run_cli("--step", "3", *common, "--stats_path", os.path.join(int8_path, "stats"),
+    assert run_cli("--step", "3", *common, "--stats_path", int8_path + ".stats",
                    "--save_path", low_rank_path) == 0
     both = str(tmp_path / "svd-gptq")
     assert run_cli("--step", "8", "--model_path", low_rank_path, "--dataset", "random", "--model_seq_len", "32",
@@ -380,9 +380,9 @@ def test_cli_step_3_8_writes_the_save_path_once_with_the_quantized_model(model_d
     written = []
     save = utils.io.save_compressed
 
-    def counting_save(model, tokenizer, path, compression):
+    def counting_save(model, tokenizer, path, compression, dtype=None):
         written.append((path, "quantization" in compression))
-        return save(model, tokenizer, path, compression)
+        return save(model, tokenizer, path, compression, dtype)
 
     monkeypatch.setattr(utils.io, "save_compressed", counting_save)
     path = str(tmp_path / "svd-rtn")

@@ -68,7 +68,7 @@ def random_ids() -> torch.Tensor:
 
 def test_remote_code_gives_our_loaders_logits(saved, no_prompt):
     family, path, original = saved
-    ours, _, compression = load_compressed(path)
+    ours, _, compression = load_compressed(path, fuse=True)  # as the remote code: v factors fused
     assert no_prompt == []
     remote = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
     assert type(remote).__name__ == "SvdCompress" + compression["base_architecture"]
@@ -79,12 +79,28 @@ def test_remote_code_gives_our_loaders_logits(saved, no_prompt):
     ids = random_ids()
     with torch.no_grad():
         expected = ours(ids).logits
-        assert torch.equal(original(ids).logits, expected)
+        # both loaders fuse the v factors of q/k/v and gate/up (one matmul): float rounding only
+        unfused = original(ids).logits
+        assert (unfused - expected).abs().max() <= 1e-6 * unfused.abs().max()
         assert torch.equal(remote(ids).logits, expected)
     if ours.config.tie_word_embeddings:
         assert remote.lm_head.weight is remote.get_input_embeddings().weight
     generated = remote.generate(ids[:1, :6], max_new_tokens=3, do_sample=False)
     assert torch.equal(generated, ours.generate(ids[:1, :6], max_new_tokens=3, do_sample=False))
+
+
+def test_remote_base_model_gives_our_hidden_states(saved, no_prompt):
+    """AutoModel (what vLLM's Transformers backend builds) must be the low-rank decoder, not the dense one."""
+    from transformers import AutoModel
+    _, path, _ = saved
+    ours, _, compression = load_compressed(path)
+    remote = AutoModel.from_pretrained(path, trust_remote_code=True)
+    assert type(remote).__name__ == "SvdCompress" + type(ours.base_model).__name__
+    prefix = ours.base_model_prefix + "."
+    for name, rank in compression["ranks"].items():
+        assert remote.get_submodule(name.removeprefix(prefix)).rank == rank
+    with torch.no_grad():
+        assert torch.equal(remote(random_ids()).last_hidden_state, ours.base_model(random_ids()).last_hidden_state)
 
 
 @pytest.mark.parametrize("trust", [None, False])
@@ -116,7 +132,8 @@ def test_config_layout(saved):
     assert config["compression"]["base_model_type"] == base_type
     assert config["compression"]["base_architecture"] == type(original).__name__
     module = os.path.splitext(hf_remote.MODELING_FILE)[0]
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    # vLLM's Transformers backend imports them in this order and builds the AutoModel one
+    assert list(config["auto_map"]) == ["AutoConfig", "AutoModel", "AutoModelForCausalLM"]
     assert all(ref.startswith(module + ".") for ref in config["auto_map"].values())
     assert config["architectures"] == [config["auto_map"]["AutoModelForCausalLM"].split(".")[1]]
     assert is_compressed_model(path)
@@ -197,3 +214,51 @@ def test_saved_tokenizer_loads_without_a_prompt(no_prompt, tmp_path):
     _, loaded, _ = load_compressed(path)
     assert loaded is not None and loaded("hello world")["input_ids"] == [1, 2]
     assert no_prompt == []  # AutoTokenizer reads config.json too: it must not offer to run the code
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+    backend = Tokenizer(WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def _run_quiet(code: str, tmp_path) -> tuple[str, str]:
+    """Run `code` in a fresh interpreter with stdin closed (a prompt would read EOF) and a timeout
+    (a prompt waiting on a terminal would hang); (stdout, stderr)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout, done.stderr
+
+
+def test_loading_a_compressed_model_prints_nothing(tmp_path):
+    # every load used to log transformers' "You are using a model of type `svd_compress_llama` to
+    # instantiate a model of type ``" (AutoTokenizer falling back to a generic config)
+    model, compression = make_low_rank("llama")
+    path = str(tmp_path / "quiet")
+    save_compressed(model, _word_tokenizer(), path, compression)
+    out, err = _run_quiet(f"from utils.io import load_compressed\n"
+                          f"_, t, _ = load_compressed({path!r})\nprint(t('hello world')['input_ids'])", tmp_path)
+    assert out.strip() == "[1, 2]"
+    assert err == ""
+
+
+def test_exported_tokenizer_loads_without_remote_code_or_prompt(tmp_path):
+    # README's sharing line: the directory's tokenizer through a concrete tokenizer class, which
+    # reads the tokenizer files only (AutoTokenizer reads config.json, whose auto_map asks y/N)
+    tokenizer = _word_tokenizer()
+    model, compression = make_low_rank("llama")
+    path = str(tmp_path / "shared")
+    save_compressed(model, tokenizer, path, compression)
+    out, err = _run_quiet(f"from transformers import PreTrainedTokenizerFast\n"
+                          f"t = PreTrainedTokenizerFast.from_pretrained({path!r})\n"
+                          f"print(t('hello world there')['input_ids'])", tmp_path)
+    assert out.strip() == str(tokenizer("hello world there")["input_ids"]) == "[1, 2, 0]"
+    assert err == ""

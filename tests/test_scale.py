@@ -118,7 +118,7 @@ def test_steps_1_and_3_end_to_end_on_cpu(tiny_preset, tmp_path):
     assert config["compression"]["random_weights"] is True
     assert config["random_weights_preset"] == "tiny-llama2"
     assert config["num_hidden_layers"] == 2
-    assert read_json(os.path.join(save, "stats", "meta.json"))["model"] == tiny_preset
+    assert read_json(os.path.join(save + ".stats", "meta.json"))["model"] == tiny_preset
     assert len(config["compression"]["ranks"]) == 2 * 7
     model, tokenizer, compression = load_compressed(save)
     assert tokenizer is None and compression["random_weights"] is True

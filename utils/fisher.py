@@ -10,51 +10,27 @@ the mean over windows of the squared per-window gradient (ASVD accumulates grad^
 calibration sample's backward, batch size 1, and divides by the number of samples), summed over
 output rows (ASVD takes their mean: a constant factor m, which no truncation sees), square-rooted.
 
-Memory stays bounded as in the walk (utils.layerwise): a forward pass keeps each decoder layer's
-inputs on `offload`; then from the top down, the head's gradient (the model's own final norm
-and lm_head, fed through its forward with the decoder layers standing aside) enters the last
-layer, and each layer in turn goes to the device, recomputes one window at a time with
-gradients, adds that window's squared weight gradients, and hands the input gradient to the
-layer below. One layer, one window's activations and the per-window output gradients of one
-layer are on the device at a time.
+Memory stays bounded as in the walk (utils.layerwise): a forward walk writes each decoder layer's
+inputs to a temporary directory on disk (`scratch_dir`, default the system's temporary folder;
+one file per layer, removed at the end), never holding more than one layer's in memory; then from
+the top down, the head's gradient (utils.model.head_on_hidden: the model's own final norm and
+lm_head) enters the last layer, and each layer in turn goes to the device, reads its inputs back
+(memory-mapped), recomputes one window at a time with gradients, adds that window's squared weight
+gradients, and hands the input gradient to the layer below. One layer, one window's activations
+and the per-window output gradients of two layers (this one's, the one below's) are on the device
+at a time; the disk holds every layer's inputs (layers x N x L x d in the model's dtype).
 """
 from __future__ import annotations
+
+import os
+import tempfile
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.layerwise import capture_layer_inputs, run_layer
-from utils.model import decoder_layers, layer_prefix, non_layer_modules_to, target_linears
-
-
-class _Inject(nn.Module):
-    """Stands in for decoder layer 0 (returning the given hidden states, the last layer's output)
-    and for every other layer (returning its input): the model's forward is then the head alone."""
-
-    def __init__(self, hidden: dict, first: bool):
-        super().__init__()
-        self.hidden, self.first = hidden, first
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return self.hidden["value"] if self.first else hidden_states
-
-
-def head_gradient(model: nn.Module, window: torch.Tensor, last_output: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(dL/dh, L) for one window: L the LM loss of the model's head on h = last_output (1 x L x d)."""
-    layers = decoder_layers(model)
-    originals = list(layers)
-    hidden = {"value": last_output.detach().requires_grad_(True)}
-    try:
-        for j in range(len(layers)):
-            layers[j] = _Inject(hidden, first=(j == 0))
-        with torch.enable_grad():
-            out = model(window[None], labels=window[None], use_cache=False)
-            (gradient,) = torch.autograd.grad(out.loss, [hidden["value"]])
-    finally:
-        for j, layer in enumerate(originals):
-            layers[j] = layer
-    return gradient, float(out.loss.detach())
+from utils.layerwise import LayerContext, layer_on_device, walk_layers
+from utils.model import decoder_layers, head_on_hidden, layer_prefix, target_linears
 
 
 def _layer_call(layer: nn.Module, hidden: torch.Tensor, layer_args: tuple[tuple, dict]) -> torch.Tensor:
@@ -64,63 +40,69 @@ def _layer_call(layer: nn.Module, hidden: torch.Tensor, layer_args: tuple[tuple,
 
 
 def fisher_information(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
-                       offload: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+                       offload: torch.device | str = "cpu", scratch_dir: str | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict]:
     """Fisher vector (in,) float64 of every target linear, by qualified name, and a summary
-    (windows, mean loss). windows: N x L token ids."""
+    (windows, mean loss). windows: N x L token ids. scratch_dir: where the layers' inputs are
+    kept meanwhile (a fresh directory inside it, removed at the end)."""
     layers = decoder_layers(model)
     prefix = layer_prefix(model)
     num_windows = windows.shape[0]
-    inputs, layer_args = capture_layer_inputs(model, windows, device)
-    # forward: the inputs of every layer, kept on `offload`
-    kept: list[torch.Tensor] = []
-    for index in tqdm(range(len(layers)), desc="fisher forward"):
-        kept.append(inputs.to(offload))
-        layer = layers[index].to(device)
-        with torch.no_grad():
-            inputs = run_layer(layer, inputs, layer_args[index])
-        layers[index] = layer.to(offload)
-    # head: per-window gradient of the loss at the last layer's output
-    restore = non_layer_modules_to(model, device)
-    losses = []
-    try:
-        gradients = torch.empty_like(inputs)
-        for w in tqdm(range(num_windows), desc="fisher head", leave=False):
-            gradients[w:w + 1], loss = head_gradient(model, windows[w].to(device), inputs[w:w + 1])
-            losses.append(loss)
-    finally:
-        restore()
-    del inputs
-    fisher: dict[str, torch.Tensor] = {}
-    for index in tqdm(reversed(range(len(layers))), total=len(layers), desc="fisher backward"):
-        layer = layers[index].to(device)
-        linears = target_linears(layer)
-        flags = {name: linear.weight.requires_grad for name, linear in linears.items()}
-        sums = {name: torch.zeros(linear.in_features, dtype=torch.float64, device=device)
-                for name, linear in linears.items()}
-        layer_inputs = kept[index]
-        below = torch.empty(layer_inputs.shape, dtype=gradients.dtype, device=device) if index else None
-        try:
-            for linear in linears.values():
-                linear.weight.requires_grad_(True)
-            weights = [linear.weight for linear in linears.values()]
-            for w in range(num_windows):
-                hidden = layer_inputs[w:w + 1].to(device).requires_grad_(index > 0)
+    with tempfile.TemporaryDirectory(prefix="svd-fisher-", dir=scratch_dir) as scratch:
+        def kept(index: int) -> str:
+            return os.path.join(scratch, f"inputs_{index:04d}.pt")
+
+        # forward: the inputs of every layer to disk, the call arguments (shared, small) in memory
+        layer_args: list[tuple[tuple, dict]] = []
+        final: dict[str, torch.Tensor] = {}
+
+        def forward(context: LayerContext) -> torch.Tensor:
+            torch.save(context.inputs.cpu(), kept(context.index))
+            layer_args.append(context.layer_args)
+            final["outputs"] = context.run()
+            return final["outputs"]
+
+        walk_layers(model, windows, device, forward, desc="fisher forward", offload=offload, changes_weights=False)
+        # head: per-window gradient of the loss at the last layer's output
+        outputs = final.pop("outputs")
+        losses = []
+        gradients = torch.empty_like(outputs)
+        with head_on_hidden(model, device) as head:
+            for w in tqdm(range(num_windows), desc="fisher head", leave=False):
+                hidden = outputs[w:w + 1].detach().requires_grad_(True)
+                ids = windows[w:w + 1].to(device)
                 with torch.enable_grad():
-                    output = _layer_call(layer, hidden, layer_args[index])
-                    wanted = ([hidden] if index > 0 else []) + weights
-                    grads = torch.autograd.grad(output, wanted, grad_outputs=gradients[w:w + 1].to(device))
-                if index > 0:
-                    below[w:w + 1] = grads[0]
-                for name, grad in zip(linears, grads[1 if index > 0 else 0:]):
-                    sums[name] += grad.to(torch.float64).square().sum(0)
-        finally:
-            for name, linear in linears.items():
-                linear.weight.requires_grad_(flags[name])
-            layers[index] = layer.to(offload)
-        for name, total in sums.items():
-            fisher[f"{prefix}.{index}.{name}"] = (total / num_windows).sqrt().cpu()
-        gradients = below
-        kept[index] = None
+                    loss = head(hidden, ids, labels=ids).loss
+                    (gradients[w:w + 1],) = torch.autograd.grad(loss, [hidden])
+                losses.append(float(loss.detach()))
+        del outputs
+        fisher: dict[str, torch.Tensor] = {}
+        for index in tqdm(reversed(range(len(layers))), total=len(layers), desc="fisher backward"):
+            layer_inputs = torch.load(kept(index), mmap=True, weights_only=True)
+            below = torch.empty(layer_inputs.shape, dtype=gradients.dtype, device=device) if index else None
+            # device copies of the weights: their requires_grad is set here and dropped with them
+            with layer_on_device(layers[index], device, offload) as layer:
+                linears = target_linears(layer)
+                sums = {name: torch.zeros(linear.in_features, dtype=torch.float64, device=device)
+                        for name, linear in linears.items()}
+                for linear in linears.values():
+                    linear.weight.requires_grad_(True)
+                weights = [linear.weight for linear in linears.values()]
+                for w in range(num_windows):
+                    hidden = layer_inputs[w:w + 1].to(device).requires_grad_(index > 0)
+                    with torch.enable_grad():
+                        output = _layer_call(layer, hidden, layer_args[index])
+                        wanted = ([hidden] if index > 0 else []) + weights
+                        grads = torch.autograd.grad(output, wanted, grad_outputs=gradients[w:w + 1])
+                    if index > 0:
+                        below[w:w + 1] = grads[0]
+                    for name, grad in zip(linears, grads[1 if index > 0 else 0:]):
+                        sums[name] += grad.to(torch.float64).square().sum(0)
+            for name, total in sums.items():
+                fisher[f"{prefix}.{index}.{name}"] = (total / num_windows).sqrt().cpu()
+            gradients = below
+            del layer_inputs
+            os.remove(kept(index))
     fisher = {name: fisher[name] for name in _order(model)}  # layer order, as target_shapes
     summary = {"windows": int(num_windows), "seq_len": int(windows.shape[1]),
                "mean_loss": sum(losses) / len(losses) if losses else None,

@@ -33,7 +33,7 @@ from torch import nn
 from component import ColumnPreservedLinear, LowRankLinear
 from component.quant_linear import QuantLinear
 from utils.hf_remote import base_config_dict, remote_code_config, write_remote_code
-from utils.model import set_submodule
+from utils.model import fuse_shared_inputs, set_submodule
 
 FORMAT_VERSION = 1
 KEEP_SUBDIRS = ("stats",)
@@ -57,12 +57,14 @@ def atomic_path(path: str, adopt: Callable[[str], bool] | None = None) -> Iterat
     host (utils.outputs.temporary_token), so a later run knows whose they are.
     """
     from utils.outputs import (OutputError, clean_stale_partials, dead_partials, foreign_entries,
-                               judge_directory, temporary_token)
+                               judge_directory, recover_interrupted_swap, temporary_token)
     path = os.path.abspath(path)
     created = _missing_parents(os.path.dirname(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     token = temporary_token()
     temporary = f"{path}.partial-{token}"
+    # a replacement a kill cut short is completed first: its new output is not a run to adopt
+    recover_interrupted_swap(path)
     adopted = next((candidate for candidate in dead_partials(path) if adopt(candidate)), None) if adopt else None
     if adopted is not None:  # renamed to this run's name first, so the cleaning below keeps it
         _remove(temporary)
@@ -133,11 +135,28 @@ def read_json(path: str) -> dict:
         return json.load(handle)
 
 
-def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -> None:
-    """Write a compressed model (directory, or a single .pt file) atomically."""
-    from safetensors.torch import save_model
-    config = model.config.to_dict()
-    config["compression"] = compression
+def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
+                    dtype: torch.dtype | None = None, overwrite: bool = False,
+                    protected: tuple[str, ...] = ()) -> None:
+    """Write a compressed model (directory, or a single .pt file) atomically.
+
+    The CLI's rule (utils.outputs.check_output_path): an earlier output of this tool at `path` is
+    replaced only with overwrite=True, anything else there never (OutputError, nothing touched);
+    `protected` are paths (the input model) the output may not be, contain or be inside.
+    `dtype` (None: the model's own) casts the model's floating parameters in place before writing,
+    so the model in memory is the one written; `compression` then records it (dtype, and the
+    dtype it was compressed in as compressed_dtype)."""
+    from safetensors.torch import save_file
+    from component.low_rank_linear import unshare_inputs
+    if unshare_inputs(model):  # fused v factors share one storage, which safetensors refuses
+        try:
+            return save_compressed(model, tokenizer, path, compression, dtype, overwrite, protected)
+        finally:
+            fuse_shared_inputs(model)
+    from utils.outputs import check_output_path
+    check_output_path(path, "model", overwrite, protected)
+    _apply_save_dtype(model, compression, dtype)
+    config = _config_to_save(model, compression)
     with atomic_path(path) as temporary:
         if path.endswith(".pt"):
             state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -147,7 +166,7 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -
         os.makedirs(temporary)
         config = remote_code_config(config)
         write_remote_code(temporary, config)
-        save_model(model, os.path.join(temporary, "model.safetensors"), metadata={"format": "pt"})
+        save_file(_deduplicated_state(model), os.path.join(temporary, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(temporary, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2, default=str)
         if tokenizer is not None:
@@ -156,6 +175,29 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict) -
         for keep in KEEP_SUBDIRS:
             if os.path.isdir(os.path.join(path, keep)):
                 os.replace(os.path.join(path, keep), os.path.join(temporary, keep))
+
+
+def _apply_save_dtype(model: nn.Module, compression: dict, dtype: torch.dtype | None) -> None:
+    """save_compressed's `dtype`: record it in `compression` (dtype, and compressed_dtype: the one
+    the model was compressed in) and cast the model's floating parameters to it in place."""
+    from utils.model import cast_parameters, dtype_name
+    if dtype is not None and dtype_name(dtype) != compression.get("dtype", dtype_name(dtype)):
+        compression["compressed_dtype"] = compression["dtype"]
+        compression["dtype"] = dtype_name(dtype)
+    if dtype is not None:
+        cast_parameters(model, dtype)
+        model.config.dtype = dtype  # config.json's dtype: what from_pretrained(dtype="auto") builds
+
+
+def _config_to_save(model: nn.Module, compression: dict) -> dict:
+    """config.json's content (before remote_code_config): the model's config with the compression block."""
+    config = model.config.to_dict()
+    config["compression"] = compression
+    if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
+        # a GGUF checkpoint is de-quantized on load: the saved tensors are plain floats, and engines
+        # that read the entry (vLLM) would look for GGUF blocks
+        del config["quantization_config"]
+    return config
 
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -169,9 +211,7 @@ def _write_text_atomically(path: str, text: str) -> None:
 
 
 def _save_config_and_tokenizer(model: nn.Module, tokenizer, directory: str, compression: dict) -> None:
-    config = model.config.to_dict()
-    config["compression"] = compression
-    config = remote_code_config(config)
+    config = remote_code_config(_config_to_save(model, compression))
     write_remote_code(directory, config)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2, default=str)
@@ -229,10 +269,21 @@ class ShardedModelWriter:
             writer.layers_done, writer.state          # what an interrupted run left (0, None: nothing)
             writer.write_layer(index, tensors, state)  # for every finished layer, in order
             writer.finish(model, tokenizer, compression)
+
+    save_compressed's rules hold: check_output_path (overwrite, protected) before anything is
+    written; `dtype` (None: the model's own) is the dtype of the floating tensors written (each
+    layer's shard is cast as it is written; the rest of the model is cast in place by finish, which
+    records it in the compression block); a tied head is stored once; config.json without a GGUF
+    quantization_config and with the remote-code entries.
     """
 
-    def __init__(self, path: str, num_layers: int, identity: dict, overwrite: bool = False):
-        self.path, self.num_layers, self.identity, self.overwrite = path, num_layers, identity, overwrite
+    def __init__(self, path: str, num_layers: int, identity: dict, overwrite: bool = False,
+                 dtype: torch.dtype | None = None, protected: tuple[str, ...] = ()):
+        from utils.model import dtype_name
+        self.path, self.num_layers, self.overwrite = path, num_layers, overwrite
+        self.dtype, self.protected = dtype, protected
+        # shards of another save dtype are not this run's
+        self.identity = {**identity, "save dtype": None if dtype is None else dtype_name(dtype)}
         self.layers_done, self.state, self.temporary = 0, None, None
         self._stack: contextlib.ExitStack | None = None
         self._finished = False
@@ -242,6 +293,8 @@ class ShardedModelWriter:
         return os.path.join(self.temporary, PROGRESS_FILE)
 
     def __enter__(self) -> "ShardedModelWriter":
+        from utils.outputs import check_output_path
+        check_output_path(self.path, "model", self.overwrite, self.protected)
         self._stack = contextlib.ExitStack()
         self.temporary = self._stack.enter_context(
             atomic_path(self.path, adopt=resumable("model", self.identity, self.overwrite)))
@@ -269,10 +322,13 @@ class ShardedModelWriter:
         from safetensors.torch import save_file
         if index != self.layers_done:
             raise ValueError(f"layer {index} written after {self.layers_done} layers")
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()},
+        save_file({k: self._cast(v).detach().contiguous() for k, v in tensors.items()},
                   os.path.join(self.temporary, self.shard_name(index + 1)), metadata={"format": "pt"})
         self.layers_done, self.state = index + 1, state
         write_progress(self.temporary, "model", self.identity, self.layers_done, state)
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype) if self.dtype is not None and tensor.is_floating_point() else tensor
 
     def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors written for layer `index` (by this run or the interrupted one)."""
@@ -285,16 +341,16 @@ class ShardedModelWriter:
         from utils.model import layer_prefix
         if self.layers_done != self.num_layers:
             raise ValueError(f"{self.layers_done} of {self.num_layers} layers written")
+        from component.low_rank_linear import unshare_inputs
+        if unshare_inputs(model):  # fused v factors share one storage, which safetensors refuses
+            try:
+                return self.finish(model, tokenizer, compression)
+            finally:
+                fuse_shared_inputs(model)
         prefix = layer_prefix(model) + "."
-        rest: dict[str, torch.Tensor] = {}
-        stored: set[int] = set()
-        for name, tensor in model.state_dict().items():
-            if name.startswith(prefix):
-                continue
-            if tensor.data_ptr() in stored:  # a tied lm_head is stored once, under the embedding's name
-                continue
-            stored.add(tensor.data_ptr())
-            rest[name] = tensor.detach().contiguous()
+        _apply_save_dtype(model, compression, self.dtype)
+        # a tied lm_head is stored once, under the embedding's name (as save_compressed does)
+        rest = {name: tensor for name, tensor in _deduplicated_state(model).items() if not name.startswith(prefix)}
         save_file(rest, os.path.join(self.temporary, self.shard_name(self.num_layers + 1)), metadata={"format": "pt"})
         weight_map, total = {}, 0
         for number in range(1, self.num_layers + 2):  # from the headers: no tensor is read back
@@ -309,6 +365,16 @@ class ShardedModelWriter:
                 os.replace(os.path.join(self.path, keep), os.path.join(self.temporary, keep))
         os.remove(self._progress_path())
         self._finished = True
+
+
+def _deduplicated_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied tensor once, under the name the model registers first: a tied
+    lm_head is stored as the input embedding, as transformers' save_pretrained does, because loaders
+    of the decoder alone (AutoModel, vLLM's Transformers backend) read the embedding under its own name."""
+    state = model.state_dict()
+    first = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {name: tensor.detach().contiguous() for name, tensor in state.items() if name not in tied}
 
 
 def is_compressed_model(path: str) -> bool:
@@ -404,8 +470,13 @@ def safetensors_tensor_bytes(path: str) -> dict[str, int]:
             for name, entry in header.items() if name != "__metadata__"}
 
 
-def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, object, dict]:
-    """Load a compressed model on the CPU: (model, tokenizer or None, compression block)."""
+def load_compressed(path: str, dtype: torch.dtype | None = None, fuse: bool = False) -> tuple[nn.Module, object, dict]:
+    """Load a compressed model on the CPU: (model, tokenizer or None, compression block).
+
+    `fuse`: low-rank layers that read one input (q/k/v, gate/up) run their v factors as one
+    matmul (utils.model.fuse_shared_inputs): the same tensors and names, the same outputs to
+    float rounding (two matmul shapes round differently); off, the model computes exactly as
+    the one that was saved. The CLI and the trust_remote_code loader fuse."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from utils.outputs import recover_interrupted_swap
@@ -434,7 +505,7 @@ def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
         except (SafetensorError, OSError, ValueError) as error:
             raise CompressedModelError(f"{path}: the tensor files are damaged or truncated ({error}); "
                                        f"rerun step 3") from None
-        tokenizer = _load_saved_tokenizer(path)
+        tokenizer = _load_saved_tokenizer(path, config_dict)
     if dtype is None:
         dtype = _model_dtype(state, compression)
     model = build_low_rank_model(config_dict, compression, dtype)
@@ -450,6 +521,8 @@ def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
             model.load_state_dict(part, strict=False)
             del part
     _check_loaded(model, path)
+    if fuse:
+        fuse_shared_inputs(model)
     return model, tokenizer, compression
 
 
@@ -477,12 +550,13 @@ def _stored_tensors(path: str) -> tuple[list[str], dict[str, torch.Tensor]]:
     return files, state
 
 
-def _load_saved_tokenizer(path: str):
+def _load_saved_tokenizer(path: str, config_dict: dict):
     from transformers import AutoTokenizer
     try:
-        # AutoTokenizer reads config.json through AutoConfig, which would offer to run the
-        # directory's remote code (an interactive y/N prompt); the tokenizer files alone suffice
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        # given the base config, AutoTokenizer does not read config.json: through AutoConfig that
+        # would offer to run the directory's remote code (an interactive y/N prompt) and, refused,
+        # warn that a model of type svd_compress_<base> instantiates a generic config
+        return AutoTokenizer.from_pretrained(path, config=_config_from_dict(config_dict))
     except (OSError, ValueError):
         return None
 

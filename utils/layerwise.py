@@ -15,8 +15,9 @@
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -88,6 +89,30 @@ def run_layer(layer: nn.Module, inputs: torch.Tensor, layer_args: tuple[tuple, d
         out = layer(inputs[i:i + 1], *args, **kwargs)
         outputs[k] = (out[0] if isinstance(out, tuple) else out)[0]
     return outputs
+
+
+@contextmanager
+def layer_on_device(layer: nn.Module, device: torch.device | str, offload: torch.device | str = "cpu",
+                    changes_weights: bool = False, keep: frozenset[int] = frozenset()) -> Iterator[nn.Module]:
+    """The one way a decoder layer comes to the device: within the block `layer` (the same module)
+    computes on `device`; after it, also on an error, it is on `offload` again. With
+    changes_weights=False the block promises to change no weight in place: device copies stand in
+    for the layer's tensors and the originals are put back (utils.model.copies_to: no copy back
+    from the device); modules the block added or replaced are moved to `offload`.
+    keep: ids of tensors that live on the device already and stay there (trained adapters, whose
+    gradients must reach the tensors themselves); with them the block may add no module."""
+    if keep and changes_weights:
+        raise ValueError("keep is for a block that changes no weight (changes_weights=False)")
+    restore = None if changes_weights else copies_to(layer, device, skip=keep)
+    if restore is None:
+        layer.to(device)
+    try:
+        yield layer
+    finally:
+        if restore is not None:
+            restore()
+        if not keep:
+            layer.to(offload)  # a no-op for what restore() put back
 
 
 class StopLayer(Exception):
@@ -224,38 +249,44 @@ def walk_layers(model: nn.Module, windows: torch.Tensor | None, device: torch.de
             continue
         if stream is not None:
             stream.load(model, index)
-        restore = None if changes_weights and not done_before else copies_to(layers[index], device)
-        layer = layers[index] if restore else layers[index].to(device)
-        context = LayerContext(index, f"{prefix}.{index}", layer, device, inputs,
-                               None if layer_args is None else layer_args[index])
         try:
-            if reference:
-                context.reference_inputs = reference_inputs
-                context.reference_outputs = run_layer(layer, reference_inputs, layer_args[index])
-            if done_before:
-                outputs = None
-                if replay is not None:  # the done layer is put in place on `offload`, then copied to the device
-                    restore()
-                    context.layer = layers[index]
+            if done_before:  # activations flow through a layer an earlier run did
+                reference_outputs = None
+                if reference:  # the reference stream runs the original layer
+                    with layer_on_device(layers[index], device, offload, changes_weights=False) as layer:
+                        reference_outputs = run_layer(layer, reference_inputs, layer_args[index])
+                context = LayerContext(index, f"{prefix}.{index}", layers[index], device, inputs,
+                                       None if layer_args is None else layer_args[index])
+                context.reference_inputs = reference_inputs if reference else None
+                context.reference_outputs = reference_outputs
+                if replay is not None:  # the done layer is put in place on `offload`
                     replay(context)
-                    restore = copies_to(layers[index], device)
-                    context.layer = layer = layers[index]
-            else:
-                outputs = fn(context)
-            if windows is not None:
-                if outputs is None:
+                with layer_on_device(layers[index], device, offload, changes_weights=False) as layer:
+                    context.layer = layer
                     outputs = context.outputs if context.outputs is not None else context.run()
                 inputs = outputs
                 reference_inputs = context.reference_outputs
-        finally:  # also on an error or Ctrl-C: the model is left whole on `offload`
-            if restore is not None:
-                restore()
-            layers[index] = layer.to(offload)  # a no-op for what restore() put back
-            layer = context = None
-        if finished is not None and not done_before:
-            finished(index, layers[index])
-        if stream is not None:
-            stream.release(model, index)
-            # a pass's hooks and collectors form reference cycles: collect them now, so that one
-            # layer's float64 statistics are not still held when the next layer's are summed
-            gc.collect()
+                layer = context = None
+            else:
+                # also on an error or Ctrl-C the model is left whole on `offload`
+                with layer_on_device(layers[index], device, offload, changes_weights) as layer:
+                    context = LayerContext(index, f"{prefix}.{index}", layer, device, inputs,
+                                           None if layer_args is None else layer_args[index])
+                    if reference:
+                        context.reference_inputs = reference_inputs
+                        context.reference_outputs = run_layer(layer, reference_inputs, layer_args[index])
+                    outputs = fn(context)
+                    if windows is not None:
+                        if outputs is None:
+                            outputs = context.outputs if context.outputs is not None else context.run()
+                        inputs = outputs
+                        reference_inputs = context.reference_outputs
+                    layer = context = None
+                if finished is not None:
+                    finished(index, layers[index])
+        finally:
+            if stream is not None:
+                stream.release(model, index)
+                # a pass's hooks and collectors form reference cycles: collect them now, so that one
+                # layer's float64 statistics are not still held when the next layer's are summed
+                gc.collect()

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -25,6 +26,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+# The dtype a compressed model is saved in when its source has none of its own (a GGUF file,
+# de-quantised to float32 for the computation): float32 would make the output several times the
+# size of the GGUF it came from. The choice between the half dtypes was measured (README, "Formats").
+DEQUANTIZED_SAVE_DTYPE = torch.bfloat16
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating parameter to `dtype` in place, tied ones once; quantized layers keep
+    their codes, scales and zeros, and buffers (rotary tables, column indices) are left alone."""
+    from component.quant_linear import QuantLinear
+    quantized = {id(p) for m in model.modules() if isinstance(m, QuantLinear) for p in m.parameters()}
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and id(parameter) not in quantized and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
 
 # Bundled models: alias -> (pip package, how to get the file). Installed with pip, no hub access.
 BUNDLED = {
@@ -50,6 +67,25 @@ class ModelSource:
 
     def pretrained_kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+# What a bundled alias is, for the records a compressed model carries (the alias alone hides it)
+BUNDLED_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct"}
+
+
+def source_description(spec: str) -> str | None:
+    """'SmolLM2-135M-Instruct, from the GGUF file SmolLM2-135M-Instruct.Q4_1.gguf, de-quantized' for
+    a GGUF source (the file's name carries its quantization type); None for any other model."""
+    if is_random_spec(spec):
+        return None
+    try:
+        source = resolve_model(spec)
+    except ModelSpecError:
+        return None
+    if not source.gguf_file:
+        return None
+    name = BUNDLED_NAMES.get(spec, os.path.splitext(source.gguf_file)[0])
+    return f"{name}, from the GGUF file {source.gguf_file}, de-quantized"
 
 
 def _package_dir(module: str) -> str | None:
@@ -172,6 +208,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """Every nn.Linear inside a decoder block (attention q/k/v/o, MLP gate/up/down; OPT fc1/fc2)."""
     return {name: module for name, module in layer.named_modules() if type(module) is nn.Linear}
+
+
+# sibling linears that every supported family feeds the same tensor: attention q/k/v (Llama,
+# Mistral, Qwen2, Gemma 3, OPT) and the MLP's gate/up (Llama, Mistral, Qwen2, Gemma 3)
+SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_shared_inputs(model: nn.Module) -> int:
+    """Run the v factors of the low-rank layers that read one input as one matmul (component.
+    share_inputs); same outputs, nothing saved changes. Returns the groups fused."""
+    from component.low_rank_linear import share_inputs
+    return share_inputs(model, SHARED_INPUT_SIBLINGS)
 
 
 def target_shapes(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
@@ -298,6 +346,45 @@ def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> Callab
     copies_to: the returned function puts the originals back."""
     layers = decoder_layers(model)
     return copies_to(model, device, skip={id(t) for t in list(layers.parameters()) + list(layers.buffers())})
+
+
+class _HeadInput(nn.Module):
+    """Stands in for a decoder layer while head_on_hidden runs: the first returns the given hidden
+    states in place of its input, the others pass their input on (one class, so that the list
+    still reads as the decoder stack)."""
+
+    def __init__(self, given: dict, first: bool):
+        super().__init__()
+        self.given, self.first = given, first
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return self.given["hidden"] if self.first else hidden_states
+
+
+@contextmanager
+def head_on_hidden(model: nn.Module, device: torch.device | str) -> Iterator[Callable[..., object]]:
+    """Within the block, head(hidden, input_ids, labels=None) is the model's output (logits; the
+    loss with labels) of its own head on final hidden states `hidden` (1 x L x d, on `device`):
+    the final norm, lm_head and any logit soft-capping, run as the model's forward runs them, so no
+    family's module names are needed. The decoder layers stand aside meanwhile (not run, not moved;
+    back in place after the block), and the non-layer modules are copied to `device`."""
+    restore = non_layer_modules_to(model, device)  # before the swap: it finds the layers by their class
+    layers = decoder_layers(model)
+    originals = list(layers)
+    given: dict = {}
+
+    def head(hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor | None = None):
+        given["hidden"] = hidden
+        return model(input_ids=input_ids, labels=labels, use_cache=False)
+
+    try:
+        for j in range(len(layers)):
+            layers[j] = _HeadInput(given, first=(j == 0))
+        yield head
+    finally:
+        for j, layer in enumerate(originals):
+            layers[j] = layer
+        restore()
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -32,9 +32,11 @@ TOKENIZER_FILES = frozenset({
 # progress.json: the resume record inside the temporary of a run that writes layer by layer
 PROGRESS_FILE = "progress.json"
 MODEL_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "generation_config.json",
-                         "results.json", PROGRESS_FILE}) | TOKENIZER_FILES  # results.json: steps 4-5
+                         "results.json", "results.original.json", PROGRESS_FILE}) | TOKENIZER_FILES
+# results*.json: steps 4-5 (--recipe: the original's)
 MODEL_FILE_PATTERNS = (re.compile(r"modeling_\w+\.py"), re.compile(r"model-\d{5}-of-\d{5}\.safetensors"))
-STATS_FILES = frozenset({"meta.json", "fisher.safetensors", PROGRESS_FILE})
+STATS_FILES = frozenset({"meta.json", "fisher.safetensors", PROGRESS_FILE,
+                         "self_calibration.safetensors", "self_calibration.json"})  # the last two: --dataset self
 STATS_FILE_PATTERNS = (re.compile(r"layer_\d{4,}\.safetensors"), re.compile(r"(plan|ranks|sensitivity)_[\w.+-]+\.json"))
 STATS_KEYS = ("model", "layer_prefix", "streams", "gram_layout")
 PT_KEYS = ("format_version", "config", "compression", "state_dict")

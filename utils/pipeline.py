@@ -24,8 +24,8 @@ from utils.io import atomic_path, read_json, read_progress, resumable, write_jso
 from utils.outputs import recover_interrupted_swap
 from utils.layerwise import LayerContext, walk_layers
 from utils.model import (check_supported, count_parameters, decoder_layers, dtype_name, layer_prefix,
-                         model_description, set_submodule, target_linears, target_shapes, tensors_digest,
-                         weights_fingerprint)
+                         model_description, set_submodule, source_description, target_linears, target_shapes,
+                         tensors_digest, weights_fingerprint)
 from utils.plan import Plan
 from utils.stats import LayerStatsCollector
 
@@ -185,14 +185,14 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
         save_file(tensors, os.path.join(directory, f"layer_{index:04d}.safetensors"))
         write_progress(directory, "stats", identity, index + 1, {"streams": streams_so_far})
 
-    def collect_fisher() -> dict[str, torch.Tensor] | None:
+    def collect_fisher(scratch_dir: str | None = None) -> dict[str, torch.Tensor] | None:
         if not fisher:
             return None
         from utils.fisher import fisher_information
         start = time.perf_counter()
         from utils.model import load_all_layers
         load_all_layers(model)  # the backward pass needs every layer (not streamed from disk)
-        values, summary = fisher_information(model, windows, device)
+        values, summary = fisher_information(model, windows, device, scratch_dir=scratch_dir)
         full_meta["fisher"] = {**summary, "seconds": round(time.perf_counter() - start, 3)}
         return values
 
@@ -218,7 +218,8 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
                 future.result()
         finally:
             writer.shutdown(wait=True)
-        fisher_values = collect_fisher()
+        # the layers' inputs meanwhile go beside the statistics: the disk the user chose for them
+        fisher_values = collect_fisher(temporary)
         if fisher_values is not None:
             save_file(fisher_values, os.path.join(temporary, FISHER_FILE))
         write_json(os.path.join(temporary, STATS_META), full_meta)
@@ -300,6 +301,9 @@ def _replay_layer(layer: torch.nn.Module, name: str, tensors: dict[str, torch.Te
                                                   for k in expected):
         raise PipelineError(f"cannot resume: the tensors the interrupted run wrote for {name} do not match its "
                             f"records; rerun with --overwrite")
+    # shards written in a save dtype (--save_dtype, a de-quantised GGUF) compute in the model's own again
+    local_tensors = {k: t.to(expected[k].dtype) if t.is_floating_point() and expected[k].is_floating_point() else t
+                     for k, t in local_tensors.items()}
     _assign(layer, local_tensors)
 
 
@@ -412,7 +416,8 @@ def compression_block(record: dict, base_model: str, model: torch.nn.Module, sta
     """The "compression" block saved with a model: compress_model's record plus what the model was
     made from (base model, calibration, seed, dtype, how the held-out windows were drawn), which
     loading and evaluation read."""
-    calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")}
+    calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed",
+                                                                              "tokens", "data")}
     update, refine = record.get("update"), record.get("refine")
     method = ("svd-llm" if record["whitening"] != "none" else
               "asvd" if record.get("scaling", "none") != "none" else "svd")
@@ -422,7 +427,7 @@ def compression_block(record: dict, base_model: str, model: torch.nn.Module, sta
         method += "+closed_form"
     if refine:
         method += "+refine(" + ("block: AA-SVD" if refine["target"] == "block" else "matrix: GSVD") + ")"
-    return {"format_version": 1, "base_model": base_model,
+    return {"format_version": 1, "base_model": base_model, "base_model_source": source_description(base_model),
             "method": method,
             "ratio": record["plan"]["ratio"], "plan_source": plan_source, **record,
             "updating_nsamples": update["nsamples"] if update else 0,
@@ -438,7 +443,8 @@ def uncompressed_block(base_model: str, model: torch.nn.Module, seed: int = 0, n
     """The compression block of a model no low-rank step changed (empty ranks map): what step 8
     starts from when it quantizes the original model, so the result loads like any compressed one."""
     params = count_parameters(model)
-    return {"format_version": 1, "base_model": base_model, "method": "none", "ratio": None, "plan_source": None,
+    return {"format_version": 1, "base_model": base_model, "base_model_source": source_description(base_model),
+            "method": "none", "ratio": None, "plan_source": None,
             "plan": None, "ranks": {}, "dense_modules": list(target_shapes(model)), "modules": {},
             "parameters": {"original": params, "compressed": params, "removed_fraction": 0.0},
             "calibration": None, "seed": seed, "dtype": dtype_name(next(model.parameters()).dtype),

@@ -77,6 +77,32 @@ class Plan:
                    for name, (m, n, bias) in shapes.items()}
         return cls(modules, ratio, "uniform")
 
+    def round_ranks(self, multiple: int) -> "Plan":
+        """The plan with every rank rounded down to a multiple of `multiple` (matmul kernels work
+        in tiles of 8 / 16 / 64 columns; a rank between tiles pays for a partly empty tile).
+
+        A rank below `multiple` becomes `multiple` when that still makes its matrix smaller, else
+        the matrix stays dense; the rounding down elsewhere pays for it. PlanError when the rounded
+        plan costs more parameters than this one (the budget rule)."""
+        if multiple < 1:
+            raise PlanError(f"rank multiple must be at least 1, got {multiple}")
+        modules = {}
+        for name, p in self.modules.items():
+            rank = p.rank
+            if rank is not None:
+                rank = rank // multiple * multiple
+                if rank == 0:
+                    fits = multiple <= min(p.out_features, p.in_features) and \
+                        multiple <= largest_useful_rank(p.out_features, p.in_features)
+                    rank = multiple if fits else None
+            modules[name] = ModulePlan(p.out_features, p.in_features, p.bias, rank)
+        detail = {**(self.detail or {}), "rank_multiple": multiple}
+        rounded = Plan(modules, self.ratio, self.allocation, detail)
+        if rounded.params_after() > self.params_after():
+            raise PlanError(f"rounding the ranks to multiples of {multiple} costs {rounded.params_after()} "
+                            f"parameters, more than the plan's {self.params_after()}; use a smaller --rank_multiple")
+        return rounded
+
     # ------------------------------------------------------------------ budget arithmetic
     @property
     def ranks(self) -> dict[str, int]:

@@ -1,0 +1,269 @@
+"""Write the measured tables of README.md and docs/ from the result JSONs under scripts/results/.
+
+Every table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in a markdown file and is
+preceded, inside the markers, by one line saying what it measured: the evaluation slice, the number
+of windows and tokens per window, the calibration, and the date the result JSON was committed. So
+two tables of the same method on different slices or window counts say why their figures differ.
+
+    python scripts/write_tables.py            # rewrite the tables in place
+    python scripts/write_tables.py --check    # exit 1, naming each table, if a file differs from the JSONs
+
+A table is a function of its JSON files (and of the toolkit defaults it reports) only; nothing is measured here.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "scripts", "results")
+if ROOT not in sys.path:  # run as a script: the toolkit's modules (the defaults a table states)
+    sys.path.insert(0, ROOT)
+
+
+def _load(relative: str) -> dict:
+    with open(os.path.join(RESULTS, relative), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _date(*relatives: str) -> str:
+    """The last commit date of the result files (the day they were measured and recorded)."""
+    paths = [os.path.join(RESULTS, r) for r in relatives]
+    try:
+        done = subprocess.run(["git", "-C", RESULTS, "log", "-1", "--format=%cs", "--", *paths],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "date unknown"
+    return done.stdout.strip() or "not committed yet"
+
+
+def _slice(path: str) -> str:
+    """A data set spec without the machine's folders: wiki.valid.tokens[0.8:1]."""
+    return os.path.basename(path)
+
+
+def _ppl(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _caption(evaluation: str, windows: int, seq_len: int, calibration: str, nsamples: int, sources: list[str],
+             extra: str = "") -> str:
+    return (f"*Perplexity on the first {windows} windows of {seq_len} tokens of {_slice(evaluation)}; whitening "
+            f"from {nsamples} x {seq_len} windows of {_slice(calibration)}{extra}. "
+            f"`{'`, `'.join('scripts/results/' + s for s in sources)}`, {_date(*sources)}.*")
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+def table_update() -> str:
+    """The closed-form update against whitening alone (scripts/sweep.py runs)."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "update_smollm2_cpu", "runs", "*.json"))):
+        with open(path, encoding="utf-8") as handle:
+            run = json.load(handle)
+        runs[(run["sweep"]["variant"], run["sweep"]["ratio"])] = run
+    first = runs[("whiten_svd", 0.2)]
+    key = next(iter(first["perplexity"]))
+    ppl = {k: r["perplexity"][key] for k, r in runs.items()}
+    calibration = first["compression"]["calibration"]
+    update = runs[("whiten_svd_update", 0.2)]["compression"]
+    original = _load("update_smollm2_cpu/original.json")["perplexity"][key]["ppl"]
+    lines = [_caption(key, ppl[("whiten_svd", 0.2)]["windows"], calibration["seq_len"], calibration["dataset"],
+                      calibration["nsamples"], ["update_smollm2_cpu/"],
+                      f"; the update on {update['updating_nsamples']} of them; the original model: {original:.2f}"),
+             "",
+             "| removed | whitening only | + update (sequential) | change | updates kept | compress time (1 thread) |",
+             "|---|---|---|---|---|---|"]
+    for ratio in sorted({r for _, r in runs}):
+        base, new = ppl[("whiten_svd", ratio)]["ppl"], ppl[("whiten_svd_update", ratio)]["ppl"]
+        change = new / base - 1
+        record = runs[("whiten_svd_update", ratio)]["compression"]
+        kept = record["updates_accepted"]
+        kept = f"{kept} of {record['ranks']['matrices']}" if kept is not None else "-"
+        times = (f"{runs[('whiten_svd', ratio)]['timings']['compress_s']:.0f} s -> "
+                 f"{runs[('whiten_svd_update', ratio)]['timings']['compress_s']:.0f} s")
+        lines.append(f"| {ratio:.0%} | {base:.2f} | {new:.2f} | {change:+.1%}{' (worse)' if change > 0 else ''} "
+                     f"| {kept} | {times} |")
+    return "\n".join(lines)
+
+
+ALLOCATION_ROWS = [("uniform", False, "uniform"), ("v2", False, "v2"), ("asvd_ppl", False, "asvd ppl"),
+                   ("asvd_stable_rank", False, "asvd stable_rank"), ("duo", False, "duo"),
+                   ("uniform", True, "uniform + `--column_preserve`"), ("duo", True, "duo + `--column_preserve`"),
+                   ("asvd_ppl", True, "asvd ppl + `--column_preserve`")]
+
+
+def table_allocation() -> str:
+    """Rank allocations at 20/40/60% (scripts/bench_allocation.py, merged JSON)."""
+    source = "bench_allocation/smollm2_cpu_merged.json"
+    data = _load(source)
+    settings = data["settings"]
+    ratios = [0.2, 0.4, 0.6]
+    ppl = {(r["ratio"], r["allocation"], r["column_preserve"]): r["ppl"] for r in data["runs"]}
+    windows = {r["windows"] for r in data["runs"]}
+    lines = [_caption(settings["evaluation"], min(windows), settings["seq_len"], settings["calibration"],
+                      settings["nsamples"], [source], f"; the original model: {data['original_ppl']:.2f}; "
+                      f"sensitivity passes scaled to the CPU (the JSON's notes)"),
+             "",
+             "| allocation | " + " | ".join(f"{r:.0%} removed" for r in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+    for allocation, preserve, label in ALLOCATION_ROWS:
+        cells = [ppl.get((r, allocation, preserve)) for r in ratios]
+        if any(c is not None for c in cells):
+            lines.append(f"| {label} | " + " | ".join(_ppl(c) if c is not None else "not run" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+TASKS = [("arc_challenge_local", "ARC-C"), ("arc_easy_local", "ARC-E"), ("boolq_local", "BoolQ"),
+         ("openbookqa_local", "OBQA"), ("piqa_local", "PIQA"), ("winogrande_local", "WinoGrande")]
+
+
+def table_tasks() -> str:
+    """Zero-shot accuracy on the local tasks (scripts/bench_tasks.py)."""
+    source = "bench_tasks_smollm2_cpu.json"
+    data = _load(source)
+    settings = data["settings"]
+    lines = [f"*First {settings['limit']} documents of each task, zero-shot acc; whitening from "
+             f"{settings['nsamples']} x {settings['seq_len']} windows of {_slice(settings['calibration'])}. "
+             f"`scripts/results/{source}`, {_date(source)}.*",
+             "",
+             "| model | " + " | ".join(label for _, label in TASKS) + " | mean |",
+             "|---|" + "---|" * (len(TASKS) + 1)]
+
+    def row(label: str, record: dict) -> str:
+        accs = [record["tasks"][task]["acc"] for task, _ in TASKS]
+        return f"| {label} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {record['mean_acc']:.3f} |"
+    lines.append(row("original", data["original"]))
+    for ratio, record in sorted(data["whiten_svd"].items(), key=lambda item: float(item[0])):
+        lines.append(row(f"whitened SVD {float(ratio):.0%}", record))
+    return "\n".join(lines)
+
+
+def table_save_dtype() -> str:
+    """README's first command's model in each dtype it can be saved in (step 4 on one saved model)."""
+    source = "save_dtype_smollm2_cpu.json"
+    data = _load(source)
+    runs = data["runs"]
+    first = runs["float32"]
+    lines = [f"*README's first command (ratio 0.2, computed in float32); perplexity on the first {first['windows']} "
+             f"windows of {first['seq_len']} tokens of {data['evaluation']}, each dtype evaluated by step 4 "
+             f"`--dtype` on the same compressed weights; the GGUF it came from: {data['gguf_bytes'] / 1e6:.0f} MB. "
+             f"`scripts/results/{source}`, {_date(source)}.*",
+             "",
+             "| saved dtype | model.safetensors | perplexity | change |",
+             "|---|---|---|---|"]
+    for dtype in ("float32", "bfloat16", "float16"):
+        run = runs[dtype]
+        change = run["ppl"] / first["ppl"] - 1
+        lines.append(f"| {dtype} | {run['model_bytes'] / 1e6:.0f} MB | {run['ppl']:.4f} | {change:+.2%} |")
+    return "\n".join(lines)
+
+
+def table_rsvd() -> str:
+    """Randomized against exact SVD on synthetic matrices (scripts/bench_rsvd.py), at the defaults."""
+    from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
+    source = "bench_rsvd_cpu.json"
+    data = _load(source)
+    settings = data["settings"]
+    lines = [f"*{settings['threads']} CPU threads, spectrum s_i = i^-{settings['alpha']:g}, oversamples "
+             f"{DEFAULT_OVERSAMPLES}, {DEFAULT_N_ITER} iterations (the defaults), the route `auto` picks; "
+             f"time ratio and extra truncation loss against the exact SVD. `scripts/results/{source}`, {_date(source)}.*",
+             "",
+             "| matrix | 20% removed | 40% | 60% |",
+             "|---|---|---|---|"]
+    for row, (shape, record) in enumerate(data["synthetic"].items()):
+        runs = {r["ratio"]: r for r in record["runs"] if r["method"].startswith("rsvd-auto")
+                and r["oversamples"] == DEFAULT_OVERSAMPLES and r["n_iter"] == DEFAULT_N_ITER}
+        words = row == 0  # the first cell says what the figures are
+        cells = [f"{runs[r]['speedup']:.2f}x{' faster' if words and r == 0.2 else ''}, "
+                 f"{runs[r]['excess_vs_exact']:+.2%}{' loss' if words and r == 0.2 else ''}" for r in (0.2, 0.4, 0.6)]
+        lines.append(f"| {shape.replace('x', ' x ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+QUANT_LABELS = {"original_fp16": "original, float16", "svdllm20_fp16": "SVD-LLM 20%, float16",
+                "svdllm40_fp16": "SVD-LLM 40%, float16", "svdllm20_rtn8": "SVD-LLM 20% + RTN int8 per channel",
+                "gptq4_g128": "GPTQ 4-bit g128", "rtn4_g128": "RTN 4-bit g128 (reference)",
+                "svdllm75_fp16": "SVD-LLM 75%, float16", "svdllm20_gptq4_g128": "SVD-LLM 20% + GPTQ 4-bit g128",
+                "gptq3_g128": "GPTQ 3-bit g128", "rtn3_g128": "RTN 3-bit g128 (reference)"}
+
+
+def table_quant() -> str:
+    """Low rank against quantization at equal bytes (scripts/bench_quant.py, two runs)."""
+    sources = ["bench_quant_smollm2_cpu.json", "bench_quant_smollm2_cpu_rtn.json"]
+    main = _load(sources[0])
+    settings = main["settings"]
+    points = {k: v for source in sources for k, v in _load(source)["points"].items()}
+    first = points["original_fp16"]["perplexity"]
+    lines = [_caption(settings["evaluation"], first["windows"], first["seq_len"], settings["calibration"],
+                      settings["nsamples"], sources, f"; GPTQ on the first {settings['gptq_nsamples']} of them; "
+                      f"floats stored in {settings['stored_float_dtype']}, computed in {settings['compute_dtype']}"),
+             "",
+             "| point | perplexity | linear weights on disk | bits / weight | of float16 | file | time to make |",
+             "|---|---|---|---|---|---|---|"]
+    mib = 2 ** 20
+    order = sorted(points, key=lambda k: (-points[k]["storage"]["linear_bytes"], k.startswith("rtn")))
+    for key in order:
+        point, storage = points[key], points[key]["storage"]
+        time = ("-" if key == "original_fp16" else
+                f"{point['compress_s']:.0f} s" + (" + profile" if key.startswith("svdllm") else ""))
+        lines.append(f"| {QUANT_LABELS.get(key, point['description'])} | {point['perplexity']['ppl']:.2f} "
+                     f"| {storage['linear_bytes'] / mib:.1f} MiB | {storage['bits_per_weight']:.2f} "
+                     f"| {storage['fraction_of_fp16']:.1%} | {point['file_bytes'] / mib:.1f} MiB | {time} |")
+    return "\n".join(lines)
+
+
+TABLES = {"quant": table_quant, "rsvd": table_rsvd, "update": table_update, "allocation": table_allocation, "tasks": table_tasks, "save_dtype": table_save_dtype}
+DOCS = ("README.md", "docs/evaluation.md", "docs/refinement.md", "docs/quantization.md", "docs/lora.md",
+        "docs/scale.md")
+MARKED = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+
+
+def render(text: str, tables: dict[str, str]) -> str:
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in tables:
+            raise KeyError(f"no table named {name!r} (known: {', '.join(TABLES)})")
+        return match.group(1) + tables[name] + "\n\n" + match.group(4)
+    return MARKED.sub(replace, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file's table differs")
+    args = parser.parse_args(argv)
+    tables = {name: make() for name, make in TABLES.items()}
+    stale, used = [], set()
+    for doc in DOCS:
+        path = os.path.join(ROOT, doc)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        used |= {m["name"] for m in MARKED.finditer(text)}
+        try:
+            new = render(text, tables)
+        except KeyError as error:
+            print(f"write_tables: {doc}: {error.args[0]}", file=sys.stderr)
+            return 2
+        if new != text:
+            stale += [f"{doc}: table {m['name']}" for m in MARKED.finditer(text)
+                      if m["body"] != tables[m["name"]] + "\n\n"]
+            if not args.check:
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(new)
+    for line in stale:
+        print(("differs from the JSONs: " if args.check else "rewrote ") + line)
+    unused = sorted(set(TABLES) - used)
+    if unused:
+        print(f"write_tables: no file has a marker for {', '.join(unused)}", file=sys.stderr)
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
