@@ -155,7 +155,7 @@ def test_api_save_follows_the_cli_rule_on_earlier_outputs(compressed_dir, tmp_pa
     anything it did not write even with it; nothing is touched by a refusal."""
     from utils.outputs import OutputError
     target = copy_of(compressed_dir, tmp_path, "previous")
-    weights = os.path.join(target, "model.safetensors")
+    weights = os.path.join(target, "model.safetensors.index.json")  # step 3 writes shards and their index
     before = os.stat(weights).st_mtime_ns
     model, tokenizer, compression = load_compressed(target)
     with pytest.raises(OutputError, match="already holds a compressed model.*--overwrite"):

@@ -25,8 +25,14 @@ def cli(*argv: str) -> int:
 
 
 def saved_dtypes(path: str) -> set:
-    with safe_open(os.path.join(path, "model.safetensors"), "pt") as handle:
-        return {handle.get_tensor(name).dtype for name in handle.keys()}
+    """The dtypes of every tensor written: model.safetensors, or step 3's shards."""
+    dtypes = set()
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as handle:
+                dtypes |= {handle.get_tensor(key).dtype for key in handle.keys()}
+    assert dtypes, f"no tensors in {path}"
+    return dtypes
 
 
 def test_statistics_are_written_beside_the_model(tiny_dir, tmp_path):
@@ -34,7 +40,7 @@ def test_statistics_are_written_beside_the_model(tiny_dir, tmp_path):
     assert cli("--step", "1-3", "--model", tiny_dir, "--save_path", out) == 0
     assert os.path.isfile(os.path.join(out + ".stats", "meta.json"))
     assert "stats" not in os.listdir(out)  # the directory to upload holds the model only
-    assert {"config.json", "model.safetensors", "modeling_svd_compress.py"} <= set(os.listdir(out))
+    assert {"config.json", "model.safetensors.index.json", "modeling_svd_compress.py"} <= set(os.listdir(out))
 
 
 def test_statistics_inside_the_model_of_earlier_versions_are_still_read(tiny_dir, tmp_path):

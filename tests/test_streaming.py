@@ -84,7 +84,8 @@ def test_steps_1_and_3_hold_at_most_two_layers(deep_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(LayerStream, "load", counting_load)
     out = str(tmp_path / "out")
     assert compress.main(["--step", "1,3", *common(deep_dir, out)]) == 0
-    assert len(real_at_load) == 2 * LAYERS  # every layer read from disk once by each step
+    # every layer read from disk once by each step, and layer 0 once more by step 1's cost estimate (its timed window)
+    assert len(real_at_load) == 2 * LAYERS + 1
     assert max(real_at_load) <= 2
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
     index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
@@ -226,3 +227,55 @@ def test_sharded_output_loads_with_remote_code(deep_dir, tmp_path):
     theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+def test_sharded_writer_follows_save_compresseds_rules(tmp_path):
+    """ShardedModelWriter writes what save_compressed writes: the save dtype in every shard and in
+    the compression block (dtype / compressed_dtype), the tied head once, no GGUF
+    quantization_config, the remote-code config; it refuses an earlier output without overwrite
+    before anything is written, and the input model as its output."""
+    from tests.test_remote_code import make_low_rank
+    from utils.io import ShardedModelWriter, save_compressed
+    from utils.model import layer_prefix
+    from utils.outputs import OutputError
+
+    def write(path, dtype, overwrite=False, protected=()):
+        model, compression = make_low_rank("llama")
+        model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.Q4_1.gguf"}
+        compression["dtype"] = "float32"
+        prefix, layers = layer_prefix(model), decoder_layers(model)
+        with ShardedModelWriter(path, len(layers), {"run": 1}, overwrite, dtype=dtype, protected=protected) as writer:
+            for index, layer in enumerate(layers):
+                writer.write_layer(index, layer.state_dict(prefix=f"{prefix}.{index}."), {})
+            writer.finish(model, None, compression)
+        return model, compression
+
+    out = str(tmp_path / "out")
+    model, compression = write(out, torch.bfloat16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+    assert "lm_head.weight" not in index and "model.embed_tokens.weight" in index  # the tied head once
+    dtypes = {t.dtype for name in set(index.values()) for t in load_file(os.path.join(out, name)).values()}
+    assert dtypes == {torch.bfloat16}
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert "quantization_config" not in config
+    assert (config["compression"]["dtype"], config["compression"]["compressed_dtype"]) == ("bfloat16", "float32")
+    assert config["model_type"].startswith("svd_compress_") and os.path.isfile(os.path.join(out, "modeling_svd_compress.py"))
+    loaded, _, block = load_compressed(out)
+    assert block["dtype"] == "bfloat16"
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in loaded.named_parameters())
+    # the same model through save_compressed: the same tensors
+    single = str(tmp_path / "single")
+    again, compression = make_low_rank("llama")
+    compression["dtype"] = "float32"
+    save_compressed(again, None, single, compression, torch.bfloat16)
+    reference = load_compressed(single)[0].state_dict()
+    assert all(torch.equal(t, reference[n]) for n, t in loaded.state_dict().items())
+    before = sorted(os.listdir(out))
+    with pytest.raises(OutputError, match="--overwrite"):
+        write(out, torch.bfloat16)
+    assert sorted(os.listdir(out)) == before and not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+    write(out, None, overwrite=True)
+    assert load_compressed(out)[2]["dtype"] == "float32"
+    with pytest.raises(OutputError, match="input model"):
+        write(os.path.join(out, "inner"), None, protected=(out,))
