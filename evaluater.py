@@ -273,8 +273,9 @@ def chat_fidelity_step(args: argparse.Namespace, session, placement) -> dict:
     result["settings"] = {"prompts_file": os.path.abspath(args.eval_chat), "max_new_tokens": args.eval_chat_tokens,
                           "decoding": "greedy", "reference_cache": cache,
                           "reference_s": round(reference_s, 3), "seconds": round(time.perf_counter() - start, 3)}
+    ppl = f"{result['response_ppl']:.3f}" if result["response_ppl"] is not None else "not finite"
     print(f"chat fidelity on {result['prompts']} prompts: agreement {result['agreement']:.3f}, response "
-          f"perplexity {result['response_ppl']:.3f}, empty answers {result['empty_share']:.2f}, same greedy "
+          f"perplexity {ppl}, empty answers {result['empty_share']:.2f}, same greedy "
           f"response {result['exact_match_share']:.2f} (reference {'from cache' if cache['from_cache'] else 'generated'}: "
           f"{cache['path']})")
     return result

@@ -138,7 +138,7 @@ def chat_fidelity(model: nn.Module, tokenizer, prompts: list[str], references: l
     return {"prompts": len(prompts), "reference_tokens": tokens,
             "agreement": matches / tokens,
             "agreement_prompt_mean": sum(p["agreement"] for p in per_prompt) / len(per_prompt),
-            "response_ppl": math.exp(mean_nll) if math.isfinite(mean_nll) else None,
+            "response_ppl": math.exp(mean_nll) if mean_nll < 700 else None,  # None: beyond float64 (or NaN)
             "response_mean_nll": mean_nll if math.isfinite(mean_nll) else None,
             "empty_share": sum(r["empty"] for r in own) / len(own),
             "reference_empty_share": sum(r["empty"] for r in references) / len(references),

@@ -75,7 +75,7 @@ def summarize(record: dict) -> None:
     """One line per row, and the issue's targets: at 20% with chat or self calibration and with the
     best recipe, no empty answer and teacher-forced agreement >= 0.75."""
     record["table"] = [{"row": r["row"], "agreement": round(r["fidelity"]["agreement"], 4),
-                        "response_ppl": round(r["fidelity"]["response_ppl"], 3),
+                        "response_ppl": r["fidelity"]["response_ppl"] and round(r["fidelity"]["response_ppl"], 3),
                         "empty_share": r["fidelity"]["empty_share"],
                         "exact_match_share": r["fidelity"]["exact_match_share"],
                         "prefix_agreement_mean": round(r["fidelity"]["prefix_agreement_mean"], 4),
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
                "empty_prompts": [i for i, p in enumerate(per_prompt) if p["empty"]],
                "examples": [p["response"] for p in per_prompt[:EXAMPLES]]}
         record["runs"].append(row)
-        print(f"{name}: agreement {result['agreement']:.3f}, response ppl {result['response_ppl']:.2f}, empty "
+        print(f"{name}: agreement {result['agreement']:.3f}, response ppl {result['response_ppl']}, empty "
               f"{result['empty_share']:.2f}, same response {result['exact_match_share']:.2f}, wiki ppl "
               f"{ppl['ppl']:.2f} ({seconds})", flush=True)
         del model
