@@ -23,10 +23,11 @@ import os
 import torch
 from torch import nn
 
-from generate import GenerationOptions, end_tokens, generate, prompt_ids
+from generate import end_tokens, prompt_ids
 from utils.io import read_json, write_json
 
 CACHE_FORMAT = "svd-compress-chat-reference"
+BATCH_SIZE = 16  # prompts generated together
 
 
 def default_cache_dir() -> str:
@@ -52,28 +53,43 @@ def response_is_empty(ids: list[int], text: str, ends: list[int]) -> bool:
     return not ids or ids[0] in ends or not text.strip()
 
 
+@torch.no_grad()
 def greedy_responses(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
-                     chat_template: bool = True, device: str | torch.device = "cpu") -> list[dict]:
-    """Greedy response of `model` to each prompt: token ids (end token included), text, emptiness."""
-    options = GenerationOptions(max_new_tokens=max_new_tokens, chat_template=chat_template)
+                     chat_template: bool = True, device: str | torch.device = "cpu",
+                     batch_size: int = BATCH_SIZE) -> list[dict]:
+    """Greedy response of `model` to each prompt: token ids (cut after the first end token, which
+    is kept), text, why it stopped, emptiness. Prompts go batch_size at a time, left-padded (one
+    prompt at a time spends most of a small model's decoding in per-step overhead on a CPU)."""
+    from transformers import GenerationConfig
     ends = end_tokens(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (ends[0] if ends else 0)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, top_k=None,
+                              temperature=None, top_p=None, eos_token_id=ends or None, pad_token_id=pad)
     responses = []
-    for prompt in prompts:
-        out = generate(model, tokenizer, prompt, options, device)
-        responses.append({"ids": out["completion_ids"], "text": out["completion"], "stopped": out["stopped"],
-                          "empty": response_is_empty(out["completion_ids"], out["completion"], ends)})
+    for start in range(0, len(prompts), batch_size):
+        rows = [prompt_ids(tokenizer, p, chat_template)[0][0].tolist() for p in prompts[start:start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for row in out[:, width:].tolist():
+            stop = next((i for i, token in enumerate(row) if token in ends), None)
+            new = row if stop is None else row[:stop + 1]
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            responses.append({"ids": new, "text": text, "stopped": "max_new_tokens" if stop is None else "eos",
+                              "empty": response_is_empty(new, text, ends)})
     return responses
 
 
 def reference_responses(original: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
                         chat_template: bool = True, device: str | torch.device = "cpu",
-                        cache_dir: str | None = None) -> tuple[list[dict], dict]:
+                        cache_dir: str | None = None, batch_size: int = BATCH_SIZE) -> tuple[list[dict], dict]:
     """The original's greedy responses, from the cache when it holds them for exactly these weights,
     prompt ids and settings; returns (responses, {"key", "path", "from_cache"}). cache_dir None:
     default_cache_dir()."""
     prompt_token_ids = [prompt_ids(tokenizer, p, chat_template)[0][0].tolist() for p in prompts]
     settings = {"max_new_tokens": max_new_tokens, "chat_template": chat_template, "decoding": "greedy",
-                "end_tokens": end_tokens(original, tokenizer)}
+                "end_tokens": end_tokens(original, tokenizer), "batch_size": batch_size}
     key_source = repr((weights_fingerprint(original), prompt_token_ids, sorted(settings.items())))
     key = hashlib.sha256(key_source.encode()).hexdigest()[:24]
     path = os.path.join(cache_dir or default_cache_dir(), f"{key}.json")
@@ -84,7 +100,7 @@ def reference_responses(original: nn.Module, tokenizer, prompts: list[str], max_
                 return cached["responses"], {"key": key, "path": path, "from_cache": True}
         except (ValueError, KeyError):
             pass  # unreadable: made again and replaced
-    responses = greedy_responses(original, tokenizer, prompts, max_new_tokens, chat_template, device)
+    responses = greedy_responses(original, tokenizer, prompts, max_new_tokens, chat_template, device, batch_size)
     write_json(path, {"format": CACHE_FORMAT, "key": key, "settings": settings, "prompts": prompts,
                       "responses": responses})
     return responses, {"key": key, "path": path, "from_cache": False}
@@ -116,7 +132,7 @@ def prefix_agreement(responses: list[list[int]], references: list[list[int]]) ->
 
 
 def chat_fidelity(model: nn.Module, tokenizer, prompts: list[str], references: list[dict],
-                  chat_template: bool = True, device: str | torch.device = "cpu") -> dict:
+                  chat_template: bool = True, device: str | torch.device = "cpu", batch_size: int = BATCH_SIZE) -> dict:
     """Score `model` against the original's `references` (reference_responses) on `prompts`:
     teacher-forced agreement and response perplexity, empty share and free-generation agreement of
     its own greedy responses (as long as the references may be). Per-prompt figures under "per_prompt"."""
@@ -124,7 +140,7 @@ def chat_fidelity(model: nn.Module, tokenizer, prompts: list[str], references: l
         raise ValueError(f"{len(prompts)} prompts but {len(references)} reference responses")
     model.eval()
     max_new_tokens = max(len(r["ids"]) for r in references)
-    own = greedy_responses(model, tokenizer, prompts, max_new_tokens, chat_template, device)
+    own = greedy_responses(model, tokenizer, prompts, max_new_tokens, chat_template, device, batch_size)
     matches = tokens = 0
     nll = 0.0
     per_prompt = []
