@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
+import math
 import os
 import platform
 import sys
@@ -90,6 +90,23 @@ def summarize(record: dict) -> None:
                          "rows": targets}
 
 
+def markdown(record: dict) -> str:
+    """The table of the docs, from the JSON."""
+    teacher = record["original"].get("teacher_forced", {"agreement": 1.0, "response_ppl": float("nan")})
+    lines = ["| recipe | removed | calibration | agreement | response ppl | empty answers | same response | "
+             "prefix agreement | WikiText-2 ppl |", "|---|---|---|---|---|---|---|---|---|",
+             f"| original | 0 | - | {teacher['agreement']:.3f} | {teacher['response_ppl']:.2f} | "
+             f"{record['reference']['empty_share']:.2f} | 1 | 1 | "
+             f"{record['original']['ppl']['ppl']:.2f} |"]
+    for r in record["runs"]:
+        f = r["fidelity"]
+        ppl = "-" if f["response_ppl"] is None else f"{f['response_ppl']:.2f}"
+        lines.append(f"| {r['recipe']} | {r['ratio']:.0%} | {r['data']} | {f['agreement']:.3f} | {ppl} | "
+                     f"{f['empty_share']:.2f} | {f['exact_match_share']:.2f} | {f['prefix_agreement_mean']:.3f} | "
+                     f"{r['ppl']['ppl']:.2f} |")
+    return "\n".join(lines)
+
+
 def chat_examples(tokenizer, rows: list[dict], cutoff_len: int, val_set_size: int, seed: int):
     """lora.Examples from Alpaca rows rendered through the chat template (one user turn with the
     instruction and input, the output as the assistant's turn); loss on the assistant's tokens."""
@@ -140,7 +157,12 @@ def main(argv=None) -> int:
     p.add_argument("--cache_dir", default=None, help="the original's cached responses (default: fidelity's)")
     p.add_argument("--resume", action="store_true", help="keep the rows of an earlier run's --out and run the others")
     p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "bench_chat", "smollm2_cpu.json"))
+    p.add_argument("--markdown", action="store_true", help="print the table of --out in markdown, run nothing")
     opts = p.parse_args(argv)
+    if opts.markdown:
+        with open(opts.out) as handle:
+            print(markdown(json.load(handle)))
+        return 0
     try:
         rows = [parse_row(r) for r in opts.rows.split(",") if r]
     except ValueError as error:
@@ -197,6 +219,14 @@ def main(argv=None) -> int:
     record["examples"] = [{"prompt": prompts[i], "original": references[i]["text"]} for i in range(min(EXAMPLES, len(prompts)))]
     if "original" not in record:
         record["original"] = {"parameters": count_parameters(base), "ppl": perplexity(base)}
+    if "teacher_forced" not in record["original"]:  # the baseline of response_ppl; agreement 1 checks the measure
+        from generate import prompt_ids
+        hits = nll = 0.0
+        for prompt, reference in zip(prompts, references):
+            hit, loss = fidelity.teacher_forced(base, prompt_ids(tokenizer, prompt, True)[0][0].tolist(), reference["ids"])
+            hits, nll = hits + hit, nll + loss
+        tokens = record["reference"]["tokens"]
+        record["original"]["teacher_forced"] = {"agreement": hits / tokens, "response_ppl": math.exp(nll / tokens)}
     print(f"original: wiki ppl {record['original']['ppl']['ppl']:.2f}; references "
           f"{'from cache' if cache['from_cache'] else 'generated'} ({record['reference']['seconds']:.0f} s)", flush=True)
     save()
