@@ -3,6 +3,9 @@
     import api
     model, tokenizer = api.load_model("smollm2-135m")
     windows = api.calibration_windows("pydoc[0:0.9]", tokenizer, 32, 512, seed=0)
+    # chat data (Alpaca / messages rows through the chat template) or the model's own text:
+    # windows, info = api.calibration_data("alpaca_en_demo.jsonl[0:0.9]", tokenizer, 32, 512, seed=0)
+    # windows, info = api.self_calibration_data(model, tokenizer, 32, 512, 0, api.SelfCalibrationOptions(), "cpu")
     stats = api.profile_model(model, windows, "cpu")                        # step 1
     plan = api.uniform_plan(model, 0.2)                                      # step 2
     record = api.compress_model(model, plan, api.CompressOptions(), "cpu", stats)   # step 3
@@ -22,7 +25,8 @@ import torch
 from torch import nn
 
 from methods import AnchoredOptions, DecomposeOptions, QuantizeOptions, RefineOptions, UpdateOptions
-from utils.data import calibration_windows, load_text, tokenize
+from utils.data import calibration_data, calibration_windows, load_text, tokenize
+from utils.self_calibration import SelfCalibrationOptions, self_calibration_data
 from utils.io import load_compressed, save_compressed
 from utils.model import count_parameters, load_model, target_shapes
 from utils.pipeline import (CompressOptions, Statistics, compress_model, linear_storage, profile_model, quantize_model,
@@ -40,6 +44,7 @@ __all__ = ["AnchoredOptions", "CompressOptions", "DecomposeOptions", "Plan", "Qu
            "load_model", "load_text", "perplexity", "profile_model", "quantize_model", "save_compressed",
            "uncompressed_block", "uniform_plan"]
 __all__ += ["GenerationOptions", "evaluate_tasks", "generate", "place_model"]
+__all__ += ["SelfCalibrationOptions", "calibration_data", "self_calibration_data"]
 __all__ += ["SensitivityOptions", "asvd_plan", "asvd_ppl_plan", "duo_plan", "plan_calibration_ppl", "sensitivity_table",
             "v2_plan", "whitened_spectra"]
 

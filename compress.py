@@ -80,7 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dataset", "--calib_dataset", dest="dataset", default="wikitext2",
                    help="calibration data: wikitext2, ptb, c4, pydoc (offline), random, or a local file "
                         "(.json/.jsonl with 'text', else plain text); a slice such as FILE[0:0.8] takes "
-                        "that fraction of its lines. --calib_dataset is ASVD's name for it")
+                        "that fraction of its lines. Chat data: .json/.jsonl rows with instruction/input/output "
+                        "(Alpaca) or a messages list, rendered with the chat template and packed as whole "
+                        "conversations (a slice takes a fraction of the rows). self: text the original model "
+                        "writes itself (self-calibration, cached beside the statistics). --calib_dataset is ASVD's name")
+    c.add_argument("--self_prompts", default=None,
+                   help="--dataset self: user turns the model answers, one per line (a chat model; default: an "
+                        "empty user turn; a model without a chat template starts from them instead of BOS)")
+    c.add_argument("--self_temperature", default="1.0",
+                   help="--dataset self: sampling temperature, or START:END (e.g. 1.5:1.0) for the paper's linear "
+                        "schedule over the first 32 generated tokens")
+    c.add_argument("--self_top_p", type=float, default=0.95, help="--dataset self: nucleus sampling mass")
+    c.add_argument("--self_batch_size", type=int, default=16, help="--dataset self: sequences generated at once")
     c.add_argument("--whitening_nsamples", "--n_calib_samples", dest="whitening_nsamples", type=int, default=256,
                    help="calibration windows for step 1 (--n_calib_samples is ASVD's name for it)")
     c.add_argument("--fisher", action="store_true",
@@ -296,6 +307,7 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be 0 or more (defaults: --rsvd_oversamples {DEFAULT_OVERSAMPLES} "
                              f"--rsvd_n_iter {DEFAULT_N_ITER})")
     _validate_refinement(args)
+    _validate_self_calibration(args)
     if args.device is None:
         from utils.model import default_device
         args.device = default_device()
@@ -347,7 +359,7 @@ def validate(args: argparse.Namespace) -> None:
                              f"(no 'compression' block in its config.json); pass a base model with --model")
     if steps & {4, 5}:
         for spec in args.eval_datasets.split(","):
-            validate_dataset(spec)
+            validate_dataset(spec, text_only=True)
     _validate_chat_evaluation(args, steps)
     _validate_tasks_generation_placement(args, steps)
     if 7 in steps:
@@ -494,6 +506,36 @@ def _validate_refinement(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
     if not (math.isfinite(args.refine_lr) and args.refine_lr > 0):
         raise UsageError(f"--refine_lr {args.refine_lr}: must be a positive number, e.g. 1e-4")
+
+
+def _validate_self_calibration(args: argparse.Namespace) -> None:
+    """--dataset self's settings -> args.self_options; its flags with another --dataset are refused."""
+    from utils.data import SELF_DATASET, DatasetError
+    from utils.presets import is_random_spec
+    from utils.self_calibration import SelfCalibrationOptions, read_prompt_file
+    if args.dataset != SELF_DATASET:
+        given = [f"--{name}" for name, default in (("self_prompts", None), ("self_temperature", "1.0"),
+                                                   ("self_top_p", 0.95), ("self_batch_size", 16))
+                 if getattr(args, name) != default]
+        if given:
+            raise UsageError(f"{given[0]} is for --dataset self (now --dataset {args.dataset})")
+        args.self_options = None
+        return
+    if args.model and is_random_spec(args.model):
+        raise UsageError(f"--dataset self: {args.model} has random weights and no tokenizer; use --dataset random")
+    try:
+        start, _, end = args.self_temperature.partition(":")
+        temperatures = (float(start), float(end or start))
+    except ValueError:
+        raise UsageError(f"--self_temperature {args.self_temperature}: give one number (e.g. 1.0) or START:END "
+                         f"(e.g. 1.5:1.0)") from None
+    try:
+        prompts = read_prompt_file(args.self_prompts) if args.self_prompts else ()
+        args.self_options = SelfCalibrationOptions(*temperatures, top_p=args.self_top_p,
+                                                   batch_size=args.self_batch_size, prompts=prompts)
+        args.self_options.check()
+    except DatasetError as error:
+        raise UsageError(str(error)) from None
 
 
 def _needs_calibration_windows(args: argparse.Namespace) -> bool:
@@ -674,6 +716,7 @@ class Session:
     compression: dict | None = None  # None: the model is the original
     timings: dict = field(default_factory=dict)
     placement: object = None  # where evaluation put the model (evaluater.place_for_evaluation)
+    self_calibration: tuple | None = None  # (ids, what they are) the original model wrote (--dataset self)
 
 
 def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: bool = False) -> Session:
@@ -697,20 +740,55 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
 
 
 def _windows(args: argparse.Namespace, session: Session, nsamples: int):
-    from utils.data import calibration_windows
-    return calibration_windows(args.dataset, session.tokenizer, nsamples, args.model_seq_len, args.seed,
-                               vocab_size=session.model.config.vocab_size)
+    """(windows, what they are) of --dataset: every step that calibrates draws them here."""
+    from utils.data import SELF_DATASET, calibration_data
+    if args.dataset == SELF_DATASET:
+        return _self_windows(args, session, nsamples)
+    windows, info = calibration_data(args.dataset, session.tokenizer, nsamples, args.model_seq_len, args.seed,
+                                     vocab_size=session.model.config.vocab_size)
+    if info["kind"] == "chat":
+        packing = info["packing"]
+        print(f"calibration: {windows.shape[0]} windows of {args.model_seq_len} tokens from {info['rows']} "
+              f"{info['format']} rows ({info['template']}): {packing['whole']} whole conversations, "
+              f"{packing['longer_than_window']} cut at a window's end, {packing['tail_fillers']} window tails "
+              f"filled by a cut conversation ({packing['tail_filler_tokens']} tokens)")
+    return windows, info
+
+
+def _self_windows(args: argparse.Namespace, session: Session, nsamples: int):
+    """--dataset self: the original model's own text, from an earlier step of this command, from
+    the cache beside the statistics, or generated (utils.self_calibration)."""
+    from utils.self_calibration import self_calibration_data
+    if session.self_calibration is not None and session.self_calibration[0].shape[0] >= nsamples:
+        ids, info = session.self_calibration
+        return ids[:nsamples], info
+    original = session.model
+    if session.compression is not None:  # the model in memory is compressed: the original writes the text
+        from utils.model import load_model
+        original, _ = load_model(session.compression.get("base_model") or args.model, args.dtype, args.seed,
+                                 session.compression.get("num_layers", args.num_layers))
+    cache_dir = stats_path_of(args) if (args.save_path or args.stats_path) else None
+    ids, info = self_calibration_data(original, session.tokenizer, nsamples, args.model_seq_len, args.seed,
+                                      args.self_options, args.device, cache_dir)
+    print(f"self-calibration: {ids.shape[0]} sequences of {ids.shape[1]} tokens "
+          f"{'read from the cache in ' + cache_dir if info['cached'] else 'generated'}")
+    session.self_calibration = (ids, info)
+    return ids, info
 
 
 def run_profile(args: argparse.Namespace, session: Session):
     """Step 1: statistics of the calibration windows, written to the statistics path."""
     from utils.pipeline import profile_model
     ensure_model(args, session)
-    windows = _windows(args, session, args.whitening_nsamples)
+    windows, data = _windows(args, session, args.whitening_nsamples)
     start = time.perf_counter()
     stats = profile_model(session.model, windows, args.device, stats_path_of(args),
-                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed}, fisher=args.fisher)
+                          meta={"model": args.model, "dataset": args.dataset, "seed": args.seed, "data": data},
+                          fisher=args.fisher)
     stats.close()
+    if data["kind"] == "self":  # step 1 replaced the statistics folder: the generated ids go back beside them
+        from utils.self_calibration import save_sequences
+        save_sequences(stats_path_of(args), session.self_calibration[0], data["settings"])
     session.timings["profile_s"] = round(time.perf_counter() - start, 3)
     print(f"profile: {stats.meta['num_layers']} layers, {stats.meta['tokens']} tokens -> {stats_path_of(args)} "
           f"({session.timings['profile_s']:.1f} s)")
@@ -772,7 +850,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
                                      args.scaling, args.alpha, svd_dtype=DTYPES[args.svd_dtype],
                                      svd_driver=args.svd_driver)
         needs_windows = args.sensitivity_metric != "stable_rank" or args.ppl_target is not None
-        windows = _windows(args, session, args.sensitivity_nsamples) if needs_windows else None
+        windows = _windows(args, session, args.sensitivity_nsamples)[0] if needs_windows else None
         path = sensitivity_path_of(args)
         start = time.perf_counter()
         try:
@@ -832,7 +910,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
                          alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve),
         _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
-    windows = _windows(args, session, options.nsamples) if options.nsamples else None
+    windows, data = _windows(args, session, options.nsamples) if options.nsamples else (None, None)
     try:
         record = compress_model(session.model, plan, options, args.device, stats, windows)
     finally:
@@ -842,6 +920,9 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     session.timings["compress_s"] = record.pop("seconds")
     compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
                                     plan_source, is_random_spec(args.model))
+    if data is not None:  # the windows of the update / refinement
+        compression["calibration_windows"] = {**data, "nsamples": int(windows.shape[0]),
+                                              "seq_len": int(windows.shape[1])}
     session.compression = compression
     start = time.perf_counter()
     save_compressed(session.model, session.tokenizer, args.save_path, compression)
@@ -904,10 +985,10 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     from utils.presets import is_random_spec
     ensure_model(args, session, prefer_compressed=True)
     options = _quantize_options(args)
-    windows = _windows(args, session, args.nsamples) if options.needs_activations else None
+    windows, data = _windows(args, session, args.nsamples) if options.needs_activations else (None, None)
     try:
         record = quantize_model(session.model, options, args.device, windows,
-                                {"dataset": args.dataset, "seed": args.seed})
+                                {"dataset": args.dataset, "seed": args.seed, "data": data})
     except QuantizeError as error:
         raise PipelineError(str(error)) from None
     session.timings["quantize_s"] = record.pop("seconds")

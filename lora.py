@@ -27,7 +27,12 @@ purpose: the warm-up is at most a tenth of a stage's steps (SVD-LLM's 100 steps 
 a short run), and the final adapters are merged (no best-checkpoint reload).
 
 Data (--data_path):
-  * a .json/.jsonl file of Alpaca rows (instruction, input, output): the Alpaca-LoRA template (the
+  * chat data (utils.data: Alpaca rows, or rows with a "messages" list) and a tokenizer with a chat
+    template: each row rendered as calibration renders it (utils.data.render_conversation), the
+    loss on the assistant's turns only (utils.data.assistant_token_mask) unless --train_on_inputs;
+    messages rows without a chat template: the "### Instruction:" / "### Response:" blocks, likewise;
+  * a .json/.jsonl file of Alpaca rows (instruction, input, output) and a tokenizer without a chat
+    template: the Alpaca-LoRA template (the
     one SVD-LLM's Prompter uses), the loss on the response tokens only unless --train_on_inputs,
     an EOS token appended when it fits; the prompt and the response are tokenized separately and
     joined, so the masked tokens are exactly the prompt's (SVD-LLM masks the length of the
@@ -41,7 +46,6 @@ loss, logged before and after each stage (and every --eval_steps).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -52,15 +56,10 @@ import torch
 from torch import nn
 
 from component import ColumnPreservedLinear, LowRankLinear
+from utils.data import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
 
 IGNORE_INDEX = -100  # label of a token that is not scored (the prompt of an Alpaca row, padding)
 FACTORS = ("u", "v")
-ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-                       "context. Write a response that appropriately completes the request.\n\n"
-                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ALPACA_FIELDS = ("instruction", "output")  # "input" may be missing or empty
 DEFAULT_VAL_SET_SIZE = 2000  # SVD-LLM's; capped at a tenth of the examples
 
 
@@ -156,28 +155,31 @@ def _split_path(spec: str) -> tuple[str, float, float]:
         raise LoraError(f"--data_path {spec}: {error}") from None
 
 
-def read_alpaca_rows(path: str) -> list[dict] | None:
-    """The rows of an Alpaca-form .json/.jsonl file, or None when the file is not in that form."""
+def _chat_rows(path: str) -> tuple[list, str] | None:
+    """(rows, 'alpaca' or 'messages') of a chat-data .json/.jsonl file (utils.data's reading and
+    checks), or None when the file is not chat data."""
+    from utils.data import DatasetError, check_chat_rows, chat_format, read_json_rows
     if not path.endswith((".json", ".jsonl")):
         return None
     try:
-        with open(path, encoding="utf-8") as handle:
-            first = handle.read(1)
-            handle.seek(0)
-            rows = json.load(handle) if first == "[" else [json.loads(line) for line in handle if line.strip()]
-    except (OSError, ValueError) as error:
-        raise LoraError(f"--data_path {path}: not readable JSON / JSON lines ({error})") from None
-    if not rows or not isinstance(rows[0], dict) or not all(k in rows[0] for k in ALPACA_FIELDS):
-        return None
-    for number, row in enumerate(rows):
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ALPACA_FIELDS):
-            raise LoraError(f"--data_path {path}: row {number} lacks a string 'instruction' or 'output' "
-                            f"(Alpaca rows: instruction, input, output)")
-    return rows
+        rows = read_json_rows(path)
+        form = chat_format(rows)
+        if form is not None:
+            check_chat_rows(path, rows, form)
+    except (OSError, DatasetError) as error:
+        raise LoraError(f"--data_path {error}") from None
+    return None if form is None else (rows, form)
+
+
+def read_alpaca_rows(path: str) -> list[dict] | None:
+    """The rows of an Alpaca-form .json/.jsonl file, or None when the file is not in that form."""
+    found = _chat_rows(path)
+    return found[0] if found is not None and found[1] == "alpaca" else None
 
 
 def check_data_path(spec: str) -> str:
-    """Cheap checks before any model loads; returns the format: 'alpaca' or 'text'."""
+    """Cheap checks before any model loads; returns the format: 'alpaca' (or 'chat' once the
+    tokenizer turns out to have a chat template), 'chat' (messages rows) or 'text'."""
     from utils.data import BUILTIN_DATASETS, HUB_DATASETS
     name, _, _ = _split_path(spec)
     if name == "random":
@@ -193,7 +195,22 @@ def check_data_path(spec: str) -> str:
         return "text"
     if not os.path.isfile(name):
         raise LoraError(f"--data_path {name}: no such file (an Alpaca .json/.jsonl, or a plain text file)")
-    return "alpaca" if read_alpaca_rows(name) is not None else "text"
+    found = _chat_rows(name)
+    return "text" if found is None else "alpaca" if found[1] == "alpaca" else "chat"
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], cutoff_len: int,
+                          train_on_inputs: bool = False) -> tuple[tuple[list[int], list[int]], bool]:
+    """((input_ids, labels), masked) of one conversation rendered as calibration renders it
+    (utils.data.render_conversation: the chat template), at most cutoff_len tokens; labels are
+    IGNORE_INDEX outside the assistant's turns unless train_on_inputs. masked is False when the
+    template did not let the turns be found (then every token is scored)."""
+    from utils.data import assistant_token_mask, render_conversation
+    ids = render_conversation(tokenizer, messages)
+    mask = None if train_on_inputs else assistant_token_mask(tokenizer, messages, ids)
+    ids = ids[:cutoff_len]
+    labels = list(ids) if mask is None else [i if keep else IGNORE_INDEX for i, keep in zip(ids, mask)]
+    return (ids, labels), mask is not None or train_on_inputs
 
 
 def _held_out(count: int, val_set_size: int | None, seed: int, what: str) -> tuple[list[int], list[int]]:
@@ -216,7 +233,21 @@ def load_examples(spec: str, tokenizer, cutoff_len: int, val_set_size: int | Non
     data_format = check_data_path(spec)
     name, start, end = _split_path(spec)
     info = {"path": spec, "format": data_format, "cutoff_len": cutoff_len}
-    if data_format == "alpaca":
+    if data_format == "alpaca" and getattr(tokenizer, "chat_template", None):
+        data_format = info["format"] = "chat"  # an instruct model learns in the form it is used
+    if data_format == "chat":
+        from utils.data import conversation, has_chat_template
+        rows, form = _chat_rows(name)
+        rows = rows[int(start * len(rows)):int(end * len(rows))]
+        rendered = [tokenize_conversation(tokenizer, conversation(row, form), cutoff_len, train_on_inputs)
+                    for row in rows]
+        examples = [example for example, _ in rendered]
+        scored = [e for e in examples if any(label != IGNORE_INDEX for label in e[1][1:])]
+        info.update(rows=len(rows), rows_without_response_tokens=len(examples) - len(scored),
+                    rows_scored_whole=sum(not masked for _, masked in rendered), train_on_inputs=train_on_inputs,
+                    template="chat_template" if has_chat_template(tokenizer) else "alpaca blocks (no chat template)")
+        examples, what = scored, "conversations with assistant tokens within --cutoff_len"
+    elif data_format == "alpaca":
         rows = read_alpaca_rows(name)
         rows = rows[int(start * len(rows)):int(end * len(rows))]
         examples = [tokenize_alpaca(tokenizer, row, cutoff_len, train_on_inputs) for row in rows]

@@ -4,9 +4,16 @@ A dataset is named by --dataset / --eval_datasets:
   wikitext2, ptb, c4   the Hugging Face sets used by GPTQ and SVD-LLM (need the hub or its cache)
   pydoc                Python's own documentation (pydoc_data.topics): offline, always present
   random               seeded random token ids (timing and memory runs only)
-  PATH                 a local file: .json/.jsonl rows with a "text" field, anything else plain text
+  PATH                 a local file: .json/.jsonl rows with a "text" field, anything else plain text,
+                       or chat data (below)
 Any of them may end in a slice of its text, by fraction of lines: `wiki.valid.tokens[0:0.8]`
 for calibration and `wiki.valid.tokens[0.8:1]` for a held-back evaluation slice.
+
+Chat data (calibration only): a .json/.jsonl file whose first row has "instruction" and "output"
+(Alpaca: instruction, input, output) or "messages" (a list of {"role", "content"}). Every row is a
+conversation rendered with the tokenizer's chat template, the assistant's answer included
+(`render_conversation`); a slice is by fraction of rows. Windows are whole conversations packed
+in seeded order (`pack_conversations`).
 """
 from __future__ import annotations
 
@@ -14,11 +21,22 @@ import json
 import os
 import re
 import socket
+from collections import deque
 
 import torch
 
 HUB_DATASETS = ("wikitext2", "ptb", "c4")
+ALPACA_FIELDS = ("instruction", "output")  # "input" may be missing or empty
+# The Alpaca-LoRA template (SVD-LLM's LoRA prompter): how chat data is rendered for a tokenizer
+# without a chat template, and step 7's template for Alpaca rows.
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n"
+                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+PACK_LOOKAHEAD = 64  # conversations searched for one that fits a window's remaining room
 BUILTIN_DATASETS = HUB_DATASETS + ("pydoc", "random")
+SELF_DATASET = "self"  # text the model writes itself (utils.self_calibration)
 _SLICE = re.compile(r"^(?P<name>.+?)\[(?P<start>[0-9.]*):(?P<end>[0-9.]*)\]$")
 
 
@@ -38,14 +56,32 @@ def parse_dataset(spec: str) -> tuple[str, float, float]:
     return match["name"], start, end
 
 
-def validate_dataset(spec: str) -> None:
-    """Cheap checks before any model is loaded."""
+def validate_dataset(spec: str, text_only: bool = False) -> None:
+    """Cheap checks before any model is loaded; a chat data set is read and every row checked.
+    text_only: the spec is for evaluation text, where chat data and 'self' have no place."""
     name, _, _ = parse_dataset(spec)
+    if name == SELF_DATASET and not os.path.isfile(name):
+        if text_only:
+            raise DatasetError("dataset 'self' is generated calibration text: evaluate on a text file or pydoc")
+        return
     if name in BUILTIN_DATASETS:
         return
     if not os.path.isfile(name):
-        raise DatasetError(f"dataset {name!r} is neither one of {', '.join(BUILTIN_DATASETS)} "
+        raise DatasetError(f"dataset {name!r} is neither one of {', '.join(BUILTIN_DATASETS + (SELF_DATASET,))} "
                            f"nor an existing file")
+    if not name.endswith((".json", ".jsonl")):
+        return
+    rows = read_json_rows(name)
+    form = chat_format(rows)
+    if form is None:
+        if not rows or not isinstance(rows[0], dict) or "text" not in rows[0]:
+            raise DatasetError(f"{name}: JSON rows need a 'text' field, or chat fields ('instruction' and "
+                               f"'output', or 'messages')")
+        return
+    if text_only:
+        raise DatasetError(f"{name}: chat data ({form} rows) is for calibration (--dataset), rendered with the "
+                           f"chat template; evaluate on a text file")
+    check_chat_rows(name, rows, form)
 
 
 def check_hub_datasets(specs: dict[str, str]) -> None:
@@ -95,13 +131,24 @@ def _pydoc_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def _file_text(path: str) -> str:
-    if path.endswith((".json", ".jsonl")):
+def read_json_rows(path: str) -> list:
+    """The rows of a .json file (an array) or a .jsonl file (one value a line)."""
+    try:
         with open(path, encoding="utf-8") as handle:
             first = handle.read(1)
             handle.seek(0)
-            rows = json.load(handle) if first == "[" else [json.loads(line) for line in handle if line.strip()]
-        if not rows or "text" not in rows[0]:
+            return json.load(handle) if first == "[" else [json.loads(line) for line in handle if line.strip()]
+    except ValueError as error:
+        raise DatasetError(f"{path}: not readable JSON / JSON lines ({error})") from None
+
+
+def _file_text(path: str) -> str:
+    if path.endswith((".json", ".jsonl")):
+        rows = read_json_rows(path)
+        if chat_format(rows):
+            raise DatasetError(f"{path}: chat data is rendered with the chat template for calibration "
+                               f"(--dataset), it has no plain text: use a text file here")
+        if not rows or not isinstance(rows[0], dict) or "text" not in rows[0]:
             raise DatasetError(f"{path}: JSON rows need a 'text' field")
         return "\n\n".join(row["text"] for row in rows)
     with open(path, encoding="utf-8") as handle:
@@ -139,18 +186,197 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def calibration_windows(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int,
                         vocab_size: int | None = None) -> torch.Tensor:
-    """nsamples x seq_len token ids at seeded random offsets (same seed, same windows)."""
+    """nsamples x seq_len token ids (same seed, same windows); see calibration_data."""
+    return calibration_data(spec, tokenizer, nsamples, seq_len, seed, vocab_size)[0]
+
+
+def calibration_data(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int,
+                     vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """(nsamples x seq_len token ids, what they are). Text: windows at seeded random offsets; chat
+    data: whole conversations packed in seeded order (chat_windows); random: seeded random ids."""
     generator = torch.Generator().manual_seed(seed)
-    if parse_dataset(spec)[0] == "random":
+    name = parse_dataset(spec)[0]
+    if name == "random":
         if vocab_size is None:
             raise DatasetError("dataset 'random' needs the model's vocabulary size")
-        return torch.randint(0, vocab_size, (nsamples, seq_len), generator=generator)
+        return torch.randint(0, vocab_size, (nsamples, seq_len), generator=generator), {"dataset": spec, "kind": "random"}
+    if name == SELF_DATASET and not os.path.isfile(name):
+        raise DatasetError("dataset 'self' is written by the model: use utils.self_calibration.self_calibration_data")
     if tokenizer is None:
         raise DatasetError(f"the model has no tokenizer, so dataset {spec!r} cannot be tokenized: "
                            f"use --dataset random")
+    if is_chat_dataset(spec):
+        return chat_windows(spec, tokenizer, nsamples, seq_len, seed)
     ids = tokenize(tokenizer, load_text(spec, "train"))
     if ids.numel() <= seq_len:
         raise DatasetError(f"dataset {spec!r} has {ids.numel()} tokens, fewer than one window of "
                            f"{seq_len}: lower --model_seq_len or use a longer text")
     starts = torch.randint(0, ids.numel() - seq_len, (nsamples,), generator=generator)
-    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return windows, {"dataset": spec, "kind": "text"}
+
+
+# ---------------------------------------------------------------------------------------- chat data
+
+def chat_format(rows: list) -> str | None:
+    """'alpaca' or 'messages' when the first row has those fields (chat data), else None."""
+    first = rows[0] if rows else None
+    if not isinstance(first, dict):
+        return None
+    if "messages" in first:
+        return "messages"
+    return "alpaca" if all(k in first for k in ALPACA_FIELDS) else None
+
+
+def is_chat_dataset(spec: str) -> bool:
+    name = parse_dataset(spec)[0]
+    return name.endswith((".json", ".jsonl")) and os.path.isfile(name) and chat_format(read_json_rows(name)) is not None
+
+
+def check_chat_rows(path: str, rows: list, form: str) -> None:
+    """DatasetError naming the first row (counted from 1) that lacks a field of its format."""
+    for number, row in enumerate(rows, 1):
+        if form == "alpaca":
+            for field in ALPACA_FIELDS:
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    raise DatasetError(f"{path}: row {number} has no string '{field}' (Alpaca rows: instruction, "
+                                       f"optional input, output); fix or remove that row")
+            if row.get("input") is not None and not isinstance(row["input"], str):
+                raise DatasetError(f"{path}: row {number}: 'input' must be a string")
+            continue
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise DatasetError(f"{path}: row {number} has no 'messages' list (chat rows: \"messages\": "
+                               f"[{{\"role\": ..., \"content\": ...}}, ...]); fix or remove that row")
+        for turn, message in enumerate(messages, 1):
+            for field in ("role", "content"):
+                if not isinstance(message, dict) or not isinstance(message.get(field), str):
+                    raise DatasetError(f"{path}: row {number}, message {turn} has no string '{field}' (each "
+                                       f"message needs role and content); fix or remove that row")
+
+
+def conversation(row: dict, form: str) -> list[dict]:
+    """A row as chat messages: an Alpaca row is one user turn (instruction, then its input after a
+    blank line) and the assistant's output."""
+    if form == "alpaca":
+        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+    return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def plain_chat_text(messages: list[dict], eos: str = "") -> str:
+    """A conversation for a tokenizer without a chat template: the Alpaca template's
+    "### Instruction:" / "### Response:" blocks (a single turn reads exactly as Alpaca-LoRA's
+    prompt without input, then the answer and EOS); a system message replaces the preamble."""
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    parts = ["\n\n".join(system) if system else ALPACA_PROMPT_NO_INPUT.split("\n\n")[0]]
+    for message in messages:
+        if message["role"] == "assistant":
+            parts.append(f"### Response:\n{message['content']}{eos}")
+        elif message["role"] != "system":
+            parts.append(f"### Instruction:\n{message['content']}")
+    return "\n\n".join(parts)
+
+
+def _conversation_text(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return plain_chat_text(messages, tokenizer.eos_token or "") + ("\n\n### Response:\n" if generation_prompt else "")
+
+
+def _conversation_ids(tokenizer, text: str) -> list[int]:
+    # a chat template's text carries BOS where the model wants one: no special tokens are added to it
+    return list(tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"])
+
+
+def render_conversation(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a whole conversation, the assistant's turns included: the tokenizer's chat
+    template, else plain_chat_text."""
+    return _conversation_ids(tokenizer, _conversation_text(tokenizer, messages))
+
+
+def assistant_token_mask(tokenizer, messages: list[dict], ids: list[int]) -> list[bool] | None:
+    """True on the tokens of `ids` (render_conversation's) that the assistant's turns add: each
+    turn is what the conversation through it renders beyond the conversation before it with the
+    generation prompt. None when the template does not render those as prefixes of the whole."""
+    mask = [False] * len(ids)
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        try:
+            before = _conversation_ids(tokenizer, _conversation_text(tokenizer, messages[:turn], generation_prompt=True))
+            through = _conversation_ids(tokenizer, _conversation_text(tokenizer, messages[:turn + 1]))
+        except Exception:  # a template that refuses a partial conversation (e.g. one not starting with user)
+            return None
+        if ids[:len(before)] != before or ids[:len(through)] != through:
+            return None
+        mask[len(before):len(through)] = [True] * (len(through) - len(before))
+    return mask
+
+
+def pack_conversations(count: int, tokens_of, nsamples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """nsamples windows of seq_len ids from conversations 0..count-1 (tokens_of(i) -> ids), taken in
+    a seeded random order and placed whole: each window starts with a conversation and is filled
+    with the next ones that fit its remaining room (the first that fits among the next
+    PACK_LOOKAHEAD). A conversation longer than a window starts one and is cut at its end. When
+    none fits the room left, the start of the next conversation that fits a window fills it, cut
+    (windows have no padding); that conversation is not used again. When the data set runs short, a new seeded
+    order of all its conversations follows (the record says whether any was reused)."""
+    generator = torch.Generator().manual_seed(seed)
+    queue: deque[int] = deque()
+    placed: set[int] = set()
+    counts = {"whole": 0, "longer_than_window": 0, "tail_fillers": 0, "tail_filler_tokens": 0}
+    reused = False
+    windows = []
+    for _ in range(nsamples):
+        window: list[int] = []
+        while len(window) < seq_len:
+            if len(queue) < PACK_LOOKAHEAD:
+                queue.extend(torch.randperm(count, generator=generator).tolist())
+            room = seq_len - len(window)
+            ahead = range(min(PACK_LOOKAHEAD, len(queue)))
+            take = 0 if not window else next((k for k in ahead if len(tokens_of(queue[k])) <= room), None)
+            if take is None:  # the filler: a conversation that fits a window (a longer one starts the next)
+                take = next((k for k in ahead if len(tokens_of(queue[k])) <= seq_len), 0)
+            index = queue[take]
+            del queue[take]
+            reused |= index in placed
+            placed.add(index)
+            ids = tokens_of(index)
+            if len(ids) <= room:
+                counts["whole"] += 1
+            elif not window:
+                counts["longer_than_window"] += 1
+            else:
+                counts["tail_fillers"] += 1
+                counts["tail_filler_tokens"] += room
+            window += ids[:room]
+        windows.append(window)
+    return torch.tensor(windows, dtype=torch.long), {**counts, "reused": reused}
+
+
+def chat_windows(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """Calibration windows of a chat data set (see pack_conversations), the slice by fraction of
+    rows; each row rendered once, when it is first looked at."""
+    name, start, end = parse_dataset(spec)
+    rows = read_json_rows(name)
+    form = chat_format(rows)
+    check_chat_rows(name, rows, form)
+    rows = rows[int(start * len(rows)):int(end * len(rows))]
+    if not rows:
+        raise DatasetError(f"dataset {spec!r}: the slice holds no rows; widen it")
+    rendered: dict[int, list[int]] = {}
+
+    def tokens_of(index: int) -> list[int]:
+        if index not in rendered:
+            rendered[index] = render_conversation(tokenizer, conversation(rows[index], form))
+        return rendered[index]
+
+    windows, packing = pack_conversations(len(rows), tokens_of, nsamples, seq_len, seed)
+    template = "chat_template" if has_chat_template(tokenizer) else "alpaca (the tokenizer has no chat template)"
+    return windows, {"dataset": spec, "kind": "chat", "format": form, "template": template, "rows": len(rows),
+                     "packing": packing}

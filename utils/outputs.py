@@ -30,7 +30,8 @@ TOKENIZER_FILES = frozenset({
 MODEL_FILES = frozenset({"config.json", "model.safetensors", "generation_config.json",
                          "results.json"}) | TOKENIZER_FILES  # results.json: steps 4-5
 MODEL_FILE_PATTERNS = (re.compile(r"modeling_\w+\.py"),)
-STATS_FILES = frozenset({"meta.json", "fisher.safetensors"})
+STATS_FILES = frozenset({"meta.json", "fisher.safetensors",
+                         "self_calibration.safetensors", "self_calibration.json"})  # the last two: --dataset self
 STATS_FILE_PATTERNS = (re.compile(r"layer_\d{4,}\.safetensors"), re.compile(r"(plan|ranks|sensitivity)_[\w.+-]+\.json"))
 STATS_KEYS = ("model", "layer_prefix", "streams", "gram_layout")
 PT_KEYS = ("format_version", "config", "compression", "state_dict")

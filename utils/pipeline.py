@@ -282,7 +282,8 @@ def compression_block(record: dict, base_model: str, model: torch.nn.Module, sta
                       random_weights: bool = False) -> dict:
     """The "compression" block saved with a model: compress_model's record plus what the model was
     made from (base model, calibration, seed, dtype), which loading and evaluation read."""
-    calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed", "tokens")}
+    calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed",
+                                                                              "tokens", "data")}
     update, refine = record.get("update"), record.get("refine")
     method = ("svd-llm" if record["whitening"] != "none" else
               "asvd" if record.get("scaling", "none") != "none" else "svd")

