@@ -25,6 +25,7 @@ from torch import nn
 
 from generate import end_tokens, prompt_ids
 from utils.io import read_json, write_json
+from utils.self_calibration import weights_fingerprint  # the one fingerprint of an original's weights
 
 CACHE_FORMAT = "svd-compress-chat-reference"
 BATCH_SIZE = 16  # prompts generated together
@@ -36,16 +37,6 @@ def default_cache_dir() -> str:
     root = os.environ.get("SVD_COMPRESS_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "svd-compress")
     return os.path.join(root, "chat_references")
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """blake2b of every tensor of the state dict (names, dtypes, shapes, bytes)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def response_is_empty(ids: list[int], text: str, ends: list[int]) -> bool:

@@ -9,7 +9,8 @@ windows of its data set (profiled once per data set, kept under --stats_dir and 
   pydoc     Python's documentation, pydoc[0:0.9]
   wikitext  wiki.valid.tokens[0:0.8]
   chat      the Alpaca demo rows alpaca_en_demo.jsonl[0:0.9] rendered through the chat template
-  self      text the original model generates itself (--dataset self)
+  self      text the original model writes itself (--dataset self: utils.self_calibration's defaults,
+            an empty user turn, temperature 1.0, top_p 0.95; cached beside the statistics)
 Recipes: whitening (cholesky, exact SVD: steps 1 + 3), and block_lora: block refinement on the
 first --refine_nsamples calibration windows (--refine_epochs epochs), then LoRA on u then v
 (--lora_steps steps each) on the chat-formatted Alpaca rows [0:0.9] (loss on the response tokens).
@@ -107,30 +108,6 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def chat_examples(tokenizer, rows: list[dict], cutoff_len: int, val_set_size: int, seed: int):
-    """lora.Examples from Alpaca rows rendered through the chat template (one user turn with the
-    instruction and input, the output as the assistant's turn); loss on the assistant's tokens."""
-    import lora
-    examples = []
-    for row in rows:
-        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                               add_generation_prompt=True)
-        full = tokenizer.apply_chat_template([{"role": "user", "content": user},
-                                              {"role": "assistant", "content": row["output"]}], tokenize=False)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:cutoff_len]
-        if len(ids) > len(prompt_ids):
-            examples.append((ids, [lora.IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]))
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    val = [examples[i] for i in order[:val_set_size]]
-    train = [examples[i] for i in order[val_set_size:]]
-    return lora.Examples(train, val, {"path": ALPACA + "[0:0.9]", "format": "alpaca rows in the chat template",
-                                      "rows": len(rows), "train_examples": len(train), "val_examples": len(val),
-                                      "cutoff_len": cutoff_len})
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -172,8 +149,8 @@ def main(argv=None) -> int:
     import evaluater
     import fidelity
     import lora
-    from api import CompressOptions, RefineOptions, Statistics, calibration_windows, compress_model, \
-        count_parameters, load_model, load_text, profile_model, uniform_plan
+    from api import CompressOptions, RefineOptions, SelfCalibrationOptions, Statistics, calibration_data, \
+        compress_model, count_parameters, load_model, load_text, profile_model, self_calibration_data, uniform_plan
     from generate import read_prompts
     from utils.data import tokenize
 
@@ -234,11 +211,16 @@ def main(argv=None) -> int:
     def statistics_for(data: str) -> tuple[str, torch.Tensor, dict]:
         """The calibration windows of `data` and their step-1 statistics (profiled once, kept on disk)."""
         spec = CALIBRATION[data]
-        start = time.perf_counter()
-        windows = calibration_windows(spec, tokenizer, opts.nsamples, opts.seq_len, opts.seed,
-                                      vocab_size=base.config.vocab_size)
-        info = {"dataset": spec, "windows_s": round(time.perf_counter() - start, 3)}
         path = os.path.join(opts.stats_dir, f"{data}_w{opts.nsamples}x{opts.seq_len}_seed{opts.seed}")
+        start = time.perf_counter()
+        if data == "self":  # the model's own text, cached beside the statistics
+            os.makedirs(path, exist_ok=True)
+            windows, what = self_calibration_data(base, tokenizer, opts.nsamples, opts.seq_len, opts.seed,
+                                                  SelfCalibrationOptions(), "cpu", cache_dir=path, progress=False)
+        else:
+            windows, what = calibration_data(spec, tokenizer, opts.nsamples, opts.seq_len, opts.seed,
+                                             vocab_size=base.config.vocab_size)
+        info = {"dataset": spec, "windows": what, "windows_s": round(time.perf_counter() - start, 3)}
         if not os.path.isfile(os.path.join(path, "meta.json")):
             start = time.perf_counter()
             profile_model(base, windows, "cpu", path, meta={"model": opts.model, "dataset": spec,
@@ -268,10 +250,8 @@ def main(argv=None) -> int:
         stages = {}
         if recipe == "block_lora":
             stages["after_refinement"] = {"fidelity": {k: v for k, v in measure(model).items() if k != "per_prompt"}}
-            if lora_examples is None:
-                rows_alpaca = [json.loads(line) for line in open(ALPACA, encoding="utf-8") if line.strip()]
-                lora_examples = chat_examples(tokenizer, rows_alpaca[:int(0.9 * len(rows_alpaca))], opts.cutoff_len,
-                                              8, opts.seed)
+            if lora_examples is None:  # Alpaca rows in the chat template, loss on the assistant's tokens
+                lora_examples = lora.load_examples(ALPACA + "[0:0.9]", tokenizer, opts.cutoff_len, 8, opts.seed)
             lora_options = lora.LoraOptions(learning_rate=opts.lora_learning_rate, num_epochs=1e9,
                                             batch_size=opts.lora_batch_size,
                                             micro_batch_size=opts.lora_micro_batch_size,
