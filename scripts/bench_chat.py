@@ -10,7 +10,7 @@ windows of its data set (profiled once per data set, kept under --stats_dir and 
   wikitext  wiki.valid.tokens[0:0.8]
   chat      the Alpaca demo rows alpaca_en_demo.jsonl[0:0.9] rendered through the chat template
   self      text the original model writes itself (--dataset self: utils.self_calibration's defaults,
-            an empty user turn, temperature 1.0, top_p 0.95; cached beside the statistics)
+            an empty user turn, temperature 1.0, top_p 0.95; cached in STATS_DIR/self_..._text)
 Recipes: whitening (cholesky, exact SVD: steps 1 + 3), and block_lora: block refinement on the
 first --refine_nsamples calibration windows (--refine_epochs epochs), then LoRA on u then v
 (--lora_steps steps each) on the chat-formatted Alpaca rows [0:0.9] (loss on the response tokens).
@@ -168,7 +168,9 @@ def main(argv=None) -> int:
         record["original"] = {**earlier["original"], "note": "measured by the first process of this resumed run"}
         record["resumed"] = earlier.get("resumed", []) + [{"settings": earlier["settings"]}]
 
-    def save() -> None:
+    def save() -> None:  # rows in the order of the default list whatever order they ran in
+        order = DEFAULT_ROWS.split(",")
+        record["runs"].sort(key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
         summarize(record)
         write_json(opts.out, record)
 
@@ -213,10 +215,11 @@ def main(argv=None) -> int:
         spec = CALIBRATION[data]
         path = os.path.join(opts.stats_dir, f"{data}_w{opts.nsamples}x{opts.seq_len}_seed{opts.seed}")
         start = time.perf_counter()
-        if data == "self":  # the model's own text, cached beside the statistics
-            os.makedirs(path, exist_ok=True)
+        if data == "self":  # the model's own text, cached in a folder of its own (the statistics' is ours alone)
+            os.makedirs(path + "_text", exist_ok=True)
             windows, what = self_calibration_data(base, tokenizer, opts.nsamples, opts.seq_len, opts.seed,
-                                                  SelfCalibrationOptions(), "cpu", cache_dir=path, progress=False)
+                                                  SelfCalibrationOptions(), "cpu", cache_dir=path + "_text",
+                                                  progress=False)
         else:
             windows, what = calibration_data(spec, tokenizer, opts.nsamples, opts.seq_len, opts.seed,
                                              vocab_size=base.config.vocab_size)
