@@ -9,9 +9,13 @@
     stats = api.profile_model(model, windows, "cpu")                        # step 1
     plan = api.uniform_plan(model, 0.2)                                      # step 2
     record = api.compress_model(model, plan, api.CompressOptions(), "cpu", stats)   # step 3
-    # or: anchored fit + AA-SVD block refinement on 32 calibration windows (docs/refinement.md)
-    # api.compress_model(model, plan, api.CompressOptions(update=api.AnchoredOptions(nsamples=16, alpha=1.0),
-    #                    refine=api.RefineOptions("block", nsamples=32)), "cpu", stats, windows)
+    # or: anchored fit + AA-SVD block refinement on 32 calibration windows (docs/refinement.md), the
+    # windows they only measure on drawn apart from step 1's 32 (README, Data)
+    # options = api.CompressOptions(update=api.AnchoredOptions(nsamples=16, alpha=1.0),
+    #                               refine=api.RefineOptions("block", nsamples=32))
+    # carried, _ = api.calibration_windows_with_heldout("pydoc[0:0.9]", tokenizer, options.nsamples, 512, 0,
+    #                                                   options.heldout_positions(), exclude=[(32, 512, 0)])
+    # api.compress_model(model, plan, options, "cpu", stats, carried)
     api.save_compressed(model, tokenizer, "out/smol-20", record)
     model, tokenizer, record = api.load_compressed("out/smol-20")
     print(api.perplexity(model, tokenizer, api.load_text("pydoc[0.9:1]", "test"), 512)["ppl"])
@@ -25,7 +29,7 @@ import torch
 from torch import nn
 
 from methods import AnchoredOptions, DecomposeOptions, QuantizeOptions, RefineOptions, UpdateOptions
-from utils.data import calibration_data, calibration_windows, load_text, tokenize
+from utils.data import calibration_data, calibration_windows, calibration_windows_with_heldout, load_text, tokenize
 from utils.self_calibration import SelfCalibrationOptions, self_calibration_data
 from utils.io import load_compressed, save_compressed
 from utils.model import count_parameters, load_model, target_shapes
@@ -40,7 +44,7 @@ from methods.sensitivity import SensitivityOptions, plan_calibration_ppl, sensit
 
 __all__ = ["AnchoredOptions", "CompressOptions", "DecomposeOptions", "Plan", "QuantizeOptions", "RefineOptions",
            "Statistics", "UpdateOptions",
-           "calibration_windows", "compress_model", "count_parameters", "linear_storage", "load_compressed",
+           "calibration_windows", "calibration_windows_with_heldout", "compress_model", "count_parameters", "linear_storage", "load_compressed",
            "load_model", "load_text", "perplexity", "profile_model", "quantize_model", "save_compressed",
            "uncompressed_block", "uniform_plan"]
 __all__ += ["GenerationOptions", "evaluate_tasks", "generate", "place_model"]

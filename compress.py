@@ -47,7 +47,7 @@ def parse_steps(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from methods.anchored import DEFAULT_ANCHOR_ALPHA
+    from methods.anchored import DEFAULT_ANCHOR_ALPHA, DEFAULT_ANCHOR_HOLDOUT
     from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("pipeline")
@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output of step 3 (7, 8): a directory or a NAME.pt file (--output_dir: SVD-LLM's LoRA.py name)")
     g.add_argument("--stats_path", default=None,
                    help="where step 1 writes and step 3 reads statistics (default: SAVE_PATH/stats)")
+    g.add_argument("--force_stats", action="store_true",
+                   help="steps 2-3: use statistics whose weight fingerprint (first and last decoder layers, recorded "
+                        "by step 1) differs from the model's, with a warning; without it they are refused. The "
+                        "architecture must still match")
     g.add_argument("--plan", "--ranks_path", dest="plan", default=None,
                    help="the per-module plan (JSON) step 2 writes and step 3 reads (default: STATS/plan_RATIO.json; "
                         "step 3 uses it when it exists, else uniform ranks from --ratio). --ranks_path is an alias")
@@ -99,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "summed over output rows per input channel, square-rooted), layer by layer with bounded "
                         "memory; needed by --scaling fisher and fisher_abs_mean")
     c.add_argument("--updating_nsamples", type=int, default=16,
-                   help="calibration windows for the closed-form update (a quarter are held out) and the anchored fit")
+                   help="calibration windows for the closed-form update and the anchored fit; a quarter are held out, "
+                        "drawn to share no token with step 1's windows (README, Data)")
     c.add_argument("--model_seq_len", type=int, default=2048, help="tokens per calibration/evaluation window")
     d = p.add_argument_group("decomposition")
     d.add_argument("--ratio", type=float, default=None,
@@ -117,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ASVD's flag: the fraction of the matrices' parameters KEPT, i.e. --ratio 1-P")
     d.add_argument("--ppl_target", type=float, default=None,
                    help="asvd: search the most compression whose calibration perplexity (on the sensitivity "
-                        "windows, model really compressed) stays below this; instead of --ratio")
+                        "windows, model really compressed with step 3's --whitening/--scaling, --alpha, "
+                        "--decomposition, --sigma_fuse, --svd_dtype; WITHOUT column preservation, update or "
+                        "refinement) stays below this; instead of --ratio. Step 3 measures the model it builds on "
+                        "the same windows and records it against the target (compression block: ppl_target)")
     d.add_argument("--sensitivity_metric", default=None, choices=["ppl", "stable_rank", "kl"],
                    help="asvd: ppl = calibration perplexity with only that matrix compressed (default), stable_rank "
                         "= ASVD's spectral metric (no forward pass); duo: kl (the only one)")
@@ -176,10 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs; 0 = whitening on the compressed stream, 1 = the original outputs (default "
                         f"{DEFAULT_ANCHOR_ALPHA:g}: on SmolLM2-135M it beat whitening at 60%% removed, 0.83x its perplexity, "
                         "and no alpha did at 20%%; docs/refinement.md)")
-    d.add_argument("--anchor_holdout", type=float, default=0.0,
+    d.add_argument("--anchor_holdout", type=float, default=None,
                    help="--update anchored: hold out this fraction of the --updating_nsamples windows and keep each "
-                        "matrix's fit only where it lowers the error on them (as the closed-form update does; "
-                        "default 0: always kept). The fit overfits few windows: docs/refinement.md")
+                        "matrix's fit only where it lowers the error on them, as the closed-form update does "
+                        f"(default {DEFAULT_ANCHOR_HOLDOUT:g}; needs at least 3 windows; 0: every fit kept, ungated). "
+                        "The fit overfits few windows: docs/refinement.md")
     r = p.add_argument_group("refinement (step 3, after the decomposition / update; docs/refinement.md)")
     r.add_argument("--refine", default="none", choices=["none", "gradient"],
                    help="gradient refinement against the original model, one layer at a time (AdamW, warm-up then "
@@ -200,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration windows of --dataset for the refinement (default: --updating_nsamples)")
     r.add_argument("--refine_holdout", type=int, default=0,
                    help="block: this many more windows of --dataset, after those trained on, whose block loss is "
-                        "measured every epoch and recorded (holdout_losses), never trained on: shows overfitting")
+                        "measured every epoch and recorded (holdout_losses), never trained on: shows overfitting "
+                        "(drawn to share no token with step 1's windows or the fit windows, as the update's held-out ones)")
     q = p.add_argument_group("quantization (step 8; docs/quantization.md)")
     q.add_argument("--quant", default=None, choices=["gptq", "rtn"],
                    help="GPTQ (Hessian-aware, needs --nsamples calibration windows) or round-to-nearest (default gptq)")
@@ -487,11 +497,17 @@ def _validate_refinement(args: argparse.Namespace) -> None:
         if not (math.isfinite(args.anchor_alpha) and 0.0 <= args.anchor_alpha <= 1.0):
             raise UsageError(f"--anchor_alpha {args.anchor_alpha}: must be in [0, 1] (0 = whitening on the compressed "
                              f"stream, 1 = fit the original outputs)")
-    if args.anchor_holdout:
-        if args.update != "anchored":
-            raise UsageError(f"--anchor_holdout is for --update anchored (got --update {args.update})")
+    if args.anchor_holdout is not None and args.update != "anchored":
+        raise UsageError(f"--anchor_holdout is for --update anchored (got --update {args.update})")
+    if args.update == "anchored":
+        from methods.anchored import DEFAULT_ANCHOR_HOLDOUT, holdout_problem
+        if args.anchor_holdout is None:
+            args.anchor_holdout = DEFAULT_ANCHOR_HOLDOUT
         if not (math.isfinite(args.anchor_holdout) and 0.0 <= args.anchor_holdout < 1.0):
             raise UsageError(f"--anchor_holdout {args.anchor_holdout}: a fraction in [0, 1), e.g. 0.25")
+        problem = holdout_problem(args.updating_nsamples, args.anchor_holdout)
+        if problem:
+            raise UsageError(problem)
     if args.refine_nsamples is None:
         args.refine_nsamples = args.updating_nsamples
     if args.refine == "none":
@@ -739,6 +755,29 @@ def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: 
     return session
 
 
+MODEL_STEPS = (3, 7, 8)  # the steps that produce a model and write it to --save_path
+
+
+def writes_model(args: argparse.Namespace, step: int) -> bool:
+    """Only the last model-producing step of the command writes --save_path: chained steps hand the
+    model over in memory, so --step 3,8 writes the quantized model once, not the float one first."""
+    return step == max(s for s in args.steps if s in MODEL_STEPS)
+
+
+def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
+    """Write the session's model to --save_path if `step` is the command's last model step."""
+    from utils.io import save_compressed
+    if not writes_model(args, step):
+        later = [s for s in args.steps if s in MODEL_STEPS and s > step]
+        print(f"{STEP_NAMES[step]}: handed to step {later[0]} in memory (step "
+              f"{later[-1]} writes {args.save_path})")
+        return False
+    start = time.perf_counter()
+    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
+    session.timings["save_s"] = round(time.perf_counter() - start, 3)
+    return True
+
+
 def _windows(args: argparse.Namespace, session: Session, nsamples: int):
     """(windows, what they are) of --dataset: every step that calibrates draws them here."""
     from utils.data import SELF_DATASET, calibration_data
@@ -755,24 +794,31 @@ def _windows(args: argparse.Namespace, session: Session, nsamples: int):
     return windows, info
 
 
-def _self_windows(args: argparse.Namespace, session: Session, nsamples: int):
+def _self_windows(args: argparse.Namespace, session: Session, nsamples: int, compressed: bool = False):
     """--dataset self: the original model's own text, from an earlier step of this command, from
-    the cache beside the statistics, or generated (utils.self_calibration)."""
-    from utils.self_calibration import self_calibration_data
+    the cache beside the statistics, or generated (utils.self_calibration). compressed: the model
+    in memory is compressed even though session.compression is not set yet (step 3 measuring)."""
+    from utils.self_calibration import cached_rows, self_calibration_data
     if session.self_calibration is not None and session.self_calibration[0].shape[0] >= nsamples:
         ids, info = session.self_calibration
         return ids[:nsamples], info
     original = session.model
-    if session.compression is not None:  # the model in memory is compressed: the original writes the text
+    if compressed or session.compression is not None:  # the model in memory is compressed: the original writes
         from utils.model import load_model
-        original, _ = load_model(session.compression.get("base_model") or args.model, args.dtype, args.seed,
-                                 session.compression.get("num_layers", args.num_layers))
+        compression = session.compression or {}
+        original, _ = load_model(compression.get("base_model") or args.model, args.dtype, args.seed,
+                                 compression.get("num_layers", args.num_layers))
     cache_dir = stats_path_of(args) if (args.save_path or args.stats_path) else None
     ids, info = self_calibration_data(original, session.tokenizer, nsamples, args.model_seq_len, args.seed,
                                       args.self_options, args.device, cache_dir)
+    known = info.get("rows_from_cache")
     print(f"self-calibration: {ids.shape[0]} sequences of {ids.shape[1]} tokens "
-          f"{'read from the cache in ' + cache_dir if info['cached'] else 'generated'}")
-    session.self_calibration = (ids, info)
+          + (f"read from the cache in {cache_dir}" if info["cached"] else
+             f"({known} from the cache in {cache_dir}, the rest generated)" if known else "generated"))
+    # every row known for these settings (the cache may hold more, e.g. step 3's held-out rows after
+    # step 1's), so that step 1 writing its statistics folder anew puts them all back
+    rows = cached_rows(cache_dir, info["settings"]) if cache_dir else None
+    session.self_calibration = (rows if rows is not None and rows.shape[0] > ids.shape[0] else ids, info)
     return ids, info
 
 
@@ -806,7 +852,7 @@ def run_allocate(args: argparse.Namespace, session: Session):
         from utils.pipeline import Statistics
         stats = Statistics.open(stats_path_of(args))
         try:
-            stats.check_model(session.model)
+            stats.check_model(session.model, args.force_stats)
             sigmas = whitened_spectra(session.model, stats, args.device, args.whitening)
         finally:
             stats.close()
@@ -839,12 +885,13 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
     """Step 2 for --allocation asvd / duo: the sensitivity table (reused or measured,
     methods.sensitivity), then ASVD's search or Duo-SVD's DP (methods.allocation)."""
     from methods.allocation import asvd_plan, asvd_ppl_plan, duo_plan
-    from methods.sensitivity import SensitivityError, SensitivityOptions, plan_calibration_ppl, sensitivity_table
+    from methods.sensitivity import (NOT_SEARCHED, SensitivityError, SensitivityOptions, plan_calibration_ppl,
+                                     searched_decomposition, sensitivity_table)
     from utils.model import DTYPES
     from utils.pipeline import PipelineError, Statistics
     stats = Statistics.open(stats_path_of(args))
     try:
-        stats.check_model(session.model)
+        stats.check_model(session.model, args.force_stats)
         options = SensitivityOptions(args.sensitivity_metric, tuple(args.sensitivity_ratios),
                                      args.ratio if args.allocation == "duo" else None, args.whitening,
                                      args.scaling, args.alpha, svd_dtype=DTYPES[args.svd_dtype],
@@ -866,9 +913,13 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
             if args.allocation == "duo":
                 plan, detail = duo_plan(session.model, args.ratio, table)
             elif args.ppl_target is not None:
+                searched = searched_decomposition(_decompose_options(args))
                 plan, detail = asvd_ppl_plan(session.model, args.ppl_target, table,
-                                             plan_calibration_ppl(session.model, stats, windows, args.device,
-                                                                  args.whitening, args.scaling, args.alpha))
+                                             plan_calibration_ppl(session.model, stats, windows, args.device, searched))
+                # what the searched perplexity is of, so step 3 can say where its model differs and measure it
+                detail["search"] = {"decompose": searched.to_dict(), "not_searched": NOT_SEARCHED,
+                                    "windows": {"dataset": args.dataset, "nsamples": int(windows.shape[0]),
+                                                "seq_len": args.model_seq_len, "seed": args.seed}}
             else:
                 plan, detail = asvd_plan(session.model, args.ratio, table)
         except ValueError as error:
@@ -896,39 +947,135 @@ def _plan_for_step3(args: argparse.Namespace, session: Session):
 
 
 def run_compress(args: argparse.Namespace, session: Session) -> dict:
-    """Step 3: apply the plan (decompose, optionally update u) and save the model."""
-    from methods import DecomposeOptions
-    from utils.io import save_compressed
-    from utils.model import DTYPES
+    """Step 3: apply the plan (decompose, optionally update u) and save the model (unless step 7 or
+    8 follows in the same command)."""
     from utils.pipeline import CompressOptions, Statistics, compress_model, compression_block
     from utils.presets import is_random_spec
     ensure_model(args, session)
     plan, plan_source = _plan_for_step3(args, session)
-    options = CompressOptions(
-        DecomposeOptions(args.whitening, args.decomposition, DTYPES[args.svd_dtype], args.svd_driver,
-                         args.rsvd_oversamples, args.rsvd_n_iter, args.seed, scaling=args.scaling,
-                         alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve),
-        _update_options(args), _refine_options(args))
+    options = CompressOptions(_decompose_options(args), _update_options(args), _refine_options(args))
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
-    windows, data = _windows(args, session, options.nsamples) if options.nsamples else (None, None)
+    windows, data, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None, None)
     try:
-        record = compress_model(session.model, plan, options, args.device, stats, windows)
+        record = compress_model(session.model, plan, options, args.device, stats, windows, args.force_stats)
     finally:
         if stats is not None:
             session.timings["stats_wait_s"] = round(stats.wait_s, 3)
             stats.close()
     session.timings["compress_s"] = record.pop("seconds")
     compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
-                                    plan_source, is_random_spec(args.model))
+                                    plan_source, is_random_spec(args.model), heldout)
     if data is not None:  # the windows of the update / refinement
         compression["calibration_windows"] = {**data, "nsamples": int(windows.shape[0]),
                                               "seq_len": int(windows.shape[1])}
+    target = _ppl_target_check(args, session, plan, options)
+    if target is not None:
+        compression["ppl_target"] = target
     session.compression = compression
-    start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, compression)
-    session.timings["save_s"] = round(time.perf_counter() - start, 3)
+    _save_model(args, session, 3)
     _print_summary(compression, session.timings)
     return compression
+
+
+def _decompose_options(args: argparse.Namespace):
+    from methods import DecomposeOptions
+    from utils.model import DTYPES
+    return DecomposeOptions(args.whitening, args.decomposition, DTYPES[args.svd_dtype], args.svd_driver,
+                            args.rsvd_oversamples, args.rsvd_n_iter, args.seed, scaling=args.scaling,
+                            alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve)
+
+
+def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options) -> dict | None:
+    """For a plan made by the --ppl_target search: the model step 3 built, measured on the search's own
+    windows against the target, and where step 3 did what the search did not (None for other plans)."""
+    from methods.sensitivity import calibration_ppl
+    from utils.data import SELF_DATASET, DatasetError, calibration_windows
+    detail = plan.detail or {}
+    if detail.get("target") != "ppl":
+        return None
+    search = detail.get("search") or {}
+    searched = search.get("decompose") or {}
+    built = options.decompose.to_dict()
+    differs = [f"{key} {built[key]} (searched: {searched[key]})" for key in built
+               if key in searched and built[key] != searched[key]]
+    differs += [f"{what} {name}" for what, name in (
+        ("update", options.update.to_dict()["method"] if options.update else None),
+        ("refine", options.refine.target if options.refine else None)) if name]
+    record = {"target": detail["ppl_target"], "search_calibration_ppl": detail.get("calibration_ppl"),
+              "search_decompose": searched or None, "step3_differs": differs, "final_calibration_ppl": None}
+    windows_spec = search.get("windows")
+    if windows_spec is None:
+        record["not_measured"] = "the plan does not say which windows the search measured on (an earlier version)"
+    else:
+        try:
+            if windows_spec["dataset"] != SELF_DATASET:
+                windows = calibration_windows(windows_spec["dataset"], session.tokenizer, windows_spec["nsamples"],
+                                              windows_spec["seq_len"], windows_spec["seed"],
+                                              vocab_size=session.model.config.vocab_size)
+            elif (windows_spec["seq_len"], windows_spec["seed"]) != (args.model_seq_len, args.seed):
+                raise DatasetError("the search measured on self-calibration text of another --model_seq_len / --seed")
+            else:  # the original model's text (this command's, the cache's, or written again by the original)
+                windows = _self_windows(args, session, windows_spec["nsamples"], compressed=True)[0]
+        except DatasetError as error:
+            record["not_measured"] = str(error)
+        else:
+            home = next(session.model.parameters()).device
+            start = time.perf_counter()
+            ppl = calibration_ppl(session.model, windows, args.device)
+            session.model.to(home)
+            session.timings["ppl_target_check_s"] = round(time.perf_counter() - start, 3)
+            record.update(final_calibration_ppl=ppl, met=ppl < record["target"], windows=windows_spec)
+    final = record["final_calibration_ppl"]
+    print(f"ppl target {record['target']:g}: the search's calibration perplexity {record['search_calibration_ppl']:.3f}, "
+          + (f"the model built {final:.3f} ({'met' if record['met'] else 'MISSED'})" if final is not None
+             else f"the model built not measured ({record['not_measured']})")
+          + (f"; step 3 differs from the search: {', '.join(differs)}" if differs else ""))
+    return record
+
+
+def _step3_windows(args: argparse.Namespace, session: Session, options, stats):
+    """The windows step 3's update / refinement carry, what they are (as _windows says), and the
+    record of how the held-out ones were drawn: apart from step 1's windows (when its statistics
+    are of this --dataset) and from the fit windows. Text: no shared token; chat data: no shared
+    conversation (utils.data.calibration_data_with_heldout); self: rows of the generation that
+    neither uses (_self_step3_windows)."""
+    from utils.data import SELF_DATASET, calibration_data_with_heldout
+    exclude = []
+    meta = stats.meta if stats is not None else {}
+    if meta.get("dataset") == args.dataset and all(meta.get(k) is not None for k in ("nsamples", "seq_len", "seed")):
+        exclude.append((int(meta["nsamples"]), int(meta["seq_len"]), int(meta["seed"])))
+    if args.dataset == SELF_DATASET:
+        return _self_step3_windows(args, session, options, exclude)
+    windows, data, heldout = calibration_data_with_heldout(args.dataset, session.tokenizer, options.nsamples,
+                                                           args.model_seq_len, args.seed, options.heldout_positions(),
+                                                           exclude, vocab_size=session.model.config.vocab_size)
+    if data["kind"] == "chat":
+        print(f"calibration: {windows.shape[0]} windows of {args.model_seq_len} tokens from {data['rows']} "
+              f"{data['format']} rows ({data['template']}); {len(heldout['positions'])} held out, packed from the "
+              f"{heldout['conversations_left']} conversations no calibration window uses")
+    return windows, data, heldout
+
+
+def _self_step3_windows(args: argparse.Namespace, session: Session, options, exclude: list):
+    """--dataset self: the first options.nsamples generated rows, the held-out positions replaced by
+    the rows after both these and step 1's (rows FIRST.. of a larger generation: row i samples from
+    its own (seed, i) generator, so a larger cache's first rows are the smaller run's and the later
+    rows are text neither step saw)."""
+    from utils.data import HELDOUT_SEED_OFFSET
+    held = options.heldout_positions()
+    if not held:
+        windows, data = _self_windows(args, session, options.nsamples)
+        return windows, data, {"positions": [], "seed": args.seed + HELDOUT_SEED_OFFSET}
+    first = max([options.nsamples] + [n for n, _, seed in exclude if seed == args.seed])
+    ids, data = _self_windows(args, session, first + len(held))
+    windows = ids[:options.nsamples].clone()
+    windows[held] = ids[first:first + len(held)]
+    return windows, data, {"positions": held, "seed": args.seed, "rows": [first, first + len(held)],
+                           "disjoint_from": [{"nsamples": n, "seq_len": length, "seed": seed}
+                                             for n, length, seed in [(options.nsamples, args.model_seq_len, args.seed),
+                                                                     *exclude]],
+                           "drawn": "generated rows after those of every disjoint_from draw (rows [first, end) of a "
+                                    "larger generation with the same settings)"}
 
 
 def _update_options(args: argparse.Namespace):
@@ -965,7 +1112,10 @@ def _print_summary(compression: dict, timings: dict) -> None:
         print(f"update: kept for {compression['updates_accepted']} of {len(ranks)} matrices")
     elif compression["update"]:
         kept = sum(r.get("anchored", {}).get("applied", False) for r in compression["modules"].values())
-        print(f"update: anchored fit (alpha {compression['update']['alpha']:g}) kept for {kept} of {len(ranks)} matrices")
+        gate = compression["update"].get("holdout_fraction")
+        print(f"update: anchored fit (alpha {compression['update']['alpha']:g}) kept for {kept} of {len(ranks)} matrices"
+              + (f" (each kept only where it lowered the error on the held-out {gate:g} of the windows)" if gate
+                 else " (ungated: --anchor_holdout 0)"))
     if compression.get("refine_losses"):
         losses = compression["refine_losses"]
         held_windows = next((r.get("holdout_windows") for r in losses.get("per_block", {}).values()), None)
@@ -980,7 +1130,7 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     """Step 8: quantize every linear of the decoder layers (GPTQ or RTN, methods/quantize.py) of the
     model step 3 left, of --model_path, or of the original --model; save it, packed."""
     from methods.quantize import QuantizeError
-    from utils.io import safetensors_tensor_bytes, save_compressed
+    from utils.io import safetensors_tensor_bytes
     from utils.pipeline import PipelineError, linear_storage, quantize_model, uncompressed_block
     from utils.presets import is_random_spec
     ensure_model(args, session, prefer_compressed=True)
@@ -995,9 +1145,7 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     base = session.compression or uncompressed_block(args.model, session.model, args.seed, args.num_layers,
                                                      is_random_spec(args.model))
     session.compression = {**base, "quantization": record}
-    start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
-    session.timings["save_s"] = round(time.perf_counter() - start, 3)
+    _save_model(args, session, 8)  # always the last model step
     storage = record["linear_storage"]
     if not args.save_path.endswith(".pt"):  # the bytes as they are in the file
         storage = linear_storage(session.model, safetensors_tensor_bytes(os.path.join(args.save_path, "model.safetensors")))
@@ -1016,7 +1164,6 @@ def run_lora(args: argparse.Namespace, session: Session) -> dict:
     """Step 7: SVD-LLM's sequential LoRA (U then V, lora.py) on the model step 3 left or on
     --model_path; saved, same ranks and parameter count, to --save_path."""
     import lora
-    from utils.io import save_compressed
     from utils.pipeline import PipelineError
     ensure_model(args, session, prefer_compressed=True)
     if session.compression is None:
@@ -1025,10 +1172,9 @@ def run_lora(args: argparse.Namespace, session: Session) -> dict:
     session.compression = lora.run(session.model, session.tokenizer, session.compression, args,
                                    args.lora_options, args.device)
     session.timings["lora_s"] = round(time.perf_counter() - start, 3)
-    start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, session.compression)
-    session.timings["save_s"] = round(time.perf_counter() - start, 3)
-    print(f"LoRA: saved -> {args.save_path}; times: " + ", ".join(f"{k} {v:.1f}s" for k, v in session.timings.items()))
+    if _save_model(args, session, 7):
+        print(f"LoRA: saved -> {args.save_path}; times: " +
+              ", ".join(f"{k} {v:.1f}s" for k, v in session.timings.items()))
     return session.compression
 
 

@@ -143,8 +143,8 @@ def quant_linear_from(quantized, bias: torch.Tensor | None, dtype: torch.dtype,
     out_features, in_features = quantized.codes.shape
     scales = quantized.scale.to(torch.float16)
     if not bool(torch.isfinite(scales).all()):
-        raise ValueError(f"a quantization scale (largest {float(quantized.scale.abs().max()):.4g}) does not "
-                         f"fit in float16")
+        raise ValueError(f"a quantization scale does not fit in float16 (weights beyond about 65504 x "
+                         f"2^{quantized.bits}); scale the layer down or keep it unquantized")
     module = QuantLinear(in_features, out_features, quantized.bits, quantized.groupsize, bias is not None,
                          quantized.g_idx is not None, dtype=dtype, device=device, cache_weight=cache_weight)
     packed, _ = pack(quantized.codes.contiguous(), quantized.bits)

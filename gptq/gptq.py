@@ -17,6 +17,8 @@ Differences from IST-DASLab/gptq, each for correctness rather than speed:
   column order, so dequantization cannot mix up group membership; ``static_groups`` instead
   fixes groups on the original columns from the unmodified weight, before any update.
 - H is accumulated in float64 and factorized there; a failed Cholesky retries with 10x damping.
+- the scales are rounded to the precision they are stored in (``spec.scale_dtype``, float16) before
+  any column is quantized, so the Q the error feedback and ``last_loss`` use is the stored weight.
 """
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ class GPTQ:
 
         # parameters fixed before the loop: one group per row, or static groups on original columns
         if not grouped:
-            fixed_scale, fixed_zero = minmax_params(W, spec.bits, spec.sym)
+            fixed_scale, fixed_zero = minmax_params(W, spec.bits, spec.sym, spec.scale_dtype)
             fixed_scale, fixed_zero = fixed_scale[:, None], fixed_zero[:, None]
         elif static_groups:
             fixed_scale, fixed_zero = group_params(W, spec)
@@ -156,7 +158,7 @@ class GPTQ:
                     if end > i2:
                         ahead = W[:, i2:end] - Err1[:, :i] @ U[i1:j, i2:end]
                         current = torch.cat([current, ahead], dim=1)
-                    s, z = minmax_params(current, spec.bits, spec.sym)
+                    s, z = minmax_params(current, spec.bits, spec.sym, spec.scale_dtype)
                     dyn_scale.append(s)
                     dyn_zero.append(z)
                 w = W1[:, i]

@@ -5,9 +5,11 @@ group g is stored as an unsigned code c in [0, 2^bits - 1] and read back as
 
     w_hat = scale[r, g] * (c - zero[r, g])
 
-``zero`` is an integer kept in float32 (it is exact in float16 too, being at most 255), so that the
-dequantized value is a single float32 multiply of two exactly known numbers: the solve and
-``QuantizedWeight.dequantize`` compute it with the same expression and agree bit for bit.
+``scale`` is rounded (up) to the dtype it is stored in (``QuantSpec.scale_dtype``, float16 for the packed
+layers) as soon as the grid is made, and ``zero`` is an integer kept in float32 (exact in float16 too,
+being at most 255), so the dequantized value is a single float32 multiply of two exactly known,
+exactly stored numbers: the solve (whose error feedback and recorded loss use it), ``QuantizedWeight.
+dequantize`` and the stored layer compute the same expression and agree bit for bit.
 
 Groups are ``groupsize`` consecutive input columns (the last one may be shorter);
 ``groupsize=-1`` means one group per output row (per-channel). A per-column group index ``g_idx``
@@ -37,6 +39,7 @@ class QuantSpec:
     bits: int
     groupsize: int = -1
     sym: bool = False
+    scale_dtype: torch.dtype = torch.float16  # what the scales are stored in (QuantLinear: float16)
 
     def __post_init__(self) -> None:
         if self.bits not in QUANT_BITS:
@@ -52,8 +55,25 @@ class QuantSpec:
         return 1 if self.groupsize == -1 else -(-in_features // self.groupsize)
 
 
-def minmax_params(w: Tensor, bits: int, sym: bool = False) -> Tuple[Tensor, Tensor]:
-    """Scale and zero (each of shape (rows,)) covering every entry of each row of ``w``.
+def stored_scale(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``scale`` (float32) rounded UP to the nearest value of ``dtype``, returned as float32: the
+    scale that will be stored, never smaller than the one asked for, so the grid still covers the
+    range it was made for (rounding to nearest would clip the extreme entries of a row by up to
+    maxq x half a float16 step)."""
+    if dtype == torch.float32:
+        return scale
+    low = scale.to(dtype)
+    # scales are positive: the next representable value up is the bit pattern plus one (any device)
+    up = (low.view(torch.int16) + 1).view(dtype)
+    return torch.where(low.float() < scale, up, low).float()
+
+
+def minmax_params(w: Tensor, bits: int, sym: bool = False,
+                  scale_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+    """Scale and zero (each of shape (rows,), float32) covering every entry of each row of ``w``.
+
+    The scale is rounded up to ``scale_dtype`` (the precision it will be stored in, ``stored_scale``)
+    before the zero is chosen, so the grid the caller quantizes onto is the grid that is stored.
 
     Asymmetric: the range is [min(w, 0), max(w, 0)], so 0 is always exactly representable
     (a zeroed dead column dequantizes to exactly 0). Symmetric: zero = 2^(bits-1) and
@@ -68,14 +88,14 @@ def minmax_params(w: Tensor, bits: int, sym: bool = False) -> Tuple[Tensor, Tens
         half = 2 ** (bits - 1)
         absmax = w.abs().amax(dim=1)
         scale = absmax / (half - 1)
-        scale = torch.where(absmax > 0, scale, torch.ones_like(scale))
+        scale = stored_scale(torch.where(absmax > 0, scale, torch.ones_like(scale)), scale_dtype)
         zero = torch.full_like(scale, float(half))
         return scale, zero
     wmin = w.amin(dim=1).clamp(max=0)
     wmax = w.amax(dim=1).clamp(min=0)
     scale = (wmax - wmin) / maxq
     flat = scale == 0
-    scale = torch.where(flat, torch.ones_like(scale), scale)
+    scale = stored_scale(torch.where(flat, torch.ones_like(scale), scale), scale_dtype)
     zero = torch.round(-wmin / scale).clamp(0, maxq)
     return scale, zero
 
@@ -85,7 +105,7 @@ def group_params(w: Tensor, spec: QuantSpec) -> Tuple[Tensor, Tensor]:
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight (out x in), got shape {tuple(w.shape)}")
     step = w.shape[1] if spec.groupsize == -1 else spec.groupsize
-    pairs = [minmax_params(w[:, i:i + step], spec.bits, spec.sym) for i in range(0, w.shape[1], step)]
+    pairs = [minmax_params(w[:, i:i + step], spec.bits, spec.sym, spec.scale_dtype) for i in range(0, w.shape[1], step)]
     return torch.stack([p[0] for p in pairs], dim=1), torch.stack([p[1] for p in pairs], dim=1)
 
 
@@ -131,7 +151,8 @@ class QuantizedWeight:
     """A quantized (out x in) weight.
 
     ``codes`` (uint8, out x in) are in the ORIGINAL input column order, whatever order the solve
-    quantized the columns in. ``scale``/``zero`` are (out, n_groups) float32. Column j uses group
+    quantized the columns in. ``scale``/``zero`` are (out, n_groups) float32, the scales holding values
+    of ``QuantSpec.scale_dtype`` (float16) so that storing them loses nothing. Column j uses group
     ``g_idx[j]`` when ``g_idx`` is set (GPTQ act_order with dynamic groups: groups are runs of
     ``groupsize`` columns in quantization order), else group j // groupsize. ``perm`` is the
     act_order permutation (``perm[k]`` = original index of the k-th quantized column) or None;

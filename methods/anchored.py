@@ -49,6 +49,22 @@ from utils.whitening import WhiteningFactor, whitening_factor
 # docs/refinement.md): alpha 1 was the only setting that beat whitening (60% removed: 0.83x its
 # perplexity, alpha 0: 0.99x); at 20% removed every alpha measured was worse than whitening.
 DEFAULT_ANCHOR_ALPHA = 1.0
+# The fit overfits few windows (docs/refinement.md: 8 fit windows made anchored + block worse than
+# block alone), so by default each matrix's fit is kept only where it lowers the error on a held-out
+# quarter of the windows, as the closed-form update's is.
+DEFAULT_ANCHOR_HOLDOUT = 0.25
+
+
+def holdout_problem(nsamples: int, fraction: float) -> str | None:
+    """Why `fraction` of `nsamples` windows cannot gate the fit (None when it can): the gate needs at
+    least one held-out window and two to fit on."""
+    if fraction == 0:
+        return None
+    fit, held = holdout_split(nsamples, fraction)
+    if len(held) >= 1 and len(fit) >= 2:
+        return None
+    return (f"the anchored fit's held-out gate (fraction {fraction:g}) needs at least 3 windows (2 to fit, 1 held "
+            f"out), got {nsamples}: give more --updating_nsamples, or --anchor_holdout 0 to keep every fit ungated")
 
 
 @dataclass
@@ -58,11 +74,14 @@ class AnchoredOptions:
     whitening: str = "cholesky"  # factor of G' (cholesky | eigen)
     svd_dtype: torch.dtype = torch.float32  # the SVD's own precision, as the decomposition's; products float64
     svd_driver: str = "auto"
-    holdout_fraction: float = 0.0  # of the windows, held out to accept or refuse each fit (0: always taken)
+    holdout_fraction: float = DEFAULT_ANCHOR_HOLDOUT  # of the windows, held out to accept or refuse each fit (0: always taken)
 
     def __post_init__(self):
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction {self.holdout_fraction}: must be in [0, 1)")
+        problem = holdout_problem(self.nsamples, self.holdout_fraction)
+        if problem:
+            raise ValueError(problem)
 
     def split(self, nsamples: int) -> tuple[range, range]:
         """(fit windows, held-out windows): the held-out ones are the last; none when f is 0."""

@@ -29,8 +29,7 @@ from torch import nn
 
 from component import LowRankLinear
 from component.quant_linear import QuantLinear, quant_linear_from
-from gptq import GPTQ, PACK_BITS, QuantizedWeight, QuantSpec, quantize_codes, rtn
-from gptq.quant import group_params
+from gptq import GPTQ, PACK_BITS, QuantSpec, rtn
 from methods.closed_form import execution_groups
 from utils.layerwise import LayerContext, StopLayer
 from utils.model import set_submodule
@@ -98,16 +97,6 @@ def quantization_units(layer: nn.Module) -> dict[str, nn.Module]:
         elif type(module) is nn.Linear:
             units[name] = module
     return units
-
-
-def rtn_fp16_grid(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
-    """RTN whose codes are rounded against the float16 scales that are stored (not the float32
-    ones the grid was computed in), so every code is the nearest point of the stored grid."""
-    w = weight.detach().float()
-    scale, zero = group_params(w, spec)
-    scale = scale.to(torch.float16).float()
-    codes = quantize_codes(w, scale, zero, spec.bits, spec.groupsize)
-    return QuantizedWeight(codes, scale, zero, spec.bits, spec.groupsize, spec.sym)
 
 
 def _relative_weight_error(weight: torch.Tensor, module: QuantLinear) -> float:
@@ -188,7 +177,7 @@ class Quantize:
             record.update(method="gptq", hessian=hessian, loss=solver.last_loss,
                           relative_loss=solver.last_loss / energy if energy > 0 else 0.0)
         else:
-            quantized = rtn_fp16_grid(weight, self.spec)
+            quantized = rtn(weight, self.spec)  # onto the stored (float16) grid, as GPTQ
             record["method"] = "rtn"
             if options.method == "gptq":  # a linear no calibration token reached
                 record["fallback"] = "rtn: the module never ran on the calibration windows"

@@ -37,11 +37,10 @@ candidates, metric, base state and whitening; sensitivity_table reuses it when t
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -51,7 +50,8 @@ from component import LowRankLinear
 from utils.decompose import low_rank_factors
 from utils.io import read_json, write_json
 from utils.layerwise import capture_layer_inputs
-from utils.model import copies_to, decoder_layers, layer_prefix, model_description, set_submodule, target_linears
+from utils.model import (copies_to, decoder_layers, layer_prefix, model_description, set_submodule, target_linears,
+                         tensors_digest, weights_fingerprint)
 from utils.plan import rank_for_ratio
 from utils.whitening import input_transform
 
@@ -140,14 +140,6 @@ class SensitivityTable:
 
 # ---------------------------------------------------------------------------------------- the key
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha1()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def statistics_key(stats) -> dict | None:
     """What identifies step 1's statistics: their meta (dataset, windows, seed, tokens) and a hash
     of layer 0's tensors (any re-profiling changes it)."""
@@ -155,20 +147,18 @@ def statistics_key(stats) -> dict | None:
         return None
     meta = {k: stats.meta.get(k) for k in ("model", "dataset", "nsamples", "seq_len", "seed", "tokens")}
     tensors, _ = stats.layer(0)
-    return {**meta, "layer0_sha1": _digest(tensors)}
+    return {**meta, "layer0_sha1": tensors_digest(tensors)}
 
 
 def table_key(model: nn.Module, stats, windows: torch.Tensor | None, options: SensitivityOptions,
               windows_info: dict | None = None) -> dict:
     """model (description and a hash of its first and last decoder layers' weights), statistics,
     windows (what they are and a hash of their ids), candidates, metric, base state, whitening."""
-    layers = decoder_layers(model)
-    fingerprint = {f"{i}.{k}": v for i in {0, len(layers) - 1} for k, v in layers[i].state_dict().items()}
-    description = {**model_description(model), "weights_sha1": _digest(fingerprint)}  # first and last layer
+    description = {**model_description(model), "weights_sha1": weights_fingerprint(model)["sha1"]}  # first and last layer
     win = None
     if windows is not None and options.metric != "stable_rank":
         win = {**(windows_info or {}), "nsamples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
-               "ids_sha1": _digest({"ids": windows.to(torch.int64)})}
+               "ids_sha1": tensors_digest({"ids": windows.to(torch.int64)})}
     return {"model": description, "statistics": statistics_key(stats) if options.metric != "stable_rank" else None,
             "windows": win, "candidates": [float(r) for r in options.ratios], "metric": options.metric,
             "base_state": options.base_state(),
@@ -514,33 +504,53 @@ def sensitivity_table(model: nn.Module, windows: torch.Tensor | None, stats, dev
     return table, False
 
 
+# What the --ppl_target search does not apply when it compresses a candidate (each would multiply
+# the search's cost): the model step 3 builds with any of them differs from the one the search measured.
+NOT_SEARCHED = "column preservation, the update (closed-form or anchored) and the refinement"
+
+
+def searched_decomposition(decompose=None):
+    """The DecomposeOptions the --ppl_target search compresses its candidates with: step 3's
+    (`decompose`: whitening or scaling, SVD or RSVD, sigma fuse, SVD precision and driver) less
+    column preservation."""
+    from methods.decompose import DecomposeOptions
+    return replace(decompose or DecomposeOptions(), column_preserve=False)
+
+
+@torch.no_grad()
+def calibration_ppl(model: nn.Module, windows: torch.Tensor, device: torch.device | str) -> float:
+    """Perplexity of `model` (moved to `device`) on `windows`, each window's first token unscored: the
+    number the --ppl_target search compares with its target, and step 3 with it after building."""
+    model.to(device)
+    total = torch.zeros((), dtype=torch.float64)
+    for w in range(windows.shape[0]):
+        ids = windows[w].to(device)
+        total += _nll_sum(model(input_ids=ids[None], use_cache=False).logits[0], ids).cpu()
+    return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
 @torch.no_grad()
 def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device: torch.device | str,
-                         whitening: str = "cholesky", scaling: str = "none", alpha: float = 0.5):
+                         decompose=None):
     """ranks -> calibration perplexity on `windows` of a copy of `model` compressed by those ranks
-    (step 3's decomposition with `whitening` or `scaling`): what ASVD's --ppl_target search evaluates."""
+    with searched_decomposition(decompose) (step 3's decomposition; default: DecomposeOptions()): what
+    ASVD's --ppl_target search evaluates. Not applied: NOT_SEARCHED."""
     import copy
 
     from utils.model import target_shapes
     from utils.pipeline import CompressOptions, compress_model
-    from methods.decompose import DecomposeOptions
     from utils.plan import ModulePlan, Plan
     shapes = target_shapes(model)
+    decompose = searched_decomposition(decompose)
 
-    @torch.no_grad()
     def evaluate(ranks: dict) -> float:
         compressed = copy.deepcopy(model)
         plan = Plan({n: ModulePlan(m, k, b, ranks.get(n)) for n, (m, k, b) in shapes.items()}, None, "asvd")
         if plan.ranks:
-            decompose = DecomposeOptions(whitening, scaling=scaling, alpha=alpha)
             compress_model(compressed, plan, CompressOptions(decompose), device,
                            stats if decompose.needs_stats else None)
-        compressed.to(device)
-        total = torch.zeros((), dtype=torch.float64)
-        for w in range(windows.shape[0]):
-            ids = windows[w].to(device)
-            total += _nll_sum(compressed(input_ids=ids[None], use_cache=False).logits[0], ids).cpu()
+        ppl = calibration_ppl(compressed, windows, device)
         del compressed
-        return math.exp(float(total) / (windows.shape[0] * (windows.shape[1] - 1)))
+        return ppl
 
     return evaluate

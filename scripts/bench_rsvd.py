@@ -72,7 +72,7 @@ def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowran
     exact(a, driver)  # warm-up (CUDA handles, workspace)
     (eu, es, evh), t0 = timed(lambda: exact(a, driver), a.device)
     log(f"{name}: exact svd {t0:.2f} s")
-    rows = []
+    rows, times = [], []
     for ratio in ratios:
         rank = rank_for_ratio(m, n, ratio)
         exact_err = residual(a, eu[:, :rank], es[:rank], evh[:rank])
@@ -95,13 +95,14 @@ def bench_matrix(name: str, a: torch.Tensor, optimum_of, ratios, configs, lowran
             rows.append({"ratio": ratio, "rank": rank, "method": kind, "oversamples": p, "n_iter": q,
                          "seconds": round(t, 3), "excess": err / optimum - 1,
                          "excess_vs_exact": err / exact_err - 1, "exact_excess": exact_err / optimum - 1})
+            times.append(t)
             log(f"{name} ratio {ratio} r={rank} {kind} p={p} q={q}: {t:.2f} s, excess {100 * (err / optimum - 1):.2f}% "
                 f"(vs exact {100 * (err / exact_err - 1):.2f}%)")
     _, t1 = timed(lambda: exact(a, driver), a.device)
     exact_s = (t0 + t1) / 2
     log(f"{name}: exact svd again {t1:.2f} s")
-    for row in rows:
-        row["speedup"] = round(exact_s / row["seconds"], 3)
+    for row, t in zip(rows, times):  # the unrounded time: a tiny matrix can round to 0.000 s
+        row["speedup"] = round(exact_s / t, 3)
     return {"shape": [m, n], "device": str(a.device), "exact_driver": driver, "exact_svd_s": [round(t0, 3), round(t1, 3)], "exact_svd_mean_s": round(exact_s, 3),
             "runs": rows}
 

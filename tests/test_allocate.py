@@ -2,7 +2,6 @@
 import itertools
 import math
 import random
-import time
 
 import numpy as np
 import pytest
@@ -101,8 +100,25 @@ def test_knapsack_skips_infinite_losses():
     assert chosen == {"a": 1, "b": 1}
 
 
+def _greedy(table: dict, budget: int) -> dict:
+    """From every matrix's cheapest option, take the upgrade with the most loss saved per parameter while it fits."""
+    chosen = {n: 0 for n in table}
+    cost = sum(opts[0][0] for opts in table.values())
+    while True:
+        upgrades = [((opts[chosen[n]][1] - opts[j][1]) / (opts[j][0] - opts[chosen[n]][0]), n, j)
+                    for n, opts in table.items() for j in range(chosen[n] + 1, len(opts))
+                    if cost + opts[j][0] - opts[chosen[n]][0] <= budget]
+        if not upgrades:
+            return chosen
+        _, n, j = max(upgrades)
+        cost += table[n][j][0] - table[n][chosen[n]][0]
+        chosen[n] = j
+
+
 def test_knapsack_scale_210_matrices_10_choices():
-    """Llama-like size: 210 matrices x 10 choices at the default unit, within a few seconds."""
+    """Llama-like size: 210 matrices x 10 choices at the default unit. Within the budget, and (as the
+    docstring promises) no worse than any set costing budget - n * unit: here the same option index for
+    every matrix, and a greedy by loss saved per parameter. (Its speed is not a test's business.)"""
     rng = np.random.default_rng(0)
     table = {}
     for i in range(210):
@@ -113,12 +129,17 @@ def test_knapsack_scale_210_matrices_10_choices():
         table[f"l{i}"] = [(int(r) * (m + n), float(tail[r])) for r in ranks] + [(m * n, 0.0)]
     before = sum(opts[-1][0] for opts in table.values())
     budget = int(0.6 * before)
-    start = time.perf_counter()
     chosen = knapsack_allocation(table, budget)
-    elapsed = time.perf_counter() - start
-    cost = sum(table[n][j][0] for n, j in chosen.items())
-    assert cost <= budget
-    assert elapsed < 10
+    assert set(chosen) == set(table)
+    assert sum(table[n][j][0] for n, j in chosen.items()) <= budget
+    loss = sum(table[n][j][1] for n, j in chosen.items())
+    slack = budget - len(table) * max(1, int(0.001 * budget / len(table)))
+    same = max(j for j in range(10) if sum(opts[j][0] for opts in table.values()) <= slack)
+    greedy = _greedy(table, slack)
+    for label, other in (("same index", {n: same for n in table}), ("greedy", greedy)):
+        other_loss = sum(table[n][j][1] for n, j in other.items())
+        assert loss <= other_loss * (1 + 1e-12), (label, loss, other_loss)
+    assert loss < 0.99 * sum(table[n][same][1] for n in table)  # per-matrix choices pay off
 
 
 # ---------------------------------------------------------------------------------- budget rule

@@ -242,3 +242,35 @@ def test_cli_duo_then_reuse_then_refuse(tmp_path, capsys):
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: sensitivity table") and "measured with a different windows.seed (0, now 1)" in last
+
+
+def test_cli_ppl_target_plan_says_what_the_search_assumed_and_step3_measures_the_built_model(tmp_path, capsys):
+    """The --ppl_target plan carries the target, the decomposition its candidates were compressed with
+    (step 3's flags, here --sigma_fuse U), what it did not apply and its windows; step 3 measures the
+    model it builds on those windows against the target: with the searched options it is the searched
+    perplexity, with an update step 3 names the difference and records the other number."""
+    import json
+
+    import compress
+    from tests.tiny_models import save_tiny_model
+    model_dir = save_tiny_model("llama", str(tmp_path))
+    save = tmp_path / "out"
+    common = ["--model", model_dir, "--dataset", "random", "--model_seq_len", "16", "--save_path", str(save),
+              "--device", "cpu", "--sigma_fuse", "U"]
+    assert compress.main(["--step", "1-3", "--whitening_nsamples", "4", "--allocation", "asvd", "--ppl_target", "1e9",
+                          "--sensitivity_nsamples", "2", "--sensitivity_ratios", "0.4,0.8", *common]) == 0
+    plan = json.loads((save / "stats" / "plan_0.2.json").read_text())
+    search = plan["detail"]["search"]
+    assert plan["detail"]["ppl_target"] == 1e9
+    assert search["decompose"]["sigma_fuse"] == "U" and search["decompose"]["column_preserve"] is False
+    assert "update" in search["not_searched"] and "refinement" in search["not_searched"]
+    assert search["windows"] == {"dataset": "random", "nsamples": 2, "seq_len": 16, "seed": 0}
+    block = json.loads((save / "config.json").read_text())["compression"]["ppl_target"]
+    assert block["target"] == 1e9 and block["met"] is True and block["step3_differs"] == []
+    assert block["final_calibration_ppl"] == pytest.approx(block["search_calibration_ppl"], rel=1e-5)
+    assert "ppl target 1e+09: the search's calibration perplexity" in capsys.readouterr().out
+    assert compress.main(["--step", "3", "--update", "closed_form", "--updating_nsamples", "4", "--overwrite",
+                          *common]) == 0
+    block = json.loads((save / "config.json").read_text())["compression"]["ppl_target"]
+    assert block["step3_differs"] == ["update closed_form"]
+    assert block["final_calibration_ppl"] != pytest.approx(block["search_calibration_ppl"], rel=1e-6)

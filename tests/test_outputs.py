@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -59,6 +61,21 @@ def dead_pid() -> int:
     return child.pid
 
 
+HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+needs_proc = pytest.mark.skipif(not os.path.isfile("/proc/self/stat"), reason="process start times come from /proc")
+
+
+def start_of(pid: int) -> int:
+    """A running process's start time as a temporary's name records it (/proc/PID/stat field 22)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[19])
+
+
+def temporary_name(path, kind: str, pid: int, start: int = 1, host: str = HOST) -> str:
+    """The name atomic_path gives a temporary of the run (pid, start, host): PATH.KIND-PID-START@HOST."""
+    return f"{path}.{kind}-{pid}-{start}@{host}"
+
+
 # ---------------------------------------------------------------------------------------- allowed
 
 @pytest.mark.parametrize("kind", ["model", "stats"])
@@ -92,14 +109,13 @@ def test_earlier_outputs_need_overwrite(tmp_path):
         check_output_path(path, kind, overwrite=True)
 
 
-def test_what_save_compressed_writes_is_ours(tmp_path):
+@pytest.mark.parametrize("tokenizer_of", [None, pytest.param("smollm2-135m", marks=pytest.mark.integration("smollm2"))])
+def test_what_save_compressed_writes_is_ours(tokenizer_of, tmp_path):
+    """The model files alone, and with the bundled SmolLM2's tokenizer files (chat_template.jinja among them)."""
     from tests.tiny_models import tiny_model
     from utils.model import resolve_model, load_tokenizer
     model = tiny_model("llama")
-    try:
-        tokenizer = load_tokenizer(resolve_model("smollm2-135m"))
-    except Exception:  # the bundled package is optional here; the model files are the point
-        tokenizer = None
+    tokenizer = load_tokenizer(resolve_model(tokenizer_of)) if tokenizer_of else None
     directory, single = str(tmp_path / "out"), str(tmp_path / "out.pt")
     save_compressed(model, tokenizer, directory, COMPRESSION)
     save_compressed(model, None, single, COMPRESSION)
@@ -195,16 +211,17 @@ def test_protected_model_directory(tmp_path):
 
 # ---------------------------------------------------------------------------------------- stale partials
 
+@needs_proc
 def test_stale_partials_removed_live_ones_kept(tmp_path, capsys):
-    out = str(tmp_path / "out")
+    out = model_dir(tmp_path / "out")  # in place: no replacement of it was cut short
     dead = dead_pid()
-    stale_dir = model_dir(f"{out}.partial-{dead}")
-    stale_old = write(f"{out}.old-{dead}", "old")
-    live = write(f"{out}.partial-{os.getpid()}", "mine")
-    other = write(tmp_path / f"outer.partial-{dead}", "another path's")
+    stale_dir = model_dir(temporary_name(out, "partial", dead))
+    stale_old = write(temporary_name(out, "old", dead), "old")
+    live = write(temporary_name(out, "partial", os.getpid(), start_of(os.getpid())), "mine")
+    other = write(temporary_name(tmp_path / "outer", "partial", dead), "another path's")
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:  # another run still writing: its temporary is its work in progress
-        live_other = model_dir(f"{out}.old-{running.pid}")
+        live_other = model_dir(temporary_name(out, "old", running.pid, start_of(running.pid)))
         removed = clean_stale_partials(out)
     finally:
         running.kill()
@@ -221,9 +238,9 @@ def test_stale_partials_removed_live_ones_kept(tmp_path, capsys):
 def test_stale_partial_with_foreign_files_kept_and_stats_rescued(tmp_path, capsys):
     out = str(tmp_path / "out")
     dead = dead_pid()
-    foreign = write(f"{out}.old-{dead}/thesis.tex", "mine")
+    foreign = write(os.path.join(temporary_name(out, "partial", dead_pid()), "thesis.tex"), "mine")
     unrelated = model_dir(f"{out}.partial-{dead}x")  # not a pid suffix: not a temporary of ours
-    with_stats = model_dir(f"{out}.partial-{dead}")
+    with_stats = model_dir(temporary_name(out, "partial", dead))
     stats_dir(os.path.join(with_stats, "stats"))
     clean_stale_partials(out)
     assert os.path.exists(foreign) and os.path.isdir(unrelated)
@@ -234,10 +251,110 @@ def test_stale_partial_with_foreign_files_kept_and_stats_rescued(tmp_path, capsy
 
 def test_atomic_path_cleans_stale_partials(tmp_path):
     out = str(tmp_path / "plan.json")
-    stale = write(f"{out}.partial-{dead_pid()}", "half")
+    stale = write(temporary_name(out, "partial", dead_pid()), "half")
     with atomic_path(out) as temporary:
         write(temporary, "{}")
     assert not os.path.exists(stale) and open(out).read() == "{}"
+
+
+def test_other_hosts_and_unmarked_temporaries_kept_and_reported(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    dead = dead_pid()  # not running here, which says nothing about a run on another node
+    elsewhere = model_dir(temporary_name(out, "partial", dead, host="other-node"))
+    elsewhere_old = write(temporary_name(out, "old", dead, host="other-node"), "old")
+    unmarked = write(f"{out}.partial-{dead}", "an earlier version's")
+    ours = write(temporary_name(out, "partial", dead), "half")
+    assert clean_stale_partials(out) == [ours]
+    assert os.path.isdir(elsewhere) and os.path.isfile(elsewhere_old) and os.path.isfile(unmarked)
+    lines = capsys.readouterr().out.splitlines()
+    for kept in (elsewhere, elsewhere_old):
+        assert [line for line in lines if kept in line and "other-node" in line and "kept" in line]
+    assert [line for line in lines if unmarked in line and "kept" in line and "host" in line]
+    assert len(lines) == 4  # one per kept temporary, one for the removal
+
+
+@needs_proc
+def test_reused_pid_is_not_a_running_run(tmp_path):
+    out = str(tmp_path / "out")
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # the same pid, started at another time: a killed run whose pid was given to a new process
+        reused = model_dir(temporary_name(out, "partial", running.pid, start_of(running.pid) + 1))
+        live = model_dir(temporary_name(out, "old", running.pid, start_of(running.pid)))
+        assert clean_stale_partials(out) == [reused]
+        assert os.path.isdir(live)
+    finally:
+        running.kill()
+        running.wait()
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, sys
+sys.path.insert(0, {root!r})
+from tests.test_outputs import model_dir
+from utils.io import atomic_path
+renamed = []
+def replace(source, target):  # os.replace, but the process dies just after the first rename
+    if renamed:
+        os._exit(9)
+    renamed.append(source)
+    real_replace(source, target)
+real_replace, os.replace = os.replace, replace
+with atomic_path({out!r}) as temporary:
+    model_dir(temporary, **{{"results.json": "new"}})
+"""
+
+
+def kill_between_renames(out: str) -> None:
+    """Replace the model directory `out` in a process killed between the swap's two renames."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_RENAMES.format(root=root, out=out)],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 9
+    left = sorted(name.split("-")[0] for name in os.listdir(os.path.dirname(out)))
+    assert left == ["out.old", "out.partial"]  # the old and the new output, only as temporaries
+
+
+@pytest.mark.parametrize("trigger", ["clean", "write", "check"])
+def test_kill_between_the_swaps_renames_is_recovered(tmp_path, trigger):
+    out = model_dir(tmp_path / "out", **{"results.json": "old"})
+    kill_between_renames(out)
+    if trigger == "clean":
+        clean_stale_partials(out)
+    elif trigger == "write":  # the next run writing the same path: it finishes the swap, then replaces
+        with atomic_path(out) as temporary:
+            assert judge_directory(out) == "model" and open(os.path.join(out, "results.json")).read() == "new"
+            model_dir(temporary, **{"results.json": "newer"})
+    else:  # judged as the earlier output that it is, so replacing it again needs --overwrite
+        with pytest.raises(OutputError, match="--overwrite"):
+            check_output_path(out, "model", overwrite=False)
+    assert judge_directory(out) == "model"
+    assert open(os.path.join(out, "results.json")).read() == ("newer" if trigger == "write" else "new")
+
+
+def test_old_output_restored_when_the_new_one_is_gone(tmp_path):
+    out = str(tmp_path / "out")
+    old = model_dir(temporary_name(out, "old", dead_pid()), **{"results.json": "old"})
+    clean_stale_partials(out)
+    assert not os.path.exists(old) and open(os.path.join(out, "results.json")).read() == "old"
+
+
+def test_load_compressed_finishes_an_interrupted_swap(tmp_path):
+    from tests.tiny_models import tiny_model
+    from utils.io import load_compressed
+    model, out, dead = tiny_model("llama"), str(tmp_path / "out"), dead_pid()
+    save_compressed(model, None, str(tmp_path / "old"), {**COMPRESSION, "ratio": 0.1})
+    save_compressed(model, None, str(tmp_path / "new"), {**COMPRESSION, "ratio": 0.2})
+    os.replace(tmp_path / "old", temporary_name(out, "old", dead))  # where the kill left them
+    os.replace(tmp_path / "new", temporary_name(out, "partial", dead))
+    assert load_compressed(out)[2]["ratio"] == 0.2
+
+
+def test_opening_statistics_finishes_an_interrupted_swap(tmp_path):
+    from utils.pipeline import Statistics
+    out, dead = str(tmp_path / "stats"), dead_pid()
+    model_dir(temporary_name(out, "old", dead), **{"meta.json": '{"seq_len": 1}'})
+    model_dir(temporary_name(out, "partial", dead), **{"meta.json": '{"seq_len": 2}'})
+    assert Statistics.open(out).meta["seq_len"] == 2
 
 
 # ---------------------------------------------------------------------------------------- atomic_path

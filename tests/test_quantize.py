@@ -76,22 +76,26 @@ def test_unpack_codes_is_the_inverse_of_gptq_pack(bits, columns):
 @pytest.mark.parametrize("bits", PACK_BITS)
 @pytest.mark.parametrize("groupsize,act_order", [(-1, False), (32, False), (48, False), (32, True)])
 def test_quant_linear_holds_exactly_the_quantized_weight(bits, groupsize, act_order):
-    """QuantLinear de-quantizes to GPTQ's own expression (float16-rounded scales), whatever the
-    group layout: per row, whole groups, a shorter last group (100 = 2 x 48 + 4), act_order's g_idx."""
+    """QuantLinear de-quantizes, from its float16 scales and zeros and packed codes, to exactly the Q
+    GPTQ's error feedback used and its recorded loss is of, whatever the group layout: per row, whole
+    groups, a shorter last group (100 = 2 x 48 + 4), act_order's g_idx."""
     generator = torch.Generator().manual_seed(bits)
     w, x = torch.randn(12, 100, generator=generator), torch.randn(300, 100, generator=generator)
     solver = GPTQ(100)
     solver.add_batch(x)
-    qw = solver.solve(w, QuantSpec(bits, groupsize), act_order=act_order)
+    qw = solver.solve(w, QuantSpec(bits, groupsize), act_order=act_order, keep_q=True)
     bias = torch.randn(12, generator=generator)
     module = quant_linear_from(qw, bias, torch.float32)
     assert (module.g_idx is not None) == (act_order and groupsize != -1)
-    expected = dequantize(qw.codes, qw.scale.half().float(), qw.zero, groupsize, qw.g_idx)
-    assert torch.equal(module.dequantized_weight(), expected)
+    stored = module.dequantized_weight()
+    assert torch.equal(stored, solver.q_used), "the stored weight is not the one the solve's error was of"
+    assert torch.equal(module.scales.float(), qw.scale) and torch.equal(module.zeros.float(), qw.zero)
     assert torch.equal(module.codes(), qw.codes)
-    assert torch.equal(module(x[:7]), torch.nn.functional.linear(x[:7], expected, bias))
-    # float16 scales differ from the solve's float32 ones by at most float16's rounding
-    assert torch.allclose(expected, qw.dequantize(), rtol=2 ** -10, atol=0)
+    assert torch.equal(module(x[:7]), torch.nn.functional.linear(x[:7], stored, bias))
+    # the recorded loss is the damped objective tr((W - Q)(H + damp I)(W - Q)^T) / 2 of the stored Q
+    H = solver.H + 0.01 * torch.diag(solver.H).mean() * torch.eye(100, dtype=solver.H.dtype)
+    d = (w - stored).double()
+    assert solver.last_loss == pytest.approx(0.5 * float(torch.trace(d @ H @ d.T)), rel=1e-5)
 
 
 def test_dtype_casts_keep_the_float16_scales_and_the_cache_is_never_saved():
@@ -367,6 +371,27 @@ def test_cli_step8_on_the_original_and_weight_quant_on_step3(model_dir, tmp_path
                    "--nsamples", "8", "--save_path", both) == 0
     block = json.load(open(os.path.join(both, "config.json")))["compression"]
     assert block["ranks"] and block["quantization"]["method"] == "gptq"
+
+
+def test_cli_step_3_8_writes_the_save_path_once_with_the_quantized_model(model_dir, tmp_path, monkeypatch):
+    """Chained steps hand the model over in memory: --step 3,8 writes only step 8's model (it used to
+    write the float model of step 3 and then replace it)."""
+    import utils.io
+    written = []
+    save = utils.io.save_compressed
+
+    def counting_save(model, tokenizer, path, compression):
+        written.append((path, "quantization" in compression))
+        return save(model, tokenizer, path, compression)
+
+    monkeypatch.setattr(utils.io, "save_compressed", counting_save)
+    path = str(tmp_path / "svd-rtn")
+    assert run_cli("--step", "1,3,8", "--model", model_dir, "--dataset", "random", "--model_seq_len", "32",
+                   "--whitening_nsamples", "8", "--quant", "rtn", "--save_path", path) == 0
+    assert written == [(path, True)]
+    model, _, block = load_compressed(path)
+    assert block["ranks"] and block["quantization"]["method"] == "rtn"
+    assert all(isinstance(model.get_submodule(f"{n}.u"), QuantLinear) for n in block["ranks"])
 
 
 @pytest.mark.parametrize("flags,message", [

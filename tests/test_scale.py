@@ -156,6 +156,7 @@ def test_running_gram_matches_float64(dtype):
     assert error < 1e-5
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA out_dtype=float32 path")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_out_dtype_gram_matches_float64(dtype):
@@ -168,6 +169,7 @@ def test_cuda_out_dtype_gram_matches_float64(dtype):
     assert error < 1e-5
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the masked pack/unpack path runs off the CPU")
 def test_cuda_packed_gram_matches_the_cpu_layout():
     a = torch.randn(1000, 1000, generator=torch.Generator().manual_seed(0))
@@ -320,6 +322,7 @@ def test_residual_rejects_singular_values_out_of_order_or_negative():
     assert svd_residual(a, u, -s, vh, 10) == float("inf")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gesvda is CUDA-only")
 def test_gesvda_is_used_on_a_well_conditioned_matrix():
     a = _spectrum_matrix(2048, 1024, decay=0.6).cuda()
@@ -328,6 +331,7 @@ def test_gesvda_is_used_on_a_well_conditioned_matrix():
     assert info.driver == "gesvda" and not info.fallback and info.residual < 1e-5
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gesvda is CUDA-only")
 @pytest.mark.parametrize("shape", [(1536, 576), (576, 1536), (1024, 1024)])
 def test_gesvda_truncation_error_matches_float64(shape):
@@ -455,6 +459,7 @@ def test_non_layer_modules_go_back_without_a_copy_tied_embedding_included():
     assert all(b.device.type == "cpu" for b in model.buffers())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="layer moves to a GPU")
 def test_read_only_walk_on_cuda_leaves_the_model_on_the_cpu_untouched():
     from tests.tiny_models import tiny_model

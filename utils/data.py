@@ -186,7 +186,8 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def calibration_windows(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int,
                         vocab_size: int | None = None) -> torch.Tensor:
-    """nsamples x seq_len token ids (same seed, same windows); see calibration_data."""
+    """nsamples x seq_len token ids (same seed, same windows; the first n of a larger draw are the n
+    of a smaller one); see calibration_data."""
     return calibration_data(spec, tokenizer, nsamples, seq_len, seed, vocab_size)[0]
 
 
@@ -194,26 +195,38 @@ def calibration_data(spec: str, tokenizer, nsamples: int, seq_len: int, seed: in
                      vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
     """(nsamples x seq_len token ids, what they are). Text: windows at seeded random offsets; chat
     data: whole conversations packed in seeded order (chat_windows); random: seeded random ids."""
-    generator = torch.Generator().manual_seed(seed)
     name = parse_dataset(spec)[0]
     if name == "random":
         if vocab_size is None:
             raise DatasetError("dataset 'random' needs the model's vocabulary size")
+        generator = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab_size, (nsamples, seq_len), generator=generator), {"dataset": spec, "kind": "random"}
+    _check_tokenizable(spec, tokenizer)
+    if is_chat_dataset(spec):
+        return chat_windows(spec, tokenizer, nsamples, seq_len, seed)
+    ids = _calibration_ids(spec, tokenizer, seq_len)
+    starts = window_starts(ids.numel(), nsamples, seq_len, seed)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()]), {"dataset": spec, "kind": "text"}
+
+
+def _check_tokenizable(spec: str, tokenizer) -> None:
+    """DatasetError for 'self' (written by the model, not read) and for a model without a tokenizer."""
+    name = parse_dataset(spec)[0]
     if name == SELF_DATASET and not os.path.isfile(name):
         raise DatasetError("dataset 'self' is written by the model: use utils.self_calibration.self_calibration_data")
     if tokenizer is None:
         raise DatasetError(f"the model has no tokenizer, so dataset {spec!r} cannot be tokenized: "
                            f"use --dataset random")
-    if is_chat_dataset(spec):
-        return chat_windows(spec, tokenizer, nsamples, seq_len, seed)
+
+
+def _calibration_ids(spec: str, tokenizer, seq_len: int) -> torch.Tensor:
+    """The token ids of a calibration text, at least one window long."""
+    _check_tokenizable(spec, tokenizer)
     ids = tokenize(tokenizer, load_text(spec, "train"))
     if ids.numel() <= seq_len:
         raise DatasetError(f"dataset {spec!r} has {ids.numel()} tokens, fewer than one window of "
                            f"{seq_len}: lower --model_seq_len or use a longer text")
-    starts = torch.randint(0, ids.numel() - seq_len, (nsamples,), generator=generator)
-    windows = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-    return windows, {"dataset": spec, "kind": "text"}
+    return ids
 
 
 # ---------------------------------------------------------------------------------------- chat data
@@ -318,14 +331,16 @@ def assistant_token_mask(tokenizer, messages: list[dict], ids: list[int]) -> lis
     return mask
 
 
-def pack_conversations(count: int, tokens_of, nsamples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
+def pack_conversations(count: int, tokens_of, nsamples: int, seq_len: int, seed: int,
+                       used: set[int] | None = None) -> tuple[torch.Tensor, dict]:
     """nsamples windows of seq_len ids from conversations 0..count-1 (tokens_of(i) -> ids), taken in
     a seeded random order and placed whole: each window starts with a conversation and is filled
     with the next ones that fit its remaining room (the first that fits among the next
     PACK_LOOKAHEAD). A conversation longer than a window starts one and is cut at its end. When
     none fits the room left, the start of the next conversation that fits a window fills it, cut
     (windows have no padding); that conversation is not used again. When the data set runs short, a new seeded
-    order of all its conversations follows (the record says whether any was reused)."""
+    order of all its conversations follows (the record says whether any was reused).
+    used: a set that receives the index of every conversation placed (whole or cut)."""
     generator = torch.Generator().manual_seed(seed)
     queue: deque[int] = deque()
     placed: set[int] = set()
@@ -356,12 +371,29 @@ def pack_conversations(count: int, tokens_of, nsamples: int, seq_len: int, seed:
                 counts["tail_filler_tokens"] += room
             window += ids[:room]
         windows.append(window)
+    if used is not None:
+        used.update(placed)
     return torch.tensor(windows, dtype=torch.long), {**counts, "reused": reused}
 
 
-def chat_windows(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int) -> tuple[torch.Tensor, dict]:
+def chat_windows(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int,
+                 used: set[int] | None = None) -> tuple[torch.Tensor, dict]:
     """Calibration windows of a chat data set (see pack_conversations), the slice by fraction of
-    rows; each row rendered once, when it is first looked at."""
+    rows; each row rendered once, when it is first looked at. used: receives the indices (in the
+    slice) of the conversations placed."""
+    rows, form, tokens_of = _chat_rows(spec, tokenizer)
+    windows, packing = pack_conversations(len(rows), tokens_of, nsamples, seq_len, seed, used)
+    return windows, _chat_info(spec, tokenizer, rows, form, packing)
+
+
+def _chat_info(spec: str, tokenizer, rows: list, form: str, packing: dict) -> dict:
+    template = "chat_template" if has_chat_template(tokenizer) else "alpaca (the tokenizer has no chat template)"
+    return {"dataset": spec, "kind": "chat", "format": form, "template": template, "rows": len(rows),
+            "packing": packing}
+
+
+def _chat_rows(spec: str, tokenizer):
+    """(the rows of a chat data set's slice, their format, tokens_of(index) rendering each once)."""
     name, start, end = parse_dataset(spec)
     rows = read_json_rows(name)
     form = chat_format(rows)
@@ -376,7 +408,110 @@ def chat_windows(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int) -
             rendered[index] = render_conversation(tokenizer, conversation(rows[index], form))
         return rendered[index]
 
-    windows, packing = pack_conversations(len(rows), tokens_of, nsamples, seq_len, seed)
-    template = "chat_template" if has_chat_template(tokenizer) else "alpaca (the tokenizer has no chat template)"
-    return windows, {"dataset": spec, "kind": "chat", "format": form, "template": template, "rows": len(rows),
-                     "packing": packing}
+    return rows, form, tokens_of
+
+
+# Held-out windows (what the update's and the refinement's held-out checks measure on) come from their
+# own generator, seed + this, among the offsets whose window shares no token with the windows that
+# were fitted on (step 1's statistics, the fit windows): a held-out check on seen text is no check.
+HELDOUT_SEED_OFFSET = 7919
+
+
+def window_starts(num_tokens: int, nsamples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """The start offsets calibration_windows draws in a text of `num_tokens` tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_tokens - seq_len, (nsamples,), generator=generator)
+
+
+def disjoint_starts(num_tokens: int, nsamples: int, seq_len: int, seed: int,
+                    exclude: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
+    """`nsamples` starts of `seq_len`-token windows that share no token with any excluded window
+    (starts, length), drawn uniformly (generator seeded `seed`) among the starts that qualify;
+    also returns how many starts qualified."""
+    limit = num_tokens - seq_len  # starts are in [0, limit), as calibration_windows draws them
+    cover = torch.zeros(limit + 1, dtype=torch.int64)  # +1 / -1 at each excluded interval's ends
+    for starts, length in exclude:
+        ones = torch.ones_like(starts)
+        cover.index_add_(0, (starts - seq_len + 1).clamp(0, limit), ones)
+        cover.index_add_(0, (starts + length).clamp(0, limit), -ones)
+    free = (cover.cumsum(0)[:limit] == 0).nonzero().squeeze(1)
+    if free.numel() == 0:
+        raise DatasetError(f"no window of {seq_len} tokens is left that the calibration windows do not "
+                           f"overlap, so held-out windows cannot be drawn: use a longer text or fewer windows")
+    generator = torch.Generator().manual_seed(seed)
+    return free[torch.randint(0, free.numel(), (nsamples,), generator=generator)], int(free.numel())
+
+
+def calibration_windows_with_heldout(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int,
+                                     heldout: list[int], exclude: list[tuple[int, int, int]] = (),
+                                     vocab_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    """calibration_windows(spec, ..., nsamples, seq_len, seed), except the windows at positions
+    `heldout` (those a pass only measures on), drawn apart from these `nsamples` windows' own draw
+    and from each `exclude` draw (nsamples, seq_len, seed) of the same data set, e.g. step 1's
+    (see calibration_data_with_heldout). Returns the windows and a record of how the held-out ones
+    were drawn."""
+    windows, _, record = calibration_data_with_heldout(spec, tokenizer, nsamples, seq_len, seed, heldout, exclude,
+                                                       vocab_size)
+    return windows, record
+
+
+def calibration_data_with_heldout(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int,
+                                  heldout: list[int], exclude: list[tuple[int, int, int]] = (),
+                                  vocab_size: int | None = None) -> tuple[torch.Tensor, dict, dict]:
+    """calibration_data(spec, ..., nsamples, seq_len, seed), except the windows at positions
+    `heldout`, drawn with seed + HELDOUT_SEED_OFFSET so that they share nothing with these
+    `nsamples` windows' own draw nor with the windows of each `exclude` draw (nsamples, seq_len,
+    seed) of the same data set. Text: offsets whose window shares no token with those windows.
+    Chat data: whole conversations that none of those windows uses, packed in their own seeded
+    order. Random ids: ids from their own seed. Returns (windows, what calibration_data says they
+    are, the record of how the held-out ones were drawn)."""
+    heldout = sorted(set(heldout))
+    record = {"positions": heldout, "seed": seed + HELDOUT_SEED_OFFSET}
+    if not heldout or parse_dataset(spec)[0] == "random":
+        windows, info = calibration_data(spec, tokenizer, nsamples, seq_len, seed, vocab_size)
+        if heldout:  # random token ids: another generator is other windows
+            generator = torch.Generator().manual_seed(seed + HELDOUT_SEED_OFFSET)
+            windows[heldout] = torch.randint(0, vocab_size, (len(heldout), seq_len), generator=generator)
+            record["drawn"] = "random token ids from their own seed"
+        return windows, info, record
+    _check_tokenizable(spec, tokenizer)
+    if is_chat_dataset(spec):
+        return _chat_with_heldout(spec, tokenizer, nsamples, seq_len, seed, heldout, exclude, record)
+    ids = _calibration_ids(spec, tokenizer, seq_len)
+    windows = torch.stack([ids[s:s + seq_len] for s in window_starts(ids.numel(), nsamples, seq_len, seed).tolist()])
+    draws = [(nsamples, seq_len, seed), *((n, length, s) for n, length, s in exclude if ids.numel() > length)]
+    starts, free = disjoint_starts(ids.numel(), len(heldout), seq_len, seed + HELDOUT_SEED_OFFSET,
+                                   [(window_starts(ids.numel(), n, length, s), length) for n, length, s in draws])
+    windows[heldout] = torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+    return windows, {"dataset": spec, "kind": "text"}, {
+        **record, "starts": starts.tolist(), "free_starts": free,
+        "disjoint_from": [{"nsamples": n, "seq_len": length, "seed": s} for n, length, s in draws],
+        "drawn": "offsets whose window shares no token with any window of the disjoint_from draws"}
+
+
+def _chat_with_heldout(spec: str, tokenizer, nsamples: int, seq_len: int, seed: int, heldout: list[int],
+                       exclude, record: dict) -> tuple[torch.Tensor, dict, dict]:
+    """Chat data: the windows of chat_windows, the held-out positions replaced by windows packed
+    (pack_conversations, seed + HELDOUT_SEED_OFFSET) from the conversations that no window of
+    this draw nor of an `exclude` draw places, whole or cut."""
+    rows, form, tokens_of = _chat_rows(spec, tokenizer)
+    excluded: set[int] = set()
+    windows, packing = pack_conversations(len(rows), tokens_of, nsamples, seq_len, seed, excluded)
+    draws = [(nsamples, seq_len, seed), *exclude]
+    for n, length, s in exclude:
+        pack_conversations(len(rows), tokens_of, n, length, s, excluded)
+    left = [i for i in range(len(rows)) if i not in excluded]
+    if not left:
+        raise DatasetError(f"dataset {spec!r}: every one of its {len(rows)} conversations is in a calibration "
+                           f"window, so held-out windows cannot be drawn apart from them: use more rows or "
+                           f"fewer windows")
+    placed: set[int] = set()
+    held, held_packing = pack_conversations(len(left), lambda i: tokens_of(left[i]), len(heldout), seq_len,
+                                            seed + HELDOUT_SEED_OFFSET, placed)
+    windows[heldout] = held
+    return windows, _chat_info(spec, tokenizer, rows, form, packing), {
+        **record, "conversations_excluded": len(excluded), "conversations_left": len(left),
+        "conversations": sorted(left[i] for i in placed), "packing": held_packing,
+        "disjoint_from": [{"nsamples": n, "seq_len": length, "seed": s} for n, length, s in draws],
+        "drawn": "whole conversations that no window of the disjoint_from draws places, packed in their own "
+                 "seeded order (reused: one of them fills more than one held-out window)"}

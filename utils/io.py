@@ -49,8 +49,11 @@ def atomic_path(path: str) -> Iterator[str]:
 
     Stale temporaries of killed runs are removed first. An existing directory is replaced only
     if it is empty or wholly ours (utils.outputs), so files we did not write are never deleted.
+    Temporaries are named PATH.partial-TOKEN / PATH.old-TOKEN, TOKEN naming this process and
+    host (utils.outputs.temporary_token), so a later run knows whose they are.
     """
-    from utils.outputs import OutputError, clean_stale_partials, foreign_entries, judge_directory
+    from utils.outputs import (OutputError, clean_stale_partials, foreign_entries, judge_directory,
+                               temporary_token)
     path = os.path.abspath(path)
     created = _missing_parents(os.path.dirname(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -64,7 +67,8 @@ def atomic_path(path: str) -> Iterator[str]:
             raise OutputError(f"{path} {problem}; not replacing it{where}; move it away and rerun")
 
     refuse_foreign("")  # before any work: nothing is lost by refusing now
-    temporary = f"{path}.partial-{os.getpid()}"
+    token = temporary_token()
+    temporary = f"{path}.partial-{token}"
     _remove(temporary)
     try:
         yield temporary
@@ -80,7 +84,9 @@ def atomic_path(path: str) -> Iterator[str]:
         # checked again: the directory may have changed during a long run. The new output stays
         # at `temporary` (it may hold stats/ moved out of `path`) until a later run cleans it
         refuse_foreign(f" (the new output is at {temporary})")
-        old = f"{path}.old-{os.getpid()}"
+        old = f"{path}.old-{token}"
+        # a kill between these two renames leaves PATH missing: the next run that writes or loads
+        # PATH completes the swap from the two temporaries (utils.outputs.recover_interrupted_swap)
         os.replace(path, old)
         os.replace(temporary, path)
         _remove(old)
@@ -240,6 +246,9 @@ def load_compressed(path: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
     """Load a compressed model on the CPU: (model, tokenizer or None, compression block)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+    from utils.outputs import recover_interrupted_swap
+    if not os.path.exists(path):
+        recover_interrupted_swap(path)  # a replacement of it that a kill cut short
     if not os.path.exists(path):
         raise CompressedModelError(f"{path}: no such compressed model (run step 3 to write it)")
     if path.endswith(".pt"):

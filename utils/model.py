@@ -2,11 +2,14 @@
 
 Everything else asks this module for "the decoder layers" and "the linears to compress" and
 never touches family-specific attribute names. Layers and linears are found from the module
-structure (the longest ModuleList of identical blocks; the nn.Linear children of a block), so
-Llama, Mistral, Qwen2, Gemma 3, OPT and most other decoder-only families work unchanged.
+structure (the ModuleList of config.num_hidden_layers identical blocks; the nn.Linear children of
+a block), so Llama, Mistral, Qwen2, Gemma 3, OPT and most other decoder-only families work
+unchanged. A model whose blocks hold other weight matrices (mixtures of experts) is refused
+(check_supported) rather than compressed in part.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -113,12 +116,20 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", seed: int = 0,
             dtype = DTYPES[dtype]
     source = resolve_model(spec)
     if is_random_spec(spec):  # seeded random weights, no tokenizer (use --dataset random)
-        return build_random_model(spec, torch.float16 if dtype == "auto" else dtype, seed, num_layers,
-                                  device="cpu"), None
+        model = build_random_model(spec, torch.float16 if dtype == "auto" else dtype, seed, num_layers, device="cpu")
+        check_supported(model)
+        return model, None
     if dtype == "auto" and source.gguf_file:
         dtype = torch.float32  # de-quantised GGUF weights: no dtype of their own to keep
+    if not source.gguf_file:  # (a GGUF file's config is parsed from the file: as slow as loading it)
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(source.path)
+        if expert_count(config) is not None:  # refused before reading the weights (tens of GB for a real one)
+            with torch.device("meta"):
+                check_supported(AutoModelForCausalLM.from_config(config))
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, low_cpu_mem_usage=True,
                                                  **source.pretrained_kwargs())
+    check_supported(model)
     if num_layers is not None:
         keep_first_layers(model, num_layers)
     model.eval()
@@ -137,16 +148,16 @@ def keep_first_layers(model: nn.Module, num_layers: int) -> None:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder blocks: the longest ModuleList whose items are all the same class."""
-    best: nn.ModuleList | None = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            kinds = {type(item) for item in module}
-            if len(kinds) == 1 and (best is None or len(module) > len(best)):
-                best = module
-    if best is None:
+    """The stack of decoder blocks: of the ModuleLists whose items are all the same class, the
+    outermost one with config.num_hidden_layers items, else the longest (a list of experts inside
+    a block, which may be longer than the stack or as long, is never taken for it)."""
+    candidates = [module for module in model.modules()  # pre-order: an outer list comes first
+                  if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(item) for item in module}) == 1]
+    if not candidates:
         raise ValueError(f"{type(model).__name__}: found no list of decoder layers")
-    return best
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    matching = [module for module in candidates if len(module) == depth]
+    return matching[0] if matching else max(candidates, key=len)
 
 
 def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
@@ -164,6 +175,58 @@ def target_shapes(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
     return shapes
 
 
+# config fields that give a mixture-of-experts model's expert count (Mixtral, Qwen-MoE, OLMoE, DeepSeek, ...)
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def expert_count(config) -> tuple[str, int] | None:
+    """(config field, number of experts) of a mixture-of-experts model, None for a dense one."""
+    for name in EXPERT_COUNT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return name, value
+    return None
+
+
+def unhandled_weights(model: nn.Module) -> dict[str, int]:
+    """Weights of the decoder layers that compression would leave dense or get wrong, by name
+    within a layer -> their parameter count over all layers: every parameter of 2 or more
+    dimensions outside a target nn.Linear (fused experts, routers, convolutions; norms and other
+    1-D vectors are small and stay dense by design), and in a mixture-of-experts model the experts
+    and the router when they are nn.Linear (under an 'experts' module, or one output per expert)."""
+    experts = expert_count(getattr(model, "config", None))
+    found: dict[str, int] = {}
+    for layer in decoder_layers(model):
+        for name, parameter in layer.named_parameters():
+            owner = layer.get_submodule(name.rpartition(".")[0])
+            target = type(owner) is nn.Linear
+            expert_linear = experts is not None and target and (
+                "experts" in name.split(".") or owner.out_features == experts[1])
+            if (parameter.ndim >= 2 and not target) or expert_linear:
+                found[name] = found.get(name, 0) + parameter.numel()
+    return found
+
+
+def check_supported(model: nn.Module) -> None:
+    """ModelSpecError, naming the weights and their share of the model, when the decoder layers hold
+    weights this tool does not compress (a mixture of experts, a layer that is not nn.Linear):
+    compressing the rest would leave them dense without a word."""
+    found, experts = unhandled_weights(model), expert_count(getattr(model, "config", None))
+    if not found and experts is None:
+        return
+    names = list(found)
+    listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    share = sum(found.values()) / count_parameters(model)
+    what = (f"its decoder layers hold {listed} ({share:.1%} of the model's parameters), which this tool does not "
+            f"compress" if found else "it routes tokens to experts")
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    if experts is not None:
+        raise ModelSpecError(f"{kind}: {what}: mixture-of-experts models ({experts[0]} {experts[1]}) are not "
+                             f"supported yet; use a dense model")
+    raise ModelSpecError(f"{kind}: {what}: only nn.Linear layers are compressed, so this architecture is not "
+                         f"supported yet")
+
+
 def layer_prefix(model: nn.Module) -> str:
     """Qualified name of the decoder layer list, e.g. 'model.layers' or 'model.decoder.layers'."""
     layers = decoder_layers(model)
@@ -179,8 +242,11 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied embedding / lm_head counts once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Distinct parameters (a tied embedding / lm_head counts once), a quantized linear's weight
+    counted as the out x in weights it stands for (QuantLinear keeps its packed codes in buffers)."""
+    from component.quant_linear import QuantLinear
+    quantized = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantLinear))
+    return quantized + sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def copies_to(root: nn.Module, device: torch.device | str, skip: set[int] = frozenset()) -> Callable[[], None]:
@@ -223,6 +289,28 @@ def non_layer_modules_to(model: nn.Module, device: torch.device | str) -> Callab
     copies_to: the returned function puts the originals back."""
     layers = decoder_layers(model)
     return copies_to(model, device, skip={id(t) for t in list(layers.parameters()) + list(layers.buffers())})
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha1 (first 16 hex digits) of named tensors' names and bytes, in name order."""
+    digest = hashlib.sha1()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy())  # no copy of the bytes
+    return digest.hexdigest()[:16]
+
+
+def weights_fingerprint(model: nn.Module) -> dict:
+    """What tells one checkpoint's weights from another's, cheaply: digests of the first and last
+    decoder layers' state dicts as loaded. "sha1" hashes their bytes (it changes with the dtype
+    they were loaded in too); "signs_sha1" hashes only the sign bits of the float tensors, which
+    a cast between float32, bfloat16 and float16 never changes, so the same checkpoint loaded in
+    another --dtype still matches on it."""
+    layers = decoder_layers(model)
+    tensors = {f"{i}.{k}": v for i in {0, len(layers) - 1} for k, v in layers[i].state_dict().items()}
+    signs = {k: torch.signbit(v) if v.is_floating_point() else v for k, v in tensors.items()}
+    return {"dtype": dtype_name(next(model.parameters()).dtype), "sha1": tensors_digest(tensors),
+            "signs_sha1": tensors_digest(signs)}
 
 
 def model_description(model: nn.Module) -> dict:

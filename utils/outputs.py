@@ -7,7 +7,8 @@ Before any work starts, `check_output_path` judges what already sits at an outpu
   anything else, or a path inside --model -> refused, even with --overwrite; nothing touched
 "Ours" is judged precisely: every entry must be a name this tool writes (below) and the marker
 must be present (config.json with a "compression" block; meta.json with the statistics keys; a
-.pt dict with our keys). `clean_stale_partials` removes the temporaries of killed runs.
+.pt dict with our keys). `clean_stale_partials` removes the temporaries of killed runs of this
+host, after `recover_interrupted_swap` has put back an output a kill left only as temporaries.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from typing import Iterable
 
 KINDS = ("model", "stats")
@@ -35,8 +37,14 @@ STATS_FILES = frozenset({"meta.json", "fisher.safetensors",
 STATS_FILE_PATTERNS = (re.compile(r"layer_\d{4,}\.safetensors"), re.compile(r"(plan|ranks|sensitivity)_[\w.+-]+\.json"))
 STATS_KEYS = ("model", "layer_prefix", "streams", "gram_layout")
 PT_KEYS = ("format_version", "config", "compression", "state_dict")
-# a temporary of our own atomic write of one of the files above, left inside by a killed run
-_TEMPORARY_SUFFIX = re.compile(r"\.(partial|old)-\d+$")
+# A temporary of an atomic write is PATH.partial-TOKEN (the new output being written) or PATH.old-TOKEN
+# (the output it replaces, between the two renames of a directory swap), TOKEN = PID-START@HOST:
+# the writing process, its start (clock ticks after boot, /proc/PID/stat; 0 without /proc) and host.
+# The marker is in the name, so a file and a directory temporary are judged alike and a marker file
+# cannot go missing. Earlier versions wrote TOKEN = PID, which names no host: such names are kept.
+_TEMPORARY = r"\.(partial|old)-((\d+)(?:-(\d+)@([A-Za-z0-9_.-]+))?)"
+# one of the files above written by such a write, left inside a temporary by a killed run
+_TEMPORARY_SUFFIX = re.compile(_TEMPORARY + "$")
 _SHOW = 3  # foreign names quoted in a message
 
 
@@ -161,7 +169,9 @@ def _inside(child: str, parent: str) -> bool:
 
 def check_output_path(path: str, kind: str, overwrite: bool, protected: Iterable[str] = ()) -> None:
     """Raise OutputError unless writing `kind` ("model" or "stats") at `path` loses nothing the
-    user did not ask to replace. Run it before any work, so a refusal costs nothing."""
+    user did not ask to replace. Run it before any work, so a refusal costs nothing. A missing
+    `path` that a killed run's replacement left as temporaries is put back first
+    (recover_interrupted_swap), so what is judged is that output."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
     what = "compressed model" if kind == "model" else "statistics directory"
@@ -177,7 +187,7 @@ def check_output_path(path: str, kind: str, overwrite: bool, protected: Iterable
             raise OutputError(f"{path} contains the input model {entry}; choose an output path that does not")
     if os.path.islink(path):
         raise OutputError(f"{path} is a symbolic link; pass the path it points to, or choose another path")
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not recover_interrupted_swap(path):
         return
     if os.path.isdir(path):
         if kind == "model" and path.endswith(".pt"):
@@ -208,6 +218,26 @@ def check_output_path(path: str, kind: str, overwrite: bool, protected: Iterable
 
 # ---------------------------------------------------------------------------------------- stale temporaries
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname()) or "unknown"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name ([0] state, [19] start time), or None
+    where there is no /proc or the process is hidden from us."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()  # the name may hold spaces and ")"
+    except (OSError, IndexError):
+        return None
+
+
+def temporary_token() -> str:
+    """This process's TOKEN for the names of its temporaries: PID-START@HOST."""
+    fields = _proc_stat(os.getpid())
+    return f"{os.getpid()}-{fields[19] if fields else 0}@{_host()}"
+
+
 def _alive(pid: int) -> bool:
     if pid <= 0:
         return False
@@ -222,6 +252,68 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _running_here(pid: int, start: int) -> bool:
+    """Whether the process `pid` of this host that started at `start` still runs; a pid reused by
+    a later process does not count, nor does a zombie."""
+    if not _alive(pid):
+        return False
+    fields = _proc_stat(pid)
+    if fields is None:  # no /proc (or hidden from us): the pid alone decides
+        return True
+    return fields[0] != "Z" and (start == 0 or int(fields[19]) == start)
+
+
+def _owner(match: re.Match) -> str:
+    """Who left a temporary: "dead" (a killed run of this host: ours to clean up), "running" (a run
+    of this host at work), "elsewhere" (a run on another host, which we cannot check) or
+    "unmarked" (an earlier version's name, which says no host)."""
+    pid, start, host = match.group(3, 4, 5)
+    if host is None:
+        return "unmarked"
+    if host != _host():
+        return "elsewhere"
+    return "running" if _running_here(int(pid), int(start)) else "dead"
+
+
+def _temporaries(path: str) -> list[tuple[str, re.Match]]:
+    """PATH's temporaries (their paths and name matches), sorted by name."""
+    directory, base = os.path.split(path)
+    pattern = re.compile(re.escape(base) + _TEMPORARY)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    return [(os.path.join(directory, name), match) for name in names if (match := pattern.fullmatch(name))]
+
+
+def _real_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def recover_interrupted_swap(path: str) -> str | None:
+    """Put back an output that a run killed between the two renames of a directory replacement
+    (PATH -> PATH.old-TOKEN, PATH.partial-TOKEN -> PATH) left only as temporaries; return the
+    temporary moved to PATH, or None. PATH.old-TOKEN is created only once the new output is
+    complete, so with both present the replacement is completed; with the old one alone, it is
+    restored. Only a killed run of this host is touched, and only while PATH does not exist."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        return None
+    for old, match in _temporaries(path):
+        if match.group(1) != "old" or not _real_dir(old) or _owner(match) != "dead":
+            continue
+        new = f"{path}.partial-{match.group(2)}"
+        if _real_dir(new):
+            os.replace(new, path)
+            print(f"completed the replacement of {path} that a killed run left half done: "
+                  f"moved its new output {new} into place")
+            return new
+        os.replace(old, path)
+        print(f"restored {path} from {old}, where a run killed while replacing it had moved it")
+        return old
+    return None
+
+
 def _rescue_stats(stale: str, path: str) -> None:
     # a run killed while replacing a model directory may have moved step 1's stats/ into its
     # temporary already; put them back where the next write of PATH keeps them (KEEP_SUBDIRS)
@@ -234,23 +326,28 @@ def _rescue_stats(stale: str, path: str) -> None:
 
 
 def clean_stale_partials(path: str) -> list[str]:
-    """Remove PATH.partial-<pid> / PATH.old-<pid> left by killed runs (pid not running) and
-    return them; a live pid's are another run's work in progress and stay. A stale directory
-    holding files this tool never writes is kept too, with a printed warning."""
+    """Remove PATH.partial-TOKEN / PATH.old-TOKEN left by killed runs of this host and return
+    them, once recover_interrupted_swap has put back an output a kill left only as temporaries.
+    A running process's temporaries are its work in progress and stay (a pid reused since does
+    not count as running); another host's and an earlier version's unmarked ones stay too, with
+    a printed line each, since nothing here can tell whether their run has ended. A stale
+    directory holding files this tool never writes is kept too, with a printed warning."""
     path = os.path.abspath(path)
-    directory, base = os.path.split(path)
-    pattern = re.compile(re.escape(base) + r"\.(partial|old)-(\d+)")
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return []
+    recover_interrupted_swap(path)
     removed: list[str] = []
-    for name in names:
-        match = pattern.fullmatch(name)
-        if not match or int(match.group(2)) == os.getpid() or _alive(int(match.group(2))):
+    for stale, match in _temporaries(path):
+        owner = _owner(match)
+        if owner == "running":
             continue
-        stale = os.path.join(directory, name)
-        if os.path.isdir(stale) and not os.path.islink(stale):
+        if owner == "elsewhere":
+            print(f"kept {stale}: a temporary of a run on host {match.group(5)}, which this host cannot "
+                  f"check; remove it by hand once that run has ended")
+            continue
+        if owner == "unmarked":
+            print(f"kept {stale}: a temporary of an earlier version, which did not record its host; "
+                  f"remove it by hand if no run on any host is writing {path}")
+            continue
+        if _real_dir(stale):
             foreign = foreign_entries(stale)
             if foreign:
                 print(f"kept stale {stale}: it contains {_list(foreign)}, which this tool did not write; "

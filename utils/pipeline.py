@@ -10,6 +10,7 @@ Both walk the decoder layers one at a time (utils.layerwise); compression is a l
 from __future__ import annotations
 
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from methods import (AnchoredOptions, AnchoredUpdate, ClosedFormUpdate, Decompose, DecomposeOptions, Refine,
                      RefineOptions, UpdateOptions)
 from utils.io import atomic_path, read_json, write_json
+from utils.outputs import recover_interrupted_swap
 from utils.layerwise import LayerContext, walk_layers
-from utils.model import (count_parameters, decoder_layers, dtype_name, layer_prefix, model_description,
-                         target_linears, target_shapes)
+from utils.model import (check_supported, count_parameters, decoder_layers, dtype_name, layer_prefix,
+                         model_description, target_linears, target_shapes, weights_fingerprint)
 from utils.plan import Plan
 from utils.stats import LayerStatsCollector
 
@@ -51,6 +53,7 @@ class Statistics:
 
     @classmethod
     def open(cls, path: str) -> "Statistics":
+        recover_interrupted_swap(path)  # a replacement of these statistics that a kill cut short
         meta_path = os.path.join(path, STATS_META)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"no statistics in {path}: run step 1 first "
@@ -95,15 +98,34 @@ class Statistics:
             self._reads.clear()
             self._reader.shutdown(wait=True)
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """PipelineError unless these statistics were collected on this architecture."""
+    def check_model(self, model: torch.nn.Module, force: bool = False) -> None:
+        """PipelineError unless these statistics were collected on this architecture and on these
+        weights (the fingerprint step 1 records: utils.model.weights_fingerprint). force: different
+        weights only print a warning (the architecture must still match)."""
+        where = self.path or "memory"
         described, current = self.meta.get("model_description", {}), model_description(model)
         mismatch = [k for k in ("model_type", "num_layers", "hidden_size", "parameters")
                     if k in described and described[k] != current[k]]
         if mismatch:
-            raise PipelineError(f"statistics in {self.path or 'memory'} were collected on {self.meta.get('model')} "
+            raise PipelineError(f"statistics in {where} were collected on {self.meta.get('model')} "
                                 f"({', '.join(f'{k} {described[k]}' for k in mismatch)}), not on this model "
                                 f"({', '.join(f'{k} {current[k]}' for k in mismatch)}): rerun step 1 for it")
+        recorded = self.meta.get("weights_fingerprint")
+        if recorded is None:
+            print(f"warning: statistics in {where} have no weight fingerprint (written by an earlier version), so "
+                  f"they cannot be checked against this checkpoint; rerun step 1 to record one", file=sys.stderr)
+            return
+        found = weights_fingerprint(model)
+        # the same dtype: every bit must match; another dtype: the sign bits, which casts keep
+        key = "sha1" if recorded["dtype"] == found["dtype"] else "signs_sha1"
+        if recorded[key] == found[key]:
+            return
+        name = getattr(model.config, "_name_or_path", None) or type(model).__name__
+        message = (f"statistics in {where} were collected on other weights: {self.meta.get('model')} "
+                   f"({key} {recorded[key]}), this model is {name} ({key} {found[key]})")
+        if not force:
+            raise PipelineError(f"{message}: rerun step 1 for this model, or pass --force_stats to use them anyway")
+        print(f"warning: {message}; using them anyway (--force_stats)", file=sys.stderr)
 
 
 def _check_finite(collector: LayerStatsCollector, layer_name: str, dtype: torch.dtype) -> None:
@@ -126,6 +148,7 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
     Grams are summed in float64 and stored in `gram_dtype` (float32 halves the files; float64
     for exact checks). fisher: also ASVD's fisher information (utils.fisher), on the same
     windows, stored beside them (FISHER_FILE, meta["fisher"])."""
+    check_supported(model)
     model_dtype = next(model.parameters()).dtype
     streams: dict[str, dict[str, str]] = {}
     layers: dict[int, dict] = {}
@@ -134,6 +157,7 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
     # "model" (and the other keys utils.outputs checks) mark the folder as ours for a later --overwrite
     full_meta = {"model": getattr(model.config, "_name_or_path", None) or type(model).__name__,
                  **(meta or {}), "model_description": model_description(model),
+                 "weights_fingerprint": weights_fingerprint(model),
                  "layer_prefix": layer_prefix(model), "num_layers": len(decoder_layers(model)),
                  "nsamples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
                  "tokens": int(windows.numel()), "dtype": str(model_dtype).replace("torch.", ""),
@@ -198,17 +222,32 @@ class CompressOptions:
         return max(0, self.update.nsamples if self.update is not None else 0,
                    self.refine.windows_needed if self.refine is not None else 0)
 
+    def heldout_positions(self) -> list[int]:
+        """Positions, among the carried windows, of those a pass only measures on: the update's held-out
+        windows and the refinement's --refine_holdout ones (utils.data.calibration_windows_with_heldout
+        draws them apart from the windows that were fitted on)."""
+        held: set[int] = set()
+        if self.update is not None:
+            held.update(self.update.split(self.update.nsamples)[1])
+        if self.refine is not None:
+            held.update(range(self.refine.nsamples, self.refine.windows_needed))
+        return sorted(held)
+
 
 def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions, device: torch.device | str,
-                   stats: Statistics | None = None, windows: torch.Tensor | None = None) -> dict:
+                   stats: Statistics | None = None, windows: torch.Tensor | None = None,
+                   force_stats: bool = False) -> dict:
     """Step 3: apply `plan` to `model` in place, layer by layer, and return the record of what was
     done (the plan, per-module truncation losses, update errors and fallbacks, parameter counts).
 
     stats: step 1's statistics (needed unless whitening is 'none'); windows: the calibration
-    windows carried through the walk when a pass needs activations (the update: its nsamples)."""
+    windows carried through the walk when a pass needs activations (the update: its nsamples).
+    force_stats: use statistics collected on other weights of the same architecture, with a
+    warning (Statistics.check_model)."""
+    check_supported(model)
     plan.validate(target_shapes(model))
     if stats is not None:
-        stats.check_model(model)
+        stats.check_model(model, force_stats)
     params_before = count_parameters(model)
     records: dict[str, dict] = {}
     layer_records: dict[str, dict] = {}
@@ -279,9 +318,10 @@ def _refine_summary(options: RefineOptions | None, records: dict, layer_records:
 
 def compression_block(record: dict, base_model: str, model: torch.nn.Module, stats: Statistics | None = None,
                       seed: int = 0, num_layers: int | None = None, plan_source: str | None = None,
-                      random_weights: bool = False) -> dict:
+                      random_weights: bool = False, heldout_windows: dict | None = None) -> dict:
     """The "compression" block saved with a model: compress_model's record plus what the model was
-    made from (base model, calibration, seed, dtype), which loading and evaluation read."""
+    made from (base model, calibration, seed, dtype, how the held-out windows were drawn), which
+    loading and evaluation read."""
     calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed",
                                                                               "tokens", "data")}
     update, refine = record.get("update"), record.get("refine")
@@ -297,8 +337,8 @@ def compression_block(record: dict, base_model: str, model: torch.nn.Module, sta
             "method": method,
             "ratio": record["plan"]["ratio"], "plan_source": plan_source, **record,
             "updating_nsamples": update["nsamples"] if update else 0,
-            "calibration": calibration, "seed": seed, "dtype": dtype_name(next(model.parameters()).dtype),
-            "random_weights": random_weights,
+            "calibration": calibration, "heldout_windows": heldout_windows, "seed": seed,
+            "dtype": dtype_name(next(model.parameters()).dtype), "random_weights": random_weights,
             "num_layers": num_layers}  # None: all of the base model's decoder layers were kept
 
 
@@ -363,6 +403,7 @@ def quantize_model(model: torch.nn.Module, options, device: torch.device | str,
     (dataset, seed), recorded beside their count and length."""
     from component.quant_linear import QuantLinear
     from methods.quantize import Quantize
+    check_supported(model)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise PipelineError("the model is already quantized; step 8 starts from a float model "
                             "(the original, or the output of step 3)")

@@ -10,8 +10,11 @@ to write further turns itself. Temperature follows the paper's linear schedule, 
 temperature_start to temperature_end over the first schedule_tokens tokens (a hotter start makes
 the sequences begin differently; its exact values could not be checked here, so the default is a
 constant 1.0, the model's own distribution), with nucleus sampling (top_p 0.95: the 5% tail of
-unlikely tokens, which small models sample badly, is cut) throughout. Sampling draws from one
-torch.Generator seeded with `seed`, so a seed gives the same token ids on the same device.
+unlikely tokens, which small models sample badly, is cut) throughout. Sequence i samples from its
+own torch.Generator seeded from (seed, i), so a seed gives the same ids whatever the batch size
+(up to floating-point differences between batch shapes), and the first n sequences of a larger
+cache are those a run of n would write, and a cache of k < n rows is extended by generating rows
+k..n-1 only (rows after step 1's are step 3's held-out text: compress.py, _self_step3_windows).
 
 The ids are cached in a safetensors file with a JSON of the settings and a fingerprint of the
 weights (`cached_sequences`, `save_sequences`), so a later step or run with the same settings and
@@ -53,7 +56,8 @@ class SelfCalibrationOptions:
             raise DatasetError("self-calibration: schedule_tokens must be >= 0 and batch_size >= 1")
 
     def describe(self) -> dict:
-        settings = asdict(self)  # batch_size included: the rows of a batch share the generator's draws
+        settings = asdict(self)
+        del settings["batch_size"]  # each row samples from its own generator: batching does not change it
         prompts = settings.pop("prompts")
         settings["prompts"] = len(prompts)
         settings["prompts_sha1"] = hashlib.sha1("\n".join(prompts).encode()).hexdigest()[:16] if prompts else None
@@ -125,12 +129,12 @@ def _cache_of(output) -> object:
 
 @torch.no_grad()
 def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, options: SelfCalibrationOptions,
-                       seed: int, device: torch.device | str, progress: bool = True) -> torch.Tensor:
+                       seed: int, device: torch.device | str, progress: bool = True, first_row: int = 0) -> torch.Tensor:
     """len(starts) x seq_len token ids: each start, then tokens sampled after it (see the module
-    docstring). A batch is left-padded to its longest start and masked, so rows do not see padding."""
+    docstring). A batch is left-padded to its longest start and masked, so rows do not see padding.
+    first_row: the row number of starts[0] (each row samples from its (seed, row) generator)."""
     from tqdm import tqdm
     _check_lengths(starts, seq_len)
-    generator = torch.Generator().manual_seed(seed)
     keyword = _cache_keyword(model)
     rows: list[list[int]] = []
     total = sum(seq_len - len(s) for s in starts)
@@ -142,11 +146,12 @@ def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, 
             mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in batch], device=device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            generators = [torch.Generator().manual_seed(_row_seed(seed, first_row + first + row)) for row in range(len(batch))]
             generated = []
             for step in range(seq_len - min(len(s) for s in batch)):
                 logits = out.logits[:, -1].float().cpu()
                 probs = _nucleus(torch.softmax(logits / options.temperature(step), dim=-1), options.top_p)
-                token = torch.multinomial(probs, 1, generator=generator)
+                token = torch.stack([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
                 generated.append(token)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 positions = positions[:, -1:] + 1
@@ -156,6 +161,11 @@ def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, 
             new = torch.cat(generated, dim=1).tolist()
             rows += [(s + row)[:seq_len] for s, row in zip(batch, new)]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def _row_seed(seed: int, row: int) -> int:
+    """A 32-bit seed of (seed, row): CPU generators keep only 32 bits of what they are given."""
+    return int.from_bytes(hashlib.sha1(f"{seed}:{row}".encode()).digest()[:4], "little")
 
 
 def _check_lengths(starts: list[list[int]], seq_len: int) -> None:
@@ -186,15 +196,21 @@ def settings_of(model: nn.Module, seq_len: int, seed: int, options: SelfCalibrat
 def cached_sequences(directory: str, settings: dict, nsamples: int) -> torch.Tensor | None:
     """The first nsamples cached sequences when the cache in `directory` was made with `settings`
     and holds enough of them, else None."""
+    rows = cached_rows(directory, settings)
+    return rows[:nsamples] if rows is not None and rows.shape[0] >= nsamples else None
+
+
+def cached_rows(directory: str, settings: dict) -> torch.Tensor | None:
+    """Every cached sequence when the cache in `directory` was made with `settings`, else None."""
     from safetensors.torch import load_file
     tensors, meta = os.path.join(directory, CACHE_FILE), os.path.join(directory, SETTINGS_FILE)
     if not (os.path.isfile(tensors) and os.path.isfile(meta)):
         return None
     with open(meta, encoding="utf-8") as handle:
         saved = json.load(handle)
-    if {k: v for k, v in saved.items() if k != "nsamples"} != settings or saved.get("nsamples", 0) < nsamples:
+    if {k: v for k, v in saved.items() if k != "nsamples"} != settings:
         return None
-    return load_file(tensors)["input_ids"][:nsamples]
+    return load_file(tensors)["input_ids"]
 
 
 def save_sequences(directory: str, ids: torch.Tensor, settings: dict) -> None:
@@ -210,28 +226,33 @@ def self_calibration_data(model: nn.Module, tokenizer, nsamples: int, seq_len: i
                           options: SelfCalibrationOptions, device: torch.device | str,
                           cache_dir: str | None = None, progress: bool = True) -> tuple[torch.Tensor, dict]:
     """(nsamples x seq_len ids the model wrote, what they are): read from cache_dir when it holds
-    them for these settings and this model, else generated (and cached when cache_dir exists).
+    them for these settings and this model, else generated (and cached when cache_dir exists); a
+    cache of fewer rows keeps them and only the rows after them are generated.
     `model` must be the original (uncompressed) model."""
     options.check()
     starts, start = prefixes(tokenizer, nsamples, options)
     _check_lengths(starts, seq_len)
     settings = settings_of(model, seq_len, seed, options, start)
     info = {"dataset": "self", "kind": "self", "settings": settings}
-    ids = cached_sequences(cache_dir, settings, nsamples) if cache_dir else None
-    if ids is not None:
-        return ids, {**info, "cached": True}
-    tokens = sum(seq_len - len(s) for s in starts)
-    print(f"self-calibration: the model writes {nsamples} sequences of {seq_len} tokens ({tokens:,} tokens to "
-          f"generate, batches of {options.batch_size}, KV cache; start: {start})")
+    cached = cached_rows(cache_dir, settings) if cache_dir else None
+    if cached is not None and cached.shape[0] >= nsamples:
+        return cached[:nsamples], {**info, "cached": True}
+    known = 0 if cached is None else int(cached.shape[0])
+    tokens = sum(seq_len - len(s) for s in starts[known:])
+    print(f"self-calibration: the model writes {nsamples - known} sequences of {seq_len} tokens ({tokens:,} tokens to "
+          f"generate, batches of {options.batch_size}, KV cache; start: {start})"
+          + (f", after the {known} cached" if known else ""))
     from utils.model import copies_to
     was_training = model.training
     model.eval()
     restore = copies_to(model, device)  # the whole model on the device while it writes (steps 1-3 keep it on the CPU)
     try:
-        ids = generate_sequences(model, starts, seq_len, options, seed, device, progress)
+        ids = generate_sequences(model, starts[known:], seq_len, options, seed, device, progress, first_row=known)
     finally:
         restore()
         model.train(was_training)
+    if known:
+        ids = torch.cat([cached, ids])
     if cache_dir and os.path.isdir(cache_dir):
         save_sequences(cache_dir, ids, settings)
-    return ids, {**info, "cached": False}
+    return ids, {**info, "cached": False, **({"rows_from_cache": known} if known else {})}
