@@ -380,9 +380,9 @@ def test_cli_step_3_8_writes_the_save_path_once_with_the_quantized_model(model_d
     written = []
     save = utils.io.save_compressed
 
-    def counting_save(model, tokenizer, path, compression, dtype=None):
+    def counting_save(model, tokenizer, path, compression, *args, **kwargs):
         written.append((path, "quantization" in compression))
-        return save(model, tokenizer, path, compression, dtype)
+        return save(model, tokenizer, path, compression, *args, **kwargs)
 
     monkeypatch.setattr(utils.io, "save_compressed", counting_save)
     path = str(tmp_path / "svd-rtn")
