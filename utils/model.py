@@ -493,6 +493,10 @@ def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map
         raise ValueError(f"--device_map {device_map}: choose one of {', '.join(DEVICE_MAPS)}")
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import compute_module_sizes, get_balanced_memory, get_max_memory
+    from component.low_rank_linear import unshare_inputs
+    # accelerate offloads and moves each parameter on its own: a fused v factor (a view of its
+    # group's one weight) would be offloaded as a copy the fused matmul never reads
+    unshare_inputs(model)
     no_split = [type(decoder_layers(model)[0]).__name__]
     if device_map == "sequential":
         budget = get_max_memory(dict(max_memory) if max_memory else None)
