@@ -44,7 +44,7 @@ from utils.data import DatasetError, load_text, tokenize
 from utils.io import read_json, write_json
 from utils.measure import rss_bytes, synchronize
 from utils.presets import is_random_spec
-from utils.model import ModelSpecError, count_parameters, load_model, model_description
+from utils.model import ModelSpecError, cache_keyword, cache_of, count_parameters, load_model, model_description
 
 RESULTS_VERSION = 1
 
@@ -288,16 +288,6 @@ def _forward_kwargs(model: nn.Module) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """transformers >= 5.x names the KV cache argument `cache`, earlier versions `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(output) -> object:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
 @torch.no_grad()
 def generate_timed(model: nn.Module, prompts: torch.Tensor, gen_len: int, device: str) -> dict:
     """One greedy run with the KV cache: prefill seconds and the seconds of each decode step."""
@@ -311,11 +301,11 @@ def generate_timed(model: nn.Module, prompts: torch.Tensor, gen_len: int, device
     synchronize(device)
     prefill = time.perf_counter() - start
     steps = []
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     for step in range(gen_len):
         start = time.perf_counter()
         out = model(input_ids=next_ids, attention_mask=mask[:, :length + step + 1], use_cache=True,
-                    **{keyword: _cache_of(out)})
+                    **{keyword: cache_of(out)})
         next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         synchronize(device)
         steps.append(time.perf_counter() - start)

@@ -206,6 +206,18 @@ def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """transformers >= 5.x names the KV cache argument `cache`, earlier versions `past_key_values`."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output) -> object:
+    """The KV cache a forward pass returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def fuse_shared_inputs(model: nn.Module) -> int:
     """Run the v factors of the low-rank layers that read one input as one matmul (component.
     share_inputs); same outputs, nothing saved changes. Returns the groups fused."""
