@@ -286,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows per forward pass (step 6: lm-eval requests per forward pass)")
     e.add_argument("--eval_limit", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--results", default=None, help="JSON output of steps 4-5 (default: next to the model)")
+    e.add_argument("--eval_chat", default=None, metavar="PROMPTS_FILE",
+                   help="step 4: also score the model against its original's greedy chat responses to these "
+                        "prompts (one per line, or .jsonl rows with \"prompt\"; e.g. data/chat_prompts.txt): "
+                        "teacher-forced agreement, response perplexity, share of empty answers")
+    e.add_argument("--eval_chat_tokens", type=int, default=64, help="--eval_chat: new tokens per response at most")
+    e.add_argument("--eval_chat_cache", default=None,
+                   help="--eval_chat: folder of the original's cached responses (default: "
+                        "$SVD_COMPRESS_CACHE/chat_references or ~/.cache/svd-compress/chat_references)")
     e.add_argument("--prefill_len", type=int, default=512, help="step 5: prompt tokens per sequence")
     e.add_argument("--gen_seq_len", type=int, default=64, help="step 5: new tokens generated")
     e.add_argument("--repeats", type=int, default=5, help="step 5: timed repetitions (median reported)")
@@ -439,6 +447,7 @@ def validate(args: argparse.Namespace) -> None:
     if steps & {4, 5}:
         for spec in args.eval_datasets.split(","):
             validate_dataset(spec, text_only=True)
+    _validate_chat_evaluation(args, steps)
     _validate_tasks_generation_placement(args, steps)
     if 7 in steps:
         from lora import LoraError, validate_args
@@ -816,6 +825,22 @@ def _validate_serve(args: argparse.Namespace, steps: set[int]) -> None:
         raise UsageError(f"step 10 needs vLLM, which this python cannot import: {INSTALL_HINT}")
     if not (os.path.isfile(python) and os.access(python, os.X_OK)):
         raise UsageError(f"--vllm_python / VLLM_PYTHON {python}: no such executable; {INSTALL_HINT}")
+
+
+def _validate_chat_evaluation(args: argparse.Namespace, steps: set[int]) -> None:
+    """--eval_chat and its settings, before any model loads."""
+    if args.eval_chat is None:
+        if args.eval_chat_cache is not None or args.eval_chat_tokens != 64:
+            raise UsageError("--eval_chat_tokens and --eval_chat_cache set up --eval_chat: give --eval_chat PROMPTS_FILE")
+        return
+    if 4 not in steps:
+        raise UsageError("--eval_chat is measured by step 4: add 4 to --step")
+    if args.eval_chat_tokens < 1:
+        raise UsageError(f"--eval_chat_tokens {args.eval_chat_tokens}: must be at least 1")
+    if args.eval_chat_cache and os.path.exists(args.eval_chat_cache) and not os.path.isdir(args.eval_chat_cache):
+        raise UsageError(f"--eval_chat_cache {args.eval_chat_cache}: exists and is not a folder")
+    from generate import read_prompts
+    read_prompts(None, args.eval_chat, flag="--eval_chat")
 
 
 def _validate_tasks_generation_placement(args: argparse.Namespace, steps: set[int]) -> None:

@@ -44,7 +44,7 @@ from utils.data import DatasetError, load_text, tokenize
 from utils.io import read_json, write_json
 from utils.measure import rss_bytes, synchronize
 from utils.presets import is_random_spec
-from utils.model import ModelSpecError, count_parameters, load_model, model_description
+from utils.model import ModelSpecError, cache_keyword, cache_of, count_parameters, load_model, model_description
 
 RESULTS_VERSION = 1
 
@@ -186,6 +186,16 @@ def place_like(model: nn.Module, args: argparse.Namespace):
                        parse_max_memory(getattr(args, "max_memory", None)), getattr(args, "offload_folder", None))
 
 
+def load_original(args: argparse.Namespace, session):
+    """The original a compressed model was made from, placed by the same flags: its first
+    num_layers layers, for a random preset the same seeded weights, in the compressed model's
+    dtype (a like-for-like comparison). Returns (model, placement)."""
+    base = session.compression.get("base_model") or args.model
+    original, _ = load_model(base, next(session.model.parameters()).dtype, session.compression.get("seed", args.seed),
+                             session.compression.get("num_layers"))
+    return original.eval(), place_like(original, args)
+
+
 def _refuse_random(args: argparse.Namespace, session, what: str) -> None:
     random_weights = (session.compression or {}).get("random_weights") or (
         session.compression is None and is_random_spec(args.model))
@@ -234,7 +244,41 @@ def perplexity_step(args: argparse.Namespace, session) -> dict:
     path = results_path(args, session)
     update_results(path, args, session, "perplexity", results)
     print(f"perplexity: results -> {path}")
+    if args.eval_chat:
+        chat = chat_fidelity_step(args, session, placement)
+        update_results(path, args, session, "chat_fidelity", chat)
+        print(f"chat fidelity: results -> {path}")
     return results
+
+
+def chat_fidelity_step(args: argparse.Namespace, session, placement) -> dict:
+    """--eval_chat: the model against its original's cached greedy responses (the original itself
+    when the model is not compressed: then only its empty share says something)."""
+    import fidelity
+    from generate import read_prompts
+    prompts = read_prompts(None, args.eval_chat, flag="--eval_chat")
+    start = time.perf_counter()
+    if session.compression is None:
+        original, original_device = session.model, placement.input_device
+    else:
+        original, original_placement = load_original(args, session)
+        original_device = original_placement.input_device
+    references, cache = fidelity.reference_responses(original, session.tokenizer, prompts, args.eval_chat_tokens,
+                                                     device=original_device, cache_dir=args.eval_chat_cache)
+    del original
+    reference_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = fidelity.chat_fidelity(session.model, session.tokenizer, prompts, references,
+                                    device=placement.input_device)
+    result["settings"] = {"prompts_file": os.path.abspath(args.eval_chat), "max_new_tokens": args.eval_chat_tokens,
+                          "decoding": "greedy", "reference_cache": cache,
+                          "reference_s": round(reference_s, 3), "seconds": round(time.perf_counter() - start, 3)}
+    ppl = f"{result['response_ppl']:.3f}" if result["response_ppl"] is not None else "not finite"
+    print(f"chat fidelity on {result['prompts']} prompts: agreement {result['agreement']:.3f}, response "
+          f"perplexity {ppl}, empty answers {result['empty_share']:.2f}, same greedy "
+          f"response {result['exact_match_share']:.2f} (reference {'from cache' if cache['from_cache'] else 'generated'}: "
+          f"{cache['path']})")
+    return result
 
 
 # ---------------------------------------------------------------------------------------- step 5
@@ -242,16 +286,6 @@ def perplexity_step(args: argparse.Namespace, session) -> dict:
 def _forward_kwargs(model: nn.Module) -> dict:
     """Logits for the last position only during prefill, where the architecture allows it."""
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-
-
-def _cache_keyword(model: nn.Module) -> str:
-    """transformers >= 5.x names the KV cache argument `cache`, earlier versions `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(output) -> object:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 @torch.no_grad()
@@ -267,11 +301,11 @@ def generate_timed(model: nn.Module, prompts: torch.Tensor, gen_len: int, device
     synchronize(device)
     prefill = time.perf_counter() - start
     steps = []
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     for step in range(gen_len):
         start = time.perf_counter()
         out = model(input_ids=next_ids, attention_mask=mask[:, :length + step + 1], use_cache=True,
-                    **{keyword: _cache_of(out)})
+                    **{keyword: cache_of(out)})
         next_ids = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         synchronize(device)
         steps.append(time.perf_counter() - start)
@@ -423,14 +457,8 @@ def efficiency_step(args: argparse.Namespace, session) -> dict:
     models = {"model": model}
     placements = {"model": placement.describe()}
     if session.compression is not None:
-        # the same original the compression started from: its first num_layers layers, and for a
-        # random preset the same seeded weights
-        base = session.compression.get("base_model") or args.model
-        # in the compressed model's dtype: a like-for-like comparison
-        original, _ = load_model(base, next(model.parameters()).dtype, session.compression.get("seed", args.seed),
-                                 session.compression.get("num_layers"))
-        original_placement = place_like(original, args)
-        models["original"] = original.eval()
+        original, original_placement = load_original(args, session)
+        models["original"] = original
         placements["original"] = original_placement.describe()
     for m in models.values():
         m.config.use_cache = True

@@ -35,13 +35,14 @@ class GenerationOptions:
                 "chat_template": self.chat_template, "kv_cache": True}
 
 
-def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+def read_prompts(prompts: list[str] | None, prompts_file: str | None, flag: str = "--prompts") -> list[str]:
     """--prompt values, then the prompts of --prompts FILE: .jsonl rows with a "prompt" field,
-    otherwise one prompt per non-empty line. DatasetError on an unreadable file or no prompts."""
+    otherwise one prompt per non-empty line. DatasetError on an unreadable file or no prompts
+    (`flag` names the option the file came from)."""
     found = list(prompts or [])
     if prompts_file:
         if not os.path.isfile(prompts_file):
-            raise DatasetError(f"--prompts {prompts_file}: no such file (one prompt per line, or .jsonl "
+            raise DatasetError(f"{flag} {prompts_file}: no such file (one prompt per line, or .jsonl "
                                f"rows with a \"prompt\" field)")
         with open(prompts_file, encoding="utf-8") as handle:
             lines = [line.rstrip("\n") for line in handle]
@@ -53,10 +54,12 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
                     row = json.loads(line)
                     found.append(row["prompt"] if isinstance(row, dict) else row)
                 except (ValueError, KeyError, TypeError):
-                    raise DatasetError(f"--prompts {prompts_file}: line {number} is not a JSON object with a "
+                    raise DatasetError(f"{flag} {prompts_file}: line {number} is not a JSON object with a "
                                        f"\"prompt\" field") from None
         else:
             found += [line for line in lines if line.strip()]
+    if prompts_file and not found:
+        raise DatasetError(f"{flag} {prompts_file}: the file has no prompts (one per line)")
     if not found or not all(isinstance(p, str) and p for p in found):
         raise DatasetError("step 9 needs prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     return found
@@ -71,7 +74,8 @@ def prompt_ids(tokenizer, prompt: str, chat_template: bool) -> tuple[torch.Tenso
     return tokenizer(prompt, return_tensors="pt")["input_ids"], False
 
 
-def _end_tokens(model: nn.Module, tokenizer) -> list[int]:
+def end_tokens(model: nn.Module, tokenizer) -> list[int]:
+    """The ids that end a response: the model's generation config's, else the tokenizer's EOS."""
     ids = getattr(model.generation_config, "eos_token_id", None)
     if ids is None:
         ids = tokenizer.eos_token_id
@@ -85,7 +89,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, options: GenerationOption
     from transformers import GenerationConfig
     ids, templated = prompt_ids(tokenizer, prompt, options.chat_template)
     ids = ids.to(device)
-    end = _end_tokens(model, tokenizer)
+    end = end_tokens(model, tokenizer)
     sampling = options.temperature > 0
     config = GenerationConfig(max_new_tokens=options.max_new_tokens, do_sample=sampling, use_cache=True,
                               temperature=options.temperature if sampling else None,
@@ -112,8 +116,8 @@ def options_from_args(args: argparse.Namespace) -> GenerationOptions:
 def generate_step(args: argparse.Namespace, session) -> dict:
     """Step 9: every prompt through the model (and with --compare through its original); prints
     each prompt and completion; one JSON section."""
-    from evaluater import place_like, prepare_text_step, results_path, update_results
-    from utils.model import load_model
+    from evaluater import load_original, prepare_text_step, results_path, update_results
+    from fidelity import prefix_agreement, response_is_empty
     prompts = read_prompts(args.prompt, args.prompts)
     options = options_from_args(args)
     placement = prepare_text_step(args, session, "prompts cannot be tokenized: save the tokenizer with the model")
@@ -125,12 +129,9 @@ def generate_step(args: argparse.Namespace, session) -> dict:
         if session.compression is None:
             raise DatasetError("--compare shows the original beside a compressed model: give --model_path "
                                "(or run step 3 in the same command)")
-        base = session.compression.get("base_model") or args.model
-        original, _ = load_model(base, next(model.parameters()).dtype, session.compression.get("seed", args.seed),
-                                 session.compression.get("num_layers"))
-        original_placement = place_like(original, args)
+        original, original_placement = load_original(args, session)
         for record in records:
-            record["original"] = generate(original.eval(), session.tokenizer, record["prompt"], options,
+            record["original"] = generate(original, session.tokenizer, record["prompt"], options,
                                           original_placement.input_device)
         settings["placement"]["original"] = original_placement.describe()
         del original
@@ -142,6 +143,15 @@ def generate_step(args: argparse.Namespace, session) -> dict:
             print(f"  original ({record['original']['new_tokens']} tokens, {record['original']['stopped']}): "
                   f"{record['original']['completion']}")
     data = {"settings": settings, "completions": records}
+    if args.compare:  # free-generation agreement with the original (fidelity.py; greedy: deterministic)
+        data["agreement"] = prefix_agreement([r["model"]["completion_ids"] for r in records],
+                                             [r["original"]["completion_ids"] for r in records])
+        ends = end_tokens(model, session.tokenizer)
+        data["agreement"]["empty_share"] = sum(response_is_empty(r["model"]["completion_ids"], r["model"]["completion"],
+                                                                 ends) for r in records) / len(records)
+        print(f"agreement with the original on {len(records)} prompts: same response "
+              f"{data['agreement']['exact_match_share']:.2f}, mean prefix agreement "
+              f"{data['agreement']['prefix_agreement_mean']:.3f}, empty answers {data['agreement']['empty_share']:.2f}")
     path = results_path(args, session)
     update_results(path, args, session, "generation", data)
     print(f"generation: results -> {path}")

@@ -215,6 +215,18 @@ def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 SHARED_INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """transformers >= 5.x names the KV cache argument `cache`, earlier versions `past_key_values`."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output) -> object:
+    """The KV cache a forward pass returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def fuse_shared_inputs(model: nn.Module) -> int:
     """Run the v factors of the low-rank layers that read one input as one matmul (component.
     share_inputs); same outputs, nothing saved changes. Returns the groups fused."""
@@ -502,6 +514,10 @@ def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map
         raise ValueError(f"--device_map {device_map}: choose one of {', '.join(DEVICE_MAPS)}")
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import compute_module_sizes, get_balanced_memory, get_max_memory
+    from component.low_rank_linear import unshare_inputs
+    # accelerate offloads and moves each parameter on its own: a fused v factor (a view of its
+    # group's one weight) would be offloaded as a copy the fused matmul never reads
+    unshare_inputs(model)
     no_split = [type(decoder_layers(model)[0]).__name__]
     if device_map == "sequential":
         budget = get_max_memory(dict(max_memory) if max_memory else None)

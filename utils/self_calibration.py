@@ -23,7 +23,6 @@ the same original model reads them instead of generating again.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 from utils.data import DatasetError, has_chat_template
+from utils.model import cache_keyword, cache_of
 
 CACHE_FILE = "self_calibration.safetensors"
 SETTINGS_FILE = "self_calibration.json"
@@ -117,16 +117,6 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """transformers >= 5.x names the KV cache argument `cache`, earlier versions `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(output) -> object:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
 @torch.no_grad()
 def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, options: SelfCalibrationOptions,
                        seed: int, device: torch.device | str, progress: bool = True, first_row: int = 0) -> torch.Tensor:
@@ -135,7 +125,7 @@ def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, 
     first_row: the row number of starts[0] (each row samples from its (seed, row) generator)."""
     from tqdm import tqdm
     _check_lengths(starts, seq_len)
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     rows: list[list[int]] = []
     total = sum(seq_len - len(s) for s in starts)
     with tqdm(total=total, desc="self-calibration: generate", unit="tok", disable=not progress) as bar:
@@ -156,7 +146,7 @@ def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, 
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 positions = positions[:, -1:] + 1
                 out = model(input_ids=token.to(device), attention_mask=mask, position_ids=positions,
-                            use_cache=True, **{keyword: _cache_of(out)})
+                            use_cache=True, **{keyword: cache_of(out)})
                 bar.update(sum(1 for s in batch if len(s) + step < seq_len))
             new = torch.cat(generated, dim=1).tolist()
             rows += [(s + row)[:seq_len] for s, row in zip(batch, new)]

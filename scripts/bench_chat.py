@@ -1,0 +1,293 @@
+"""Benchmark of the issue "compressed chat models that still answer": chat fidelity and perplexity
+of SmolLM2-135M-Instruct compressed with calibration on different data.
+
+    python scripts/bench_chat.py --out scripts/results/bench_chat/smollm2_cpu.json
+
+Protocol: SmolLM2-135M-Instruct in float32 on the CPU, seed 0. Every row compresses a fresh copy
+of the model with uniform ranks at its ratio from step-1 statistics of 32 x 512 calibration
+windows of its data set (profiled once per data set, kept under --stats_dir and reused):
+  pydoc     Python's documentation, pydoc[0:0.9]
+  wikitext  wiki.valid.tokens[0:0.8]
+  chat      the Alpaca demo rows alpaca_en_demo.jsonl[0:0.9] rendered through the chat template
+  self      text the original model writes itself (--dataset self: utils.self_calibration's defaults,
+            an empty user turn, temperature 1.0, top_p 0.95; cached in STATS_DIR/self_..._text)
+Recipes: whitening (cholesky, exact SVD: steps 1 + 3), and block_lora: block refinement on the
+first --refine_nsamples calibration windows (--refine_epochs epochs), then LoRA on u then v
+(--lora_steps steps each) on the chat-formatted Alpaca rows [0:0.9] (loss on the response tokens).
+Each row is measured by fidelity.chat_fidelity on the 100 held-out prompts of
+data/chat_prompts.txt against the original's greedy responses (--max_new_tokens, cached), and by
+perplexity on the held-back wiki.valid.tokens[0.8:1] (first 16 windows of 512).
+
+Rows are "RECIPE@RATIO:DATA" (--rows, run in that order). The JSON is rewritten after every row
+with "partial": true until the last; --resume keeps the rows of an earlier run's JSON.
+Quick check that it runs (minutes; not a benchmark):
+    python scripts/bench_chat.py --rows whitening@0.2:pydoc --prompts_limit 2 --max_new_tokens 8 \\
+        --nsamples 2 --seq_len 64 --eval_limit 2 --stats_dir /tmp/bench_chat_stats --out /tmp/bench_chat.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
+WIKI = os.path.join(SHARED, "wikitext2", "wiki.valid.tokens")
+ALPACA = os.path.join(SHARED, "alpaca_demo", "alpaca_en_demo.jsonl")
+CALIBRATION = {"pydoc": "pydoc[0:0.9]", "wikitext": WIKI + "[0:0.8]", "chat": ALPACA + "[0:0.9]", "self": "self"}
+RECIPES = ("whitening", "block_lora")
+DEFAULT_ROWS = ",".join([f"whitening@0.2:{d}" for d in ("chat", "self", "pydoc", "wikitext")] +
+                        [f"whitening@0.4:{d}" for d in ("chat", "self", "pydoc", "wikitext")] +
+                        ["block_lora@0.2:chat"])
+EXAMPLES = 3  # before/after answers kept per row: the first prompts of the file
+
+
+def parse_row(row: str) -> tuple[str, float, str]:
+    """'whitening@0.2:chat' -> ('whitening', 0.2, 'chat')."""
+    try:
+        recipe, rest = row.split("@")
+        ratio, data = rest.split(":")
+        ratio = float(ratio)
+    except ValueError:
+        raise ValueError(f"row {row!r}: write RECIPE@RATIO:DATA, e.g. whitening@0.2:chat") from None
+    if recipe not in RECIPES or data not in CALIBRATION or not 0 < ratio < 1:
+        raise ValueError(f"row {row!r}: recipe one of {RECIPES}, data one of {tuple(CALIBRATION)}, ratio in (0, 1)")
+    return recipe, ratio, data
+
+
+def write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as handle:
+        json.dump(data, handle, indent=1, allow_nan=False)
+        handle.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def summarize(record: dict) -> None:
+    """One line per row, and the issue's targets: at 20% with chat or self calibration and with the
+    best recipe, no empty answer and teacher-forced agreement >= 0.75."""
+    record["table"] = [{"row": r["row"], "agreement": round(r["fidelity"]["agreement"], 4),
+                        "response_ppl": r["fidelity"]["response_ppl"] and round(r["fidelity"]["response_ppl"], 3),
+                        "empty_share": r["fidelity"]["empty_share"],
+                        "exact_match_share": r["fidelity"]["exact_match_share"],
+                        "prefix_agreement_mean": round(r["fidelity"]["prefix_agreement_mean"], 4),
+                        "wiki_ppl": round(r["ppl"]["ppl"], 3)} for r in record["runs"]]
+    targets = {}
+    for row in ("whitening@0.2:chat", "whitening@0.2:self", "block_lora@0.2:chat"):
+        found = next((r for r in record["table"] if r["row"] == row), None)
+        targets[row] = None if found is None else {
+            "empty_share": found["empty_share"], "agreement": found["agreement"],
+            "met": found["empty_share"] == 0 and found["agreement"] >= 0.75}
+    record["targets"] = {"rule": "no empty answer on the held-out prompts and teacher-forced agreement >= 0.75",
+                         "rows": targets}
+
+
+def markdown(record: dict) -> str:
+    """The table of the docs, from the JSON."""
+    teacher = record["original"].get("teacher_forced", {"agreement": 1.0, "response_ppl": float("nan")})
+    lines = ["| recipe | removed | calibration | agreement | response ppl | empty answers | same response | "
+             "prefix agreement | WikiText-2 ppl |", "|---|---|---|---|---|---|---|---|---|",
+             f"| original | 0 | - | {teacher['agreement']:.3f} | {teacher['response_ppl']:.2f} | "
+             f"{record['reference']['empty_share']:.2f} | 1 | 1 | "
+             f"{record['original']['ppl']['ppl']:.2f} |"]
+    for r in record["runs"]:
+        f = r["fidelity"]
+        ppl = "-" if f["response_ppl"] is None else f"{f['response_ppl']:.2f}"
+        lines.append(f"| {r['recipe']} | {r['ratio']:.0%} | {r['data']} | {f['agreement']:.3f} | {ppl} | "
+                     f"{f['empty_share']:.2f} | {f['exact_match_share']:.2f} | {f['prefix_agreement_mean']:.3f} | "
+                     f"{r['ppl']['ppl']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--rows", default=DEFAULT_ROWS, help="comma list of RECIPE@RATIO:DATA, run in this order")
+    p.add_argument("--prompts", default=os.path.join(ROOT, "data", "chat_prompts.txt"))
+    p.add_argument("--prompts_limit", type=int, default=None, help="the first N prompts only (quick checks)")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--evaluation", default=WIKI + "[0.8:1]")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows of step 1")
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--eval_limit", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine_nsamples", type=int, default=16)
+    p.add_argument("--refine_epochs", type=int, default=2)
+    p.add_argument("--refine_batch_size", type=int, default=2)
+    p.add_argument("--refine_lr", type=float, default=1e-4)
+    p.add_argument("--lora_steps", type=int, default=8, help="optimizer steps per LoRA stage")
+    p.add_argument("--lora_batch_size", type=int, default=8)
+    p.add_argument("--lora_micro_batch_size", type=int, default=4)
+    p.add_argument("--lora_learning_rate", type=float, default=3e-4)
+    p.add_argument("--cutoff_len", type=int, default=256)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stats_dir", default="/work/cache/bench_chat", help="step-1 statistics per data set (reused)")
+    p.add_argument("--cache_dir", default=None, help="the original's cached responses (default: fidelity's)")
+    p.add_argument("--resume", action="store_true", help="keep the rows of an earlier run's --out and run the others")
+    p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "bench_chat", "smollm2_cpu.json"))
+    p.add_argument("--markdown", action="store_true", help="print the table of --out in markdown, run nothing")
+    opts = p.parse_args(argv)
+    if opts.markdown:
+        with open(opts.out) as handle:
+            print(markdown(json.load(handle)))
+        return 0
+    try:
+        rows = [parse_row(r) for r in opts.rows.split(",") if r]
+    except ValueError as error:
+        p.error(str(error))
+    torch.set_num_threads(opts.threads)
+
+    import evaluater
+    import fidelity
+    import lora
+    from api import CompressOptions, RefineOptions, SelfCalibrationOptions, Statistics, calibration_data, \
+        compress_model, count_parameters, load_model, load_text, profile_model, self_calibration_data, uniform_plan
+    from generate import read_prompts
+    from utils.data import tokenize
+
+    prompts = read_prompts(None, opts.prompts)[:opts.prompts_limit]
+    record: dict = {"partial": True,
+                    "settings": {**vars(opts), "calibration": CALIBRATION, "torch": torch.__version__,
+                                 "threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32",
+                                 "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                                 "load_avg_start": list(os.getloadavg())},
+                    "runs": []}
+    if opts.resume and os.path.isfile(opts.out):
+        with open(opts.out) as handle:
+            earlier = json.load(handle)
+        record["runs"] = earlier["runs"]
+        record["original"] = {**earlier["original"], "note": "measured by the first process of this resumed run"}
+        record["resumed"] = earlier.get("resumed", []) + [{"settings": earlier["settings"]}]
+
+    def save() -> None:  # rows in the order of the default list whatever order they ran in
+        order = DEFAULT_ROWS.split(",")
+        record["runs"].sort(key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
+        summarize(record)
+        write_json(opts.out, record)
+
+    def perplexity(model) -> dict:
+        start = time.perf_counter()
+        result = evaluater.perplexity(model, eval_ids, opts.seq_len, 1, "cpu", opts.eval_limit, desc="ppl")
+        return {"ppl": result["ppl"], "windows": result["windows"], "tokens": result["tokens"],
+                "seconds": round(time.perf_counter() - start, 3)}
+
+    def measure(model) -> dict:
+        start = time.perf_counter()
+        result = fidelity.chat_fidelity(model, tokenizer, prompts, references)
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        return result
+
+    base, tokenizer = load_model(opts.model, torch.float32, opts.seed)
+    eval_ids = tokenize(tokenizer, load_text(opts.evaluation, "test"))
+    start = time.perf_counter()
+    references, cache = fidelity.reference_responses(base, tokenizer, prompts, opts.max_new_tokens,
+                                                     cache_dir=opts.cache_dir)
+    record["reference"] = {**cache, "seconds": round(time.perf_counter() - start, 3),
+                           "prompts": len(prompts), "tokens": sum(len(r["ids"]) for r in references),
+                           "empty_share": sum(r["empty"] for r in references) / len(references),
+                           "stopped_at_end_token": sum(r["stopped"] == "eos" for r in references)}
+    record["examples"] = [{"prompt": prompts[i], "original": references[i]["text"]} for i in range(min(EXAMPLES, len(prompts)))]
+    if "original" not in record:
+        record["original"] = {"parameters": count_parameters(base), "ppl": perplexity(base)}
+    if "teacher_forced" not in record["original"]:  # the baseline of response_ppl; agreement 1 checks the measure
+        from generate import prompt_ids
+        hits = nll = 0.0
+        for prompt, reference in zip(prompts, references):
+            hit, loss = fidelity.teacher_forced(base, prompt_ids(tokenizer, prompt, True)[0][0].tolist(), reference["ids"])
+            hits, nll = hits + hit, nll + loss
+        tokens = record["reference"]["tokens"]
+        record["original"]["teacher_forced"] = {"agreement": hits / tokens, "response_ppl": math.exp(nll / tokens)}
+    print(f"original: wiki ppl {record['original']['ppl']['ppl']:.2f}; references "
+          f"{'from cache' if cache['from_cache'] else 'generated'} ({record['reference']['seconds']:.0f} s)", flush=True)
+    save()
+
+    def statistics_for(data: str) -> tuple[str, torch.Tensor, dict]:
+        """The calibration windows of `data` and their step-1 statistics (profiled once, kept on disk)."""
+        spec = CALIBRATION[data]
+        path = os.path.join(opts.stats_dir, f"{data}_w{opts.nsamples}x{opts.seq_len}_seed{opts.seed}")
+        start = time.perf_counter()
+        if data == "self":  # the model's own text, cached in a folder of its own (the statistics' is ours alone)
+            os.makedirs(path + "_text", exist_ok=True)
+            windows, what = self_calibration_data(base, tokenizer, opts.nsamples, opts.seq_len, opts.seed,
+                                                  SelfCalibrationOptions(), "cpu", cache_dir=path + "_text",
+                                                  progress=False)
+        else:
+            windows, what = calibration_data(spec, tokenizer, opts.nsamples, opts.seq_len, opts.seed,
+                                             vocab_size=base.config.vocab_size)
+        info = {"dataset": spec, "windows": what, "windows_s": round(time.perf_counter() - start, 3)}
+        if not os.path.isfile(os.path.join(path, "meta.json")):
+            start = time.perf_counter()
+            profile_model(base, windows, "cpu", path, meta={"model": opts.model, "dataset": spec,
+                                                            "seed": opts.seed}).close()
+            info["profile_s"] = round(time.perf_counter() - start, 3)
+        return path, windows, info
+
+    done = {r["row"] for r in record["runs"]}
+    lora_examples = None
+    for recipe, ratio, data in rows:
+        name = f"{recipe}@{ratio:g}:{data}"
+        if name in done:
+            continue
+        stats_path, windows, calibration = statistics_for(data)
+        model = copy.deepcopy(base)
+        options = CompressOptions()
+        if recipe == "block_lora":
+            options = CompressOptions(refine=RefineOptions(target="block", nsamples=opts.refine_nsamples,
+                                                           epochs=opts.refine_epochs, lr=opts.refine_lr,
+                                                           batch_size=opts.refine_batch_size, seed=opts.seed))
+        stats = Statistics.open(stats_path)
+        start = time.perf_counter()
+        compression = compress_model(model, uniform_plan(model, ratio), options, "cpu", stats,
+                                     windows if options.nsamples else None)
+        stats.close()
+        seconds = {"compress": round(time.perf_counter() - start, 3)}
+        stages = {}
+        if recipe == "block_lora":
+            stages["after_refinement"] = {"fidelity": {k: v for k, v in measure(model).items() if k != "per_prompt"}}
+            if lora_examples is None:  # Alpaca rows in the chat template, loss on the assistant's tokens
+                lora_examples = lora.load_examples(ALPACA + "[0:0.9]", tokenizer, opts.cutoff_len, 8, opts.seed)
+            lora_options = lora.LoraOptions(learning_rate=opts.lora_learning_rate, num_epochs=1e9,
+                                            batch_size=opts.lora_batch_size,
+                                            micro_batch_size=opts.lora_micro_batch_size,
+                                            max_steps=opts.lora_steps, seed=opts.seed)
+            start = time.perf_counter()
+            lora_record = lora.sequential_lora(model, tokenizer, lora_examples, lora_options, "cpu", progress=False)
+            seconds["lora"] = round(time.perf_counter() - start, 3)
+            stages["lora"] = {"data": lora_examples.info, "steps_per_stage": opts.lora_steps,
+                              "val_loss": [(s["val_loss_before"], s["val_loss_after"])
+                                           for s in lora_record["stage_records"]]}
+        result = measure(model)
+        ppl = perplexity(model)
+        seconds.update(fidelity=result.pop("seconds"), ppl=ppl["seconds"])
+        per_prompt = result.pop("per_prompt")
+        row = {"row": name, "recipe": recipe, "ratio": ratio, "data": data, "calibration": calibration,
+               "options": options.to_dict(), "removed_fraction": compression["parameters"]["removed_fraction"],
+               "parameters": compression["parameters"]["compressed"], "fidelity": result, "ppl": ppl,
+               "seconds": seconds, "stages": stages,
+               "per_prompt_agreement": [round(p["agreement"], 4) for p in per_prompt],
+               "empty_prompts": [i for i, p in enumerate(per_prompt) if p["empty"]],
+               "examples": [p["response"] for p in per_prompt[:EXAMPLES]]}
+        record["runs"].append(row)
+        print(f"{name}: agreement {result['agreement']:.3f}, response ppl {result['response_ppl']}, empty "
+              f"{result['empty_share']:.2f}, same response {result['exact_match_share']:.2f}, wiki ppl "
+              f"{ppl['ppl']:.2f} ({seconds})", flush=True)
+        del model
+        save()
+    record["partial"] = any(f"{r}@{q:g}:{d}" not in {x["row"] for x in record["runs"]} for r, q, d in rows)
+    record["load_avg_end"] = list(os.getloadavg())
+    save()
+    print(json.dumps(record["targets"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
