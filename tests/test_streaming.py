@@ -279,3 +279,25 @@ def test_sharded_writer_follows_save_compresseds_rules(tmp_path):
     assert load_compressed(out)[2]["dtype"] == "float32"
     with pytest.raises(OutputError, match="input model"):
         write(os.path.join(out, "inner"), None, protected=(out,))
+
+
+def test_killed_step3_with_a_save_dtype_resumes(deep_dir, tmp_path, capsys):
+    """--save_dtype float16 with the closed-form update (activations flow through the done layers):
+    the written half-precision shards are replayed in the model's float32, the rerun finishes, every
+    tensor written is float16 and the block records it; another save dtype is another run."""
+    stats = str(tmp_path / "stats")
+    assert compress.main(["--step", "1", *common(deep_dir, str(tmp_path / "unused"), "--stats_path", stats)]) == 0
+    step3 = ["--step", "3", *common(deep_dir, str(tmp_path / "out"), "--stats_path", stats, "--update", "closed_form",
+                                    "--save_dtype", "float16")]
+    killed_run(step3, kill_after=2)
+    capsys.readouterr()
+    assert compress.main(step3[:-2] + ["--save_dtype", "bfloat16"]) == 2
+    assert "save dtype" in capsys.readouterr().err
+    assert compress.main(step3) == 0
+    assert "resuming: 3 of 8 layers" in capsys.readouterr().out
+    out = str(tmp_path / "out")
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))["weight_map"]
+    assert {t.dtype for name in set(index.values()) for t in load_file(os.path.join(out, name)).values()} == {torch.float16}
+    block = json.load(open(os.path.join(out, "config.json")))["compression"]
+    assert (block["dtype"], block["compressed_dtype"]) == ("float16", "float32")
+    assert next(load_compressed(out)[0].parameters()).dtype == torch.float16
