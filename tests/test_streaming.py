@@ -134,6 +134,17 @@ sys.exit(compress.main({argv!r}))
 """
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The killed runs use one thread (OMP_NUM_THREADS=1): the in-process runs they are compared with
+    bit for bit must too, since a sum split over other threads rounds differently."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def killed_run(argv: list[str], kill_after: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", KILLER.format(repo=REPO, kill_after=kill_after, argv=argv)],
