@@ -40,6 +40,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from scripts.bench_refine import write_json  # noqa: E402  (the benchmarks' one JSON layout)
+
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 WIKI = os.path.join(SHARED, "wikitext2", "wiki.valid.tokens")
 ALPACA = os.path.join(SHARED, "alpaca_demo", "alpaca_en_demo.jsonl")
@@ -62,14 +64,6 @@ def parse_row(row: str) -> tuple[str, float, str]:
     if recipe not in RECIPES or data not in CALIBRATION or not 0 < ratio < 1:
         raise ValueError(f"row {row!r}: recipe one of {RECIPES}, data one of {tuple(CALIBRATION)}, ratio in (0, 1)")
     return recipe, ratio, data
-
-
-def write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as handle:
-        json.dump(data, handle, indent=1, allow_nan=False)
-        handle.write("\n")
-    os.replace(path + ".tmp", path)
 
 
 def summarize(record: dict) -> None:
