@@ -33,7 +33,7 @@ from utils.data import calibration_data, calibration_windows, calibration_window
 from utils.self_calibration import SelfCalibrationOptions, self_calibration_data
 from utils.io import load_compressed, save_compressed
 from utils.model import count_parameters, load_model, target_shapes
-from utils.pipeline import (CompressOptions, Statistics, compress_model, linear_storage, profile_model, quantize_model,
+from pipeline.steps import (CompressOptions, Statistics, compress_model, linear_storage, profile_model, quantize_model,
                             uncompressed_block)
 from utils.plan import Plan
 from generate import GenerationOptions, generate  # step 9

@@ -1058,7 +1058,7 @@ def _self_windows(args: argparse.Namespace, session: Session, nsamples: int, com
 
 def run_profile(args: argparse.Namespace, session: Session):
     """Step 1: statistics of the calibration windows, written to the statistics path."""
-    from utils.pipeline import profile_model
+    from pipeline.steps import profile_model
     from utils.io import read_json, write_json
     ensure_model(args, session)
     windows, data = _windows(args, session, args.whitening_nsamples)
@@ -1121,7 +1121,7 @@ def run_allocate(args: argparse.Namespace, session: Session):
     start = time.perf_counter()
     if args.allocation == "v2":
         from methods.allocation import v2_plan, whitened_spectra
-        from utils.pipeline import Statistics
+        from pipeline.steps import Statistics
         stats = Statistics.open(stats_path_of(args))
         try:
             stats.check_model(session.model, args.force_stats)
@@ -1162,7 +1162,7 @@ def _sensitivity_plan(args: argparse.Namespace, session: Session):
     from methods.sensitivity import (NOT_SEARCHED, SensitivityError, SensitivityOptions, plan_calibration_ppl,
                                      searched_decomposition, sensitivity_table)
     from utils.model import DTYPES
-    from utils.pipeline import PipelineError, Statistics
+    from pipeline.steps import PipelineError, Statistics
     stats = Statistics.open(stats_path_of(args))
     try:
         stats.check_model(session.model, args.force_stats)
@@ -1261,7 +1261,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     8 follows in the same command)."""
     from utils.io import ShardedModelWriter
     from utils.model import decoder_layers
-    from utils.pipeline import CompressOptions, Statistics, compress_identity, compress_model, compression_block
+    from pipeline.steps import CompressOptions, Statistics, compress_identity, compress_model, compression_block
     from utils.presets import is_random_spec
     ensure_model(args, session)
     plan, plan_source = _plan_for_step3(args, session)
@@ -1505,7 +1505,7 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     model step 3 left, of --model_path, or of the original --model; save it, packed."""
     from methods.quantize import QuantizeError
     from utils.io import safetensors_tensor_bytes
-    from utils.pipeline import PipelineError, linear_storage, quantize_model, uncompressed_block
+    from pipeline.steps import PipelineError, linear_storage, quantize_model, uncompressed_block
     from utils.presets import is_random_spec
     ensure_model(args, session, prefer_compressed=True)
     options = _quantize_options(args)
@@ -1538,7 +1538,7 @@ def run_lora(args: argparse.Namespace, session: Session) -> dict:
     """Step 7: SVD-LLM's sequential LoRA (U then V, lora.py) on the model step 3 left or on
     --model_path; saved, same ranks and parameter count, to --save_path."""
     import lora
-    from utils.pipeline import PipelineError
+    from pipeline.steps import PipelineError
     ensure_model(args, session, prefer_compressed=True)
     if session.compression is None:
         raise PipelineError("step 7 fine-tunes a compressed model: give --model_path or run step 3 first")
@@ -1658,7 +1658,7 @@ def main(argv: list[str] | None = None) -> int:
     import tasks_eval
     from methods.decompose import DecomposeError
     from utils.io import CompressedModelError
-    from utils.pipeline import PipelineError
+    from pipeline.steps import PipelineError
     from utils.plan import PlanError
     from lora import LoraError
     session = Session()

@@ -67,7 +67,7 @@ class Decompose:
     needs_reference = False
 
     def __init__(self, plan: Plan, options: DecomposeOptions, stats=None, records: dict | None = None):
-        """stats: a utils.pipeline.Statistics (required unless whitening and scaling are 'none');
+        """stats: a pipeline.steps.Statistics (required unless whitening and scaling are 'none');
         records: per-module dict the pass fills (rank, truncation loss, fallbacks)."""
         if options.needs_stats and stats is None:
             what = f"whitening {options.whitening!r}" if options.whitening != "none" else f"scaling {options.scaling!r}"

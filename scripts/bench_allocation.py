@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     from methods.sensitivity import SensitivityOptions, sensitivity_table
     from utils.data import tokenize
     from utils.io import read_json, write_json
-    from utils.pipeline import Statistics
+    from pipeline.steps import Statistics
     args = build_parser().parse_args(argv)
     if args.phase == "merge":
         return merge(args)

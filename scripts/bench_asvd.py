@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     from utils.data import tokenize
     from utils.fisher import fisher_information
     from utils.io import write_json
-    from utils.pipeline import Statistics
+    from pipeline.steps import Statistics
     args = build_parser().parse_args(argv)
     start_all = time.perf_counter()
     model, tokenizer = api.load_model(args.model, "auto", args.seed, None)

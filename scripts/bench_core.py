@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(opts.threads)
 
-    from utils.pipeline import compression_block
+    from pipeline.steps import compression_block
     from api import (CompressOptions, DecomposeOptions, Statistics, UpdateOptions, calibration_windows,
                      compress_model, count_parameters, load_model, load_text, profile_model, save_compressed,
                      uniform_plan)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                      load_compressed, load_model, load_text, profile_model, uniform_plan)
     from utils.data import tokenize
     from utils.io import write_json
-    from utils.pipeline import compression_block
+    from pipeline.steps import compression_block
 
     record: dict = {"settings": {**vars(opts), "torch": torch.__version__, "threads": torch.get_num_threads(),
                                  "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     from utils.data import calibration_windows, load_text, tokenize
     from utils.io import load_compressed, safetensors_tensor_bytes, save_compressed, write_json
     from utils.model import load_model, target_shapes
-    from utils.pipeline import (CompressOptions, compress_model, compression_block, linear_storage, profile_model,
+    from pipeline.steps import (CompressOptions, compress_model, compression_block, linear_storage, profile_model,
                                 quantize_model, uncompressed_block)
     from utils.plan import Plan
 

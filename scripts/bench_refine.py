@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                      load_model, load_text, profile_model, save_compressed, uniform_plan)
     from methods import AnchoredOptions, RefineOptions, UpdateOptions
     from utils.data import tokenize
-    from utils.pipeline import compression_block
+    from pipeline.steps import compression_block
 
     record: dict = {"partial": True,
                     "settings": {**vars(opts), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -17,17 +17,17 @@ Stages, in one process, on the same calibration windows:
              (utils/layerwise.walk_layers: capture, then each layer moved to the device and run;
              its CPU tensors are put back, no copy) and no hooks: the fair baseline for
              profiling, which is the same walk with the statistics hooks
-  profile    step 1 (utils.pipeline.profile_model): Grams of every distinct linear input, written to disk
+  profile    step 1 (pipeline.steps.profile_model): Grams of every distinct linear input, written to disk
   check      truncation error of the chosen SVD path vs float64 on a sample of whitened matrices
              W S (not counted in the totals)
-  compress   step 3 (utils.pipeline.compress_model), then utils.io.save_compressed; the two are
+  compress   step 3 (pipeline.steps.compress_model), then utils.io.save_compressed; the two are
              timed apart (results decompose_s, save_s):
     decompose  read statistics, Cholesky per distinct Gram, W S, SVD, triangular solve, module swap
     save       the write of the compressed model
 total_s = profile_s + decompose_s (the work the issue's targets are about: no model load, no save).
 
 The per-stage breakdown wraps the functions the pipeline calls (utils.layerwise, utils.stats,
-utils.pipeline's save_file / load_file, methods.decompose's input_transform / low_rank_factors,
+pipeline.steps's save_file / load_file, methods.decompose's input_transform / low_rank_factors,
 utils.decompose's SVD, utils.io.save_compressed) with timers that synchronise the device on
 entry and exit (Gram products, whitening factors, SVDs, statistics I/O); --no_breakdown times
 the totals without those extra synchronisations.
@@ -260,7 +260,7 @@ def truncation_check(model, args, stats_path: str | None, count: int) -> dict:
     from safetensors.torch import load_file
     from utils.decompose import SVDInfo, exact_svd
     from utils.model import decoder_layers, target_linears
-    from utils.pipeline import Statistics
+    from pipeline.steps import Statistics
     from utils.plan import rank_for_ratio
     from utils.whitening import whitening_factor
     meta = None
@@ -344,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     import utils.io as io_module
     from methods import DecomposeOptions
     import methods.decompose as decompose_pass
-    from utils import decompose, layerwise, pipeline, stats as stats_module
+    from utils import decompose, layerwise, stats as stats_module
+    from pipeline import steps as pipeline
     from utils.data import calibration_windows
     from utils.model import DTYPES, count_parameters, decoder_layers, load_model, target_shapes
     from utils.plan import Plan

@@ -113,7 +113,7 @@ def build_models(names: list[str], args, tokenizer, original: nn.Module) -> dict
     from utils.data import calibration_windows
     from utils.io import save_compressed
     from utils.model import count_parameters, target_shapes
-    from utils.pipeline import CompressOptions, compress_model, compression_block, profile_model, quantize_model, \
+    from pipeline.steps import CompressOptions, compress_model, compression_block, profile_model, quantize_model, \
         uncompressed_block
     from utils.plan import Plan
     missing = [n for n in names if not os.path.isfile(os.path.join(args.models_dir, n, "config.json"))]

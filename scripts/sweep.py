@@ -7,7 +7,7 @@
 
     python scripts/sweep.py --quick --out /tmp/sweep     # tiny random model, seconds
 
-What it does, in process through the Python API (api.py, utils.pipeline, evaluater):
+What it does, in process through the Python API (api.py, pipeline.steps, evaluater):
   1. load the model once; its perplexity on every --eval_datasets entry  -> OUT/original.json
   2. calibration statistics once (profile_model), shared by every whitening variant -> OUT/stats
   3. per variant and ratio: a fresh copy of the loaded model, compress_model with the uniform plan,
@@ -261,7 +261,7 @@ def _errors() -> tuple:
     from utils.io import CompressedModelError
     from utils.model import ModelSpecError
     from utils.outputs import OutputError
-    from utils.pipeline import PipelineError
+    from pipeline.steps import PipelineError
     from utils.plan import PlanError
     return (DatasetError, ModelSpecError, FileNotFoundError, PipelineError, PlanError, DecomposeError,
             CompressedModelError, OutputError)
@@ -298,7 +298,7 @@ def _sweep(args: argparse.Namespace, argv: list[str], model_spec: str, s: dict, 
     from utils.data import DatasetError
     from utils.io import write_json
     from utils.model import DTYPES
-    from utils.pipeline import compression_block
+    from pipeline.steps import compression_block
     from utils.presets import is_random_spec
     command = "python scripts/sweep.py " + shlex.join(argv)
     variants = args.variants.split(",")

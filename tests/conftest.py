@@ -78,7 +78,7 @@ def one_thread():
 def profiled_tiny_llama():
     """A tiny random Llama, 4 random windows of 16 tokens and its step-1 statistics (one per test module)."""
     from tests.tiny_models import tiny_model
-    from utils.pipeline import profile_model
+    from pipeline.steps import profile_model
     model = tiny_model("llama")
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     return model, windows, profile_model(model, windows, "cpu")

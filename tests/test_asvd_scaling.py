@@ -11,7 +11,7 @@ from methods import DecomposeOptions
 from tests.tiny_models import tiny_model
 from utils.decompose import low_rank_factors
 from utils.model import target_shapes
-from utils.pipeline import CompressOptions, compress_model, profile_model
+from pipeline.steps import CompressOptions, compress_model, profile_model
 from utils.plan import Plan
 from utils.whitening import ScalingFactor, input_transform, scaling_factor
 

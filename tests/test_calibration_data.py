@@ -330,7 +330,7 @@ def conversations_in(text: str) -> set[int]:
 
 def capture_step3_windows(monkeypatch) -> list:
     """The windows run_compress hands to compress_model, appended to the returned list."""
-    from utils import pipeline
+    from pipeline import steps as pipeline
     seen, compress_model = [], pipeline.compress_model
     monkeypatch.setattr(pipeline, "compress_model",
                         lambda model, plan, options, device, stats=None, windows=None, *a, **k:

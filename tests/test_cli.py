@@ -87,7 +87,7 @@ def test_sensitivity_pass_is_estimated_before_it_starts_and_recorded(tiny_dir, t
 
 
 def test_refinement_is_estimated_before_it_starts_and_recorded(tiny_dir, tmp_path, capsys, monkeypatch):
-    import utils.pipeline as pipeline
+    import pipeline.steps as pipeline
     from utils.io import load_compressed
     printed_before = []
     original = pipeline.compress_model

@@ -14,7 +14,7 @@ from utils.column_preserve import column_preserved_factors, columns_for_trade, t
 from utils.decompose import low_rank_factors
 from utils.io import load_compressed, save_compressed
 from utils.model import count_parameters, decoder_layers, target_linears, target_shapes
-from utils.pipeline import CompressOptions, compress_model, compression_block, profile_model
+from pipeline.steps import CompressOptions, compress_model, compression_block, profile_model
 from utils.plan import Plan
 from utils.whitening import whitening_factor
 
@@ -199,8 +199,8 @@ def test_quantized_column_preserved_model_round_trips(compressed, tmp_path):
     """Step 8 on a column-preserving model quantizes u, v and c as plain linears; both loaders rebuild it."""
     from transformers import AutoModelForCausalLM
     from methods.quantize import QuantizeOptions
-    from utils.pipeline import quantize_model
-    from utils.pipeline import linear_storage
+    from pipeline.steps import quantize_model
+    from pipeline.steps import linear_storage
     _, block, path, plan, _ = compressed
     model, _, _ = load_compressed(path)
     quantization = quantize_model(model, QuantizeOptions("rtn", 8, 32), "cpu")

@@ -9,7 +9,7 @@ from methods import DecomposeOptions
 from tests.tiny_models import save_tiny_model, tiny_model
 from utils.fisher import fisher_information
 from utils.model import target_shapes
-from utils.pipeline import CompressOptions, Statistics, compress_model, profile_model
+from pipeline.steps import CompressOptions, Statistics, compress_model, profile_model
 from utils.plan import Plan
 
 

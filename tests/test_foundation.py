@@ -15,7 +15,7 @@ from utils.data import load_text
 from utils.io import load_compressed
 from utils.layerwise import walk_layers
 from utils.model import decoder_layers, target_shapes
-from utils.pipeline import CompressOptions, PipelineError, compress_model, profile_model
+from pipeline.steps import CompressOptions, PipelineError, compress_model, profile_model
 from utils.plan import Plan, PlanError, largest_useful_rank
 
 WINDOWS = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))  # 256 tokens > 160 wide

@@ -13,7 +13,7 @@ from scripts.sweep import make_tiny_model
 from tests.tiny_models import tiny_model
 from utils.io import load_compressed, save_compressed
 from utils.model import count_parameters, target_shapes
-from utils.pipeline import CompressOptions, compress_model, compression_block, profile_model
+from pipeline.steps import CompressOptions, compress_model, compression_block, profile_model
 from utils.plan import Plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import torch
 import compress
 from tests.tiny_models import save_tiny_model, tiny_model
 from utils.model import decoder_layers, weights_fingerprint
-from utils.pipeline import PipelineError, profile_model
+from pipeline.steps import PipelineError, profile_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,7 +194,7 @@ def test_a_quantized_model_counts_the_weights_its_codes_stand_for():
     from component import QuantLinear
     from methods.quantize import QuantizeOptions
     from utils.model import count_parameters
-    from utils.pipeline import quantize_model
+    from pipeline.steps import quantize_model
     original = tiny_model("qwen2")  # q/k/v biases: a QuantLinear's bias is a parameter, counted once
     model = copy.deepcopy(original)
     quantize_model(model, QuantizeOptions("rtn", 4, 32), "cpu")

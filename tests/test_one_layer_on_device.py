@@ -21,7 +21,7 @@ import utils.layerwise
 from methods.sensitivity import SensitivityOptions, calibration_ppl, measure_sensitivity, plan_calibration_ppl
 from tests.tiny_models import tiny_config
 from utils.model import decoder_layers, target_shapes
-from utils.pipeline import profile_model
+from pipeline.steps import profile_model
 from utils.plan import rank_for_ratio
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,7 +132,7 @@ def test_step2_ppl_search(setting, residency):
 
 
 def low_rank_model():
-    from utils.pipeline import CompressOptions, compress_model
+    from pipeline.steps import CompressOptions, compress_model
     from utils.plan import Plan
     model = many_layer_model()
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))

@@ -350,7 +350,7 @@ def test_load_compressed_finishes_an_interrupted_swap(tmp_path):
 
 
 def test_opening_statistics_finishes_an_interrupted_swap(tmp_path):
-    from utils.pipeline import Statistics
+    from pipeline.steps import Statistics
     out, dead = str(tmp_path / "stats"), dead_pid()
     model_dir(temporary_name(out, "old", dead), **{"meta.json": '{"seq_len": 1}'})
     model_dir(temporary_name(out, "partial", dead), **{"meta.json": '{"seq_len": 2}'})

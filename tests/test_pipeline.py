@@ -238,7 +238,7 @@ def test_closed_form_update_is_sequential_and_fits_the_compressed_stream(model_d
 def _update_pass(fit_tokens: torch.Tensor, held_tokens: torch.Tensor, stats_tokens: torch.Tensor):
     """A tiny float64 Llama at 60% with whitening from `stats_tokens`, once decomposed only and once
     with the closed-form update fitted on 6 windows and judged on the 2 held-out ones."""
-    from utils.pipeline import CompressOptions, compress_model, profile_model
+    from pipeline.steps import CompressOptions, compress_model, profile_model
     from utils.plan import Plan
     from utils.model import target_shapes
     from methods import DecomposeOptions, UpdateOptions
@@ -366,7 +366,7 @@ def test_held_out_windows_share_no_token_with_step_1s_windows(tmp_path, monkeypa
     the fit windows, which stay step 1's first 12), and the block records how they were drawn."""
     import random
 
-    import utils.pipeline
+    import pipeline.steps
     from scripts.sweep import make_tiny_model
     model_dir = make_tiny_model(str(tmp_path / "m"))
     text = tmp_path / "calibration.txt"
@@ -374,10 +374,10 @@ def test_held_out_windows_share_no_token_with_step_1s_windows(tmp_path, monkeypa
     text.write_text(" ".join(words))
     seen = {}
     for name in ("profile_model", "compress_model"):
-        def capture(*args, _name=name, _real=getattr(utils.pipeline, name), **kwargs):
+        def capture(*args, _name=name, _real=getattr(pipeline.steps, name), **kwargs):
             seen[_name] = args[1] if _name == "profile_model" else args[5]
             return _real(*args, **kwargs)
-        monkeypatch.setattr(utils.pipeline, name, capture)
+        monkeypatch.setattr(pipeline.steps, name, capture)
     out = tmp_path / "out"
     assert compress.main(["--step", "1,3", "--model", model_dir, "--dataset", str(text), "--whitening_nsamples", "32",
                           "--model_seq_len", "16", "--update", "closed_form", "--updating_nsamples", "16",

@@ -15,7 +15,7 @@ from methods.quantize import QuantizeError, QuantizeOptions
 from tests.tiny_models import FAMILIES, save_tiny_model, tiny_model
 from utils.io import load_compressed, safetensors_tensor_bytes, save_compressed
 from utils.model import target_shapes
-from utils.pipeline import (CompressOptions, compress_model, compression_block, linear_storage, linear_units,
+from pipeline.steps import (CompressOptions, compress_model, compression_block, linear_storage, linear_units,
                             profile_model, quantize_model, uncompressed_block)
 from utils.plan import Plan
 
@@ -324,7 +324,7 @@ def test_records_and_refusals():
         assert record["loss"] > 0 and 0 < record["relative_loss"] < 0.1
         assert record["hessian"] == ("outputs of the quantized v" if name.endswith(".u") else "inputs")
     assert section["quantized_matrices"] == 2 * len(block["ranks"])
-    from utils.pipeline import PipelineError
+    from pipeline.steps import PipelineError
     with pytest.raises(PipelineError, match="already quantized"):
         quantize_model(model, QuantizeOptions("rtn", 8, -1), "cpu")
     with pytest.raises(PipelineError, match="calibration windows"):

@@ -14,7 +14,7 @@ from methods.refine import lr_factor
 from tests.tiny_models import save_tiny_model, tiny_model
 from utils.decompose import low_rank_factors
 from utils.model import count_parameters, decoder_layers, target_shapes
-from utils.pipeline import CompressOptions, compress_model, profile_model
+from pipeline.steps import CompressOptions, compress_model, profile_model
 from utils.plan import Plan
 from utils.whitening import cholesky_factor
 

@@ -378,7 +378,7 @@ def test_bench_scale_smoke(bench, tiny_preset, tmp_path):
 
 def test_bench_scale_keeps_finished_stages_when_stopped(bench, tiny_preset, tmp_path, monkeypatch):
     """A run killed in step 3 (a device time limit) still leaves the stages it finished."""
-    from utils import pipeline
+    from pipeline import steps as pipeline
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C in the middle of step 3; a SIGTERM kills at once, same file left

@@ -11,7 +11,7 @@ from methods.sensitivity import (SensitivityError, SensitivityOptions, candidate
                                  sensitivity_table)
 from tests.tiny_models import tiny_model
 from utils.model import decoder_layers, target_shapes
-from utils.pipeline import CompressOptions, compress_model, profile_model
+from pipeline.steps import CompressOptions, compress_model, profile_model
 from utils.plan import ModulePlan, Plan, rank_for_ratio
 
 

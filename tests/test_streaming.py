@@ -97,7 +97,7 @@ def test_sharded_output_is_the_in_memory_result(deep_dir, tmp_path):
     """Streamed steps 1,3 (sharded output) against the same steps on the whole model in memory
     (api calls, unsharded model.safetensors): the same tensors bit for bit, the same logits."""
     from utils.io import save_compressed
-    from utils.pipeline import CompressOptions, compress_model, compression_block, profile_model
+    from pipeline.steps import CompressOptions, compress_model, compression_block, profile_model
     from utils.plan import Plan
     from utils.data import calibration_windows
     from utils.model import target_shapes
@@ -197,7 +197,7 @@ def test_resume_with_other_arguments_is_refused_or_overwritten(deep_dir, tmp_pat
 def test_killed_step1_resumes_bit_identically(deep_dir, tmp_path, capsys):
     """Step 1 killed after its fourth layer's statistics were written: the rerun profiles the rest
     (running the done layers only for their outputs) to the same files, byte for byte."""
-    killer = KILLER.replace("from utils.io import ShardedModelWriter", "import utils.pipeline as pipeline").replace(
+    killer = KILLER.replace("from utils.io import ShardedModelWriter", "import pipeline.steps as pipeline").replace(
         """write = ShardedModelWriter.write_layer
 def write_then_die(self, index, tensors, state):
     write(self, index, tensors, state)
