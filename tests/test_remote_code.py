@@ -251,14 +251,44 @@ def test_loading_a_compressed_model_prints_nothing(tmp_path):
 
 
 def test_exported_tokenizer_loads_without_remote_code_or_prompt(tmp_path):
-    # README's sharing line: the directory's tokenizer through a concrete tokenizer class, which
-    # reads the tokenizer files only (AutoTokenizer reads config.json, whose auto_map asks y/N)
+    # README's sharing line: AutoTokenizer with trust_remote_code=False asks nothing (a prompt would
+    # read EOF from the closed stdin and print its question), executes nothing from the directory (the
+    # modeling file is booby-trapped) and warns nothing; the ids are the source tokenizer's
     tokenizer = _word_tokenizer()
     model, compression = make_low_rank("llama")
     path = str(tmp_path / "shared")
     save_compressed(model, tokenizer, path, compression)
-    out, err = _run_quiet(f"from transformers import PreTrainedTokenizerFast\n"
-                          f"t = PreTrainedTokenizerFast.from_pretrained({path!r})\n"
+    with open(os.path.join(path, hf_remote.MODELING_FILE), "w") as handle:
+        handle.write("raise RuntimeError('remote code was executed')\n")
+    out, err = _run_quiet(f"from transformers import AutoTokenizer\n"
+                          f"t = AutoTokenizer.from_pretrained({path!r}, trust_remote_code=False)\n"
                           f"print(t('hello world there')['input_ids'])", tmp_path)
     assert out.strip() == str(tokenizer("hello world there")["input_ids"]) == "[1, 2, 0]"
     assert err == ""
+
+
+def test_exported_tokenizer_in_process_asks_nothing(no_prompt, tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer = _word_tokenizer()
+    model, compression = make_low_rank("qwen2")
+    path = str(tmp_path / "in-process")
+    save_compressed(model, tokenizer, path, compression)
+    loaded = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    assert loaded("world hello [UNK] x")["input_ids"] == tokenizer("world hello [UNK] x")["input_ids"] == [2, 1, 0, 0]
+    assert no_prompt == []
+    # left unset, transformers asks before it reads the tokenizer files (resolve_trust_remote_code);
+    # a refused question still loads the tokenizer: nothing in the directory is needed for it
+    unset = AutoTokenizer.from_pretrained(path)
+    assert len(no_prompt) == 1 and "[y/N]" in no_prompt[0]
+    assert unset("hello world")["input_ids"] == [1, 2]
+
+
+@pytest.mark.parametrize("loader", ["AutoConfig", "AutoModel", "AutoModelForCausalLM"])
+def test_the_model_still_needs_trust_remote_code(saved, no_prompt, loader):
+    """The tokenizer entry must not open a way around the guard: every Auto class refuses loudly
+    with trust_remote_code=False, before building anything."""
+    _, path, _ = saved
+    with pytest.raises(ValueError, match="contains custom code") as raised:
+        getattr(transformers, loader).from_pretrained(path, trust_remote_code=False)
+    assert "trust_remote_code=True" in str(raised.value)
+    assert no_prompt == []

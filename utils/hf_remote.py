@@ -12,6 +12,16 @@ base class, drops every u/v factor as "unexpected" and runs on random weights. S
     transformers looks for a nested dict carrying its model_type and builds the config from that,
     and the strict config class rejects the string vocab_size, so that call fails with the message
     instead of silently building a dense model;
+  * a tokenizer entry TOKENIZER_KEY = {"model_type": ""}: AutoTokenizer resolves config.json through
+    AutoConfig first, and with an auto_map AutoConfig entry and a model_type it does not know, transformers
+    (dynamic_module_utils.resolve_trust_remote_code) asks "run the custom code? [y/N]" whenever
+    trust_remote_code is left None; that question cannot be avoided without giving up the unknown
+    model_type that guards the model. Given trust_remote_code=False, AutoConfig refuses without asking
+    and AutoTokenizer falls back to the generic PreTrainedConfig, whose model_type is "": it takes a
+    nested dict of its own model_type instead of warning that svd_compress_<base> instantiates a
+    generic config, and the tokenizer class comes from tokenizer_config.json. So
+    `AutoTokenizer.from_pretrained(DIR, trust_remote_code=False)` loads with no prompt, no warning and
+    no code from the directory, while the model still needs trust_remote_code=True;
   * the base model_type and architecture in the "compression" block, so utils.io.load_compressed
     rebuilds the base class from config.json alone, executing nothing from the directory.
 The modeling file imports only torch and transformers (the directory must work without this toolkit)
@@ -25,7 +35,8 @@ import string
 MODELING_FILE = "modeling_svd_compress.py"
 MODEL_TYPE_PREFIX = "svd_compress_"
 GUARD_KEY = "load_with_trust_remote_code"
-REMOTE_ONLY_KEYS = ("auto_map", GUARD_KEY)  # keys a base config class must not see
+TOKENIZER_KEY = "config_for_the_tokenizer"
+REMOTE_ONLY_KEYS = ("auto_map", GUARD_KEY, TOKENIZER_KEY)  # keys a base config class must not see
 
 _TEMPLATE = string.Template('''\
 """SVD low-rank compressed ${base_architecture}, loadable without the toolkit that wrote it.
@@ -221,6 +232,7 @@ def remote_code_config(config_dict: dict) -> dict:
         "vocab_size": f"not a plain {names['base_architecture']}: this directory holds an SVD low-rank "
                       f"compressed model. Load it with AutoModelForCausalLM.from_pretrained(path, "
                       f"trust_remote_code=True) or the toolkit's utils.io.load_compressed(path)"}
+    config[TOKENIZER_KEY] = {"model_type": ""}
     return config
 
 
