@@ -218,7 +218,182 @@ def table_quant() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"quant": table_quant, "rsvd": table_rsvd, "update": table_update, "allocation": table_allocation, "tasks": table_tasks, "save_dtype": table_save_dtype}
+def table_efficiency() -> str:
+    """Perplexity and speed of whitened SVD at 20/40/60% (scripts/sweep.py --efficiency)."""
+    source = "efficiency_smollm2_cpu/"
+    runs = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "efficiency_smollm2_cpu", "runs", "*.json"))):
+        with open(path, encoding="utf-8") as handle:
+            runs.append(json.load(handle))
+    runs.sort(key=lambda run: run["sweep"]["ratio"])
+    first = runs[0]
+    key = next(iter(first["perplexity"]))
+    original = _load("efficiency_smollm2_cpu/original.json")["perplexity"][key]["ppl"]
+    calibration, speed = first["compression"]["calibration"], first["efficiency"]["settings"]
+    lines = [_caption(key, first["perplexity"][key]["windows"], first["perplexity"][key]["seq_len"],
+                      calibration["dataset"], calibration["nsamples"], [source],
+                      f" (seq_len {calibration['seq_len']}); step 5: a {speed['prefill_len']}-token prompt, batch "
+                      f"{speed['batch_size']}, {speed['gen_seq_len']} greedy tokens, median of {speed['repeats']} after "
+                      f"{speed['warmup']} warm-up, {speed['dtype']}, threads: {speed['torch_threads']}, load average "
+                      f"about {speed['load_average_1min']:.0f}; linear work is 1 - ratio (every matrix keeps that "
+                      f"share of its parameters) and the ideal speedup its inverse"),
+             "",
+             f"| ratio | params kept | linear work | ppl (original {original:.2f}) | prefill speedup (ideal) "
+             f"| decode speedup |",
+             "|---|---|---|---|---|---|"]
+    for run in runs:
+        ratio, ratios = run["sweep"]["ratio"], run["efficiency"]["ratios"]
+        lines.append(f"| {ratio} | {ratios['parameters']:.3f} | {1 - ratio:.2f} | {run['perplexity'][key]['ppl']:.1f} "
+                     f"| {ratios['prefill_throughput']:.2f}x ({1 / (1 - ratio):.2f}x) "
+                     f"| {ratios['decode_throughput']:.2f}x |")
+    return "\n".join(lines)
+
+
+REFINE = "bench_refine/bench_refine_smollm2_cpu.json"
+REFINE_EPOCHS = "bench_refine/bench_refine_epochs_smollm2_cpu.json"
+REFINE_EPOCHS_60 = "bench_refine/bench_refine_epochs_60_smollm2_cpu.json"
+LORA_ON_REFINED = "bench_lora/bench_lora_on_block_refined_smollm2_cpu.json"
+LORA_ON_REFINED_24 = "bench_lora/bench_lora_on_block_refined_60_24steps_smollm2_cpu.json"
+# (label, [(source, variant)]): the first source with that variant at a ratio fills its cell
+REFINE_ROWS = [
+    ("whitening (SVD-LLM)", [(REFINE, "whitening")]),
+    ("+ closed-form update", [(REFINE, "closed_form")]),
+    ("anchored, alpha 0", [(REFINE, "anchored_0")]),
+    ("anchored, alpha 0.5", [(REFINE, "anchored_0.5")]),
+    ("anchored, alpha 1", [(REFINE, "anchored_1")]),
+    ("+ block refinement (AA-SVD), 2 epochs, lr 1e-4", [(REFINE, "block")]),
+    ("+ block refinement, 4 epochs (`block:e4`)", [(REFINE_EPOCHS, "block:e4")]),
+    ("+ block refinement, 8 epochs (`block:e8`)", [(REFINE_EPOCHS, "block:e8"), (REFINE_EPOCHS_60, "block:e8")]),
+    ("+ block refinement, 16 windows, 4 epochs (`block:w16:e4`)", [(REFINE_EPOCHS, "block:w16:e4")]),
+    ("+ block refinement, lr 1e-3", [(REFINE, "block_high_lr")]),
+    ("anchored (best alpha, 8 windows) + block", [(REFINE, "anchored_block")]),
+    ("anchored on 32 windows + block (`anchored_block:a0.5:u32`, `:a1:u32`)",
+     [(REFINE_EPOCHS, "anchored_block:a0.5:u32"), (REFINE_EPOCHS_60, "anchored_block:a1:u32")]),
+    ("the same with `--anchor_holdout 0.25` (`...:u32:h0.25`)", [(REFINE_EPOCHS, "anchored_block:a0.5:u32:h0.25")]),
+    ("GSVD per matrix (20 steps)", [(REFINE, "gsvd_matrix")]),
+]
+# step 7 LoRA on the 2-epoch block-refined models that bench_refine saved
+LORA_ROWS = [("block refinement + step 7 LoRA (8 + 8 steps of 4 x 256 tokens, lr 3e-4)", LORA_ON_REFINED),
+             ("block refinement + step 7 LoRA (24 + 24 steps, otherwise the same)", LORA_ON_REFINED_24)]
+
+
+def table_refinement() -> str:
+    """Closed-form and anchored fits, block / matrix refinement and LoRA on top (scripts/bench_refine.py,
+    scripts/bench_lora.py on its saved models)."""
+    ratios = [0.2, 0.4, 0.6]
+    found = {}  # (source, variant, ratio) -> run
+    for source in (REFINE, REFINE_EPOCHS, REFINE_EPOCHS_60):
+        for run in _load(source)["runs"]:
+            found.setdefault((source, run["variant"], run["ratio"]), run)
+    whitening = {r: found[(REFINE, "whitening", r)]["ppl"] for r in ratios}
+    rows = []  # (label, {ratio: (ppl, text)})
+    for label, places in REFINE_ROWS:
+        cells = {}
+        for ratio in ratios:
+            run = next((found[(s, v, ratio)] for s, v in places if (s, v, ratio) in found), None)
+            if run is not None:
+                alpha = f", alpha {run['alpha']:g}" if "alpha" in run and "anchored_block" in run["variant"] else ""
+                cells[ratio] = (run["ppl"], f"{run['ppl']:.1f} ({run['ppl_over_whitening']:.2f}x{alpha}), "
+                                            f"{run['seconds']['compress']:.0f}")
+        rows.append((label, cells))
+    for label, source in LORA_ROWS:
+        cells = {}
+        for run in _load(source)["runs"].values():
+            ppl = run["stages"][-1]["ppl_after"]["ppl"]
+            lora_s = sum(stage["stage_s"] for stage in run["stages"])
+            cells[run["ratio"]] = (ppl, f"{ppl:.1f} ({ppl / whitening[run['ratio']]:.2f}x), + {lora_s:.0f} s LoRA")
+        rows.append((label, cells))
+    best = {r: min(cells[r][0] for _, cells in rows if r in cells) for r in ratios}
+    data = _load(REFINE)
+    settings = data["settings"]
+    first = found[(REFINE, "whitening", ratios[0])]["eval"]
+    sources = [REFINE, REFINE_EPOCHS, REFINE_EPOCHS_60, LORA_ON_REFINED, LORA_ON_REFINED_24]
+    lines = [_caption(settings["evaluation"], first["windows"], first["seq_len"], settings["calibration"],
+                      settings["nsamples"], sources,
+                      f"; update, anchored fit and refinement on the first {settings['updating_nsamples']} of them "
+                      f"unless the row says otherwise; the original model: {data['original']['ppl']:.2f}; "
+                      f"x whitening: against the first row; bold: the lowest perplexity of each column; "
+                      f"compress s: wall seconds of step 3 on a shared 2-core machine"),
+             "",
+             "| variant | " + " | ".join(f"{r}: ppl (x whitening), compress s" for r in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+    for label, cells in rows:
+        texts = []
+        for ratio in ratios:
+            if ratio not in cells:
+                texts.append("not run")
+                continue
+            ppl, text = cells[ratio]
+            if ppl == best[ratio]:
+                number, _, rest = text.partition(" ")
+                text = f"**{number}** {rest}"
+            texts.append(text)
+        lines.append(f"| {label} | " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
+def _table_lora(source: str) -> str:
+    """Step 7's two LoRA stages on whitened SVD models (scripts/bench_lora.py)."""
+    data = _load(source)
+    settings = data["settings"]
+    runs = sorted(data["runs"].values(), key=lambda run: run["ratio"])
+    compressed = runs[0]["compressed"]
+    trained_on = {"text": f"windows of {_slice(data['data'].get('text', {}).get('path', ''))}",
+                  "alpaca": "Alpaca-form rows (response tokens scored)"}
+    kind = runs[0]["data"]
+    lines = [_caption(settings["evaluation"], compressed["windows"], settings["seq_len"], settings["calibration"],
+                      settings["nsamples"], [source],
+                      f"; LoRA r {settings['lora_r']}, alpha {settings['lora_alpha']}, lr {settings['learning_rate']:g}, "
+                      f"{settings['steps']} steps per stage of {settings['batch_size']} x {settings['cutoff_len']} tokens "
+                      f"of {trained_on.get(kind, kind)}; stage times on a shared 2-core machine"),
+             "",
+             "| removed | whitened | + LoRA U | + LoRA V | after / whitened | stage times (U, V) |",
+             "|---|---|---|---|---|---|",
+             f"| 0% (original) | {data['original']['ppl']:.2f} | | | | |"]
+    for run in runs:
+        stages = {stage["factor"]: stage for stage in run["stages"]}
+        before, after = run["compressed"]["ppl"], run["stages"][-1]["ppl_after"]["ppl"]
+        lines.append(f"| {run['ratio']:.0%} | {before:.2f} | {stages['u']['ppl_after']['ppl']:.2f} "
+                     f"| {stages['v']['ppl_after']['ppl']:.2f} | {after / before:.3f} "
+                     f"| {stages['u']['stage_s']:.0f} s, {stages['v']['stage_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def table_lora_text() -> str:
+    return _table_lora("bench_lora/bench_lora_smollm2_cpu.json")
+
+
+def table_lora_alpaca() -> str:
+    return _table_lora("bench_lora/bench_lora_smollm2_cpu_alpaca.json")
+
+
+def table_scale() -> str:
+    """One layer of a LLaMA-2-7B-shaped random model on the CPU (scripts/bench_scale.py)."""
+    source = "bench_scale_cpu-2cores_llama2-7b_1L_8x512_float32.json"
+    data = _load(source)
+    settings, results = data["settings"], data["results"]
+    excess = ", ".join(f"{m['excess_vs_float64']:.0e}" for m in data["truncation_check"]["matrices"])
+    checked = ", ".join(m["matrix"].rpartition(".")[2] for m in data["truncation_check"]["matrices"])
+    layers = "the first layer" if settings["num_layers"] == 1 else f"the first {settings['num_layers']} layers"
+    lines = [f"*`{settings['model']}`, {layers}, {settings['dtype']}, "
+             f"{settings['nsamples']} x {settings['seq_len']} {settings['dataset']} windows, ratio {settings['ratio']}, "
+             f"{settings['whitening']} whitening, {settings['decomposition']} in {settings['svd_dtype']}; "
+             f"{data['device_name']}, {data['cpu_threads']} threads, commit {data['git_commit']}, load average "
+             f"{data['load_average_at_end'][0]:.1f} at the end. `scripts/results/{source}`, {_date(source)}.*",
+             "",
+             f"| forward | profile | profile / forward | decompose | total | peak RSS "
+             f"| truncation excess vs float64 ({checked}) |",
+             "|---|---|---|---|---|---|---|",
+             f"| {results['forward_s']:.1f} s | {results['profile_s']:.1f} s | {results['profile_over_forward']:.2f} "
+             f"| {results['decompose_s']:.0f} s | {results['total_s']:.0f} s | {results['peak_rss_gib']:.1f} GiB "
+             f"| {excess} |"]
+    return "\n".join(lines)
+
+
+TABLES = {"quant": table_quant, "rsvd": table_rsvd, "update": table_update, "allocation": table_allocation,
+          "tasks": table_tasks, "save_dtype": table_save_dtype, "efficiency": table_efficiency,
+          "refinement": table_refinement, "lora_text": table_lora_text, "lora_alpaca": table_lora_alpaca,
+          "scale": table_scale}
 DOCS = ("README.md", "docs/evaluation.md", "docs/refinement.md", "docs/quantization.md", "docs/lora.md",
         "docs/scale.md")
 MARKED = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
