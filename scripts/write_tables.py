@@ -390,10 +390,56 @@ def table_scale() -> str:
     return "\n".join(lines)
 
 
+def table_speed() -> str:
+    """Speed against the limit the weights set, per model and shape (scripts/bench_speed.py's own table)."""
+    from scripts.bench_speed import markdown
+    source = "bench_speed/smollm2_cpu.json"
+    data = _load(source)
+    settings = data["settings"]
+    windows = {entry["perplexity"]["windows"] for entry in data["rows"].values() if entry.get("perplexity")}
+    lines = [f"*Perplexity on the first {min(windows)} windows of {settings['seq_len']} tokens of "
+             f"{_slice(settings['evaluation'])}; whitening from {settings['nsamples']} x {settings['seq_len']} windows "
+             f"of {_slice(settings['calibration'])}; {settings['prompt_len']}-token prompts, {settings['gen_len']} new "
+             f"tokens, median of {settings['repeats']}, {settings['dtype']}, threads: {settings['torch_threads']}, "
+             f"{settings['cpu_capability']}. `scripts/results/{source}`, {_date(source)}.*",
+             "",
+             markdown(data)]
+    return "\n".join(lines)
+
+
+def table_serve() -> str:
+    """vLLM serving the exported directory against the dense original (compress.py --step 10)."""
+    source = "serve_vllm/smollm2_cpu.json"
+    data = _load(source)
+    records = sorted((value for key, value in data.items() if key.startswith("ratio_")),
+                     key=lambda record: record["compression"]["ratio"])
+    settings = records[0]["serving"]["settings"]
+    calibration = records[0]["compression"]["calibration"]
+    lines = [f"*vLLM {settings['vllm_version']}, {settings['dtype']}, eager, batch {settings['batch_size']}, "
+             f"{settings['speed_new_tokens']} new tokens (decode tokens/s leave the prefill out), medians of "
+             f"{settings['repeats']} rounds in turn; greedy text: {settings['max_new_tokens']} tokens; whitening from "
+             f"{calibration['nsamples']} x {calibration['seq_len']} windows of {_slice(calibration['dataset'])}. "
+             f"`scripts/results/{source}`, {_date(source)}.*",
+             "",
+             "| model | greedy text = ours | decode tokens/s | vs dense (vLLM's Llama) | vs dense (Transformers backend) |",
+             "|---|---|---|---|---|"]
+    for record in records:
+        engines = record["serving"]["engines"]
+        speed = {name: engine["speed"]["decode_tokens_per_s"] for name, engine in engines.items()}
+        text = engines["compressed"]["text"]
+        compression = record["compression"]
+        lines.append(f"| whitened SVD {compression['ratio']:.0%} ({compression['parameters']['removed_fraction']:.1%} "
+                     f"of the model) | {text['equal']} of {text['prompts']} | {speed['compressed']:.1f} "
+                     f"| x{speed['compressed'] / speed['dense']:.3f} ({speed['dense']:.1f}) "
+                     f"| x{speed['compressed'] / speed['dense_transformers_backend']:.3f} "
+                     f"({speed['dense_transformers_backend']:.1f}) |")
+    return "\n".join(lines)
+
+
 TABLES = {"quant": table_quant, "rsvd": table_rsvd, "update": table_update, "allocation": table_allocation,
           "tasks": table_tasks, "save_dtype": table_save_dtype, "efficiency": table_efficiency,
           "refinement": table_refinement, "lora_text": table_lora_text, "lora_alpaca": table_lora_alpaca,
-          "scale": table_scale}
+          "scale": table_scale, "speed": table_speed, "serve": table_serve}
 DOCS = ("README.md", "docs/evaluation.md", "docs/refinement.md", "docs/quantization.md", "docs/lora.md",
         "docs/scale.md")
 MARKED = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
