@@ -123,25 +123,36 @@ TASKS = [("arc_challenge_local", "ARC-C"), ("arc_easy_local", "ARC-E"), ("boolq_
          ("openbookqa_local", "OBQA"), ("piqa_local", "PIQA"), ("winogrande_local", "WinoGrande")]
 
 
-def table_tasks() -> str:
-    """Zero-shot accuracy on the local tasks (scripts/bench_tasks.py)."""
+def table_tasks(detailed: bool = False) -> str:
+    """Zero-shot accuracy on the local tasks (scripts/bench_tasks.py); `detailed` adds the parameter
+    count and the mean acc_norm (docs/evaluation.md)."""
     source = "bench_tasks_smollm2_cpu.json"
     data = _load(source)
     settings = data["settings"]
+    norm_tasks = len(data["original"]["acc_norm_tasks"])
+    extra = (" | params", f" | mean acc | mean acc_norm ({norm_tasks} tasks) |") if detailed else ("", " | mean |")
     lines = [f"*First {settings['limit']} documents of each task, zero-shot acc; whitening from "
              f"{settings['nsamples']} x {settings['seq_len']} windows of {_slice(settings['calibration'])}. "
              f"`scripts/results/{source}`, {_date(source)}.*",
              "",
-             "| model | " + " | ".join(label for _, label in TASKS) + " | mean |",
-             "|---|" + "---|" * (len(TASKS) + 1)]
+             "| model" + extra[0] + " | " + " | ".join(label for _, label in TASKS) + extra[1],
+             "|---|" + "---|" * (len(TASKS) + (3 if detailed else 1))]
 
     def row(label: str, record: dict) -> str:
         accs = [record["tasks"][task]["acc"] for task, _ in TASKS]
-        return f"| {label} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {record['mean_acc']:.3f} |"
+        parameters = record["parameters"]
+        parameters = parameters["compressed"] if isinstance(parameters, dict) else parameters
+        cells = f"| {label} | " + (f"{parameters / 1e6:.1f}M | " if detailed else "")
+        cells += " | ".join(f"{a:.2f}" for a in accs) + f" | {record['mean_acc']:.3f} |"
+        return cells + (f" {record['mean_acc_norm']:.3f} |" if detailed else "")
     lines.append(row("original", data["original"]))
     for ratio, record in sorted(data["whiten_svd"].items(), key=lambda item: float(item[0])):
         lines.append(row(f"whitened SVD {float(ratio):.0%}", record))
     return "\n".join(lines)
+
+
+def table_tasks_detailed() -> str:
+    return table_tasks(detailed=True)
 
 
 def table_save_dtype() -> str:
@@ -436,10 +447,27 @@ def table_serve() -> str:
     return "\n".join(lines)
 
 
+def table_chat() -> str:
+    """Chat fidelity by calibration data (scripts/bench_chat.py's own table)."""
+    from scripts.bench_chat import markdown
+    source = "bench_chat/smollm2_cpu.json"
+    data = _load(source)
+    settings, first = data["settings"], data["original"]["ppl"]
+    lines = [f"*Fidelity on {data['reference']['prompts']} prompts against the original's greedy responses "
+             f"({settings['max_new_tokens']} tokens at most, {data['reference']['tokens']} reference tokens); WikiText-2 "
+             f"perplexity on the first {first['windows']} windows of {settings['seq_len']} tokens of "
+             f"{_slice(settings['evaluation'])}; whitening from {settings['nsamples']} x {settings['seq_len']} windows "
+             f"of each calibration. `scripts/results/{source}`, {_date(source)}.*",
+             "",
+             markdown(data)]
+    return "\n".join(lines)
+
+
 TABLES = {"quant": table_quant, "rsvd": table_rsvd, "update": table_update, "allocation": table_allocation,
           "tasks": table_tasks, "save_dtype": table_save_dtype, "efficiency": table_efficiency,
           "refinement": table_refinement, "lora_text": table_lora_text, "lora_alpaca": table_lora_alpaca,
-          "scale": table_scale, "speed": table_speed, "serve": table_serve}
+          "scale": table_scale, "speed": table_speed, "serve": table_serve,
+          "tasks_detailed": table_tasks_detailed, "chat": table_chat}
 DOCS = ("README.md", "docs/evaluation.md", "docs/refinement.md", "docs/quantization.md", "docs/lora.md",
         "docs/scale.md")
 MARKED = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
