@@ -125,3 +125,37 @@ def test_a_dequantized_gguf_model_is_not_saved_as_gguf(tmp_path):
                           f"m = AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True)\n"
                           f"print(next(m.parameters()).dtype)", tmp_path)
     assert out.strip() == "torch.bfloat16" and "GGUF" not in err
+
+
+def test_fisher_pass_is_estimated_before_it_starts_and_recorded(tiny_dir, tmp_path, capsys):
+    # issue 29: every long pass (sensitivity, fisher, refinement, LoRA) prints its estimate first and
+    # records it with the actual time (the others: tests/test_cli.py, tests/test_lora.py)
+    out = str(tmp_path / "out")
+    assert cli("--step", "1", "--model", tiny_dir, "--fisher", "--save_path", out) == 0
+    printed = capsys.readouterr().out
+    line = next(l for l in printed.splitlines() if l.startswith("fisher (step 1, --fisher): about"))
+    assert "4 windows" in line and "one window of 16 tokens" in line, line
+    assert printed.index("profile (step 1): about") < printed.index(line)
+    with open(os.path.join(out + ".stats", "meta.json")) as handle:
+        cost = json.load(handle)["cost"]
+    assert cost["fisher"]["counts"] == {"windows": 4}
+    assert cost["fisher"]["estimated_s"] > 0 and cost["fisher"]["actual_s"] > 0
+
+
+def test_the_api_and_the_cli_work_from_another_directory(tmp_path):
+    # README: nothing is installed as a package; `import api` works anywhere with the clone on
+    # PYTHONPATH, and `python path/to/compress.py` from any directory without it
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", "import api; print(api.__file__)"], cwd=tmp_path,
+                          env={**env, "PYTHONPATH": root}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert os.path.dirname(done.stdout.strip()) == root
+    without = subprocess.run([sys.executable, "-c", "import api"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert without.returncode != 0 and "No module named 'api'" in without.stderr
+    done = subprocess.run([sys.executable, os.path.join(root, "compress.py"), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "--step" in done.stdout, done.stderr
