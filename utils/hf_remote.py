@@ -42,6 +42,8 @@ _TEMPLATE = string.Template('''\
 """SVD low-rank compressed ${base_architecture}, loadable without the toolkit that wrote it.
 
     model = AutoModelForCausalLM.from_pretrained(this_directory, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(this_directory, trust_remote_code=False)  # needs no code
+
 
 The architecture is the stock transformers ${base_architecture}, except that every module named in
 config.compression["ranks"] is a LowRankLinear of the recorded rank: W (out x in) ~ u @ v with
