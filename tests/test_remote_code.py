@@ -292,3 +292,22 @@ def test_the_model_still_needs_trust_remote_code(saved, no_prompt, loader):
         getattr(transformers, loader).from_pretrained(path, trust_remote_code=False)
     assert "trust_remote_code=True" in str(raised.value)
     assert no_prompt == []
+
+
+@pytest.mark.integration("smollm2")
+def test_exported_smollm2_tokenizer_matches_the_source(tmp_path):
+    # the bundled model's byte-level BPE tokenizer (read from its GGUF) through README's line: same ids,
+    # same special tokens and chat template, no prompt, no warning
+    from utils.model import load_tokenizer, resolve_model
+    source = load_tokenizer(resolve_model("smollm2-135m"))
+    model, compression = make_low_rank("llama")
+    path = str(tmp_path / "smollm2-tokenizer")
+    save_compressed(model, source, path, compression)
+    text = "Hello world, the quick brown fox <|im_start|>user\n 123 ünïcode\tdef f(x): return x"
+    out, err = _run_quiet(f"from transformers import AutoTokenizer\n"
+                          f"t = AutoTokenizer.from_pretrained({path!r}, trust_remote_code=False)\n"
+                          f"print(t({text!r})['input_ids'])\nprint(t.chat_template == {source.chat_template!r})",
+                          tmp_path)
+    ids, same_template = out.strip().splitlines()
+    assert ids == str(source(text)["input_ids"]) and same_template == "True"
+    assert err == ""
