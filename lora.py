@@ -69,6 +69,7 @@ from torch import nn
 
 from component import ColumnPreservedLinear, LowRankLinear
 from utils.data import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
+from utils.model import linear_units
 
 IGNORE_INDEX = -100  # label of a token that is not scored (the prompt of an Alpaca row, padding)
 FACTORS = ("u", "v")
@@ -341,8 +342,7 @@ def mean_loss(model: nn.Module, examples: list, micro_batch_size: int, pad_id: i
 def low_rank_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules with factors u and v: LowRankLinear, and ColumnPreservedLinear (Duo-SVD's column
     level, whose kept columns c stay frozen like every dense linear)."""
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, (LowRankLinear, ColumnPreservedLinear))}
+    return linear_units(model, (LowRankLinear, ColumnPreservedLinear))
 
 
 def factor_fingerprint(model: nn.Module) -> dict[str, int]:

@@ -41,8 +41,8 @@ from torch import nn
 from component import LowRankLinear, largest_entry_fits
 from methods.closed_form import execution_groups, holdout_split
 from utils.decompose import exact_svd
-from utils.layerwise import LayerContext, StopLayer, feed_layer
-from utils.model import set_submodule
+from utils.layerwise import LayerContext
+from utils.model import linear_units, set_submodule
 from utils.whitening import WhiteningFactor, whitening_factor
 
 # From bench_refine (SmolLM2-135M, held-back WikiText-2, 8 fit windows; scripts/results/bench_refine/,
@@ -154,25 +154,9 @@ def original_linears(layer: nn.Module, low_rank: dict[str, LowRankLinear], origi
             set_submodule(layer, name, module)
 
 
-def _first_inputs(layer: nn.Module, firsts: dict[str, nn.Module], inputs: torch.Tensor, layer_args,
-                  window: int) -> dict[str, torch.Tensor]:
-    """The inputs (tokens x in) of each of `firsts` for one window; the layer stops once all ran."""
-    sink: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(module, args, output):
-            sink.setdefault(name, args[0].reshape(-1, args[0].shape[-1]))
-            if len(sink) == len(firsts):
-                raise StopLayer
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in firsts.items()]
-    try:
-        feed_layer(layer, inputs, layer_args, range(window, window + 1))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sink
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """A module's input as tokens x in, float64."""
+    return x.reshape(-1, x.shape[-1]).to(torch.float64)
 
 
 class AnchoredUpdate:
@@ -185,7 +169,7 @@ class AnchoredUpdate:
 
     def __call__(self, context: LayerContext) -> None:
         originals = context.scratch.get("original_weights", {})
-        low_rank = {n: m for n, m in context.layer.named_modules() if isinstance(m, LowRankLinear) and n in originals}
+        low_rank = {n: m for n, m in linear_units(context.layer, (LowRankLinear,)).items() if n in originals}
         if not low_rank:
             return
         windows = range(min(self.options.nsamples, context.num_windows))
@@ -194,8 +178,7 @@ class AnchoredUpdate:
         # the original layer's inputs of every group at once (they do not change as groups are refit)
         with original_linears(context.layer, low_rank, originals):
             firsts = {g[0]: context.layer.get_submodule(g[0]) for g in groups}
-            reference = [_first_inputs(context.layer, firsts, context.reference_inputs, context.layer_args, w)
-                         for w in windows]
+            reference = context.first_inputs(firsts, windows, reference=True)
         for group in groups:
             modules = {n: low_rank[n] for n in group}
             first = group[0]
@@ -213,9 +196,8 @@ class AnchoredUpdate:
         width = module.in_features
         gram, gram_c, cross = (torch.zeros(width, width, dtype=torch.float64, device=context.device) for _ in range(3))
         for window in windows:
-            x = reference[window][first].to(torch.float64)
-            x_c = _first_inputs(context.layer, {first: module}, context.inputs, context.layer_args,
-                                window)[first].to(torch.float64)
+            x = _tokens(reference[window][first])
+            x_c = _tokens(context.first_inputs({first: module}, range(window, window + 1))[0][first])
             gram += x.T @ x
             gram_c += x_c.T @ x_c
             cross += x.T @ x_c

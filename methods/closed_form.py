@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from component import LowRankLinear, largest_entry_fits
-from utils.layerwise import LayerContext, StopLayer
+from utils.layerwise import LayerContext
+from utils.model import linear_units
 from utils.update import update_u
 
 
@@ -49,30 +50,17 @@ class UpdateOptions:
 def execution_groups(context: LayerContext, modules: dict[str, nn.Module]) -> list[list[str]]:
     """`modules` in the order the layer runs them, grouped by shared input (one window's pass):
     for Llama [[q, k, v], [o], [gate, up], [down]]; no family table needed."""
-    order: list[tuple[list[str], torch.Tensor]] = []
-    seen: set[str] = set()
-
-    def hook(name: str):
-        def fn(module, inputs, output):
-            if name in seen:
-                return
-            seen.add(name)
-            if order and order[-1][1] is inputs[0]:  # holding x keeps the identity test sound
-                order[-1][0].append(name)
-            else:
-                order.append(([name], inputs[0]))
-            if len(seen) == len(modules):
-                raise StopLayer
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
-        context.feed(range(0, 1))
-    finally:
-        for handle in handles:
-            handle.remove()
-    groups = [names for names, _ in order]
-    never_ran = [n for n in modules if n not in seen]
+    # in the order the modules first ran; holding every x keeps the identity test sound
+    first = context.first_inputs(modules, range(0, 1))[0]
+    groups: list[list[str]] = []
+    previous = None
+    for name, x in first.items():
+        if groups and x is previous:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        previous = x
+    never_ran = [n for n in modules if n not in first]
     return groups + ([never_ran] if never_ran else [])
 
 
@@ -85,9 +73,8 @@ class ClosedFormUpdate:
         self.records = records if records is not None else {}
 
     def __call__(self, context: LayerContext) -> None:
-        low_rank = {n: m for n, m in context.layer.named_modules() if isinstance(m, LowRankLinear)}
         originals = context.scratch.get("original_weights", {})
-        low_rank = {n: m for n, m in low_rank.items() if n in originals}
+        low_rank = {n: m for n, m in linear_units(context.layer, (LowRankLinear,)).items() if n in originals}
         if not low_rank:
             return
         fit, held = self.options.split(min(self.options.nsamples, context.num_windows))

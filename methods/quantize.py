@@ -31,8 +31,8 @@ from component import LowRankLinear
 from component.quant_linear import QuantLinear, quant_linear_from
 from gptq import GPTQ, PACK_BITS, QuantSpec, rtn
 from methods.closed_form import execution_groups
-from utils.layerwise import LayerContext, StopLayer
-from utils.model import set_submodule
+from utils.layerwise import LayerContext
+from utils.model import linear_units, set_submodule
 
 METHODS = ("gptq", "rtn")
 
@@ -83,22 +83,6 @@ class QuantizeOptions:
         return out
 
 
-def quantization_units(layer: nn.Module) -> dict[str, nn.Module]:
-    """What the pass quantizes in a decoder layer: every LowRankLinear (as one unit, v then u) and
-    every plain nn.Linear that is not a factor of one, in module order."""
-    units: dict[str, nn.Module] = {}
-    low_rank: list[str] = []
-    for name, module in layer.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in low_rank):
-            continue
-        if isinstance(module, LowRankLinear):
-            units[name] = module
-            low_rank.append(name)
-        elif type(module) is nn.Linear:
-            units[name] = module
-    return units
-
-
 def _relative_weight_error(weight: torch.Tensor, module: QuantLinear) -> float:
     w = weight.detach().float()
     norm = float(torch.linalg.norm(w))
@@ -122,7 +106,8 @@ class Quantize:
 
     # ------------------------------------------------------------------------------ the pass
     def __call__(self, context: LayerContext) -> None:
-        units = quantization_units(context.layer)
+        # every LowRankLinear (as one unit, v then u) and every plain nn.Linear that is not a factor of one
+        units = linear_units(context.layer, (LowRankLinear, nn.Linear))
         if not units:
             return
         if not self.needs_activations:
@@ -138,18 +123,8 @@ class Quantize:
 
     def _input_hessian(self, context: LayerContext, module: nn.Module) -> GPTQ | None:
         """H_x of `module`'s input over every calibration window (None if the module never runs)."""
-        in_features = module.in_features
-        solver = GPTQ(in_features, device=context.device)
-
-        def hook(_module, inputs):
-            solver.add_batch(inputs[0])
-            raise StopLayer
-
-        handle = module.register_forward_pre_hook(hook)
-        try:
-            context.feed()
-        finally:
-            handle.remove()
+        solver = GPTQ(module.in_features, device=context.device)
+        context.capture({"input": module}, lambda _name, x: solver.add_batch(x))
         return solver if solver.nsamples else None
 
     def _quantize_unit(self, context: LayerContext, name: str, module: nn.Module, solver: GPTQ | None) -> None:

@@ -31,7 +31,8 @@ from torch import nn
 
 from component import LowRankLinear
 from methods.closed_form import execution_groups
-from utils.layerwise import LayerContext, StopLayer
+from utils.layerwise import LayerContext, call_layer
+from utils.model import linear_units
 
 REFINE_TARGETS = ("block", "matrix")
 
@@ -91,10 +92,6 @@ def _optimizer(params: list[nn.Parameter], options: RefineOptions, total_steps: 
     return optimizer, schedule
 
 
-def _output(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 class Refine:
     needs_activations = True
     needs_reference = True
@@ -129,9 +126,8 @@ class Refine:
     def _block_loss(self, context: LayerContext, windows: range) -> float:
         with torch.no_grad():
             total = 0.0
-            args, kwargs = context.layer_args
             for i in windows:
-                out = _output(context.layer(context.inputs[i:i + 1].float(), *args, **kwargs))
+                out = call_layer(context.layer, context.inputs[i:i + 1].float(), context.layer_args)
                 total += float((out - context.reference_outputs[i:i + 1].float()).square().mean())
             return total / len(windows)
 
@@ -148,7 +144,6 @@ class Refine:
         total = steps_per_epoch * options.epochs
         optimizer, schedule = _optimizer(params, options, total)
         generator = torch.Generator().manual_seed(options.seed + context.index)
-        args, kwargs = context.layer_args
         start = time.perf_counter()
         before = self._block_loss(context, windows)
         best, best_epoch = before, 0
@@ -161,7 +156,7 @@ class Refine:
                 batch = order[first:first + options.batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 for i in batch:  # one window at a time: the recorded call arguments are for a batch of one
-                    out = _output(layer(context.inputs[i:i + 1].float(), *args, **kwargs))
+                    out = call_layer(layer, context.inputs[i:i + 1].float(), context.layer_args)
                     loss = (out - context.reference_outputs[i:i + 1].float()).square().mean() / len(batch)
                     loss.backward()
                 optimizer.step()
@@ -188,29 +183,15 @@ class Refine:
 
     def _matrices(self, context: LayerContext) -> None:
         originals = context.scratch.get("original_weights", {})
-        low_rank = {n: m for n, m in context.layer.named_modules() if isinstance(m, LowRankLinear) and n in originals}
+        low_rank = {n: m for n, m in linear_units(context.layer, (LowRankLinear,)).items() if n in originals}
         if not low_rank:
             return
         n = min(self.options.nsamples, context.num_windows)
         for group in execution_groups(context, low_rank):
-            inputs = self._group_inputs(context, low_rank[group[0]], n)  # windows x tokens x in
+            captured = context.first_inputs({group[0]: low_rank[group[0]]}, range(n))
+            inputs = torch.stack([window[group[0]][0].float() for window in captured])  # windows x tokens x in
             for name in group:
                 self._matrix(context, name, low_rank[name], originals[name].float(), inputs)
-
-    def _group_inputs(self, context: LayerContext, first: nn.Module, n: int) -> torch.Tensor:
-        sink: list[torch.Tensor] = []
-
-        def hook(module, args, output):
-            sink.append(args[0][0].detach().float())
-            raise StopLayer
-
-        handle = first.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                context.feed(range(n))
-        finally:
-            handle.remove()
-        return torch.stack(sink)
 
     def _matrix(self, context: LayerContext, name: str, module: LowRankLinear, weight: torch.Tensor,
                 inputs: torch.Tensor) -> None:

@@ -53,9 +53,9 @@ from tqdm import tqdm
 from component import LowRankLinear
 from utils.decompose import low_rank_factors
 from utils.io import read_json, write_json
-from utils.layerwise import LayerContext, capture_layer_inputs, layer_on_device, walk_layers
-from utils.model import (copies_to, decoder_layers, head_on_hidden, layer_prefix, model_description, set_submodule,
-                         target_linears, tensors_digest, weights_fingerprint)
+from utils.layerwise import LayerContext, capture_layer_inputs, layer_on_device, run_layer, walk_layers
+from utils.model import (copies_to, decoder_layers, head_on_hidden, layer_linear_units, layer_prefix, model_description,
+                         set_submodule, target_linears, tensors_digest, weights_fingerprint)
 from utils.plan import rank_for_ratio
 from utils.whitening import input_transform
 
@@ -262,15 +262,12 @@ def stable_rank_table(model: nn.Module, options: SensitivityOptions, key: dict) 
     """ASVD's calib_sensitivity_stable_rank: value(p) = -sr * p^0.1 with sr = ||W||_F / ||W||_2 of the
     raw weight (as ASVD, which leaves the scaling commented out). Spectral norms only, no forward pass."""
     start = time.perf_counter()
-    prefix = layer_prefix(model)
     values, ranks = {}, {}
-    for index, layer in enumerate(decoder_layers(model)):
-        for name, linear in target_linears(layer).items():
-            w = linear.weight.detach().float()
-            sr = float(torch.linalg.matrix_norm(w, "fro") / torch.linalg.matrix_norm(w, 2))
-            full = f"{prefix}.{index}.{name}"
-            values[full] = {p: -sr * p ** 0.1 for p in options.ratios}
-            ranks[full] = {p: candidate_rank(linear.out_features, linear.in_features, p) for p in options.ratios}
+    for full, linear in layer_linear_units(model, (nn.Linear,)).items():
+        w = linear.weight.detach().float()
+        sr = float(torch.linalg.matrix_norm(w, "fro") / torch.linalg.matrix_norm(w, 2))
+        values[full] = {p: -sr * p ** 0.1 for p in options.ratios}
+        ranks[full] = {p: candidate_rank(linear.out_features, linear.in_features, p) for p in options.ratios}
     table = SensitivityTable(key, values, None, ranks, None, time.perf_counter() - start, 0)
     table.check_finite()
     return table
@@ -312,8 +309,7 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
     names_of_layer: list[list[str]] = []
 
     def run(layer: nn.Module, h: torch.Tensor, index: int) -> torch.Tensor:
-        args, kwargs = layer_args[index]
-        return torch.cat([_first(layer(h[w:w + 1], *args, **kwargs)) for w in range(n_windows)])
+        return run_layer(layer, h, layer_args[index])
 
     def svd_of(full: str, linear: nn.Module, factors: dict, stats_tensors, streams, name: str) -> _MatrixSVD:
         stream = streams.get(name)
@@ -470,10 +466,6 @@ def _measure_group(jobs: list, layer: nn.Module, inputs: torch.Tensor, index: in
         with layer_on_device(originals[later], device, offload) as next_layer:
             streams = [run(next_layer, h, later) for h in streams]
     return [metric(h) for h in streams]
-
-
-def _first(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _vocab(model: nn.Module) -> int:

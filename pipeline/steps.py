@@ -454,19 +454,8 @@ def uncompressed_block(base_model: str, model: torch.nn.Module, seed: int = 0, n
 def linear_units(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Every linear of the decoder layers as stored: nn.Linear, QuantLinear, LowRankLinear or
     ColumnPreservedLinear (whose factors, kept columns and indices belong to it), by qualified name."""
-    from component import ColumnPreservedLinear, LowRankLinear
-    from component.quant_linear import QuantLinear
-    prefix, units = layer_prefix(model), {}
-    for index, layer in enumerate(decoder_layers(model)):
-        inside: list[str] = []
-        for name, module in layer.named_modules():
-            if any(name.startswith(p + ".") for p in inside):
-                continue
-            if isinstance(module, (LowRankLinear, ColumnPreservedLinear)):
-                inside.append(name)
-            if isinstance(module, (LowRankLinear, ColumnPreservedLinear, QuantLinear)) or type(module) is torch.nn.Linear:
-                units[f"{prefix}.{index}.{name}"] = module
-    return units
+    from utils.model import layer_linear_units
+    return layer_linear_units(model)
 
 
 def linear_storage(model: torch.nn.Module, tensor_bytes: dict[str, int] | None = None) -> dict:

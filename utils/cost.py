@@ -66,7 +66,7 @@ def window_seconds(model: nn.Module, seq_len: int, device: torch.device | str, s
     random tokens on `device` (layer 0 and the head moved there and back, as the passes do), and
     their sum over the model: {"layer_s", "head_s", "window_s", "layers"}."""
     from utils.layerwise import capture_layer_inputs, layer_on_device, run_layer
-    from utils.model import decoder_layers, layer_stream
+    from utils.model import decoder_layers, head_on_hidden, layer_stream
     layers = decoder_layers(model)
     vocab = model.config.vocab_size
     window = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed))
@@ -84,12 +84,12 @@ def window_seconds(model: nn.Module, seq_len: int, device: torch.device | str, s
     finally:
         if stream is not None:
             stream.release(model, 0)
-    head = model.get_output_embeddings()
-    weight = head.weight.to(device)
-    start = _now(device)
-    torch.nn.functional.linear(out.to(weight.dtype), weight)
-    head_s = _now(device) - start
-    del weight, hidden, out
+    with head_on_hidden(model, device) as head:  # the model's own final norm, lm_head and soft-capping
+        ids = window.to(device)
+        start = _now(device)
+        head(out, ids)
+        head_s = _now(device) - start
+    del hidden, out
     return {"layer_s": layer_s, "head_s": head_s, "window_s": len(layers) * layer_s + head_s, "layers": len(layers)}
 
 

@@ -29,14 +29,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.layerwise import LayerContext, layer_on_device, walk_layers
-from utils.model import decoder_layers, head_on_hidden, layer_prefix, target_linears
-
-
-def _layer_call(layer: nn.Module, hidden: torch.Tensor, layer_args: tuple[tuple, dict]) -> torch.Tensor:
-    args, kwargs = layer_args
-    out = layer(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+from utils.layerwise import LayerContext, call_layer, layer_on_device, walk_layers
+from utils.model import decoder_layers, head_on_hidden, layer_linear_units, layer_prefix, target_linears
 
 
 def fisher_information(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
@@ -91,7 +85,7 @@ def fisher_information(model: nn.Module, windows: torch.Tensor, device: torch.de
                 for w in range(num_windows):
                     hidden = layer_inputs[w:w + 1].to(device).requires_grad_(index > 0)
                     with torch.enable_grad():
-                        output = _layer_call(layer, hidden, layer_args[index])
+                        output = call_layer(layer, hidden, layer_args[index])
                         wanted = ([hidden] if index > 0 else []) + weights
                         grads = torch.autograd.grad(output, wanted, grad_outputs=gradients[w:w + 1])
                     if index > 0:
@@ -103,15 +97,8 @@ def fisher_information(model: nn.Module, windows: torch.Tensor, device: torch.de
             gradients = below
             del layer_inputs
             os.remove(kept(index))
-    fisher = {name: fisher[name] for name in _order(model)}  # layer order, as target_shapes
+    fisher = {name: fisher[name] for name in layer_linear_units(model, (nn.Linear,))}  # layer order, as target_shapes
     summary = {"windows": int(num_windows), "seq_len": int(windows.shape[1]),
                "mean_loss": sum(losses) / len(losses) if losses else None,
                "definition": "sqrt(mean over windows of the squared per-window LM-loss gradient, summed over output rows)"}
     return fisher, summary
-
-
-def _order(model: nn.Module):
-    prefix = layer_prefix(model)
-    for index, layer in enumerate(decoder_layers(model)):
-        for name in target_linears(layer):
-            yield f"{prefix}.{index}.{name}"

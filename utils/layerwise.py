@@ -7,8 +7,10 @@
    alternates sliding-window and global attention). Only the non-layer modules (embeddings,
    rotary tables) are on the device meanwhile.
 2. Walk: for each decoder layer, move it to the device, hand the caller a LayerContext (the
-   layer, its inputs and call arguments, run / collect) to do its work (hooks, replacing
+   layer, its inputs and call arguments, run / capture / collect) to do its work (replacing
    modules), and keep the layer's outputs as the next layer's inputs; then move the layer back.
+   A pass sees the inputs of the layer's modules only through recording_inputs (its hooks, and
+   stopping the layer once the modules it asks for have run).
    A two-stream walk also carries the original model's activations (the reference stream). One layer's weights, the activations of the
    calibration windows and the layer's statistics are all that the device holds.
 """
@@ -17,14 +19,16 @@ from __future__ import annotations
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from utils.model import copies_to, decoder_layers, layer_prefix, layer_stream, non_layer_modules_to
-from utils.stats import LayerStatsCollector
+
+if TYPE_CHECKING:
+    from utils.stats import LayerStatsCollector
 
 
 class _StopForward(Exception):
@@ -78,16 +82,22 @@ def capture_layer_inputs(model: nn.Module, windows: torch.Tensor, device: torch.
     return torch.cat(sink["hidden"]), sink["layer_args"]
 
 
+def call_layer(layer: nn.Module, hidden: torch.Tensor, layer_args: tuple[tuple, dict]) -> torch.Tensor:
+    """The hidden states `layer` outputs for `hidden` (one window: 1 x L x d) called with its recorded
+    arguments (a decoder layer returns them alone or first in a tuple); gradients flow where enabled."""
+    args, kwargs = layer_args
+    out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: torch.Tensor, layer_args: tuple[tuple, dict],
               indices: range | None = None) -> torch.Tensor:
     """Outputs of `layer` for inputs[indices] (default: all), one window at a time."""
-    args, kwargs = layer_args
     indices = range(inputs.shape[0]) if indices is None else indices
     outputs = torch.empty((len(indices),) + inputs.shape[1:], dtype=inputs.dtype, device=inputs.device)
     for k, i in enumerate(indices):
-        out = layer(inputs[i:i + 1], *args, **kwargs)
-        outputs[k] = (out[0] if isinstance(out, tuple) else out)[0]
+        outputs[k] = call_layer(layer, inputs[i:i + 1], layer_args)[0]
     return outputs
 
 
@@ -131,6 +141,56 @@ def feed_layer(layer: nn.Module, inputs: torch.Tensor, layer_args: tuple[tuple, 
             pass
 
 
+@contextmanager
+def recording_inputs(modules: dict[str, nn.Module], record: Callable[[str, torch.Tensor], None],
+                     stop_layer: nn.Module | None = None) -> Iterator[None]:
+    """The one way a pass sees the inputs of a layer's modules: within the block, each call of one
+    of `modules` first hands its input (the first positional argument, as the module receives it:
+    on the device, in the layer's dtype, not copied) to record(name, x), before the module runs.
+    stop_layer: the layer holding `modules`; each call of it ends (StopLayer, which feed_layer
+    takes) once every one of `modules` has been called in it, before the last of them runs: the
+    rest of the layer is not needed for their inputs. The hooks are removed when the block ends,
+    also on an error."""
+    called: set[str] = set()
+
+    def new_call(_layer, _args) -> None:
+        called.clear()
+
+    def hook(name: str):
+        def pre_hook(_module, args) -> None:
+            record(name, args[0])
+            if stop_layer is not None:
+                called.add(name)
+                if len(called) == len(modules):
+                    raise StopLayer
+        return pre_hook
+
+    handles = []
+    try:
+        if stop_layer is not None:
+            handles.append(stop_layer.register_forward_pre_hook(new_call))
+        for name, module in modules.items():
+            handles.append(module.register_forward_pre_hook(hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def first_inputs(layer: nn.Module, modules: dict[str, nn.Module], inputs: torch.Tensor,
+                 layer_args: tuple[tuple, dict], indices: range | None = None) -> list[dict[str, torch.Tensor]]:
+    """For each window of inputs[indices] (default: all), the input of each of `modules` at its
+    first call, by name in the order they were first called (as recording_inputs hands them); each
+    window's pass through `layer` ends once all of them were called. A module that did not run in
+    a window is missing from that window's dict."""
+    captured: list[dict[str, torch.Tensor]] = []
+    with recording_inputs(modules, lambda name, x: captured[-1].setdefault(name, x), stop_layer=layer):
+        for i in range(inputs.shape[0]) if indices is None else indices:
+            captured.append({})
+            feed_layer(layer, inputs, layer_args, range(i, i + 1))
+    return captured
+
+
 @dataclass
 class LayerContext:
     """What a pass sees of the layer being compressed.
@@ -171,32 +231,32 @@ class LayerContext:
         self._need_inputs()
         feed_layer(self.layer, self.inputs, self.layer_args, indices)
 
+    def capture(self, modules: dict[str, nn.Module], record: Callable[[str, torch.Tensor], None],
+                indices: range | None = None, stop: bool = True) -> None:
+        """Feed inputs[indices] (default: all) with every input of `modules` handed to record(name, x)
+        (recording_inputs); stop: end each window's pass once every one of `modules` was called."""
+        with recording_inputs(modules, record, stop_layer=self.layer if stop else None):
+            self.feed(indices)
+
+    def first_inputs(self, modules: dict[str, nn.Module], indices: range | None = None,
+                     reference: bool = False) -> list[dict[str, torch.Tensor]]:
+        """first_inputs of `modules` for inputs[indices] (default: all); reference: for the
+        reference stream's inputs (the original model's) instead."""
+        self._need_inputs()
+        inputs = self.reference_inputs if reference else self.inputs
+        if inputs is None:
+            raise RuntimeError("this walk carries no reference stream: the pass must say needs_reference = True")
+        return first_inputs(self.layer, modules, inputs, self.layer_args, indices)
+
     def collect(self, modules: dict[str, nn.Module], indices: range | None = None,
                 stop_after: bool = False) -> LayerStatsCollector:
-        """Input statistics (Gram, |x|) of `modules` over inputs[indices], from forward hooks.
+        """Input statistics (Gram, |x|) of `modules` over inputs[indices] (recording_inputs).
         stop_after: end each window's forward pass once every one of `modules` has run (the
         rest of the layer is not needed for their inputs)."""
+        from utils.stats import LayerStatsCollector  # it records through this module's recording_inputs
         self._need_inputs()
-        indices = range(self.num_windows) if indices is None else indices
-        seen: set[str] = set()
-        handles = []
-        if stop_after:
-            def stop_hook(name: str):
-                def hook(module, inputs, output):
-                    seen.add(name)
-                    if len(seen) == len(modules):
-                        raise StopLayer
-                return hook
-        with LayerStatsCollector(modules, self.device) as collector:
-            if stop_after:  # registered after the collector's hooks, so they fire after them
-                handles = [m.register_forward_hook(stop_hook(n)) for n, m in modules.items()]
-            try:
-                for i in indices:
-                    seen.clear()
-                    self.feed(range(i, i + 1))
-            finally:
-                for handle in handles:
-                    handle.remove()
+        with LayerStatsCollector(modules, self.device, stop_layer=self.layer if stop_after else None) as collector:
+            self.feed(indices)
         return collector
 
 

@@ -205,9 +205,36 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return matching[0] if matching else max(candidates, key=len)
 
 
+def linear_units(root: nn.Module, kinds: tuple[type, ...] | None = None) -> dict[str, nn.Module]:
+    """The linear units inside `root` (a decoder layer, or a whole model), by name relative to it, in
+    module order: every nn.Linear, LowRankLinear, ColumnPreservedLinear and QuantLinear as stored; the
+    parts of a listed unit (a LowRankLinear's factors u and v, a ColumnPreservedLinear's kept columns
+    c) are not listed apart. kinds: only units of these types (nn.Linear: the plain class, not its
+    subclasses); the parts of a unit of another kind are then listed where they match, e.g.
+    kinds=(nn.Linear,) lists a LowRankLinear's u and v."""
+    if kinds is None:
+        from component import ColumnPreservedLinear, LowRankLinear, QuantLinear
+        kinds = (nn.Linear, LowRankLinear, ColumnPreservedLinear, QuantLinear)
+    units: dict[str, nn.Module] = {}
+    for name, module in root.named_modules():
+        if any(name.startswith(f"{unit}.") for unit in units):
+            continue
+        if any(type(module) is kind if kind is nn.Linear else isinstance(module, kind) for kind in kinds):
+            units[name] = module
+    return units
+
+
+def layer_linear_units(model: nn.Module, kinds: tuple[type, ...] | None = None) -> dict[str, nn.Module]:
+    """linear_units of every decoder layer, by qualified name (e.g. 'model.layers.3.mlp.up_proj'), in layer order."""
+    prefix = layer_prefix(model)
+    return {f"{prefix}.{index}.{name}": module for index, layer in enumerate(decoder_layers(model))
+            for name, module in linear_units(layer, kinds).items()}
+
+
 def target_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside a decoder block (attention q/k/v/o, MLP gate/up/down; OPT fc1/fc2)."""
-    return {name: module for name, module in layer.named_modules() if type(module) is nn.Linear}
+    """Every nn.Linear inside a decoder block (attention q/k/v/o, MLP gate/up/down; OPT fc1/fc2): the
+    matrices compression targets."""
+    return linear_units(layer, (nn.Linear,))
 
 
 # sibling linears that every supported family feeds the same tensor: attention q/k/v (Llama,
@@ -236,12 +263,8 @@ def fuse_shared_inputs(model: nn.Module) -> int:
 
 def target_shapes(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
     """Qualified name -> (out_features, in_features, has_bias) of every target linear, in layer order."""
-    prefix = layer_prefix(model)
-    shapes = {}
-    for index, layer in enumerate(decoder_layers(model)):
-        for name, linear in target_linears(layer).items():
-            shapes[f"{prefix}.{index}.{name}"] = (linear.out_features, linear.in_features, linear.bias is not None)
-    return shapes
+    return {name: (linear.out_features, linear.in_features, linear.bias is not None)
+            for name, linear in layer_linear_units(model, (nn.Linear,)).items()}
 
 
 # config fields that give a mixture-of-experts model's expert count (Mixtral, Qwen-MoE, OLMoE, DeepSeek, ...)

@@ -1,4 +1,5 @@
-"""Input statistics of linear layers, accumulated from forward hooks (GPTQ's add_batch pattern).
+"""Input statistics of linear layers, accumulated from the inputs utils.layerwise.recording_inputs
+hands over (GPTQ's add_batch pattern).
 
 For every distinct input of a decoder layer's linears (q/k/v share one, gate/up share one):
     gram      H = X^T X over all calibration tokens (in x in), float64
@@ -16,10 +17,13 @@ InputStatistics.tensors); `saved_gram` rebuilds the matrix and also reads the fu
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 from torch import nn
 
 from utils.gram import symmetric_gram
+from utils.layerwise import recording_inputs
 
 
 def _row_offset(row: int, n: int) -> int:
@@ -126,47 +130,46 @@ class InputStatistics:
 
 
 class LayerStatsCollector:
-    """Hooks every given linear of one decoder layer; linears fed the same tensor share one stream.
+    """Within its block, records the inputs of every given linear of one decoder layer
+    (utils.layerwise.recording_inputs); linears fed the same tensor share one stream.
 
     Sharing is detected from the forward pass itself (the same input tensor object reaching
-    several linears in one call), so no family-specific grouping table is needed.
+    several linears in one call), so no family-specific grouping table is needed. stop_layer: the
+    layer holding the linears, whose calls end once every linear was called (recording_inputs).
     """
 
-    def __init__(self, linears: dict[str, nn.Module], device: torch.device | str):
+    def __init__(self, linears: dict[str, nn.Module], device: torch.device | str,
+                 stop_layer: nn.Module | None = None):
         self.linears = linears
         self.device = device
+        self.stop_layer = stop_layer
         self.streams: dict[str, InputStatistics] = {}
         self.stream_of: dict[str, str] = {}  # module name -> stream name
         # stream -> its latest input tensor; holding the reference keeps it alive, so an identity
         # test cannot be fooled by a freed tensor's memory being reused for a new one
         self._last_input: dict[str, torch.Tensor] = {}
-        self._handles = []
+        self._recording = ExitStack()
 
     def __enter__(self) -> "LayerStatsCollector":
-        for name, module in self.linears.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+        self._recording.enter_context(recording_inputs(self.linears, self.add, self.stop_layer))
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._recording.close()
         self._last_input.clear()
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            x = inputs[0]
-            stream = self.stream_of.get(name)
-            if stream is None:
-                # first batch: join a stream whose latest input is this very tensor, else open one
-                stream = next((s for s, t in self._last_input.items() if t is x), name)
-                self.stream_of[name] = stream
-            if stream == name:
-                if stream not in self.streams:
-                    self.streams[stream] = InputStatistics(x.shape[-1], self.device)
-                self.streams[stream].add_batch(x)
-            self._last_input[stream] = x
-        return hook
+    def add(self, name: str, x: torch.Tensor) -> None:
+        """Add linear `name`'s input x to its stream's statistics."""
+        stream = self.stream_of.get(name)
+        if stream is None:
+            # first batch: join a stream whose latest input is this very tensor, else open one
+            stream = next((s for s, t in self._last_input.items() if t is x), name)
+            self.stream_of[name] = stream
+        if stream == name:
+            if stream not in self.streams:
+                self.streams[stream] = InputStatistics(x.shape[-1], self.device)
+            self.streams[stream].add_batch(x)
+        self._last_input[stream] = x
 
     def tensors(self, gram_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
