@@ -19,16 +19,15 @@ from __future__ import annotations
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from utils.capture import StopLayer, recording_inputs  # noqa: F401  (re-exported: the passes' names)
 from utils.model import copies_to, decoder_layers, layer_prefix, layer_stream, non_layer_modules_to
-
-if TYPE_CHECKING:
-    from utils.stats import LayerStatsCollector
+from utils.stats import LayerStatsCollector
 
 
 class _StopForward(Exception):
@@ -125,10 +124,6 @@ def layer_on_device(layer: nn.Module, device: torch.device | str, offload: torch
             layer.to(offload)  # a no-op for what restore() put back
 
 
-class StopLayer(Exception):
-    """Raised from a hook to end a layer's forward pass early (its remaining modules are not needed)."""
-
-
 @torch.no_grad()
 def feed_layer(layer: nn.Module, inputs: torch.Tensor, layer_args: tuple[tuple, dict],
                indices: range | None = None) -> None:
@@ -139,42 +134,6 @@ def feed_layer(layer: nn.Module, inputs: torch.Tensor, layer_args: tuple[tuple, 
             run_layer(layer, inputs, layer_args, range(i, i + 1))
         except StopLayer:
             pass
-
-
-@contextmanager
-def recording_inputs(modules: dict[str, nn.Module], record: Callable[[str, torch.Tensor], None],
-                     stop_layer: nn.Module | None = None) -> Iterator[None]:
-    """The one way a pass sees the inputs of a layer's modules: within the block, each call of one
-    of `modules` first hands its input (the first positional argument, as the module receives it:
-    on the device, in the layer's dtype, not copied) to record(name, x), before the module runs.
-    stop_layer: the layer holding `modules`; each call of it ends (StopLayer, which feed_layer
-    takes) once every one of `modules` has been called in it, before the last of them runs: the
-    rest of the layer is not needed for their inputs. The hooks are removed when the block ends,
-    also on an error."""
-    called: set[str] = set()
-
-    def new_call(_layer, _args) -> None:
-        called.clear()
-
-    def hook(name: str):
-        def pre_hook(_module, args) -> None:
-            record(name, args[0])
-            if stop_layer is not None:
-                called.add(name)
-                if len(called) == len(modules):
-                    raise StopLayer
-        return pre_hook
-
-    handles = []
-    try:
-        if stop_layer is not None:
-            handles.append(stop_layer.register_forward_pre_hook(new_call))
-        for name, module in modules.items():
-            handles.append(module.register_forward_pre_hook(hook(name)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def first_inputs(layer: nn.Module, modules: dict[str, nn.Module], inputs: torch.Tensor,
@@ -253,7 +212,6 @@ class LayerContext:
         """Input statistics (Gram, |x|) of `modules` over inputs[indices] (recording_inputs).
         stop_after: end each window's forward pass once every one of `modules` has run (the
         rest of the layer is not needed for their inputs)."""
-        from utils.stats import LayerStatsCollector  # it records through this module's recording_inputs
         self._need_inputs()
         with LayerStatsCollector(modules, self.device, stop_layer=self.layer if stop_after else None) as collector:
             self.feed(indices)

@@ -1,4 +1,4 @@
-"""Input statistics of linear layers, accumulated from the inputs utils.layerwise.recording_inputs
+"""Input statistics of linear layers, accumulated from the inputs utils.capture.recording_inputs
 hands over (GPTQ's add_batch pattern).
 
 For every distinct input of a decoder layer's linears (q/k/v share one, gate/up share one):
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from utils.gram import symmetric_gram
-from utils.layerwise import recording_inputs
+from utils.capture import recording_inputs
 
 
 def _row_offset(row: int, n: int) -> int:
@@ -131,7 +131,7 @@ class InputStatistics:
 
 class LayerStatsCollector:
     """Within its block, records the inputs of every given linear of one decoder layer
-    (utils.layerwise.recording_inputs); linears fed the same tensor share one stream.
+    (utils.capture.recording_inputs); linears fed the same tensor share one stream.
 
     Sharing is detected from the forward pass itself (the same input tensor object reaching
     several linears in one call), so no family-specific grouping table is needed. stop_layer: the
