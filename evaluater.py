@@ -264,7 +264,7 @@ def chat_fidelity_step(args: argparse.Namespace, session, placement) -> dict:
     """--eval_chat: the model against its original's cached greedy responses (the original itself
     when the model is not compressed: then only its empty share says something)."""
     import fidelity
-    from generate import read_prompts
+    from utils.prompts import read_prompts
     prompts = read_prompts(None, args.eval_chat, flag="--eval_chat")
     start = time.perf_counter()
     if session.compression is None:

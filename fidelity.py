@@ -23,8 +23,8 @@ import os
 import torch
 from torch import nn
 
-from generate import end_tokens, prompt_ids
 from utils.io import read_json, write_json
+from utils.prompts import end_tokens, prompt_ids
 from utils.self_calibration import weights_fingerprint  # the one fingerprint of an original's weights
 
 CACHE_FORMAT = "svd-compress-chat-reference"
