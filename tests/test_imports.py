@@ -135,7 +135,8 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
             if target == ENTRY_POINT:
                 found.append(f"{module} imports {ENTRY_POINT} (the CLI: nothing imports it)")
             elif layer_of(target) > layer_of(module):
-                found.append(f"{module} ({_layer_name(module)}) imports {target} ({_layer_name(target)}), a layer above it")
+                found.append(f"{module} ({_layer_name(module)}) imports {target} ({_layer_name(target)}), "
+                             f"a layer above it")
     return found
 
 

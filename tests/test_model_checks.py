@@ -150,9 +150,13 @@ def test_the_cache_keys_change_with_weights_the_statistics_fingerprint_does_not_
         (decoder_layers(other)[1].mlp.up_proj.weight if where == "middle layer" else other.lm_head.weight).mul_(1.01)
     assert weights_fingerprint(other) == weights_fingerprint(model)
     options = SelfCalibrationOptions()
-    keys = [(settings_of(m, 32, 0, options, "bos"),
-             fidelity.reference_responses(m, ByteTokenizer(), ["hi"], 4, chat_template=False,
-                                          cache_dir=str(tmp_path))[1]["key"]) for m in (model, three_layer_llama(), other)]
+
+    def cache_keys(m: torch.nn.Module) -> tuple:
+        _, info = fidelity.reference_responses(m, ByteTokenizer(), ["hi"], 4, chat_template=False,
+                                               cache_dir=str(tmp_path))
+        return settings_of(m, 32, 0, options, "bos"), info["key"]
+
+    keys = [cache_keys(m) for m in (model, three_layer_llama(), other)]
     assert keys[0] == keys[1]  # the same weights: the same keys
     assert keys[2][0] != keys[0][0] and keys[2][1] != keys[0][1]
 
