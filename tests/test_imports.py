@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ("gptq", "component", "utils", "methods", "pipeline")  # lowest first; top-level modules above them all
+# lowest first; top-level modules above them all. component/ (the nn.Modules a compressed model is made
+# of: LowRankLinear, QuantLinear, which packs with gptq/) sits below utils/ because the model plumbing
+# (utils.model, utils.io, utils.hf_remote) builds, loads and saves models made of them.
+LAYERS = ("gptq", "component", "utils", "methods", "pipeline")
 TOP_LEVEL = len(LAYERS)
 NOT_PROJECT = {"tests", "scripts", "docs", "data", "tasks", "shared", "out"}  # consumers and data, not modules
 ENTRY_POINT = "compress"  # the CLI: the top of the graph
