@@ -12,7 +12,8 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+
+from pipeline.session import Session
 
 # --help's examples: each runs as written on a fresh clone (bundled model, offline data), in this order;
 # tests/test_cli.py runs them through the argument checks. Times: one CPU thread of a shared machine.
@@ -916,54 +917,22 @@ def _check_sensitivity_path(path: str) -> None:
 
 # ---------------------------------------------------------------------------------------- steps
 
-@dataclass
-class Session:
-    """What chained steps hand each other in memory."""
-
-    model: object = None
-    tokenizer: object = None
-    compression: dict | None = None  # None: the model is the original
-    timings: dict = field(default_factory=dict)
-    placement: object = None  # where evaluation put the model (evaluater.place_for_evaluation)
-    dequantized: bool = False  # the model is a GGUF file de-quantised to float32 (--dtype auto)
-    self_calibration: tuple | None = None  # (ids, what they are) the original model wrote (--dataset self)
-
-
 def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: bool = False) -> Session:
-    """Load the model the step needs unless the previous step left it in memory."""
-    if session.model is not None:
-        return session
-    from utils.io import load_compressed
-    from utils.model import DTYPES, load_model
-    start = time.perf_counter()
-    if prefer_compressed and getattr(args, "model_path", None):
-        dtype = None if args.dtype == "auto" else DTYPES[args.dtype]  # None: as it was saved
-        # fused: the v factors of q/k/v and gate/up run as one matmul (float rounding only)
-        model, tokenizer, compression = load_compressed(args.model_path, dtype, fuse=True)
-        if tokenizer is None:
-            from utils.model import load_tokenizer, resolve_model
-            tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
-        session.model, session.tokenizer, session.compression = model, tokenizer, compression
-    else:
-        session.model, session.tokenizer = load_model(args.model, args.dtype, args.seed, args.num_layers,
-                                                      stream=streams_layers(args))
-        from utils.model import resolve_model
-        session.dequantized = args.dtype == "auto" and bool(resolve_model(args.model).gguf_file)
-    session.timings["load_s"] = round(time.perf_counter() - start, 3)
-    return session
+    """pipeline.session.ensure_model from the flags: --model_path's compressed model when the step
+    prefers it, else --model (--dtype, --seed, --num_layers)."""
+    from pipeline.session import ensure_model as load
+    model_path = getattr(args, "model_path", None) if prefer_compressed else None
+    return load(session, args.model, args.dtype, args.seed, args.num_layers, model_path=model_path,
+                stream=not model_path and streams_layers(args))
 
 
 MODEL_STEPS = (3, 7, 8)  # the steps that produce a model and write it to --save_path
 
 
 def streams_layers(args: argparse.Namespace) -> bool:
-    """Whether --model's decoder layers are read from disk one at a time (utils.model.LayerStream):
-    when every step of the command goes layer by layer (1 and 3) and the output is a directory,
-    which step 3 writes layer by layer; other steps (and step 1's --fisher backward, --dataset
-    self's generation) need the whole model in memory."""
-    from utils.data import SELF_DATASET
-    return (set(args.steps) <= {1, 3} and not (3 in args.steps and (args.save_path or "").endswith(".pt"))
-            and not args.fisher and args.dataset != SELF_DATASET)  # --dataset self: the whole model generates
+    """pipeline.session.streams_layers from the flags (--step, --save_path, --fisher, --dataset)."""
+    from pipeline.session import streams_layers as streams
+    return streams(args.steps, args.save_path, args.fisher, args.dataset)
 
 
 def writes_model(args: argparse.Namespace, step: int) -> bool:

@@ -45,6 +45,7 @@ from utils.io import read_json, write_json
 from utils.measure import rss_bytes, synchronize
 from utils.presets import is_random_spec
 from utils.model import ModelSpecError, cache_keyword, cache_of, count_parameters, load_model, model_description
+from pipeline.session import Session
 
 RESULTS_VERSION = 1
 
@@ -204,13 +205,21 @@ def _refuse_random(args: argparse.Namespace, session, what: str) -> None:
                              f"nothing about compression: evaluate a pretrained model")
 
 
+def load_step_model(args: argparse.Namespace, session: Session) -> Session:
+    """The model an evaluation step runs on (pipeline.session.ensure_model) unless the previous
+    step left one: --model_path's compressed model, else --model (--dtype, --seed, --num_layers)."""
+    from pipeline.session import ensure_model, streams_layers
+    model_path = getattr(args, "model_path", None)
+    return ensure_model(session, args.model, args.dtype, args.seed, args.num_layers, model_path=model_path,
+                        stream=not model_path and streams_layers(args.steps, args.save_path, args.fisher, args.dataset))
+
+
 def prepare_text_step(args: argparse.Namespace, session, no_tokenizer: str, refuse_random: str | None = None):
     """What every step that feeds the model text does first (steps 4, 6, 9): load the model unless
     the previous step left it, refuse a random-weight model where the figure would mean nothing,
     refuse a model without a tokenizer ("the model has no tokenizer, so " + no_tokenizer), and
     place it for evaluation; returns the placement."""
-    from compress import ensure_model
-    ensure_model(args, session, prefer_compressed=True)
+    load_step_model(args, session)
     if refuse_random:
         _refuse_random(args, session, refuse_random)
     if session.tokenizer is None:
@@ -255,7 +264,7 @@ def chat_fidelity_step(args: argparse.Namespace, session, placement) -> dict:
     """--eval_chat: the model against its original's cached greedy responses (the original itself
     when the model is not compressed: then only its empty share says something)."""
     import fidelity
-    from generate import read_prompts
+    from utils.prompts import read_prompts
     prompts = read_prompts(None, args.eval_chat, flag="--eval_chat")
     start = time.perf_counter()
     if session.compression is None:
@@ -448,8 +457,7 @@ def _prompts(args: argparse.Namespace, session) -> tuple[torch.Tensor, str]:
 
 def efficiency_step(args: argparse.Namespace, session) -> dict:
     """Step 5: speed and memory of the model and, if it is compressed, of its original."""
-    from compress import ensure_model
-    ensure_model(args, session, prefer_compressed=True)
+    load_step_model(args, session)
     placement = place_for_evaluation(args, session)
     device = str(placement.input_device)
     model = session.model.eval()

@@ -23,9 +23,9 @@ import os
 import torch
 from torch import nn
 
-from generate import end_tokens, prompt_ids
 from utils.io import read_json, write_json
-from utils.self_calibration import weights_fingerprint  # the one fingerprint of an original's weights
+from utils.prompts import end_tokens, prompt_ids
+from utils.model import weights_fingerprint
 
 CACHE_FORMAT = "svd-compress-chat-reference"
 BATCH_SIZE = 16  # prompts generated together
@@ -81,7 +81,8 @@ def reference_responses(original: nn.Module, tokenizer, prompts: list[str], max_
     prompt_token_ids = [prompt_ids(tokenizer, p, chat_template)[0][0].tolist() for p in prompts]
     settings = {"max_new_tokens": max_new_tokens, "chat_template": chat_template, "decoding": "greedy",
                 "end_tokens": end_tokens(original, tokenizer), "batch_size": batch_size}
-    key_source = repr((weights_fingerprint(original), prompt_token_ids, sorted(settings.items())))
+    fingerprint = weights_fingerprint(original, every_parameter=True)  # the whole model wrote them
+    key_source = repr((fingerprint, prompt_token_ids, sorted(settings.items())))
     key = hashlib.sha256(key_source.encode()).hexdigest()[:24]
     path = os.path.join(cache_dir or default_cache_dir(), f"{key}.json")
     if os.path.isfile(path):

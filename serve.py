@@ -64,7 +64,8 @@ def compare_text(prompts: list[dict], engine: dict, tokenizer) -> dict:
 def serve_step(args: argparse.Namespace, session) -> dict:
     """Step 10: vLLM against our generation (text) and against the dense original (speed); one JSON section."""
     from evaluater import prepare_text_step, results_path, update_results
-    from generate import GenerationOptions, generate, prompt_ids, read_prompts
+    from generate import GenerationOptions, generate
+    from utils.prompts import prompt_ids, read_prompts
     from utils.model import load_model
     vllm_python = find_vllm_python(args.vllm_python)
     prompts = read_prompts(args.prompt, args.prompts)

@@ -178,6 +178,7 @@ def test_api_save_follows_the_cli_rule_on_earlier_outputs(compressed_dir, tmp_pa
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if anything loads weights: the checks below must come first."""
+    import pipeline.session
     import utils.model
 
     def refuse(*args, **kwargs):
@@ -185,6 +186,7 @@ def no_loading(monkeypatch):
 
     monkeypatch.setattr(utils.model, "load_model", refuse)
     monkeypatch.setattr(compress, "ensure_model", refuse)
+    monkeypatch.setattr(pipeline.session, "ensure_model", refuse)  # evaluater's steps load through it
 
 
 def _one_error_line(capsys) -> str:

@@ -1,13 +1,14 @@
 """What would otherwise go silently wrong: statistics of another checkpoint, mixture-of-experts
 layers the toolkit does not compress, the parameters of a quantized model."""
 import copy
+import hashlib
 import os
 
 import pytest
 import torch
 
 import compress
-from tests.tiny_models import save_tiny_model, tiny_model
+from tests.tiny_models import save_tiny_model, tiny_config, tiny_model
 from utils.model import decoder_layers, weights_fingerprint
 from pipeline.steps import PipelineError, profile_model
 
@@ -95,6 +96,69 @@ def test_cli_refuses_statistics_of_another_checkpoint(tmp_path, capsys):
     warnings = [line for line in messages(capsys) if line.startswith(("warning:", "error:"))]
     assert len(warnings) == 1 and warnings[0].startswith("warning:") and other in warnings[0], warnings
     assert os.path.isfile(os.path.join(out, "config.json"))
+
+
+# ---------------------------------------------------------------------------------------- one fingerprint
+
+def three_layer_llama() -> torch.nn.Module:
+    """The tiny Llama with a middle decoder layer (the statistics' fingerprint hashes only the ends)."""
+    from transformers import AutoModelForCausalLM
+    config = tiny_config("llama")
+    config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def test_the_statistics_fingerprint_keeps_the_format_earlier_statistics_recorded():
+    """sha1 / signs_sha1 as step 1 wrote them before the fingerprints were merged (re-derived here):
+    digests of the first and last layers' state dicts by name, every bit, then the sign bits only."""
+    model = three_layer_llama()
+
+    def digest(tensors: dict) -> str:
+        sha1 = hashlib.sha1()
+        for name in sorted(tensors):
+            sha1.update(name.encode())
+            sha1.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        return sha1.hexdigest()[:16]
+
+    ends = {f"{i}.{k}": v for i in (0, 2) for k, v in decoder_layers(model)[i].state_dict().items()}
+    expected = {"dtype": "float32", "sha1": digest(ends),
+                "signs_sha1": digest({k: torch.signbit(v) for k, v in ends.items()})}
+    assert weights_fingerprint(model) == expected
+    whole = weights_fingerprint(model, every_parameter=True)
+    assert {k: whole[k] for k in expected} == expected and len(whole["sampled_sha1"]) == 16
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for fidelity.reference_responses without a chat template."""
+    eos_token_id, pad_token_id, chat_template = 1, 0, None
+
+    def __call__(self, text: str, return_tensors: str = "pt", **kwargs) -> dict:
+        return {"input_ids": torch.tensor([[b % 256 for b in text.encode()]])}
+
+
+@pytest.mark.parametrize("where", ["middle layer", "head"])
+def test_the_cache_keys_change_with_weights_the_statistics_fingerprint_does_not_hash(where, tmp_path, monkeypatch):
+    """Self-calibration ids and chat references are keyed by every parameter (as self-calibration's own
+    fingerprint did before the merge): a middle layer or the head (tied to the embedding) changed
+    gives other keys, though the first and last layers, all step 1's fingerprint reads, are equal."""
+    import fidelity
+    from utils.self_calibration import SelfCalibrationOptions, settings_of
+    monkeypatch.setattr(fidelity, "greedy_responses", lambda *args, **kwargs: [{"ids": [2], "text": "x"}])
+    model, other = three_layer_llama(), three_layer_llama()
+    with torch.no_grad():
+        (decoder_layers(other)[1].mlp.up_proj.weight if where == "middle layer" else other.lm_head.weight).mul_(1.01)
+    assert weights_fingerprint(other) == weights_fingerprint(model)
+    options = SelfCalibrationOptions()
+
+    def cache_keys(m: torch.nn.Module) -> tuple:
+        _, info = fidelity.reference_responses(m, ByteTokenizer(), ["hi"], 4, chat_template=False,
+                                               cache_dir=str(tmp_path))
+        return settings_of(m, 32, 0, options, "bos"), info["key"]
+
+    keys = [cache_keys(m) for m in (model, three_layer_llama(), other)]
+    assert keys[0] == keys[1]  # the same weights: the same keys
+    assert keys[2][0] != keys[0][0] and keys[2][1] != keys[0][1]
 
 
 # ---------------------------------------------------------------------------------------- mixture of experts

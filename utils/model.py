@@ -431,17 +431,30 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def weights_fingerprint(model: nn.Module) -> dict:
+def weights_fingerprint(model: nn.Module, every_parameter: bool = False) -> dict:
     """What tells one checkpoint's weights from another's, cheaply: digests of the first and last
     decoder layers' state dicts as loaded. "sha1" hashes their bytes (it changes with the dtype
     they were loaded in too); "signs_sha1" hashes only the sign bits of the float tensors, which
     a cast between float32, bfloat16 and float16 never changes, so the same checkpoint loaded in
-    another --dtype still matches on it."""
+    another --dtype still matches on it (statistics record these three keys).
+    every_parameter: also "sampled_sha1", a hash of every parameter's name, shape and dtype and of
+    up to 4096 evenly spaced values of each (middle layers, embeddings and head too: the key of
+    caches of what the whole model wrote, self-calibration ids and chat references); it reads
+    every parameter, so the model must be in memory (not streamed)."""
     layers = decoder_layers(model)
     tensors = {f"{i}.{k}": v for i in {0, len(layers) - 1} for k, v in layer_state_dict(model, i).items()}
     signs = {k: torch.signbit(v) if v.is_floating_point() else v for k, v in tensors.items()}
-    return {"dtype": dtype_name(next(model.parameters()).dtype), "sha1": tensors_digest(tensors),
-            "signs_sha1": tensors_digest(signs)}
+    fingerprint = {"dtype": dtype_name(next(model.parameters()).dtype), "sha1": tensors_digest(tensors),
+                   "signs_sha1": tensors_digest(signs)}
+    if every_parameter:
+        digest = hashlib.sha1()
+        for name, parameter in model.named_parameters():
+            flat = parameter.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
+            digest.update(flat[::step].float().cpu().numpy().tobytes())
+        fingerprint["sampled_sha1"] = digest.hexdigest()[:16]
+    return fingerprint
 
 
 def model_description(model: nn.Module) -> dict:

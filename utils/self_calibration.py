@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from utils.data import DatasetError, has_chat_template
-from utils.model import cache_keyword, cache_of
+from utils.model import cache_keyword, cache_of, weights_fingerprint
 
 CACHE_FILE = "self_calibration.safetensors"
 SETTINGS_FILE = "self_calibration.json"
@@ -165,22 +165,11 @@ def _check_lengths(starts: list[list[int]], seq_len: int) -> None:
                            f"than --model_seq_len {seq_len}: shorten the prompt or raise --model_seq_len")
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter's name, shape and dtype and of up to 4096 evenly spaced values of
-    each: cheap on a 7B model, and any other checkpoint or a compressed copy differs."""
-    digest = hashlib.sha1()
-    for name, parameter in model.named_parameters():
-        flat = parameter.detach().reshape(-1)
-        step = max(1, flat.numel() // 4096)
-        digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
-        digest.update(flat[::step].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def settings_of(model: nn.Module, seq_len: int, seed: int, options: SelfCalibrationOptions, start: str) -> dict:
     """What the generated ids depend on (the count aside: a longer cache serves a shorter request)."""
     return {"method": "self-calibration (Williams et al., arXiv 2410.17170)", "seq_len": seq_len, "seed": seed,
-            **options.describe(), "start": start, "weights_sha1": weights_fingerprint(model)}
+            **options.describe(), "start": start,
+            "weights": weights_fingerprint(model, every_parameter=True)}
 
 
 def cached_sequences(directory: str, settings: dict, nsamples: int) -> torch.Tensor | None:

@@ -1,0 +1,58 @@
+"""What chained steps hand each other in memory, and the one place a step's model is loaded.
+
+Plain parameters only: compress.py and the evaluation steps (evaluater.py) map their flags onto
+these. Importing this module loads neither torch nor transformers (compress.py's --help stays fast).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Session:
+    """What chained steps hand each other in memory."""
+
+    model: object = None
+    tokenizer: object = None
+    compression: dict | None = None  # None: the model is the original
+    timings: dict = field(default_factory=dict)
+    placement: object = None  # where evaluation put the model (evaluater.place_for_evaluation)
+    dequantized: bool = False  # the model is a GGUF file de-quantised to float32 (dtype "auto")
+    self_calibration: tuple | None = None  # (ids, what they are) the original model wrote (--dataset self)
+
+
+def streams_layers(steps: list[int] | set[int], save_path: str | None, fisher: bool, dataset: str | None) -> bool:
+    """Whether the model's decoder layers are read from disk one at a time (utils.model.LayerStream):
+    when every step of the command goes layer by layer (1 and 3) and the output is a directory,
+    which step 3 writes layer by layer; other steps (and step 1's Fisher backward, self-calibration's
+    generation) need the whole model in memory."""
+    from utils.data import SELF_DATASET
+    return (set(steps) <= {1, 3} and not (3 in steps and (save_path or "").endswith(".pt"))
+            and not fisher and dataset != SELF_DATASET)
+
+
+def ensure_model(session: Session, model: str, dtype: str, seed: int = 0, num_layers: int | None = None,
+                 model_path: str | None = None, stream: bool = False) -> Session:
+    """Load the model the step needs into `session` unless the previous step left one there.
+    model_path: a compressed model (utils.io.load_compressed) loaded instead of `model` (a model
+    spec for utils.model.load_model: alias, directory, .gguf file, hub id or random preset);
+    dtype: a utils.model.DTYPES name or "auto" (as saved); stream: `model`'s decoder layers stay
+    on disk until used (streams_layers)."""
+    if session.model is not None:
+        return session
+    from utils.io import load_compressed
+    from utils.model import DTYPES, load_model, load_tokenizer, resolve_model
+    start = time.perf_counter()
+    if model_path:
+        loaded_dtype = None if dtype == "auto" else DTYPES[dtype]  # None: as it was saved
+        # fused: the v factors of q/k/v and gate/up run as one matmul (float rounding only)
+        loaded, tokenizer, compression = load_compressed(model_path, loaded_dtype, fuse=True)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
+        session.model, session.tokenizer, session.compression = loaded, tokenizer, compression
+    else:
+        session.model, session.tokenizer = load_model(model, dtype, seed, num_layers, stream=stream)
+        session.dequantized = dtype == "auto" and bool(resolve_model(model).gguf_file)
+    session.timings["load_s"] = round(time.perf_counter() - start, 3)
+    return session
