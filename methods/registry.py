@@ -1,0 +1,185 @@
+"""The methods of step 3 as data: each method module declares a Method (its flags, how they become its
+options, its checks, its summary line) and its options dataclass declares the pass it contributes;
+this module composes them, so the pipeline and the CLI hold no if/elif per method.
+
+    registry = Registry.builtin()                          # decompose, closed_form, anchored, refine
+    registry.add_flags(parser, groups, "decomposition")    # the CLI's argument groups (compress.py)
+    values = registry.resolve(flag_values)                 # checks, defaults that depend on other flags
+    chosen = registry.options(values)                      # the chosen methods' options, in walk order
+    passes = [o.make_pass(inputs) for o in chosen]         # what pipeline.steps.compress_model walks
+
+A new method is one module: its options (a MethodOptions dataclass with make_pass), its Method, and
+one entry in builtin_methods() (or Registry.builtin().with_method(...) without touching this file).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class FlagError(ValueError):
+    """Flag values that do not fit together (one line naming the problem and the fix)."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag, as argparse's add_argument takes it. names: the flag, then its aliases
+    (the names the original repositories use). selects: a flag choosing among the methods whose
+    Method.selector is its dest; its choices are "none" and their names, in registry order."""
+    names: tuple[str, ...]
+    dest: str
+    group: str  # the argument group's title
+    help: str = ""
+    default: Any = None
+    type: Callable | None = None
+    choices: tuple | None = None
+    action: str | None = None  # "store_true" for on/off flags
+    metavar: str | None = None
+    selects: bool = False
+
+    def add_to(self, group, choices: tuple | None = None) -> None:
+        keywords: dict[str, Any] = {"dest": self.dest, "default": self.default, "help": self.help}
+        if self.action is not None:
+            keywords["action"] = self.action
+        for key, value in (("type", self.type), ("choices", choices or self.choices), ("metavar", self.metavar)):
+            if value is not None:
+                keywords[key] = list(value) if key == "choices" else value
+        group.add_argument(*self.names, **keywords)
+
+
+def no_check(values: dict) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method of step 3. options: the flag values (a plain dict) -> its options; called only when
+    the method is chosen (its selector flag names it, or it has no selector). check: the flag values
+    -> the values it resolves (defaults that depend on other flags), raising FlagError on bad input;
+    it runs whether or not the method is chosen (its own flags given without it are refused there).
+    summary: the saved compression block -> the line step 3 prints for it (None: nothing). record_defaults:
+    the fields every compression record has, None when the method did not run."""
+    name: str
+    flags: tuple[Flag, ...] = ()
+    options: Callable[[dict], Any] | None = None
+    check: Callable[[dict], dict] = no_check
+    selector: str | None = None  # dest of the flag that chooses it (--update closed_form)
+    summary: Callable[[dict], str | None] | None = None
+    record_defaults: dict = field(default_factory=dict)
+
+    def chosen(self, values: dict) -> bool:
+        return self.options is not None and (self.selector is None or values.get(self.selector) == self.name)
+
+
+@dataclass
+class PassInputs:
+    """What the passes of one step 3 share: the plan, step 1's statistics (or None) and the records
+    they fill (per module, per layer)."""
+    plan: Any
+    stats: Any = None
+    records: dict = field(default_factory=dict)
+    layer_records: dict = field(default_factory=dict)
+
+
+class MethodOptions:
+    """What the pipeline asks of a method's options dataclass (defaults: a pass that needs no windows).
+    slot: its key in pipeline.steps.CompressOptions and in the compression record; role: its name in
+    messages ("the update")."""
+    slot = ""
+    role = ""
+
+    @property
+    def windows_needed(self) -> int:
+        """Calibration windows the walk must carry for this pass (0: none)."""
+        return 0
+
+    def heldout_positions(self) -> list[int]:
+        """Positions, among the carried windows, of those this pass only measures on."""
+        return []
+
+    @property
+    def walk_label(self) -> str | None:
+        """What the walk's progress line adds for this pass ("closed_form" -> compress+closed_form)."""
+        return None
+
+    def record_fields(self, records: dict, layer_records: dict) -> dict:
+        """Fields of the compression record this pass adds once the walk is done."""
+        return {}
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def make_pass(self, inputs: PassInputs):
+        """The pass over the layer walk (utils.layerwise) these options configure."""
+        raise NotImplementedError
+
+
+def builtin_methods() -> tuple[Method, ...]:
+    """Step 3's methods in walk order: decomposition, update (closed form or anchored), refinement."""
+    from methods import anchored, closed_form, decompose, refine
+    return decompose.METHOD, closed_form.METHOD, anchored.METHOD, refine.METHOD
+
+
+@dataclass(frozen=True)
+class Registry:
+    methods: tuple[Method, ...]
+
+    @classmethod
+    def builtin(cls) -> "Registry":
+        return cls(builtin_methods())
+
+    def with_method(self, method: Method) -> "Registry":
+        """This registry and `method` after its methods (its pass runs after theirs in the walk)."""
+        if any(m.name == method.name for m in self.methods):
+            raise ValueError(f"a method named {method.name!r} is already registered")
+        return Registry(self.methods + (method,))
+
+    def _choices(self, flag: Flag) -> tuple | None:
+        if not flag.selects:
+            return None
+        return ("none",) + tuple(m.name for m in self.methods if m.selector == flag.dest)
+
+    def group_titles(self) -> list[str]:
+        """The argument groups the methods' flags go to, in the order they first appear."""
+        titles: list[str] = []
+        for method in self.methods:
+            for flag in method.flags:
+                if flag.group not in titles:
+                    titles.append(flag.group)
+        return titles
+
+    def add_flags(self, parser: argparse.ArgumentParser, groups: dict, title: str | None = None) -> None:
+        """Add the flags of argument group `title` (groups[title], made when missing), in registry
+        order; title None: every group not in `groups` yet, each made after the ones before it."""
+        titles = [title] if title is not None else [t for t in self.group_titles() if t not in groups]
+        for name in titles:
+            if name not in groups:
+                groups[name] = parser.add_argument_group(name)
+            for method in self.methods:
+                for flag in method.flags:
+                    if flag.group == name:
+                        flag.add_to(groups[name], self._choices(flag))
+
+    def resolve(self, values: dict) -> dict:
+        """The flag values (a plain dict) after every method's check, with what they resolve (a default
+        that depends on another flag) filled in; FlagError on the first bad one."""
+        values = dict(values)
+        for method in self.methods:
+            values.update(method.check(values))
+        return values
+
+    def options(self, values: dict) -> list:
+        """The options of the chosen methods, in walk order, from resolved flag values."""
+        chosen = [m.options(values) for m in self.methods if m.chosen(values)]
+        return [o for o in chosen if o is not None]
+
+    def record_defaults(self) -> dict:
+        defaults: dict = {}
+        for method in self.methods:
+            defaults.update(method.record_defaults)
+        return defaults
+
+    def summary_lines(self, compression: dict) -> list[str]:
+        lines = [m.summary(compression) for m in self.methods if m.summary is not None]
+        return [line for line in lines if line]
