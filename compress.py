@@ -203,22 +203,7 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
                    help="v2: the most a matrix's ratio may move from --ratio (default %(default)s)")
     groups["decomposition"] = d
     registry.add_flags(p, groups, "decomposition")  # --whitening ... --anchor_holdout (methods.decompose, ...)
-    registry.add_flags(p, groups)  # the methods' own groups: refinement (methods.refine), any new method's
-    q = p.add_argument_group("quantization (step 8; docs/quantization.md)")
-    q.add_argument("--quant", default=None, choices=["gptq", "rtn"],
-                   help="GPTQ (Hessian-aware, needs --nsamples calibration windows) or round-to-nearest (default gptq)")
-    q.add_argument("--wbits", type=int, default=None, help="bits per weight code: 2, 3, 4 or 8, stored packed (default 4)")
-    q.add_argument("--groupsize", type=int, default=None,
-                   help="input columns per float16 scale/zero pair; -1: one pair per output row (default 128)")
-    q.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at 2^(bits-1))")
-    q.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
-    q.add_argument("--blocksize", type=int, default=128, help="GPTQ: columns per lazy-batch block")
-    q.add_argument("--nsamples", type=int, default=128,
-                   help="GPTQ calibration windows of --model_seq_len tokens from --dataset (GPTQ uses 128)")
-    q.add_argument("--weight_quant", default=None, choices=["rtn_int8", "rtn_int6"],
-                   help="ASVD's flag: with step 3, quantize its output by RTN per output channel "
-                        "(= --step 3,8 --quant rtn --wbits 8 --groupsize -1); rtn_int6 is refused (no packed 6-bit layout)")
+    registry.add_flags(p, groups)  # the methods' own groups: refinement, quantization (methods.quantize), a new method's
     e = p.add_argument_group("evaluation (steps 4-5)")
     e.add_argument("--eval_datasets", default="wikitext2",
                    help="comma list of wikitext2, ptb, c4, pydoc or local files (slices allowed)")
@@ -311,8 +296,8 @@ def validate(args: argparse.Namespace) -> None:
     from utils.outputs import check_output_path
     args.steps = parse_steps(args.step)
     _validate_allocation_flags(args)  # --ratio / --param_ratio_target / --strategy first: others read them
-    _validate_quantization(args)  # step 8, and --weight_quant adding it after step 3
-    _resolve_method_flags(args)  # step 3's methods: their checks, and defaults that depend on other flags
+    _resolve_method_flags(args)  # the methods' checks, defaults that depend on other flags, --weight_quant's step 8
+    _validate_quantization(args)
     if args.ratio is not None and not 0.0 < args.ratio < 1.0:
         raise UsageError(f"--ratio {args.ratio}: the fraction of parameters removed must be in (0, 1), e.g. 0.2")
     for name in ("whitening_nsamples", "model_seq_len", "eval_batch_size",
@@ -623,48 +608,19 @@ def _needs_calibration_windows(args: argparse.Namespace) -> bool:
     return _compress_options(args).nsamples > 0
 
 
-QUANT_DEFAULTS = {"quant": "gptq", "wbits": 4, "groupsize": 128}
-WEIGHT_QUANT = {"rtn_int8": {"quant": "rtn", "wbits": 8, "groupsize": -1}}  # ASVD: RTN per output channel
-
-
 def _quantize_options(args: argparse.Namespace):
-    """--quant/--wbits/... -> methods.quantize.QuantizeOptions (its checks give the messages)."""
-    from methods.quantize import QuantizeOptions
-    return QuantizeOptions(args.quant, args.wbits, args.groupsize, args.act_order, args.sym, args.percdamp,
-                           args.blocksize)
+    """--quant/--wbits/... -> methods.quantize.QuantizeOptions (methods.quantize checks the flags)."""
+    return method_registry(args).options(_flag_values(args), step=8)[0]
 
 
 def _validate_quantization(args: argparse.Namespace) -> None:
-    """Step 8's checks, before anything slow: flags, --weight_quant (ASVD's alias, which adds step 8
-    after step 3), the model it starts from, the save path and the calibration data."""
-    from methods.quantize import QuantizeError
+    """Step 8's checks beyond its flags' own (methods.quantize, with --weight_quant adding step 8 after
+    step 3), before anything slow: the steps around it, the model it starts from, the save path and
+    the calibration data."""
     steps = set(args.steps)
-    if args.weight_quant:
-        if not steps & {3, 8}:
-            raise UsageError(f"--weight_quant {args.weight_quant} quantizes the output of step 3: give --step 3 (or 8)")
-        if args.weight_quant not in WEIGHT_QUANT:
-            raise UsageError(f"--weight_quant {args.weight_quant}: 6-bit codes have no packed layout here (packed: "
-                             f"2, 3, 4 and 8 bits), so int6 would take a byte per weight on disk like int8, with more "
-                             f"error; use rtn_int8, or --quant rtn --wbits 4")
-        for name, value in WEIGHT_QUANT[args.weight_quant].items():
-            given = getattr(args, name)
-            if given is not None and given != value:
-                raise UsageError(f"--weight_quant {args.weight_quant} means --quant rtn --wbits 8 --groupsize -1; "
-                                 f"it contradicts --{name} {given}")
-            setattr(args, name, value)
-        steps.add(8)
-        args.steps = sorted(steps)
-    for name, value in QUANT_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
     if 8 not in steps:
         return
-    try:
-        options = _quantize_options(args)
-    except QuantizeError as error:
-        raise UsageError(str(error)) from None
-    if args.nsamples < 1:
-        raise UsageError("--nsamples must be at least 1 (GPTQ uses 128 calibration windows)")
+    options = _quantize_options(args)
     if steps & {4, 5, 6, 9}:
         raise UsageError(f"--step {min(steps & {4, 5, 6, 9})} with step 8: steps run in number order, so it would use "
                          f"the model before quantization (and step 8's save would replace its results); run it "

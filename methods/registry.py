@@ -1,8 +1,8 @@
-"""The methods of step 3 as data: each method module declares a Method (its flags, how they become its
-options, its checks, its summary line) and its options dataclass declares the pass it contributes;
-this module composes them, so the pipeline and the CLI hold no if/elif per method.
+"""The methods of steps 3 and 8 as data: each method module declares a Method (its flags, how they become
+its options, its checks, its summary line) and a step 3 method's options dataclass declares the pass it
+contributes; this module composes them, so the pipeline and the CLI hold no if/elif per method.
 
-    registry = Registry.builtin()                          # decompose, closed_form, anchored, refine
+    registry = Registry.builtin()                          # decompose, closed_form, anchored, refine, quantize
     registry.add_flags(parser, groups, "decomposition")    # the CLI's argument groups (compress.py)
     values = registry.resolve(flag_values)                 # checks, defaults that depend on other flags
     chosen = registry.options(values)                      # the chosen methods' options, in walk order
@@ -65,6 +65,7 @@ class Method:
     options: Callable[[dict], Any] | None = None
     check: Callable[[dict], dict] = no_check
     selector: str | None = None  # dest of the flag that chooses it (--update closed_form)
+    step: int = 3  # the step whose options it gives (step 3: a pass of compress_model)
     summary: Callable[[dict], str | None] | None = None
     record_defaults: dict = field(default_factory=dict)
 
@@ -116,9 +117,10 @@ class MethodOptions:
 
 
 def builtin_methods() -> tuple[Method, ...]:
-    """Step 3's methods in walk order: decomposition, update (closed form or anchored), refinement."""
-    from methods import anchored, closed_form, decompose, refine
-    return decompose.METHOD, closed_form.METHOD, anchored.METHOD, refine.METHOD
+    """Step 3's methods in walk order: decomposition, update (closed form or anchored), refinement;
+    then step 8's quantization."""
+    from methods import anchored, closed_form, decompose, quantize, refine
+    return decompose.METHOD, closed_form.METHOD, anchored.METHOD, refine.METHOD, quantize.METHOD
 
 
 @dataclass(frozen=True)
@@ -169,9 +171,9 @@ class Registry:
             values.update(method.check(values))
         return values
 
-    def options(self, values: dict) -> list:
-        """The options of the chosen methods, in walk order, from resolved flag values."""
-        chosen = [m.options(values) for m in self.methods if m.chosen(values)]
+    def options(self, values: dict, step: int = 3) -> list:
+        """The options of the chosen methods of `step`, in walk order, from resolved flag values."""
+        chosen = [m.options(values) for m in self.methods if m.step == step and m.chosen(values)]
         return [o for o in chosen if o is not None]
 
     def record_defaults(self) -> dict:

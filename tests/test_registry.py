@@ -124,3 +124,7 @@ def test_selector_choices_and_record_defaults_come_from_the_methods():
     chosen = registry.options(resolved)
     assert [o.slot for o in chosen] == ["decompose", "update"] and chosen[1].nsamples == 8
     assert chosen[1].heldout_positions() == [6, 7]
+    quantize = registry.resolve(vars(parser.parse_args(["--step", "3", "--weight_quant", "rtn_int8"])) | {"steps": [3]})
+    assert quantize["steps"] == [3, 8]  # ASVD's alias adds step 8 and sets its flags
+    (options,) = registry.options(quantize, step=8)
+    assert (options.method, options.wbits, options.groupsize) == ("rtn", 8, -1)
