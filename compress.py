@@ -160,49 +160,8 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
                    help="fraction of the WHOLE model's parameters removed, in (0, 1), instead of --ratio: embeddings, "
                         "norms and lm_head stay dense, so this asks for a larger per-matrix --ratio, computed from "
                         "the model's config before anything loads (refused when unreachable even at rank 1)")
-    d.add_argument("--allocation", default="uniform", choices=["uniform", "asvd", "v2", "duo"],
-                   help="step 2: uniform ranks; v2 = SVD-LLM V2's ranks from the whitened truncation losses (no "
-                        "forward pass); duo = Duo-SVD's knapsack DP over each matrix's KL sensitivity (the others at "
-                        "--ratio); asvd = ASVD's binary search over each matrix's sensitivity (the others dense) to "
-                        "--ratio or --ppl_target. All meet --ratio within 0.5%% of the matrices' parameters, never over")
-    d.add_argument("--rank_multiple", type=int, default=1,
-                   help="round every rank of the plan down to a multiple of N (8 / 16 / 64: the tiles of matmul "
-                        "kernels); the rounded plan never costs more parameters than the unrounded one")
-    d.add_argument("--strategy", default=None, choices=["dp"],
-                   help="Duo-SVD's flag: --strategy dp = --allocation duo. Note Duo-SVD's --ratio is the fraction KEPT; "
-                        "here --ratio is the fraction removed: its --ratio 0.8 is --ratio 0.2 (or --param_ratio_target 0.8)")
-    d.add_argument("--param_ratio_target", type=float, default=None,
-                   help="ASVD's flag: the fraction of the matrices' parameters KEPT, i.e. --ratio 1-P")
-    d.add_argument("--ppl_target", type=float, default=None,
-                   help="asvd: search the most compression whose calibration perplexity (on the sensitivity "
-                        "windows, model really compressed with step 3's --whitening/--scaling, --alpha, "
-                        "--decomposition, --sigma_fuse, --svd_dtype; WITHOUT column preservation, update or "
-                        "refinement) stays below this; instead of --ratio. Step 3 measures the model it builds on "
-                        "the same windows and records it against the target (compression block: ppl_target)")
-    d.add_argument("--sensitivity_metric", default=None, choices=["ppl", "stable_rank", "kl"],
-                   help="asvd: ppl = calibration perplexity with only that matrix compressed (default), stable_rank "
-                        "= ASVD's spectral metric (no forward pass); duo: kl (the only one)")
-    d.add_argument("--sensitivity_ratios", default=None,
-                   help="candidate KEPT fractions, comma list in (0, 1], 1 = dense (default: duo 0.1,...,0.9,1 as "
-                        "Duo-SVD; asvd 0.1,...,0.9 as ASVD)")
-    d.add_argument("--sensitivity_nsamples", type=int, default=16,
-                   help="calibration windows (--dataset, --sensitivity_seq_len) of the sensitivity pass (default "
-                        "%(default)s); cost: matrices x candidates x these windows through the layers after each "
-                        "matrix (estimated and printed before the pass starts)")
-    d.add_argument("--sensitivity_seq_len", type=int, default=None,
-                   help="tokens per window of the sensitivity pass (default: --model_seq_len); its cost grows "
-                        "with it")
-    d.add_argument("--sensitivity_path", default=None,
-                   help="the sensitivity table (JSON; default STATS/sensitivity_METRIC[_rRATIO].json): reused when it "
-                        "was measured for this model, statistics, windows, candidates and base state, refused "
-                        "(naming the field) when not, unless --overwrite (then measured anew)")
-    d.add_argument("--use_cache", action="store_true",
-                   help="ASVD's flag: reuse the sensitivity table (the default behaviour here; accepted so ASVD "
-                        "commands run)")
-    d.add_argument("--v2_max_shift", type=float, default=0.15,
-                   help="v2: the most a matrix's ratio may move from --ratio (default %(default)s)")
     groups["decomposition"] = d
-    registry.add_flags(p, groups, "decomposition")  # --whitening ... --anchor_holdout (methods.decompose, ...)
+    registry.add_flags(p, groups, "decomposition")  # --allocation ... --anchor_holdout (methods.allocation, ...)
     registry.add_flags(p, groups)  # the methods' own groups: refinement, quantization (methods.quantize), a new method's
     e = p.add_argument_group("evaluation (steps 4-5)")
     e.add_argument("--eval_datasets", default="wikitext2",
@@ -295,8 +254,9 @@ def validate(args: argparse.Namespace) -> None:
     from utils.model import resolve_model
     from utils.outputs import check_output_path
     args.steps = parse_steps(args.step)
-    _validate_allocation_flags(args)  # --ratio / --param_ratio_target / --strategy first: others read them
-    _resolve_method_flags(args)  # the methods' checks, defaults that depend on other flags, --weight_quant's step 8
+    # the methods' checks and the defaults they resolve: --ratio / --param_ratio_target / --strategy first
+    # (methods.allocation: others read them), --weight_quant's step 8 (methods.quantize)
+    _resolve_method_flags(args)
     _validate_quantization(args)
     if args.ratio is not None and not 0.0 < args.ratio < 1.0:
         raise UsageError(f"--ratio {args.ratio}: the fraction of parameters removed must be in (0, 1), e.g. 0.2")
@@ -474,79 +434,6 @@ def _hub_repo_exists(spec: str) -> bool | None:
         return bool(repo_exists(spec))
     except Exception as error:
         return False if type(error).__name__ == "HFValidationError" else None
-
-
-def _validate_allocation_flags(args: argparse.Namespace) -> None:
-    """--ratio and its aliases, --strategy, and the sensitivity flags of step 2."""
-    from methods.sensitivity import ASVD_RATIOS, DUO_RATIOS
-    if args.strategy == "dp":
-        if args.allocation not in ("uniform", "duo"):
-            raise UsageError(f"--strategy dp is Duo-SVD's DP allocation: it contradicts --allocation {args.allocation}")
-        args.allocation = "duo"
-    if args.param_ratio_target is not None:
-        if not 0.0 < args.param_ratio_target < 1.0:
-            raise UsageError(f"--param_ratio_target {args.param_ratio_target}: the fraction KEPT must be in (0, 1), "
-                             f"e.g. 0.9 (= --ratio 0.1)")
-        implied = round(1.0 - args.param_ratio_target, 12)
-        if args.ratio is not None and abs(args.ratio - implied) > 1e-9:
-            raise UsageError(f"--param_ratio_target {args.param_ratio_target} means --ratio {implied:g}; it "
-                             f"contradicts --ratio {args.ratio}: give one of them")
-        args.ratio = implied
-    if args.model_ratio is not None:
-        if args.ratio is not None:
-            raise UsageError(f"--model_ratio {args.model_ratio} (of the whole model) and "
-                             f"{'--param_ratio_target' if args.param_ratio_target is not None else '--ratio'} "
-                             f"(per matrix) size the same thing: give one of them")
-        if not 0.0 < args.model_ratio < 1.0:
-            raise UsageError(f"--model_ratio {args.model_ratio}: the fraction of the whole model's parameters "
-                             f"removed must be in (0, 1), e.g. 0.3")
-        if not set(args.steps) & {2, 3}:
-            raise UsageError("--model_ratio sizes the compression of steps 2-3: add --step 2 or 3, or leave it out")
-    elif args.ratio is None:
-        args.ratio = 0.2
-    if args.rank_multiple < 1:
-        raise UsageError(f"--rank_multiple {args.rank_multiple}: give a positive whole number (1 leaves ranks as planned)")
-    sensitivity_flags = {"--sensitivity_metric": args.sensitivity_metric, "--sensitivity_ratios": args.sensitivity_ratios,
-                         "--ppl_target": args.ppl_target, "--sensitivity_seq_len": args.sensitivity_seq_len}
-    if args.allocation not in ("asvd", "duo"):
-        given = [k for k, v in sensitivity_flags.items() if v is not None]
-        if given:
-            raise UsageError(f"{given[0]} belongs to --allocation asvd or duo (now {args.allocation})")
-        return
-    if args.allocation == "duo":
-        if args.sensitivity_metric not in (None, "kl"):
-            raise UsageError(f"--allocation duo measures KL divergence; --sensitivity_metric "
-                             f"{args.sensitivity_metric} is for --allocation asvd")
-        if args.ppl_target is not None:
-            raise UsageError("--ppl_target is ASVD's search (--allocation asvd); duo meets --ratio")
-        args.sensitivity_metric = "kl"
-    else:
-        if args.sensitivity_metric == "kl":
-            raise UsageError("--sensitivity_metric kl is Duo-SVD's (--allocation duo); asvd takes ppl or stable_rank")
-        args.sensitivity_metric = args.sensitivity_metric or "ppl"
-        if args.ppl_target is not None and not (args.ppl_target > 0 and args.ppl_target < float("inf")):
-            raise UsageError(f"--ppl_target {args.ppl_target}: a perplexity above 1, e.g. 40")
-    if args.sensitivity_ratios is None:
-        args.sensitivity_ratios = DUO_RATIOS if args.allocation == "duo" else ASVD_RATIOS
-    else:
-        try:
-            ratios = tuple(float(x) for x in str(args.sensitivity_ratios).split(","))
-        except ValueError:
-            raise UsageError(f"--sensitivity_ratios {args.sensitivity_ratios!r}: give kept fractions as a comma "
-                             f"list, e.g. 0.2,0.4,0.6,0.8,1") from None
-        bad = [r for r in ratios if not 0.0 < r <= 1.0]
-        if bad:
-            raise UsageError(f"--sensitivity_ratios: {bad[0]:g} is not a kept fraction in (0, 1] (1 = dense)")
-        if len(set(ratios)) != len(ratios):
-            raise UsageError("--sensitivity_ratios: a candidate is given twice")
-        if not any(r < 1.0 for r in ratios):
-            raise UsageError("--sensitivity_ratios: give at least one kept fraction below 1")
-        args.sensitivity_ratios = ratios
-    if args.sensitivity_nsamples < 1:
-        raise UsageError("--sensitivity_nsamples must be at least 1")
-    if args.sensitivity_seq_len is not None and args.sensitivity_seq_len < 2:
-        raise UsageError(f"--sensitivity_seq_len {args.sensitivity_seq_len}: at least 2 tokens (a window's first "
-                         f"token is not scored); leave it out for --model_seq_len")
 
 
 def method_registry(args: argparse.Namespace):

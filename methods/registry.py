@@ -1,8 +1,8 @@
-"""The methods of steps 3 and 8 as data: each method module declares a Method (its flags, how they become
+"""The methods of steps 2, 3 and 8 as data: each method module declares a Method (its flags, how they become
 its options, its checks, its summary line) and a step 3 method's options dataclass declares the pass it
 contributes; this module composes them, so the pipeline and the CLI hold no if/elif per method.
 
-    registry = Registry.builtin()                          # decompose, closed_form, anchored, refine, quantize
+    registry = Registry.builtin()                          # allocation, ..., decompose, ..., refine, quantize
     registry.add_flags(parser, groups, "decomposition")    # the CLI's argument groups (compress.py)
     values = registry.resolve(flag_values)                 # checks, defaults that depend on other flags
     chosen = registry.options(values)                      # the chosen methods' options, in walk order
@@ -117,10 +117,11 @@ class MethodOptions:
 
 
 def builtin_methods() -> tuple[Method, ...]:
-    """Step 3's methods in walk order: decomposition, update (closed form or anchored), refinement;
-    then step 8's quantization."""
-    from methods import anchored, closed_form, decompose, quantize, refine
-    return decompose.METHOD, closed_form.METHOD, anchored.METHOD, refine.METHOD, quantize.METHOD
+    """Step 2's flags (the sizes and allocation first: other checks read them); step 3's methods in walk
+    order: decomposition, update (closed form or anchored), refinement; then step 8's quantization."""
+    from methods import allocation, anchored, closed_form, decompose, quantize, refine, sensitivity
+    return (allocation.METHOD, sensitivity.METHOD, allocation.V2_METHOD,
+            decompose.METHOD, closed_form.METHOD, anchored.METHOD, refine.METHOD, quantize.METHOD)
 
 
 @dataclass(frozen=True)
