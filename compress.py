@@ -81,7 +81,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser(registry=None) -> argparse.ArgumentParser:
-    """The CLI; step 3's methods add their own flags (methods.registry; default: the built-in ones)."""
+    """The CLI; the methods of steps 2, 3 and 8 add their own flags (methods.registry; default: the built-in
+    ones), into the groups made here or into their own."""
     from methods.registry import Registry
     from recipes import names as recipe_names
     registry = registry or Registry.builtin()
@@ -437,7 +438,7 @@ def _hub_repo_exists(spec: str) -> bool | None:
 
 
 def method_registry(args: argparse.Namespace):
-    """The methods of step 3 this command was parsed with (main's registry; default: the built-in ones)."""
+    """The methods this command was parsed with (main's registry; default: the built-in ones)."""
     from methods.registry import Registry
     return getattr(args, "method_registry", None) or Registry.builtin()
 
@@ -448,9 +449,10 @@ def _flag_values(args: argparse.Namespace) -> dict:
 
 
 def _resolve_method_flags(args: argparse.Namespace) -> None:
-    """Every method's checks (methods/*.py: --scaling / --whitening, the anchored fit's and the
-    refinement's numbers, ...) and the defaults they resolve (--whitening, --scaling, --anchor_holdout,
-    --refine_nsamples), written back to args."""
+    """Every method's checks (methods/*.py: the sizes and the sensitivity flags of step 2, --scaling /
+    --whitening, the anchored fit's and the refinement's numbers, step 8's flags) and what they resolve
+    (--ratio, --whitening, --anchor_holdout, --refine_nsamples, --weight_quant's step 8 ...), written
+    back to args."""
     from methods.registry import FlagError
     try:
         resolved = method_registry(args).resolve(_flag_values(args))
