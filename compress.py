@@ -1025,7 +1025,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
                 stats.close()
         session.timings["compress_s"] = record.pop("seconds")
         compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
-                                        plan_source, is_random_spec(args.model), heldout)
+                                        plan_source, is_random_spec(args.model), heldout, method_registry(args))
         if data is not None:  # the windows of the update / refinement
             compression["calibration_windows"] = {**data, "nsamples": int(windows.shape[0]),
                                                   "seq_len": int(windows.shape[1])}

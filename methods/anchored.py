@@ -328,4 +328,9 @@ def summary(compression: dict) -> str | None:
                else " (ungated: --anchor_holdout 0)"))
 
 
-METHOD = Method("anchored", FLAGS, options_from_flags, check_flags, selector="update", summary=summary)
+def label(record: dict) -> str:
+    update = record.get("update") or {}
+    return f"+anchored(alpha={update['alpha']:g})" if update.get("method") == "anchored" else ""
+
+
+METHOD = Method("anchored", FLAGS, options_from_flags, check_flags, selector="update", summary=summary, label=label)

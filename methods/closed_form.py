@@ -166,5 +166,9 @@ def summary(compression: dict) -> str | None:
     return f"update: kept for {compression['updates_accepted']} of {len(compression['ranks'])} matrices"
 
 
+def label(record: dict) -> str:
+    return "+closed_form" if (record.get("update") or {}).get("method") == "closed_form" else ""
+
+
 METHOD = Method("closed_form", FLAGS, lambda values: UpdateOptions(nsamples=values["updating_nsamples"]), check_flags,
-                selector="update", summary=summary, record_defaults={"updates_accepted": None})
+                selector="update", summary=summary, record_defaults={"updates_accepted": None}, label=label)

@@ -224,4 +224,9 @@ def options_from_flags(values: dict) -> DecomposeOptions:
                             column_preserve=values["column_preserve"])
 
 
-METHOD = Method("decompose", FLAGS, options_from_flags, check_flags)
+def label(record: dict) -> str:
+    return ("svd-llm" if record["whitening"] != "none" else
+            "asvd" if record.get("scaling", "none") != "none" else "svd")
+
+
+METHOD = Method("decompose", FLAGS, options_from_flags, check_flags, label=label)

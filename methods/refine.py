@@ -356,5 +356,12 @@ def summary(compression: dict) -> str | None:
             f"{'blocks' if losses['target'] == 'block' else 'matrices'}{held}")
 
 
+def label(record: dict) -> str:
+    refine = record.get("refine")
+    if not refine:
+        return ""
+    return "+refine(" + ("block: AA-SVD" if refine["target"] == "block" else "matrix: GSVD") + ")"
+
+
 METHOD = Method("gradient", FLAGS, options_from_flags, check_flags, selector="refine", summary=summary,
-                record_defaults={"refine_losses": None})
+                record_defaults={"refine_losses": None}, label=label)

@@ -67,6 +67,7 @@ class Method:
     selector: str | None = None  # dest of the flag that chooses it (--update closed_form)
     step: int = 3  # the step whose options it gives (step 3: a pass of compress_model)
     summary: Callable[[dict], str | None] | None = None
+    label: Callable[[dict], str] | None = None  # the record -> its part of the method's name ("+closed_form")
     record_defaults: dict = field(default_factory=dict)
 
     def chosen(self, values: dict) -> bool:
@@ -182,6 +183,10 @@ class Registry:
         for method in self.methods:
             defaults.update(method.record_defaults)
         return defaults
+
+    def method_name(self, record: dict) -> str:
+        """The name of what step 3 did, from its record: each method's label in order (svd-llm+closed_form)."""
+        return "".join(m.label(record) for m in self.methods if m.label is not None)
 
     def summary_lines(self, compression: dict) -> list[str]:
         lines = [m.summary(compression) for m in self.methods if m.summary is not None]

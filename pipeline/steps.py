@@ -374,7 +374,8 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
 
     start = time.perf_counter()
     walk_layers(model, windows if needs_activations else None, device, apply,
-                desc="compress" + "".join(f"+{o.walk_label}" for o in chosen if o.walk_label), reference=needs_reference,
+                desc="compress" + "".join(f"+{o.walk_label}" for o in chosen if o.walk_label),
+                reference=needs_reference,
                 finished=finished, start=start_layer, replay=replay)
     seconds = time.perf_counter() - start
     params_after = count_parameters(model)
@@ -403,23 +404,16 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
 
 def compression_block(record: dict, base_model: str, model: torch.nn.Module, stats: Statistics | None = None,
                       seed: int = 0, num_layers: int | None = None, plan_source: str | None = None,
-                      random_weights: bool = False, heldout_windows: dict | None = None) -> dict:
+                      random_weights: bool = False, heldout_windows: dict | None = None,
+                      registry: Registry | None = None) -> dict:
     """The "compression" block saved with a model: compress_model's record plus what the model was
     made from (base model, calibration, seed, dtype, how the held-out windows were drawn), which
-    loading and evaluation read."""
+    loading and evaluation read. registry: the methods that name what was done (default: the built-in ones)."""
     calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed",
                                                                               "tokens", "data")}
-    update, refine = record.get("update"), record.get("refine")
-    method = ("svd-llm" if record["whitening"] != "none" else
-              "asvd" if record.get("scaling", "none") != "none" else "svd")
-    if update and update.get("method") == "anchored":
-        method += f"+anchored(alpha={update['alpha']:g})"
-    elif update:
-        method += "+closed_form"
-    if refine:
-        method += "+refine(" + ("block: AA-SVD" if refine["target"] == "block" else "matrix: GSVD") + ")"
+    update = record.get("update")
     return {"format_version": 1, "base_model": base_model, "base_model_source": source_description(base_model),
-            "method": method,
+            "method": (registry or Registry.builtin()).method_name(record),  # svd-llm+closed_form, ... (their labels)
             "ratio": record["plan"]["ratio"], "plan_source": plan_source, **record,
             "updating_nsamples": update["nsamples"] if update else 0,
             "calibration": calibration, "heldout_windows": heldout_windows, "seed": seed,

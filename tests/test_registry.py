@@ -62,7 +62,8 @@ def check_scale(values: dict) -> dict:
 SCALE_U = Method("scale_u", (Flag(("--scale_u", "--scale-u"), "scale_u", "toy method (test)", type=float,
                                   help="multiply every low-rank u by this"),),
                  lambda values: ScaleOptions(values["scale_u"]) if values["scale_u"] is not None else None,
-                 check_scale)
+                 check_scale, label=lambda record: f"+scale_u({record['scale_u']['factor']:g})" if "scale_u" in record
+                 else "")
 
 
 # ------------------------------------------------------------------ tests
@@ -91,6 +92,7 @@ def test_a_method_declared_in_one_module_reaches_parser_options_and_walk(tiny_di
     base, _, base_block = load_compressed(plain)
     model, _, block = load_compressed(scaled)
     assert block["scale_u"] == {"method": "scale_u", "factor": 0.5}  # its options reached compress_model
+    assert (base_block["method"], block["method"]) == ("svd", "svd+scale_u(0.5)")  # and its label the method's name
     low_rank = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
     base_low_rank = dict(base.named_modules())
     assert low_rank and block["u_scaled"] == len(low_rank) == len(block["ranks"])
@@ -120,7 +122,7 @@ def test_selector_choices_and_record_defaults_come_from_the_methods():
         registry.with_method(Method("anchored"))
     values = vars(parser.parse_args(["--update", "anchored", "--updating_nsamples", "8"]))
     resolved = registry.resolve(values)
-    assert resolved["anchor_holdout"] == 0.25 and resolved["refine_nsamples"] == 8 and resolved["whitening"] == "cholesky"
+    assert (resolved["anchor_holdout"], resolved["refine_nsamples"], resolved["whitening"]) == (0.25, 8, "cholesky")
     chosen = registry.options(resolved)
     assert [o.slot for o in chosen] == ["decompose", "update"] and chosen[1].nsamples == 8
     assert chosen[1].heldout_positions() == [6, 7]
