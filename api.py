@@ -16,6 +16,8 @@
     # carried, _ = api.calibration_windows_with_heldout("pydoc[0:0.9]", tokenizer, options.nsamples, 512, 0,
     #                                                   options.heldout_positions(), exclude=[(32, 512, 0)])
     # api.compress_model(model, plan, options, "cpu", stats, carried)
+    # a pass of your own after these: options=api.CompressOptions(extra=(MyOptions(...),)), MyOptions a
+    # methods.registry.MethodOptions dataclass whose make_pass returns the pass (tests/test_registry.py)
     api.save_compressed(model, tokenizer, "out/smol-20", record)
     model, tokenizer, record = api.load_compressed("out/smol-20")
     print(api.perplexity(model, tokenizer, api.load_text("pydoc[0.9:1]", "test"), 512)["ppl"])

@@ -81,10 +81,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from methods.anchored import DEFAULT_ANCHOR_ALPHA, DEFAULT_ANCHOR_HOLDOUT
+def build_parser(registry=None) -> argparse.ArgumentParser:
+    """The CLI; the methods of steps 2, 3 and 8 add their own flags (methods.registry; default: the built-in
+    ones), into the groups made here or into their own."""
+    from methods.registry import Registry
     from recipes import names as recipe_names
-    from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
+    registry = registry or Registry.builtin()
     p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES, formatter_class=HelpFormatter)
     g = p.add_argument_group("pipeline")
     g.add_argument("--step", default=None,
@@ -149,9 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step 1: also collect ASVD's fisher information (mean squared LM-loss gradient per weight, "
                         "summed over output rows per input channel, square-rooted), layer by layer with bounded "
                         "memory; needed by --scaling fisher and fisher_abs_mean")
-    c.add_argument("--updating_nsamples", type=int, default=16,
-                   help="calibration windows for the closed-form update and the anchored fit; a quarter are held out, "
-                        "drawn to share no token with step 1's windows (README, Data)")
+    groups = {"calibration": c}
+    registry.add_flags(p, groups, "calibration")  # --updating_nsamples (methods.closed_form)
     c.add_argument("--model_seq_len", type=int, default=2048, help="tokens per calibration/evaluation window")
     d = p.add_argument_group("decomposition")
     d.add_argument("--ratio", type=float, default=None,
@@ -161,125 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the WHOLE model's parameters removed, in (0, 1), instead of --ratio: embeddings, "
                         "norms and lm_head stay dense, so this asks for a larger per-matrix --ratio, computed from "
                         "the model's config before anything loads (refused when unreachable even at rank 1)")
-    d.add_argument("--allocation", default="uniform", choices=["uniform", "asvd", "v2", "duo"],
-                   help="step 2: uniform ranks; v2 = SVD-LLM V2's ranks from the whitened truncation losses (no "
-                        "forward pass); duo = Duo-SVD's knapsack DP over each matrix's KL sensitivity (the others at "
-                        "--ratio); asvd = ASVD's binary search over each matrix's sensitivity (the others dense) to "
-                        "--ratio or --ppl_target. All meet --ratio within 0.5%% of the matrices' parameters, never over")
-    d.add_argument("--rank_multiple", type=int, default=1,
-                   help="round every rank of the plan down to a multiple of N (8 / 16 / 64: the tiles of matmul "
-                        "kernels); the rounded plan never costs more parameters than the unrounded one")
-    d.add_argument("--strategy", default=None, choices=["dp"],
-                   help="Duo-SVD's flag: --strategy dp = --allocation duo. Note Duo-SVD's --ratio is the fraction KEPT; "
-                        "here --ratio is the fraction removed: its --ratio 0.8 is --ratio 0.2 (or --param_ratio_target 0.8)")
-    d.add_argument("--param_ratio_target", type=float, default=None,
-                   help="ASVD's flag: the fraction of the matrices' parameters KEPT, i.e. --ratio 1-P")
-    d.add_argument("--ppl_target", type=float, default=None,
-                   help="asvd: search the most compression whose calibration perplexity (on the sensitivity "
-                        "windows, model really compressed with step 3's --whitening/--scaling, --alpha, "
-                        "--decomposition, --sigma_fuse, --svd_dtype; WITHOUT column preservation, update or "
-                        "refinement) stays below this; instead of --ratio. Step 3 measures the model it builds on "
-                        "the same windows and records it against the target (compression block: ppl_target)")
-    d.add_argument("--sensitivity_metric", default=None, choices=["ppl", "stable_rank", "kl"],
-                   help="asvd: ppl = calibration perplexity with only that matrix compressed (default), stable_rank "
-                        "= ASVD's spectral metric (no forward pass); duo: kl (the only one)")
-    d.add_argument("--sensitivity_ratios", default=None,
-                   help="candidate KEPT fractions, comma list in (0, 1], 1 = dense (default: duo 0.1,...,0.9,1 as "
-                        "Duo-SVD; asvd 0.1,...,0.9 as ASVD)")
-    d.add_argument("--sensitivity_nsamples", type=int, default=16,
-                   help="calibration windows (--dataset, --sensitivity_seq_len) of the sensitivity pass (default "
-                        "%(default)s); cost: matrices x candidates x these windows through the layers after each "
-                        "matrix (estimated and printed before the pass starts)")
-    d.add_argument("--sensitivity_seq_len", type=int, default=None,
-                   help="tokens per window of the sensitivity pass (default: --model_seq_len); its cost grows "
-                        "with it")
-    d.add_argument("--sensitivity_path", default=None,
-                   help="the sensitivity table (JSON; default STATS/sensitivity_METRIC[_rRATIO].json): reused when it "
-                        "was measured for this model, statistics, windows, candidates and base state, refused "
-                        "(naming the field) when not, unless --overwrite (then measured anew)")
-    d.add_argument("--use_cache", action="store_true",
-                   help="ASVD's flag: reuse the sensitivity table (the default behaviour here; accepted so ASVD "
-                        "commands run)")
-    d.add_argument("--v2_max_shift", type=float, default=0.15,
-                   help="v2: the most a matrix's ratio may move from --ratio (default %(default)s)")
-    d.add_argument("--whitening", default=None, choices=["cholesky", "eigen", "none"],
-                   help="truncation-aware whitening: cholesky (SVD-LLM), eigen (SVD-LLM V2), none (plain SVD, or "
-                        "ASVD with --scaling). Default: cholesky, or none when --scaling is given")
-    d.add_argument("--scaling", "--scaling_method", dest="scaling", default=None,
-                   choices=["none", "abs_mean", "abs_max", "fisher", "fisher_abs_mean"],
-                   help="ASVD's activation-aware scaling, an alternative to whitening: decompose W diag(s), "
-                        "s = stat^alpha per input channel (abs_mean / abs_max of the inputs, fisher, or their "
-                        "product fisher_abs_mean), then divide the right factor by s. --scaling_method is ASVD's "
-                        "name for it. Default none")
-    d.add_argument("--act_aware", action="store_true",
-                   help="ASVD's flag: --scaling abs_mean (or the --scaling_method given)")
-    d.add_argument("--alpha", type=float, default=0.5, help="ASVD: the exponent of the scaling statistic")
-    d.add_argument("--sigma_fuse", default="UV", choices=["UV", "U", "V"],
-                   help="where the singular values go: UV = their square root into both factors, U or V")
-    d.add_argument("--column_preserve", action="store_true",
-                   help="step 3: Duo-SVD's column level: trade rank for exactly kept input columns at no more "
-                        "parameters when that lowers a matrix's whitened truncation error by over 1%% (needs whitening)")
-    d.add_argument("--decomposition", default="svd", choices=["svd", "rsvd"], help="exact or randomized SVD")
-    d.add_argument("--rsvd_oversamples", type=int, default=DEFAULT_OVERSAMPLES,
-                   help="randomized SVD: extra sketch columns (default %(default)s; speed and extra truncation loss "
-                        "with the default --rsvd_n_iter: README, scripts/results/bench_rsvd_cpu.json)")
-    d.add_argument("--rsvd_n_iter", type=int, default=DEFAULT_N_ITER,
-                   help="randomized SVD: power iterations (default %(default)s)")
-    d.add_argument("--svd_dtype", default="float32", choices=["float32", "float64"],
-                   help="precision of the SVD itself (whitening is always float64)")
-    d.add_argument("--svd_driver", default="auto", choices=["auto", "default", "gesvda"],
-                   help="exact SVD driver: auto = cuSOLVER gesvda with a residual check on CUDA "
-                        "(falls back to the default driver), LAPACK on CPU")
-    d.add_argument("--update", default="none", choices=["none", "closed_form", "anchored"],
-                   help="closed-form update of u against the original layer outputs (SVD-LLM step 2), refit in "
-                        "the layer's execution order on --updating_nsamples windows. It can RAISE perplexity "
-                        "(docs/evaluation.md, docs/refinement.md): measure it on your model")
-    d.add_argument("--anchor_alpha", type=float, default=None,
-                   help="--update anchored (AA-SVD's fit, docs/refinement.md): each matrix refit in data-flow order to "
-                        "alpha x the original model's outputs + (1 - alpha) x its own outputs on the compressed model's "
-                        "inputs; 0 = whitening on the compressed stream, 1 = the original outputs (default "
-                        f"{DEFAULT_ANCHOR_ALPHA:g}; what each alpha measured: docs/refinement.md)")
-    d.add_argument("--anchor_holdout", type=float, default=None,
-                   help="--update anchored: hold out this fraction of the --updating_nsamples windows and keep each "
-                        "matrix's fit only where it lowers the error on them, as the closed-form update does "
-                        f"(default {DEFAULT_ANCHOR_HOLDOUT:g}; needs at least 3 windows; 0: every fit kept, ungated). "
-                        "The fit overfits few windows: docs/refinement.md")
-    r = p.add_argument_group("refinement (step 3, after the decomposition / update; docs/refinement.md)")
-    r.add_argument("--refine", default="none", choices=["none", "gradient"],
-                   help="gradient refinement against the original model, one layer at a time (AdamW, warm-up then "
-                        "cosine; the best iterate is kept)")
-    r.add_argument("--refine_target", default="block", choices=["block", "matrix"],
-                   help="block = AA-SVD's block refinement (every parameter of a decoder layer, to the original "
-                        "layer's outputs on the original stream); matrix = GSVD's per-matrix u, v refinement (to "
-                        "the original matrix's outputs on the inputs it sees)")
-    r.add_argument("--refine_epochs", type=int, default=2,
-                   help="block: epochs over the windows (AA-SVD uses 25; more epochs against more windows: "
-                        "docs/refinement.md)")
-    r.add_argument("--gradient_iters", "--gradient-iters", dest="gradient_iters", type=int, default=500,
-                   help="matrix: optimiser steps per matrix (GSVD's --gradient-iters, an alias)")
-    r.add_argument("--refine_lr", type=float, default=1e-4, help="AdamW learning rate (weight decay 0.01)")
-    r.add_argument("--refine_batch_size", type=int, default=8, help="calibration windows per optimiser step")
-    r.add_argument("--refine_nsamples", type=int, default=None,
-                   help="calibration windows of --dataset for the refinement (default: --updating_nsamples)")
-    r.add_argument("--refine_holdout", type=int, default=0,
-                   help="block: this many more windows of --dataset, after those trained on, whose block loss is "
-                        "measured every epoch and recorded (holdout_losses), never trained on: shows overfitting "
-                        "(drawn to share no token with step 1's windows or the fit windows, as the update's held-out ones)")
-    q = p.add_argument_group("quantization (step 8; docs/quantization.md)")
-    q.add_argument("--quant", default=None, choices=["gptq", "rtn"],
-                   help="GPTQ (Hessian-aware, needs --nsamples calibration windows) or round-to-nearest (default gptq)")
-    q.add_argument("--wbits", type=int, default=None, help="bits per weight code: 2, 3, 4 or 8, stored packed (default 4)")
-    q.add_argument("--groupsize", type=int, default=None,
-                   help="input columns per float16 scale/zero pair; -1: one pair per output row (default 128)")
-    q.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at 2^(bits-1))")
-    q.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
-    q.add_argument("--blocksize", type=int, default=128, help="GPTQ: columns per lazy-batch block")
-    q.add_argument("--nsamples", type=int, default=128,
-                   help="GPTQ calibration windows of --model_seq_len tokens from --dataset (GPTQ uses 128)")
-    q.add_argument("--weight_quant", default=None, choices=["rtn_int8", "rtn_int6"],
-                   help="ASVD's flag: with step 3, quantize its output by RTN per output channel "
-                        "(= --step 3,8 --quant rtn --wbits 8 --groupsize -1); rtn_int6 is refused (no packed 6-bit layout)")
+    groups["decomposition"] = d
+    registry.add_flags(p, groups, "decomposition")  # --allocation ... --anchor_holdout (methods.allocation, ...)
+    registry.add_flags(p, groups)  # the methods' own groups: refinement, quantization (methods.quantize), a new method's
     e = p.add_argument_group("evaluation (steps 4-5)")
     e.add_argument("--eval_datasets", default="wikitext2",
                    help="comma list of wikitext2, ptb, c4, pydoc or local files (slices allowed)")
@@ -370,14 +255,14 @@ def validate(args: argparse.Namespace) -> None:
     from utils.io import is_compressed_model
     from utils.model import resolve_model
     from utils.outputs import check_output_path
-    from utils.rsvd import DEFAULT_N_ITER, DEFAULT_OVERSAMPLES
     args.steps = parse_steps(args.step)
-    _validate_allocation_flags(args)  # --ratio / --param_ratio_target / --strategy first: others read them
-    _validate_quantization(args)  # step 8, and --weight_quant adding it after step 3
-    _resolve_scaling(args)
+    # the methods' checks and the defaults they resolve: --ratio / --param_ratio_target / --strategy first
+    # (methods.allocation: others read them), --weight_quant's step 8 (methods.quantize)
+    _resolve_method_flags(args)
+    _validate_quantization(args)
     if args.ratio is not None and not 0.0 < args.ratio < 1.0:
         raise UsageError(f"--ratio {args.ratio}: the fraction of parameters removed must be in (0, 1), e.g. 0.2")
-    for name in ("whitening_nsamples", "updating_nsamples", "model_seq_len", "eval_batch_size",
+    for name in ("whitening_nsamples", "model_seq_len", "eval_batch_size",
                  "prefill_len", "gen_seq_len", "repeats"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
@@ -386,11 +271,6 @@ def validate(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1 (leave it out for all)")
     if args.model_seq_len < 2 and set(args.steps) & {4}:
         raise UsageError("--model_seq_len must be at least 2 for perplexity (a window's first token is not scored)")
-    for name in ("rsvd_oversamples", "rsvd_n_iter"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be 0 or more (defaults: --rsvd_oversamples {DEFAULT_OVERSAMPLES} "
-                             f"--rsvd_n_iter {DEFAULT_N_ITER})")
-    _validate_refinement(args)
     _validate_self_calibration(args)
     if args.device is None:
         from utils.model import default_device
@@ -558,140 +438,29 @@ def _hub_repo_exists(spec: str) -> bool | None:
         return False if type(error).__name__ == "HFValidationError" else None
 
 
-def _validate_allocation_flags(args: argparse.Namespace) -> None:
-    """--ratio and its aliases, --strategy, and the sensitivity flags of step 2."""
-    from methods.sensitivity import ASVD_RATIOS, DUO_RATIOS
-    if args.strategy == "dp":
-        if args.allocation not in ("uniform", "duo"):
-            raise UsageError(f"--strategy dp is Duo-SVD's DP allocation: it contradicts --allocation {args.allocation}")
-        args.allocation = "duo"
-    if args.param_ratio_target is not None:
-        if not 0.0 < args.param_ratio_target < 1.0:
-            raise UsageError(f"--param_ratio_target {args.param_ratio_target}: the fraction KEPT must be in (0, 1), "
-                             f"e.g. 0.9 (= --ratio 0.1)")
-        implied = round(1.0 - args.param_ratio_target, 12)
-        if args.ratio is not None and abs(args.ratio - implied) > 1e-9:
-            raise UsageError(f"--param_ratio_target {args.param_ratio_target} means --ratio {implied:g}; it "
-                             f"contradicts --ratio {args.ratio}: give one of them")
-        args.ratio = implied
-    if args.model_ratio is not None:
-        if args.ratio is not None:
-            raise UsageError(f"--model_ratio {args.model_ratio} (of the whole model) and "
-                             f"{'--param_ratio_target' if args.param_ratio_target is not None else '--ratio'} "
-                             f"(per matrix) size the same thing: give one of them")
-        if not 0.0 < args.model_ratio < 1.0:
-            raise UsageError(f"--model_ratio {args.model_ratio}: the fraction of the whole model's parameters "
-                             f"removed must be in (0, 1), e.g. 0.3")
-        if not set(args.steps) & {2, 3}:
-            raise UsageError("--model_ratio sizes the compression of steps 2-3: add --step 2 or 3, or leave it out")
-    elif args.ratio is None:
-        args.ratio = 0.2
-    if args.rank_multiple < 1:
-        raise UsageError(f"--rank_multiple {args.rank_multiple}: give a positive whole number (1 leaves ranks as planned)")
-    sensitivity_flags = {"--sensitivity_metric": args.sensitivity_metric, "--sensitivity_ratios": args.sensitivity_ratios,
-                         "--ppl_target": args.ppl_target, "--sensitivity_seq_len": args.sensitivity_seq_len}
-    if args.allocation not in ("asvd", "duo"):
-        given = [k for k, v in sensitivity_flags.items() if v is not None]
-        if given:
-            raise UsageError(f"{given[0]} belongs to --allocation asvd or duo (now {args.allocation})")
-        return
-    if args.allocation == "duo":
-        if args.sensitivity_metric not in (None, "kl"):
-            raise UsageError(f"--allocation duo measures KL divergence; --sensitivity_metric "
-                             f"{args.sensitivity_metric} is for --allocation asvd")
-        if args.ppl_target is not None:
-            raise UsageError("--ppl_target is ASVD's search (--allocation asvd); duo meets --ratio")
-        args.sensitivity_metric = "kl"
-    else:
-        if args.sensitivity_metric == "kl":
-            raise UsageError("--sensitivity_metric kl is Duo-SVD's (--allocation duo); asvd takes ppl or stable_rank")
-        args.sensitivity_metric = args.sensitivity_metric or "ppl"
-        if args.ppl_target is not None and not (args.ppl_target > 0 and args.ppl_target < float("inf")):
-            raise UsageError(f"--ppl_target {args.ppl_target}: a perplexity above 1, e.g. 40")
-    if args.sensitivity_ratios is None:
-        args.sensitivity_ratios = DUO_RATIOS if args.allocation == "duo" else ASVD_RATIOS
-    else:
-        try:
-            ratios = tuple(float(x) for x in str(args.sensitivity_ratios).split(","))
-        except ValueError:
-            raise UsageError(f"--sensitivity_ratios {args.sensitivity_ratios!r}: give kept fractions as a comma "
-                             f"list, e.g. 0.2,0.4,0.6,0.8,1") from None
-        bad = [r for r in ratios if not 0.0 < r <= 1.0]
-        if bad:
-            raise UsageError(f"--sensitivity_ratios: {bad[0]:g} is not a kept fraction in (0, 1] (1 = dense)")
-        if len(set(ratios)) != len(ratios):
-            raise UsageError("--sensitivity_ratios: a candidate is given twice")
-        if not any(r < 1.0 for r in ratios):
-            raise UsageError("--sensitivity_ratios: give at least one kept fraction below 1")
-        args.sensitivity_ratios = ratios
-    if args.sensitivity_nsamples < 1:
-        raise UsageError("--sensitivity_nsamples must be at least 1")
-    if args.sensitivity_seq_len is not None and args.sensitivity_seq_len < 2:
-        raise UsageError(f"--sensitivity_seq_len {args.sensitivity_seq_len}: at least 2 tokens (a window's first "
-                         f"token is not scored); leave it out for --model_seq_len")
+def method_registry(args: argparse.Namespace):
+    """The methods this command was parsed with (main's registry; default: the built-in ones)."""
+    from methods.registry import Registry
+    return getattr(args, "method_registry", None) or Registry.builtin()
 
 
-def _resolve_scaling(args: argparse.Namespace) -> None:
-    """--scaling / --act_aware / --whitening defaults and their conflicts (ASVD is whitening none)."""
-    if args.act_aware and args.scaling in (None, "none"):
-        args.scaling = "abs_mean"
-    args.scaling = args.scaling or "none"
-    if args.scaling != "none" and args.whitening not in (None, "none"):
-        raise UsageError(f"--scaling {args.scaling} with --whitening {args.whitening}: scaling (ASVD) and whitening "
-                         f"(SVD-LLM) are alternatives; use --whitening none --scaling {args.scaling}, or "
-                         f"--whitening {args.whitening} alone")
-    if args.whitening is None:
-        args.whitening = "none" if args.scaling != "none" else "cholesky"
-    if args.scaling != "none" and not 0.0 <= args.alpha <= 4.0:
-        raise UsageError(f"--alpha {args.alpha}: the scaling exponent must be in [0, 4] (ASVD: 0.5)")
-    if args.column_preserve and args.update != "none":
-        raise UsageError(f"--column_preserve with --update {args.update}: the update refits plain low-rank layers "
-                         f"only; run one or the other (--refine gradient --refine_target block does work with it)")
-    if args.column_preserve and args.refine != "none" and args.refine_target == "matrix":
-        raise UsageError("--column_preserve with --refine_target matrix: GSVD's per-matrix refinement trains plain "
-                         "low-rank layers only; use --refine_target block")
-    if args.column_preserve and args.whitening == "none":
-        raise UsageError("--column_preserve scores and trades columns by their whitened error: use --whitening "
-                         "cholesky or eigen (it is not combined with --scaling)")
-    steps = set(args.steps)
-    if args.scaling.startswith("fisher") and 1 in steps and not args.fisher:
-        raise UsageError(f"--scaling {args.scaling} needs fisher information: add --fisher to step 1")
+def _flag_values(args: argparse.Namespace) -> dict:
+    """The parsed flags as the plain dict the methods read (methods.registry)."""
+    return {k: v for k, v in vars(args).items() if k != "method_registry"}
 
 
-def _validate_refinement(args: argparse.Namespace) -> None:
-    """The anchored fit's and the refinement's numbers (no model needed)."""
-    import math
-    if args.anchor_alpha is not None:
-        if args.update != "anchored":
-            raise UsageError(f"--anchor_alpha is for --update anchored (got --update {args.update})")
-        if not (math.isfinite(args.anchor_alpha) and 0.0 <= args.anchor_alpha <= 1.0):
-            raise UsageError(f"--anchor_alpha {args.anchor_alpha}: must be in [0, 1] (0 = whitening on the compressed "
-                             f"stream, 1 = fit the original outputs)")
-    if args.anchor_holdout is not None and args.update != "anchored":
-        raise UsageError(f"--anchor_holdout is for --update anchored (got --update {args.update})")
-    if args.update == "anchored":
-        from methods.anchored import DEFAULT_ANCHOR_HOLDOUT, holdout_problem
-        if args.anchor_holdout is None:
-            args.anchor_holdout = DEFAULT_ANCHOR_HOLDOUT
-        if not (math.isfinite(args.anchor_holdout) and 0.0 <= args.anchor_holdout < 1.0):
-            raise UsageError(f"--anchor_holdout {args.anchor_holdout}: a fraction in [0, 1), e.g. 0.25")
-        problem = holdout_problem(args.updating_nsamples, args.anchor_holdout)
-        if problem:
-            raise UsageError(problem)
-    if args.refine_nsamples is None:
-        args.refine_nsamples = args.updating_nsamples
-    if args.refine == "none":
-        if args.refine_holdout:
-            raise UsageError("--refine_holdout is for --refine gradient --refine_target block")
-        return
-    if args.refine_holdout < 0 or (args.refine_holdout and args.refine_target != "block"):
-        raise UsageError(f"--refine_holdout {args.refine_holdout}: a non-negative number of windows, with "
-                         f"--refine_target block only")
-    for name in ("refine_epochs", "gradient_iters", "refine_batch_size", "refine_nsamples"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
-    if not (math.isfinite(args.refine_lr) and args.refine_lr > 0):
-        raise UsageError(f"--refine_lr {args.refine_lr}: must be a positive number, e.g. 1e-4")
+def _resolve_method_flags(args: argparse.Namespace) -> None:
+    """Every method's checks (methods/*.py: the sizes and the sensitivity flags of step 2, --scaling /
+    --whitening, the anchored fit's and the refinement's numbers, step 8's flags) and what they resolve
+    (--ratio, --whitening, --anchor_holdout, --refine_nsamples, --weight_quant's step 8 ...), written
+    back to args."""
+    from methods.registry import FlagError
+    try:
+        resolved = method_registry(args).resolve(_flag_values(args))
+    except FlagError as error:
+        raise UsageError(str(error)) from None
+    for dest, value in resolved.items():
+        setattr(args, dest, value)
 
 
 def _validate_self_calibration(args: argparse.Namespace) -> None:
@@ -726,51 +495,22 @@ def _validate_self_calibration(args: argparse.Namespace) -> None:
 
 def _needs_calibration_windows(args: argparse.Namespace) -> bool:
     """Step 3 carries calibration windows of --dataset (the update or the refinement)."""
-    return args.update != "none" or args.refine != "none"
-
-
-QUANT_DEFAULTS = {"quant": "gptq", "wbits": 4, "groupsize": 128}
-WEIGHT_QUANT = {"rtn_int8": {"quant": "rtn", "wbits": 8, "groupsize": -1}}  # ASVD: RTN per output channel
+    return _compress_options(args).nsamples > 0
 
 
 def _quantize_options(args: argparse.Namespace):
-    """--quant/--wbits/... -> methods.quantize.QuantizeOptions (its checks give the messages)."""
-    from methods.quantize import QuantizeOptions
-    return QuantizeOptions(args.quant, args.wbits, args.groupsize, args.act_order, args.sym, args.percdamp,
-                           args.blocksize)
+    """--quant/--wbits/... -> methods.quantize.QuantizeOptions (methods.quantize checks the flags)."""
+    return method_registry(args).options(_flag_values(args), step=8)[0]
 
 
 def _validate_quantization(args: argparse.Namespace) -> None:
-    """Step 8's checks, before anything slow: flags, --weight_quant (ASVD's alias, which adds step 8
-    after step 3), the model it starts from, the save path and the calibration data."""
-    from methods.quantize import QuantizeError
+    """Step 8's checks beyond its flags' own (methods.quantize, with --weight_quant adding step 8 after
+    step 3), before anything slow: the steps around it, the model it starts from, the save path and
+    the calibration data."""
     steps = set(args.steps)
-    if args.weight_quant:
-        if not steps & {3, 8}:
-            raise UsageError(f"--weight_quant {args.weight_quant} quantizes the output of step 3: give --step 3 (or 8)")
-        if args.weight_quant not in WEIGHT_QUANT:
-            raise UsageError(f"--weight_quant {args.weight_quant}: 6-bit codes have no packed layout here (packed: "
-                             f"2, 3, 4 and 8 bits), so int6 would take a byte per weight on disk like int8, with more "
-                             f"error; use rtn_int8, or --quant rtn --wbits 4")
-        for name, value in WEIGHT_QUANT[args.weight_quant].items():
-            given = getattr(args, name)
-            if given is not None and given != value:
-                raise UsageError(f"--weight_quant {args.weight_quant} means --quant rtn --wbits 8 --groupsize -1; "
-                                 f"it contradicts --{name} {given}")
-            setattr(args, name, value)
-        steps.add(8)
-        args.steps = sorted(steps)
-    for name, value in QUANT_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
     if 8 not in steps:
         return
-    try:
-        options = _quantize_options(args)
-    except QuantizeError as error:
-        raise UsageError(str(error)) from None
-    if args.nsamples < 1:
-        raise UsageError("--nsamples must be at least 1 (GPTQ uses 128 calibration windows)")
+    options = _quantize_options(args)
     if steps & {4, 5, 6, 9}:
         raise UsageError(f"--step {min(steps & {4, 5, 6, 9})} with step 8: steps run in number order, so it would use "
                          f"the model before quantization (and step 8's save would replace its results); run it "
@@ -1234,7 +974,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     from utils.presets import is_random_spec
     ensure_model(args, session)
     plan, plan_source = _plan_for_step3(args, session)
-    options = CompressOptions(_decompose_options(args), _update_options(args), _refine_options(args))
+    options = _compress_options(args)
     stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
     windows, data, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None, None)
     refine_cost = _refine_estimate(args, session, options.refine, len(plan.ranks)) if options.refine else None
@@ -1254,7 +994,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
                 stats.close()
         session.timings["compress_s"] = record.pop("seconds")
         compression = compression_block(record, args.model, session.model, stats, args.seed, args.num_layers,
-                                        plan_source, is_random_spec(args.model), heldout)
+                                        plan_source, is_random_spec(args.model), heldout, method_registry(args))
         if data is not None:  # the windows of the update / refinement
             compression["calibration_windows"] = {**data, "nsamples": int(windows.shape[0]),
                                                   "seq_len": int(windows.shape[1])}
@@ -1278,7 +1018,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
             saved = True
         else:
             saved = _save_model(args, session, 3)
-    _print_summary(compression, session.timings, args.save_path if saved else None)
+    _print_summary(compression, session.timings, args.save_path if saved else None, method_registry(args))
     return compression
 
 
@@ -1314,12 +1054,14 @@ def _refine_estimate(args: argparse.Namespace, session: Session, refine, low_ran
                               where, unit["layer_s"], 3.0 * unit["layers"] / max(1, low_rank), cheaper))
 
 
+def _compress_options(args: argparse.Namespace):
+    """Step 3's options: those of every method the flags choose (methods.registry), in walk order."""
+    from pipeline.steps import CompressOptions
+    return CompressOptions.of(method_registry(args).options(_flag_values(args)))
+
+
 def _decompose_options(args: argparse.Namespace):
-    from methods import DecomposeOptions
-    from utils.model import DTYPES
-    return DecomposeOptions(args.whitening, args.decomposition, DTYPES[args.svd_dtype], args.svd_driver,
-                            args.rsvd_oversamples, args.rsvd_n_iter, args.seed, scaling=args.scaling,
-                            alpha=args.alpha, sigma_fuse=args.sigma_fuse, column_preserve=args.column_preserve)
+    return _compress_options(args).decompose
 
 
 def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options) -> dict | None:
@@ -1418,31 +1160,8 @@ def _self_step3_windows(args: argparse.Namespace, session: Session, options, exc
                                     "larger generation with the same settings)"}
 
 
-def _update_options(args: argparse.Namespace):
-    from methods import AnchoredOptions, UpdateOptions
-    from methods.anchored import DEFAULT_ANCHOR_ALPHA
-    from utils.model import DTYPES
-    if args.update == "closed_form":
-        return UpdateOptions(nsamples=args.updating_nsamples)
-    if args.update == "anchored":
-        alpha = DEFAULT_ANCHOR_ALPHA if args.anchor_alpha is None else args.anchor_alpha
-        return AnchoredOptions(nsamples=args.updating_nsamples, alpha=alpha,
-                               whitening="eigen" if args.whitening == "eigen" else "cholesky",
-                               svd_dtype=DTYPES[args.svd_dtype], svd_driver=args.svd_driver,
-                               holdout_fraction=args.anchor_holdout)
-    return None
-
-
-def _refine_options(args: argparse.Namespace):
-    from methods import RefineOptions
-    if args.refine == "none":
-        return None
-    return RefineOptions(target=args.refine_target, nsamples=args.refine_nsamples, epochs=args.refine_epochs,
-                         gradient_iters=args.gradient_iters, lr=args.refine_lr, batch_size=args.refine_batch_size,
-                         holdout=args.refine_holdout, seed=args.seed)
-
-
-def _print_summary(compression: dict, timings: dict, saved_path: str | None = None) -> None:
+def _print_summary(compression: dict, timings: dict, saved_path: str | None = None, registry=None) -> None:
+    from methods.registry import Registry
     ranks = list(compression["ranks"].values())
     params = compression["parameters"]
     asked = compression.get("model_ratio")
@@ -1451,20 +1170,8 @@ def _print_summary(compression: dict, timings: dict, saved_path: str | None = No
           f"matrices' parameters); whole model: parameters {params['original']:,} -> {params['compressed']:,} "
           f"({params['removed_fraction']:.1%} removed" + (f", --model_ratio {asked['asked']:g} asked)" if asked else ")")
           + (f"; {disk_bytes(saved_path) / 2**20:.1f} MiB on disk ({saved_path})" if saved_path else ""))
-    if compression["update"] and compression["update"]["method"] == "closed_form":
-        print(f"update: kept for {compression['updates_accepted']} of {len(ranks)} matrices")
-    elif compression["update"]:
-        kept = sum(r.get("anchored", {}).get("applied", False) for r in compression["modules"].values())
-        gate = compression["update"].get("holdout_fraction")
-        print(f"update: anchored fit (alpha {compression['update']['alpha']:g}) kept for {kept} of {len(ranks)} matrices"
-              + (f" (each kept only where it lowered the error on the held-out {gate:g} of the windows)" if gate
-                 else " (ungated: --anchor_holdout 0)"))
-    if compression.get("refine_losses"):
-        losses = compression["refine_losses"]
-        held_windows = next((r.get("holdout_windows") for r in losses.get("per_block", {}).values()), None)
-        held = f", on the {held_windows} held-out windows for {losses['holdout_lowered']}" if held_windows else ""
-        print(f"refine ({losses['target']}): loss lowered for {losses['lowered']} of {losses['count']} "
-              f"{'blocks' if losses['target'] == 'block' else 'matrices'}{held}")
+    for line in (registry or Registry.builtin()).summary_lines(compression):  # the update's, the refinement's
+        print(line)
     print(f"fallbacks (H not positive definite): {compression['fallbacks']}; "
           f"times: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
 
@@ -1521,10 +1228,10 @@ def run_lora(args: argparse.Namespace, session: Session) -> dict:
     return session.compression
 
 
-def _typed_flags(argv: list[str] | None) -> dict:
+def _typed_flags(argv: list[str] | None, registry=None) -> dict:
     """The flags the user typed (destination -> value): the command line parsed again with every
     default suppressed, so a flag typed with its default value still counts as typed."""
-    shadow = build_parser()
+    shadow = build_parser(registry)
     for action in shadow._actions:
         action.default, action.required = argparse.SUPPRESS, False
     return vars(shadow.parse_args(argv))
@@ -1539,7 +1246,7 @@ def apply_recipe(args: argparse.Namespace, argv: list[str] | None) -> bool:
     from utils.model import default_device
     if args.recipe is None:
         raise UsageError(f"--print shows a recipe's flags: add --recipe NAME ({', '.join(recipes.names())})")
-    typed = _typed_flags(argv)
+    typed = _typed_flags(argv, method_registry(args))
     recipe = recipes.RECIPES[args.recipe]
     ratio = args.ratio if args.ratio is not None else \
         1.0 - args.param_ratio_target if args.param_ratio_target is not None else 0.2
@@ -1605,9 +1312,12 @@ def recipe_perplexity(args: argparse.Namespace, session: Session) -> None:
               f"{a if a is None else f'{a:.4f}'}{ratio}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, registry=None) -> int:
+    """The CLI. registry: step 3's methods (methods.registry.Registry; default: the built-in ones)."""
+    from methods.registry import Registry
+    registry = registry or Registry.builtin()
+    args = build_parser(registry).parse_args(argv)
+    args.method_registry = registry
     from utils.data import DatasetError
     from utils.model import ModelSpecError
     from utils.outputs import OutputError

@@ -3,7 +3,9 @@
 A pass is a callable taking a LayerContext, with two class attributes the walk reads:
 needs_activations (the calibration windows flow through the walk) and needs_reference (the
 original model's stream is carried beside the compressed one). Each is configured by a small
-options dataclass; none knows argparse or model families.
+options dataclass; none knows argparse or model families. Step 3's methods also declare their flags,
+checks and the pass their options contribute, next to the options: methods.registry composes them for
+the CLI (compress.py) and for pipeline.steps.compress_model.
 """
 from methods.anchored import AnchoredOptions, AnchoredUpdate
 from methods.closed_form import ClosedFormUpdate, UpdateOptions

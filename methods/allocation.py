@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from methods.method import Flag, FlagError, Method
 from utils.allocate import (asvd_ranks, budget_for_ratio, kept_at_threshold, kept_to_ranks, knapsack_allocation,
                             matrix_params, meet_budget, ratios_to_ranks, removed_fraction, sensitivity_order,
                             threshold_search, type_groups, v2_ratios)
@@ -232,3 +233,73 @@ def rank_groups(shapes: dict, ranks: dict, ratio: float | None) -> dict:
                      "min_rank": min(kept, default=None), "max_rank": max(kept, default=None),
                      "dense": sum(ranks[x] is None for x in names)}
     return out
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+GROUP = "decomposition"
+FLAGS = (
+    Flag(("--allocation",), "allocation", GROUP, default="uniform", choices=("uniform", "asvd", "v2", "duo"),
+         help="step 2: uniform ranks; v2 = SVD-LLM V2's ranks from the whitened truncation losses (no "
+              "forward pass); duo = Duo-SVD's knapsack DP over each matrix's KL sensitivity (the others at "
+              "--ratio); asvd = ASVD's binary search over each matrix's sensitivity (the others dense) to "
+              "--ratio or --ppl_target. All meet --ratio within 0.5%% of the matrices' parameters, never over"),
+    Flag(("--rank_multiple",), "rank_multiple", GROUP, default=1, type=int,
+         help="round every rank of the plan down to a multiple of N (8 / 16 / 64: the tiles of matmul "
+              "kernels); the rounded plan never costs more parameters than the unrounded one"),
+    Flag(("--strategy",), "strategy", GROUP, choices=("dp",),
+         help="Duo-SVD's flag: --strategy dp = --allocation duo. Note Duo-SVD's --ratio is the fraction KEPT; "
+              "here --ratio is the fraction removed: its --ratio 0.8 is --ratio 0.2 (or --param_ratio_target 0.8)"),
+    Flag(("--param_ratio_target",), "param_ratio_target", GROUP, type=float,
+         help="ASVD's flag: the fraction of the matrices' parameters KEPT, i.e. --ratio 1-P"),
+    Flag(("--ppl_target",), "ppl_target", GROUP, type=float,
+         help="asvd: search the most compression whose calibration perplexity (on the sensitivity "
+              "windows, model really compressed with step 3's --whitening/--scaling, --alpha, "
+              "--decomposition, --sigma_fuse, --svd_dtype; WITHOUT column preservation, update or "
+              "refinement) stays below this; instead of --ratio. Step 3 measures the model it builds on "
+              "the same windows and records it against the target (compression block: ppl_target)"),
+)
+
+
+def check_flags(values: dict) -> dict:
+    """--ratio and its aliases (ASVD's --param_ratio_target, --model_ratio), Duo-SVD's --strategy,
+    --rank_multiple: the sizes steps 2-3 read, so they are resolved first."""
+    allocation, ratio, resolved = values["allocation"], values["ratio"], {}
+    if values["strategy"] == "dp":
+        if allocation not in ("uniform", "duo"):
+            raise FlagError(f"--strategy dp is Duo-SVD's DP allocation: it contradicts --allocation {allocation}")
+        resolved["allocation"] = "duo"
+    kept = values["param_ratio_target"]
+    if kept is not None:
+        if not 0.0 < kept < 1.0:
+            raise FlagError(f"--param_ratio_target {kept}: the fraction KEPT must be in (0, 1), "
+                            f"e.g. 0.9 (= --ratio 0.1)")
+        implied = round(1.0 - kept, 12)
+        if ratio is not None and abs(ratio - implied) > 1e-9:
+            raise FlagError(f"--param_ratio_target {kept} means --ratio {implied:g}; it "
+                            f"contradicts --ratio {ratio}: give one of them")
+        resolved["ratio"] = ratio = implied
+    model_ratio = values["model_ratio"]
+    if model_ratio is not None:
+        if ratio is not None:
+            raise FlagError(f"--model_ratio {model_ratio} (of the whole model) and "
+                            f"{'--param_ratio_target' if kept is not None else '--ratio'} "
+                            f"(per matrix) size the same thing: give one of them")
+        if not 0.0 < model_ratio < 1.0:
+            raise FlagError(f"--model_ratio {model_ratio}: the fraction of the whole model's parameters "
+                            f"removed must be in (0, 1), e.g. 0.3")
+        if not set(values.get("steps") or ()) & {2, 3}:
+            raise FlagError("--model_ratio sizes the compression of steps 2-3: add --step 2 or 3, or leave it out")
+    elif ratio is None:
+        resolved["ratio"] = 0.2
+    if values["rank_multiple"] < 1:
+        raise FlagError(f"--rank_multiple {values['rank_multiple']}: give a positive whole number (1 leaves ranks "
+                        f"as planned)")
+    return resolved
+
+
+METHOD = Method("allocation", FLAGS, check=check_flags, step=2)
+# after the sensitivity flags (methods.sensitivity) in --help
+V2_METHOD = Method("v2", (Flag(("--v2_max_shift",), "v2_max_shift", GROUP, default=0.15, type=float,
+                               help="v2: the most a matrix's ratio may move from --ratio (default %(default)s)"),),
+                   step=2)

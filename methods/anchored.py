@@ -40,6 +40,7 @@ from torch import nn
 
 from component import LowRankLinear, largest_entry_fits
 from methods.closed_form import execution_groups, holdout_split
+from methods.method import Flag, FlagError, Method, MethodOptions, PassInputs
 from utils.decompose import exact_svd
 from utils.layerwise import LayerContext
 from utils.model import linear_units, set_submodule
@@ -68,7 +69,7 @@ def holdout_problem(nsamples: int, fraction: float) -> str | None:
 
 
 @dataclass
-class AnchoredOptions:
+class AnchoredOptions(MethodOptions):
     nsamples: int = 16  # calibration windows (of those the walk carries, the first)
     alpha: float = DEFAULT_ANCHOR_ALPHA  # 0: fit the compressed stream's own outputs, 1: the original outputs
     whitening: str = "cholesky"  # factor of G' (cholesky | eigen)
@@ -92,6 +93,22 @@ class AnchoredOptions:
     def to_dict(self) -> dict:
         return {"method": "anchored", "nsamples": self.nsamples, "alpha": self.alpha, "whitening": self.whitening,
                 "svd_dtype": str(self.svd_dtype).replace("torch.", ""), "holdout_fraction": self.holdout_fraction}
+
+    slot, role = "update", "the update"
+
+    @property
+    def windows_needed(self) -> int:
+        return self.nsamples
+
+    def heldout_positions(self) -> list[int]:
+        return list(self.split(self.nsamples)[1])
+
+    @property
+    def walk_label(self) -> str:
+        return "anchored"
+
+    def make_pass(self, inputs: PassInputs) -> "AnchoredUpdate":
+        return AnchoredUpdate(self, inputs.records)
 
 
 def _solve_right_transpose(whitening: WhiteningFactor, matrix: torch.Tensor) -> torch.Tensor:
@@ -230,3 +247,72 @@ class AnchoredUpdate:
         if held_errors is not None:
             record["holdout_error"] = held_errors
         self.records.setdefault(f"{context.name}.{name}", {})["anchored"] = record
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+# chosen by --update anchored (methods.closed_form declares --update and --updating_nsamples)
+FLAGS = (
+    Flag(("--anchor_alpha",), "anchor_alpha", "decomposition", type=float,
+         help="--update anchored (AA-SVD's fit, docs/refinement.md): each matrix refit in data-flow order to "
+              "alpha x the original model's outputs + (1 - alpha) x its own outputs on the compressed model's "
+              "inputs; 0 = whitening on the compressed stream, 1 = the original outputs (default "
+              f"{DEFAULT_ANCHOR_ALPHA:g}; what each alpha measured: docs/refinement.md)"),
+    Flag(("--anchor_holdout",), "anchor_holdout", "decomposition", type=float,
+         help="--update anchored: hold out this fraction of the --updating_nsamples windows and keep each "
+              "matrix's fit only where it lowers the error on them, as the closed-form update does "
+              f"(default {DEFAULT_ANCHOR_HOLDOUT:g}; needs at least 3 windows; 0: every fit kept, ungated). "
+              "The fit overfits few windows: docs/refinement.md"),
+)
+
+
+def check_flags(values: dict) -> dict:
+    """The anchored fit's numbers, and its flags refused without --update anchored."""
+    import math
+    update, alpha, holdout = values["update"], values["anchor_alpha"], values["anchor_holdout"]
+    if alpha is not None:
+        if update != "anchored":
+            raise FlagError(f"--anchor_alpha is for --update anchored (got --update {update})")
+        if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+            raise FlagError(f"--anchor_alpha {alpha}: must be in [0, 1] (0 = whitening on the compressed "
+                            f"stream, 1 = fit the original outputs)")
+    if holdout is not None and update != "anchored":
+        raise FlagError(f"--anchor_holdout is for --update anchored (got --update {update})")
+    if update != "anchored":
+        return {}
+    if holdout is None:
+        holdout = DEFAULT_ANCHOR_HOLDOUT
+    if not (math.isfinite(holdout) and 0.0 <= holdout < 1.0):
+        raise FlagError(f"--anchor_holdout {holdout}: a fraction in [0, 1), e.g. 0.25")
+    problem = holdout_problem(values["updating_nsamples"], holdout)
+    if problem:
+        raise FlagError(problem)
+    return {"anchor_holdout": holdout}
+
+
+def options_from_flags(values: dict) -> AnchoredOptions:
+    from utils.model import DTYPES
+    alpha = DEFAULT_ANCHOR_ALPHA if values["anchor_alpha"] is None else values["anchor_alpha"]
+    return AnchoredOptions(nsamples=values["updating_nsamples"], alpha=alpha,
+                           whitening="eigen" if values["whitening"] == "eigen" else "cholesky",
+                           svd_dtype=DTYPES[values["svd_dtype"]], svd_driver=values["svd_driver"],
+                           holdout_fraction=values["anchor_holdout"])
+
+
+def summary(compression: dict) -> str | None:
+    update = compression.get("update") or {}
+    if update.get("method") != "anchored":
+        return None
+    kept = sum(r.get("anchored", {}).get("applied", False) for r in compression["modules"].values())
+    gate = update.get("holdout_fraction")
+    return (f"update: anchored fit (alpha {update['alpha']:g}) kept for {kept} of {len(compression['ranks'])} matrices"
+            + (f" (each kept only where it lowered the error on the held-out {gate:g} of the windows)" if gate
+               else " (ungated: --anchor_holdout 0)"))
+
+
+def label(record: dict) -> str:
+    update = record.get("update") or {}
+    return f"+anchored(alpha={update['alpha']:g})" if update.get("method") == "anchored" else ""
+
+
+METHOD = Method("anchored", FLAGS, options_from_flags, check_flags, selector="update", summary=summary, label=label)

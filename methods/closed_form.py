@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from component import LowRankLinear, largest_entry_fits
+from methods.method import Flag, FlagError, Method, MethodOptions, PassInputs
 from utils.layerwise import LayerContext
 from utils.model import linear_units
 from utils.update import update_u
@@ -32,7 +33,7 @@ def holdout_split(nsamples: int, fraction: float) -> tuple[range, range]:
 
 
 @dataclass
-class UpdateOptions:
+class UpdateOptions(MethodOptions):
     nsamples: int = 16  # calibration windows carried through the walk
     holdout_fraction: float = 0.25  # of those, held out to accept or refuse each update
     ridge: float = 1e-6  # lam = ridge * trace(v H v^T) / r
@@ -45,6 +46,25 @@ class UpdateOptions:
     def to_dict(self) -> dict:
         return {"method": "closed_form", "nsamples": self.nsamples, "holdout_fraction": self.holdout_fraction,
                 "ridge": self.ridge, "sequential": self.sequential}
+
+    slot, role = "update", "the update"
+
+    @property
+    def windows_needed(self) -> int:
+        return self.nsamples
+
+    def heldout_positions(self) -> list[int]:
+        return list(self.split(self.nsamples)[1])
+
+    @property
+    def walk_label(self) -> str:
+        return "closed_form"
+
+    def record_fields(self, records: dict, layer_records: dict) -> dict:
+        return {"updates_accepted": sum(r["update"]["accepted"] for r in records.values() if "update" in r)}
+
+    def make_pass(self, inputs: PassInputs) -> "ClosedFormUpdate":
+        return ClosedFormUpdate(self, inputs.records)
 
 
 def execution_groups(context: LayerContext, modules: dict[str, nn.Module]) -> list[list[str]]:
@@ -101,3 +121,41 @@ class ClosedFormUpdate:
             "fit_error": [result.fit_error_before, result.fit_error_after],
             "holdout_error": [result.holdout_error_before, result.holdout_error_after],
             "ridge": result.ridge if result.ridge != float("inf") else None}
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+# --update chooses among the methods whose Method.selector is "update" (this one, methods.anchored)
+FLAGS = (
+    Flag(("--updating_nsamples",), "updating_nsamples", "calibration", default=16, type=int,
+         help="calibration windows for the closed-form update and the anchored fit; a quarter are held out, "
+              "drawn to share no token with step 1's windows (README, Data)"),
+    Flag(("--update",), "update", "decomposition", default="none", selects=True,
+         help="closed-form update of u against the original layer outputs (SVD-LLM step 2), refit in "
+              "the layer's execution order on --updating_nsamples windows. It can RAISE perplexity "
+              "(docs/evaluation.md, docs/refinement.md): measure it on your model"),
+)
+
+
+def check_flags(values: dict) -> dict:
+    if values["updating_nsamples"] < 1:
+        raise FlagError("--updating_nsamples must be at least 1")
+    if values.get("column_preserve") and values["update"] != "none":
+        raise FlagError(f"--column_preserve with --update {values['update']}: the update refits plain low-rank "
+                        f"layers only; run one or the other (--refine gradient --refine_target block does work "
+                        f"with it)")
+    return {}
+
+
+def summary(compression: dict) -> str | None:
+    if (compression.get("update") or {}).get("method") != "closed_form":
+        return None
+    return f"update: kept for {compression['updates_accepted']} of {len(compression['ranks'])} matrices"
+
+
+def label(record: dict) -> str:
+    return "+closed_form" if (record.get("update") or {}).get("method") == "closed_form" else ""
+
+
+METHOD = Method("closed_form", FLAGS, lambda values: UpdateOptions(nsamples=values["updating_nsamples"]), check_flags,
+                selector="update", summary=summary, record_defaults={"updates_accepted": None}, label=label)

@@ -14,6 +14,7 @@ import torch
 from component import LowRankLinear, column_preserved_from
 from utils.column_preserve import column_preserved_factors
 from utils.decompose import low_rank_factors
+from methods.method import Flag, FlagError, Method, MethodOptions, PassInputs
 from utils.layerwise import LayerContext
 from utils.model import set_submodule, target_linears
 from utils.plan import Plan
@@ -27,7 +28,7 @@ class DecomposeError(ValueError):
 
 
 @dataclass
-class DecomposeOptions:
+class DecomposeOptions(MethodOptions):
     whitening: str = "cholesky"  # cholesky (SVD-LLM) | eigen (SVD-LLM V2) | none (plain SVD)
     decomposition: str = "svd"  # svd | rsvd
     svd_dtype: torch.dtype = torch.float32  # the SVD's own precision; whitening is float64
@@ -60,6 +61,11 @@ class DecomposeOptions:
         if self.decomposition == "rsvd":
             out["rsvd"] = {"oversamples": self.rsvd_oversamples, "n_iter": self.rsvd_n_iter, "seed": self.seed}
         return out
+
+    slot, role = "decompose", "the decomposition"
+
+    def make_pass(self, inputs: PassInputs) -> "Decompose":
+        return Decompose(inputs.plan, self, inputs.stats, inputs.records)
 
 
 class Decompose:
@@ -146,3 +152,81 @@ class Decompose:
                 raise DecomposeError(f"{full}: {error}") from None
             originals[name] = weight
             set_submodule(context.layer, name, low_rank)
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+GROUP = "decomposition"
+FLAGS = (
+    Flag(("--whitening",), "whitening", GROUP, choices=("cholesky", "eigen", "none"),
+         help="truncation-aware whitening: cholesky (SVD-LLM), eigen (SVD-LLM V2), none (plain SVD, or "
+              "ASVD with --scaling). Default: cholesky, or none when --scaling is given"),
+    Flag(("--scaling", "--scaling_method"), "scaling", GROUP, choices=SCALING_METHODS,
+         help="ASVD's activation-aware scaling, an alternative to whitening: decompose W diag(s), "
+              "s = stat^alpha per input channel (abs_mean / abs_max of the inputs, fisher, or their "
+              "product fisher_abs_mean), then divide the right factor by s. --scaling_method is ASVD's "
+              "name for it. Default none"),
+    Flag(("--act_aware",), "act_aware", GROUP, default=False, action="store_true",
+         help="ASVD's flag: --scaling abs_mean (or the --scaling_method given)"),
+    Flag(("--alpha",), "alpha", GROUP, default=0.5, type=float, help="ASVD: the exponent of the scaling statistic"),
+    Flag(("--sigma_fuse",), "sigma_fuse", GROUP, default="UV", choices=("UV", "U", "V"),
+         help="where the singular values go: UV = their square root into both factors, U or V"),
+    Flag(("--column_preserve",), "column_preserve", GROUP, default=False, action="store_true",
+         help="step 3: Duo-SVD's column level: trade rank for exactly kept input columns at no more "
+              "parameters when that lowers a matrix's whitened truncation error by over 1%% (needs whitening)"),
+    Flag(("--decomposition",), "decomposition", GROUP, default="svd", choices=("svd", "rsvd"),
+         help="exact or randomized SVD"),
+    Flag(("--rsvd_oversamples",), "rsvd_oversamples", GROUP, default=DEFAULT_OVERSAMPLES, type=int,
+         help="randomized SVD: extra sketch columns (default %(default)s; speed and extra truncation loss "
+              "with the default --rsvd_n_iter: README, scripts/results/bench_rsvd_cpu.json)"),
+    Flag(("--rsvd_n_iter",), "rsvd_n_iter", GROUP, default=DEFAULT_N_ITER, type=int,
+         help="randomized SVD: power iterations (default %(default)s)"),
+    Flag(("--svd_dtype",), "svd_dtype", GROUP, default="float32", choices=("float32", "float64"),
+         help="precision of the SVD itself (whitening is always float64)"),
+    Flag(("--svd_driver",), "svd_driver", GROUP, default="auto", choices=("auto", "default", "gesvda"),
+         help="exact SVD driver: auto = cuSOLVER gesvda with a residual check on CUDA "
+              "(falls back to the default driver), LAPACK on CPU"),
+)
+
+
+def check_flags(values: dict) -> dict:
+    """--scaling / --act_aware / --whitening defaults and their conflicts (ASVD is whitening none),
+    the scaling exponent, column preservation's need for whitening, the randomized SVD's numbers."""
+    scaling, whitening = values["scaling"], values["whitening"]
+    if values["act_aware"] and scaling in (None, "none"):
+        scaling = "abs_mean"
+    scaling = scaling or "none"
+    if scaling != "none" and whitening not in (None, "none"):
+        raise FlagError(f"--scaling {scaling} with --whitening {whitening}: scaling (ASVD) and whitening "
+                        f"(SVD-LLM) are alternatives; use --whitening none --scaling {scaling}, or "
+                        f"--whitening {whitening} alone")
+    if whitening is None:
+        whitening = "none" if scaling != "none" else "cholesky"
+    if scaling != "none" and not 0.0 <= values["alpha"] <= 4.0:
+        raise FlagError(f"--alpha {values['alpha']}: the scaling exponent must be in [0, 4] (ASVD: 0.5)")
+    if values["column_preserve"] and whitening == "none":
+        raise FlagError("--column_preserve scores and trades columns by their whitened error: use --whitening "
+                        "cholesky or eigen (it is not combined with --scaling)")
+    if scaling.startswith("fisher") and 1 in (values.get("steps") or ()) and not values.get("fisher"):
+        raise FlagError(f"--scaling {scaling} needs fisher information: add --fisher to step 1")
+    for name in ("rsvd_oversamples", "rsvd_n_iter"):
+        if values[name] < 0:
+            raise FlagError(f"--{name} must be 0 or more (defaults: --rsvd_oversamples {DEFAULT_OVERSAMPLES} "
+                            f"--rsvd_n_iter {DEFAULT_N_ITER})")
+    return {"scaling": scaling, "whitening": whitening}
+
+
+def options_from_flags(values: dict) -> DecomposeOptions:
+    from utils.model import DTYPES
+    return DecomposeOptions(values["whitening"], values["decomposition"], DTYPES[values["svd_dtype"]],
+                            values["svd_driver"], values["rsvd_oversamples"], values["rsvd_n_iter"], values["seed"],
+                            scaling=values["scaling"], alpha=values["alpha"], sigma_fuse=values["sigma_fuse"],
+                            column_preserve=values["column_preserve"])
+
+
+def label(record: dict) -> str:
+    return ("svd-llm" if record["whitening"] != "none" else
+            "asvd" if record.get("scaling", "none") != "none" else "svd")
+
+
+METHOD = Method("decompose", FLAGS, options_from_flags, check_flags, label=label)

@@ -31,6 +31,7 @@ from component import LowRankLinear
 from component.quant_linear import QuantLinear, quant_linear_from
 from gptq import GPTQ, PACK_BITS, QuantSpec, rtn
 from methods.closed_form import execution_groups
+from methods.method import Flag, FlagError, Method
 from utils.layerwise import LayerContext
 from utils.model import linear_units, set_submodule
 
@@ -165,3 +166,72 @@ class Quantize:
         record["relative_weight_error"] = _relative_weight_error(weight, module)
         self.records[f"{context.name}.{name}"] = record
         return module
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+GROUP = "quantization (step 8; docs/quantization.md)"
+DEFAULTS = {"quant": "gptq", "wbits": 4, "groupsize": 128}  # flags left out (None: --weight_quant may set them)
+WEIGHT_QUANT = {"rtn_int8": {"quant": "rtn", "wbits": 8, "groupsize": -1}}  # ASVD: RTN per output channel
+FLAGS = (
+    Flag(("--quant",), "quant", GROUP, choices=METHODS,
+         help="GPTQ (Hessian-aware, needs --nsamples calibration windows) or round-to-nearest (default gptq)"),
+    Flag(("--wbits",), "wbits", GROUP, type=int, help="bits per weight code: 2, 3, 4 or 8, stored packed (default 4)"),
+    Flag(("--groupsize",), "groupsize", GROUP, type=int,
+         help="input columns per float16 scale/zero pair; -1: one pair per output row (default 128)"),
+    Flag(("--act_order",), "act_order", GROUP, default=False, action="store_true",
+         help="GPTQ: quantize columns by decreasing Hessian diagonal"),
+    Flag(("--sym",), "sym", GROUP, default=False, action="store_true",
+         help="symmetric grid (zero point fixed at 2^(bits-1))"),
+    Flag(("--percdamp",), "percdamp", GROUP, default=0.01, type=float,
+         help="GPTQ damping, fraction of the mean Hessian diagonal"),
+    Flag(("--blocksize",), "blocksize", GROUP, default=128, type=int, help="GPTQ: columns per lazy-batch block"),
+    Flag(("--nsamples",), "nsamples", GROUP, default=128, type=int,
+         help="GPTQ calibration windows of --model_seq_len tokens from --dataset (GPTQ uses 128)"),
+    Flag(("--weight_quant",), "weight_quant", GROUP, choices=("rtn_int8", "rtn_int6"),
+         help="ASVD's flag: with step 3, quantize its output by RTN per output channel "
+              "(= --step 3,8 --quant rtn --wbits 8 --groupsize -1); rtn_int6 is refused (no packed 6-bit layout)"),
+)
+
+
+def options_from_flags(values: dict) -> QuantizeOptions:
+    return QuantizeOptions(values["quant"], values["wbits"], values["groupsize"], values["act_order"], values["sym"],
+                           values["percdamp"], values["blocksize"])
+
+
+def check_flags(values: dict) -> dict:
+    """--weight_quant (ASVD's alias, which adds step 8 after step 3), the defaults of the flags it
+    sets, and with step 8 the options' own checks."""
+    steps = set(values.get("steps") or ())
+    resolved: dict = {}
+    weight_quant = values["weight_quant"]
+    if weight_quant:
+        if not steps & {3, 8}:
+            raise FlagError(f"--weight_quant {weight_quant} quantizes the output of step 3: give --step 3 (or 8)")
+        if weight_quant not in WEIGHT_QUANT:
+            raise FlagError(f"--weight_quant {weight_quant}: 6-bit codes have no packed layout here (packed: "
+                            f"2, 3, 4 and 8 bits), so int6 would take a byte per weight on disk like int8, with more "
+                            f"error; use rtn_int8, or --quant rtn --wbits 4")
+        for name, value in WEIGHT_QUANT[weight_quant].items():
+            given = values[name]
+            if given is not None and given != value:
+                raise FlagError(f"--weight_quant {weight_quant} means --quant rtn --wbits 8 --groupsize -1; "
+                                f"it contradicts --{name} {given}")
+            resolved[name] = value
+        steps.add(8)
+        resolved["steps"] = sorted(steps)
+    for name, value in DEFAULTS.items():
+        if resolved.get(name, values[name]) is None:
+            resolved[name] = value
+    if 8 not in steps:
+        return resolved
+    try:
+        options_from_flags({**values, **resolved})
+    except QuantizeError as error:
+        raise FlagError(str(error)) from None
+    if values["nsamples"] < 1:
+        raise FlagError("--nsamples must be at least 1 (GPTQ uses 128 calibration windows)")
+    return resolved
+
+
+METHOD = Method("quantize", FLAGS, options_from_flags, check_flags, step=8)

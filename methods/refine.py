@@ -31,6 +31,7 @@ from torch import nn
 
 from component import LowRankLinear
 from methods.closed_form import execution_groups
+from methods.method import Flag, FlagError, Method, MethodOptions, PassInputs
 from utils.layerwise import LayerContext, call_layer
 from utils.model import linear_units
 
@@ -38,7 +39,7 @@ REFINE_TARGETS = ("block", "matrix")
 
 
 @dataclass
-class RefineOptions:
+class RefineOptions(MethodOptions):
     target: str = "block"  # block (AA-SVD) | matrix (GSVD)
     nsamples: int = 32  # calibration windows used (the first of those the walk carries)
     epochs: int = 2  # block: passes over the windows
@@ -74,6 +75,36 @@ class RefineOptions:
         else:
             out["gradient_iters"] = self.gradient_iters
         return out
+
+    slot, role = "refine", "the refinement"
+
+    def heldout_positions(self) -> list[int]:
+        return list(range(self.nsamples, self.windows_needed))
+
+    @property
+    def walk_label(self) -> str:
+        return f"refine({self.target})"
+
+    def record_fields(self, records: dict, layer_records: dict) -> dict:
+        return {"refine_losses": refine_summary(self, records, layer_records)}
+
+    def make_pass(self, inputs: PassInputs) -> "Refine":
+        return Refine(self, inputs.records, inputs.layer_records)
+
+
+def refine_summary(options: RefineOptions, records: dict, layer_records: dict) -> dict:
+    """Losses before / after the refinement, per block (target block) or per module (matrix), and
+    how many went down: the model's record of the refinement (GSVD's *_losses.txt)."""
+    if options.target == "block":
+        per = layer_records
+    else:
+        per = {name: r["refine"] for name, r in records.items() if "refine" in r}
+    summary = {"target": options.target, "per_" + ("block" if options.target == "block" else "module"): per,
+               "lowered": sum(r["loss_after"] < r["loss_before"] for r in per.values()), "count": len(per)}
+    held = [r for r in per.values() if "holdout_after" in r]
+    if held:  # blocks whose kept iterate also lowered the loss on windows it was not trained on
+        summary["holdout_lowered"] = sum(r["holdout_after"] < r["holdout_before"] for r in held)
+    return summary
 
 
 def lr_factor(step: int, total: int, warmup_fraction: float = 0.1, final: float = 0.1) -> float:
@@ -236,3 +267,82 @@ class Refine:
         self.records.setdefault(f"{context.name}.{name}", {})["refine"] = {
             "target": "matrix", "loss_before": before, "loss_after": best, "losses": losses,
             "best_step": best_step, "steps": total, "windows": n, "seconds": round(time.perf_counter() - start, 3)}
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+GROUP = "refinement (step 3, after the decomposition / update; docs/refinement.md)"
+FLAGS = (
+    Flag(("--refine",), "refine", GROUP, default="none", selects=True,
+         help="gradient refinement against the original model, one layer at a time (AdamW, warm-up then "
+              "cosine; the best iterate is kept)"),
+    Flag(("--refine_target",), "refine_target", GROUP, default="block", choices=REFINE_TARGETS,
+         help="block = AA-SVD's block refinement (every parameter of a decoder layer, to the original "
+              "layer's outputs on the original stream); matrix = GSVD's per-matrix u, v refinement (to "
+              "the original matrix's outputs on the inputs it sees)"),
+    Flag(("--refine_epochs",), "refine_epochs", GROUP, default=2, type=int,
+         help="block: epochs over the windows (AA-SVD uses 25; more epochs against more windows: "
+              "docs/refinement.md)"),
+    Flag(("--gradient_iters", "--gradient-iters"), "gradient_iters", GROUP, default=500, type=int,
+         help="matrix: optimiser steps per matrix (GSVD's --gradient-iters, an alias)"),
+    Flag(("--refine_lr",), "refine_lr", GROUP, default=1e-4, type=float, help="AdamW learning rate (weight decay 0.01)"),
+    Flag(("--refine_batch_size",), "refine_batch_size", GROUP, default=8, type=int,
+         help="calibration windows per optimiser step"),
+    Flag(("--refine_nsamples",), "refine_nsamples", GROUP, type=int,
+         help="calibration windows of --dataset for the refinement (default: --updating_nsamples)"),
+    Flag(("--refine_holdout",), "refine_holdout", GROUP, default=0, type=int,
+         help="block: this many more windows of --dataset, after those trained on, whose block loss is "
+              "measured every epoch and recorded (holdout_losses), never trained on: shows overfitting "
+              "(drawn to share no token with step 1's windows or the fit windows, as the update's held-out ones)"),
+)
+
+
+def check_flags(values: dict) -> dict:
+    """The refinement's numbers; --refine_nsamples defaults to --updating_nsamples."""
+    if values.get("column_preserve") and values["refine"] != "none" and values["refine_target"] == "matrix":
+        raise FlagError("--column_preserve with --refine_target matrix: GSVD's per-matrix refinement trains plain "
+                        "low-rank layers only; use --refine_target block")
+    resolved = {"refine_nsamples": values["updating_nsamples"] if values["refine_nsamples"] is None
+                else values["refine_nsamples"]}
+    if values["refine"] == "none":
+        if values["refine_holdout"]:
+            raise FlagError("--refine_holdout is for --refine gradient --refine_target block")
+        return resolved
+    if values["refine_holdout"] < 0 or (values["refine_holdout"] and values["refine_target"] != "block"):
+        raise FlagError(f"--refine_holdout {values['refine_holdout']}: a non-negative number of windows, with "
+                        f"--refine_target block only")
+    for name in ("refine_epochs", "gradient_iters", "refine_batch_size"):
+        if values[name] < 1:
+            raise FlagError(f"--{name} {values[name]}: must be at least 1")
+    if resolved["refine_nsamples"] < 1:
+        raise FlagError(f"--refine_nsamples {resolved['refine_nsamples']}: must be at least 1")
+    if not (math.isfinite(values["refine_lr"]) and values["refine_lr"] > 0):
+        raise FlagError(f"--refine_lr {values['refine_lr']}: must be a positive number, e.g. 1e-4")
+    return resolved
+
+
+def options_from_flags(values: dict) -> RefineOptions:
+    return RefineOptions(target=values["refine_target"], nsamples=values["refine_nsamples"],
+                         epochs=values["refine_epochs"], gradient_iters=values["gradient_iters"], lr=values["refine_lr"],
+                         batch_size=values["refine_batch_size"], holdout=values["refine_holdout"], seed=values["seed"])
+
+
+def summary(compression: dict) -> str | None:
+    losses = compression.get("refine_losses")
+    if not losses:
+        return None
+    held_windows = next((r.get("holdout_windows") for r in losses.get("per_block", {}).values()), None)
+    held = f", on the {held_windows} held-out windows for {losses['holdout_lowered']}" if held_windows else ""
+    return (f"refine ({losses['target']}): loss lowered for {losses['lowered']} of {losses['count']} "
+            f"{'blocks' if losses['target'] == 'block' else 'matrices'}{held}")
+
+
+def label(record: dict) -> str:
+    refine = record.get("refine")
+    if not refine:
+        return ""
+    return "+refine(" + ("block: AA-SVD" if refine["target"] == "block" else "matrix: GSVD") + ")"
+
+
+METHOD = Method("gradient", FLAGS, options_from_flags, check_flags, selector="refine", summary=summary,
+                record_defaults={"refine_losses": None}, label=label)

@@ -51,6 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from component import LowRankLinear
+from methods.method import Flag, FlagError, Method
 from utils.decompose import low_rank_factors
 from utils.io import read_json, write_json
 from utils.layerwise import LayerContext, capture_layer_inputs, layer_on_device, run_layer, walk_layers
@@ -574,3 +575,82 @@ def plan_calibration_ppl(model: nn.Module, stats, windows: torch.Tensor, device:
         return _walk_ppl(model, windows, device, change, offload)
 
     return evaluate
+
+
+# ---------------------------------------------------------------------------------------- flags
+
+GROUP = "decomposition"
+FLAGS = (
+    Flag(("--sensitivity_metric",), "sensitivity_metric", GROUP, choices=("ppl", "stable_rank", "kl"),
+         help="asvd: ppl = calibration perplexity with only that matrix compressed (default), stable_rank "
+              "= ASVD's spectral metric (no forward pass); duo: kl (the only one)"),
+    Flag(("--sensitivity_ratios",), "sensitivity_ratios", GROUP,
+         help="candidate KEPT fractions, comma list in (0, 1], 1 = dense (default: duo 0.1,...,0.9,1 as "
+              "Duo-SVD; asvd 0.1,...,0.9 as ASVD)"),
+    Flag(("--sensitivity_nsamples",), "sensitivity_nsamples", GROUP, default=16, type=int,
+         help="calibration windows (--dataset, --sensitivity_seq_len) of the sensitivity pass (default "
+              "%(default)s); cost: matrices x candidates x these windows through the layers after each "
+              "matrix (estimated and printed before the pass starts)"),
+    Flag(("--sensitivity_seq_len",), "sensitivity_seq_len", GROUP, type=int,
+         help="tokens per window of the sensitivity pass (default: --model_seq_len); its cost grows "
+              "with it"),
+    Flag(("--sensitivity_path",), "sensitivity_path", GROUP,
+         help="the sensitivity table (JSON; default STATS/sensitivity_METRIC[_rRATIO].json): reused when it "
+              "was measured for this model, statistics, windows, candidates and base state, refused "
+              "(naming the field) when not, unless --overwrite (then measured anew)"),
+    Flag(("--use_cache",), "use_cache", GROUP, default=False, action="store_true",
+         help="ASVD's flag: reuse the sensitivity table (the default behaviour here; accepted so ASVD "
+              "commands run)"),
+)
+
+
+def check_flags(values: dict) -> dict:
+    """The sensitivity flags of step 2: only with --allocation asvd or duo, each its own metric; the
+    candidate ratios parsed (defaults: each paper's)."""
+    allocation, metric, ppl_target = values["allocation"], values["sensitivity_metric"], values["ppl_target"]
+    sensitivity_flags = {"--sensitivity_metric": metric, "--sensitivity_ratios": values["sensitivity_ratios"],
+                         "--ppl_target": ppl_target, "--sensitivity_seq_len": values["sensitivity_seq_len"]}
+    if allocation not in ("asvd", "duo"):
+        given = [k for k, v in sensitivity_flags.items() if v is not None]
+        if given:
+            raise FlagError(f"{given[0]} belongs to --allocation asvd or duo (now {allocation})")
+        return {}
+    if allocation == "duo":
+        if metric not in (None, "kl"):
+            raise FlagError(f"--allocation duo measures KL divergence; --sensitivity_metric "
+                            f"{metric} is for --allocation asvd")
+        if ppl_target is not None:
+            raise FlagError("--ppl_target is ASVD's search (--allocation asvd); duo meets --ratio")
+        metric = "kl"
+    else:
+        if metric == "kl":
+            raise FlagError("--sensitivity_metric kl is Duo-SVD's (--allocation duo); asvd takes ppl or stable_rank")
+        metric = metric or "ppl"
+        if ppl_target is not None and not (ppl_target > 0 and ppl_target < float("inf")):
+            raise FlagError(f"--ppl_target {ppl_target}: a perplexity above 1, e.g. 40")
+    given_ratios = values["sensitivity_ratios"]
+    if given_ratios is None:
+        ratios = DUO_RATIOS if allocation == "duo" else ASVD_RATIOS
+    else:
+        try:
+            ratios = tuple(float(x) for x in str(given_ratios).split(","))
+        except ValueError:
+            raise FlagError(f"--sensitivity_ratios {given_ratios!r}: give kept fractions as a comma "
+                            f"list, e.g. 0.2,0.4,0.6,0.8,1") from None
+        bad = [r for r in ratios if not 0.0 < r <= 1.0]
+        if bad:
+            raise FlagError(f"--sensitivity_ratios: {bad[0]:g} is not a kept fraction in (0, 1] (1 = dense)")
+        if len(set(ratios)) != len(ratios):
+            raise FlagError("--sensitivity_ratios: a candidate is given twice")
+        if not any(r < 1.0 for r in ratios):
+            raise FlagError("--sensitivity_ratios: give at least one kept fraction below 1")
+    if values["sensitivity_nsamples"] < 1:
+        raise FlagError("--sensitivity_nsamples must be at least 1")
+    seq_len = values["sensitivity_seq_len"]
+    if seq_len is not None and seq_len < 2:
+        raise FlagError(f"--sensitivity_seq_len {seq_len}: at least 2 tokens (a window's first "
+                        f"token is not scored); leave it out for --model_seq_len")
+    return {"sensitivity_metric": metric, "sensitivity_ratios": ratios}
+
+
+METHOD = Method("sensitivity", FLAGS, check=check_flags, step=2)

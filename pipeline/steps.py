@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from methods import (AnchoredOptions, AnchoredUpdate, ClosedFormUpdate, Decompose, DecomposeOptions, Refine,
-                     RefineOptions, UpdateOptions)
+from methods import AnchoredOptions, DecomposeOptions, RefineOptions, UpdateOptions
+from methods.registry import MethodOptions, PassInputs, Registry
 from utils.io import atomic_path, read_json, read_progress, resumable, write_json, write_progress
 from utils.outputs import recover_interrupted_swap
 from utils.layerwise import LayerContext, walk_layers
@@ -231,29 +231,42 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
 
 @dataclass
 class CompressOptions:
+    """Step 3's passes, by the options that configure them (methods.registry composes them from the
+    CLI's flags). extra: the options of further methods (a methods.registry.MethodOptions each, keyed
+    by its slot in the record), whose passes run after these."""
     decompose: DecomposeOptions = field(default_factory=DecomposeOptions)
     update: UpdateOptions | AnchoredOptions | None = None  # None: no closed-form update / anchored fit
     refine: RefineOptions | None = None  # None: no gradient refinement (after the update, per layer)
+    extra: tuple[MethodOptions, ...] = ()
+
+    @classmethod
+    def of(cls, chosen: list[MethodOptions]) -> "CompressOptions":
+        """From the chosen methods' options (methods.registry.Registry.options), each in its slot."""
+        own = {"decompose", "update", "refine"}
+        return cls(**{o.slot: o for o in chosen if o.slot in own},
+                   extra=tuple(o for o in chosen if o.slot not in own))
+
+    def chosen(self) -> list[MethodOptions]:
+        """The options of every pass, in walk order."""
+        return [o for o in (self.decompose, self.update, self.refine, *self.extra) if o is not None]
 
     def to_dict(self) -> dict:
         return {**self.decompose.to_dict(), "update": self.update.to_dict() if self.update else None,
-                "refine": self.refine.to_dict() if self.refine else None}
+                "refine": self.refine.to_dict() if self.refine else None,
+                **{o.slot: o.to_dict() for o in self.extra}}
 
     @property
     def nsamples(self) -> int:
         """Calibration windows the walk carries: the most any pass uses (0: none)."""
-        return max(0, self.update.nsamples if self.update is not None else 0,
-                   self.refine.windows_needed if self.refine is not None else 0)
+        return max([0] + [o.windows_needed for o in self.chosen()])
 
     def heldout_positions(self) -> list[int]:
         """Positions, among the carried windows, of those a pass only measures on: the update's held-out
         windows and the refinement's --refine_holdout ones (utils.data.calibration_windows_with_heldout
         draws them apart from the windows that were fitted on)."""
         held: set[int] = set()
-        if self.update is not None:
-            held.update(self.update.split(self.update.nsamples)[1])
-        if self.refine is not None:
-            held.update(range(self.refine.nsamples, self.refine.windows_needed))
+        for options in self.chosen():
+            held.update(options.heldout_positions())
         return sorted(held)
 
 
@@ -326,20 +339,14 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
     params_before = count_parameters(model)
     records: dict[str, dict] = {}
     layer_records: dict[str, dict] = {}
-    passes = [Decompose(plan, options.decompose, stats, records)]
+    chosen = options.chosen()
     if options.nsamples:
         if windows is None or windows.shape[0] < options.nsamples:
-            what = " and ".join(name for name, o in (("the update", options.update), ("the refinement", options.refine))
-                                if o is not None)
+            what = " and ".join(o.role for o in chosen if o.windows_needed)
             raise PipelineError(f"{what} needs {options.nsamples} calibration windows, "
                                 f"got {0 if windows is None else windows.shape[0]}")
         windows = windows[:options.nsamples]
-    if isinstance(options.update, AnchoredOptions):
-        passes.append(AnchoredUpdate(options.update, records))
-    elif options.update is not None:
-        passes.append(ClosedFormUpdate(options.update, records))
-    if options.refine is not None:
-        passes.append(Refine(options.refine, records, layer_records))
+    passes = [o.make_pass(PassInputs(plan, stats, records, layer_records)) for o in chosen]
     needs_activations = any(p.needs_activations for p in passes)
     needs_reference = any(p.needs_reference for p in passes)
 
@@ -367,12 +374,15 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
 
     start = time.perf_counter()
     walk_layers(model, windows if needs_activations else None, device, apply,
-                desc="compress" + (f"+{options.update.to_dict()['method']}" if options.update else "")
-                + (f"+refine({options.refine.target})" if options.refine else ""), reference=needs_reference,
+                desc="compress" + "".join(f"+{o.walk_label}" for o in chosen if o.walk_label),
+                reference=needs_reference,
                 finished=finished, start=start_layer, replay=replay)
     seconds = time.perf_counter() - start
     params_after = count_parameters(model)
-    updates = [r["update"] for r in records.values() if "update" in r]
+    # fields of every record (None where their method did not run), then what the chosen passes add
+    method_fields = Registry.builtin().record_defaults()
+    for chosen_options in chosen:
+        method_fields.update(chosen_options.record_fields(records, layer_records))
     return {
         # the rank of every low-rank module as built (a column-preserved one traded some of the plan's)
         "plan": plan.to_dict(), "ranks": {n: records.get(n, {}).get("rank", r) for n, r in plan.ranks.items()},
@@ -384,8 +394,7 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
         "modules": records,
         "fallbacks": sum(bool(r.get("whitening_fallback")) for r in records.values()),
         "svd_driver_fallbacks": sum(bool(r.get("svd_driver_fallback")) for r in records.values()),
-        "updates_accepted": sum(u["accepted"] for u in updates) if isinstance(options.update, UpdateOptions) else None,
-        "refine_losses": _refine_summary(options.refine, records, layer_records),
+        **method_fields,
         "parameters": {"original": params_before, "compressed": params_after,
                        "removed_fraction": round(1 - params_after / params_before, 6),
                        "target_matrices": plan.summary(params_before)},
@@ -393,42 +402,18 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
     }
 
 
-def _refine_summary(options: RefineOptions | None, records: dict, layer_records: dict) -> dict | None:
-    """Losses before / after the refinement, per block (target block) or per module (matrix), and
-    how many went down: the model's record of the refinement (GSVD's *_losses.txt)."""
-    if options is None:
-        return None
-    if options.target == "block":
-        per = layer_records
-    else:
-        per = {name: r["refine"] for name, r in records.items() if "refine" in r}
-    summary = {"target": options.target, "per_" + ("block" if options.target == "block" else "module"): per,
-               "lowered": sum(r["loss_after"] < r["loss_before"] for r in per.values()), "count": len(per)}
-    held = [r for r in per.values() if "holdout_after" in r]
-    if held:  # blocks whose kept iterate also lowered the loss on windows it was not trained on
-        summary["holdout_lowered"] = sum(r["holdout_after"] < r["holdout_before"] for r in held)
-    return summary
-
-
 def compression_block(record: dict, base_model: str, model: torch.nn.Module, stats: Statistics | None = None,
                       seed: int = 0, num_layers: int | None = None, plan_source: str | None = None,
-                      random_weights: bool = False, heldout_windows: dict | None = None) -> dict:
+                      random_weights: bool = False, heldout_windows: dict | None = None,
+                      registry: Registry | None = None) -> dict:
     """The "compression" block saved with a model: compress_model's record plus what the model was
     made from (base model, calibration, seed, dtype, how the held-out windows were drawn), which
-    loading and evaluation read."""
+    loading and evaluation read. registry: the methods that name what was done (default: the built-in ones)."""
     calibration = None if stats is None else {k: stats.meta.get(k) for k in ("dataset", "nsamples", "seq_len", "seed",
                                                                               "tokens", "data")}
-    update, refine = record.get("update"), record.get("refine")
-    method = ("svd-llm" if record["whitening"] != "none" else
-              "asvd" if record.get("scaling", "none") != "none" else "svd")
-    if update and update.get("method") == "anchored":
-        method += f"+anchored(alpha={update['alpha']:g})"
-    elif update:
-        method += "+closed_form"
-    if refine:
-        method += "+refine(" + ("block: AA-SVD" if refine["target"] == "block" else "matrix: GSVD") + ")"
+    update = record.get("update")
     return {"format_version": 1, "base_model": base_model, "base_model_source": source_description(base_model),
-            "method": method,
+            "method": (registry or Registry.builtin()).method_name(record),  # svd-llm+closed_form, ... (their labels)
             "ratio": record["plan"]["ratio"], "plan_source": plan_source, **record,
             "updating_nsamples": update["nsamples"] if update else 0,
             "calibration": calibration, "heldout_windows": heldout_windows, "seed": seed,

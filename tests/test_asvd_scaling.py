@@ -136,13 +136,13 @@ def test_cli_asvd_aliases(tmp_path):
     args = parser.parse_args(["--step", "1", "--act_aware", "--n_calib_samples", "7", "--calib_dataset", "pydoc",
                               "--save_path", str(tmp_path / "m")])
     args.steps = [1]
-    compress._resolve_scaling(args)
+    compress._resolve_method_flags(args)
     assert (args.scaling, args.whitening, args.whitening_nsamples, args.dataset) == ("abs_mean", "none", 7, "pydoc")
     args = parser.parse_args(["--step", "3", "--act_aware", "--scaling_method", "abs_max"])
     args.steps = [3]
-    compress._resolve_scaling(args)
+    compress._resolve_method_flags(args)
     assert (args.scaling, args.whitening) == ("abs_max", "none")
     args = parser.parse_args(["--step", "3"])
     args.steps = [3]
-    compress._resolve_scaling(args)
+    compress._resolve_method_flags(args)
     assert (args.scaling, args.whitening) == ("none", "cholesky")

@@ -153,6 +153,21 @@ def _examples() -> list[tuple[str, list[str]]]:
             if line.strip().startswith("python compress.py")]
 
 
+def test_parser_keeps_every_flag_alias_default_and_help():
+    """The parser built from the method registry (methods/registry.py) has the flags it had before the
+    registry: each action's names, destination, default, type, choices, help and argument group, in
+    help order (tests/data/parser.json; regenerate it with python -m tests.parser_fixture only when
+    a flag is meant to change)."""
+    import json
+    from tests.parser_fixture import describe_parser
+    with open(os.path.join(os.path.dirname(__file__), "data", "parser.json")) as f:
+        expected = json.load(f)
+    found = describe_parser(compress.build_parser())
+    assert [a["option_strings"] for a in found] == [a["option_strings"] for a in expected]
+    for got, want in zip(found, expected):
+        assert got == want, want["option_strings"]
+
+
 def test_help_examples_say_how_long_they_take():
     examples = _examples()
     assert len(examples) >= 2 and compress.EXAMPLES in compress.build_parser().format_help()
