@@ -291,15 +291,15 @@ def validate(args: argparse.Namespace) -> None:
     if steps & {1, 3} and not args.save_path and not (steps == {1} and args.stats_path):
         raise UsageError("--save_path is required: step 3 writes the model there and step 1 the "
                          "statistics to SAVE_PATH.stats (or give --stats_path)")
-    if 2 in steps and args.allocation != "uniform":
-        if args.whitening == "none" and args.allocation != "asvd":
+    allocation = _allocation(args) if 2 in steps else None  # what step 2's method declares it needs
+    if allocation is not None:
+        if args.whitening == "none" and allocation.needs_whitening:
             raise UsageError(f"--allocation {args.allocation} ranks matrices by their whitened truncation loss: "
                              f"use --whitening cholesky or eigen")
-        if 1 not in steps and not os.path.isfile(os.path.join(stats_path_of(args), "meta.json")):
+        if allocation.needs_stats and 1 not in steps and not os.path.isfile(os.path.join(stats_path_of(args),
+                                                                                          "meta.json")):
             raise UsageError(f"--allocation {args.allocation} needs the statistics of step 1, not found in "
                              f"{stats_path_of(args)}: run --step 1 first or pass --stats_path")
-        if not 0.0 < args.v2_max_shift < 1.0:
-            raise UsageError(f"--v2_max_shift {args.v2_max_shift}: must be in (0, 1), e.g. 0.15")
     if 2 in steps and not (args.save_path or args.stats_path or args.plan):
         raise UsageError("step 2 writes the plan to --plan, or next to the statistics "
                          "(--stats_path, or SAVE_PATH.stats): give one of them")
@@ -345,16 +345,14 @@ def validate(args: argparse.Namespace) -> None:
         check_output_path(stats_path_of(args), "stats", args.overwrite, protected)
     if 2 in steps:
         _check_plan_path(plan_path_of(args), args.overwrite)
-        if args.allocation in ("asvd", "duo"):
-            _check_sensitivity_path(sensitivity_path_of(args))
-            if args.sensitivity_metric != "stable_rank" or args.ppl_target is not None:
-                validate_dataset(args.dataset)
+        if allocation.sensitivity is not None:
+            _check_sensitivity_path(sensitivity_path_of(args, allocation.sensitivity))
+        if allocation.windows_needed:
+            validate_dataset(args.dataset)
     if 3 in steps:
         check_output_path(args.save_path, "model", args.overwrite, protected)
     hub = {}
-    sensitivity_windows = 2 in steps and args.allocation in ("asvd", "duo") and \
-        (args.sensitivity_metric != "stable_rank" or args.ppl_target is not None)
-    if steps & {1} or (3 in steps and _needs_calibration_windows(args)) or sensitivity_windows:
+    if steps & {1} or (3 in steps and _needs_calibration_windows(args)) or (allocation and allocation.windows_needed):
         hub["--dataset"] = args.dataset
     if steps & {4, 5}:
         hub["--eval_datasets"] = args.eval_datasets
@@ -823,25 +821,12 @@ def _profile_estimates(args: argparse.Namespace, session: Session, windows) -> d
 
 
 def run_allocate(args: argparse.Namespace, session: Session):
-    """Step 2: the per-module plan (uniform ranks from --ratio, or --allocation v2 / asvd / duo)."""
-    from utils.model import count_parameters, target_shapes
-    from utils.plan import Plan
+    """Step 2: the per-module plan of the allocation method --allocation chooses (methods.registry:
+    uniform ranks from --ratio, v2, asvd, duo, or a registered one), given what it declares it needs."""
+    from utils.model import count_parameters
     ensure_model(args, session)
     start = time.perf_counter()
-    if args.allocation == "v2":
-        from methods.allocation import v2_plan, whitened_spectra
-        from pipeline.steps import Statistics
-        stats = Statistics.open(stats_path_of(args))
-        try:
-            stats.check_model(session.model, args.force_stats)
-            sigmas = whitened_spectra(session.model, stats, args.device, args.whitening)
-        finally:
-            stats.close()
-        plan, plan.detail = v2_plan(session.model, args.ratio, sigmas, args.v2_max_shift)
-    elif args.allocation in ("asvd", "duo"):
-        plan = _sensitivity_plan(args, session)
-    else:
-        plan = Plan.uniform(target_shapes(session.model), args.ratio)
+    plan = _allocation_plan(args, session, _allocation(args))
     if args.rank_multiple > 1:
         plan = plan.round_ranks(args.rank_multiple)
     session.timings["allocate_s"] = round(time.perf_counter() - start, 3)
@@ -856,68 +841,74 @@ def run_allocate(args: argparse.Namespace, session: Session):
     return plan
 
 
-def sensitivity_path_of(args: argparse.Namespace) -> str:
-    """--sensitivity_path, or STATS/sensitivity_METRIC[_rRATIO].json (duo's table depends on --ratio)."""
+def _allocation(args: argparse.Namespace):
+    """The options of the allocation method --allocation chooses (methods.method.AllocationOptions)."""
+    return method_registry(args).allocation(_flag_values(args))
+
+
+def sensitivity_path_of(args: argparse.Namespace, table) -> str:
+    """--sensitivity_path, or STATS/sensitivity_METRIC[_rRATIO].json for `table` (its SensitivityOptions:
+    a table measured against a base ratio, duo's, depends on --ratio)."""
     if args.sensitivity_path:
         return args.sensitivity_path
-    suffix = f"_r{args.ratio:g}" if args.allocation == "duo" else ""
-    return os.path.join(stats_path_of(args), f"sensitivity_{args.sensitivity_metric}{suffix}.json")
+    suffix = f"_r{table.base_ratio:g}" if table.base_ratio is not None else ""
+    return os.path.join(stats_path_of(args), f"sensitivity_{table.metric}{suffix}.json")
 
 
-def _sensitivity_plan(args: argparse.Namespace, session: Session):
-    """Step 2 for --allocation asvd / duo: the sensitivity table (reused or measured,
-    methods.sensitivity), then ASVD's search or Duo-SVD's DP (methods.allocation)."""
-    from methods.allocation import asvd_plan, asvd_ppl_plan, duo_plan
-    from methods.sensitivity import (NOT_SEARCHED, SensitivityError, SensitivityOptions, plan_calibration_ppl,
-                                     searched_decomposition, sensitivity_table)
-    from utils.model import DTYPES
+def _allocation_plan(args: argparse.Namespace, session: Session, allocation):
+    """The chosen method's plan, given what its options declare they need: step 1's statistics (opened and
+    checked against the model), calibration windows, the sensitivity table (reused or measured)."""
+    from methods.registry import PlanInputs
     from pipeline.steps import PipelineError, Statistics
-    stats = Statistics.open(stats_path_of(args))
+    stats = Statistics.open(stats_path_of(args)) if allocation.needs_stats else None
     try:
-        stats.check_model(session.model, args.force_stats)
-        options = SensitivityOptions(args.sensitivity_metric, tuple(args.sensitivity_ratios),
-                                     args.ratio if args.allocation == "duo" else None, args.whitening,
-                                     args.scaling, args.alpha, svd_dtype=DTYPES[args.svd_dtype],
-                                     svd_driver=args.svd_driver)
-        needs_windows = args.sensitivity_metric != "stable_rank" or args.ppl_target is not None
-        windows = _windows(args, session, args.sensitivity_nsamples, args.sensitivity_seq_len)[0] if needs_windows else None
-        path = sensitivity_path_of(args)
-        cost = None
-        if args.sensitivity_metric != "stable_rank" and (args.overwrite or not os.path.exists(path)):
-            cost = _sensitivity_estimate(args, session, windows, options)  # not for a table that is reused
-        start = time.perf_counter()
+        if stats is not None:
+            stats.check_model(session.model, args.force_stats)
+        needed = allocation.windows_needed
+        windows = _windows(args, session, needed, allocation.window_len)[0] if needed else None
+        inputs = PlanInputs(session.model, args.device, stats, windows,
+                            windows_info={"dataset": args.dataset, "seed": args.seed})
+        recorded = {}
+        if allocation.sensitivity is not None:
+            inputs.table, recorded = _sensitivity_table(args, session, allocation.sensitivity, inputs)
         try:
-            table, reused = sensitivity_table(session.model, windows, stats, args.device, options, path,
-                                              {"dataset": args.dataset, "seed": args.seed}, args.overwrite)
-        except SensitivityError as error:
-            raise PipelineError(str(error)) from None
-        session.timings["sensitivity_s"] = round(time.perf_counter() - start, 3)
-        cost = None if cost is None or reused else cost.record(session.timings["sensitivity_s"])
-        print(f"sensitivity: {'reused' if reused else 'measured'} {args.sensitivity_metric} table "
-              f"({len(table.values)} matrices x {len(options.ratios)} candidates, {table.evaluations} evaluations) "
-              f"-> {path}")
-        try:
-            if args.allocation == "duo":
-                plan, detail = duo_plan(session.model, args.ratio, table)
-            elif args.ppl_target is not None:
-                searched = searched_decomposition(_decompose_options(args))
-                plan, detail = asvd_ppl_plan(session.model, args.ppl_target, table,
-                                             plan_calibration_ppl(session.model, stats, windows, args.device, searched))
-                # what the searched perplexity is of, so step 3 can say where its model differs and measure it
-                detail["search"] = {"decompose": searched.to_dict(), "not_searched": NOT_SEARCHED,
-                                    "windows": {"dataset": args.dataset, "nsamples": int(windows.shape[0]),
-                                                "seq_len": int(windows.shape[1]), "seed": args.seed}}
-            else:
-                plan, detail = asvd_plan(session.model, args.ratio, table)
+            plan = allocation.make_plan(inputs)
         except ValueError as error:
             raise PipelineError(str(error)) from None
     finally:
-        stats.close()
-    plan.detail = {**detail, "sensitivity_path": path, "sensitivity_reused": reused,
+        if stats is not None:
+            stats.close()
+    if recorded:
+        plan.detail = {**(plan.detail or {}), **recorded}
+    return plan
+
+
+def _sensitivity_table(args: argparse.Namespace, session: Session, options, inputs) -> tuple:
+    """The sensitivity table `options` (methods.sensitivity.SensitivityOptions) asks for: reused from
+    its path, or measured on inputs.windows after its cost is estimated and printed. Returns it and
+    what the plan's detail records of it."""
+    from methods.sensitivity import SensitivityError, sensitivity_table
+    from pipeline.steps import PipelineError
+    windows = inputs.windows
+    path = sensitivity_path_of(args, options)
+    cost = None
+    if options.metric != "stable_rank" and (args.overwrite or not os.path.exists(path)):
+        cost = _sensitivity_estimate(args, session, windows, options)  # not for a table that is reused
+    start = time.perf_counter()
+    try:
+        table, reused = sensitivity_table(session.model, windows, inputs.stats, args.device, options, path,
+                                          inputs.windows_info, args.overwrite)
+    except SensitivityError as error:
+        raise PipelineError(str(error)) from None
+    session.timings["sensitivity_s"] = round(time.perf_counter() - start, 3)
+    cost = None if cost is None or reused else cost.record(session.timings["sensitivity_s"])
+    print(f"sensitivity: {'reused' if reused else 'measured'} {options.metric} table "
+          f"({len(table.values)} matrices x {len(options.ratios)} candidates, {table.evaluations} evaluations) "
+          f"-> {path}")
+    return table, {"sensitivity_path": path, "sensitivity_reused": reused,
                    "sensitivity_nsamples": None if windows is None else int(windows.shape[0]),
                    "sensitivity_seq_len": None if windows is None else int(windows.shape[1]),
                    "sensitivity_cost": cost}  # the estimate printed before the pass, and its actual time
-    return plan
 
 
 def _sensitivity_estimate(args: argparse.Namespace, session: Session, windows, options):
@@ -937,7 +928,7 @@ def _sensitivity_estimate(args: argparse.Namespace, session: Session, windows, o
     if count > 4:
         cheaper.append((f"--sensitivity_nsamples {max(1, count // 4)}", max(1, count // 4) / count))
     if candidates > 4:
-        fewer = "0.25,0.5,0.75,1" if args.allocation == "duo" else "0.25,0.5,0.75"
+        fewer = "0.25,0.5,0.75,1" if options.base_ratio is not None else "0.25,0.5,0.75"  # duo's: dense too
         cheaper.append((f"--sensitivity_ratios {fewer}", len(fewer.split(",")) / candidates))
     if seq_len > 256:
         shorter = max(128, seq_len // 4)

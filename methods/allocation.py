@@ -13,10 +13,11 @@ at most 0.5% of the parameters more removed, no rank that does not shrink its ma
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from methods.method import Flag, FlagError, Method
+from methods.method import AllocationOptions, Flag, FlagError, Method, PlanInputs
 from utils.allocate import (asvd_ranks, budget_for_ratio, kept_at_threshold, kept_to_ranks, knapsack_allocation,
                             matrix_params, meet_budget, ratios_to_ranks, removed_fraction, sensitivity_order,
                             threshold_search, type_groups, v2_ratios)
@@ -239,7 +240,7 @@ def rank_groups(shapes: dict, ranks: dict, ratio: float | None) -> dict:
 
 GROUP = "decomposition"
 FLAGS = (
-    Flag(("--allocation",), "allocation", GROUP, default="uniform", choices=("uniform", "asvd", "v2", "duo"),
+    Flag(("--allocation",), "allocation", GROUP, default="uniform", selects=True, offers_none=False,
          help="step 2: uniform ranks; v2 = SVD-LLM V2's ranks from the whitened truncation losses (no "
               "forward pass); duo = Duo-SVD's knapsack DP over each matrix's KL sensitivity (the others at "
               "--ratio); asvd = ASVD's binary search over each matrix's sensitivity (the others dense) to "
@@ -299,7 +300,42 @@ def check_flags(values: dict) -> dict:
 
 
 METHOD = Method("allocation", FLAGS, check=check_flags, step=2)
+
+
+@dataclass
+class UniformOptions(AllocationOptions):
+    """--allocation uniform: every matrix at --ratio (utils.plan.Plan.uniform)."""
+    ratio: float
+
+    def make_plan(self, inputs: PlanInputs) -> Plan:
+        return Plan.uniform(target_shapes(inputs.model), self.ratio)
+
+
+@dataclass
+class V2Options(AllocationOptions):
+    """--allocation v2: v2_plan over the whitened spectra of step 1's statistics (no forward pass)."""
+    ratio: float
+    max_shift: float = 0.15
+    whitening: str = "cholesky"
+    needs_stats = True
+    needs_whitening = True
+
+    def make_plan(self, inputs: PlanInputs) -> Plan:
+        sigmas = whitened_spectra(inputs.model, inputs.stats, inputs.device, self.whitening)
+        plan, plan.detail = v2_plan(inputs.model, self.ratio, sigmas, self.max_shift)
+        return plan
+
+
+def check_v2(values: dict) -> dict:
+    shift = values["v2_max_shift"]
+    if values["allocation"] == "v2" and 2 in (values.get("steps") or ()) and not 0.0 < shift < 1.0:
+        raise FlagError(f"--v2_max_shift {shift}: must be in (0, 1), e.g. 0.15")
+    return {}
+
+
+UNIFORM = Method("uniform", options=lambda values: UniformOptions(values["ratio"]), selector="allocation", step=2)
 # after the sensitivity flags (methods.sensitivity) in --help
 V2_METHOD = Method("v2", (Flag(("--v2_max_shift",), "v2_max_shift", GROUP, default=0.15, type=float,
                                help="v2: the most a matrix's ratio may move from --ratio (default %(default)s)"),),
-                   step=2)
+                   lambda values: V2Options(values["ratio"], values["v2_max_shift"], values["whitening"]),
+                   check_v2, selector="allocation", step=2)

@@ -1,6 +1,7 @@
 """What a method declares (methods/registry.py composes them): its flags (Flag), how they become its
-options and its checks (Method), and for a step 3 method the options dataclass that builds its pass
-(MethodOptions, given the PassInputs). Below every method module and the registry, which import it."""
+options and its checks (Method); for a step 2 method the options that make its plan (AllocationOptions,
+given the PlanInputs), for a step 3 method the options dataclass that builds its pass (MethodOptions,
+given the PassInputs). Below every method module and the registry, which import it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ class FlagError(ValueError):
 class Flag:
     """One command-line flag, as argparse's add_argument takes it. names: the flag, then its aliases
     (the names the original repositories use). selects: a flag choosing among the methods whose
-    Method.selector is its dest; its choices are "none" and their names, in registry order."""
+    Method.selector is its dest; its choices are "none" (unless offers_none is False: one of them is
+    always chosen) and their names, in registry order."""
     names: tuple[str, ...]
     dest: str
     group: str  # the argument group's title
@@ -26,6 +28,7 @@ class Flag:
     action: str | None = None  # "store_true" for on/off flags
     metavar: str | None = None
     selects: bool = False
+    offers_none: bool = True
 
     def add_to(self, group, choices: tuple | None = None) -> None:
         keywords: dict[str, Any] = {"dest": self.dest, "default": self.default, "help": self.help}
@@ -43,7 +46,7 @@ def no_check(values: dict) -> dict:
 
 @dataclass(frozen=True)
 class Method:
-    """A method of step 3. options: the flag values (a plain dict) -> its options; called only when
+    """A method of step 2 (an allocation: options are AllocationOptions), 3 or 8. options: the flag values (a plain dict) -> its options; called only when
     the method is chosen (its selector flag names it, or it has no selector). check: the flag values
     -> the values it resolves (defaults that depend on other flags), raising FlagError on bad input;
     it runs whether or not the method is chosen (its own flags given without it are refused there).
@@ -54,7 +57,7 @@ class Method:
     options: Callable[[dict], Any] | None = None
     check: Callable[[dict], dict] = no_check
     selector: str | None = None  # dest of the flag that chooses it (--update closed_form)
-    step: int = 3  # the step whose options it gives (step 3: a pass of compress_model)
+    step: int = 3  # the step whose options it gives (2: a plan, 3: a pass of compress_model, 8: quantization)
     summary: Callable[[dict], str | None] | None = None
     label: Callable[[dict], str] | None = None  # the record -> its part of the method's name ("+closed_form")
     record_defaults: dict = field(default_factory=dict)
@@ -103,4 +106,49 @@ class MethodOptions:
 
     def make_pass(self, inputs: PassInputs):
         """The pass over the layer walk (utils.layerwise) these options configure."""
+        raise NotImplementedError
+
+
+@dataclass
+class PlanInputs:
+    """What step 2's driver hands an allocation method: the model (weights loaded, on the CPU), the device
+    to walk it on, and what the method's options declared they need: step 1's statistics (opened and
+    checked against the model), the calibration windows, the sensitivity table (measured or reused).
+    decompose: step 3's DecomposeOptions (what a search compresses its candidates with); windows_info:
+    where the windows come from ({"dataset": ..., "seed": ...}) for the record."""
+    model: Any
+    device: Any
+    stats: Any = None
+    windows: Any = None
+    table: Any = None
+    decompose: Any = None
+    windows_info: dict = field(default_factory=dict)
+
+
+class AllocationOptions:
+    """What step 2's driver asks of an allocation method's options (defaults: a plan from the model's
+    shapes alone). The driver opens what they declare, calls make_plan, rounds the ranks
+    (--rank_multiple) and saves the plan."""
+    needs_stats = False  # step 1's statistics (PlanInputs.stats)
+    needs_whitening = False  # ranks by whitened losses: refused with --whitening none
+
+    @property
+    def sensitivity(self) -> Any:
+        """The sensitivity table it reads (methods.sensitivity.SensitivityOptions; None: none): measured
+        by the driver, or reused from --sensitivity_path, and recorded in the plan's detail."""
+        return None
+
+    @property
+    def windows_needed(self) -> int:
+        """Calibration windows of --dataset it reads (0: none)."""
+        return 0
+
+    @property
+    def window_len(self) -> int | None:
+        """Tokens per window (None: --model_seq_len)."""
+        return None
+
+    def make_plan(self, inputs: PlanInputs) -> Any:
+        """The plan (utils.plan.Plan, its detail what the record keeps); ValueError when the inputs
+        cannot give one (the message says why)."""
         raise NotImplementedError

@@ -1,29 +1,36 @@
 """The methods of steps 2, 3 and 8 as data: each method module declares a Method (its flags, how they become
-its options, its checks, its summary line) and a step 3 method's options dataclass declares the pass it
-contributes; this module composes them, so the pipeline and the CLI hold no if/elif per method.
+its options, its checks, its summary line); a step 2 method's options declare what its plan needs and
+make it, a step 3 method's options dataclass declares the pass it contributes; this module composes
+them, so the pipeline and the CLI hold no if/elif per method.
 
     registry = Registry.builtin()                          # allocation, ..., decompose, ..., refine, quantize
     registry.add_flags(parser, groups, "decomposition")    # the CLI's argument groups (compress.py)
     values = registry.resolve(flag_values)                 # checks, defaults that depend on other flags
-    chosen = registry.options(values)                      # the chosen methods' options, in walk order
+    allocation = registry.allocation(values)               # step 2: the --allocation method's options
+    plan = allocation.make_plan(plan_inputs)               # given what it declared it needs (compress.py)
+    chosen = registry.options(values)                      # step 3: the chosen methods' options, in walk order
     passes = [o.make_pass(inputs) for o in chosen]         # what pipeline.steps.compress_model walks
 
-A new method is one module: its options (a MethodOptions dataclass with make_pass), its Method, and
-one entry in builtin_methods() (or Registry.builtin().with_method(...) without touching this file).
+A new method is one module: its options (an AllocationOptions with make_plan, or a MethodOptions
+dataclass with make_pass), its Method, and one entry in builtin_methods() (or
+Registry.builtin().with_method(...) without touching this file).
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 
-from methods.method import Flag, FlagError, Method, MethodOptions, PassInputs, no_check  # noqa: F401  (re-exported)
+from methods.method import (AllocationOptions, Flag, FlagError, Method, MethodOptions, PassInputs,  # noqa: F401
+                            PlanInputs, no_check)  # (re-exported)
 
 
 def builtin_methods() -> tuple[Method, ...]:
-    """Step 2's flags (the sizes and allocation first: other checks read them); step 3's methods in walk
-    order: decomposition, update (closed form or anchored), refinement; then step 8's quantization."""
+    """Step 2's flags (the sizes and allocation first: other checks read them), then its allocation
+    methods in --allocation's order; step 3's methods in walk order: decomposition, update (closed form
+    or anchored), refinement; then step 8's quantization."""
     from methods import allocation, anchored, closed_form, decompose, quantize, refine, sensitivity
-    return (allocation.METHOD, sensitivity.METHOD, allocation.V2_METHOD,
+    return (allocation.METHOD, sensitivity.METHOD,
+            allocation.UNIFORM, sensitivity.ASVD, allocation.V2_METHOD, sensitivity.DUO,
             decompose.METHOD, closed_form.METHOD, anchored.METHOD, refine.METHOD, quantize.METHOD)
 
 
@@ -44,7 +51,7 @@ class Registry:
     def _choices(self, flag: Flag) -> tuple | None:
         if not flag.selects:
             return None
-        return ("none",) + tuple(m.name for m in self.methods if m.selector == flag.dest)
+        return (("none",) if flag.offers_none else ()) + tuple(m.name for m in self.methods if m.selector == flag.dest)
 
     def group_titles(self) -> list[str]:
         """The argument groups the methods' flags go to, in the order they first appear."""
@@ -79,6 +86,15 @@ class Registry:
         """The options of the chosen methods of `step`, in walk order, from resolved flag values."""
         chosen = [m.options(values) for m in self.methods if m.step == step and m.chosen(values)]
         return [o for o in chosen if o is not None]
+
+    def allocation(self, values: dict):
+        """The options of step 2's allocation method that --allocation chooses (methods.method
+        .AllocationOptions), from resolved flag values."""
+        chosen = self.options(values, step=2)
+        if len(chosen) != 1:
+            raise ValueError(f"--allocation {values.get('allocation')} chooses {len(chosen)} registered "
+                             f"allocation methods; register exactly one under that name")
+        return chosen[0]
 
     def record_defaults(self) -> dict:
         defaults: dict = {}

@@ -44,21 +44,25 @@ import math
 import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from component import LowRankLinear
-from methods.method import Flag, FlagError, Method
+from methods.allocation import asvd_plan, asvd_ppl_plan, duo_plan
+from methods.method import AllocationOptions, Flag, FlagError, Method, PlanInputs
 from utils.decompose import low_rank_factors
 from utils.io import read_json, write_json
 from utils.layerwise import LayerContext, capture_layer_inputs, layer_on_device, run_layer, walk_layers
 from utils.model import (copies_to, decoder_layers, head_on_hidden, layer_linear_units, layer_prefix, model_description,
                          set_submodule, target_linears, tensors_digest, weights_fingerprint)
-from utils.plan import rank_for_ratio
+from utils.plan import Plan, rank_for_ratio
 from utils.whitening import input_transform
+
+if TYPE_CHECKING:
+    from methods.decompose import DecomposeOptions
 
 TABLE_FORMAT = "svd-compress-sensitivity"
 METRICS = ("kl", "ppl", "stable_rank")
@@ -654,3 +658,93 @@ def check_flags(values: dict) -> dict:
 
 
 METHOD = Method("sensitivity", FLAGS, check=check_flags, step=2)
+
+
+# ---------------------------------------------------------------------------------------- allocations
+
+@dataclass
+class SensitivityAllocation(AllocationOptions):
+    """An allocation over a sensitivity table (table: how it is measured; the driver measures or reuses
+    it on `nsamples` windows of `seq_len` tokens, None: --model_seq_len)."""
+    ratio: float
+    table_options: SensitivityOptions
+    nsamples: int = 16
+    seq_len: int | None = None
+    needs_stats = True
+
+    @property
+    def sensitivity(self) -> SensitivityOptions:
+        return self.table_options
+
+    @property
+    def windows_needed(self) -> int:
+        return 0 if self.table_options.metric == "stable_rank" else self.nsamples
+
+    @property
+    def window_len(self) -> int | None:
+        return self.seq_len
+
+
+@dataclass
+class AsvdOptions(SensitivityAllocation):
+    """--allocation asvd: ASVD's binary search to --ratio (asvd_plan), or with ppl_target to the most
+    compression whose calibration perplexity stays below it (asvd_ppl_plan; its candidates compressed
+    with `searched`, step 3's decomposition less column preservation: searched_decomposition)."""
+    ppl_target: float | None = None
+    searched: DecomposeOptions | None = None
+
+    @property
+    def windows_needed(self) -> int:
+        return self.nsamples if self.ppl_target is not None else super().windows_needed
+
+    def make_plan(self, inputs: PlanInputs) -> Plan:
+        if self.ppl_target is None:
+            plan, plan.detail = asvd_plan(inputs.model, self.ratio, inputs.table)
+            return plan
+        windows = inputs.windows
+        plan, detail = asvd_ppl_plan(inputs.model, self.ppl_target, inputs.table,
+                                     plan_calibration_ppl(inputs.model, inputs.stats, windows, inputs.device,
+                                                          self.searched))
+        # what the searched perplexity is of, so step 3 can say where its model differs and measure it
+        detail["search"] = {"decompose": self.searched.to_dict(), "not_searched": NOT_SEARCHED,
+                            "windows": {"dataset": inputs.windows_info["dataset"],
+                                        "nsamples": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                                        "seed": inputs.windows_info["seed"]}}
+        plan.detail = detail
+        return plan
+
+
+@dataclass
+class DuoOptions(SensitivityAllocation):
+    """--allocation duo: Duo-SVD's knapsack DP over a KL table measured against every other matrix at
+    --ratio (duo_plan)."""
+    needs_whitening = True
+
+    def make_plan(self, inputs: PlanInputs) -> Plan:
+        plan, plan.detail = duo_plan(inputs.model, self.ratio, inputs.table)
+        return plan
+
+
+def table_options(values: dict, base_ratio: float | None) -> SensitivityOptions:
+    """The sensitivity table the resolved flags ask for (check_flags has filled metric and ratios)."""
+    from utils.model import DTYPES
+    return SensitivityOptions(values["sensitivity_metric"], tuple(values["sensitivity_ratios"]), base_ratio,
+                              values["whitening"], values["scaling"], values["alpha"],
+                              svd_dtype=DTYPES[values["svd_dtype"]], svd_driver=values["svd_driver"])
+
+
+def asvd_options(values: dict) -> AsvdOptions:
+    from methods.decompose import options_from_flags
+    target = values["ppl_target"]
+    return AsvdOptions(values["ratio"], table_options(values, None), values["sensitivity_nsamples"],
+                       values["sensitivity_seq_len"], target,
+                       searched_decomposition(options_from_flags(values)) if target is not None else None)
+
+
+def duo_options(values: dict) -> DuoOptions:
+    return DuoOptions(values["ratio"], table_options(values, values["ratio"]), values["sensitivity_nsamples"],
+                      values["sensitivity_seq_len"])
+
+
+ASVD = Method("asvd", options=asvd_options, selector="allocation", step=2)
+DUO = Method("duo", options=duo_options, selector="allocation", step=2)
