@@ -1,6 +1,7 @@
 """methods.registry: a method is one module. A toy method declared here only (its flag, options,
 check and pass) reaches the CLI's parser, step 3's options and the layer walk without editing any
-other file; the built-in methods' selectors and record fields come from the registry."""
+other file; so does a toy allocation method of step 2 (chosen by --allocation, its plan applied by
+step 3); the built-in methods' selectors and record fields come from the registry."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,9 +11,12 @@ import torch
 
 import compress
 from component import LowRankLinear
-from methods.registry import Flag, FlagError, Method, MethodOptions, PassInputs, Registry
+from methods.registry import (AllocationOptions, Flag, FlagError, Method, MethodOptions, PassInputs, PlanInputs,
+                              Registry)
 from tests.tiny_models import save_tiny_model
 from utils.io import load_compressed
+from utils.model import target_shapes
+from utils.plan import ModulePlan, Plan, rank_for_ratio
 
 
 # ------------------------------------------------------------------ the toy method: all of it
@@ -64,6 +68,41 @@ SCALE_U = Method("scale_u", (Flag(("--scale_u", "--scale-u"), "scale_u", "toy me
                  lambda values: ScaleOptions(values["scale_u"]) if values["scale_u"] is not None else None,
                  check_scale, label=lambda record: f"+scale_u({record['scale_u']['factor']:g})" if "scale_u" in record
                  else "")
+
+
+# ------------------------------------------------------------------ the toy allocation method: all of it
+
+@dataclass
+class FrontLoadedOptions(AllocationOptions):
+    """Layer i of L removes ratio * (1 - tilt + 2 tilt i / (L - 1)) of its matrices: the first layers
+    keep more rank, the last ones less."""
+    ratio: float
+    tilt: float
+
+    def make_plan(self, inputs: PlanInputs) -> Plan:
+        shapes = target_shapes(inputs.model)
+        layers = 1 + max(_layer_of(name) for name in shapes)
+        modules = {}
+        for name, (m, n, bias) in shapes.items():
+            share = 1 - self.tilt + 2 * self.tilt * _layer_of(name) / max(1, layers - 1)
+            modules[name] = ModulePlan(m, n, bias, rank_for_ratio(m, n, self.ratio * share))
+        return Plan(modules, self.ratio, "front_loaded", {"tilt": self.tilt})
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def check_tilt(values: dict) -> dict:
+    if values["allocation"] == "front_loaded" and not 0 <= values["front_tilt"] < 1:
+        raise FlagError(f"--front_tilt {values['front_tilt']}: give a number in [0, 1), e.g. 0.5")
+    return {}
+
+
+FRONT_LOADED = Method("front_loaded", (Flag(("--front_tilt",), "front_tilt", "toy allocation (test)", default=0.5,
+                                            type=float, help="front_loaded: how much more the first layers keep"),),
+                      lambda values: FrontLoadedOptions(values["ratio"], values["front_tilt"]), check_tilt,
+                      selector="allocation", step=2)
 
 
 # ------------------------------------------------------------------ tests
@@ -130,3 +169,60 @@ def test_selector_choices_and_record_defaults_come_from_the_methods():
     assert quantize["steps"] == [3, 8]  # ASVD's alias adds step 8 and sets its flags
     (options,) = registry.options(quantize, step=8)
     assert (options.method, options.wbits, options.groupsize) == ("rtn", 8, -1)
+
+
+def test_an_allocation_method_declared_in_one_module_makes_the_plan_step3_applies(tiny_dir, tmp_path, capsys):
+    registry = Registry.builtin().with_method(FRONT_LOADED)
+    choices = {a.dest: list(a.choices) for a in compress.build_parser(registry)._actions if a.dest == "allocation"}
+    assert choices == {"allocation": ["uniform", "asvd", "v2", "duo", "front_loaded"]}  # no "none": one always plans
+    with pytest.raises(SystemExit):  # only where it is registered
+        compress.build_parser().parse_args(["--allocation", "front_loaded"])
+    capsys.readouterr()
+
+    plan_path, save = str(tmp_path / "plan.json"), str(tmp_path / "front")
+    # no step 1: the toy declares no statistics, windows or table, so none is asked for
+    assert compress.main(["--step", "2-3", "--model", tiny_dir, "--whitening", "none", "--ratio", "0.4",
+                          "--allocation", "front_loaded", "--front_tilt", "0.75", "--plan", plan_path,
+                          "--save_path", save, "--device", "cpu"], registry=registry) == 0
+    assert "allocate: front_loaded plan for ratio 0.4" in capsys.readouterr().out
+    plan = Plan.load(plan_path)
+    assert (plan.allocation, plan.detail) == ("front_loaded", {"tilt": 0.75})
+    _, _, block = load_compressed(save)
+    assert block["ranks"] == plan.ranks  # step 3 applied the toy's plan, matrix by matrix
+    first = {n.split(".layers.0.")[1]: r for n, r in plan.ranks.items() if ".layers.0." in n}
+    last = {n.split(".layers.1.")[1]: r for n, r in plan.ranks.items() if ".layers.1." in n}
+    assert first.keys() == last.keys() and len(first) == 7
+    for kind, rank in first.items():  # layer 0 removes 0.4 x 0.25, layer 1 0.4 x 1.75
+        m, n = plan.modules[f"model.layers.0.{kind}"].out_features, plan.modules[f"model.layers.0.{kind}"].in_features
+        assert (rank, last[kind]) == (rank_for_ratio(m, n, 0.1), rank_for_ratio(m, n, 0.7))
+        assert rank > last[kind]
+
+
+def test_a_registered_allocation_methods_check_refuses_bad_input_in_one_line(tiny_dir, tmp_path, capsys):
+    registry = Registry.builtin().with_method(FRONT_LOADED)
+    assert compress.main(["--step", "2", "--model", tiny_dir, "--allocation", "front_loaded", "--front_tilt", "1.5",
+                          "--plan", str(tmp_path / "plan.json"), "--device", "cpu"], registry=registry) == 2
+    assert capsys.readouterr().err == "error: --front_tilt 1.5: give a number in [0, 1), e.g. 0.5\n"
+    assert not (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize("flags, declared", [
+    ([], ("UniformOptions", False, False, None, 0)),
+    (["--allocation", "v2"], ("V2Options", True, True, None, 0)),
+    (["--allocation", "asvd", "--sensitivity_metric", "stable_rank"], ("AsvdOptions", True, False, "stable_rank", 0)),
+    (["--allocation", "asvd", "--sensitivity_metric", "stable_rank", "--ppl_target", "40"],
+     ("AsvdOptions", True, False, "stable_rank", 16)),  # the search measures perplexity on windows
+    (["--strategy", "dp", "--sensitivity_nsamples", "4"], ("DuoOptions", True, True, "kl", 4)),
+])
+def test_builtin_allocations_declare_what_their_plan_needs(flags, declared):
+    """What step 2's driver opens for each built-in allocation (statistics, windows, table) comes from
+    its options, not from its name."""
+    registry = Registry.builtin()
+    values = registry.resolve(vars(compress.build_parser(registry).parse_args(["--ratio", "0.3", *flags]))
+                              | {"steps": [2]})
+    allocation = registry.allocation(values)
+    table = allocation.sensitivity
+    assert (type(allocation).__name__, allocation.needs_stats, allocation.needs_whitening,
+            table and table.metric, allocation.windows_needed) == declared
+    if table is not None:  # duo's table is measured against every other matrix at --ratio (its path says so)
+        assert table.base_ratio == (0.3 if declared[0] == "DuoOptions" else None)
