@@ -296,8 +296,8 @@ def validate(args: argparse.Namespace) -> None:
         if args.whitening == "none" and allocation.needs_whitening:
             raise UsageError(f"--allocation {args.allocation} ranks matrices by their whitened truncation loss: "
                              f"use --whitening cholesky or eigen")
-        if allocation.needs_stats and 1 not in steps and not os.path.isfile(os.path.join(stats_path_of(args),
-                                                                                          "meta.json")):
+        stats_found = os.path.isfile(os.path.join(stats_path_of(args), "meta.json"))
+        if allocation.needs_stats and 1 not in steps and not stats_found:
             raise UsageError(f"--allocation {args.allocation} needs the statistics of step 1, not found in "
                              f"{stats_path_of(args)}: run --step 1 first or pass --stats_path")
     if 2 in steps and not (args.save_path or args.stats_path or args.plan):
@@ -352,7 +352,8 @@ def validate(args: argparse.Namespace) -> None:
     if 3 in steps:
         check_output_path(args.save_path, "model", args.overwrite, protected)
     hub = {}
-    if steps & {1} or (3 in steps and _needs_calibration_windows(args)) or (allocation and allocation.windows_needed):
+    allocation_windows = allocation is not None and allocation.windows_needed > 0
+    if steps & {1} or (3 in steps and _needs_calibration_windows(args)) or allocation_windows:
         hub["--dataset"] = args.dataset
     if steps & {4, 5}:
         hub["--eval_datasets"] = args.eval_datasets

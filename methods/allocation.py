@@ -7,6 +7,9 @@ theoretical truncation loss of any rank is known without a forward pass:
 L(r) = sqrt(sum_{i>r} sigma_i^2). v2_plan turns them into a plan with utils.allocate.
 The sensitivity tables come from methods.sensitivity (one implementation for both metrics).
 
+--allocation's methods are registered (methods.registry): uniform and v2 here, asvd and duo in
+methods.sensitivity; each one's options (methods.method.AllocationOptions) say what the plan needs.
+
 Every plan here meets utils.allocate's budget rule: params_after <= floor((1 - ratio) before),
 at most 0.5% of the parameters more removed, no rank that does not shrink its matrix.
 """

@@ -37,6 +37,9 @@ more pass of the head).
 The table on disk (utils.io.write_json, atomic) is keyed by model, statistics, windows,
 candidates, metric, base state and whitening; sensitivity_table reuses it when the key matches
 (no forward pass) and refuses it, naming the first differing field, when it does not.
+
+The allocations over a table, --allocation asvd and duo (ASVD, DUO: their options declare the table,
+the windows and the statistics step 2's driver gives make_plan), are registered here with the flags.
 """
 from __future__ import annotations
 
