@@ -3,9 +3,10 @@
 A pass is a callable taking a LayerContext, with two class attributes the walk reads:
 needs_activations (the calibration windows flow through the walk) and needs_reference (the
 original model's stream is carried beside the compressed one). Each is configured by a small
-options dataclass; none knows argparse or model families. Step 3's methods also declare their flags,
-checks and the pass their options contribute, next to the options: methods.registry composes them for
-the CLI (compress.py) and for pipeline.steps.compress_model.
+options dataclass; none knows argparse or model families. The methods of steps 2, 3 and 8 also declare
+their flags and checks next to their options (methods.method), and what they make: a step 3 method its
+pass, a step 2 method its plan; methods.registry composes them for the CLI (compress.py) and for
+pipeline.steps.compress_model.
 """
 from methods.anchored import AnchoredOptions, AnchoredUpdate
 from methods.closed_form import ClosedFormUpdate, UpdateOptions
