@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from component import LowRankLinear, largest_entry_fits
-from methods.closed_form import execution_groups, holdout_split
-from methods.method import Flag, FlagError, Method, MethodOptions, PassInputs
+from methods.closed_form import UpdateSlot, execution_groups, holdout_split
+from methods.method import Flag, FlagError, Method, PassInputs
 from utils.decompose import exact_svd
 from utils.layerwise import LayerContext
 from utils.model import linear_units, set_submodule
@@ -69,7 +69,7 @@ def holdout_problem(nsamples: int, fraction: float) -> str | None:
 
 
 @dataclass
-class AnchoredOptions(MethodOptions):
+class AnchoredOptions(UpdateSlot):
     nsamples: int = 16  # calibration windows (of those the walk carries, the first)
     alpha: float = DEFAULT_ANCHOR_ALPHA  # 0: fit the compressed stream's own outputs, 1: the original outputs
     whitening: str = "cholesky"  # factor of G' (cholesky | eigen)
@@ -93,19 +93,6 @@ class AnchoredOptions(MethodOptions):
     def to_dict(self) -> dict:
         return {"method": "anchored", "nsamples": self.nsamples, "alpha": self.alpha, "whitening": self.whitening,
                 "svd_dtype": str(self.svd_dtype).replace("torch.", ""), "holdout_fraction": self.holdout_fraction}
-
-    slot, role = "update", "the update"
-
-    @property
-    def windows_needed(self) -> int:
-        return self.nsamples
-
-    def heldout_positions(self) -> list[int]:
-        return list(self.split(self.nsamples)[1])
-
-    @property
-    def walk_label(self) -> str:
-        return "anchored"
 
     def make_pass(self, inputs: PassInputs) -> "AnchoredUpdate":
         return AnchoredUpdate(self, inputs.records)

@@ -32,8 +32,26 @@ def holdout_split(nsamples: int, fraction: float) -> tuple[range, range]:
     return range(0, nsamples - held), range(nsamples - held, nsamples)
 
 
+class UpdateSlot(MethodOptions):
+    """The update slot's answers to the pipeline, shared by the closed-form update and the anchored fit:
+    the walk carries their nsamples windows, of which split() holds some out; the walk's label is the
+    method's name in the record."""
+    slot, role = "update", "the update"
+
+    @property
+    def windows_needed(self) -> int:
+        return self.nsamples
+
+    def heldout_positions(self) -> list[int]:
+        return list(self.split(self.nsamples)[1])
+
+    @property
+    def walk_label(self) -> str:
+        return self.to_dict()["method"]
+
+
 @dataclass
-class UpdateOptions(MethodOptions):
+class UpdateOptions(UpdateSlot):
     nsamples: int = 16  # calibration windows carried through the walk
     holdout_fraction: float = 0.25  # of those, held out to accept or refuse each update
     ridge: float = 1e-6  # lam = ridge * trace(v H v^T) / r
@@ -46,19 +64,6 @@ class UpdateOptions(MethodOptions):
     def to_dict(self) -> dict:
         return {"method": "closed_form", "nsamples": self.nsamples, "holdout_fraction": self.holdout_fraction,
                 "ridge": self.ridge, "sequential": self.sequential}
-
-    slot, role = "update", "the update"
-
-    @property
-    def windows_needed(self) -> int:
-        return self.nsamples
-
-    def heldout_positions(self) -> list[int]:
-        return list(self.split(self.nsamples)[1])
-
-    @property
-    def walk_label(self) -> str:
-        return "closed_form"
 
     def record_fields(self, records: dict, layer_records: dict) -> dict:
         return {"updates_accepted": sum(r["update"]["accepted"] for r in records.values() if "update" in r)}
