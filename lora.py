@@ -29,7 +29,8 @@ with accelerate for each stage, as evaluation does (utils.model.place_model): de
 the GPUs in turn, then the CPU, then disk; an offloaded layer's frozen weights come to its execution
 device when it runs. The adapters stay out of the offloading, on the execution device of their layer;
 the hooks are removed and every tensor put back before merging. Same training as without it (tested
-with layers offloaded to disk). --lora_offload_layers keeps the decoder layers on the host: each comes to the device when it runs
+with a layer offloaded to disk). Give --gradient_checkpointing with it: otherwise autograd keeps the
+weights each offloaded layer brought to the device until the backward pass. --lora_offload_layers keeps the decoder layers on the host: each comes to the device when it runs
 (utils.layerwise.layer_on_device: one at a time) and its forward is checkpointed around that move,
 so the backward pass brings it in again to recompute it; only the adapters, the embeddings, final
 norm and lm_head, and each layer's input (per micro-batch) stay on the device. Same training as

@@ -492,14 +492,15 @@ LORA_BUDGET = "cpu=200KB"
 
 
 def test_device_map_with_layers_on_disk_gives_the_same_training(tmp_path):
-    """--device_map: the model dispatched by accelerate, decoder layers offloaded to disk (their frozen
-    weights read back when they run), trains as the model held whole does: same losses and factors,
+    """--device_map (with --gradient_checkpointing): the model dispatched by accelerate, decoder layers
+    offloaded to disk (their frozen weights read back when they run, and again to recompute them), trains as the model held whole does: same losses and factors,
     dropout included; afterwards no hook is left, every tensor is real and back home, the folder empty."""
     from utils.model import parse_max_memory
     runs = []
     for device_map in (None, "sequential"):
         model, _ = low_rank()
-        placed = dict(device_map=device_map, max_memory=parse_max_memory(LORA_BUDGET), offload_folder=str(tmp_path))
+        placed = dict(device_map=device_map, max_memory=parse_max_memory(LORA_BUDGET), offload_folder=str(tmp_path),
+                      gradient_checkpointing=True)  # the offloaded layers' weights read again in the backward pass
         record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(),
                                       options(dropout=0.1, **(placed if device_map else {})), progress=False)
         runs.append((record["stage_records"], factors(model, "u"), factors(model, "v"), model))
