@@ -49,15 +49,27 @@ TARGET = 0.05  # growth per extra layer, as a fraction of one layer's weight byt
 PROJECTIONS = (("7B, 32 layers", 32, 202_383_360 * 2), ("70B, 80 layers", 80, 855_638_016 * 2))
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "alpaca_demo", "alpaca_en_demo.jsonl")
 
-# run in the child: compress.main with the given argv, then its own peak RSS (kB on Linux) and CUDA peak
+# run in the child: compress.main with the given argv, then its own peak RSS and CUDA peak. The peak is
+# VmHWM (the high-water mark of this process image): Linux carries ru_maxrss over fork and exec, so a
+# child's ru_maxrss is at least its parent's resident memory when it was forked
 CHILD = """
 import json, resource, sys
 sys.path.insert(0, {root!r})
 import compress, torch
 code = compress.main({argv!r})
 gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-print("BENCH_MEMORY " + json.dumps({{"rc": code, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+with open("/proc/self/status") as status:
+    hwm = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+print("BENCH_MEMORY " + json.dumps({{"rc": code, "hwm_kib": hwm, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                                      "cuda_peak_bytes": gpu}}))
+"""
+# run in a child too, so that this process stays small (its size would be a floor of ru_maxrss)
+SAVE = """
+import json, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {scripts!r})
+from bench_memory import save_checkpoint
+print("BENCH_SAVE " + json.dumps(save_checkpoint(*{args!r})))
 """
 
 
@@ -109,7 +121,8 @@ def run_step(argv: list[str], threads: int) -> dict:
     if done.returncode != 0 or not lines or json.loads(lines[-1].split(" ", 1)[1])["rc"] != 0:
         return {"error": (done.stderr.strip().splitlines() or ["(no output)"])[-1][-500:], "seconds": round(seconds, 1)}
     result = json.loads(lines[-1].split(" ", 1)[1])
-    row = {"peak_rss_gib": round(result["maxrss_kib"] / 2 ** 20, 4), "seconds": round(seconds, 1)}
+    row = {"peak_rss_gib": round(result["hwm_kib"] / 2 ** 20, 4), "ru_maxrss_gib": round(result["maxrss_kib"] / 2 ** 20, 4),
+           "seconds": round(seconds, 1)}
     if result["cuda_peak_bytes"] is not None:
         row["peak_cuda_gib"] = round(result["cuda_peak_bytes"] / 2 ** 30, 4)
     return row
@@ -233,12 +246,16 @@ def main() -> int:
               "whitening": "cholesky", "threads": args.threads, "steps": steps,
               "commands": {s: " ".join(a) for s, a in step_commands("WORK", args).items() if s in steps},
               "machine": platform.platform(), "cpus": os.cpu_count(), "target_fraction_of_layer_bytes": TARGET,
-              "measured": "peak RSS of a fresh compress.py process per step and depth (getrusage ru_maxrss); "
-                          "CUDA: torch.cuda.max_memory_allocated", "runs": [], "growth": {}, "partial": True}
+              "measured": "peak RSS of a fresh compress.py process per step and depth (VmHWM; ru_maxrss beside it, "
+                          "which Linux carries over from the parent); CUDA: torch.cuda.max_memory_allocated", "runs": [], "growth": {}, "partial": True}
     for layers in args.layers:
         work = tempfile.mkdtemp(prefix="bench-memory-", dir=args.workdir)
         try:
-            sizes = save_checkpoint(args.preset, layers, args.dtype, os.path.join(work, "model"), args.seed, override)
+            saved = subprocess.run([sys.executable, "-c", SAVE.format(
+                root=ROOT, scripts=os.path.dirname(os.path.abspath(__file__)),
+                args=(args.preset, layers, args.dtype, os.path.join(work, "model"), args.seed, override))],
+                cwd=ROOT, capture_output=True, text=True, check=True)
+            sizes = json.loads([line for line in saved.stdout.splitlines() if line.startswith("BENCH_SAVE ")][-1][11:])
             result["layer_weight_gib"] = round(sizes["layer_weight_bytes"] / 2 ** 30, 4)
             result["non_layer_weight_gib"] = round(sizes["non_layer_weight_bytes"] / 2 ** 30, 4)
             row = {"layers": layers}
