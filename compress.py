@@ -212,7 +212,7 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     s10.add_argument("--serve_eager", action="store_true", help="vLLM's enforce_eager: no torch.compile (faster start)")
     from lora import add_lora_arguments
     add_lora_arguments(p.add_argument_group("LoRA fine-tuning (step 7; SVD-LLM's utils/LoRA.py flags; lora.py)"))
-    m = p.add_argument_group("placement (steps 4, 5, 6, 9)")
+    m = p.add_argument_group("placement (steps 4, 5, 6, 7, 9)")
     m.add_argument("--device_map", default=None, choices=["auto", "balanced", "sequential"],
                    help="dispatch the model with accelerate over GPUs, CPU and disk instead of moving it whole "
                         "to --device (for models larger than one device)")
@@ -609,9 +609,9 @@ def _validate_tasks_generation_placement(args: argparse.Namespace, steps: set[in
             raise UsageError("--compare shows the original beside a compressed model: give --model_path "
                              "(or run step 3 in the same command)")
     if args.device_map or args.max_memory or args.offload_folder:
-        if not steps & {4, 5, 6, 9}:
-            raise UsageError("--device_map, --max_memory and --offload_folder place the model for steps 4, 5, 6 "
-                             "and 9; steps 1-3 move one layer at a time to --device")
+        if not steps & {4, 5, 6, 7, 9}:
+            raise UsageError("--device_map, --max_memory and --offload_folder place the model for steps 4, 5, 6, "
+                             "7 and 9; steps 1-3 move one layer at a time to --device")
         if not args.device_map:
             raise UsageError("--max_memory and --offload_folder need --device_map auto, balanced or sequential")
         try:

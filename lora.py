@@ -24,7 +24,13 @@ to its dtype. --lora_frozen_dtype float32 casts the whole model to float32 for t
 (exact from float16 / bfloat16; 4 bytes per weight) and casts it back afterwards; for a float32
 model the two are the same. --gradient_checkpointing keeps only each decoder layer's input for the
 backward pass and recomputes the layer (same gradients; dropout's random state is replayed).
---lora_offload_layers keeps the decoder layers on the host: each comes to the device when it runs
+--device_map auto | balanced | sequential (with --max_memory, --offload_folder) dispatches the model
+with accelerate for each stage, as evaluation does (utils.model.place_model): decoder layers whole on
+the GPUs in turn, then the CPU, then disk; an offloaded layer's frozen weights come to its execution
+device when it runs. The adapters stay out of the offloading, on the execution device of their layer;
+the hooks are removed and every tensor put back before merging. Same training as without it (tested
+with a layer offloaded to disk). Give --gradient_checkpointing with it: otherwise autograd keeps the
+weights each offloaded layer brought to the device until the backward pass. --lora_offload_layers keeps the decoder layers on the host: each comes to the device when it runs
 (utils.layerwise.layer_on_device: one at a time) and its forward is checkpointed around that move,
 so the backward pass brings it in again to recompute it; only the adapters, the embeddings, final
 norm and lm_head, and each layer's input (per micro-batch) stay on the device. Same training as
@@ -102,8 +108,13 @@ class LoraOptions:
     frozen_dtype: str = "model"  # model: frozen weights in the model's dtype, float32 adapters | float32: all float32
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward pass instead of keeping it
     offload_layers: bool = False  # decoder layers on the host, one at a time on the device (and recomputed there)
+    device_map: str | None = None  # auto | balanced | sequential: accelerate dispatch over GPUs, CPU and disk
+    max_memory: dict[int | str, int] | None = None  # budget per device for device_map (None: what each has free)
+    offload_folder: str | None = None  # where device_map's disk-offloaded weights go (a fresh folder inside it)
 
     def check(self) -> None:
+        from utils.model import DEVICE_MAPS
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise LoraError(message)
@@ -125,6 +136,13 @@ class LoraOptions:
              f"--lora_stages {','.join(self.stages)}: a comma list of u and v (SVD-LLM: u,v)")
         need(self.frozen_dtype in FROZEN_DTYPES,
              f"--lora_frozen_dtype {self.frozen_dtype}: choose one of {', '.join(FROZEN_DTYPES)}")
+        need(self.device_map in (None, *DEVICE_MAPS),
+             f"--device_map {self.device_map}: choose one of {', '.join(DEVICE_MAPS)}")
+        need(self.device_map is not None or (self.max_memory is None and self.offload_folder is None),
+             "--max_memory and --offload_folder need --device_map auto, balanced or sequential")
+        need(not (self.device_map and self.offload_layers),
+             "--device_map and --lora_offload_layers both place the decoder layers: choose one (--device_map "
+             "spreads them over GPUs, CPU and disk; --lora_offload_layers brings one at a time to --device)")
 
     @property
     def accumulation(self) -> int:
@@ -315,7 +333,7 @@ def summed_nll(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.d
     """Sum over the scored tokens of -log p(token | tokens before), float32."""
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                    use_cache=False).logits
-    labels = batch["labels"].to(device)
+    labels = batch["labels"].to(logits.device)  # dispatched (--device_map): where the head ran
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -380,7 +398,8 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     """One SVD-LLM stage: LoRA adapters on the `factor` ('u' or 'v') of every LowRankLinear, the
     rest frozen; train; merge the adapters into the factors. The model is changed in place; it is on
     `device` during the stage (with options.offload_layers its decoder layers stay where they are and
-    come to the device one at a time) in the dtype sequential_lora gave it. Returns the stage's record."""
+    come to the device one at a time; with options.device_map accelerate spreads it over the devices for
+    the stage) in the dtype sequential_lora gave it. Returns the stage's record."""
     from peft import LoraConfig, get_peft_model
     modules = low_rank_modules(model)
     targets = [f"{name}.{factor}" for name in modules]
@@ -399,11 +418,15 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     checkpointing = options.gradient_checkpointing and not options.offload_layers  # (offloading checkpoints itself)
     if checkpointing:  # non-reentrant: no input needs requires_grad (the embeddings are frozen)
         model.activation_checkpointing_enable({"use_reentrant": False})
-    unstream = None
+    unstream, placed = None, None
     try:
         if options.offload_layers:
             unstream = _stream_layers(model, device, offload)
+        if options.device_map:
+            unstream, device, placed = _dispatch(model, device, options)
         record = _train_adapters(peft_model, factor, len(targets), examples, options, device, pad_id, progress)
+        if placed is not None:
+            record["placement"] = {k: v for k, v in placed.items() if k != "offload_dir"}  # (removed after)
         if unstream is not None:
             unstream, undo = None, unstream
             undo()
@@ -469,6 +492,56 @@ def _stream_layers(model: nn.Module, device: torch.device | str, offload: torch.
         for p, home in zip(trainable, homes):
             p.data = p.data.to(home)
     return undo
+
+
+def _dispatch(model: nn.Module, device: torch.device | str,
+              options: LoraOptions) -> tuple[Callable[[], None], torch.device, dict]:
+    """Train with the model (its adapters added) dispatched by accelerate (utils.model.place_model:
+    options.device_map within options.max_memory over the GPUs, the CPU and disk; decoder layers never
+    split): an offloaded layer's frozen weights come to its execution device when it runs. The
+    adapters are kept out of the offloading (their hooks removed, their own tensors on the execution
+    device), so the optimizer updates the tensors the forward uses. Returns the function that removes
+    the hooks and puts every original tensor back (the adapters with their trained values), the
+    device the inputs go to, and the placement's record."""
+    import shutil
+
+    from accelerate.hooks import remove_hook_from_module, remove_hook_from_submodules
+
+    from component.low_rank_linear import unshare_inputs
+    from utils.model import ModelSpecError, place_model
+    unshare_inputs(model)  # place_model would: each v its own tensor, so that the snapshot below is what it moves
+    originals = [(store, key, tensor, tensor.device) for module in model.modules()
+                 for store in (module._parameters, module._buffers) for key, tensor in store.items() if tensor is not None]
+    try:
+        placement = place_model(model, device, options.device_map, options.max_memory, options.offload_folder)
+    except ModelSpecError as error:
+        raise LoraError(str(error)) from None
+    for module in model.modules():  # trainable tensors that went to the offload: theirs back, on the device
+        hook = getattr(module, "_hf_hook", None)
+        mine = [(key, p) for key, p in module._parameters.items() if p is not None and p.requires_grad]
+        if hook is not None and mine and any(p.device.type == "meta" for _, p in mine):
+            execution = getattr(hook, "execution_device", None) or placement.input_device
+            remove_hook_from_module(module)
+            for key, _ in mine:
+                original = next(t for s, k, t, _ in originals if s is module._parameters and k == key)
+                original.data = original.data.to(execution)
+                module._parameters[key] = original
+
+    def undo() -> None:
+        remove_hook_from_submodules(model)
+        for name in [k for k, v in model.__dict__.items() if callable(v) and hasattr(nn.Module, k)]:
+            del model.__dict__[name]  # accelerate's warnings around .to / .cuda of a dispatched model
+        model.__dict__.pop("hf_device_map", None)
+        for store, key, original, home in originals:
+            current = store[key]
+            if current is not original and original.requires_grad:  # a trained adapter: its values
+                original.data = current.detach().to(home)
+            elif original.device != home:
+                original.data = original.data.to(home)
+            store[key] = original
+        if placement.offload_dir:
+            shutil.rmtree(placement.offload_dir, ignore_errors=True)
+    return undo, placement.input_device, placement.describe()
 
 
 def _merge_in_float32(peft_model: nn.Module, factor: str) -> None:
@@ -585,7 +658,8 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
     upcast = options.frozen_dtype == "float32"
     for factor in options.stages:
         # exact from float16 / bfloat16; without the upcast only the adapters are float32
-        model.to(device=None if options.offload_layers else device, dtype=torch.float32 if upcast else None)
+        model.to(device=None if options.offload_layers or options.device_map else device,
+                 dtype=torch.float32 if upcast else None)
         try:
             stages.append(train_stage(model, factor, examples, options, device, pad_id, progress))
             if upcast and home_dtype != torch.float32:
@@ -695,13 +769,22 @@ def add_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 def options_from_args(args: argparse.Namespace) -> LoraOptions:
+    from utils.model import parse_max_memory
+    try:
+        max_memory = parse_max_memory(getattr(args, "max_memory", None))
+    except ValueError as error:
+        raise LoraError(str(error)) from None
+    if getattr(args, "offload_folder", None) and os.path.exists(args.offload_folder) \
+            and not os.path.isdir(args.offload_folder):
+        raise LoraError(f"--offload_folder {args.offload_folder}: exists and is not a folder")
     options = LoraOptions(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                           learning_rate=args.learning_rate, num_epochs=args.num_epochs, batch_size=args.batch_size,
                           micro_batch_size=args.micro_batch_size, max_steps=args.max_steps,
                           warmup_steps=args.warmup_steps, eval_steps=args.eval_steps, seed=args.seed,
                           stages=tuple(s.strip() for s in args.lora_stages.split(",") if s.strip()),
                           frozen_dtype=args.lora_frozen_dtype, gradient_checkpointing=args.gradient_checkpointing,
-                          offload_layers=args.lora_offload_layers)
+                          offload_layers=args.lora_offload_layers, device_map=getattr(args, "device_map", None),
+                          max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None))
     options.check()
     return options
 
@@ -790,6 +873,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, adapters, dropout, order")
     add_lora_arguments(p.add_argument_group("LoRA (SVD-LLM's utils/LoRA.py flags)"))
+    m = p.add_argument_group("placement (compress.py's flags of the same names)")
+    m.add_argument("--device_map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="dispatch the model with accelerate over GPUs, CPU and disk for training instead of moving it "
+                        "whole to --device (a model larger than one device; adapters stay on the execution devices)")
+    m.add_argument("--max_memory", default=None,
+                   help="budget per device for --device_map, e.g. 0=70GiB,1=70GiB,cpu=200GiB (default: what each has "
+                        "free); what does not fit goes to disk")
+    m.add_argument("--offload_folder", default=None,
+                   help="where disk-offloaded weights go (a fresh folder inside it, removed after each stage; "
+                        "default: the system's temporary folder)")
     return p
 
 

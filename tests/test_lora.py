@@ -367,6 +367,10 @@ def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path, extr
     (["--data_path", "TEXT", "--max_steps", "-1"], "--max_steps"),
     (["--data_path", "TEXT", "--lora_stages", "w"], "--lora_stages w"),
     (["--data_path", "TEXT", "--output_dir", "MODEL"], "input model"),
+    (["--data_path", "TEXT", "--max_memory", "cpu=1GiB"], "need --device_map"),
+    (["--data_path", "TEXT", "--device_map", "auto", "--max_memory", "cpu=lots"], "--max_memory"),
+    (["--data_path", "TEXT", "--device_map", "auto", "--max_memory", "7=1GiB"], "CUDA device"),
+    (["--data_path", "TEXT", "--device_map", "auto", "--lora_offload_layers"], "choose one"),
 ])
 def test_cli_errors_exit_2_before_loading(extra, needle, compressed_dir, text_file, tmp_path, capsys):
     extra = [compressed_dir if a == "MODEL" else text_file if a == "TEXT" else a for a in extra]
@@ -480,3 +484,57 @@ def test_offloaded_layers_give_the_same_training(dtype):
     assert any(not torch.equal(u[k], factors(low_rank(dtype=dtype)[0], "u")[k]) for k in u)  # it trained
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)  # the layers are plain again
     assert {p.dtype for p in model.parameters()} == {dtype} and all(p.requires_grad for p in model.parameters())
+
+
+# the low-rank tiny Llama's two decoder layers hold 113 kB each with the adapters, the embedding and the
+# tied lm_head 66 kB: 200 kB of CPU keeps the embedding and layer 0 and sends layer 1 to disk
+LORA_BUDGET = "cpu=200KB"
+
+
+def test_device_map_with_layers_on_disk_gives_the_same_training(tmp_path):
+    """--device_map (with --gradient_checkpointing): the model dispatched by accelerate, decoder layers
+    offloaded to disk (their frozen weights read back when they run, and again to recompute them), trains as the model held whole does: same losses and factors,
+    dropout included; afterwards no hook is left, every tensor is real and back home, the folder empty."""
+    from utils.model import parse_max_memory
+    runs = []
+    for device_map in (None, "sequential"):
+        model, _ = low_rank()
+        placed = dict(device_map=device_map, max_memory=parse_max_memory(LORA_BUDGET), offload_folder=str(tmp_path),
+                      gradient_checkpointing=True)  # the offloaded layers' weights read again in the backward pass
+        record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(),
+                                      options(dropout=0.1, **(placed if device_map else {})), progress=False)
+        runs.append((record["stage_records"], factors(model, "u"), factors(model, "v"), model))
+    (records, u, v, _), (records_d, u_d, v_d, model) = runs
+    for stage in records_d:
+        assert stage["placement"]["device_map"] == "sequential"
+        on = stage["placement"]["modules_per_device"]
+        assert on.get("disk", 0) >= 1 and on.get("cpu", 0) >= 1, on  # both kinds of layer were trained
+    for a, b in zip(records, records_d):
+        assert [x[1] for x in a["train_loss_curve"]] == pytest.approx([x[1] for x in b["train_loss_curve"]], rel=1e-5)
+        assert a["val_loss_after"] == pytest.approx(b["val_loss_after"], rel=1e-5)
+    assert all(torch.allclose(u[k], u_d[k], atol=1e-6) for k in u) and all(torch.allclose(v[k], v_d[k], atol=1e-6) for k in v)
+    assert all(not torch.equal(u[k], factors(low_rank()[0], "u")[k]) for k in u)  # every layer's adapters trained
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules()) and not hasattr(model, "hf_device_map")
+    assert {p.device.type for p in model.parameters()} == {"cpu"} and all(p.requires_grad for p in model.parameters())
+    assert os.listdir(tmp_path) == []  # each stage's offload folder was removed
+    assert torch.equal(logits(model), logits(runs[0][3]))
+
+
+def test_step_7_device_map_from_the_command_line(compressed_dir, text_file, tmp_path, capsys):
+    """compress.py --step 7 --device_map trains with layers on disk and records the placement; a budget
+    nothing fits in is refused in one line before any training, and nothing is written."""
+    common = ["--step", "7", "--model_path", compressed_dir, "--data_path", text_file, "--cutoff_len", "32",
+              "--batch_size", "2", "--micro_batch_size", "1", "--max_steps", "2", "--val_set_size", "2",
+              "--device", "cpu", "--device_map", "sequential", "--offload_folder", str(tmp_path / "off")]
+    never = str(tmp_path / "never")
+    assert compress.main(common + ["--max_memory", "cpu=1KB", "--save_path", never]) == 2
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if "error" in line]  # (the estimate's progress bar before)
+    assert len(err) == 1 and err[0].startswith("error:") and "raise the budget" in err[0], err
+    assert "LoRA u:" not in captured.out and not os.path.exists(never)
+    out = str(tmp_path / "tuned")
+    assert compress.main(common + ["--max_memory", LORA_BUDGET, "--save_path", out]) == 0
+    stages = load_compressed(out)[2]["lora"]["stage_records"]
+    assert [s["steps"] for s in stages] == [2, 2]
+    assert all(s["placement"]["modules_per_device"].get("disk", 0) >= 1 for s in stages)
+    assert os.listdir(tmp_path / "off") == []

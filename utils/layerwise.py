@@ -34,6 +34,27 @@ class _StopForward(Exception):
     pass
 
 
+GLIBC_MMAP_THRESHOLD = -3  # mallopt's M_MMAP_THRESHOLD
+GLIBC_DEFAULT_MMAP_THRESHOLD = 128 * 1024
+
+
+def fix_mmap_threshold(threshold: int = GLIBC_DEFAULT_MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold (mallopt M_MMAP_THRESHOLD), which turns its dynamic adjustment off.
+    Why: glibc raises the threshold, up to 32 MiB, each time a block it had mmapped is freed; the
+    blocks under it then come from the heap, which keeps what is freed and fragments, so a streamed
+    walk's per-layer temporaries (statistics, Gram unpacking, whitening, SVD work space) kept landing
+    on new pages and the peak resident memory grew with the depth although nothing was retained
+    (docs/scale.md). At a fixed threshold every large tensor is mmapped and returned to the system
+    when freed. Process-wide and idempotent; False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(GLIBC_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 class _Recorder(nn.Module):
     """Stands in for a decoder layer during capture: records its inputs, changes nothing."""
 
@@ -253,6 +274,8 @@ def walk_layers(model: nn.Module, windows: torch.Tensor | None, device: torch.de
     layers = decoder_layers(model)
     prefix = layer_prefix(model)
     stream = layer_stream(model)
+    if stream is not None:  # a peak that does not grow with the depth (step 3: 25% of a layer per layer)
+        fix_mmap_threshold()
     for index in tqdm(range(len(layers)), desc=desc):
         done_before = index < start
         if done_before and windows is None:  # nothing flows: the done layer is only put in its final form
