@@ -296,10 +296,12 @@ def validate(args: argparse.Namespace) -> None:
         if args.whitening == "none" and allocation.needs_whitening:
             raise UsageError(f"--allocation {args.allocation} ranks matrices by their whitened truncation loss: "
                              f"use --whitening cholesky or eigen")
-        stats_found = os.path.isfile(os.path.join(stats_path_of(args), "meta.json"))
-        if allocation.needs_stats and 1 not in steps and not stats_found:
-            raise UsageError(f"--allocation {args.allocation} needs the statistics of step 1, not found in "
-                             f"{stats_path_of(args)}: run --step 1 first or pass --stats_path")
+        if allocation.needs_stats and 1 not in steps:
+            where = stats_path_of(args) if (args.save_path or args.stats_path) else None
+            if where is None or not os.path.isfile(os.path.join(where, "meta.json")):
+                raise UsageError(f"--allocation {args.allocation} needs the statistics of step 1, not found in "
+                                 f"{where or 'SAVE_PATH.stats (no --save_path given)'}: run --step 1 first or "
+                                 f"pass --stats_path")
     if 2 in steps and not (args.save_path or args.stats_path or args.plan):
         raise UsageError("step 2 writes the plan to --plan, or next to the statistics "
                          "(--stats_path, or SAVE_PATH.stats): give one of them")
