@@ -22,7 +22,8 @@ of --seq_len for block refinement (the first --distill_refine_nsamples windows, 
 epochs), then LoRA on u then v (--distill_lora_steps steps each) is trained on them, the loss on the
 original's answer tokens: the tokens the agreement scores, on other prompts. Its whitening is that
 of the row's DATA. After refinement it is measured by teacher forcing only (agreement, response
-ppl: no generation), after LoRA in full.
+ppl: no generation), after LoRA in full. distill_lora: the same LoRA on the whitened model, without
+refinement (what the distillation LoRA adds alone).
 Each row is measured by fidelity.chat_fidelity on the 100 held-out prompts of
 data/chat_prompts.txt against the original's greedy responses (--max_new_tokens, cached), and by
 perplexity on the held-back wiki.valid.tokens[0.8:1] (first 16 windows of 512).
@@ -55,10 +56,10 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 WIKI = os.path.join(SHARED, "wikitext2", "wiki.valid.tokens")
 ALPACA = os.path.join(SHARED, "alpaca_demo", "alpaca_en_demo.jsonl")
 CALIBRATION = {"pydoc": "pydoc[0:0.9]", "wikitext": WIKI + "[0:0.8]", "chat": ALPACA + "[0:0.9]", "self": "self"}
-RECIPES = ("whitening", "block_lora", "distill")
+RECIPES = ("whitening", "block_lora", "distill", "distill_lora")
 DEFAULT_ROWS = ",".join([f"whitening@0.2:{d}" for d in ("chat", "self", "pydoc", "wikitext")] +
                         [f"whitening@0.4:{d}" for d in ("chat", "self", "pydoc", "wikitext")] +
-                        ["block_lora@0.2:chat", "distill@0.2:chat", "distill@0.2:self"])
+                        ["block_lora@0.2:chat", "distill_lora@0.2:chat", "distill@0.2:chat", "distill@0.2:self"])
 EXAMPLES = 3  # before/after answers kept per row: the first prompts of the file
 
 
@@ -85,8 +86,8 @@ def summarize(record: dict) -> None:
                         "prefix_agreement_mean": round(r["fidelity"]["prefix_agreement_mean"], 4),
                         "wiki_ppl": round(r["ppl"]["ppl"], 3)} for r in record["runs"]]
     targets = {}
-    for row in ("whitening@0.2:chat", "whitening@0.2:self", "block_lora@0.2:chat", "distill@0.2:chat",
-                "distill@0.2:self"):
+    for row in ("whitening@0.2:chat", "whitening@0.2:self", "block_lora@0.2:chat", "distill_lora@0.2:chat",
+                "distill@0.2:chat", "distill@0.2:self"):
         found = next((r for r in record["table"] if r["row"] == row), None)
         targets[row] = None if found is None else {
             "empty_share": found["empty_share"], "agreement": found["agreement"],
@@ -309,22 +310,24 @@ def main(argv=None) -> int:
             options = CompressOptions(refine=RefineOptions(target="block", nsamples=nsamples,
                                                            epochs=opts.refine_epochs, lr=opts.refine_lr,
                                                            batch_size=opts.refine_batch_size, seed=opts.seed))
-        if recipe == "distill":
+        if recipe in ("distill", "distill_lora"):
             distilled = distillation_set()
-            windows = distillation_windows(distilled, opts.distill_refine_nsamples)
+            if recipe == "distill":
+                windows = distillation_windows(distilled, opts.distill_refine_nsamples)
             stages["distillation_set"] = {k: v for k, v in distilled.items() if k not in ("prompt_ids", "answer_ids", "prompts")}
             stages["distillation_set"].update(prompts=len(distilled["prompts"]),
                                               answer_tokens=sum(map(len, distilled["answer_ids"])),
-                                              refine_windows=int(windows.shape[0]))
+                                              refine_windows=int(windows.shape[0]) if recipe == "distill" else 0)
         stats = Statistics.open(stats_path)
         start = time.perf_counter()
         compression = compress_model(model, uniform_plan(model, ratio), options, "cpu", stats,
                                      windows if options.nsamples else None)
         stats.close()
         seconds = {"compress": round(time.perf_counter() - start, 3)}
-        if recipe == "distill":
-            stages["after_refinement"] = {"teacher_forced": teacher_forced_only(model)}
-            print(f"{recipe}@{ratio:g}:{data} after refinement: {stages['after_refinement']}", flush=True)
+        if recipe in ("distill", "distill_lora"):
+            stage = "after_refinement" if recipe == "distill" else "before_lora"
+            stages[stage] = {"teacher_forced": teacher_forced_only(model)}
+            print(f"{name} {stage}: {stages[stage]}", flush=True)
             examples = distillation_examples(distilled)
             lora_options = lora.LoraOptions(learning_rate=opts.lora_learning_rate, num_epochs=1e9,
                                             batch_size=opts.lora_batch_size,
