@@ -28,7 +28,8 @@ Each row is measured by fidelity.chat_fidelity on the 100 held-out prompts of
 data/chat_prompts.txt against the original's greedy responses (--max_new_tokens, cached), and by
 perplexity on the held-back wiki.valid.tokens[0.8:1] (first 16 windows of 512).
 
-Rows are "RECIPE@RATIO:DATA" (--rows, run in that order). The JSON is rewritten after every row
+Rows are "RECIPE@RATIO:DATA" (--rows, run in that order), with an optional "#TAG" naming a row run
+with other flags (e.g. "distill_lora@0.2:chat#lora48" with --distill_lora_steps 48). The JSON is rewritten after every row
 with "partial": true until the last; --resume keeps the rows of an earlier run's JSON.
 Quick check that it runs (minutes; not a benchmark):
     python scripts/bench_chat.py --rows whitening@0.2:pydoc --prompts_limit 2 --max_new_tokens 8 \\
@@ -64,9 +65,10 @@ EXAMPLES = 3  # before/after answers kept per row: the first prompts of the file
 
 
 def parse_row(row: str) -> tuple[str, float, str]:
-    """'whitening@0.2:chat' -> ('whitening', 0.2, 'chat')."""
+    """'whitening@0.2:chat' -> ('whitening', 0.2, 'chat'); a '#TAG' suffix (e.g. #lora48) only names a
+    row run with other flags than the default ones (recorded in its settings)."""
     try:
-        recipe, rest = row.split("@")
+        recipe, rest = row.split("#")[0].split("@")
         ratio, data = rest.split(":")
         ratio = float(ratio)
     except ValueError:
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
             print(markdown(json.load(handle)))
         return 0
     try:
-        rows = [parse_row(r) for r in opts.rows.split(",") if r]
+        rows = [(r, *parse_row(r)) for r in opts.rows.split(",") if r]
     except ValueError as error:
         p.error(str(error))
     torch.set_num_threads(opts.threads)
@@ -297,8 +299,7 @@ def main(argv=None) -> int:
 
     done = {r["row"] for r in record["runs"]}
     lora_examples = None
-    for recipe, ratio, data in rows:
-        name = f"{recipe}@{ratio:g}:{data}"
+    for name, recipe, ratio, data in rows:
         if name in done:
             continue
         stats_path, windows, calibration = statistics_for(data)
@@ -370,7 +371,7 @@ def main(argv=None) -> int:
               f"{ppl['ppl']:.2f} ({seconds})", flush=True)
         del model
         save()
-    record["partial"] = any(f"{r}@{q:g}:{d}" not in {x["row"] for x in record["runs"]} for r, q, d in rows)
+    record["partial"] = any(name not in {x["row"] for x in record["runs"]} for name, *_ in rows)
     record["load_avg_end"] = list(os.getloadavg())
     save()
     print(json.dumps(record["targets"], indent=1))
