@@ -20,8 +20,9 @@ from pipeline.session import Session
 EXAMPLES = """examples (offline, on a fresh clone after scripts/install.sh; times measured on one CPU thread):
   # perplexity of the bundled SmolLM2-135M on held-back Python documentation (about 5 min)
   python compress.py --step 4 --model smollm2-135m --eval_datasets "pydoc[0.9:1]" --model_seq_len 512 --eval_limit 32 --device cpu
-  # compress it (20% of every decoder matrix removed, 15.8% of the model) and measure it again (about 17 min)
-  python compress.py --step 1-4 --model smollm2-135m --ratio 0.2 --dataset "pydoc[0:0.9]" --whitening_nsamples 32 --model_seq_len 512 --eval_datasets "pydoc[0.9:1]" --eval_limit 32 --device cpu --save_path out/smollm2-135m-20 --overwrite
+  # compress it (20% of every decoder matrix removed, 15.8% of the model) calibrated on text it writes itself,
+  # measure it again and ask it a question beside the original (about 20 min)
+  python compress.py --step 1-4 --model smollm2-135m --ratio 0.2 --dataset self --whitening_nsamples 16 --model_seq_len 512 --eval_datasets "pydoc[0.9:1]" --eval_limit 32 --device cpu --save_path out/smollm2-135m-20 --overwrite --ask "What is the capital of France?"
   # its completion beside the original's (about 2 min)
   python compress.py --step 9 --model_path out/smollm2-135m-20 --prompt "What is the capital of France?" --compare --max_new_tokens 32 --device cpu
 
@@ -199,6 +200,10 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     g9.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     g9.add_argument("--no_chat_template", action="store_true", help="feed prompts as they are, not in the chat template")
     g9.add_argument("--compare", action="store_true", help="also generate with the original model, beside it")
+    g9.add_argument("--ask", default=None, metavar="QUESTION",
+                    help="at the end of a run that makes or loads a compressed model (steps 3, 7, 8 or --model_path): "
+                         "this question answered by the original and by the compressed model, printed one above "
+                         "the other (greedy, chat template, --max_new_tokens)")
     s10 = p.add_argument_group("serve check (step 10, vLLM; takes --prompt/--prompts, --max_new_tokens from step 9 "
                                "and --gen_seq_len, --repeats from step 5)")
     s10.add_argument("--vllm_python", default=None,
@@ -332,6 +337,7 @@ def validate(args: argparse.Namespace) -> None:
             validate_dataset(spec, text_only=True)
     _validate_chat_evaluation(args, steps)
     _validate_tasks_generation_placement(args, steps)
+    _validate_ask(args, steps)
     if 7 in steps:
         from lora import LoraError, validate_args
         if steps & {4, 5, 6}:
@@ -585,6 +591,19 @@ def _validate_chat_evaluation(args: argparse.Namespace, steps: set[int]) -> None
     read_prompts(None, args.eval_chat, flag="--eval_chat")
 
 
+def _validate_ask(args: argparse.Namespace, steps: set[int]) -> None:
+    """--ask: a question, and a compressed model to put it to beside its original."""
+    if args.ask is None:
+        return
+    if not args.ask.strip():
+        raise UsageError("--ask: the question is empty; write it, e.g. --ask \"What is the capital of France?\"")
+    if not (steps & set(MODEL_STEPS) or args.model_path):
+        raise UsageError("--ask compares a compressed model with its original: run step 3 (7, 8) in the same "
+                         "command or give --model_path")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
+
+
 def _validate_tasks_generation_placement(args: argparse.Namespace, steps: set[int]) -> None:
     """Steps 6 and 9 and --device_map: everything that can be checked before the model loads."""
     from utils.model import parse_max_memory
@@ -671,9 +690,10 @@ MODEL_STEPS = (3, 7, 8)  # the steps that produce a model and write it to --save
 
 
 def streams_layers(args: argparse.Namespace) -> bool:
-    """pipeline.session.streams_layers from the flags (--step, --save_path, --fisher, --dataset)."""
+    """pipeline.session.streams_layers from the flags (--step, --save_path, --fisher, --dataset), and not
+    with --ask: its answers need the whole original model in memory."""
     from pipeline.session import streams_layers as streams
-    return streams(args.steps, args.save_path, args.fisher, args.dataset)
+    return streams(args.steps, args.save_path, args.fisher, args.dataset) and getattr(args, "ask", None) is None
 
 
 def writes_model(args: argparse.Namespace, step: int) -> bool:
@@ -1348,6 +1368,8 @@ def main(argv: list[str] | None = None, registry=None) -> int:
             steps[step](args, session)
         if getattr(args, "recipe_eval", False):
             recipe_perplexity(args, session)
+        if args.ask is not None:
+            generate.ask_step(args, session)
     except (DatasetError, ModelSpecError, FileNotFoundError, PipelineError, PlanError, DecomposeError,
             CompressedModelError, OutputError, LoraError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -108,3 +108,35 @@ def generate_step(args: argparse.Namespace, session) -> dict:
     update_results(path, args, session, "generation", data)
     print(f"generation: results -> {path}")
     return data
+
+
+def ask_step(args: argparse.Namespace, session) -> dict:
+    """--ask: one question answered greedily by the original and by the compressed model the run
+    made or loaded (chat template unless --no_chat_template), printed one above the other at the
+    end of the run and kept in the results JSON ("ask")."""
+    from evaluater import load_original, prepare_text_step, results_path, update_results
+    from fidelity import response_is_empty
+    placement = prepare_text_step(args, session, "--ask's question cannot be tokenized: save the tokenizer "
+                                  "with the model")
+    if session.compression is None:
+        raise DatasetError("--ask compares a compressed model with its original: give --model_path "
+                           "(or run step 3 in the same command)")
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                chat_template=not args.no_chat_template)
+    model = session.model.eval()
+    answers = {"compressed": generate(model, session.tokenizer, args.ask, options, placement.input_device)}
+    original, original_placement = load_original(args, session)
+    answers["original"] = generate(original, session.tokenizer, args.ask, options, original_placement.input_device)
+    del original
+    ends = end_tokens(model, session.tokenizer)
+    print(f"asked: {args.ask}")
+    for name in ("original", "compressed"):
+        answer = answers[name]
+        answer["empty"] = response_is_empty(answer["completion_ids"], answer["completion"], ends)
+        text = "(no answer: it ended its turn at once)" if answer["empty"] else " ".join(answer["completion"].split())
+        cut = "" if answer["stopped"] == "eos" else f" [cut at --max_new_tokens {args.max_new_tokens}]"
+        print(f"  {name + ':':<12}{text}{cut}")
+    data = {"question": args.ask, "settings": options.describe(), **answers}
+    path = results_path(args, session)
+    update_results(path, args, session, "ask", data)
+    return data

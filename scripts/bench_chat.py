@@ -14,11 +14,22 @@ windows of its data set (profiled once per data set, kept under --stats_dir and 
 Recipes: whitening (cholesky, exact SVD: steps 1 + 3), and block_lora: block refinement on the
 first --refine_nsamples calibration windows (--refine_epochs epochs), then LoRA on u then v
 (--lora_steps steps each) on the chat-formatted Alpaca rows [0:0.9] (loss on the response tokens).
+distill: distillation from the original's own answers. The original answers --distill_prompts
+instructions of the Alpaca demo rows [0:0.9] (a seeded draw; none is a held-out prompt) greedily in
+its chat template (at most --distill_tokens new tokens, as the references are made); these
+conversations (prompt and answer token ids, cached in STATS_DIR) are packed end to end into windows
+of --seq_len for block refinement (the first --distill_refine_nsamples windows, --refine_epochs
+epochs), then LoRA on u then v (--distill_lora_steps steps each) is trained on them, the loss on the
+original's answer tokens: the tokens the agreement scores, on other prompts. Its whitening is that
+of the row's DATA. After refinement it is measured by teacher forcing only (agreement, response
+ppl: no generation), after LoRA in full. distill_lora: the same LoRA on the whitened model, without
+refinement (what the distillation LoRA adds alone).
 Each row is measured by fidelity.chat_fidelity on the 100 held-out prompts of
 data/chat_prompts.txt against the original's greedy responses (--max_new_tokens, cached), and by
 perplexity on the held-back wiki.valid.tokens[0.8:1] (first 16 windows of 512).
 
-Rows are "RECIPE@RATIO:DATA" (--rows, run in that order). The JSON is rewritten after every row
+Rows are "RECIPE@RATIO:DATA" (--rows, run in that order), with an optional "#TAG" naming a row run
+with other flags (e.g. "distill_lora@0.2:chat#lora48" with --distill_lora_steps 48). The JSON is rewritten after every row
 with "partial": true until the last; --resume keeps the rows of an earlier run's JSON.
 Quick check that it runs (minutes; not a benchmark):
     python scripts/bench_chat.py --rows whitening@0.2:pydoc --prompts_limit 2 --max_new_tokens 8 \\
@@ -46,17 +57,18 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 WIKI = os.path.join(SHARED, "wikitext2", "wiki.valid.tokens")
 ALPACA = os.path.join(SHARED, "alpaca_demo", "alpaca_en_demo.jsonl")
 CALIBRATION = {"pydoc": "pydoc[0:0.9]", "wikitext": WIKI + "[0:0.8]", "chat": ALPACA + "[0:0.9]", "self": "self"}
-RECIPES = ("whitening", "block_lora")
+RECIPES = ("whitening", "block_lora", "distill", "distill_lora")
 DEFAULT_ROWS = ",".join([f"whitening@0.2:{d}" for d in ("chat", "self", "pydoc", "wikitext")] +
                         [f"whitening@0.4:{d}" for d in ("chat", "self", "pydoc", "wikitext")] +
-                        ["block_lora@0.2:chat"])
+                        ["block_lora@0.2:chat", "distill_lora@0.2:chat", "distill@0.2:chat", "distill@0.2:self"])
 EXAMPLES = 3  # before/after answers kept per row: the first prompts of the file
 
 
 def parse_row(row: str) -> tuple[str, float, str]:
-    """'whitening@0.2:chat' -> ('whitening', 0.2, 'chat')."""
+    """'whitening@0.2:chat' -> ('whitening', 0.2, 'chat'); a '#TAG' suffix (e.g. #lora48) only names a
+    row run with other flags than the default ones (recorded in its settings)."""
     try:
-        recipe, rest = row.split("@")
+        recipe, rest = row.split("#")[0].split("@")
         ratio, data = rest.split(":")
         ratio = float(ratio)
     except ValueError:
@@ -76,7 +88,8 @@ def summarize(record: dict) -> None:
                         "prefix_agreement_mean": round(r["fidelity"]["prefix_agreement_mean"], 4),
                         "wiki_ppl": round(r["ppl"]["ppl"], 3)} for r in record["runs"]]
     targets = {}
-    for row in ("whitening@0.2:chat", "whitening@0.2:self", "block_lora@0.2:chat"):
+    for row in ("whitening@0.2:chat", "whitening@0.2:self", "block_lora@0.2:chat", "distill_lora@0.2:chat",
+                "distill@0.2:chat", "distill@0.2:self"):
         found = next((r for r in record["table"] if r["row"] == row), None)
         targets[row] = None if found is None else {
             "empty_share": found["empty_share"], "agreement": found["agreement"],
@@ -123,6 +136,10 @@ def main(argv=None) -> int:
     p.add_argument("--lora_micro_batch_size", type=int, default=4)
     p.add_argument("--lora_learning_rate", type=float, default=3e-4)
     p.add_argument("--cutoff_len", type=int, default=256)
+    p.add_argument("--distill_prompts", type=int, default=192, help="distill: Alpaca instructions the original answers")
+    p.add_argument("--distill_tokens", type=int, default=64, help="distill: new tokens per answer at most")
+    p.add_argument("--distill_refine_nsamples", type=int, default=32, help="distill: refinement windows")
+    p.add_argument("--distill_lora_steps", type=int, default=16, help="distill: optimizer steps per LoRA stage")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stats_dir", default="/work/cache/bench_chat", help="step-1 statistics per data set (reused)")
     p.add_argument("--cache_dir", default=None, help="the original's cached responses (default: fidelity's)")
@@ -135,7 +152,7 @@ def main(argv=None) -> int:
             print(markdown(json.load(handle)))
         return 0
     try:
-        rows = [parse_row(r) for r in opts.rows.split(",") if r]
+        rows = [(r, *parse_row(r)) for r in opts.rows.split(",") if r]
     except ValueError as error:
         p.error(str(error))
     torch.set_num_threads(opts.threads)
@@ -225,26 +242,104 @@ def main(argv=None) -> int:
             info["profile_s"] = round(time.perf_counter() - start, 3)
         return path, windows, info
 
+    def distillation_set() -> dict:
+        """The original's greedy answers to --distill_prompts Alpaca instructions of rows [0:0.9]
+        (cached in --stats_dir): prompts, prompt ids, answer ids."""
+        path = os.path.join(opts.stats_dir, f"distill_p{opts.distill_prompts}_t{opts.distill_tokens}_seed{opts.seed}.json")
+        if os.path.isfile(path):
+            with open(path) as handle:
+                return json.load(handle)
+        from generate import prompt_ids
+        with open(ALPACA) as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+        rows = rows[:int(0.9 * len(rows))]
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(opts.seed)).tolist()
+        held_out = {q.strip().lower() for q in prompts}
+        chosen = [rows[i] for i in order if rows[i]["instruction"].strip().lower() not in held_out]
+        questions = [r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+                     for r in chosen[:opts.distill_prompts]]
+        start = time.perf_counter()
+        answers = fidelity.greedy_responses(base, tokenizer, questions, opts.distill_tokens)
+        data = {"source": ALPACA + "[0:0.9]", "seed": opts.seed, "max_new_tokens": opts.distill_tokens,
+                "seconds": round(time.perf_counter() - start, 3), "prompts": questions,
+                "prompt_ids": [prompt_ids(tokenizer, q, True)[0][0].tolist() for q in questions],
+                "answer_ids": [a["ids"] for a in answers],
+                "stopped_at_end_token": sum(a["stopped"] == "eos" for a in answers),
+                "empty": sum(a["empty"] for a in answers)}
+        write_json(path, data)
+        return data
+
+    def distillation_windows(data: dict, count: int) -> torch.Tensor:
+        """The conversations end to end, cut into `count` windows of --seq_len."""
+        stream = [t for p, a in zip(data["prompt_ids"], data["answer_ids"]) for t in p + a]
+        if len(stream) < count * opts.seq_len:
+            raise SystemExit(f"distill: {len(stream)} tokens make fewer than {count} windows of {opts.seq_len}: "
+                             f"raise --distill_prompts")
+        return torch.tensor(stream[:count * opts.seq_len]).view(count, opts.seq_len)
+
+    def distillation_examples(data: dict):
+        """LoRA examples: prompt and answer ids, the loss on the answer tokens only."""
+        pairs = [(p + a, [lora.IGNORE_INDEX] * len(p) + a) for p, a in zip(data["prompt_ids"], data["answer_ids"]) if a]
+        val = min(8, len(pairs) // 10)
+        return lora.Examples(pairs[val:], pairs[:val], {"source": "the original's greedy answers", "rows": len(pairs),
+                                                        "train_examples": len(pairs) - val, "val_examples": val})
+
+    def teacher_forced_only(model) -> dict:
+        """Agreement and response perplexity of the references, without generating (cheap)."""
+        from generate import prompt_ids
+        start = time.perf_counter()
+        hits = nll = 0.0
+        for prompt, reference in zip(prompts, references):
+            hit, loss = fidelity.teacher_forced(model, prompt_ids(tokenizer, prompt, True)[0][0].tolist(),
+                                                reference["ids"])
+            hits, nll = hits + hit, nll + loss
+        tokens = record["reference"]["tokens"]
+        return {"agreement": hits / tokens, "response_ppl": math.exp(nll / tokens) if nll / tokens < 700 else None,
+                "seconds": round(time.perf_counter() - start, 3)}
+
     done = {r["row"] for r in record["runs"]}
     lora_examples = None
-    for recipe, ratio, data in rows:
-        name = f"{recipe}@{ratio:g}:{data}"
+    for name, recipe, ratio, data in rows:
         if name in done:
             continue
         stats_path, windows, calibration = statistics_for(data)
         model = copy.deepcopy(base)
         options = CompressOptions()
-        if recipe == "block_lora":
-            options = CompressOptions(refine=RefineOptions(target="block", nsamples=opts.refine_nsamples,
+        stages = {}
+        if recipe in ("block_lora", "distill"):
+            nsamples = opts.refine_nsamples if recipe == "block_lora" else opts.distill_refine_nsamples
+            options = CompressOptions(refine=RefineOptions(target="block", nsamples=nsamples,
                                                            epochs=opts.refine_epochs, lr=opts.refine_lr,
                                                            batch_size=opts.refine_batch_size, seed=opts.seed))
+        if recipe in ("distill", "distill_lora"):
+            distilled = distillation_set()
+            if recipe == "distill":
+                windows = distillation_windows(distilled, opts.distill_refine_nsamples)
+            stages["distillation_set"] = {k: v for k, v in distilled.items() if k not in ("prompt_ids", "answer_ids", "prompts")}
+            stages["distillation_set"].update(prompts=len(distilled["prompts"]),
+                                              answer_tokens=sum(map(len, distilled["answer_ids"])),
+                                              refine_windows=int(windows.shape[0]) if recipe == "distill" else 0)
         stats = Statistics.open(stats_path)
         start = time.perf_counter()
         compression = compress_model(model, uniform_plan(model, ratio), options, "cpu", stats,
                                      windows if options.nsamples else None)
         stats.close()
         seconds = {"compress": round(time.perf_counter() - start, 3)}
-        stages = {}
+        if recipe in ("distill", "distill_lora"):
+            stage = "after_refinement" if recipe == "distill" else "before_lora"
+            stages[stage] = {"teacher_forced": teacher_forced_only(model)}
+            print(f"{name} {stage}: {stages[stage]}", flush=True)
+            examples = distillation_examples(distilled)
+            lora_options = lora.LoraOptions(learning_rate=opts.lora_learning_rate, num_epochs=1e9,
+                                            batch_size=opts.lora_batch_size,
+                                            micro_batch_size=opts.lora_micro_batch_size,
+                                            max_steps=opts.distill_lora_steps, seed=opts.seed)
+            start = time.perf_counter()
+            lora_record = lora.sequential_lora(model, tokenizer, examples, lora_options, "cpu", progress=False)
+            seconds["lora"] = round(time.perf_counter() - start, 3)
+            stages["lora"] = {"data": examples.info, "steps_per_stage": opts.distill_lora_steps,
+                              "val_loss": [(s["val_loss_before"], s["val_loss_after"])
+                                           for s in lora_record["stage_records"]]}
         if recipe == "block_lora":
             stages["after_refinement"] = {"fidelity": {k: v for k, v in measure(model).items() if k != "per_prompt"}}
             if lora_examples is None:  # Alpaca rows in the chat template, loss on the assistant's tokens
@@ -276,7 +371,7 @@ def main(argv=None) -> int:
               f"{ppl['ppl']:.2f} ({seconds})", flush=True)
         del model
         save()
-    record["partial"] = any(f"{r}@{q:g}:{d}" not in {x["row"] for x in record["runs"]} for r, q, d in rows)
+    record["partial"] = any(name not in {x["row"] for x in record["runs"]} for name, *_ in rows)
     record["load_avg_end"] = list(os.getloadavg())
     save()
     print(json.dumps(record["targets"], indent=1))

@@ -218,8 +218,9 @@ def test_help_examples_run_as_written_offline(tiny_compressed, tmp_path, monkeyp
     monkeypatch.setattr(evaluater, "efficiency_step", recorder(5))
     monkeypatch.setattr(tasks_eval, "tasks_step", recorder(6))
     monkeypatch.setattr(generate, "generate_step", recorder(9))
+    monkeypatch.setattr(generate, "ask_step", lambda args, session: ran.append("ask"))
     monkeypatch.setattr(utils.model, "load_model", refuse)
     for comment, argv in _examples():
         ran.clear()
         assert compress.main(argv) == 0, argv
-        assert ran == compress.parse_steps(argv[argv.index("--step") + 1]), (argv, ran)
+        assert ran == compress.parse_steps(argv[argv.index("--step") + 1]) + ["ask"] * ("--ask" in argv), (argv, ran)
