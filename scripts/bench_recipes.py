@@ -60,6 +60,8 @@ ORDER = ("svd-llm", "svd-llm-update", "rsvd-llm", "svd-llm-v2", "asvd", "duo-svd
          "svd-llm-gptq", "gsvd", "svd-llm-lora")
 QUANT_RESULTS = (os.path.join(ROOT, "scripts", "results", "bench_quant_smollm2_cpu.json"),
                  os.path.join(ROOT, "scripts", "results", "bench_quant_smollm2_cpu_rtn.json"))
+# issue 27's targets for `best` on the validation windows (the original: 22.83 there)
+TARGETS = {0.2: 30.0, 0.4: 58.0, 0.6: 80.0}
 TIMES = re.compile(r"(\w+)_s (\d+(?:\.\d+)?)s")
 
 
@@ -250,20 +252,24 @@ def markdown(record: dict) -> str:
                              f"{_num(row.get('seconds'), 0)} |")
                 continue
             params = row.get("parameters") or {}
-            times = ", ".join(f"{k} {v:.0f}" for k, v in row.get("times", {}).items() if k not in ("load", "save"))
+            times = ", ".join(f"{k} {v:.0f}" for k, v in row.get("times", {}).items()
+                              if k not in ("load", "save", "stats_wait"))
             if row.get("stats_reused"):
                 times += " (step 1 reused)"
             lines.append(f"| `{name}` | {ratio:g} | {_num(params.get('removed_fraction'), 3)} | {_mib(row.get('bytes'))} "
                          f"| {row['ppl']['validation']:.2f} | {row['ppl']['test']:.2f} | {times} | "
                          f"{_num(row.get('seconds'), 0)} |")
     lines += ["", "Chosen per ratio by validation perplexity (its test figure is the reported one):", "",
-              "| removed | chosen | validation | test | `best` validation / test | `best` is chosen | rows |",
-              "|---|---|---|---|---|---|---|"]
+              "| removed | chosen | validation | test | issue 27's target (validation windows) | `best` validation / "
+              "test | `best` is chosen | rows in |", "|---|---|---|---|---|---|---|---|"]
     for ratio, entry in record.get("summary", {}).items():
         row = next((r for r in rows if r["recipe"] == "best" and f"{r['ratio']:g}" == ratio and r.get("ppl")), None)
-        best = f"{row['ppl']['validation']:.2f} / {row['ppl']['test']:.2f}" if row else "not run"
+        best = f"{row['ppl']['validation']:.2f} / {row['ppl']['test']:.2f}" if row else "not run yet"
+        target = TARGETS.get(float(ratio))
+        gap = entry["validation_ppl"] - target if target else None
+        verdict = "-" if target is None else (f"<= {target:g}: met" if gap <= 0 else f"<= {target:g}: missed by {gap:.1f}")
         lines.append(f"| {ratio} | `{entry['chosen']}` | {entry['validation_ppl']:.2f} | {entry['test_ppl']:.2f} | "
-                     f"{best} | {'yes' if entry['best_is_chosen'] else 'no'} | {entry['rows']} |")
+                     f"{verdict} | {best} | {'yes' if entry['best_is_chosen'] else 'no'} | {entry['rows']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -272,8 +278,8 @@ def _short(spec: str) -> str:
 
 
 def quant_points() -> list[dict]:
-    """GPTQ / RTN 3- and 4-bit of the original and SVD-LLM + GPTQ from scripts/bench_quant.py's JSONs
-    (their own evaluation: see the plot's note)."""
+    """GPTQ / RTN 3- and 4-bit of the original, SVD-LLM + GPTQ and the float16 original from
+    scripts/bench_quant.py's JSONs, with their own original's perplexity (their windows differ)."""
     points = []
     for path in QUANT_RESULTS:
         if not os.path.isfile(path):
@@ -281,43 +287,56 @@ def quant_points() -> list[dict]:
         with open(path) as handle:
             data = json.load(handle)
         evaluation = f"{data['settings'].get('eval_limit')} windows of {_short(data['settings'].get('evaluation', ''))}"
+        original = (data["points"].get("original_fp16") or {}).get("perplexity", {}).get("ppl")
         for key, point in data["points"].items():
-            if ("gptq" in key or "rtn" in key) and point.get("file_bytes") and point.get("perplexity"):
+            wanted = key.startswith(("gptq", "rtn", "original")) or "gptq" in key
+            if wanted and point.get("file_bytes") and point.get("perplexity"):
                 points.append({"name": point["description"], "bytes": point["file_bytes"],
-                               "ppl": point["perplexity"]["ppl"], "evaluation": evaluation,
-                               "original": "original" in point["description"]})
+                               "ppl": point["perplexity"]["ppl"], "evaluation": evaluation, "original_ppl": original,
+                               "of_original": key.startswith(("gptq", "rtn", "original"))})
+    reference = next((p["original_ppl"] for p in points if p["original_ppl"]), None)
+    for point in points:
+        point["original_ppl"] = point["original_ppl"] or reference
     return points
 
 
 def plot(record: dict, path: str) -> None:
-    """Test perplexity against bytes on disk: a line per recipe over its ratios, the original, and the
-    quantized points of bench_quant (marked: evaluated on their own windows)."""
+    """Test perplexity over the original's on the same windows, against bytes on disk: a line per
+    recipe over its ratios, and the quantized points of bench_quant (over their own original's, on
+    their own windows)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 (the axis formatters)
     fig, ax = plt.subplots(figsize=(9, 6))
-    rows = [r for r in record["rows"] if r.get("ppl") and r.get("bytes")]
-    for name in dict.fromkeys(r["recipe"] for r in rows):
-        points = sorted((r["bytes"] / 2**20, r["ppl"]["test"]) for r in rows if r["recipe"] == name)
-        ax.plot(*zip(*points), marker="o", label=name)
     original = next((r for r in record["rows"] if r["recipe"] == "original" and r.get("ppl")), None)
+    rows = [r for r in record["rows"] if r.get("ppl") and r.get("bytes")]
     if original:
-        ax.axhline(original["ppl"]["test"], color="gray", linestyle="--", label="original (test slice)")
-    quant = quant_points()
+        for name in dict.fromkeys(r["recipe"] for r in rows):
+            points = sorted((r["bytes"] / 2**20, r["ppl"]["test"] / original["ppl"]["test"])
+                            for r in rows if r["recipe"] == name)
+            ax.plot(*zip(*points), marker="o", label=f"{name} ({', '.join(f'{r:g}' for r in sorted(r['ratio'] for r in rows if r['recipe'] == name))})")
+    quant = [p for p in quant_points() if p["original_ppl"]]
     for point in quant:
-        marker = "s" if point["original"] else "^"
-        ax.scatter(point["bytes"] / 2**20, point["ppl"], marker=marker, color="black", zorder=3)
-        ax.annotate(point["name"], (point["bytes"] / 2**20, point["ppl"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
+        marker = "s" if point["of_original"] else "^"
+        xy = (point["bytes"] / 2**20, point["ppl"] / point["original_ppl"])
+        ax.scatter(*xy, marker=marker, color="black", zorder=3)
+        below = "RTN" in point["name"]  # RTN and GPTQ of one width share their bytes: labels apart
+        ax.annotate(point["name"], xy, fontsize=7, xytext=(4, -9 if below else 2), textcoords="offset points")
     if quant:
-        ax.scatter([], [], marker="s", color="black", label=f"quantized original ({quant[0]['evaluation']})")
-        ax.scatter([], [], marker="^", color="black", label="SVD-LLM + quantization (the same)")
+        ax.scatter([], [], marker="s", color="black", label=f"original, quantized (bench_quant: {quant[0]['evaluation']})")
+        ax.scatter([], [], marker="^", color="black", label="SVD-LLM + GPTQ (bench_quant, the same windows)")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator([1, 1.5, 2, 3, 5, 10, 20, 50, 100, 200]))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     settings = record["settings"]
     ax.set(xlabel="MiB on disk (the saved model's files)",
-           ylabel=f"perplexity ({settings['eval_limit']} x {settings['eval_seq_len']} tokens)",
-           title=f"{settings['model']}: recipes at {settings['ratios']} removed, test slice {_short(settings['test'])}")
-    ax.legend(fontsize=7, ncol=2)
+           ylabel="perplexity / the original's on the same windows",
+           title=f"{settings['model']}: recipes (test slice {os.path.basename(settings['test'])}, "
+                 f"{settings['eval_limit']} x {settings['eval_seq_len']} tokens) against quantization")
+    ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
