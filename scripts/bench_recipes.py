@@ -3,6 +3,7 @@ as the one command a user types, and the choice of `best` on a validation slice.
 
     python scripts/bench_recipes.py --resume --out scripts/results/bench_recipes/bench_recipes_smollm2_cpu.json
     python scripts/bench_recipes.py --out JSON --markdown docs/recipes.md --plot PNG   # no runs: table and plot
+    python scripts/bench_recipes.py --out JSON --merge OTHER_JSON   # no runs: rows a second process ran, added
 
 Protocol: each row is `python compress.py --recipe NAME --ratio R --model M --dataset CALIBRATION
 --save_path WORK/NAME_R --stats_path WORK/NAME.stats` in its own process (the recipe's CPU settings
@@ -55,9 +56,11 @@ from utils.io import write_json  # noqa: E402
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 WIKI = os.path.join(SHARED, "wikitext2", "wiki.valid.tokens")
 ALPACA = os.path.join(SHARED, "alpaca_demo", "alpaca_en_demo.jsonl")
-# cheapest first (CPU time of the recipe's CPU settings), so a run cut short holds whole, cheap recipes
-ORDER = ("svd-llm", "svd-llm-update", "rsvd-llm", "svd-llm-v2", "asvd", "duo-svd", "aa-svd", "best",
-         "svd-llm-gptq", "gsvd", "svd-llm-lora")
+# cheapest first (CPU time of the recipe's CPU settings), so a run cut short holds whole, cheap recipes: the
+# sensitivity passes of asvd (every matrix x 9 candidates x 2 windows of 512 tokens) and duo-svd (x 10
+# candidates, a table per ratio) are estimated at hours each on one thread, so they come last
+ORDER = ("svd-llm", "svd-llm-update", "rsvd-llm", "svd-llm-v2", "gsvd", "svd-llm-gptq", "aa-svd", "best",
+         "svd-llm-lora", "asvd", "duo-svd")
 QUANT_RESULTS = (os.path.join(ROOT, "scripts", "results", "bench_quant_smollm2_cpu.json"),
                  os.path.join(ROOT, "scripts", "results", "bench_quant_smollm2_cpu_rtn.json"))
 # issue 27's targets for `best` on the validation windows (the original: 22.83 there)
@@ -89,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "bench_recipes_smollm2_cpu.json"))
     p.add_argument("--markdown", default=None, metavar="MD", help="no runs: write --out's table to MD")
     p.add_argument("--plot", default=None, metavar="PNG", help="no runs: plot --out's perplexity against bytes")
+    p.add_argument("--merge", default=None, metavar="JSON",
+                   help="no runs: add the rows of another run's JSON (the same protocol, other recipes) to --out; with "
+                        "--markdown / --plot only to what they show (--out is not rewritten)")
     return p
 
 
@@ -96,10 +102,21 @@ def row_command(opts, name: str, ratio: float) -> tuple[list[str], str]:
     save = os.path.join(opts.work, f"{name}_{ratio:g}")
     command = [sys.executable, os.path.join(ROOT, "compress.py"), "--recipe", name, "--ratio", f"{ratio:g}",
                "--model", opts.model, "--dataset", opts.calibration, "--device", opts.device,
-               "--save_path", save, "--stats_path", os.path.join(opts.work, f"{name}.stats"), "--overwrite"]
+               "--save_path", save, "--stats_path", os.path.join(opts.work, stats_name(opts, name)), "--overwrite"]
     if "data_path" in recipes.RECIPES[name].needs:
         command += ["--data_path", opts.lora_data]
     return command + shlex.split(opts.extra), save
+
+
+def stats_name(opts, name: str) -> str:
+    """Step 1's folder: one per recipe, except that recipes whose step 1 is plain whitening with the same
+    windows and seed share one (the pipeline reuses matching statistics and skips step 1)."""
+    flags = recipes.expand(name, 0.2, cpu=opts.device == "cpu", offline=True).flags
+    typed = {token.lstrip("-") for token in shlex.split(opts.extra) if token.startswith("--")}
+    plain = flags.get("whitening") == "cholesky" and flags.get("scaling", "none") == "none" and not flags.get("fisher")
+    if plain and not typed & {"whitening_nsamples", "model_seq_len", "seed", "dataset", "whitening", "fisher"}:
+        return f"whitening_seed{flags['seed']}_{flags['whitening_nsamples']}x{flags['model_seq_len']}.stats"
+    return f"{name}.stats"
 
 
 def eval_command(opts, model_path: str | None, results: str) -> list[str]:
@@ -206,6 +223,25 @@ def summarize(record: dict, ratios: list[float]) -> None:
                                  "test_ppl": chosen["ppl"]["test"], "best_is_chosen": chosen["recipe"] == "best",
                                  "rows": len(rows)}
     record["summary"] = summary
+
+
+def merge(record: dict, other: dict, source: str) -> int:
+    """Add to record the successful rows of another run of the same protocol that record lacks (a
+    second process that ran other recipes at the same time); the number of rows added."""
+    keys = ("model", "calibration", "validation", "test", "eval_limit", "eval_seq_len", "extra", "device")
+    differ = [k for k in keys if record["settings"].get(k) != other["settings"].get(k)]
+    if differ:
+        raise ValueError(f"--merge {source}: another protocol ({differ[0]} differs); run it with the same settings")
+    have = {(r["recipe"], r["ratio"]) for r in record["rows"] if r.get("returncode") == 0}
+    rows = [r for r in other["rows"] if r.get("returncode") == 0 and (r["recipe"], r["ratio"]) not in have]
+    record["rows"] = [r for r in record["rows"] if (r["recipe"], r["ratio"]) not in
+                      {(n["recipe"], n["ratio"]) for n in rows}] + rows
+    entry = {"from": source, "rows": [f"{r['recipe']}@{r['ratio']:g}" for r in rows],
+             "settings": {k: other["settings"].get(k) for k in ("recipes", "note", "load_avg_start")}}
+    record["merged"] = [m for m in record.get("merged", []) if m["from"] != source] + [entry]
+    ratios = sorted({r["ratio"] for r in record["rows"] if r["recipe"] != "original"})
+    summarize(record, ratios)
+    return len(rows)
 
 
 def _mib(value) -> str:
@@ -346,12 +382,20 @@ def plot(record: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
-    if opts.markdown or opts.plot:
+    if opts.markdown or opts.plot or opts.merge:
         if not os.path.isfile(opts.out):
             print(f"error: --out {opts.out}: no such results JSON; run the benchmark first", file=sys.stderr)
             return 2
         with open(opts.out) as handle:
             record = json.load(handle)
+        if opts.merge:
+            with open(opts.merge) as handle:
+                other = json.load(handle)
+            merged = merge(record, other, os.path.relpath(os.path.abspath(opts.merge), ROOT))
+            if not (opts.markdown or opts.plot):  # with them: merged for the table and plot only (runs going on)
+                write_json(opts.out, record)
+            print(f"merged {merged} rows of {opts.merge} into {opts.out}"
+                  + (" (in memory: for --markdown / --plot)" if opts.markdown or opts.plot else ""))
         if opts.markdown:
             with open(opts.markdown, "w", encoding="utf-8") as handle:
                 handle.write(markdown(record))
