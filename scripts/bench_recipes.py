@@ -262,7 +262,9 @@ def markdown(record: dict) -> str:
     date = record.get("finished") or record.get("updated", "")
     lines = ["# Recipes measured: SmolLM2-135M on the CPU", "",
              "Written by `python scripts/bench_recipes.py --out "
-             f"{os.path.relpath(settings['out'], ROOT)} --markdown docs/recipes.md` from that JSON "
+             f"{os.path.relpath(settings['out'], ROOT)}"
+             + "".join(f" --merge {m['from']}" for m in record.get("merged", []))
+             + " --markdown docs/recipes.md` from that JSON "
              f"({'partial: rows still to come' if record.get('partial') else 'complete'}; last row {date} UTC).", "",
              f"- model: `{settings['model']}`; device {settings['device']}, {settings['threads']} thread(s) per "
              f"process on {settings['cpus']} shared cores (times are wall seconds on a loaded machine: compare "
@@ -271,12 +273,14 @@ def markdown(record: dict) -> str:
              f"`{_short(settings['validation'])}`; test (reported): `{_short(settings['test'])}`; "
              f"{settings['eval_limit']} windows of {settings['eval_seq_len']} tokens each (the validation windows "
              "are issue 27's 16 held-back windows of `[0.8:1]`)",
+             "- each compressed model is scored as saved, in its files' dtype (bfloat16: a de-quantized GGUF's "
+             "save dtype), the original in float32; compression and scoring are separate processes",
              f"- every recipe at its CPU settings (`--recipe NAME --print`)"
              + (f", plus `{settings['extra']}` on every row" if settings.get("extra") else "")
              + (f": {settings['note']}" if settings.get("note") else ""), ""]
     if original:
         lines += [f"Original: validation {original['ppl']['validation']:.2f}, test {original['ppl']['test']:.2f}.", ""]
-    lines += ["| recipe | removed (asked) | parameters removed | MiB on disk | validation ppl | test ppl | "
+    lines += ["| recipe | --ratio | parameters removed | MiB on disk | validation ppl | test ppl | "
               "time per step (s) | total s |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
         for ratio in ratios:
@@ -295,6 +299,13 @@ def markdown(record: dict) -> str:
             lines.append(f"| `{name}` | {ratio:g} | {_num(params.get('removed_fraction'), 3)} | {_mib(row.get('bytes'))} "
                          f"| {row['ppl']['validation']:.2f} | {row['ppl']['test']:.2f} | {times} | "
                          f"{_num(row.get('seconds'), 0)} |")
+    wanted = list(dict.fromkeys(n for source in [settings] + [m["settings"] for m in record.get("merged", [])]
+                                for n in (source.get("recipes") or "").split(",") if n))
+    ratios_asked = [float(r) for r in str(settings.get("ratios", "")).split(",") if r]
+    missing = [f"`{n}` {r:g}" for n in wanted for r in ratios_asked
+               if not any(row["recipe"] == n and row["ratio"] == r and row.get("ppl") for row in rows)]
+    if missing:
+        lines += ["", f"Not in yet ({len(missing)} rows, in the order they run): " + ", ".join(missing) + "."]
     lines += ["", "Chosen per ratio by validation perplexity (its test figure is the reported one):", "",
               "| removed | chosen | validation | test | issue 27's target (validation windows) | `best` validation / "
               "test | `best` is chosen | rows in |", "|---|---|---|---|---|---|---|---|"]
