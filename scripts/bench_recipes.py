@@ -65,6 +65,10 @@ QUANT_RESULTS = (os.path.join(ROOT, "scripts", "results", "bench_quant_smollm2_c
                  os.path.join(ROOT, "scripts", "results", "bench_quant_smollm2_cpu_rtn.json"))
 # issue 27's targets for `best` on the validation windows (the original: 22.83 there)
 TARGETS = {0.2: 30.0, 0.4: 58.0, 0.6: 80.0}
+# what to try next where the chosen row misses its target (docs/refinement.md, "What it says")
+NEXT_LEVER = ("the next lever: more windows for the block refinement and the anchored fit (more windows beat more "
+              "epochs there; the CPU settings use 8-16 of the 64-256 the methods were run with), then more LoRA "
+              "steps; `best`'s GPU settings (256 x 2048 windows) were not measured")
 TIMES = re.compile(r"(\w+)_s (\d+(?:\.\d+)?)s")
 
 
@@ -265,7 +269,9 @@ def markdown(record: dict) -> str:
              f"{os.path.relpath(settings['out'], ROOT)}"
              + "".join(f" --merge {m['from']}" for m in record.get("merged", []))
              + " --markdown docs/recipes.md` from that JSON "
-             f"({'partial: rows still to come' if record.get('partial') else 'complete'}; last row {date} UTC).", "",
+             f"({'partial: rows still to come' if record.get('partial') else 'complete'}; last row {date} UTC). "
+             "Rerun that command (and `--plot`) as rows come; when the runs end, `--merge` alone writes the "
+             "merged rows into the JSON.", "",
              f"- model: `{settings['model']}`; device {settings['device']}, {settings['threads']} thread(s) per "
              f"process on {settings['cpus']} shared cores (times are wall seconds on a loaded machine: compare "
              "them within this table only)",
@@ -317,6 +323,13 @@ def markdown(record: dict) -> str:
         verdict = "-" if target is None else (f"<= {target:g}: met" if gap <= 0 else f"<= {target:g}: missed by {gap:.1f}")
         lines.append(f"| {ratio} | `{entry['chosen']}` | {entry['validation_ppl']:.2f} | {entry['test_ppl']:.2f} | "
                      f"{verdict} | {best} | {'yes' if entry['best_is_chosen'] else 'no'} | {entry['rows']} |")
+    if any(TARGETS.get(float(ratio)) and entry["validation_ppl"] > TARGETS[float(ratio)]
+           for ratio, entry in record.get("summary", {}).items()):
+        lines += ["", f"Where a target is missed, {NEXT_LEVER}."]
+    lines += ["", "Plot: perplexity (over the original's on the same windows) against bytes on disk, beside "
+              "`scripts/bench_quant.py`'s GPTQ / RTN points: "
+              "[`scripts/results/bench_recipes/ppl_vs_bytes_smollm2_cpu.png`]"
+              "(../scripts/results/bench_recipes/ppl_vs_bytes_smollm2_cpu.png) (`--plot`)."]
     return "\n".join(lines) + "\n"
 
 
