@@ -221,6 +221,14 @@ def test_bench_chooses_best_on_the_validation_slice_not_the_test_slice():
                                       "svd-llm-lora", 0.4)
     assert command[2:4] == ["--recipe", "svd-llm-lora"] and "--data_path" in command
     assert command[-2:] == ["--whitening_nsamples", "4"]  # the extra flags come last and override the recipe
+    output = ("fallbacks (H not positive definite): 0; times: load_s 2.5s, profile_s 10.0s, compress_s 4.2s\n"
+              "lora: done; times: load_s 2.5s, profile_s 10.0s, compress_s 4.2s, lora_s 31.0s\n")
+    assert bench.step_times(output) == {"load": 2.5, "profile": 10.0, "compress": 4.2, "lora": 31.0}
+    opts = bench.build_parser().parse_args([])
+    shared = bench.stats_name(opts, "svd-llm")  # step 1 shared only where it is the same whitening pass
+    assert shared == bench.stats_name(opts, "svd-llm-update") == bench.stats_name(opts, "duo-svd")
+    assert len({shared, bench.stats_name(opts, "asvd"), bench.stats_name(opts, "best"), bench.stats_name(opts, "gsvd")}) == 4
+    assert bench.stats_name(bench.build_parser().parse_args(["--extra", "--seed 1"]), "svd-llm") == "svd-llm.stats"
 
 
 def test_a_recipe_run_with_perplexity_can_be_replaced_with_overwrite(tiny_dir, tmp_path):
