@@ -109,7 +109,9 @@ def markdown(record: dict) -> str:
     for r in record["runs"]:
         f = r["fidelity"]
         ppl = "-" if f["response_ppl"] is None else f"{f['response_ppl']:.2f}"
-        lines.append(f"| {r['recipe']} | {r['ratio']:.0%} | {r['data']} | {f['agreement']:.3f} | {ppl} | "
+        tag = r.get("row", "").partition("#")[2]  # a variant run with other flags (recorded with the row)
+        recipe = f"{r['recipe']} ({tag})" if tag else r["recipe"]
+        lines.append(f"| {recipe} | {r['ratio']:.0%} | {r['data']} | {f['agreement']:.3f} | {ppl} | "
                      f"{f['empty_share']:.2f} | {f['exact_match_share']:.2f} | {f['prefix_agreement_mean']:.3f} | "
                      f"{r['ppl']['ppl']:.2f} |")
     return "\n".join(lines)
