@@ -159,3 +159,28 @@ def test_the_api_and_the_cli_work_from_another_directory(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(root, "compress.py"), "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "--step" in done.stdout, done.stderr
+
+
+@pytest.mark.integration("smollm2")
+def test_the_gguf_source_loads_in_a_half_dtype_silently_and_as_its_float32_weights_cast(capfd):
+    """--ask (and every comparison with the original) loads the GGUF source in the compressed model's
+    dtype: transformers warned on every such load ("... fastest in float32 ..."), a line the user cannot
+    act on. Loaded in float32 and cast instead: nothing printed, the same bits as the float32 load cast."""
+    import logging
+    import torch
+    from utils.model import load_model
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        half, _ = load_model("smollm2-135m", torch.bfloat16)
+    finally:
+        logger.removeHandler(handler)
+    printed = capfd.readouterr()
+    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
+    assert "float32" not in printed.err + printed.out
+    full, _ = load_model("smollm2-135m", torch.float32)
+    for (name, a), (_, b) in zip(half.state_dict().items(), full.state_dict().items()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), name

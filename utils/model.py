@@ -172,8 +172,13 @@ def load_model(spec: str, dtype: torch.dtype | str = "auto", seed: int = 0,
         model.eval()
         model.config.use_cache = False
         return model, load_tokenizer(source)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, low_cpu_mem_usage=True,
+    # a GGUF file is de-quantised to float32 whatever dtype is asked: load it so (transformers warns about
+    # any other dtype, a warning the user cannot act on) and cast after, which rounds the same way
+    load_dtype = torch.float32 if source.gguf_file else dtype
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=load_dtype, low_cpu_mem_usage=True,
                                                  **source.pretrained_kwargs())
+    if load_dtype != dtype:
+        model.to(dtype)
     check_supported(model)
     if num_layers is not None:
         keep_first_layers(model, num_layers)
