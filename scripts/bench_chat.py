@@ -313,6 +313,20 @@ def main(argv=None) -> int:
             options = CompressOptions(refine=RefineOptions(target="block", nsamples=nsamples,
                                                            epochs=opts.refine_epochs, lr=opts.refine_lr,
                                                            batch_size=opts.refine_batch_size, seed=opts.seed))
+
+        def run_lora(examples, steps: int) -> None:
+            """SVD-LLM's sequential LoRA (u then v) for `steps` optimizer steps per stage, timed and recorded."""
+            lora_options = lora.LoraOptions(learning_rate=opts.lora_learning_rate, num_epochs=1e9,
+                                            batch_size=opts.lora_batch_size,
+                                            micro_batch_size=opts.lora_micro_batch_size, max_steps=steps,
+                                            seed=opts.seed)
+            start = time.perf_counter()
+            lora_record = lora.sequential_lora(model, tokenizer, examples, lora_options, "cpu", progress=False)
+            seconds["lora"] = round(time.perf_counter() - start, 3)
+            stages["lora"] = {"data": examples.info, "steps_per_stage": steps,
+                              "val_loss": [(s["val_loss_before"], s["val_loss_after"])
+                                           for s in lora_record["stage_records"]]}
+
         if recipe in ("distill", "distill_lora"):
             distilled = distillation_set()
             if recipe == "distill":
@@ -331,31 +345,12 @@ def main(argv=None) -> int:
             stage = "after_refinement" if recipe == "distill" else "before_lora"
             stages[stage] = {"teacher_forced": teacher_forced_only(model)}
             print(f"{name} {stage}: {stages[stage]}", flush=True)
-            examples = distillation_examples(distilled)
-            lora_options = lora.LoraOptions(learning_rate=opts.lora_learning_rate, num_epochs=1e9,
-                                            batch_size=opts.lora_batch_size,
-                                            micro_batch_size=opts.lora_micro_batch_size,
-                                            max_steps=opts.distill_lora_steps, seed=opts.seed)
-            start = time.perf_counter()
-            lora_record = lora.sequential_lora(model, tokenizer, examples, lora_options, "cpu", progress=False)
-            seconds["lora"] = round(time.perf_counter() - start, 3)
-            stages["lora"] = {"data": examples.info, "steps_per_stage": opts.distill_lora_steps,
-                              "val_loss": [(s["val_loss_before"], s["val_loss_after"])
-                                           for s in lora_record["stage_records"]]}
+            run_lora(distillation_examples(distilled), opts.distill_lora_steps)
         if recipe == "block_lora":
             stages["after_refinement"] = {"fidelity": {k: v for k, v in measure(model).items() if k != "per_prompt"}}
             if lora_examples is None:  # Alpaca rows in the chat template, loss on the assistant's tokens
                 lora_examples = lora.load_examples(ALPACA + "[0:0.9]", tokenizer, opts.cutoff_len, 8, opts.seed)
-            lora_options = lora.LoraOptions(learning_rate=opts.lora_learning_rate, num_epochs=1e9,
-                                            batch_size=opts.lora_batch_size,
-                                            micro_batch_size=opts.lora_micro_batch_size,
-                                            max_steps=opts.lora_steps, seed=opts.seed)
-            start = time.perf_counter()
-            lora_record = lora.sequential_lora(model, tokenizer, lora_examples, lora_options, "cpu", progress=False)
-            seconds["lora"] = round(time.perf_counter() - start, 3)
-            stages["lora"] = {"data": lora_examples.info, "steps_per_stage": opts.lora_steps,
-                              "val_loss": [(s["val_loss_before"], s["val_loss_after"])
-                                           for s in lora_record["stage_records"]]}
+            run_lora(lora_examples, opts.lora_steps)
         result = measure(model)
         ppl = perplexity(model)
         seconds.update(fidelity=result.pop("seconds"), ppl=ppl["seconds"])
