@@ -678,22 +678,13 @@ def _check_sensitivity_path(path: str) -> None:
 # ---------------------------------------------------------------------------------------- steps
 
 def ensure_model(args: argparse.Namespace, session: Session, prefer_compressed: bool = False) -> Session:
-    """pipeline.session.ensure_model from the flags: --model_path's compressed model when the step
-    prefers it, else --model (--dtype, --seed, --num_layers)."""
-    from pipeline.session import ensure_model as load
-    model_path = getattr(args, "model_path", None) if prefer_compressed else None
-    return load(session, args.model, args.dtype, args.seed, args.num_layers, model_path=model_path,
-                stream=not model_path and streams_layers(args))
+    """The model the step needs (evaluater.load_step_model: the one mapping of the flags), --model unless
+    the step prefers --model_path's compressed model."""
+    from evaluater import load_step_model
+    return load_step_model(args, session, prefer_compressed)
 
 
 MODEL_STEPS = (3, 7, 8)  # the steps that produce a model and write it to --save_path
-
-
-def streams_layers(args: argparse.Namespace) -> bool:
-    """pipeline.session.streams_layers from the flags (--step, --save_path, --fisher, --dataset), and not
-    with --ask: its answers need the whole original model in memory."""
-    from pipeline.session import streams_layers as streams
-    return streams(args.steps, args.save_path, args.fisher, args.dataset) and getattr(args, "ask", None) is None
 
 
 def writes_model(args: argparse.Namespace, step: int) -> bool:

@@ -205,13 +205,18 @@ def _refuse_random(args: argparse.Namespace, session, what: str) -> None:
                              f"nothing about compression: evaluate a pretrained model")
 
 
-def load_step_model(args: argparse.Namespace, session: Session) -> Session:
-    """The model an evaluation step runs on (pipeline.session.ensure_model) unless the previous
-    step left one: --model_path's compressed model, else --model (--dtype, --seed, --num_layers)."""
+def load_step_model(args: argparse.Namespace, session: Session, prefer_compressed: bool = True) -> Session:
+    """pipeline.session.ensure_model from the flags, for every step (compress.py's ensure_model too): the
+    model the step runs on unless the previous step left one: --model_path's compressed model when the
+    step prefers it (evaluation steps do), else --model (--dtype, --seed, --num_layers), its layers
+    streamed from disk when the command allows (pipeline.session.streams_layers) and --ask does not need
+    the whole model in memory."""
     from pipeline.session import ensure_model, streams_layers
-    model_path = getattr(args, "model_path", None)
+    model_path = getattr(args, "model_path", None) if prefer_compressed else None
+    stream = (not model_path and getattr(args, "ask", None) is None
+              and streams_layers(args.steps, args.save_path, args.fisher, args.dataset))
     return ensure_model(session, args.model, args.dtype, args.seed, args.num_layers, model_path=model_path,
-                        stream=not model_path and streams_layers(args.steps, args.save_path, args.fisher, args.dataset))
+                        stream=stream)
 
 
 def prepare_text_step(args: argparse.Namespace, session, no_tokenizer: str, refuse_random: str | None = None):
