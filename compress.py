@@ -215,18 +215,11 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     s10.add_argument("--serve_batch_size", type=int, default=4, help="sequences decoded together for tokens/s")
     s10.add_argument("--serve_max_model_len", type=int, default=1024, help="vLLM's max_model_len (KV cache size)")
     s10.add_argument("--serve_eager", action="store_true", help="vLLM's enforce_eager: no torch.compile (faster start)")
-    from lora import add_lora_arguments
+    from lora import add_lora_arguments, add_placement_arguments
     add_lora_arguments(p.add_argument_group("LoRA fine-tuning (step 7; SVD-LLM's utils/LoRA.py flags; lora.py)"))
-    m = p.add_argument_group("placement (steps 4, 5, 6, 7, 9)")
-    m.add_argument("--device_map", default=None, choices=["auto", "balanced", "sequential"],
-                   help="dispatch the model with accelerate over GPUs, CPU and disk instead of moving it whole "
-                        "to --device (for models larger than one device)")
-    m.add_argument("--max_memory", default=None,
-                   help="budget per device for --device_map, e.g. 0=70GiB,1=70GiB,cpu=200GiB (default: what each has "
-                        "free); what does not fit goes to disk")
-    m.add_argument("--offload_folder", default=None,
-                   help="where disk-offloaded weights go (a fresh folder inside it, removed at exit; default: "
-                        "the system's temporary folder)")
+    add_placement_arguments(p.add_argument_group("placement (steps 4, 5, 6, 7, 9)"),
+                            "dispatch the model with accelerate over GPUs, CPU and disk instead of moving it whole "
+                            "to --device (for models larger than one device)", "removed at exit")
     return p
 
 

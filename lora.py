@@ -723,6 +723,18 @@ def with_lora_record(compression: dict, record: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------- command line
 
+def add_placement_arguments(group: argparse._ArgumentGroup, device_map_help: str, offload_removed: str) -> None:
+    """--device_map, --max_memory, --offload_folder (accelerate dispatch, utils.model.place_model): the same
+    flags in compress.py (steps 4-7, 9) and in this module's CLI; only what the help says of their use differs."""
+    group.add_argument("--device_map", default=None, choices=["auto", "balanced", "sequential"], help=device_map_help)
+    group.add_argument("--max_memory", default=None,
+                       help="budget per device for --device_map, e.g. 0=70GiB,1=70GiB,cpu=200GiB (default: what each "
+                            "has free); what does not fit goes to disk")
+    group.add_argument("--offload_folder", default=None,
+                       help=f"where disk-offloaded weights go (a fresh folder inside it, {offload_removed}; default: "
+                            f"the system's temporary folder)")
+
+
 def add_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """Step 7's flags, named as SVD-LLM's utils/LoRA.py (shared by compress.py and this file)."""
     defaults = LoraOptions()
@@ -873,16 +885,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, adapters, dropout, order")
     add_lora_arguments(p.add_argument_group("LoRA (SVD-LLM's utils/LoRA.py flags)"))
-    m = p.add_argument_group("placement (compress.py's flags of the same names)")
-    m.add_argument("--device_map", default=None, choices=["auto", "balanced", "sequential"],
-                   help="dispatch the model with accelerate over GPUs, CPU and disk for training instead of moving it "
-                        "whole to --device (a model larger than one device; adapters stay on the execution devices)")
-    m.add_argument("--max_memory", default=None,
-                   help="budget per device for --device_map, e.g. 0=70GiB,1=70GiB,cpu=200GiB (default: what each has "
-                        "free); what does not fit goes to disk")
-    m.add_argument("--offload_folder", default=None,
-                   help="where disk-offloaded weights go (a fresh folder inside it, removed after each stage; "
-                        "default: the system's temporary folder)")
+    add_placement_arguments(p.add_argument_group("placement (compress.py's flags of the same names)"),
+                            "dispatch the model with accelerate over GPUs, CPU and disk for training instead of "
+                            "moving it whole to --device (a model larger than one device; adapters stay on the "
+                            "execution devices)", "removed after each stage")
     return p
 
 
