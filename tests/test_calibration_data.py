@@ -129,13 +129,7 @@ def test_chat_data_missing_fields_is_refused_naming_the_row(tiny_dir, tmp_path, 
 
 def test_step_1_records_chat_data_in_the_statistics(tiny_dir, tmp_path):
     """A tokenizer saved with a chat template; step 1 on chat rows says what the windows were."""
-    from transformers import AutoTokenizer
-    model_dir = tmp_path / "tiny-chat"
-    import shutil
-    shutil.copytree(tiny_dir, model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(str(model_dir))
+    model_dir = chat_model_dir(tiny_dir, tmp_path)
     path = write_jsonl(tmp_path / "chat.jsonl", alpaca_rows())
     save = tmp_path / "out"
     assert compress.main(["--step", "1", "--model", str(model_dir), "--dataset", f"{path}[0:0.9]",
