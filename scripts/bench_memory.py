@@ -76,13 +76,14 @@ print("BENCH_SAVE " + json.dumps(save_checkpoint(*{args!r})))
 def step_commands(work: str, args: argparse.Namespace) -> dict[str, list[str]]:
     """compress.py's arguments of every measurable step (name -> argv), in the order they run."""
     checkpoint, stats, out3 = (os.path.join(work, name) for name in ("model", "stats", "out3"))
-    common = ["--model", checkpoint, "--dtype", args.dtype, "--device", args.device, "--seed", str(args.seed),
+    dtype = args.compute_dtype or args.dtype
+    common = ["--model", checkpoint, "--dtype", dtype, "--device", args.device, "--seed", str(args.seed),
               "--dataset", "random", "--whitening_nsamples", str(args.nsamples), "--model_seq_len", str(args.seq_len)]
     at = ["--stats_path", stats, "--ratio", str(args.ratio)]
     three = [*common, *at, "--step", "3", "--decomposition", "rsvd"]
     few = ["--updating_nsamples", str(args.nsamples), "--sensitivity_nsamples", str(max(2, args.nsamples // 2)),
            "--sensitivity_seq_len", str(args.seq_len)]  # step 2's sensitivity pass: as few windows as step 1's
-    compressed = ["--model", checkpoint, "--model_path", out3, "--dtype", args.dtype, "--device", args.device,
+    compressed = ["--model", checkpoint, "--model_path", out3, "--dtype", dtype, "--device", args.device,
                   "--seed", str(args.seed)]
     return {
         "1": [*common, "--stats_path", stats, "--step", "1"],
@@ -107,7 +108,7 @@ def step_commands(work: str, args: argparse.Namespace) -> dict[str, list[str]]:
     }
 
 
-STEPS = tuple(step_commands("", argparse.Namespace(dtype="", device="", seed=0, nsamples=2, seq_len=0, ratio=0,
+STEPS = tuple(step_commands("", argparse.Namespace(dtype="", compute_dtype=None, device="", seed=0, nsamples=2, seq_len=0, ratio=0,
                                                   data_path="")))
 
 
@@ -183,7 +184,9 @@ def markdown(paths: list[str]) -> str:
         steps = [s for s in STEPS if any(s in r for r in result["runs"])] + \
             [s for s in ("step1", "step3") if any(s in r for r in result["runs"])]
         shape = result.get("name") or result["preset"]
-        lines += [f"`{os.path.basename(path)}`: {shape}, {result['dtype']}, one layer "
+        lines += [f"`{os.path.basename(path)}`: {shape}, {result['dtype']}"
+                  f"{'' if result.get('compute_dtype', result['dtype']) == result['dtype'] else ' read as ' + result['compute_dtype']}"
+                  f", one layer "
                   f"{result['layer_weight_gib']:.4f} GiB, {result['nsamples']} x {result['seq_len']} windows"
                   f"{' (partial)' if result.get('partial') else ''}", "",
                   "| step | " + " | ".join(f"{d} layers" for d in depths) + " | growth per layer | of a layer's bytes | "
@@ -212,6 +215,9 @@ def main() -> int:
     parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS, metavar="STEP",
                         help=f"which of {', '.join(STEPS)} (default: all; 7, 8, 4 need 3)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--compute_dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                        help="the steps' --dtype, each layer cast to it when read (default: --dtype, the checkpoint's); "
+                             "CPU float16 matmuls are far slower than bfloat16 or float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=256)
@@ -241,7 +247,8 @@ def main() -> int:
                                    f"{name}_{args.dtype}_{args.nsamples}x{args.seq_len}_steps.json")
     steps = [s for s in STEPS if s in args.steps]
     result = {"name": name, "preset": args.preset, "override": override, "random_weights": True,
-              "tokenizer": "SmolLM2-135M-Instruct's (vocabulary 49152)", "dtype": args.dtype, "device": args.device,
+              "tokenizer": "SmolLM2-135M-Instruct's (vocabulary 49152)", "dtype": args.dtype, "compute_dtype": args.compute_dtype or args.dtype,
+              "device": args.device,
               "nsamples": args.nsamples, "seq_len": args.seq_len, "ratio": args.ratio, "decomposition": "rsvd",
               "whitening": "cholesky", "threads": args.threads, "steps": steps,
               "commands": {s: " ".join(a) for s, a in step_commands("WORK", args).items() if s in steps},
