@@ -58,12 +58,15 @@ def pack_upper(matrix: torch.Tensor, block: int = 256, method: str | None = None
     return packed
 
 
-def unpack_upper(packed: torch.Tensor, n: int, block: int = 256, method: str | None = None) -> torch.Tensor:
+def unpack_upper(packed: torch.Tensor, n: int, block: int = 256, method: str | None = None,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """The symmetric n x n matrix whose upper triangle `packed` holds (inverse of pack_upper),
-    on packed's device: move the packed triangle, not the full matrix, to the device first."""
+    on packed's device: move the packed triangle, not the full matrix, to the device first.
+    dtype: the matrix's (default packed's), converted a block at a time, so that a float64 Gram
+    from a float32 triangle never has a float32 n x n copy beside it."""
     if packed.numel() != n * (n + 1) // 2:
         raise ValueError(f"a packed {n} x {n} triangle has {n * (n + 1) // 2} values, got {packed.numel()}")
-    out = torch.empty(n, n, dtype=packed.dtype, device=packed.device)
+    out = torch.empty(n, n, dtype=dtype or packed.dtype, device=packed.device)
     if _by_rows(packed, method):
         for row in range(n):
             out[row, row:] = packed[_row_offset(row, n):_row_offset(row + 1, n)]
@@ -71,7 +74,7 @@ def unpack_upper(packed: torch.Tensor, n: int, block: int = 256, method: str | N
         for start in range(0, n, block):
             stop = min(start + block, n)
             mask = torch.ones(stop - start, n, dtype=torch.bool, device=packed.device).triu(start)
-            out[start:stop].masked_scatter_(mask, packed[_row_offset(start, n):_row_offset(stop, n)])
+            out[start:stop].masked_scatter_(mask, packed[_row_offset(start, n):_row_offset(stop, n)].to(out.dtype))
     for start in range(0, n, block):  # mirror one block column at a time (cache-friendly transposes)
         stop = min(start + block, n)
         out[stop:, start:stop] = out[start:stop, stop:].T
@@ -81,15 +84,16 @@ def unpack_upper(packed: torch.Tensor, n: int, block: int = 256, method: str | N
 
 
 def saved_gram(stats: dict[str, torch.Tensor], stream: str,
-               device: torch.device | str | None = None) -> torch.Tensor:
-    """The Gram matrix of `stream` from one layer's saved statistics (either layout), as stored
-    (float32), on `device` (default: where the statistics are)."""
+               device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The Gram matrix of `stream` from one layer's saved statistics (either layout), on `device`
+    (default: where the statistics are), in `dtype` (default as stored, float32)."""
     if f"{stream}.gram_upper" in stats:
         packed = stats[f"{stream}.gram_upper"]
-        return unpack_upper(packed if device is None else packed.to(device), stats[f"{stream}.abs_sum"].numel())
+        return unpack_upper(packed if device is None else packed.to(device), stats[f"{stream}.abs_sum"].numel(),
+                            dtype=dtype)
     if f"{stream}.gram" in stats:
         gram = stats[f"{stream}.gram"]
-        return gram if device is None else gram.to(device)
+        return gram.to(device=device or gram.device, dtype=dtype or gram.dtype)
     raise KeyError(f"no Gram matrix for {stream!r} in these statistics (keys: {sorted(stats)[:6]}...)")
 
 

@@ -73,28 +73,73 @@ def cholesky_factor(gram: torch.Tensor, rel_eps: float = 1e-6, ladder_steps: int
     eigenvalue solve alone (11008 wide, 2 CPU cores: 8 s each against 31 s). A Gram that needs
     more (a real negative eigenvalue: corrupted statistics) takes SVD-LLM's route.
     """
-    gram = gram.to(torch.float64)
-    gram = (gram + gram.T) / 2
-    factor, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0 and torch.isfinite(factor).all():
-        return WhiteningFactor("cholesky", factor)
+    gram = symmetric_float64(gram)
+    # One n x n buffer besides H (an 11008-wide Gram is 0.97 GB in float64; H + s I, eye and each
+    # factor as new tensors made five such matrices at once): each attempt copies H + s I into it
+    # and factors it in place. Column-major (a transposed view), since LAPACK factors that where it
+    # lies and cholesky_ex copies a row-major one.
+    storage = torch.empty_like(gram)
+    work = storage.T
+    info = torch.empty((), dtype=torch.int32, device=gram.device)
+
+    def factor() -> torch.Tensor:
+        # the factor row-major, as the rest of the code (and its matmuls' rounding) always had it
+        return transpose_in_place(storage)
+
+    def factors(shift: float) -> bool:
+        # H + 0 first, as H + s * eye computes it: an entry -0.0 becomes +0.0 (same bits as before)
+        work.copy_(gram).add_(0.0)
+        if shift:
+            work.diagonal().add_(shift)
+        torch.linalg.cholesky_ex(work, out=(work, info))
+        return int(info) == 0
+
+    def finite() -> bool:  # by blocks: isfinite of a whole matrix makes a float copy (abs) of it
+        return all(bool(torch.isfinite(storage[row:row + 1024]).all()) for row in range(0, storage.shape[0], 1024))
+
+    if factors(0.0) and finite():
+        return WhiteningFactor("cholesky", factor())
     eps = rel_eps * float(gram.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     for step in range(ladder_steps):
         probe = eps * 10.0 ** step
-        _, info = torch.linalg.cholesky_ex(gram + probe * eye)
-        if int(info) == 0:
+        if factors(probe):
             shift = probe + eps
-            factor, info = torch.linalg.cholesky_ex(gram + shift * eye)
-            if int(info) == 0 and torch.isfinite(factor).all():
-                return WhiteningFactor("cholesky", factor, fallback=True, shift=shift)
+            if factors(shift) and finite():
+                return WhiteningFactor("cholesky", factor(), fallback=True, shift=shift)
     lambda_min = float(torch.linalg.eigvalsh(gram)[0])
     shift = max(-lambda_min, 0.0) + eps
-    factor, info = torch.linalg.cholesky_ex(gram + shift * eye)
-    if int(info) != 0:  # still indefinite through round-off: take a larger step
+    if not factors(shift):  # still indefinite through round-off: take a larger step
         shift += abs(lambda_min) + eps
-        factor = torch.linalg.cholesky(gram + shift * eye)
-    return WhiteningFactor("cholesky", factor, fallback=True, shift=shift)
+        if not factors(shift):
+            raise torch.linalg.LinAlgError(f"the Gram is not positive definite even shifted by {shift:g}")
+    return WhiteningFactor("cholesky", factor(), fallback=True, shift=shift)
+
+
+def transpose_in_place(matrix: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """A square contiguous matrix replaced by its transpose, one pair of blocks at a time (no
+    second n x n matrix); returns it."""
+    n = matrix.shape[0]
+    for row in range(0, n, block):
+        diagonal = matrix[row:row + block, row:row + block]
+        diagonal.copy_(diagonal.T.clone())
+        for col in range(row + block, n, block):
+            upper = matrix[row:row + block, col:col + block]
+            lower = matrix[col:col + block, row:row + block]
+            kept = upper.clone()
+            upper.copy_(lower.T)
+            lower.copy_(kept.T)
+    return matrix
+
+
+def symmetric_float64(gram: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """(H + H^T) / 2 in float64, without a copy when H is float64 and symmetric already (a Gram
+    unpacked from its upper triangle): then (H + H^T) / 2 is H exactly (x + x and the halving are
+    exact in floating point), so either way the result is bit for bit the formula's."""
+    gram = gram.to(torch.float64)
+    n = gram.shape[0]
+    if all(torch.equal(gram[start:start + block], gram[:, start:start + block].T) for start in range(0, n, block)):
+        return gram
+    return (gram + gram.T).div_(2)
 
 
 def eigen_factor(gram: torch.Tensor, rel_floor: float = 1e-12) -> WhiteningFactor:
@@ -104,8 +149,7 @@ def eigen_factor(gram: torch.Tensor, rel_floor: float = 1e-12) -> WhiteningFacto
     Grams span 1e-10 of their largest eigenvalue, and clamping above that would change the
     problem rather than regularise it.
     """
-    gram = gram.to(torch.float64)
-    gram = (gram + gram.T) / 2
+    gram = symmetric_float64(gram)
     eigvals, eigvecs = torch.linalg.eigh(gram)
     floor = rel_floor * float(eigvals[-1].clamp_min(1e-30))
     clamped = eigvals.clamp_min(floor)
@@ -215,4 +259,5 @@ def input_transform(stats_tensors: dict[str, torch.Tensor] | None, stream: str, 
     if whitening == "none":
         return None
     from utils.stats import saved_gram
-    return whitening_factor(saved_gram(stats_tensors, stream, device), whitening)
+    # unpacked straight into float64: the factor's precision, with no float32 copy beside it
+    return whitening_factor(saved_gram(stats_tensors, stream, device, torch.float64), whitening)
