@@ -91,7 +91,18 @@ class Decompose:
         gram_of_stream: dict = {}  # column preservation restricts each matrix's Gram to its own columns
         per_module = options.scaling.startswith("fisher")  # fisher is a property of the weight, not the stream
         originals = context.scratch.setdefault("original_weights", {})
-        for name, linear in target_linears(context.layer).items():
+        linears = target_linears(context.layer)
+        pending: dict[str, int] = {}  # matrices of each input stream not yet reached
+        for name in linears if streams is not None else ():
+            pending[streams[name]] = pending.get(streams[name], 0) + 1
+        for name, linear in linears.items():
+            # a finished stream's factor and Gram (and a per-module factor once used) are dropped
+            # before the next is built: the MLP's wide factor is never beside the attention's
+            for cache in (factor_of_stream, gram_of_stream):
+                for key in [key for key in cache if not pending.get(key)]:
+                    del cache[key]
+            if streams is not None:
+                pending[streams[name]] -= 1
             full = f"{context.name}.{name}"
             planned = self.plan.modules.get(full)
             if planned is None or planned.rank is None:

@@ -81,3 +81,42 @@ def test_cholesky_ladder_holds_one_buffer_besides_the_gram():
     assert done.returncode == 0, done.stderr[-2000:]
     matrices = float(done.stdout.strip().splitlines()[-1])
     assert matrices < 1.4, matrices
+
+
+@pytest.mark.parametrize("tokens", [40, 400])
+def test_factor_from_the_packed_triangle_is_the_same(tokens):
+    from utils.stats import PackedGram
+    x = torch.randn(tokens, 300, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gram = (x.T @ x).float()
+    packed = pack_upper(gram)
+    from_packed = cholesky_factor(PackedGram(packed, 300))
+    from_matrix = cholesky_factor(unpack_upper(packed, 300))
+    assert from_packed.shift == from_matrix.shift and from_packed.fallback == (tokens < 300)
+    assert torch.equal(from_packed.factor, from_matrix.factor)
+    assert torch.equal(from_packed.factor, formula_factor(unpack_upper(packed, 300), from_packed.shift))
+
+
+def test_packed_cholesky_holds_its_buffer_alone():
+    """From the packed triangle, the rank-deficient factorisation's peak is the factor's buffer
+    (one matrix) and small blocks: no full Gram beside it."""
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, %r)
+        from utils.stats import PackedGram, pack_upper
+        from utils.whitening import cholesky_factor
+        def hwm():
+            return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))) * 1024
+        n = 3000
+        x = torch.randn(1000, n)
+        packed = pack_upper(x.T @ x)
+        del x
+        base = hwm()
+        factor = cholesky_factor(PackedGram(packed, n))
+        assert factor.fallback
+        print((hwm() - base) / (n * n * 8))
+    """ % (sys.path[0],))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": ""}, cwd=sys.path[0])
+    assert done.returncode == 0, done.stderr[-2000:]
+    matrices = float(done.stdout.strip().splitlines()[-1])
+    assert matrices < 1.25, matrices

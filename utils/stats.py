@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -59,14 +61,16 @@ def pack_upper(matrix: torch.Tensor, block: int = 256, method: str | None = None
 
 
 def unpack_upper(packed: torch.Tensor, n: int, block: int = 256, method: str | None = None,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The symmetric n x n matrix whose upper triangle `packed` holds (inverse of pack_upper),
     on packed's device: move the packed triangle, not the full matrix, to the device first.
     dtype: the matrix's (default packed's), converted a block at a time, so that a float64 Gram
-    from a float32 triangle never has a float32 n x n copy beside it."""
+    from a float32 triangle never has a float32 n x n copy beside it. out: an n x n tensor
+    (any layout) to fill instead of a new one."""
     if packed.numel() != n * (n + 1) // 2:
         raise ValueError(f"a packed {n} x {n} triangle has {n * (n + 1) // 2} values, got {packed.numel()}")
-    out = torch.empty(n, n, dtype=dtype or packed.dtype, device=packed.device)
+    if out is None:
+        out = torch.empty(n, n, dtype=dtype or packed.dtype, device=packed.device)
     if _by_rows(packed, method):
         for row in range(n):
             out[row, row:] = packed[_row_offset(row, n):_row_offset(row + 1, n)]
@@ -81,6 +85,32 @@ def unpack_upper(packed: torch.Tensor, n: int, block: int = 256, method: str | N
         diagonal = out[start:stop, start:stop]
         diagonal.copy_(diagonal.triu() + diagonal.triu(1).T)
     return out
+
+
+@dataclass
+class PackedGram:
+    """A Gram held as its packed upper triangle (n (n + 1) / 2 values), unpacked into a buffer
+    only when used: the whitening factor of a wide stream then needs its buffer alone, not the
+    full Gram beside it."""
+
+    packed: torch.Tensor
+    n: int
+
+    def fill(self, out: torch.Tensor) -> torch.Tensor:
+        """The full Gram written into `out` (n x n, any dtype and layout)."""
+        return unpack_upper(self.packed, self.n, out=out)
+
+    def full(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return unpack_upper(self.packed, self.n, dtype=dtype)
+
+
+def packed_gram(stats: dict[str, torch.Tensor], stream: str, device: torch.device | str | None = None
+                ) -> "PackedGram | None":
+    """`stream`'s Gram as a PackedGram on `device`, None when the statistics hold it in full."""
+    if f"{stream}.gram_upper" not in stats:
+        return None
+    packed = stats[f"{stream}.gram_upper"]
+    return PackedGram(packed if device is None else packed.to(device), stats[f"{stream}.abs_sum"].numel())
 
 
 def saved_gram(stats: dict[str, torch.Tensor], stream: str,

@@ -60,7 +60,7 @@ class WhiteningFactor:
         return (matrix / self.eigvals.sqrt()) @ self.eigvecs.T
 
 
-def cholesky_factor(gram: torch.Tensor, rel_eps: float = 1e-6, ladder_steps: int = 4) -> WhiteningFactor:
+def cholesky_factor(gram: "torch.Tensor | PackedGram", rel_eps: float = 1e-6, ladder_steps: int = 4) -> WhiteningFactor:
     """Lower Cholesky factor of H in float64, shifting H when it is not positive definite.
 
     SVD-LLM shifts H by (-lambda_min + eps) I, with lambda_min from a full eigenvalue solve (an
@@ -72,15 +72,26 @@ def cholesky_factor(gram: torch.Tensor, rel_eps: float = 1e-6, ladder_steps: int
     SVD-LLM's margin of at least eps. Two or three Cholesky factorisations cost less than the
     eigenvalue solve alone (11008 wide, 2 CPU cores: 8 s each against 31 s). A Gram that needs
     more (a real negative eigenvalue: corrupted statistics) takes SVD-LLM's route.
+
+    gram: H as a matrix, or as its packed upper triangle (utils.stats.PackedGram), which is
+    unpacked into the one n x n buffer at each attempt: then no full H is held beside it.
     """
-    gram = symmetric_float64(gram)
-    # One n x n buffer besides H (an 11008-wide Gram is 0.97 GB in float64; H + s I, eye and each
-    # factor as new tensors made five such matrices at once): each attempt copies H + s I into it
-    # and factors it in place. Column-major (a transposed view), since LAPACK factors that where it
-    # lies and cholesky_ex copies a row-major one.
-    storage = torch.empty_like(gram)
+    from utils.stats import PackedGram
+    if isinstance(gram, PackedGram):  # exactly symmetric: nothing to symmetrise
+        n, device, fill = gram.n, gram.packed.device, gram.fill
+    else:
+        matrix = symmetric_float64(gram)
+        n, device = matrix.shape[0], matrix.device
+
+        def fill(out: torch.Tensor) -> torch.Tensor:
+            return out.copy_(matrix)
+    # One n x n buffer (an 11008-wide Gram is 0.97 GB in float64; H + s I, eye and each factor as
+    # new tensors made five such matrices at once): each attempt writes H + s I into it and factors
+    # it in place. Column-major (a transposed view), since LAPACK factors that where it lies and
+    # cholesky_ex copies a row-major one.
+    storage = torch.empty(n, n, dtype=torch.float64, device=device)
     work = storage.T
-    info = torch.empty((), dtype=torch.int32, device=gram.device)
+    info = torch.empty((), dtype=torch.int32, device=device)
 
     def factor() -> torch.Tensor:
         # the factor row-major, as the rest of the code (and its matmuls' rounding) always had it
@@ -88,25 +99,25 @@ def cholesky_factor(gram: torch.Tensor, rel_eps: float = 1e-6, ladder_steps: int
 
     def factors(shift: float) -> bool:
         # H + 0 first, as H + s * eye computes it: an entry -0.0 becomes +0.0 (same bits as before)
-        work.copy_(gram).add_(0.0)
+        fill(work).add_(0.0)
         if shift:
             work.diagonal().add_(shift)
         torch.linalg.cholesky_ex(work, out=(work, info))
         return int(info) == 0
 
     def finite() -> bool:  # by blocks: isfinite of a whole matrix makes a float copy (abs) of it
-        return all(bool(torch.isfinite(storage[row:row + 1024]).all()) for row in range(0, storage.shape[0], 1024))
+        return all(bool(torch.isfinite(storage[row:row + 1024]).all()) for row in range(0, n, 1024))
 
     if factors(0.0) and finite():
         return WhiteningFactor("cholesky", factor())
-    eps = rel_eps * float(gram.diagonal().mean().clamp_min(1e-30))
+    eps = rel_eps * float(fill(work).diagonal().mean().clamp_min(1e-30))
     for step in range(ladder_steps):
         probe = eps * 10.0 ** step
         if factors(probe):
             shift = probe + eps
             if factors(shift) and finite():
                 return WhiteningFactor("cholesky", factor(), fallback=True, shift=shift)
-    lambda_min = float(torch.linalg.eigvalsh(gram)[0])
+    lambda_min = float(torch.linalg.eigvalsh(fill(work))[0])
     shift = max(-lambda_min, 0.0) + eps
     if not factors(shift):  # still indefinite through round-off: take a larger step
         shift += abs(lambda_min) + eps
@@ -259,5 +270,9 @@ def input_transform(stats_tensors: dict[str, torch.Tensor] | None, stream: str, 
     if whitening == "none":
         return None
     from utils.stats import saved_gram
+    from utils.stats import packed_gram
+    packed = packed_gram(stats_tensors, stream, device)
+    if whitening == "cholesky" and packed is not None:
+        return cholesky_factor(packed)  # unpacked into the factor's own buffer: no full Gram beside it
     # unpacked straight into float64: the factor's precision, with no float32 copy beside it
     return whitening_factor(saved_gram(stats_tensors, stream, device, torch.float64), whitening)
