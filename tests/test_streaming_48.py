@@ -135,6 +135,19 @@ def test_layerwise_perplexity_is_perplexity(deep_dir):
     assert walked["tokens"] == batched["tokens"] == 5 * 31 and walked["batch_size"] == 2
 
 
+def test_streamed_perplexity_keeps_no_fused_copy(deep_dir, compressed_dir):
+    """A fused layer run in the walk concatenates its v factors from the walk's tensors; that copy
+    must go with the layer (it held a layer's v factors per layer: host memory grew with the depth,
+    and on a GPU it would stay on the device), and the figures are the whole fused model's."""
+    model, tokenizer, _ = load_compressed(compressed_dir, fuse=True, stream=True)
+    ids = tokenize(tokenizer, load_text("pydoc", "test"))
+    walked = evaluater.layerwise_perplexity(model, ids, 32, 1, "cpu", 3)
+    groups = [m.shared_input for m in model.modules() if getattr(m, "shared_input", None) is not None]
+    assert len(groups) == 5 * LAYERS and all(group.fused is None for group in groups)
+    whole, _, _ = load_compressed(compressed_dir, fuse=True)
+    assert walked == evaluater.perplexity(whole, ids, 32, 1, "cpu", 3)
+
+
 @pytest.mark.parametrize("original", [False, True])
 def test_step4_streamed_holds_at_most_two_layers(deep_dir, compressed_dir, tmp_path, counted, monkeypatch, original):
     """Step 4 on the compressed directory (--model_path) or the original checkpoint (--model) reads
