@@ -1176,27 +1176,43 @@ def _print_summary(compression: dict, timings: dict, saved_path: str | None = No
 
 def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     """Step 8: quantize every linear of the decoder layers (GPTQ or RTN, methods/quantize.py) of the
-    model step 3 left, of --model_path, or of the original --model; save it, packed."""
+    model step 3 left, of --model_path, or of the original --model; save it, packed. A model streamed
+    from disk is written layer by layer as its layers are done (never whole in memory)."""
     from methods.quantize import QuantizeError
-    from utils.io import safetensors_tensor_bytes
-    from pipeline.steps import PipelineError, linear_storage, quantize_model, uncompressed_block
+    from utils.io import ShardedModelWriter, stored_tensor_bytes
+    from utils.model import decoder_layers, layer_stream
+    from pipeline.steps import PipelineError, linear_storage, quantize_identity, quantize_model, uncompressed_block
     from utils.presets import is_random_spec
     ensure_model(args, session, prefer_compressed=True)
     options = _quantize_options(args)
     windows, data = _windows(args, session, args.nsamples) if options.needs_activations else (None, None)
-    try:
-        record = quantize_model(session.model, options, args.device, windows,
-                                {"dataset": args.dataset, "seed": args.seed, "data": data})
-    except QuantizeError as error:
-        raise PipelineError(str(error)) from None
-    session.timings["quantize_s"] = record.pop("seconds")
-    base = session.compression or uncompressed_block(args.model, session.model, args.seed, args.num_layers,
-                                                     is_random_spec(args.model))
-    session.compression = {**base, "quantization": record}
-    _save_model(args, session, 8)  # always the last model step
+    writer = None
+    if layer_stream(session.model) is not None:  # streams_layers: a directory output
+        writer = ShardedModelWriter(args.save_path, len(decoder_layers(session.model)),
+                                    quantize_identity(session.model, options, args.device, windows),
+                                    args.overwrite, dtype=save_dtype_of(args, session),
+                                    protected=_protected_inputs(args))
+    with writer or contextlib.nullcontext():
+        try:
+            record = quantize_model(session.model, options, args.device, windows,
+                                    {"dataset": args.dataset, "seed": args.seed, "data": data}, writer)
+        except QuantizeError as error:
+            raise PipelineError(str(error)) from None
+        session.timings["quantize_s"] = record.pop("seconds")
+        base = session.compression or uncompressed_block(args.model, session.model, args.seed, args.num_layers,
+                                                         is_random_spec(args.model))
+        session.compression = {**base, "quantization": record}
+        if writer is not None:
+            if getattr(args, "recipe_record", None):
+                session.compression["recipe"] = args.recipe_record  # the recipe and its expansion (README, "Recipes")
+            start = time.perf_counter()
+            writer.finish(session.model, session.tokenizer, session.compression)
+            session.timings["save_s"] = round(time.perf_counter() - start, 3)
+        else:
+            _save_model(args, session, 8)  # always the last model step
     storage = record["linear_storage"]
-    if not args.save_path.endswith(".pt"):  # the bytes as they are in the file
-        storage = linear_storage(session.model, safetensors_tensor_bytes(os.path.join(args.save_path, "model.safetensors")))
+    if not args.save_path.endswith(".pt"):  # the bytes as they are in the file(s)
+        storage = linear_storage(session.model, stored_tensor_bytes(args.save_path))
     grouping = "per output row" if options.groupsize == -1 else f"group {options.groupsize}"
     print(f"quantize: {record['quantized_matrices']} matrices, {options.method} {options.wbits}-bit {grouping}"
           f"{', act_order' if options.act_order else ''}; linear weights {storage['linear_bytes'] / 2**20:.2f} MiB "

@@ -68,10 +68,8 @@ def eval_windows(ids: torch.Tensor, seq_len: int, limit: int | None = None) -> t
     return ids[:n * seq_len].view(n, seq_len), available
 
 
-@torch.no_grad()
-def token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """NLL (float32) of tokens 1..L-1 of every row of `batch` (b x L) given the tokens before."""
-    logits = model(input_ids=batch, use_cache=False).logits
+def _window_nll(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """NLL (float32) of tokens 1..L-1 of every row of `batch` (b x L) from the model's logits."""
     rows = []
     for row in range(batch.shape[0]):  # upcast one window at a time: b x L x vocab float32 can be large
         rows.append(nn.functional.cross_entropy(logits[row, :-1].float(), batch[row, 1:].to(logits.device),
@@ -79,15 +77,65 @@ def token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
+@torch.no_grad()
+def token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """NLL (float32) of tokens 1..L-1 of every row of `batch` (b x L) given the tokens before."""
+    return _window_nll(model(input_ids=batch, use_cache=False).logits, batch)
+
+
 def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 1,
                device: str | torch.device = "cpu", limit: int | None = None, desc: str = "perplexity") -> dict:
     """Perplexity of `model` (already on `device`) on the 1-D token ids, by the protocol above."""
     windows, available = eval_windows(ids, seq_len, limit)
+    nll = (token_nll(model, windows[start:start + batch_size].to(device)).double().cpu()
+           for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False))
+    return _perplexity_result(nll, windows, available, ids, seq_len, limit, batch_size)
+
+
+@torch.no_grad()
+def layerwise_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 1,
+                         device: str | torch.device = "cpu", limit: int | None = None,
+                         desc: str = "perplexity") -> dict:
+    """perplexity() of a model whose decoder layers go to `device` one at a time (a streamed model,
+    utils.model.LayerStream: read from disk as reached): every window's hidden states through
+    layer 0, then all through layer 1, ... (utils.layerwise.walk_layers), then the model's own
+    head on each (utils.model.head_on_hidden). Each window runs alone, as perplexity() runs it at
+    batch size 1, so at batch 1 the figures are the same bit for bit; `batch_size` is recorded.
+    The device holds one layer and the windows' hidden states (windows x seq_len x hidden)."""
+    from utils.layerwise import walk_layers
+    from utils.model import decoder_layers, head_on_hidden
+    windows, available = eval_windows(ids, seq_len, limit)
+    last = len(decoder_layers(model)) - 1
+    final: dict[str, torch.Tensor] = {}
+
+    def through(context) -> torch.Tensor:
+        outputs = context.run()
+        if context.index == last:
+            final["hidden"] = outputs
+        return outputs
+
+    walk_layers(model, windows, device, through, desc=desc, changes_weights=False)
+    hidden = final.pop("hidden")
+
+    def nll_rows():  # grouped by batch_size, so the sums run in perplexity()'s order
+        with head_on_hidden(model, device) as head:
+            for start in range(0, windows.shape[0], batch_size):
+                rows = []
+                for index in range(start, min(start + batch_size, windows.shape[0])):
+                    window = windows[index:index + 1].to(device)
+                    rows.append(_window_nll(head(hidden[index:index + 1], window).logits, window))
+                yield torch.cat(rows).double().cpu()
+
+    return _perplexity_result(nll_rows(), windows, available, ids, seq_len, limit, batch_size)
+
+
+def _perplexity_result(nll_batches, windows: torch.Tensor, available: int, ids: torch.Tensor, seq_len: int,
+                       limit: int | None, batch_size: int) -> dict:
+    """The protocol's figures from the NLL rows (float64, windows x seq_len - 1) of every window in order."""
     total = torch.zeros((), dtype=torch.float64)
     finite_total = torch.zeros((), dtype=torch.float64)
     non_finite_tokens = non_finite_windows = 0
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
-        nll = token_nll(model, windows[start:start + batch_size].to(device)).double().cpu()
+    for nll in nll_batches:
         finite = torch.isfinite(nll)
         non_finite_tokens += int((~finite).sum())
         bad_rows = ~finite.all(dim=1)
@@ -170,8 +218,11 @@ def place_for_evaluation(args: argparse.Namespace, session):
     """The one place evaluation steps (4, 5, 6, 9) put the model on devices: wholly on --device,
     or with --device_map dispatched by accelerate within --max_memory (GPUs, CPU, disk offload
     to --offload_folder). Done once per session; chained steps reuse it."""
-    from utils.model import parse_max_memory, place_model
+    from utils.model import Placement, layer_stream, parse_max_memory, place_model
     placement = getattr(session, "placement", None)
+    if placement is None and layer_stream(session.model) is not None:
+        # a streamed model stays where it is: the layer walk brings one layer at a time to --device
+        placement = session.placement = Placement(torch.device(args.device))
     if placement is None:
         placement = place_model(session.model, args.device, getattr(args, "device_map", None),
                                 parse_max_memory(getattr(args, "max_memory", None)),
@@ -208,13 +259,16 @@ def _refuse_random(args: argparse.Namespace, session, what: str) -> None:
 def load_step_model(args: argparse.Namespace, session: Session, prefer_compressed: bool = True) -> Session:
     """pipeline.session.ensure_model from the flags, for every step (compress.py's ensure_model too): the
     model the step runs on unless the previous step left one: --model_path's compressed model when the
-    step prefers it (evaluation steps do), else --model (--dtype, --seed, --num_layers), its layers
-    streamed from disk when the command allows (pipeline.session.streams_layers) and --ask does not need
-    the whole model in memory."""
+    step prefers it (evaluation steps do), else --model (--dtype, --seed, --num_layers); either with its
+    layers streamed from disk when the command allows (pipeline.session.streams_layers) and no flag
+    needs the whole model in memory."""
     from pipeline.session import ensure_model, streams_layers
     model_path = getattr(args, "model_path", None) if prefer_compressed else None
-    stream = (not model_path and getattr(args, "ask", None) is None
-              and streams_layers(args.steps, args.save_path, args.fisher, args.dataset))
+    # answering --ask, accelerate's placement, --eval_chat's generation and a recipe's perplexity of
+    # the model its steps left in memory all run the model whole
+    whole = (getattr(args, "ask", None) is not None or getattr(args, "device_map", None) is not None
+             or bool(getattr(args, "eval_chat", None)) or bool(getattr(args, "recipe_eval", False)))
+    stream = streams_layers(args.steps, args.save_path, args.fisher, args.dataset, whole_model=whole)
     return ensure_model(session, args.model, args.dtype, args.seed, args.num_layers, model_path=model_path,
                         stream=stream)
 
@@ -238,13 +292,16 @@ def perplexity_step(args: argparse.Namespace, session) -> dict:
     """Step 4: perplexity on every --eval_datasets entry; one JSON, one printed line per dataset."""
     placement = prepare_text_step(args, session, "evaluation text cannot be tokenized: save the tokenizer "
                                   "with the model (perplexity needs real text)", refuse_random="perplexity")
+    from utils.model import layer_stream
     model = session.model.eval()
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     results: dict[str, dict] = {}
+    # a streamed model is evaluated layer by layer (the same figures); a model in memory whole
+    evaluate = layerwise_perplexity if layer_stream(model) is not None else perplexity
     for spec in args.eval_datasets.split(","):
         ids = tokenize(session.tokenizer, load_text(spec, "test"))
         start = time.perf_counter()
-        result = perplexity(model, ids, args.model_seq_len, args.eval_batch_size, placement.input_device,
+        result = evaluate(model, ids, args.model_seq_len, args.eval_batch_size, placement.input_device,
                             args.eval_limit, desc=f"perplexity {spec}")
         result.update(dtype=dtype, device=str(placement.input_device), seconds=round(time.perf_counter() - start, 3))
         if placement.device_map is not None:

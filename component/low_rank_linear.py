@@ -95,6 +95,13 @@ class SharedInputProjection:
         self._output: torch.Tensor | None = None
         self._waiting: set[int] = set()  # members that have not yet taken their slice of _output
 
+    def forget(self) -> None:
+        """Let go of the fused weight and any product (the next call concatenates anew): after the
+        members' weights were moved, cast or put back, it is a stale copy that only holds memory."""
+        self.fused, self.starts = None, {}
+        self._input = self._output = None
+        self._waiting = set()
+
     def _intact(self) -> bool:
         fused = self.fused
         if fused is None:
@@ -154,6 +161,13 @@ def share_inputs(model: nn.Module, sibling_names: tuple[tuple[str, ...], ...]) -
                     member.shared_input = projection
                 groups += 1
     return groups
+
+
+def forget_fused_inputs(root: nn.Module) -> None:
+    """SharedInputProjection.forget for every group under `root` (its members stay grouped)."""
+    for module in root.modules():
+        if getattr(module, "shared_input", None) is not None:
+            module.shared_input.forget()
 
 
 def unshare_inputs(model: nn.Module) -> int:

@@ -22,14 +22,21 @@ class Session:
     self_calibration: tuple | None = None  # (ids, what they are) the original model wrote (--dataset self)
 
 
-def streams_layers(steps: list[int] | set[int], save_path: str | None, fisher: bool, dataset: str | None) -> bool:
+def streams_layers(steps: list[int] | set[int], save_path: str | None, fisher: bool, dataset: str | None,
+                   whole_model: bool = False) -> bool:
     """Whether the model's decoder layers are read from disk one at a time (utils.model.LayerStream):
-    when every step of the command goes layer by layer (1 and 3) and the output is a directory,
-    which step 3 writes layer by layer; other steps (and step 1's Fisher backward, self-calibration's
-    generation) need the whole model in memory."""
+    when every step of the command goes layer by layer and writes, if it writes, layer by layer:
+    steps 1 and 3 (step 3's output a directory), or steps 4 and 8 (perplexity by a layer walk;
+    step 8's output a directory) after step 1 or alone. Step 3 followed by 4 or 8 hands them its
+    model in memory, whole; other steps, step 1's Fisher backward, self-calibration's generation
+    and `whole_model` (a flag that runs the whole model: --ask, --device_map, --eval_chat) need the
+    whole model in memory."""
     from utils.data import SELF_DATASET
-    return (set(steps) <= {1, 3} and not (3 in steps and (save_path or "").endswith(".pt"))
-            and not fisher and dataset != SELF_DATASET)
+    steps = set(steps)
+    pt_output = (save_path or "").endswith(".pt")
+    if whole_model or fisher or dataset == SELF_DATASET or (steps & {3, 8} and pt_output):
+        return False
+    return steps <= {1, 3} or steps <= {1, 4, 8}
 
 
 def ensure_model(session: Session, model: str, dtype: str, seed: int = 0, num_layers: int | None = None,
@@ -37,8 +44,8 @@ def ensure_model(session: Session, model: str, dtype: str, seed: int = 0, num_la
     """Load the model the step needs into `session` unless the previous step left one there.
     model_path: a compressed model (utils.io.load_compressed) loaded instead of `model` (a model
     spec for utils.model.load_model: alias, directory, .gguf file, hub id or random preset);
-    dtype: a utils.model.DTYPES name or "auto" (as saved); stream: `model`'s decoder layers stay
-    on disk until used (streams_layers)."""
+    dtype: a utils.model.DTYPES name or "auto" (as saved); stream: the decoder layers (of
+    `model_path`'s directory or `model`'s) stay on disk until used (streams_layers)."""
     if session.model is not None:
         return session
     from utils.io import load_compressed
@@ -47,7 +54,7 @@ def ensure_model(session: Session, model: str, dtype: str, seed: int = 0, num_la
     if model_path:
         loaded_dtype = None if dtype == "auto" else DTYPES[dtype]  # None: as it was saved
         # fused: the v factors of q/k/v and gate/up run as one matmul (float rounding only)
-        loaded, tokenizer, compression = load_compressed(model_path, loaded_dtype, fuse=True)
+        loaded, tokenizer, compression = load_compressed(model_path, loaded_dtype, fuse=True, stream=stream)
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
         session.model, session.tokenizer, session.compression = loaded, tokenizer, compression

@@ -290,6 +290,17 @@ def compress_identity(model: torch.nn.Module, plan: Plan, options: CompressOptio
             "device": str(torch.device(device))}
 
 
+def quantize_identity(model: torch.nn.Module, options, device: torch.device | str,
+                      windows: torch.Tensor | None = None) -> dict:
+    """What a step 8 written layer by layer is made of, by name (digests): the weights, their dtype,
+    the options, the calibration windows and the device."""
+    fingerprint = weights_fingerprint(model)
+    return {"model weights": fingerprint["sha1"], "dtype": fingerprint["dtype"],
+            "quantization options": _json_digest(options.to_dict()),
+            "calibration windows": None if windows is None else tensors_digest({"windows": windows}),
+            "device": str(torch.device(device))}
+
+
 def _replay_layer(layer: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], records: dict) -> None:
     """Put a layer that an interrupted run finished back in its compressed form: its recorded
     modules made low-rank (or column-preserved) and every tensor the run wrote for it assigned."""
@@ -318,6 +329,28 @@ def _replay_layer(layer: torch.nn.Module, name: str, tensors: dict[str, torch.Te
     local_tensors = {k: t.to(expected[k].dtype) if t.is_floating_point() and expected[k].is_floating_point() else t
                      for k, t in local_tensors.items()}
     _assign(layer, local_tensors)
+
+
+def _replay_quantized(layer: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], records: dict) -> None:
+    """Put a layer that an interrupted step 8 finished back in its quantized form: every recorded
+    linear made a QuantLinear and every tensor the run wrote for it assigned."""
+    from utils.io import quant_linear_for
+    from utils.model import _assign
+    dtype = next(layer.parameters()).dtype
+    for qualified, record in records.items():
+        if qualified.startswith(f"{name}."):
+            with torch.device("meta"):
+                module = quant_linear_for(layer, qualified[len(name) + 1:], record, dtype, type(layer).__name__)
+            set_submodule(layer, qualified[len(name) + 1:], module)
+    local_tensors = {key[len(name) + 1:]: tensor for key, tensor in tensors.items()}
+    expected = layer.state_dict()
+    if set(local_tensors) != set(expected) or any(tuple(local_tensors[k].shape) != tuple(expected[k].shape)
+                                                  for k in expected):
+        raise PipelineError(f"cannot resume: the tensors the interrupted run wrote for {name} do not match its "
+                            f"records; rerun with --overwrite")
+    # shards written in a save dtype compute in the model's own again (a quantized layer's scales keep theirs)
+    _assign(layer, {k: t.to(expected[k].dtype) if t.is_floating_point() and expected[k].is_floating_point() else t
+                    for k, t in local_tensors.items()})
 
 
 def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions, device: torch.device | str,
@@ -463,13 +496,17 @@ def linear_storage(model: torch.nn.Module, tensor_bytes: dict[str, int] | None =
 
 
 def quantize_model(model: torch.nn.Module, options, device: torch.device | str,
-                   windows: torch.Tensor | None = None, calibration: dict | None = None) -> dict:
+                   windows: torch.Tensor | None = None, calibration: dict | None = None, writer=None) -> dict:
     """Step 8: quantize every linear of the decoder layers in place (methods.quantize), layer by
     layer, and return the "quantization" section of the compression block: the options, the
     calibration, per-module bits / group size / GPTQ loss, the storage layout and its bytes.
 
     windows: the calibration windows (GPTQ needs them; RTN none). calibration: what they are
-    (dataset, seed), recorded beside their count and length."""
+    (dataset, seed), recorded beside their count and length. writer: a utils.io.ShardedModelWriter
+    each layer is written to when done (a streamed model's layers go back to disk after); its
+    floating parameters in the writer's dtype, the quantized layers' codes, scales and zeros as
+    they are (what save_compressed writes). The layers an interrupted run wrote to it are taken
+    from it (with calibration windows, run from the written tensors) instead of quantized again."""
     from component.quant_linear import QuantLinear
     from methods.quantize import Quantize
     check_supported(model)
@@ -485,8 +522,28 @@ def quantize_model(model: torch.nn.Module, options, device: torch.device | str,
         windows, calibration = None, None
     records: dict[str, dict] = {}
     quantize = Quantize(options, records)
+    start_layer, finished, replay = 0, None, None
+    if writer is not None:
+        prefix = layer_prefix(model)
+        if writer.state is not None:  # an interrupted run's layers: their records; the tensors are in its shards
+            start_layer = writer.layers_done
+            records.update(writer.state["records"])
+
+        def finished(index: int, layer: torch.nn.Module) -> None:
+            from component.low_rank_linear import unshare_inputs
+            from utils.model import cast_parameters
+            unshare_inputs(layer)  # fused v factors share one storage, which safetensors refuses
+            if writer.dtype is not None:  # as save_compressed casts: the quantized layers' tensors stay as they are
+                cast_parameters(layer, writer.dtype)
+            writer.write_layer(index, layer.state_dict(prefix=f"{prefix}.{index}."), {"records": records}, cast=False)
+
+        def replay(context: LayerContext) -> None:
+            _replay_quantized(decoder_layers(model)[context.index], context.name,
+                              writer.layer_tensors(context.index), records)
+
     start = time.perf_counter()
-    walk_layers(model, windows, device, quantize, desc=f"quantize ({options.method} {options.wbits}-bit)")
+    walk_layers(model, windows, device, quantize, desc=f"quantize ({options.method} {options.wbits}-bit)",
+                finished=finished, start=start_layer, replay=replay)
     seconds = time.perf_counter() - start
     fallbacks = sum("fallback" in r for r in records.values())
     losses = [r["relative_loss"] for r in records.values() if r.get("relative_loss") is not None]

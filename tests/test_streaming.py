@@ -125,8 +125,8 @@ sys.path.insert(0, {repo!r})
 import compress
 from utils.io import ShardedModelWriter
 write = ShardedModelWriter.write_layer
-def write_then_die(self, index, tensors, state):
-    write(self, index, tensors, state)
+def write_then_die(self, index, *args, **kwargs):
+    write(self, index, *args, **kwargs)
     if index == {kill_after}:
         os._exit(9)  # a kill: no cleanup runs
 ShardedModelWriter.write_layer = write_then_die
@@ -199,8 +199,8 @@ def test_killed_step1_resumes_bit_identically(deep_dir, tmp_path, capsys):
     (running the done layers only for their outputs) to the same files, byte for byte."""
     killer = KILLER.replace("from utils.io import ShardedModelWriter", "import pipeline.steps as pipeline").replace(
         """write = ShardedModelWriter.write_layer
-def write_then_die(self, index, tensors, state):
-    write(self, index, tensors, state)
+def write_then_die(self, index, *args, **kwargs):
+    write(self, index, *args, **kwargs)
     if index == {kill_after}:
         os._exit(9)  # a kill: no cleanup runs
 ShardedModelWriter.write_layer = write_then_die""", """progress = pipeline.write_progress

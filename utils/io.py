@@ -316,13 +316,14 @@ class ShardedModelWriter:
     def shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.num_layers + 1:05d}.safetensors"
 
-    def write_layer(self, index: int, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    def write_layer(self, index: int, tensors: dict[str, torch.Tensor], state: dict, cast: bool = True) -> None:
         """Layer `index`'s tensors (qualified names) into its shard, then the progress record
-        (`state`: what a resumed run needs besides the tensors, JSON-able)."""
+        (`state`: what a resumed run needs besides the tensors, JSON-able). cast=False: the tensors
+        are written as given (the caller cast what is to be cast: a quantized layer keeps its scales)."""
         from safetensors.torch import save_file
         if index != self.layers_done:
             raise ValueError(f"layer {index} written after {self.layers_done} layers")
-        save_file({k: self._cast(v).detach().contiguous() for k, v in tensors.items()},
+        save_file({k: (self._cast(v) if cast else v).detach().contiguous() for k, v in tensors.items()},
                   os.path.join(self.temporary, self.shard_name(index + 1)), metadata={"format": "pt"})
         self.layers_done, self.state = index + 1, state
         write_progress(self.temporary, "model", self.identity, self.layers_done, state)
@@ -377,6 +378,15 @@ def _deduplicated_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous() for name, tensor in state.items() if name not in tied}
 
 
+def stored_tensor_bytes(path: str) -> dict[str, int]:
+    """safetensors_tensor_bytes of every tensor file of a model directory (sharded or one file)."""
+    files, _, _ = _stored_tensors(path)
+    sizes: dict[str, int] = {}
+    for file in files:
+        sizes.update(safetensors_tensor_bytes(file))
+    return sizes
+
+
 def is_compressed_model(path: str) -> bool:
     if path.endswith(".pt"):
         return os.path.isfile(path)
@@ -390,14 +400,16 @@ def _config_from_dict(config_dict: dict):
     return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
 
 
-def build_low_rank_model(config_dict: dict, compression: dict, dtype: torch.dtype) -> nn.Module:
-    """The architecture from the config with the recorded modules made low-rank (weights unset)."""
+def build_low_rank_model(config_dict: dict, compression: dict, dtype: torch.dtype,
+                         device: torch.device | str | None = None) -> nn.Module:
+    """The architecture from the config with the recorded modules made low-rank (weights unset).
+    device: where its tensors are made (None: the CPU; "meta": shapes only, for a streamed load)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     config = _config_from_dict(config_dict)
     # every weight is overwritten by the strict load that follows, so skip random init (seconds
     # for a small model, minutes for a 7B one); buffers such as rotary tables are still computed
-    with no_init_weights():
+    with no_init_weights(), (torch.device(device) if device is not None else contextlib.nullcontext()):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.tie_weights()  # tied embeddings are one tensor before the strict load checks names
         for name, rank in compression.get("ranks", {}).items():
@@ -418,7 +430,7 @@ def build_low_rank_model(config_dict: dict, compression: dict, dtype: torch.dtyp
             set_submodule(model, name, LowRankLinear(dense.in_features, dense.out_features, int(rank),
                                                      bias=dense.bias is not None, dtype=dtype))
         for name, record in quantized_modules(compression).items():
-            set_submodule(model, name, _quant_linear_for(model, name, record, dtype, config.model_type))
+            set_submodule(model, name, quant_linear_for(model, name, record, dtype, config.model_type))
     model.eval()
     model.config.use_cache = True
     return model
@@ -430,8 +442,9 @@ def quantized_modules(compression: dict) -> dict[str, dict]:
     return (compression.get("quantization") or {}).get("modules") or {}
 
 
-def _quant_linear_for(model: nn.Module, name: str, record: dict, dtype: torch.dtype, model_type: str) -> QuantLinear:
-    """The QuantLinear that replaces the linear `name` (a dense one, or a low-rank layer's u or v)."""
+def quant_linear_for(model: nn.Module, name: str, record: dict, dtype: torch.dtype, model_type: str) -> QuantLinear:
+    """The QuantLinear that replaces the linear `name` of `model` (a dense one, or a low-rank layer's
+    u or v) as step 8's `record` of it describes (its tensors made on the current default device)."""
     try:
         dense = model.get_submodule(name)
     except AttributeError:
@@ -470,13 +483,18 @@ def safetensors_tensor_bytes(path: str) -> dict[str, int]:
             for name, entry in header.items() if name != "__metadata__"}
 
 
-def load_compressed(path: str, dtype: torch.dtype | None = None, fuse: bool = False) -> tuple[nn.Module, object, dict]:
+def load_compressed(path: str, dtype: torch.dtype | None = None, fuse: bool = False,
+                    stream: bool = False) -> tuple[nn.Module, object, dict]:
     """Load a compressed model on the CPU: (model, tokenizer or None, compression block).
 
     `fuse`: low-rank layers that read one input (q/k/v, gate/up) run their v factors as one
     matmul (utils.model.fuse_shared_inputs): the same tensors and names, the same outputs to
     float rounding (two matmul shapes round differently); off, the model computes exactly as
-    the one that was saved. The CLI and the trust_remote_code loader fuse."""
+    the one that was saved. The CLI and the trust_remote_code loader fuse.
+    `stream`: a directory's decoder layers stay on disk (on the meta device) and are read one at
+    a time when the layer walk reaches them (utils.model.LayerStream), each checked as the whole
+    load checks it and fused (with `fuse`) when read, so it computes as the whole load's; a .pt
+    file, or an architecture that cannot be streamed, is loaded whole whatever this says."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from utils.outputs import recover_interrupted_swap
@@ -501,13 +519,17 @@ def load_compressed(path: str, dtype: torch.dtype | None = None, fuse: bool = Fa
                                        f"pass an uncompressed model with --model instead")
         compression = config_dict["compression"]
         try:  # the headers only: each file's tensors are read when the model is ready for them
-            files, state = _stored_tensors(path)
+            files, state, weight_map = _stored_tensors(path)
         except (SafetensorError, OSError, ValueError) as error:
             raise CompressedModelError(f"{path}: the tensor files are damaged or truncated ({error}); "
                                        f"rerun step 3") from None
         tokenizer = _load_saved_tokenizer(path, config_dict)
     if dtype is None:
         dtype = _model_dtype(state, compression)
+    if stream and not path.endswith(".pt"):
+        model = _streamed_compressed(path, config_dict, compression, dtype, state, weight_map, fuse)
+        if model is not None:
+            return model, tokenizer, compression
     model = build_low_rank_model(config_dict, compression, dtype)
     _check_state(model, state, path)
     if path.endswith(".pt"):
@@ -526,14 +548,35 @@ def load_compressed(path: str, dtype: torch.dtype | None = None, fuse: bool = Fa
     return model, tokenizer, compression
 
 
+def _streamed_compressed(path: str, config_dict: dict, compression: dict, dtype: torch.dtype,
+                         state: dict[str, torch.Tensor], weight_map: dict[str, str], fuse: bool) -> nn.Module | None:
+    """load_compressed's streamed model: the low-rank model built on the meta device, checked
+    against the files' headers, its non-layer tensors read and a LayerStream attached whose
+    on_load checks (and with `fuse`, fuses) each layer as it is read; None when not streamable."""
+    from utils.model import layer_prefix, stream_layers_from
+    model = build_low_rank_model(config_dict, compression, dtype, device="meta")
+    _check_state(model, state, path)
+    prefix = layer_prefix(model)
+
+    def on_load(layer: nn.Module, index: int) -> None:
+        _check_columns(layer, path, f"{prefix}.{index}.")
+        if fuse:
+            fuse_shared_inputs(layer)
+
+    if not stream_layers_from(model, weight_map, None, on_load):
+        return None
+    return model  # (compression replaces only linears of the decoder layers: on_load checks them all)
+
+
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _stored_tensors(path: str) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """The safetensors files of a model directory (sharded with an index, or model.safetensors)
-    and every tensor they hold as a meta tensor of its shape and dtype, read from the headers."""
+def _stored_tensors(path: str) -> tuple[list[str], dict[str, torch.Tensor], dict[str, str]]:
+    """The safetensors files of a model directory (sharded with an index, or model.safetensors),
+    every tensor they hold as a meta tensor of its shape and dtype, read from the headers, and
+    the file of each (tensor name -> path)."""
     from safetensors import safe_open
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
@@ -542,12 +585,14 @@ def _stored_tensors(path: str) -> tuple[list[str], dict[str, torch.Tensor]]:
         names = ["model.safetensors"]
     files = [os.path.join(path, name) for name in names]
     state: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
     for file in files:
         with safe_open(file, framework="pt") as handle:
             for name in handle.keys():
                 entry = handle.get_slice(name)
                 state[name] = torch.empty(entry.get_shape(), dtype=SAFETENSORS_DTYPES[entry.get_dtype()], device="meta")
-    return files, state
+                weight_map[name] = file
+    return files, state, weight_map
 
 
 def _load_saved_tokenizer(path: str, config_dict: dict):
@@ -564,7 +609,7 @@ def _load_saved_tokenizer(path: str, config_dict: dict):
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     """CompressedModelError unless `state` (tensors, or meta tensors of their shapes and dtypes)
     has exactly the model's tensors, of its shapes."""
-    expected = model.state_dict()
+    expected = model.state_dict(keep_vars=True)  # the tensors themselves: tied ones are one (also on meta)
     # a tied lm_head is stored once (safetensors) or twice (.pt): one name per tied group suffices
     groups: dict[int, list[str]] = {}
     for name, tensor in expected.items():
@@ -586,9 +631,15 @@ def _check_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) ->
 
 def _check_loaded(model: nn.Module, path: str) -> None:
     model.tie_weights()
-    for name, module in model.named_modules():
+    _check_columns(model, path)
+
+
+def _check_columns(root: nn.Module, path: str, prefix: str = "") -> None:
+    """CompressedModelError unless every ColumnPreservedLinear under `root` covers its input
+    channels once each; `prefix`: root's qualified name, for the message."""
+    for name, module in root.named_modules():
         if isinstance(module, ColumnPreservedLinear) and module.c is not None:
             channels = torch.cat([module.svd_idx, module.col_idx]).sort().values
             if not torch.equal(channels, torch.arange(module.in_features, dtype=channels.dtype)):
-                raise CompressedModelError(f"{path}: {name}'s svd_idx and col_idx do not cover its "
+                raise CompressedModelError(f"{path}: {prefix}{name}'s svd_idx and col_idx do not cover its "
                                            f"{module.in_features} input channels once each; the file is damaged")

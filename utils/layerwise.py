@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from component.low_rank_linear import forget_fused_inputs
 from utils.capture import StopLayer, recording_inputs  # noqa: F401  (re-exported: the passes' names)
 from utils.model import copies_to, decoder_layers, layer_prefix, layer_stream, non_layer_modules_to
 from utils.stats import LayerStatsCollector
@@ -143,6 +144,9 @@ def layer_on_device(layer: nn.Module, device: torch.device | str, offload: torch
             restore()
         if not keep:
             layer.to(offload)  # a no-op for what restore() put back
+        # fused v factors (component.SharedInputProjection) made from the device tensors: a stale
+        # copy on the device that would stay there, layer after layer
+        forget_fused_inputs(layer)
 
 
 @torch.no_grad()

@@ -611,14 +611,21 @@ def safetensors_weight_map(directory: str) -> dict[str, str] | None:
 class LayerStream:
     """The decoder layers of a model built on the meta device, read from the checkpoint's
     safetensors files when the layer walk reaches them (load) and put back on meta after (release),
-    so that host memory holds the non-layer weights and about one layer whatever the depth."""
+    so that host memory holds the non-layer weights and about one layer whatever the depth.
 
-    def __init__(self, weight_map: dict[str, str], prefix: str, dtype: torch.dtype):
-        self.weight_map, self.prefix, self.dtype = weight_map, prefix, dtype
+    dtype: the dtype floating tensors are cast to as read (as from_pretrained does); None: each to
+    the dtype of the meta tensor it replaces (a compressed model's quantized layers keep their
+    float16 scales whatever the model's dtype, as a strict load into the built model gives them).
+    on_load(layer, index): called with each layer once it is read (checks, fusion)."""
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors from the files, cast to the model's dtype (as from_pretrained does)."""
-        from safetensors import safe_open
+    def __init__(self, weight_map: dict[str, str], prefix: str, dtype: torch.dtype | None,
+                 on_load: Callable[[nn.Module, int], None] | None = None):
+        self.weight_map, self.prefix, self.dtype, self.on_load = weight_map, prefix, dtype, on_load
+
+    def read(self, names: list[str], like: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors from the files, cast to the stream's dtype (or to that of the
+        tensor of the same name in `like`, when the stream has none)."""
+        from safetensors import SafetensorError, safe_open
         by_file: dict[str, list[str]] = {}
         for name in names:
             if name not in self.weight_map:
@@ -626,17 +633,22 @@ class LayerStream:
             by_file.setdefault(self.weight_map[name], []).append(name)
         tensors = {}
         for file, file_names in by_file.items():
-            with safe_open(file, framework="pt") as handle:
-                for name in file_names:
-                    tensor = handle.get_tensor(name)
-                    tensors[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    for name in file_names:
+                        tensor = handle.get_tensor(name)
+                        dtype = self.dtype if self.dtype is not None or like is None else like[name].dtype
+                        tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            except (SafetensorError, OSError) as error:
+                raise ModelSpecError(f"{file} is damaged or truncated ({error}); write it again") from None
         return tensors
 
     def layer_state(self, model: nn.Module, index: int) -> dict[str, torch.Tensor]:
         """Layer `index`'s state dict as loading it would give it, read from disk."""
-        names = list(decoder_layers(model)[index].state_dict())
-        tensors = self.read([f"{self.prefix}.{index}.{name}" for name in names])
-        return {name: tensors[f"{self.prefix}.{index}.{name}"] for name in names}
+        placeholders = decoder_layers(model)[index].state_dict()
+        qualified = {f"{self.prefix}.{index}.{name}": tensor for name, tensor in placeholders.items()}
+        tensors = self.read(list(qualified), qualified)
+        return {name: tensors[f"{self.prefix}.{index}.{name}"] for name in placeholders}
 
     def is_loaded(self, layer: nn.Module) -> bool:
         return not any(p.is_meta for p in layer.parameters())
@@ -647,6 +659,8 @@ class LayerStream:
         if self.is_loaded(layer):
             return
         _assign(layer, self.layer_state(model, index))
+        if self.on_load is not None:
+            self.on_load(layer, index)
 
     def release(self, model: nn.Module, index: int) -> None:
         """Put decoder layer `index` back on the meta device: its memory is freed."""
@@ -691,7 +705,7 @@ def _load_streamed(directory: str, weight_map: dict[str, str], dtype: torch.dtyp
                    num_layers: int | None) -> nn.Module | None:
     """The model of a safetensors checkpoint directory with its decoder layers on the meta device
     (LayerStream reads them later) and everything else loaded; None when this architecture cannot
-    be streamed (buffers in the decoder layers, or non-layer buffers without a rebuild rule)."""
+    be streamed (stream_layers_from)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(directory)
     if dtype == "auto":
@@ -706,11 +720,25 @@ def _load_streamed(directory: str, weight_map: dict[str, str], dtype: torch.dtyp
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     check_supported(model)
-    layers = decoder_layers(model)
-    if any(True for _ in layers.buffers()):
+    if not stream_layers_from(model, weight_map, dtype):
         return None
-    layer_ids = {id(t) for t in layers.parameters()}
+    model.config._name_or_path = directory  # as from_pretrained records it
+    return model
+
+
+def stream_layers_from(model: nn.Module, weight_map: dict[str, str], dtype: torch.dtype | None,
+                       on_load: Callable[[nn.Module, int], None] | None = None) -> bool:
+    """Make `model`, built on the meta device, a streamed model of the safetensors files of
+    `weight_map` (tensor name -> file): its non-layer tensors read, its rotary tables computed, a
+    LayerStream(weight_map, prefix, dtype, on_load) attached that reads each decoder layer when the
+    walk reaches it. False (the model left as it was) when this architecture cannot be streamed: a
+    layer buffer or a non-layer parameter the files lack (a renamed or converted checkpoint, whose
+    names only from_pretrained maps), or a non-layer buffer without a rebuild rule."""
+    layers = decoder_layers(model)
     prefix = layer_prefix(model)
+    if any(f"{prefix}.{name}" not in weight_map for name, _ in layers.named_buffers()):
+        return False
+    layer_ids = {id(t) for t in layers.parameters()}
     non_layer: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, parameter in model.named_parameters(remove_duplicate=False):
@@ -721,24 +749,25 @@ def _load_streamed(directory: str, weight_map: dict[str, str], dtype: torch.dtyp
             seen.add(id(parameter))
     missing = [name for name, p in model.named_parameters() if id(p) not in layer_ids and id(p) not in seen]
     if missing:
-        return None  # a renamed or converted checkpoint: let from_pretrained map it
-    stream = LayerStream(weight_map, prefix, dtype)
-    _assign(model, stream.read(list(non_layer)))
+        return False
+    rebuilt: list[tuple[nn.Module, nn.Module]] = []
     for module_name, module in model.named_modules():
         buffers = dict(module.named_buffers(recurse=False))
         if not buffers or module_name.startswith(prefix + "."):
             continue
         if "RotaryEmbedding" not in type(module).__name__:
-            return None
+            return False
         # non-persistent tables (inv_freq): recomputed as constructing the module does
         with torch.device("cpu"):
-            fresh = type(module)(config=module.config)
+            rebuilt.append((module, type(module)(config=module.config)))
+    stream = LayerStream(weight_map, prefix, dtype, on_load)
+    _assign(model, stream.read(list(non_layer), non_layer))
+    for module, fresh in rebuilt:
         for key, value in fresh.named_buffers(recurse=False):
             module._buffers[key] = value
     model.tie_weights()
-    model.config._name_or_path = directory  # as from_pretrained records it
     setattr(model, STREAM_ATTRIBUTE, stream)
-    return model
+    return True
 
 
 def _checkpoint_dtype(config, weight_map: dict[str, str]) -> torch.dtype:
