@@ -22,14 +22,14 @@ class Session:
     self_calibration: tuple | None = None  # (ids, what they are) the original model wrote (--dataset self)
 
 
-def streams_layers(steps: list[int] | set[int], save_path: str | None, fisher: bool, dataset: str | None) -> bool:
+def streams_layers(steps: list[int] | set[int], save_path: str | None, dataset: str | None) -> bool:
     """Whether the model's decoder layers are read from disk one at a time (utils.model.LayerStream):
-    when every step of the command goes layer by layer (1 and 3) and the output is a directory,
-    which step 3 writes layer by layer; other steps (and step 1's Fisher backward, self-calibration's
+    when every step of the command goes layer by layer (1, its Fisher backward included, and 3) and
+    the output is a directory, which step 3 writes layer by layer; other steps (and self-calibration's
     generation) need the whole model in memory."""
     from utils.data import SELF_DATASET
     return (set(steps) <= {1, 3} and not (3 in steps and (save_path or "").endswith(".pt"))
-            and not fisher and dataset != SELF_DATASET)
+            and dataset != SELF_DATASET)
 
 
 def ensure_model(session: Session, model: str, dtype: str, seed: int = 0, num_layers: int | None = None,
