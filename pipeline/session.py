@@ -22,19 +22,19 @@ class Session:
     self_calibration: tuple | None = None  # (ids, what they are) the original model wrote (--dataset self)
 
 
-def streams_layers(steps: list[int] | set[int], save_path: str | None, fisher: bool, dataset: str | None,
+def streams_layers(steps: list[int] | set[int], save_path: str | None, dataset: str | None,
                    whole_model: bool = False) -> bool:
     """Whether the model's decoder layers are read from disk one at a time (utils.model.LayerStream):
     when every step of the command goes layer by layer and writes, if it writes, layer by layer:
-    steps 1 and 3 (step 3's output a directory), or steps 4 and 8 (perplexity by a layer walk;
-    step 8's output a directory) after step 1 or alone. Step 3 followed by 4 or 8 hands them its
-    model in memory, whole; other steps, step 1's Fisher backward, self-calibration's generation
-    and `whole_model` (a flag that runs the whole model: --ask, --device_map, --eval_chat) need the
-    whole model in memory."""
+    steps 1 (its Fisher backward included) and 3 (step 3's output a directory), or steps 4 and 8
+    (perplexity by a layer walk; step 8's output a directory) after step 1 or alone. Step 3
+    followed by 4 or 8 hands them its model in memory, whole; other steps, self-calibration's
+    generation and `whole_model` (a flag that runs the whole model: --ask, --device_map,
+    --eval_chat) need the whole model in memory."""
     from utils.data import SELF_DATASET
     steps = set(steps)
     pt_output = (save_path or "").endswith(".pt")
-    if whole_model or fisher or dataset == SELF_DATASET or (steps & {3, 8} and pt_output):
+    if whole_model or dataset == SELF_DATASET or (steps & {3, 8} and pt_output):
         return False
     return steps <= {1, 3} or steps <= {1, 4, 8}
 

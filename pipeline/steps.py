@@ -190,8 +190,6 @@ def profile_model(model: torch.nn.Module, windows: torch.Tensor, device: torch.d
             return None
         from utils.fisher import fisher_information
         start = time.perf_counter()
-        from utils.model import load_all_layers
-        load_all_layers(model)  # the backward pass needs every layer (not streamed from disk)
         values, summary = fisher_information(model, windows, device, scratch_dir=scratch_dir)
         full_meta["fisher"] = {**summary, "seconds": round(time.perf_counter() - start, 3)}
         return values

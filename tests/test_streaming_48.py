@@ -168,12 +168,12 @@ def test_step4_streamed_holds_at_most_two_layers(deep_dir, compressed_dir, tmp_p
 
 
 def test_step4_with_eval_chat_or_device_map_loads_whole():
-    assert pipeline.session.streams_layers([4], None, False, "random")
-    assert pipeline.session.streams_layers([1, 8], "out", False, "random")
-    assert not pipeline.session.streams_layers([4], None, False, "random", whole_model=True)
-    assert not pipeline.session.streams_layers([3, 4], "out", False, "random")  # step 3's model in memory
-    assert not pipeline.session.streams_layers([8], "out.pt", False, "random")
-    assert not pipeline.session.streams_layers([5], None, False, "random")
+    assert pipeline.session.streams_layers([4], None, "random")
+    assert pipeline.session.streams_layers([1, 8], "out", "random")
+    assert not pipeline.session.streams_layers([4], None, "random", whole_model=True)
+    assert not pipeline.session.streams_layers([3, 4], "out", "random")  # step 3's model in memory
+    assert not pipeline.session.streams_layers([8], "out.pt", "random")
+    assert not pipeline.session.streams_layers([5], None, "random")
 
 
 @pytest.mark.parametrize("quant", [["--nsamples", "4", "--wbits", "4", "--groupsize", "32"],

@@ -18,7 +18,9 @@ lm_head) enters the last layer, and each layer in turn goes to the device, reads
 (memory-mapped), recomputes one window at a time with gradients, adds that window's squared weight
 gradients, and hands the input gradient to the layer below. One layer, one window's activations
 and the per-window output gradients of two layers (this one's, the one below's) are on the device
-at a time; the disk holds every layer's inputs (layers x N x L x d in the model's dtype).
+at a time; the disk holds every layer's inputs (layers x N x L x d in the model's dtype). A streamed
+model (utils.model.LayerStream) has each layer read from its checkpoint when the backward reaches it
+and put back on the meta device after, as the forward walk does: the host holds about one layer.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.layerwise import LayerContext, call_layer, layer_on_device, walk_layers
-from utils.model import decoder_layers, head_on_hidden, layer_linear_units, layer_prefix, target_linears
+from utils.model import (decoder_layers, head_on_hidden, layer_linear_units, layer_prefix, layer_stream,
+                         target_linears)
 
 
 def fisher_information(model: nn.Module, windows: torch.Tensor, device: torch.device | str,
@@ -71,27 +74,36 @@ def fisher_information(model: nn.Module, windows: torch.Tensor, device: torch.de
                 losses.append(float(loss.detach()))
         del outputs
         fisher: dict[str, torch.Tensor] = {}
+        stream = layer_stream(model)
         for index in tqdm(reversed(range(len(layers))), total=len(layers), desc="fisher backward"):
             layer_inputs = torch.load(kept(index), mmap=True, weights_only=True)
             below = torch.empty(layer_inputs.shape, dtype=gradients.dtype, device=device) if index else None
-            # device copies of the weights: their requires_grad is set here and dropped with them
-            with layer_on_device(layers[index], device, offload) as layer:
-                linears = target_linears(layer)
-                sums = {name: torch.zeros(linear.in_features, dtype=torch.float64, device=device)
-                        for name, linear in linears.items()}
-                for linear in linears.values():
-                    linear.weight.requires_grad_(True)
-                weights = [linear.weight for linear in linears.values()]
-                for w in range(num_windows):
-                    hidden = layer_inputs[w:w + 1].to(device).requires_grad_(index > 0)
-                    with torch.enable_grad():
-                        output = call_layer(layer, hidden, layer_args[index])
-                        wanted = ([hidden] if index > 0 else []) + weights
-                        grads = torch.autograd.grad(output, wanted, grad_outputs=gradients[w:w + 1])
-                    if index > 0:
-                        below[w:w + 1] = grads[0]
-                    for name, grad in zip(linears, grads[1 if index > 0 else 0:]):
-                        sums[name] += grad.to(torch.float64).square().sum(0)
+            if stream is not None:  # a streamed model: the layer is read from disk now, put back on meta after
+                stream.load(model, index)
+            try:
+                # device copies of the weights: their requires_grad is set here and dropped with them
+                with layer_on_device(layers[index], device, offload) as layer:
+                    linears = target_linears(layer)
+                    sums = {name: torch.zeros(linear.in_features, dtype=torch.float64, device=device)
+                            for name, linear in linears.items()}
+                    for linear in linears.values():
+                        linear.weight.requires_grad_(True)
+                    weights = [linear.weight for linear in linears.values()]
+                    for w in range(num_windows):
+                        hidden = layer_inputs[w:w + 1].to(device).requires_grad_(index > 0)
+                        with torch.enable_grad():
+                            output = call_layer(layer, hidden, layer_args[index])
+                            wanted = ([hidden] if index > 0 else []) + weights
+                            grads = torch.autograd.grad(output, wanted, grad_outputs=gradients[w:w + 1])
+                        if index > 0:
+                            below[w:w + 1] = grads[0]
+                        for name, grad in zip(linears, grads[1 if index > 0 else 0:]):
+                            sums[name] += grad.to(torch.float64).square().sum(0)
+                    # the weight copies share the loaded layer's storage: drop them before the next layer is read
+                    layer = linears = weights = output = grads = hidden = None
+            finally:
+                if stream is not None:
+                    stream.release(model, index)
             for name, total in sums.items():
                 fisher[f"{prefix}.{index}.{name}"] = (total / num_windows).sqrt().cpu()
             gradients = below
