@@ -38,7 +38,8 @@ def ensure_model(session: Session, model: str, dtype: str, seed: int = 0, num_la
     model_path: a compressed model (utils.io.load_compressed) loaded instead of `model` (a model
     spec for utils.model.load_model: alias, directory, .gguf file, hub id or random preset);
     dtype: a utils.model.DTYPES name or "auto" (as saved); stream: `model`'s decoder layers stay
-    on disk until used (streams_layers)."""
+    on disk until used (streams_layers); with model_path, the compressed model's decoder layers stay on
+    disk (utils.io.load_compressed stream=True, not fused) for a step that reads them from there (step 7)."""
     if session.model is not None:
         return session
     from utils.io import load_compressed
@@ -47,7 +48,7 @@ def ensure_model(session: Session, model: str, dtype: str, seed: int = 0, num_la
     if model_path:
         loaded_dtype = None if dtype == "auto" else DTYPES[dtype]  # None: as it was saved
         # fused: the v factors of q/k/v and gate/up run as one matmul (float rounding only)
-        loaded, tokenizer, compression = load_compressed(model_path, loaded_dtype, fuse=True)
+        loaded, tokenizer, compression = load_compressed(model_path, loaded_dtype, fuse=not stream, stream=stream)
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
         session.model, session.tokenizer, session.compression = loaded, tokenizer, compression

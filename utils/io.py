@@ -148,6 +148,11 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
     dtype it was compressed in as compressed_dtype)."""
     from safetensors.torch import save_file
     from component.low_rank_linear import unshare_inputs
+    from utils.model import layer_stream, load_all_layers
+    if layer_stream(model) is not None:
+        if not path.endswith(".pt"):  # layer by layer from where the stream reads them
+            return _save_streamed(model, tokenizer, path, compression, dtype, overwrite, protected)
+        load_all_layers(model)  # one .pt file is written from the whole state dict
     if unshare_inputs(model):  # fused v factors share one storage, which safetensors refuses
         try:
             return save_compressed(model, tokenizer, path, compression, dtype, overwrite, protected)
@@ -175,6 +180,20 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
         for keep in KEEP_SUBDIRS:
             if os.path.isdir(os.path.join(path, keep)):
                 os.replace(os.path.join(path, keep), os.path.join(temporary, keep))
+
+
+def _save_streamed(model: nn.Module, tokenizer, path: str, compression: dict, dtype: torch.dtype | None,
+                   overwrite: bool, protected: tuple[str, ...]) -> None:
+    """save_compressed of a model whose decoder layers are streamed (utils.model.layer_stream): each layer
+    read from its files and written to its shard (ShardedModelWriter, not resumed), one at a time."""
+    from utils.model import decoder_layers, layer_prefix, layer_state_dict
+    prefix, count = layer_prefix(model), len(decoder_layers(model))
+    with ShardedModelWriter(path, count, {}, overwrite, dtype, protected, resume=False) as writer:
+        for index in range(count):
+            tensors = layer_state_dict(model, index)
+            writer.write_layer(index, {f"{prefix}.{index}.{name}": tensor for name, tensor in tensors.items()}, {})
+            del tensors
+        writer.finish(model, tokenizer, compression)
 
 
 def _apply_save_dtype(model: nn.Module, compression: dict, dtype: torch.dtype | None) -> None:
@@ -270,6 +289,9 @@ class ShardedModelWriter:
             writer.write_layer(index, tensors, state)  # for every finished layer, in order
             writer.finish(model, tokenizer, compression)
 
+    resume=False: a killed run's temporary is never continued (removed as stale), for outputs that
+    are not a function of the identity alone.
+
     save_compressed's rules hold: check_output_path (overwrite, protected) before anything is
     written; `dtype` (None: the model's own) is the dtype of the floating tensors written (each
     layer's shard is cast as it is written; the rest of the model is cast in place by finish, which
@@ -278,9 +300,9 @@ class ShardedModelWriter:
     """
 
     def __init__(self, path: str, num_layers: int, identity: dict, overwrite: bool = False,
-                 dtype: torch.dtype | None = None, protected: tuple[str, ...] = ()):
+                 dtype: torch.dtype | None = None, protected: tuple[str, ...] = (), resume: bool = True):
         from utils.model import dtype_name
-        self.path, self.num_layers, self.overwrite = path, num_layers, overwrite
+        self.path, self.num_layers, self.overwrite, self.resume = path, num_layers, overwrite, resume
         self.dtype, self.protected = dtype, protected
         # shards of another save dtype are not this run's
         self.identity = {**identity, "save dtype": None if dtype is None else dtype_name(dtype)}
@@ -297,7 +319,7 @@ class ShardedModelWriter:
         check_output_path(self.path, "model", self.overwrite, self.protected)
         self._stack = contextlib.ExitStack()
         self.temporary = self._stack.enter_context(
-            atomic_path(self.path, adopt=resumable("model", self.identity, self.overwrite)))
+            atomic_path(self.path, adopt=resumable("model", self.identity, self.overwrite) if self.resume else None))
         progress = read_progress(self.temporary) if os.path.isdir(self.temporary) else None
         if progress is not None:
             self.layers_done, self.state = int(progress["layers_done"]), progress.get("state")
@@ -470,13 +492,18 @@ def safetensors_tensor_bytes(path: str) -> dict[str, int]:
             for name, entry in header.items() if name != "__metadata__"}
 
 
-def load_compressed(path: str, dtype: torch.dtype | None = None, fuse: bool = False) -> tuple[nn.Module, object, dict]:
+def load_compressed(path: str, dtype: torch.dtype | None = None, fuse: bool = False,
+                    stream: bool = False) -> tuple[nn.Module, object, dict]:
     """Load a compressed model on the CPU: (model, tokenizer or None, compression block).
 
     `fuse`: low-rank layers that read one input (q/k/v, gate/up) run their v factors as one
     matmul (utils.model.fuse_shared_inputs): the same tensors and names, the same outputs to
     float rounding (two matmul shapes round differently); off, the model computes exactly as
-    the one that was saved. The CLI and the trust_remote_code loader fuse."""
+    the one that was saved. The CLI and the trust_remote_code loader fuse.
+    `stream` (a directory, not quantized, not fused): the decoder layers stay on the meta device
+    and a utils.model.LayerStream reads them from the files when asked (utils.model.layer_stream);
+    only the embeddings, final norm and head are loaded. Ignored where that cannot be done (a .pt
+    file, a quantized model, buffers in the layers that no file holds): then the model is loaded whole."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from utils.outputs import recover_interrupted_swap
@@ -508,6 +535,10 @@ def load_compressed(path: str, dtype: torch.dtype | None = None, fuse: bool = Fa
         tokenizer = _load_saved_tokenizer(path, config_dict)
     if dtype is None:
         dtype = _model_dtype(state, compression)
+    if stream and not fuse and not path.endswith(".pt") and not quantized_modules(compression):
+        streamed = _load_compressed_streamed(path, config_dict, compression, dtype, state)
+        if streamed is not None:
+            return streamed, tokenizer, compression
     model = build_low_rank_model(config_dict, compression, dtype)
     _check_state(model, state, path)
     if path.endswith(".pt"):
@@ -524,6 +555,33 @@ def load_compressed(path: str, dtype: torch.dtype | None = None, fuse: bool = Fa
     if fuse:
         fuse_shared_inputs(model)
     return model, tokenizer, compression
+
+
+def _load_compressed_streamed(path: str, config_dict: dict, compression: dict, dtype: torch.dtype,
+                              state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """load_compressed(stream=True): the low-rank model built on the meta device, its non-layer
+    tensors read from the files and its rotary tables recomputed, the layers left to a LayerStream;
+    None when a tensor of the model is in no file (a non-persistent buffer) or a non-layer buffer
+    has no rebuild rule."""
+    from utils.model import (STREAM_ATTRIBUTE, LayerStream, _assign, layer_prefix, rebuild_rotary_buffers,
+                             safetensors_weight_map)
+    with torch.device("meta"):
+        model = build_low_rank_model(config_dict, compression, dtype)
+    _check_state(model, state, path)
+    stored = set(state)
+    tied_names = {name for name, _ in model.named_parameters(remove_duplicate=False)} - \
+        {name for name, _ in model.named_parameters()}
+    if any(name not in stored for name in model.state_dict() if name not in tied_names):
+        return None
+    if not rebuild_rotary_buffers(model):
+        return None
+    prefix = layer_prefix(model)
+    stream = LayerStream(safetensors_weight_map(path), prefix, dtype)
+    _assign(model, stream.read([name for name in model.state_dict() if not name.startswith(prefix + ".")
+                                and name in stored and name not in tied_names]))
+    model.tie_weights()
+    setattr(model, STREAM_ATTRIBUTE, stream)
+    return model
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -564,7 +622,7 @@ def _load_saved_tokenizer(path: str, config_dict: dict):
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     """CompressedModelError unless `state` (tensors, or meta tensors of their shapes and dtypes)
     has exactly the model's tensors, of its shapes."""
-    expected = model.state_dict()
+    expected = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object, also on meta
     # a tied lm_head is stored once (safetensors) or twice (.pt): one name per tied group suffices
     groups: dict[int, list[str]] = {}
     for name, tensor in expected.items():

@@ -539,12 +539,19 @@ class Placement:
 
 
 def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map: str | None = None,
-                max_memory: dict[int | str, int] | None = None, offload_folder: str | None = None) -> Placement:
+                max_memory: dict[int | str, int] | None = None, offload_folder: str | None = None,
+                offload_index: dict[str, dict] | None = None,
+                materialise: Callable[[dict[str, str | int]], None] | None = None) -> Placement:
     """Put `model` where evaluation runs it: wholly on `device`, or (device_map auto | balanced |
     sequential) dispatched by accelerate over the GPUs, the CPU and disk within `max_memory`
     (None: what every device has free). Decoder layers are never split across devices.
     Disk-offloaded weights go to a fresh folder inside `offload_folder` (default: the system's
-    temporary folder), removed when the model is freed or the process exits."""
+    temporary folder), removed when the model is freed or the process exits.
+
+    offload_index (accelerate's: tensor name -> {"safetensors_file", "weight_name", "dtype"}): the
+    model's tensors may be on the meta device, and those of the modules mapped to disk are read from
+    these files when they run (nothing is written); materialise(device map) is called before the
+    dispatch and must make every tensor of the modules not mapped to disk real, on the CPU."""
     import shutil
     import tempfile
     import weakref
@@ -570,7 +577,7 @@ def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map
         raise ModelSpecError(f"--max_memory {given} (bytes): no part of the model fits on any device (everything "
                              f"would go to disk); raise the budget so at least the embeddings fit")
     offload_dir = None
-    if "disk" in mapping.values():
+    if "disk" in mapping.values() and offload_index is None:
         if offload_folder:
             os.makedirs(offload_folder, exist_ok=True)
         offload_dir = tempfile.mkdtemp(prefix="svd-offload-", dir=offload_folder)
@@ -581,8 +588,11 @@ def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map
         held[str(device)] = held.get(str(device), 0) + int(sizes[name])
     executing = [d for d in mapping.values() if d not in ("cpu", "disk")]
     main = executing[0] if executing else "cpu"  # the embedding's device, where inputs enter
-    model.to("cpu")
-    dispatch_model(model, mapping, main_device=main, offload_dir=offload_dir)
+    if offload_index is None:
+        model.to("cpu")
+    elif materialise is not None:
+        materialise(mapping)
+    dispatch_model(model, mapping, main_device=main, offload_dir=offload_dir, offload_index=offload_index)
     return Placement(torch.device(f"cuda:{main}" if isinstance(main, int) else main), mapping, device_map,
                      max_memory, offload_dir, held)
 
@@ -724,21 +734,30 @@ def _load_streamed(directory: str, weight_map: dict[str, str], dtype: torch.dtyp
         return None  # a renamed or converted checkpoint: let from_pretrained map it
     stream = LayerStream(weight_map, prefix, dtype)
     _assign(model, stream.read(list(non_layer)))
+    if not rebuild_rotary_buffers(model):
+        return None
+    model.tie_weights()
+    model.config._name_or_path = directory  # as from_pretrained records it
+    setattr(model, STREAM_ATTRIBUTE, stream)
+    return model
+
+
+def rebuild_rotary_buffers(model: nn.Module) -> bool:
+    """Recompute, on the CPU, the non-layer buffers of a model built on the meta device: rotary
+    tables (inv_freq), non-persistent, so in no checkpoint file, built as constructing the module
+    builds them. False when a module outside the decoder layers has another kind of buffer."""
+    prefix = layer_prefix(model)
     for module_name, module in model.named_modules():
         buffers = dict(module.named_buffers(recurse=False))
         if not buffers or module_name.startswith(prefix + "."):
             continue
         if "RotaryEmbedding" not in type(module).__name__:
-            return None
-        # non-persistent tables (inv_freq): recomputed as constructing the module does
+            return False
         with torch.device("cpu"):
             fresh = type(module)(config=module.config)
         for key, value in fresh.named_buffers(recurse=False):
             module._buffers[key] = value
-    model.tie_weights()
-    model.config._name_or_path = directory  # as from_pretrained records it
-    setattr(model, STREAM_ATTRIBUTE, stream)
-    return model
+    return True
 
 
 def _checkpoint_dtype(config, weight_map: dict[str, str]) -> torch.dtype:
