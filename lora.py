@@ -789,6 +789,7 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
     before = factor_fingerprint(model)
     first = next(model.parameters())
     home_dtype, home_device = first.dtype, first.device
+    del first  # (no reference of ours keeps a tensor alive that a dispatched stage frees)
     home = _float_dtypes(model)
     pad_id = _pad_id(tokenizer)
     stages = []

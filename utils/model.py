@@ -549,9 +549,10 @@ def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map
     temporary folder), removed when the model is freed or the process exits.
 
     offload_index (accelerate's: tensor name -> {"safetensors_file", "weight_name", "dtype"}): the
-    model's tensors may be on the meta device, and those of the modules mapped to disk are read from
-    these files when they run (nothing is written); materialise(device map) is called before the
-    dispatch and must make every tensor of the modules not mapped to disk real, on the CPU."""
+    decoder layers' tensors may be on the meta device, and those of the layers mapped to disk are read
+    from these files when they run (nothing is written); materialise(device map) is called before the
+    dispatch and must make every tensor of the layers not mapped to disk real, on the CPU. The other
+    modules (embeddings, final norm, head: in memory already) go to the CPU where the map says disk."""
     import shutil
     import tempfile
     import weakref
@@ -576,6 +577,10 @@ def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map
         given = ",".join(f"{device}={size}" for device, size in (max_memory or {}).items())
         raise ModelSpecError(f"--max_memory {given} (bytes): no part of the model fits on any device (everything "
                              f"would go to disk); raise the budget so at least the embeddings fit")
+    if offload_index is not None:  # loaded already, and read whole from disk at every forward otherwise
+        layers = layer_prefix(model) + "."
+        mapping = {name: "cpu" if device == "disk" and not (name + ".").startswith(layers)
+                   and not layers.startswith(name + ".") else device for name, device in mapping.items()}
     offload_dir = None
     if "disk" in mapping.values() and offload_index is None:
         if offload_folder:
