@@ -1228,7 +1228,12 @@ def run_lora(args: argparse.Namespace, session: Session) -> dict:
     """Step 7: SVD-LLM's sequential LoRA (U then V, lora.py) on the model step 3 left or on
     --model_path; saved, same ranks and parameter count, to --save_path."""
     import lora
+    from pipeline.session import ensure_model as load_into
     from pipeline.steps import PipelineError
+    if (session.model is None and args.model_path and max(s for s in args.steps if s in MODEL_STEPS) == 7
+            and lora.streams_layers(args.lora_options, args.model_path)):
+        # --device_map with --offload_folder: the decoder layers stay on disk, read where they run
+        load_into(session, args.model, args.dtype, args.seed, model_path=args.model_path, stream=True, fuse=False)
     ensure_model(args, session, prefer_compressed=True)
     if session.compression is None:
         raise PipelineError("step 7 fine-tunes a compressed model: give --model_path or run step 3 first")

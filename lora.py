@@ -30,7 +30,17 @@ the GPUs in turn, then the CPU, then disk; an offloaded layer's frozen weights c
 device when it runs. The adapters stay out of the offloading, on the execution device of their layer;
 the hooks are removed and every tensor put back before merging. Same training as without it (tested
 with a layer offloaded to disk). Give --gradient_checkpointing with it: otherwise autograd keeps the
-weights each offloaded layer brought to the device until the backward pass. --lora_offload_layers keeps the decoder layers on the host: each comes to the device when it runs
+weights each offloaded layer brought to the device until the backward pass (dispatched, the recomputation
+runs each layer to its end, so the hooks put back every weight they brought in).
+With --offload_folder too (and a compressed model directory, --lora_frozen_dtype model, step 7 the last
+model step) the model is never whole in host memory: it is built on the meta device with only the
+embeddings, final norm and head read (utils.io.load_compressed stream=True); the layers the device map
+sends to disk are read from the checkpoint's safetensors files where they run (accelerate's offload
+index: nothing is copied), the others just before the dispatch; each stage's adapters are merged layer
+by layer (a layer read, merged in float32, written to a folder inside --offload_folder, put back on
+meta), and the output is written layer by layer from those files (utils.io.ShardedModelWriter). Same
+losses and factors as the model held whole (tested); host memory holds the embeddings, the layers the CPU
+budget keeps and the layer running. --lora_offload_layers keeps the decoder layers on the host: each comes to the device when it runs
 (utils.layerwise.layer_on_device: one at a time) and its forward is checkpointed around that move,
 so the backward pass brings it in again to recompute it; only the adapters, the embeddings, final
 norm and lm_head, and each layer's input (per micro-batch) stay on the device. Same training as
@@ -62,20 +72,21 @@ loss, logged before and after each stage (and every --eval_steps).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from component import ColumnPreservedLinear, LowRankLinear
 from utils.data import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT
-from utils.model import linear_units
+from utils.model import layer_stream, linear_units
 
 IGNORE_INDEX = -100  # label of a token that is not scored (the prompt of an Alpaca row, padding)
 FACTORS = ("u", "v")
@@ -412,25 +423,34 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=targets, bias="none")
     offload = next(model.parameters()).device  # where the layers stay with offload_layers
-    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+    stream = layer_stream(model)
+    if stream is not None and not options.device_map:
+        raise LoraError("the decoder layers are on disk (a streamed model): train with --device_map")
+    with warnings.catch_warnings(), _real_stand_ins([model.get_submodule(t) for t in targets]):
+        # peft reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft_model = get_peft_model(model, config)  # float32 adapters also on a float16 / bfloat16 model
     checkpointing = options.gradient_checkpointing and not options.offload_layers  # (offloading checkpoints itself)
     if checkpointing:  # non-reentrant: no input needs requires_grad (the embeddings are frozen)
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        # dispatched: the recomputation runs each layer to its end, so that accelerate's hooks put every
+        # weight they brought in back on meta (stopping early leaves the last one real in each layer)
+        model.activation_checkpointing_enable({"use_reentrant": False, "early_stop": not options.device_map})
     unstream, placed = None, None
     try:
         if options.offload_layers:
             unstream = _stream_layers(model, device, offload)
         if options.device_map:
-            unstream, device, placed = _dispatch(model, device, options)
+            unstream, device, placed = _dispatch(model, device, options, stream)
         record = _train_adapters(peft_model, factor, len(targets), examples, options, device, pad_id, progress)
         if placed is not None:
             record["placement"] = {k: v for k, v in placed.items() if k != "offload_dir"}  # (removed after)
         if unstream is not None:
             unstream, undo = None, unstream
             undo()
-        _merge_in_float32(peft_model, factor)
+        if stream is None:
+            _merge_in_float32(peft_model, factor)
+        else:
+            _merge_streamed(model, stream, factor)
     except BaseException:  # an interrupted stage leaves the model as it was: adapters dropped unmerged
         if unstream is not None:
             unstream, undo = None, unstream
@@ -494,15 +514,20 @@ def _stream_layers(model: nn.Module, device: torch.device | str, offload: torch.
     return undo
 
 
-def _dispatch(model: nn.Module, device: torch.device | str,
-              options: LoraOptions) -> tuple[Callable[[], None], torch.device, dict]:
+def _dispatch(model: nn.Module, device: torch.device | str, options: LoraOptions,
+              stream=None) -> tuple[Callable[[], None], torch.device, dict]:
     """Train with the model (its adapters added) dispatched by accelerate (utils.model.place_model:
     options.device_map within options.max_memory over the GPUs, the CPU and disk; decoder layers never
     split): an offloaded layer's frozen weights come to its execution device when it runs. The
     adapters are kept out of the offloading (their hooks removed, their own tensors on the execution
     device), so the optimizer updates the tensors the forward uses. Returns the function that removes
     the hooks and puts every original tensor back (the adapters with their trained values), the
-    device the inputs go to, and the placement's record."""
+    device the inputs go to, and the placement's record.
+
+    `stream` (utils.model.LayerStream; the decoder layers on the meta device): the layers mapped to
+    disk are read from the stream's safetensors files when they run (accelerate's offload_index, nothing
+    written), those mapped elsewhere are read from them before the dispatch; undo puts every layer
+    back on the meta device."""
     import shutil
 
     from accelerate.hooks import remove_hook_from_module, remove_hook_from_submodules
@@ -512,8 +537,11 @@ def _dispatch(model: nn.Module, device: torch.device | str,
     unshare_inputs(model)  # place_model would: each v its own tensor, so that the snapshot below is what it moves
     originals = [(store, key, tensor, tensor.device) for module in model.modules()
                  for store in (module._parameters, module._buffers) for key, tensor in store.items() if tensor is not None]
+    index, materialise = (None, None) if stream is None else (_offload_index(model, stream),
+                                                              lambda mapping: _materialise_placed(model, stream, mapping))
     try:
-        placement = place_model(model, device, options.device_map, options.max_memory, options.offload_folder)
+        placement = place_model(model, device, options.device_map, options.max_memory, options.offload_folder,
+                                index, materialise)
     except ModelSpecError as error:
         raise LoraError(str(error)) from None
     for module in model.modules():  # trainable tensors that went to the offload: theirs back, on the device
@@ -521,6 +549,7 @@ def _dispatch(model: nn.Module, device: torch.device | str,
         mine = [(key, p) for key, p in module._parameters.items() if p is not None and p.requires_grad]
         if hook is not None and mine and any(p.device.type == "meta" for _, p in mine):
             execution = getattr(hook, "execution_device", None) or placement.input_device
+            hook.offload = False  # nothing to read back: the original tensors are put in place below
             remove_hook_from_module(module)
             for key, _ in mine:
                 original = next(t for s, k, t, _ in originals if s is module._parameters and k == key)
@@ -561,6 +590,116 @@ def _merge_in_float32(peft_model: nn.Module, factor: str) -> None:
             raise LoraError(f"after the LoRA {factor} stage {name} has |entry| {largest:.4g}, which does not fit in "
                             f"{weight.dtype}; rerun with --dtype float32 or a lower --learning_rate")
         weight.data = merged.to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------- layers on disk
+
+BASE_LAYER = ".base_layer."  # where peft puts an adapted linear's own tensors
+
+
+def _stored_name(name: str) -> str:
+    """The checkpoint's name of a tensor of the adapted model (peft's base_layer level dropped)."""
+    return name.replace(BASE_LAYER, ".")
+
+
+@contextlib.contextmanager
+def _real_stand_ins(linears: list[nn.Module]) -> Iterator[None]:
+    """Give each linear whose weight is on the meta device (a layer left on disk) a real CPU stand-in of
+    its shape and dtype (one element, expanded) while peft adds the adapters: peft builds them on the CPU,
+    drawing the same random values in the same order as for a model in memory, and moves them to the
+    base weight's device, which would be meta. The meta weights are put back afterwards."""
+    swapped = []
+    for linear in linears:
+        weight = linear._parameters.get("weight")
+        if weight is not None and weight.is_meta:
+            linear._parameters["weight"] = nn.Parameter(torch.zeros((), dtype=weight.dtype).expand(weight.shape),
+                                                       requires_grad=weight.requires_grad)
+            swapped.append((linear, weight))
+    try:
+        yield
+    finally:
+        for linear, weight in swapped:
+            weight.requires_grad_(linear._parameters["weight"].requires_grad)  # peft froze the base weight
+            linear._parameters["weight"] = weight
+
+
+def _layer_index(model: nn.Module, name: str) -> int | None:
+    """The decoder layer a tensor name of the model belongs to, None for the non-layer tensors."""
+    from utils.model import layer_prefix
+    prefix = layer_prefix(model) + "."
+    return int(name[len(prefix):].split(".", 1)[0]) if name.startswith(prefix) else None
+
+
+def _offload_index(model: nn.Module, stream) -> dict[str, dict]:
+    """accelerate's offload index of every stored tensor of the model (the adapters are not; a tied
+    head is stored under the embedding's name): the file the stream reads it from, its name there, and
+    the model's dtype (a checkpoint saved in another is cast). Whatever the device map sends to disk is
+    read from there: the layers (on the meta device) and the frozen non-layer tensors alike."""
+    from utils.model import dtype_name
+    return {name: {"safetensors_file": stream.weight_map[_stored_name(name)], "weight_name": _stored_name(name),
+                   "dtype": dtype_name(tensor.dtype)}
+            for name, tensor in model.state_dict(keep_vars=True).items() if _stored_name(name) in stream.weight_map}
+
+
+def _load_layer(model: nn.Module, stream, index: int) -> None:
+    """Decoder layer `index`'s meta tensors read from the stream's files, as new parameters / buffers on
+    the CPU (the meta ones are what the dispatch's undo restores)."""
+    from utils.model import decoder_layers, layer_prefix
+    layer = decoder_layers(model)[index]
+    meta = {name: tensor for name, tensor in layer.state_dict(keep_vars=True).items() if tensor.is_meta}
+    if not meta:
+        return
+    prefix = f"{layer_prefix(model)}.{index}."
+    # cast to the dtype the model was built in (the stream of a compressed model keeps the stored ones)
+    read = stream.read([prefix + _stored_name(name) for name in meta],
+                       {prefix + _stored_name(name): tensor for name, tensor in meta.items()})
+    for name, old in meta.items():
+        owner_name, _, key = name.rpartition(".")
+        owner = layer.get_submodule(owner_name) if owner_name else layer
+        tensor = read[prefix + _stored_name(name)]
+        if key in owner._parameters:
+            owner._parameters[key] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+        else:
+            owner._buffers[key] = tensor
+
+
+def _materialise_placed(model: nn.Module, stream, mapping: dict[str, str | int]) -> None:
+    """Before the dispatch: read every decoder layer that `mapping` does not send to disk."""
+    from utils.model import decoder_layers, layer_prefix
+    prefix = layer_prefix(model)
+    for index in range(len(decoder_layers(model))):
+        name = f"{prefix}.{index}"
+        owner = max((key for key in mapping if key == "" or name == key or name.startswith(key + ".")), key=len)
+        if mapping[owner] != "disk":
+            _load_layer(model, stream, index)
+
+
+def _merge_streamed(model: nn.Module, stream, factor: str) -> None:
+    """The streamed form of _merge_in_float32: layer by layer, the layer read from the stream's files,
+    its adapters merged in float32, the layer written to a new file in the stream's work folder
+    (utils.io: stream.work_dir) and put back on the meta device. The stream reads the new files only
+    once every layer is written, so an error leaves it as it was."""
+    from safetensors.torch import save_file
+
+    from utils.model import decoder_layers, layer_prefix
+    layers = decoder_layers(model)
+    moved: dict[str, str] = {}
+    for index, layer in enumerate(layers):
+        _load_layer(model, stream, index)
+        _merge_in_float32(layer, factor)
+        prefix = f"{layer_prefix(model)}.{index}."
+        tensors = {prefix + _stored_name(name): tensor.detach().contiguous()
+                   for name, tensor in layer.state_dict().items() if ".lora_" not in name}
+        path = os.path.join(stream.work_dir, f"{factor}-{index:05d}.safetensors")
+        save_file(tensors, path, metadata={"format": "pt"})
+        moved.update((name, path) for name in tensors)
+        del tensors
+        layer.to("meta")
+    stale = {stream.weight_map[name] for name in moved} - set(moved.values())
+    stream.weight_map.update(moved)
+    for path in stale:  # an earlier stage's files (never the checkpoint's own)
+        if os.path.dirname(path) == stream.work_dir:
+            os.remove(path)
 
 
 def _train_adapters(peft_model: nn.Module, factor: str, n_modules: int, examples: Examples, options: LoraOptions,
@@ -652,10 +791,16 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
     before = factor_fingerprint(model)
     first = next(model.parameters())
     home_dtype, home_device = first.dtype, first.device
+    del first  # (no reference of ours keeps a tensor alive that a dispatched stage frees)
     home = _float_dtypes(model)
     pad_id = _pad_id(tokenizer)
     stages = []
     upcast = options.frozen_dtype == "float32"
+    stream = layer_stream(model)
+    if stream is not None:
+        from utils.layerwise import fix_mmap_threshold
+        _stream_work_dir(model, stream, options)
+        fix_mmap_threshold()  # each layer read and freed in turn: as the streamed layer walk does (docs/scale.md)
     for factor in options.stages:
         # exact from float16 / bfloat16; without the upcast only the adapters are float32
         model.to(device=None if options.offload_layers or options.device_map else device,
@@ -665,7 +810,8 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
             if upcast and home_dtype != torch.float32:
                 _check_fits(model, home_dtype, factor)
         finally:
-            model.to(device=home_device)
+            if stream is None:  # (streamed: the dispatch's undo put every tensor home; the layers are on meta)
+                model.to(device=home_device)
             _restore_dtypes(model, home)
         print(f"LoRA {factor}: {stages[-1]['steps']} steps, train loss {_fmt(stages[-1]['train_loss_first'])} -> "
               f"{_fmt(stages[-1]['train_loss_final'])}, validation loss {_fmt(stages[-1]['val_loss_before'])} -> "
@@ -681,6 +827,31 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
             "peft_version": peft.__version__, "trained": "LoRA adapters on the factor of each stage only; "
             "embeddings, norms, lm_head and dense linears frozen", "parameters": after["parameters"],
             "stage_records": stages}
+
+
+def streams_layers(options: LoraOptions, model_path: str | None) -> bool:
+    """Whether step 7 reads --model_path with its decoder layers left on disk (utils.io.load_compressed
+    stream=True): with --device_map and --offload_folder (the merged layers of each stage are written
+    there), the frozen weights in the model's dtype, and a compressed model directory."""
+    return bool(options.device_map and options.offload_folder and options.frozen_dtype == "model"
+                and model_path and os.path.isdir(model_path))
+
+
+def _stream_work_dir(model: nn.Module, stream, options: LoraOptions) -> None:
+    """A fresh folder inside --offload_folder for the layers each stage merges (stream.work_dir), removed
+    when the model is freed or the process exits; the stream reads them from there, the output is
+    written from them."""
+    import shutil
+    import tempfile
+    import weakref
+    if options.frozen_dtype != "model" or not options.device_map:
+        raise LoraError("the decoder layers are on disk (a streamed model): train with --device_map and "
+                        "--lora_frozen_dtype model")
+    if getattr(stream, "work_dir", None) is None:
+        if options.offload_folder:
+            os.makedirs(options.offload_folder, exist_ok=True)
+        stream.work_dir = tempfile.mkdtemp(prefix="svd-lora-layers-", dir=options.offload_folder)
+        weakref.finalize(model, shutil.rmtree, stream.work_dir, True)
 
 
 def _float_dtypes(model: nn.Module) -> dict[str, torch.dtype]:
@@ -910,7 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         model, tokenizer, compression = load_compressed(args.model_path,
-                                                        None if args.dtype == "auto" else DTYPES[args.dtype])
+                                                        None if args.dtype == "auto" else DTYPES[args.dtype],
+                                                        stream=streams_layers(options, args.model_path))
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
         compression = run(model, tokenizer, compression, args, options, args.device)

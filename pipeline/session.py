@@ -40,12 +40,14 @@ def streams_layers(steps: list[int] | set[int], save_path: str | None, dataset: 
 
 
 def ensure_model(session: Session, model: str, dtype: str, seed: int = 0, num_layers: int | None = None,
-                 model_path: str | None = None, stream: bool = False) -> Session:
+                 model_path: str | None = None, stream: bool = False, fuse: bool = True) -> Session:
     """Load the model the step needs into `session` unless the previous step left one there.
     model_path: a compressed model (utils.io.load_compressed) loaded instead of `model` (a model
     spec for utils.model.load_model: alias, directory, .gguf file, hub id or random preset);
     dtype: a utils.model.DTYPES name or "auto" (as saved); stream: the decoder layers (of
-    `model_path`'s directory or `model`'s) stay on disk until used (streams_layers)."""
+    `model_path`'s directory or `model`'s) stay on disk until used (streams_layers); fuse: a compressed
+    model's q/k/v and gate/up v factors run as one matmul (off for step 7 with its layers on disk,
+    where accelerate reads each layer's tensors from the files as they were saved)."""
     if session.model is not None:
         return session
     from utils.io import load_compressed
@@ -54,7 +56,7 @@ def ensure_model(session: Session, model: str, dtype: str, seed: int = 0, num_la
     if model_path:
         loaded_dtype = None if dtype == "auto" else DTYPES[dtype]  # None: as it was saved
         # fused: the v factors of q/k/v and gate/up run as one matmul (float rounding only)
-        loaded, tokenizer, compression = load_compressed(model_path, loaded_dtype, fuse=True, stream=stream)
+        loaded, tokenizer, compression = load_compressed(model_path, loaded_dtype, fuse=fuse, stream=stream)
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
         session.model, session.tokenizer, session.compression = loaded, tokenizer, compression

@@ -101,6 +101,13 @@ def step_commands(work: str, args: argparse.Namespace) -> dict[str, list[str]]:
         "7": [*compressed, "--step", "7", "--data_path", args.data_path, "--max_steps", "2", "--batch_size", "2",
               "--micro_batch_size", "1", "--cutoff_len", str(max(args.seq_len, 256)), "--val_set_size", "2",
               "--save_path", os.path.join(work, "out7")],
+        # the same with the decoder layers left on disk (read where they run, merged ones written to the
+        # offload folder): a CPU budget (--offload_cpu_budget) of about the embedding and a layer
+        "7_offload": [*compressed, "--step", "7", "--data_path", args.data_path, "--max_steps", "2", "--batch_size", "2",
+                      "--micro_batch_size", "1", "--cutoff_len", str(max(args.seq_len, 256)), "--val_set_size", "2",
+                      "--device_map", "sequential", "--max_memory", f"cpu={args.offload_cpu_budget}",
+                      "--offload_folder", os.path.join(work, "offload7"), "--gradient_checkpointing",
+                      "--save_path", os.path.join(work, "out7_offload")],
         "8": [*compressed, "--step", "8", "--dataset", "random", "--nsamples", str(args.nsamples),
               "--model_seq_len", str(args.seq_len), "--save_path", os.path.join(work, "out8")],
         "4": [*compressed, "--step", "4", "--eval_datasets", "pydoc", "--eval_limit", str(args.nsamples),
@@ -109,7 +116,7 @@ def step_commands(work: str, args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 STEPS = tuple(step_commands("", argparse.Namespace(dtype="", compute_dtype=None, device="", seed=0, nsamples=2, seq_len=0, ratio=0,
-                                                  data_path="")))
+                                                  data_path="", offload_cpu_budget="")))
 
 
 def run_step(argv: list[str], threads: int) -> dict:
@@ -225,6 +232,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_path", default=DATA, help="step 7's training data (default: the shared Alpaca sample)")
+    parser.add_argument("--offload_cpu_budget", default="500MB",
+                        help="step 7_offload's --max_memory cpu= (the embedding, the largest module accelerate keeps room for, a layer or so)")
     parser.add_argument("--override", default="{}", help="JSON: config fields replacing the preset's (a smaller shape)")
     parser.add_argument("--name", default=None, help="name of the shape in the result file (default: the preset)")
     parser.add_argument("--workdir", default=None, help="where checkpoints and outputs go (deleted after)")

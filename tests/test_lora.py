@@ -538,3 +538,148 @@ def test_step_7_device_map_from_the_command_line(compressed_dir, text_file, tmp_
     assert [s["steps"] for s in stages] == [2, 2]
     assert all(s["placement"]["modules_per_device"].get("disk", 0) >= 1 for s in stages)
     assert os.listdir(tmp_path / "off") == []
+
+
+def test_layers_left_on_disk_give_the_same_training_and_output(tmp_path):
+    """--device_map with --offload_folder on a compressed directory: the decoder layers are never loaded
+    whole (load_compressed stream=True), the ones mapped to disk are read from the checkpoint's files where
+    they run, each stage's merged layers are written to the offload folder one at a time, and the output is
+    written layer by layer from there. Same losses and factors as the model held whole, bit for bit here
+    (the same float32 kernels on the CPU), and the written tensors too."""
+    import gc
+
+    from utils.model import decoder_layers, layer_stream, parse_max_memory
+    model, block = low_rank()
+    source = str(tmp_path / "compressed")
+    save_compressed(model, None, source, block)
+    whole, _, _ = load_compressed(source)
+    record = lora.sequential_lora(whole, NoTokenizer(), pattern_examples(), options(dropout=0.1), progress=False)
+    streamed, _, compression = load_compressed(source, stream=True)
+    assert layer_stream(streamed) is not None
+    assert all(p.is_meta for p in decoder_layers(streamed).parameters())
+    off = tmp_path / "off"
+    placed = dict(device_map="sequential", max_memory=parse_max_memory(LORA_BUDGET), offload_folder=str(off),
+                  gradient_checkpointing=True)
+    record_s = lora.sequential_lora(streamed, NoTokenizer(), pattern_examples(), options(dropout=0.1, **placed),
+                                    progress=False)
+    for a, b in zip(record["stage_records"], record_s["stage_records"]):
+        on = b["placement"]["modules_per_device"]
+        assert on.get("disk", 0) >= 1 and on.get("cpu", 0) >= 1, on
+        assert a["train_loss_curve"] == b["train_loss_curve"] and a["val_loss_after"] == b["val_loss_after"]
+    assert all(p.is_meta for p in decoder_layers(streamed).parameters())  # nothing was left in memory
+    assert not any("lora_" in name for name, _ in streamed.named_modules())
+    assert not any(hasattr(m, "_hf_hook") for m in streamed.modules())
+    save_compressed(streamed, None, str(tmp_path / "streamed"), compression)
+    save_compressed(whole, None, str(tmp_path / "whole"), compression)
+    assert os.path.isfile(tmp_path / "streamed" / "model.safetensors.index.json")  # written in shards
+    mine, theirs = load_compressed(str(tmp_path / "streamed"))[0].state_dict(), whole.state_dict()
+    assert sorted(mine) == sorted(theirs)
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert any(not torch.equal(factors(whole, "u")[k], factors(low_rank()[0], "u")[k]) for k in factors(whole, "u"))
+    assert len(os.listdir(off)) == 1  # the merged layers' folder, until the model is freed
+    del streamed
+    gc.collect()
+    assert os.listdir(off) == []
+
+
+def _real_layers(model) -> int:
+    """Decoder layers of `model` holding a real (not meta) frozen tensor: what is in host memory outside
+    the offload (the adapters, a few kB, are not counted)."""
+    from utils.model import decoder_layers
+    return sum(any(not t.is_meta for name, t in layer.state_dict(keep_vars=True).items() if ".lora_" not in name)
+               for layer in decoder_layers(model))
+
+
+@pytest.mark.parametrize("placement", ["disk", "device_map", "whole"])
+def test_step_7_with_layers_on_disk_holds_at_most_two_layers(placement, tmp_path, monkeypatch, text_file):
+    """compress.py --step 7 on an 8-layer compressed model: the real decoder layers are counted at every
+    linear's forward (training, validation, the cost estimate's timed window), after every layer read
+    for merging, and when the output is written. With --device_map, a CPU budget of about one layer and
+    --offload_folder: never more than two (the one the budget keeps, the one running). The probe can fail:
+    without --offload_folder (the model loaded whole, dispatched, put back whole to save) and without
+    --device_map it counts all 8."""
+    from transformers import AutoModelForCausalLM
+
+    import utils.io
+    from tests.tiny_models import tiny_config
+    from utils.model import decoder_layers
+    config = tiny_config("llama")
+    config.num_hidden_layers = 8
+    torch.manual_seed(0)
+    checkpoint = str(tmp_path / "llama8")
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(checkpoint)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(make_tiny_model(str(tmp_path / "tok"))).save_pretrained(checkpoint)
+    compressed = str(tmp_path / "c")
+    assert compress.main(["--step", "1-3", "--model", checkpoint, "--dataset", "random", "--whitening_nsamples", "4",
+                          "--model_seq_len", "16", "--save_path", compressed, "--device", "cpu", "--ratio", "0.4"]) == 0
+    models, counts = [], []
+    train = lora.sequential_lora
+
+    def capturing(model, *args, **kwargs):
+        models.append(model)
+        return train(model, *args, **kwargs)
+    monkeypatch.setattr(lora, "sequential_lora", capturing)
+    linear = torch.nn.functional.linear
+
+    def counting_linear(*args, **kwargs):
+        if models:
+            counts.append(_real_layers(models[0]))
+        return linear(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    load_layer = lora._load_layer
+
+    def counting_load(model, stream, index):
+        load_layer(model, stream, index)
+        counts.append(_real_layers(model))
+    monkeypatch.setattr(lora, "_load_layer", counting_load)
+    save = utils.io.save_compressed
+
+    def counting_save(model, *args, **kwargs):
+        counts.append(_real_layers(model))
+        return save(model, *args, **kwargs)
+    monkeypatch.setattr(utils.io, "save_compressed", counting_save)
+    # a layer with its adapters holds about 100 kB, the embedding and tied head 66 kB: the budget keeps one layer
+    flags = {"disk": ["--device_map", "sequential", "--max_memory", "cpu=200KB", "--offload_folder", str(tmp_path / "off"),
+                      "--gradient_checkpointing"],
+             "device_map": ["--device_map", "sequential", "--max_memory", "cpu=200KB", "--gradient_checkpointing"],
+             "whole": []}[placement]
+    out = str(tmp_path / "tuned")
+    assert compress.main(["--step", "7", "--model_path", compressed, "--data_path", text_file, "--cutoff_len", "32",
+                          "--batch_size", "2", "--micro_batch_size", "1", "--max_steps", "2", "--val_set_size", "2",
+                          "--device", "cpu", "--save_path", out, *flags]) == 0
+    assert len(decoder_layers(models[0])) == 8 and len(counts) > 50
+    assert max(counts) <= 2 if placement == "disk" else max(counts) == 8, (placement, max(counts))
+    stages = load_compressed(out)[2]["lora"]["stage_records"]
+    assert [s["steps"] for s in stages] == [2, 2]
+
+
+def test_layers_left_on_disk_train_in_the_model_dtype_with_float32_adapters(tmp_path, monkeypatch):
+    """Streamed and dispatched: every frozen weight a linear computes with (read from the files where its
+    layer runs) is in the model's bfloat16, every adapter float32; the merged factors are bfloat16 and
+    equal the whole model's."""
+    from utils.model import parse_max_memory
+    model, block = low_rank(dtype=torch.bfloat16)
+    source = str(tmp_path / "compressed")
+    save_compressed(model, None, source, block)
+    whole, _, _ = load_compressed(source)
+    lora.sequential_lora(whole, NoTokenizer(), pattern_examples(), options(max_steps=2), progress=False)
+    streamed, _, _ = load_compressed(source, stream=True)
+    seen = set()
+    linear = torch.nn.functional.linear
+
+    def spy(x, weight, *args, **kwargs):
+        seen.add((weight.dtype, weight.requires_grad))
+        return linear(x, weight, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    placed = dict(device_map="sequential", max_memory=parse_max_memory(LORA_BUDGET), offload_folder=str(tmp_path / "off"),
+                  gradient_checkpointing=True)
+    record = lora.sequential_lora(streamed, NoTokenizer(), pattern_examples(), options(max_steps=2, **placed),
+                                  progress=False)
+    monkeypatch.undo()
+    assert seen == {(torch.bfloat16, False), (torch.float32, True)}
+    assert record["train_dtype"] == "frozen bfloat16, adapters float32"
+    save_compressed(streamed, None, str(tmp_path / "out"), load_compressed(source)[2])
+    mine = load_compressed(str(tmp_path / "out"))[0].state_dict()
+    assert {t.dtype for t in mine.values() if t.is_floating_point()} == {torch.bfloat16}
+    assert all(torch.equal(mine[k], t) for k, t in whole.state_dict().items())

@@ -148,6 +148,11 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
     dtype it was compressed in as compressed_dtype)."""
     from safetensors.torch import save_file
     from component.low_rank_linear import unshare_inputs
+    from utils.model import layer_stream, load_all_layers
+    if layer_stream(model) is not None:
+        if not path.endswith(".pt"):  # layer by layer from where the stream reads them
+            return _save_streamed(model, tokenizer, path, compression, dtype, overwrite, protected)
+        load_all_layers(model)  # one .pt file is written from the whole state dict
     if unshare_inputs(model):  # fused v factors share one storage, which safetensors refuses
         try:
             return save_compressed(model, tokenizer, path, compression, dtype, overwrite, protected)
@@ -175,6 +180,20 @@ def save_compressed(model: nn.Module, tokenizer, path: str, compression: dict,
         for keep in KEEP_SUBDIRS:
             if os.path.isdir(os.path.join(path, keep)):
                 os.replace(os.path.join(path, keep), os.path.join(temporary, keep))
+
+
+def _save_streamed(model: nn.Module, tokenizer, path: str, compression: dict, dtype: torch.dtype | None,
+                   overwrite: bool, protected: tuple[str, ...]) -> None:
+    """save_compressed of a model whose decoder layers are streamed (utils.model.layer_stream): each layer
+    read from its files and written to its shard (ShardedModelWriter, not resumed), one at a time."""
+    from utils.model import decoder_layers, layer_prefix, layer_state_dict
+    prefix, count = layer_prefix(model), len(decoder_layers(model))
+    with ShardedModelWriter(path, count, {}, overwrite, dtype, protected, resume=False) as writer:
+        for index in range(count):
+            tensors = layer_state_dict(model, index)
+            writer.write_layer(index, {f"{prefix}.{index}.{name}": tensor for name, tensor in tensors.items()}, {})
+            del tensors
+        writer.finish(model, tokenizer, compression)
 
 
 def _apply_save_dtype(model: nn.Module, compression: dict, dtype: torch.dtype | None) -> None:
@@ -270,6 +289,9 @@ class ShardedModelWriter:
             writer.write_layer(index, tensors, state)  # for every finished layer, in order
             writer.finish(model, tokenizer, compression)
 
+    resume=False: a killed run's temporary is never continued (removed as stale), for outputs that
+    are not a function of the identity alone.
+
     save_compressed's rules hold: check_output_path (overwrite, protected) before anything is
     written; `dtype` (None: the model's own) is the dtype of the floating tensors written (each
     layer's shard is cast as it is written; the rest of the model is cast in place by finish, which
@@ -278,9 +300,9 @@ class ShardedModelWriter:
     """
 
     def __init__(self, path: str, num_layers: int, identity: dict, overwrite: bool = False,
-                 dtype: torch.dtype | None = None, protected: tuple[str, ...] = ()):
+                 dtype: torch.dtype | None = None, protected: tuple[str, ...] = (), resume: bool = True):
         from utils.model import dtype_name
-        self.path, self.num_layers, self.overwrite = path, num_layers, overwrite
+        self.path, self.num_layers, self.overwrite, self.resume = path, num_layers, overwrite, resume
         self.dtype, self.protected = dtype, protected
         # shards of another save dtype are not this run's
         self.identity = {**identity, "save dtype": None if dtype is None else dtype_name(dtype)}
@@ -297,7 +319,7 @@ class ShardedModelWriter:
         check_output_path(self.path, "model", self.overwrite, self.protected)
         self._stack = contextlib.ExitStack()
         self.temporary = self._stack.enter_context(
-            atomic_path(self.path, adopt=resumable("model", self.identity, self.overwrite)))
+            atomic_path(self.path, adopt=resumable("model", self.identity, self.overwrite) if self.resume else None))
         progress = read_progress(self.temporary) if os.path.isdir(self.temporary) else None
         if progress is not None:
             self.layers_done, self.state = int(progress["layers_done"]), progress.get("state")

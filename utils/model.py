@@ -539,12 +539,20 @@ class Placement:
 
 
 def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map: str | None = None,
-                max_memory: dict[int | str, int] | None = None, offload_folder: str | None = None) -> Placement:
+                max_memory: dict[int | str, int] | None = None, offload_folder: str | None = None,
+                offload_index: dict[str, dict] | None = None,
+                materialise: Callable[[dict[str, str | int]], None] | None = None) -> Placement:
     """Put `model` where evaluation runs it: wholly on `device`, or (device_map auto | balanced |
     sequential) dispatched by accelerate over the GPUs, the CPU and disk within `max_memory`
     (None: what every device has free). Decoder layers are never split across devices.
     Disk-offloaded weights go to a fresh folder inside `offload_folder` (default: the system's
-    temporary folder), removed when the model is freed or the process exits."""
+    temporary folder), removed when the model is freed or the process exits.
+
+    offload_index (accelerate's: tensor name -> {"safetensors_file", "weight_name", "dtype"}): the
+    decoder layers' tensors may be on the meta device, and those of the layers mapped to disk are read
+    from these files when they run (nothing is written); materialise(device map) is called before the
+    dispatch and must make every tensor of the layers not mapped to disk real, on the CPU. The other
+    modules (embeddings, final norm, head: in memory already) go to the CPU where the map says disk."""
     import shutil
     import tempfile
     import weakref
@@ -569,8 +577,12 @@ def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map
         given = ",".join(f"{device}={size}" for device, size in (max_memory or {}).items())
         raise ModelSpecError(f"--max_memory {given} (bytes): no part of the model fits on any device (everything "
                              f"would go to disk); raise the budget so at least the embeddings fit")
+    if offload_index is not None:  # loaded already, and read whole from disk at every forward otherwise
+        layers = layer_prefix(model) + "."
+        mapping = {name: "cpu" if device == "disk" and not (name + ".").startswith(layers)
+                   and not layers.startswith(name + ".") else device for name, device in mapping.items()}
     offload_dir = None
-    if "disk" in mapping.values():
+    if "disk" in mapping.values() and offload_index is None:
         if offload_folder:
             os.makedirs(offload_folder, exist_ok=True)
         offload_dir = tempfile.mkdtemp(prefix="svd-offload-", dir=offload_folder)
@@ -581,8 +593,11 @@ def place_model(model: nn.Module, device: str | torch.device = "cpu", device_map
         held[str(device)] = held.get(str(device), 0) + int(sizes[name])
     executing = [d for d in mapping.values() if d not in ("cpu", "disk")]
     main = executing[0] if executing else "cpu"  # the embedding's device, where inputs enter
-    model.to("cpu")
-    dispatch_model(model, mapping, main_device=main, offload_dir=offload_dir)
+    if offload_index is None:
+        model.to("cpu")
+    elif materialise is not None:
+        materialise(mapping)
+    dispatch_model(model, mapping, main_device=main, offload_dir=offload_dir, offload_index=offload_index)
     return Placement(torch.device(f"cuda:{main}" if isinstance(main, int) else main), mapping, device_map,
                      max_memory, offload_dir, held)
 
