@@ -215,6 +215,38 @@ def markdown(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str]) -> dict:
+    """One result from runs of the same shape, dtype and windows (each step from the last file that
+    measured it at every depth, the files named per step under "sources"), its growth refitted."""
+    results = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            results.append(json.load(handle))
+    shape = ("name", "dtype", "nsamples", "seq_len", "layer_weight_gib")
+    for result, path in zip(results[1:], paths[1:]):
+        if any(result.get(key) != results[0].get(key) for key in shape):
+            raise SystemExit(f"--merge: {path} measured another shape ({', '.join(f'{k}={result.get(k)}' for k in shape)})")
+    merged = {key: value for key, value in results[0].items() if key not in ("runs", "growth", "commands", "steps")}
+    merged.update(runs=[], commands={}, sources={}, partial=any(r.get("partial") for r in results))
+    depths = sorted({r["layers"] for result in results for r in result["runs"]})
+    for step in STEPS:
+        for result, path in zip(results, paths):
+            if step in result.get("steps", []) and step in result.get("commands", {}):
+                merged["sources"][step] = os.path.basename(path)
+                merged["commands"][step] = result["commands"][step]
+    merged["steps"] = [s for s in STEPS if s in merged["sources"]]
+    for depth in depths:
+        row = {"layers": depth}
+        for step, source in merged["sources"].items():
+            result = results[[os.path.basename(p) for p in paths].index(source)]
+            found = next((r.get(step) for r in result["runs"] if r["layers"] == depth), None)
+            if found is not None:
+                row[step] = found
+        merged["runs"].append(row)
+    merged["growth"] = growth(merged["runs"], merged["layer_weight_gib"], merged["steps"])
+    return merged
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="llama2-7b")
@@ -239,7 +271,15 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="where checkpoints and outputs go (deleted after)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", nargs="+", metavar="JSON", help="print docs/scale.md's table of these files")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="write to --out one result from these files' runs (same shape; a later file's step wins)")
     args = parser.parse_args()
+    if args.merge:
+        if not args.out:
+            parser.error("--merge needs --out")
+        write_json(args.out, merge(args.merge))
+        print(f"-> {args.out}")
+        return 0
     if args.markdown:
         print(markdown([p for pattern in args.markdown for p in sorted(glob.glob(pattern))]))
         return 0
