@@ -214,7 +214,8 @@ def load_step_model(args: argparse.Namespace, session: Session, prefer_compresse
     from pipeline.session import ensure_model, streams_layers
     model_path = getattr(args, "model_path", None) if prefer_compressed else None
     stream = (not model_path and getattr(args, "ask", None) is None
-              and streams_layers(args.steps, args.save_path, args.fisher, args.dataset))
+              and streams_layers(args.steps, args.save_path, args.fisher, args.dataset,
+                                getattr(args, "allocation", None), getattr(args, "ppl_target", None)))
     return ensure_model(session, args.model, args.dtype, args.seed, args.num_layers, model_path=model_path,
                         stream=stream)
 
