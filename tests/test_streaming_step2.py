@@ -1,5 +1,6 @@
-"""Step 2 on a model streamed from disk: v2's spectra, duo's KL sensitivities and asvd's perplexity
-sensitivities and --ppl_target search read each decoder layer when their walk reaches it.
+"""Step 2 on a model streamed from disk: v2's spectra, duo's KL sensitivities, asvd's perplexity
+sensitivities and --ppl_target search (and its stable ranks) read each decoder layer when their walk
+reaches it.
 
 The 8-layer sharded tiny Llama of tests/test_streaming.py: step 2 must never hold more than two of
 its decoder layers in memory (counted at every read of a layer, of the checkpoint or of duo's
@@ -21,6 +22,7 @@ ALLOCATIONS = {
     "duo": ["--allocation", "duo", "--sensitivity_nsamples", "2", "--sensitivity_ratios", "0.4,0.8"],
     "asvd_ppl": ["--allocation", "asvd", "--ppl_target", "1e9", "--sensitivity_nsamples", "2",
                  "--sensitivity_ratios", "0.4,0.8"],
+    "asvd_stable_rank": ["--allocation", "asvd", "--sensitivity_metric", "stable_rank"],
 }
 
 
