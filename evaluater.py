@@ -215,7 +215,7 @@ def load_step_model(args: argparse.Namespace, session: Session, prefer_compresse
     model_path = getattr(args, "model_path", None) if prefer_compressed else None
     stream = (not model_path and getattr(args, "ask", None) is None
               and streams_layers(args.steps, args.save_path, args.fisher, args.dataset,
-                                getattr(args, "allocation", None), getattr(args, "ppl_target", None)))
+                                getattr(args, "allocation", None)))
     return ensure_model(session, args.model, args.dtype, args.seed, args.num_layers, model_path=model_path,
                         stream=stream)
 

@@ -28,17 +28,16 @@ STREAMED_ALLOCATIONS = ("uniform", "v2", "asvd", "duo")
 
 
 def streams_layers(steps: list[int] | set[int], save_path: str | None, fisher: bool, dataset: str | None,
-                   allocation: str | None = None, ppl_target: float | None = None) -> bool:
+                   allocation: str | None = None) -> bool:
     """Whether the model's decoder layers are read from disk one at a time (utils.model.LayerStream):
-    when every step of the command goes layer by layer (1, 3, and 2 with an allocation in
+    when every step of the command goes layer by layer (1 and 3; 2 with an allocation in
     STREAMED_ALLOCATIONS) and the output is a directory, which step 3 writes layer by layer; other
     steps (and step 1's Fisher backward, self-calibration's generation) need the whole model in
-    memory, and so does step 3 after a --ppl_target search in the same command (it measures the
-    model it built, held in memory, against the target)."""
+    memory. Steps 2 and 3 in one command keep it whole: step 3 measures the model a --ppl_target
+    search planned once built, and the session's model is the compressed one afterwards (what the
+    Python API's callers of the 1-3 chain read)."""
     from utils.data import SELF_DATASET
-    layerwise = {1, 3} | ({2} if allocation in STREAMED_ALLOCATIONS else set())
-    if 2 in steps and 3 in steps and ppl_target is not None:
-        layerwise.discard(2)
+    layerwise = {1, 3} if 3 in steps else {1, 2} if allocation in STREAMED_ALLOCATIONS else {1}
     return (set(steps) <= layerwise and not (3 in steps and (save_path or "").endswith(".pt"))
             and not fisher and dataset != SELF_DATASET)
 

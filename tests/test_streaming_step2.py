@@ -87,10 +87,11 @@ def test_step2_streams_at_most_two_layers_and_plans_as_the_whole_model(deep_dir,
 
 
 def test_streams_layers_for_step2():
-    assert pipeline.session.streams_layers([1, 2, 3], "out", False, "wikitext2", "v2")
-    assert pipeline.session.streams_layers([2], "out", False, "wikitext2", "duo")
-    assert pipeline.session.streams_layers([2], "out", False, "wikitext2", "asvd", 40.0)
-    assert not pipeline.session.streams_layers([1, 2, 3], "out", False, "wikitext2", "asvd", 40.0)  # step 3's check
-    assert not pipeline.session.streams_layers([2], "out", False, "wikitext2", None)
-    assert not pipeline.session.streams_layers([2], "out", False, "wikitext2", "mine")  # a registered one: whole
-    assert not pipeline.session.streams_layers([1, 2, 3, 4], "out", False, "wikitext2", "v2")
+    streams = pipeline.session.streams_layers
+    assert streams([1, 2], "out", False, "wikitext2", "v2") and streams([2], None, False, "wikitext2", "duo")
+    assert streams([2], "out", False, "wikitext2", "asvd") and streams([2], "out", False, "wikitext2", "uniform")
+    assert streams([1, 3], "out", False, "wikitext2", "v2")
+    assert not streams([2], "out", False, "wikitext2", None)
+    assert not streams([2], "out", False, "wikitext2", "mine")  # a registered one may read the whole model
+    assert not streams([1, 2, 3], "out", False, "wikitext2", "v2")  # the 1-3 chain's session model stays whole
+    assert not streams([1, 2], "out", True, "wikitext2", "v2")  # --fisher's backward
