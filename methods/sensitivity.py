@@ -380,6 +380,8 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
         raise ValueError(f"whitening {options.whitening!r} / scaling {options.scaling!r} need the statistics of step 1")
     key = key or table_key(model, stats, windows, options)
     if layer_stream(model) is not None and options.base_ratio is not None:
+        if spill_dir is not None:
+            os.makedirs(spill_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="sensitivity-base-state-", dir=spill_dir) as directory:
             return _measure(model, windows, stats, device, options, key, progress, offload, stream_bytes,
                             _BaseStateSpill(directory, next(model.parameters()).dtype))
@@ -619,7 +621,8 @@ def sensitivity_table(model: nn.Module, windows: torch.Tensor | None, stats, dev
     """The table for this model, statistics, windows and options: read from `path` when it is there
     and its key matches (also with `overwrite`: measuring again would give the same table); when
     it does not match, SensitivityError naming the differing field, or with `overwrite` measured
-    anew. Otherwise measured and written to `path` (atomically). Returns (table, reused)."""
+    anew. Otherwise measured and written to `path` (atomically), a streamed model's base state
+    spilled to a scratch folder beside it meanwhile (measure_sensitivity). Returns (table, reused)."""
     key = table_key(model, stats, windows, options, windows_info)
     if path is not None and os.path.exists(path):
         try:
@@ -632,7 +635,9 @@ def sensitivity_table(model: nn.Module, windows: torch.Tensor | None, stats, dev
     else:
         if windows is None:
             raise ValueError(f"the {options.metric} sensitivity needs calibration windows")
-        table = measure_sensitivity(model, windows, stats, device, options, key, progress)
+        # a streamed model's base state waits beside the table (on disk; the system's temporary folder may be in memory)
+        spill_dir = os.path.dirname(os.path.abspath(path)) if path is not None else None
+        table = measure_sensitivity(model, windows, stats, device, options, key, progress, spill_dir=spill_dir)
     if path is not None:
         table.save(path)
     return table, False

@@ -7,6 +7,7 @@ its decoder layers in memory (counted at every read of a layer, of the checkpoin
 spilled base state), and its plan (and sensitivity table) must be the whole-model run's.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -42,6 +43,7 @@ def statistics(deep_dir, tmp_path_factory):  # noqa: F811
 def test_step2_streams_at_most_two_layers_and_plans_as_the_whole_model(deep_dir, statistics, tmp_path,  # noqa: F811
                                                                       monkeypatch, allocation):
     real_at_read: list[int] = []
+    spilled_to: set[str] = set()  # where duo's base state waited
     layers: dict[int, object] = {}  # every decoder layer read (the sensitivity walks swap the model's list)
     original_load, original_spill_load = LayerStream.load, sensitivity._BaseStateSpill.load
 
@@ -53,6 +55,7 @@ def test_step2_streams_at_most_two_layers_and_plans_as_the_whole_model(deep_dir,
         real_at_read.append(real_layers(layers.values()))
 
     def counting_spill_load(self, layer, index):
+        spilled_to.add(os.path.dirname(self.directory))
         undo = original_spill_load(self, layer, index)
         real_at_read.append(real_layers(layers.values()))
         return undo
@@ -69,6 +72,9 @@ def test_step2_streams_at_most_two_layers_and_plans_as_the_whole_model(deep_dir,
         return json.load(open(plan))
 
     streamed = step2("streamed")
+    # duo's base state waited beside its table (not in memory), and is removed
+    assert spilled_to == ({str(tmp_path)} if allocation == "duo" else set())
+    assert not any(p.name.startswith("sensitivity-base-state-") for p in tmp_path.iterdir())
     # every layer read at least once (the sensitivity walks read the later layers again), never three at once
     assert len(real_at_read) >= LAYERS
     assert max(real_at_read) <= 2
