@@ -268,7 +268,8 @@ def load_step_model(args: argparse.Namespace, session: Session, prefer_compresse
     # the model its steps left in memory all run the model whole
     whole = (getattr(args, "ask", None) is not None or getattr(args, "device_map", None) is not None
              or bool(getattr(args, "eval_chat", None)) or bool(getattr(args, "recipe_eval", False)))
-    stream = streams_layers(args.steps, args.save_path, args.dataset, whole_model=whole)
+    stream = streams_layers(args.steps, args.save_path, args.dataset, whole_model=whole,
+                            allocation=getattr(args, "allocation", None))
     return ensure_model(session, args.model, args.dtype, args.seed, args.num_layers, model_path=model_path,
                         stream=stream)
 

@@ -26,7 +26,10 @@ only, from layer i's inputs in the base state.
 Memory: decoder layers come to the device one at a time, two while the perturbed streams of a layer
 pass through a later one (each later layer comes once per group of perturbations, not once per
 perturbation); the base state (the SVD modules) and the kept factors of every matrix up to the
-largest candidate rank (kl: about 0.9 of the layers' parameters) stay on `offload` (the host).
+largest candidate rank (kl: about 0.9 of the layers' parameters) stay on `offload` (the host). A
+model streamed from disk (utils.model.LayerStream) holds two layers on the host too: each is read
+when a walk reaches it (the later ones again for every group) and released after, and the base
+state's factors wait in a scratch directory (_BaseStateSpill), not in memory.
 Activations: the windows' streams of one layer (original, base state, and as many perturbed streams,
 N x L x d each, as `stream_bytes` allows, default 2 GiB), and for the kl metric the original model's
 log-probabilities, N x L x vocab, stored only when that is at most `logprob_cache_bytes` (default
@@ -43,11 +46,14 @@ the windows and the statistics step 2's driver gives make_plan), are registered 
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -58,8 +64,9 @@ from methods.allocation import asvd_plan, asvd_ppl_plan, duo_plan
 from methods.method import AllocationOptions, Flag, FlagError, Method, PlanInputs
 from utils.decompose import low_rank_factors
 from utils.io import read_json, write_json
-from utils.layerwise import LayerContext, capture_layer_inputs, layer_on_device, run_layer, walk_layers
-from utils.model import (copies_to, decoder_layers, head_on_hidden, layer_linear_units, layer_prefix, model_description,
+from utils.layerwise import (LayerContext, capture_layer_inputs, fix_mmap_threshold, layer_on_device, run_layer,
+                             walk_layers)
+from utils.model import (copies_to, decoder_layers, head_on_hidden, layer_prefix, layer_stream, model_description,
                          set_submodule, target_linears, tensors_digest, weights_fingerprint)
 from utils.plan import Plan, rank_for_ratio
 from utils.whitening import input_transform
@@ -243,8 +250,67 @@ class _MatrixSVD:
         self.u = factors.u.to(torch.float32).to(keep_on)
         self.v = factors.v.to(torch.float32).to(keep_on)
 
+    @classmethod
+    def of_factors(cls, u: torch.Tensor, v: torch.Tensor) -> "_MatrixSVD":
+        """The SVD whose kept factors u, v were taken before (read back from a _BaseStateSpill)."""
+        svd = cls.__new__(cls)
+        svd.sigma, svd.u, svd.v = None, u, v
+        return svd
+
     def module(self, rank: int, bias: torch.Tensor | None, dtype: torch.dtype, device) -> LowRankLinear:
         return LowRankLinear.from_factors(self.u[:, :rank].to(device), self.v[:rank].to(device), bias, dtype, device)
+
+
+class _BaseStateSpill:
+    """A base state (duo: every matrix at the uniform rank) of a model streamed from disk: each layer's
+    kept SVD factors, which the whole-model path keeps on `offload` for the measuring walk, written to
+    a scratch directory once the base-state walk has taken them and read back when a later walk
+    reaches the layer (the layer's own weights come from the checkpoint). Host memory then holds
+    about two layers whatever the depth; the factors of every layer are on disk meanwhile (float32,
+    up to the largest candidate rank, and the base rank's apart)."""
+
+    def __init__(self, directory: str, dtype: torch.dtype):
+        self.directory, self.dtype = directory, dtype
+        self.matrices: dict[int, list[tuple[str, str, int]]] = {}  # layer -> (local name, qualified name, base rank)
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.directory, f"layer_{index}.safetensors")
+
+    def save(self, index: int, svds: dict[str, _MatrixSVD], matrices: list[tuple[str, str, int]]) -> None:
+        """Layer `index`'s factors (qualified name -> SVD), and its base rank's factors apart (what a
+        later layer needs, read without the rest)."""
+        from safetensors.torch import save_file
+        tensors = {}
+        for _, full, rank in matrices:
+            svd = svds[full]
+            tensors.update({f"{full}.u": svd.u.contiguous(), f"{full}.v": svd.v.contiguous(),
+                            f"{full}.base_u": svd.u[:, :rank].contiguous(), f"{full}.base_v": svd.v[:rank].contiguous()})
+        save_file({k: t.cpu() for k, t in tensors.items()}, self._path(index))
+        self.matrices[index] = matrices
+
+    def svds(self, index: int) -> dict[str, _MatrixSVD]:
+        """Layer `index`'s SVDs as save had them."""
+        from safetensors import safe_open
+        with safe_open(self._path(index), framework="pt") as handle:
+            return {full: _MatrixSVD.of_factors(handle.get_tensor(f"{full}.u"), handle.get_tensor(f"{full}.v"))
+                    for _, full, _ in self.matrices[index]}
+
+    def load(self, layer: nn.Module, index: int) -> Callable[[], None]:
+        """Put decoder layer `index`, `layer` (its weights read), in the base state, on the CPU; returns
+        what puts its original modules back (before the layer is released)."""
+        from safetensors import safe_open
+        originals = {}
+        with safe_open(self._path(index), framework="pt") as handle:
+            for name, full, _ in self.matrices[index]:
+                original = originals[name] = layer.get_submodule(name)
+                bias = original.bias.detach() if original.bias is not None else None
+                set_submodule(layer, name, LowRankLinear.from_factors(
+                    handle.get_tensor(f"{full}.base_u"), handle.get_tensor(f"{full}.base_v"), bias, self.dtype, "cpu"))
+
+        def undo() -> None:
+            for name, original in originals.items():
+                set_submodule(layer, name, original)
+        return undo
 
 
 # ---------------------------------------------------------------------------------------- head
@@ -271,11 +337,20 @@ def stable_rank_table(model: nn.Module, options: SensitivityOptions, key: dict) 
     raw weight (as ASVD, which leaves the scaling commented out). Spectral norms only, no forward pass."""
     start = time.perf_counter()
     values, ranks = {}, {}
-    for full, linear in layer_linear_units(model, (nn.Linear,)).items():
-        w = linear.weight.detach().float()
-        sr = float(torch.linalg.matrix_norm(w, "fro") / torch.linalg.matrix_norm(w, 2))
-        values[full] = {p: -sr * p ** 0.1 for p in options.ratios}
-        ranks[full] = {p: candidate_rank(linear.out_features, linear.in_features, p) for p in options.ratios}
+    stream, prefix = layer_stream(model), layer_prefix(model)
+    for index, layer in enumerate(decoder_layers(model)):
+        if stream is not None:  # a streamed layer is read for its norms and released
+            stream.load(model, index)
+        try:
+            for name, linear in target_linears(layer).items():
+                full = f"{prefix}.{index}.{name}"
+                w = linear.weight.detach().float()
+                sr = float(torch.linalg.matrix_norm(w, "fro") / torch.linalg.matrix_norm(w, 2))
+                values[full] = {p: -sr * p ** 0.1 for p in options.ratios}
+                ranks[full] = {p: candidate_rank(linear.out_features, linear.in_features, p) for p in options.ratios}
+        finally:
+            if stream is not None:
+                stream.release(model, index)
     table = SensitivityTable(key, values, None, ranks, None, time.perf_counter() - start, 0)
     table.check_finite()
     return table
@@ -284,7 +359,8 @@ def stable_rank_table(model: nn.Module, options: SensitivityOptions, key: dict) 
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: torch.device | str,
                         options: SensitivityOptions, key: dict | None = None, progress: bool = True,
-                        offload: torch.device | str = "cpu", stream_bytes: int = STREAM_BYTES) -> SensitivityTable:
+                        offload: torch.device | str = "cpu", stream_bytes: int = STREAM_BYTES,
+                        spill_dir: str | None = None) -> SensitivityTable:
     """Measure the table (metric kl or ppl) on `windows` (N x L token ids). The model is left as it
     was (original modules and weights back in place, on `offload`, also on an error).
 
@@ -292,12 +368,30 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
     through a later one): a first walk sets the base state (kept on `offload`) and gets the final
     hidden states of both streams; a second walk takes each layer in turn, makes its perturbed
     streams (one per candidate of each of its matrices, N x L x d each, as many at once as fit in
-    `stream_bytes`) and brings every later layer to the device once per such group to carry them."""
+    `stream_bytes`) and brings every later layer to the device once per such group to carry them.
+
+    A model streamed from disk (utils.model.LayerStream) has each layer read when a walk reaches it and
+    released after: a later layer is read again for every group that passes through it (about L^2 / 2
+    reads per group size); a base state's factors go to a _BaseStateSpill in a scratch directory
+    (`spill_dir`, default the system's temporary one) instead of staying in memory. The same table."""
     if options.metric == "stable_rank":
         return stable_rank_table(model, options, key or table_key(model, stats, None, options))
     if (options.whitening != "none" or options.scaling != "none") and stats is None:
         raise ValueError(f"whitening {options.whitening!r} / scaling {options.scaling!r} need the statistics of step 1")
     key = key or table_key(model, stats, windows, options)
+    if layer_stream(model) is not None and options.base_ratio is not None:
+        if spill_dir is not None:
+            os.makedirs(spill_dir, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="sensitivity-base-state-", dir=spill_dir) as directory:
+            return _measure(model, windows, stats, device, options, key, progress, offload, stream_bytes,
+                            _BaseStateSpill(directory, next(model.parameters()).dtype))
+    return _measure(model, windows, stats, device, options, key, progress, offload, stream_bytes, None)
+
+
+def _measure(model: nn.Module, windows: torch.Tensor, stats, device: torch.device | str, options: SensitivityOptions,
+             key: dict, progress: bool, offload: torch.device | str, stream_bytes: int,
+             spill: _BaseStateSpill | None) -> SensitivityTable:
+    """measure_sensitivity's walks; spill: where a streamed model's base state goes between them."""
     start = time.perf_counter()
     kl = options.metric == "kl"
     layers = decoder_layers(model)
@@ -315,9 +409,36 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
     candidate_ranks: dict[str, dict[float, int | None]] = {}
     original_of: dict[str, nn.Module] = {}
     names_of_layer: list[list[str]] = []
+    stream = layer_stream(model)
+    if stream is not None:  # a peak that does not grow with the depth (utils.layerwise.fix_mmap_threshold)
+        fix_mmap_threshold()
 
     def run(layer: nn.Module, h: torch.Tensor, index: int) -> torch.Tensor:
         return run_layer(layer, h, layer_args[index])
+
+    @contextmanager
+    def layer_read(index: int) -> Iterator[None]:
+        """Within the block a streamed layer's weights are read (a no-op for a model in memory)."""
+        if stream is not None:  # (the model's list holds head_on_hidden's stand-ins meanwhile)
+            stream.load(model, index, originals[index])
+        try:
+            yield
+        finally:
+            if stream is not None:
+                stream.release(model, index, originals[index])
+                gc.collect()  # as walk_layers: what cycles hold of the layer's work goes before the next read
+
+    @contextmanager
+    def later_layer(index: int) -> Iterator[nn.Module]:
+        """Decoder layer `index` in the base state on the device, for the streams that pass through it."""
+        with layer_read(index):
+            undo = spill.load(originals[index], index) if spill is not None else None
+            try:
+                with layer_on_device(originals[index], device, offload) as layer:
+                    yield layer
+            finally:
+                if undo is not None:
+                    undo()
 
     def svd_of(full: str, linear: nn.Module, factors: dict, stats_tensors, streams, name: str) -> _MatrixSVD:
         stream = streams.get(name)
@@ -343,28 +464,40 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
             original_h = hidden.clone() if (kl and options.base_ratio is not None) else None
             base_h = hidden
             for index, layer in enumerate(tqdm(originals, desc="sensitivity: base state", disable=not progress)):
-                with layer_on_device(layer, device, offload):
-                    if original_h is not None:
-                        original_h = run(layer, original_h, index)
-                    names_of_layer.append([])
-                    stats_tensors, streams = None, {}
-                    if options.base_ratio is not None and stats is not None:
-                        stats_tensors, streams = stats.layer(index)
-                    factors: dict = {}
-                    for name, linear in target_linears(layer).items():
-                        full = f"{prefix}.{index}.{name}"
-                        names_of_layer[-1].append(name)
-                        original_of[full] = linear
-                        m, n = linear.out_features, linear.in_features
-                        candidate_ranks[full] = {p: candidate_rank(m, n, p) for p in options.ratios}
-                        base_ranks[full] = None if options.base_ratio is None else rank_for_ratio(m, n, options.base_ratio)
-                        if base_ranks[full] is None:
-                            continue
-                        svds[full] = svd_of(full, linear, factors, stats_tensors, streams, name)
-                        bias = linear.bias.detach() if linear.bias is not None else None
-                        replaced.append((layer, name, linear))
-                        set_submodule(layer, name, svds[full].module(base_ranks[full], bias, dtype, device))
-                    base_h = run(layer, base_h, index)
+                with layer_read(index):
+                    first = len(replaced)
+                    try:
+                        with layer_on_device(layer, device, offload):
+                            if original_h is not None:
+                                original_h = run(layer, original_h, index)
+                            names_of_layer.append([])
+                            stats_tensors, streams = None, {}
+                            if options.base_ratio is not None and stats is not None:
+                                stats_tensors, streams = stats.layer(index)
+                            factors: dict = {}
+                            for name, linear in target_linears(layer).items():
+                                full = f"{prefix}.{index}.{name}"
+                                names_of_layer[-1].append(name)
+                                original_of[full] = linear
+                                m, n = linear.out_features, linear.in_features
+                                candidate_ranks[full] = {p: candidate_rank(m, n, p) for p in options.ratios}
+                                base_ranks[full] = None if options.base_ratio is None else rank_for_ratio(m, n, options.base_ratio)
+                                if base_ranks[full] is None:
+                                    continue
+                                svds[full] = svd_of(full, linear, factors, stats_tensors, streams, name)
+                                bias = linear.bias.detach() if linear.bias is not None else None
+                                replaced.append((layer, name, linear))
+                                set_submodule(layer, name, svds[full].module(base_ranks[full], bias, dtype, device))
+                            base_h = run(layer, base_h, index)
+                        if spill is not None:  # the factors to disk until the measuring walk reads them
+                            kept = [(name, f"{prefix}.{index}.{name}") for name in names_of_layer[index]]
+                            kept = [(name, full, base_ranks[full]) for name, full in kept if full in svds]
+                            spill.save(index, {full: svds.pop(full) for _, full, _ in kept}, kept)
+                    finally:
+                        if spill is not None:  # its original modules back before the layer is released
+                            for owner, name, original in reversed(replaced[first:]):
+                                set_submodule(owner, name, original)
+                            del replaced[first:]
             final_base = base_h
             if original_h is None:
                 original_h = final_base  # the base state is the original model
@@ -401,7 +534,9 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
             per_group = max(1, stream_bytes // max(1, hidden.numel() * hidden.element_size()))
             base_h = hidden
             for index in range(len(originals)):
-                with layer_on_device(originals[index], device, offload) as layer:
+                with later_layer(index) as layer:  # the source layer in the base state
+                    if spill is not None:
+                        svds.update(spill.svds(index))
                     stats_tensors, streams = None, {}
                     if options.base_ratio is None and stats is not None:
                         stats_tensors, streams = stats.layer(index)
@@ -427,8 +562,8 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
                         rows[full] = row
                     results: list[float] = []
                     for first in range(0, len(jobs), per_group):
-                        results += _measure_group(jobs[first:first + per_group], layer, base_h, index, originals,
-                                                  original_of, run, metric, dtype, device, offload)
+                        results += _measure_group(jobs[first:first + per_group], layer, base_h, index, len(originals),
+                                                  later_layer, original_of, run, metric, dtype, device)
                     evaluations += len(jobs)
                     for full, row in rows.items():
                         for p, value in row.items():
@@ -448,12 +583,12 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, stats, device: 
     return SensitivityTable(key, values, base_value, candidate_ranks, sigmas, time.perf_counter() - start, evaluations)
 
 
-def _measure_group(jobs: list, layer: nn.Module, inputs: torch.Tensor, index: int, originals: list[nn.Module],
-                   original_of: dict[str, nn.Module], run, metric, dtype: torch.dtype, device: torch.device | str,
-                   offload: torch.device | str) -> list[float]:
+def _measure_group(jobs: list, layer: nn.Module, inputs: torch.Tensor, index: int, num_layers: int,
+                   later_layer: Callable[[int], ContextManager[nn.Module]], original_of: dict[str, nn.Module], run,
+                   metric, dtype: torch.dtype, device: torch.device | str) -> list[float]:
     """The metric of each job (a matrix of `layer`, decoder layer `index`, on the device, at a rank;
     None: dense): the job's stream through `layer` from `inputs`, then through every later layer,
-    each brought to the device once for all the jobs' streams."""
+    each brought to the device (later_layer(i): in the base state) once for all the jobs' streams."""
     streams = []
     for full, name, rank, svd in jobs:
         current = layer.get_submodule(name)  # the base state's module
@@ -470,8 +605,8 @@ def _measure_group(jobs: list, layer: nn.Module, inputs: torch.Tensor, index: in
             set_submodule(layer, name, current)
             if restore is not None:
                 restore()
-    for later in range(index + 1, len(originals)):
-        with layer_on_device(originals[later], device, offload) as next_layer:
+    for later in range(index + 1, num_layers):
+        with later_layer(later) as next_layer:
             streams = [run(next_layer, h, later) for h in streams]
     return [metric(h) for h in streams]
 
@@ -486,7 +621,8 @@ def sensitivity_table(model: nn.Module, windows: torch.Tensor | None, stats, dev
     """The table for this model, statistics, windows and options: read from `path` when it is there
     and its key matches (also with `overwrite`: measuring again would give the same table); when
     it does not match, SensitivityError naming the differing field, or with `overwrite` measured
-    anew. Otherwise measured and written to `path` (atomically). Returns (table, reused)."""
+    anew. Otherwise measured and written to `path` (atomically), a streamed model's base state
+    spilled to a scratch folder beside it meanwhile (measure_sensitivity). Returns (table, reused)."""
     key = table_key(model, stats, windows, options, windows_info)
     if path is not None and os.path.exists(path):
         try:
@@ -499,7 +635,9 @@ def sensitivity_table(model: nn.Module, windows: torch.Tensor | None, stats, dev
     else:
         if windows is None:
             raise ValueError(f"the {options.metric} sensitivity needs calibration windows")
-        table = measure_sensitivity(model, windows, stats, device, options, key, progress)
+        # a streamed model's base state waits beside the table (on disk; the system's temporary folder may be in memory)
+        spill_dir = os.path.dirname(os.path.abspath(path)) if path is not None else None
+        table = measure_sensitivity(model, windows, stats, device, options, key, progress, spill_dir=spill_dir)
     if path is not None:
         table.save(path)
     return table, False

@@ -658,9 +658,9 @@ class LayerStream:
                 raise ModelSpecError(f"{file} is damaged or truncated ({error}); write it again") from None
         return tensors
 
-    def layer_state(self, model: nn.Module, index: int) -> dict[str, torch.Tensor]:
-        """Layer `index`'s state dict as loading it would give it, read from disk."""
-        placeholders = decoder_layers(model)[index].state_dict()
+    def layer_state(self, model: nn.Module, index: int, layer: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Layer `index`'s state dict as loading it would give it, read from disk (layer: as load's)."""
+        placeholders = (layer if layer is not None else decoder_layers(model)[index]).state_dict()
         qualified = {f"{self.prefix}.{index}.{name}": tensor for name, tensor in placeholders.items()}
         tensors = self.read(list(qualified), qualified)
         return {name: tensors[f"{self.prefix}.{index}.{name}"] for name in placeholders}
@@ -668,18 +668,19 @@ class LayerStream:
     def is_loaded(self, layer: nn.Module) -> bool:
         return not any(p.is_meta for p in layer.parameters())
 
-    def load(self, model: nn.Module, index: int) -> None:
-        """Materialise decoder layer `index` on the CPU from the checkpoint (no-op when it is real)."""
-        layer = decoder_layers(model)[index]
+    def load(self, model: nn.Module, index: int, layer: nn.Module | None = None) -> None:
+        """Materialise decoder layer `index` on the CPU from the checkpoint (no-op when it is real).
+        layer: the layer itself, where the model's list holds a stand-in meanwhile (head_on_hidden)."""
+        layer = layer if layer is not None else decoder_layers(model)[index]
         if self.is_loaded(layer):
             return
-        _assign(layer, self.layer_state(model, index))
+        _assign(layer, self.layer_state(model, index, layer))
         if self.on_load is not None:
             self.on_load(layer, index)
 
-    def release(self, model: nn.Module, index: int) -> None:
-        """Put decoder layer `index` back on the meta device: its memory is freed."""
-        decoder_layers(model)[index].to("meta")
+    def release(self, model: nn.Module, index: int, layer: nn.Module | None = None) -> None:
+        """Put decoder layer `index` (or `layer`, as load's) back on the meta device: its memory is freed."""
+        (layer if layer is not None else decoder_layers(model)[index]).to("meta")
 
 
 def _assign(root: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
