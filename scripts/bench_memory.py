@@ -174,7 +174,7 @@ def growth(runs: list[dict], layer_gib: float, steps: list[str]) -> dict:
 
 
 def write_json(path: str, result: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         json.dump(result, handle, indent=2)
         handle.write("\n")
