@@ -463,11 +463,24 @@ def table_chat() -> str:
     return "\n".join(lines)
 
 
+MEMORY_RESULTS = ("bench_memory/llama-1024_float32_4x128_steps.json", "bench_memory/llama-1024_float32_4x128_streamed.json",
+                  "bench_memory/llama2-7b_float16_bf16_4x512_steps.json")
+
+
+def table_memory() -> str:
+    """Peak host memory of every step against depth (scripts/bench_memory.py's own tables)."""
+    from scripts.bench_memory import markdown
+    sources = [source for source in MEMORY_RESULTS if os.path.isfile(os.path.join(RESULTS, source))]
+    return (f"*Peak RSS (VmHWM) of a fresh process per step and depth, random weights; "
+            f"`scripts/results/bench_memory/`, {_date(*sources)}.*\n\n"
+            + markdown([os.path.join(RESULTS, source) for source in sources]).rstrip("\n"))
+
+
 TABLES = {"quant": table_quant, "rsvd": table_rsvd, "update": table_update, "allocation": table_allocation,
           "tasks": table_tasks, "save_dtype": table_save_dtype, "efficiency": table_efficiency,
           "refinement": table_refinement, "lora_text": table_lora_text, "lora_alpaca": table_lora_alpaca,
           "scale": table_scale, "speed": table_speed, "serve": table_serve,
-          "tasks_detailed": table_tasks_detailed, "chat": table_chat}
+          "tasks_detailed": table_tasks_detailed, "chat": table_chat, "memory": table_memory}
 DOCS = ("README.md", "docs/evaluation.md", "docs/refinement.md", "docs/quantization.md", "docs/lora.md",
         "docs/scale.md")
 MARKED = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
