@@ -303,7 +303,6 @@ def _replay_layer(layer: torch.nn.Module, name: str, tensors: dict[str, torch.Te
     """Put a layer that an interrupted run finished back in its compressed form: its recorded
     modules made low-rank (or column-preserved) and every tensor the run wrote for it assigned."""
     from component import ColumnPreservedLinear, LowRankLinear
-    from utils.model import _assign
     for local, linear in target_linears(layer).items():
         record = records.get(f"{name}.{local}")
         if not record or "rank" not in record:
@@ -317,6 +316,13 @@ def _replay_layer(layer: torch.nn.Module, name: str, tensors: dict[str, torch.Te
                 module = LowRankLinear(linear.in_features, linear.out_features, int(record["rank"]),
                                        bias=linear.bias is not None, dtype=linear.weight.dtype)
         set_submodule(layer, local, module)
+    _assign_written(layer, name, tensors)
+
+
+def _assign_written(layer: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """The tensors an interrupted run wrote for layer `name` put in place of its (rebuilt) modules'
+    ones, after checking they are exactly its tensors, of its shapes."""
+    from utils.model import _assign
     local_tensors = {key[len(name) + 1:]: tensor for key, tensor in tensors.items()}
     expected = layer.state_dict()
     if set(local_tensors) != set(expected) or any(tuple(local_tensors[k].shape) != tuple(expected[k].shape)
@@ -324,31 +330,22 @@ def _replay_layer(layer: torch.nn.Module, name: str, tensors: dict[str, torch.Te
         raise PipelineError(f"cannot resume: the tensors the interrupted run wrote for {name} do not match its "
                             f"records; rerun with --overwrite")
     # shards written in a save dtype (--save_dtype, a de-quantised GGUF) compute in the model's own again
-    local_tensors = {k: t.to(expected[k].dtype) if t.is_floating_point() and expected[k].is_floating_point() else t
-                     for k, t in local_tensors.items()}
-    _assign(layer, local_tensors)
+    # (a quantized layer's codes are integers, and its scales keep the dtype they were written in)
+    _assign(layer, {k: t.to(expected[k].dtype) if t.is_floating_point() and expected[k].is_floating_point() else t
+                    for k, t in local_tensors.items()})
 
 
 def _replay_quantized(layer: torch.nn.Module, name: str, tensors: dict[str, torch.Tensor], records: dict) -> None:
     """Put a layer that an interrupted step 8 finished back in its quantized form: every recorded
     linear made a QuantLinear and every tensor the run wrote for it assigned."""
     from utils.io import quant_linear_for
-    from utils.model import _assign
     dtype = next(layer.parameters()).dtype
     for qualified, record in records.items():
         if qualified.startswith(f"{name}."):
             with torch.device("meta"):
                 module = quant_linear_for(layer, qualified[len(name) + 1:], record, dtype, type(layer).__name__)
             set_submodule(layer, qualified[len(name) + 1:], module)
-    local_tensors = {key[len(name) + 1:]: tensor for key, tensor in tensors.items()}
-    expected = layer.state_dict()
-    if set(local_tensors) != set(expected) or any(tuple(local_tensors[k].shape) != tuple(expected[k].shape)
-                                                  for k in expected):
-        raise PipelineError(f"cannot resume: the tensors the interrupted run wrote for {name} do not match its "
-                            f"records; rerun with --overwrite")
-    # shards written in a save dtype compute in the model's own again (a quantized layer's scales keep theirs)
-    _assign(layer, {k: t.to(expected[k].dtype) if t.is_floating_point() and expected[k].is_floating_point() else t
-                    for k, t in local_tensors.items()})
+    _assign_written(layer, name, tensors)
 
 
 def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions, device: torch.device | str,

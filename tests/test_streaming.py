@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import compress
-from tests.tiny_models import tiny_config
+from tests.tiny_models import save_deep_llama
 from utils.io import load_compressed
 from utils.model import LayerStream, decoder_layers, layer_stream, load_all_layers, load_model
 
@@ -25,12 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def deep_dir(tmp_path_factory):
     """An 8-layer tiny Llama (tied embeddings), saved in shards of about one layer."""
-    from transformers import AutoModelForCausalLM
-    config = tiny_config("llama")
-    config.num_hidden_layers = LAYERS
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("deep") / "llama8")
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path, max_shard_size="100KB")
+    path = save_deep_llama(str(tmp_path_factory.mktemp("deep") / "llama8"), LAYERS)
     assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
     return path
 

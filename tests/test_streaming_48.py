@@ -13,7 +13,7 @@ import compress
 import evaluater
 import pipeline.session
 from tests.test_streaming import assert_same_tensors, common, killed_run
-from tests.tiny_models import tiny_config
+from tests.tiny_models import save_deep_llama
 from utils.data import load_text, tokenize
 from utils.io import CompressedModelError, load_compressed
 from utils.model import LayerStream, decoder_layers, layer_stream, load_all_layers, load_model
@@ -33,18 +33,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def deep_dir(tmp_path_factory):
     """An 8-layer tiny Llama (tied embeddings) with a byte-level tokenizer, saved in shards of about one layer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-    config = tiny_config("llama")
-    config.num_hidden_layers = LAYERS
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("deep48") / "llama8")
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path, max_shard_size="100KB")
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+    path = save_deep_llama(str(tmp_path_factory.mktemp("deep48") / "llama8"), LAYERS, tokenizer=True)
     return path
 
 

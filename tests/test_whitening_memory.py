@@ -56,30 +56,39 @@ def test_symmetric_float64_copies_only_when_needed():
     assert torch.equal(symmetric_float64(other), (other + other.T) / 2)
 
 
-def test_cholesky_ladder_holds_one_buffer_besides_the_gram():
-    """Peak resident memory of a rank-deficient 3000-wide factorisation (four Cholesky attempts)
-    in a fresh process: under 1.4 matrices above the Gram itself (the factor and small blocks).
-    The old code (H + s * eye, eye and every factor as new tensors) took about 5."""
+def matrices_above_base(build: str, factor: str, n: int = 3000) -> float:
+    """Peak resident memory a factorisation adds, in n x n float64 matrices, measured in a fresh
+    process: `build` makes the input (nothing of it counted), `factor` is timed against VmHWM."""
     code = textwrap.dedent("""
         import sys, torch
         sys.path.insert(0, %r)
+        from utils.stats import PackedGram, pack_upper
         from utils.whitening import cholesky_factor
         def hwm():
             return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))) * 1024
-        n = 3000
+        n = %d
+    """ % (sys.path[0], n)) + textwrap.dedent(build) + textwrap.dedent("""
+        base = hwm()
+    """) + textwrap.dedent(factor) + textwrap.dedent("""
+        assert result.fallback
+        print((hwm() - base) / (n * n * 8))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": ""}, cwd=sys.path[0])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def test_cholesky_ladder_holds_one_buffer_besides_the_gram():
+    """A rank-deficient 3000-wide factorisation (four Cholesky attempts): under 1.4 matrices above
+    the Gram itself (the factor and small blocks). The old code (H + s * eye, eye and every factor
+    as new tensors) took about 5."""
+    matrices = matrices_above_base("""
         x = torch.randn(1000, n, dtype=torch.float64)
         gram = torch.empty(n, n, dtype=torch.float64)
         torch.mm(x.T, x, out=gram)
         del x
-        base = hwm()
-        factor = cholesky_factor(gram)
-        assert factor.fallback
-        print((hwm() - base) / (n * n * 8))
-    """ % (sys.path[0],))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "1", "PATH": ""}, cwd=sys.path[0])
-    assert done.returncode == 0, done.stderr[-2000:]
-    matrices = float(done.stdout.strip().splitlines()[-1])
+    """, "result = cholesky_factor(gram)")
     assert matrices < 1.4, matrices
 
 
@@ -99,24 +108,9 @@ def test_factor_from_the_packed_triangle_is_the_same(tokens):
 def test_packed_cholesky_holds_its_buffer_alone():
     """From the packed triangle, the rank-deficient factorisation's peak is the factor's buffer
     (one matrix) and small blocks: no full Gram beside it."""
-    code = textwrap.dedent("""
-        import sys, torch
-        sys.path.insert(0, %r)
-        from utils.stats import PackedGram, pack_upper
-        from utils.whitening import cholesky_factor
-        def hwm():
-            return int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))) * 1024
-        n = 3000
+    matrices = matrices_above_base("""
         x = torch.randn(1000, n)
         packed = pack_upper(x.T @ x)
         del x
-        base = hwm()
-        factor = cholesky_factor(PackedGram(packed, n))
-        assert factor.fallback
-        print((hwm() - base) / (n * n * 8))
-    """ % (sys.path[0],))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "1", "PATH": ""}, cwd=sys.path[0])
-    assert done.returncode == 0, done.stderr[-2000:]
-    matrices = float(done.stdout.strip().splitlines()[-1])
+    """, "result = cholesky_factor(PackedGram(packed, n))")
     assert matrices < 1.25, matrices

@@ -39,3 +39,22 @@ def save_tiny_model(family: str, directory: str, seed: int = 0) -> str:
     path = os.path.join(directory, f"tiny-{family}")
     tiny_model(family, seed).save_pretrained(path)
     return path
+
+
+def save_deep_llama(path: str, layers: int = 8, tokenizer: bool = False) -> str:
+    """A `layers`-deep tiny Llama (tied embeddings, seed 0) saved in shards of about one layer, with a
+    byte-level BPE tokenizer when asked (for the steps that read text): the streaming tests' model."""
+    from transformers import AutoModelForCausalLM
+    config = tiny_config("llama")
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path, max_shard_size="100KB")
+    if tokenizer:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        bpe = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(path)
+    return path
