@@ -2,7 +2,9 @@
 
 A pass is a callable taking a LayerContext, with two class attributes the walk reads:
 needs_activations (the calibration windows flow through the walk) and needs_reference (the
-original model's stream is carried beside the compressed one). Each is configured by a small
+original model's stream is carried beside the compressed one), and optionally a third,
+reads_original_weights (the layer's dense weights, which the decomposition replaced, are kept for it
+in context.scratch; without such a pass they are let go as soon as replaced). Each is configured by a small
 options dataclass; none knows argparse or model families. The methods of steps 2, 3 and 8 also declare
 their flags and checks next to their options (methods.method), and what they make: a step 3 method its
 pass, a step 2 method its plan; methods.registry composes them for the CLI (compress.py) and for

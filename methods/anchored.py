@@ -166,6 +166,7 @@ def _tokens(x: torch.Tensor) -> torch.Tensor:
 class AnchoredUpdate:
     needs_activations = True
     needs_reference = True
+    reads_original_weights = True
 
     def __init__(self, options: AnchoredOptions, records: dict | None = None):
         self.options = options

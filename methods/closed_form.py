@@ -92,6 +92,7 @@ def execution_groups(context: LayerContext, modules: dict[str, nn.Module]) -> li
 class ClosedFormUpdate:
     needs_activations = True
     needs_reference = False
+    reads_original_weights = True
 
     def __init__(self, options: UpdateOptions, records: dict | None = None):
         self.options = options

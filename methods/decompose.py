@@ -161,7 +161,8 @@ class Decompose:
                     low_rank = LowRankLinear.from_factors(factors.u, factors.v, bias, weight.dtype, weight.device)
             except ValueError as error:
                 raise DecomposeError(f"{full}: {error}") from None
-            originals[name] = weight
+            if context.scratch.get("keep_original_weights", True):
+                originals[name] = weight  # a later pass reads it (else the dense weight goes with its module)
             set_submodule(context.layer, name, low_rank)
 
 

@@ -126,6 +126,7 @@ def _optimizer(params: list[nn.Parameter], options: RefineOptions, total_steps: 
 class Refine:
     needs_activations = True
     needs_reference = True
+    reads_original_weights = True
 
     def __init__(self, options: RefineOptions, records: dict | None = None, layer_records: dict | None = None):
         """records: per-module dict (matrix losses); layer_records: per-layer dict (block losses)."""

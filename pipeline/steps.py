@@ -377,8 +377,10 @@ def compress_model(model: torch.nn.Module, plan: Plan, options: CompressOptions,
     passes = [o.make_pass(PassInputs(plan, stats, records, layer_records)) for o in chosen]
     needs_activations = any(p.needs_activations for p in passes)
     needs_reference = any(p.needs_reference for p in passes)
+    keep_original_weights = any(getattr(p, "reads_original_weights", False) for p in passes)
 
     def apply(context: LayerContext) -> None:
+        context.scratch["keep_original_weights"] = keep_original_weights
         for compression_pass in passes:
             compression_pass(context)
 

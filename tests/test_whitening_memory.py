@@ -114,3 +114,25 @@ def test_packed_cholesky_holds_its_buffer_alone():
         del x
     """, "result = cholesky_factor(PackedGram(packed, n))")
     assert matrices < 1.25, matrices
+
+
+@pytest.mark.parametrize("extra, kept", [([], 0), (["--update", "closed_form"], 7)])
+def test_dense_weights_are_kept_only_for_a_pass_that_reads_them(tmp_path, monkeypatch, extra, kept):
+    """After the decomposition, a layer's replaced dense weights stay in memory only when a later
+    pass (closed-form / anchored update, refinement) reads them: 7 per Llama layer, else none."""
+    import compress
+    from methods.decompose import Decompose
+    from tests.tiny_models import save_tiny_model
+    held: list[int] = []
+    decompose = Decompose.__call__
+
+    def counting(self, context):
+        decompose(self, context)
+        held.append(len(context.scratch.get("original_weights", {})))
+
+    monkeypatch.setattr(Decompose, "__call__", counting)
+    model = save_tiny_model("llama", str(tmp_path / "m"))
+    assert compress.main(["--step", "1,3", "--model", model, "--dataset", "random", "--whitening_nsamples", "4",
+                          "--model_seq_len", "16", "--ratio", "0.4", "--device", "cpu",
+                          "--save_path", str(tmp_path / "out"), *extra]) == 0
+    assert held and all(count == kept for count in held), held
