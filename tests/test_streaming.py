@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import compress
-from tests.tiny_models import save_deep_llama
+from tests.tiny_models import count_real_layers_at_load, save_deep_llama
 from utils.io import load_compressed
-from utils.model import LayerStream, decoder_layers, layer_stream, load_all_layers, load_model
+from utils.model import decoder_layers, layer_stream, load_all_layers, load_model
 
 LAYERS = 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,14 +69,7 @@ def test_streamed_model_is_the_loaded_model(deep_dir, dtype):
 
 
 def test_steps_1_and_3_hold_at_most_two_layers(deep_dir, tmp_path, monkeypatch):
-    real_at_load: list[int] = []
-    original_load = LayerStream.load
-
-    def counting_load(self, model, index):
-        original_load(self, model, index)
-        real_at_load.append(sum(not any(p.is_meta for p in layer.parameters()) for layer in decoder_layers(model)))
-
-    monkeypatch.setattr(LayerStream, "load", counting_load)
+    real_at_load = count_real_layers_at_load(monkeypatch)
     out = str(tmp_path / "out")
     assert compress.main(["--step", "1,3", *common(deep_dir, out)]) == 0
     # every layer read from disk once by each step, and layer 0 once more by step 1's cost estimate (its timed window)

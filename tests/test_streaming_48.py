@@ -13,10 +13,10 @@ import compress
 import evaluater
 import pipeline.session
 from tests.test_streaming import assert_same_tensors, common, killed_run
-from tests.tiny_models import save_deep_llama
+from tests.tiny_models import count_real_layers_at_load, save_deep_llama
 from utils.data import load_text, tokenize
 from utils.io import CompressedModelError, load_compressed
-from utils.model import LayerStream, decoder_layers, layer_stream, load_all_layers, load_model
+from utils.model import decoder_layers, layer_stream, load_all_layers, load_model
 
 LAYERS = 8
 EVAL = ["--eval_datasets", "pydoc", "--model_seq_len", "32", "--eval_limit", "3", "--device", "cpu"]
@@ -49,15 +49,7 @@ def compressed_dir(deep_dir, tmp_path_factory):
 @pytest.fixture
 def counted(monkeypatch):
     """The number of real (not meta) decoder layers each time LayerStream.load reads one."""
-    real_at_load: list[int] = []
-    original_load = LayerStream.load
-
-    def counting_load(self, model, index):
-        original_load(self, model, index)
-        real_at_load.append(sum(not any(p.is_meta for p in layer.parameters()) for layer in decoder_layers(model)))
-
-    monkeypatch.setattr(LayerStream, "load", counting_load)
-    return real_at_load
+    return count_real_layers_at_load(monkeypatch)
 
 
 def whole_model_path(monkeypatch):

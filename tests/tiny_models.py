@@ -58,3 +58,18 @@ def save_deep_llama(path: str, layers: int = 8, tokenizer: bool = False) -> str:
         bpe.decoder = decoders.ByteLevel()
         PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(path)
     return path
+
+
+def count_real_layers_at_load(monkeypatch) -> list[int]:
+    """A list that gets, each time utils.model.LayerStream.load reads a layer, how many decoder
+    layers of the model then hold real (not meta) weights: the streaming tests' probe."""
+    from utils.model import LayerStream, decoder_layers
+    real_at_load: list[int] = []
+    original_load = LayerStream.load
+
+    def counting_load(self, model, index, *args, **kwargs):
+        original_load(self, model, index, *args, **kwargs)
+        real_at_load.append(sum(not any(p.is_meta for p in layer.parameters()) for layer in decoder_layers(model)))
+
+    monkeypatch.setattr(LayerStream, "load", counting_load)
+    return real_at_load
