@@ -101,6 +101,7 @@ class PackedGram:
         return unpack_upper(self.packed, self.n, out=out)
 
     def full(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full Gram as a new n x n tensor (default: the triangle's dtype)."""
         return unpack_upper(self.packed, self.n, dtype=dtype)
 
 
@@ -117,10 +118,9 @@ def saved_gram(stats: dict[str, torch.Tensor], stream: str,
                device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The Gram matrix of `stream` from one layer's saved statistics (either layout), on `device`
     (default: where the statistics are), in `dtype` (default as stored, float32)."""
-    if f"{stream}.gram_upper" in stats:
-        packed = stats[f"{stream}.gram_upper"]
-        return unpack_upper(packed if device is None else packed.to(device), stats[f"{stream}.abs_sum"].numel(),
-                            dtype=dtype)
+    packed = packed_gram(stats, stream, device)
+    if packed is not None:
+        return packed.full(dtype)
     if f"{stream}.gram" in stats:
         gram = stats[f"{stream}.gram"]
         return gram.to(device=device or gram.device, dtype=dtype or gram.dtype)
