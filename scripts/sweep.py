@@ -48,15 +48,9 @@ DEFAULT_VARIANTS = "svd,whiten_svd,whiten_rsvd,whiten_svd_update"
 def make_tiny_model(directory: str, family: str = "llama") -> str:
     """A tiny random model with a byte-level tokenizer (256 ids = its vocabulary), so that the
     whole pipeline, text evaluation included, runs on it in seconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from tests.tiny_models import save_tiny_model
+    from tests.tiny_models import save_byte_level_tokenizer, save_tiny_model
     path = save_tiny_model(family, directory)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(path)
+    save_byte_level_tokenizer(path)
     return path
 
 

@@ -61,8 +61,13 @@ def test_streamed_model_is_the_loaded_model(deep_dir, dtype):
     assert all(p.is_meta for p in decoder_layers(streamed).parameters())  # nothing of the layers read yet
     assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
     load_all_layers(streamed)
-    mine = {**dict(streamed.named_parameters()), **dict(streamed.named_buffers())}
-    theirs = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
+    assert_same_model_tensors(streamed, whole)
+
+
+def assert_same_model_tensors(mine_model, their_model) -> None:
+    """The same parameters and buffers, by name, dtype and value."""
+    mine = {**dict(mine_model.named_parameters()), **dict(mine_model.named_buffers())}
+    theirs = {**dict(their_model.named_parameters()), **dict(their_model.named_buffers())}
     assert sorted(mine) == sorted(theirs)
     for name, tensor in theirs.items():
         assert mine[name].dtype == tensor.dtype and torch.equal(mine[name], tensor), name

@@ -12,7 +12,7 @@ import torch
 import compress
 import evaluater
 import pipeline.session
-from tests.test_streaming import assert_same_tensors, common, killed_run
+from tests.test_streaming import assert_same_model_tensors, assert_same_tensors, common, killed_run
 from tests.tiny_models import count_real_layers_at_load, save_deep_llama
 from utils.data import load_text, tokenize
 from utils.io import CompressedModelError, load_compressed
@@ -22,12 +22,7 @@ LAYERS = 8
 EVAL = ["--eval_datasets", "pydoc", "--model_seq_len", "32", "--eval_limit", "3", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py's
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +62,7 @@ def test_streamed_compressed_load_is_the_whole_load(compressed_dir, dtype):
     assert not any(t.is_meta for name, t in streamed.named_parameters() if ".layers." not in name)
     assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
     load_all_layers(streamed)
-    mine = {**dict(streamed.named_parameters()), **dict(streamed.named_buffers())}
-    theirs = {**dict(whole.named_parameters()), **dict(whole.named_buffers())}
-    assert sorted(mine) == sorted(theirs)
-    for name, tensor in theirs.items():
-        assert mine[name].dtype == tensor.dtype and torch.equal(mine[name], tensor), name
+    assert_same_model_tensors(streamed, whole)
     # fused when read, as the whole load fuses (q/k/v and gate/up of every layer): the same logits bit for bit
     fused = {name for name, m in whole.named_modules() if getattr(m, "shared_input", None) is not None}
     assert len(fused) == 5 * LAYERS

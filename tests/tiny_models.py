@@ -50,14 +50,20 @@ def save_deep_llama(path: str, layers: int = 8, tokenizer: bool = False) -> str:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path, max_shard_size="100KB")
     if tokenizer:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
-        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-        bpe = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.decoder = decoders.ByteLevel()
-        PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(path)
+        save_byte_level_tokenizer(path)
     return path
+
+
+def save_byte_level_tokenizer(path: str) -> None:
+    """A byte-level BPE tokenizer with no merges (256 ids, one per byte) saved into `path`: any text
+    encodes into a tiny model's vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(path)
 
 
 def count_real_layers_at_load(monkeypatch) -> list[int]:
