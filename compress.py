@@ -973,7 +973,11 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     ensure_model(args, session)
     plan, plan_source = _plan_for_step3(args, session)
     options = _compress_options(args)
-    stats = Statistics.open(stats_path_of(args)) if options.decompose.needs_stats else None
+    # on the CPU the next layer's statistics are not read ahead: they would sit beside the largest
+    # matrix's float64 whitening in host memory, to save a read far shorter than a layer's SVDs
+    import torch
+    prefetch = torch.device(args.device).type != "cpu"
+    stats = Statistics.open(stats_path_of(args), prefetch) if options.decompose.needs_stats else None
     windows, data, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None, None)
     refine_cost = _refine_estimate(args, session, options.refine, len(plan.ranks)) if options.refine else None
     writer = None
@@ -982,6 +986,11 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
                                     compress_identity(session.model, plan, options, args.device, stats, windows),
                                     args.overwrite, dtype=save_dtype_of(args, session),
                                     protected=_protected_inputs(args))
+    from utils.model import layer_stream
+    if writer is not None and windows is None and layer_stream(session.model) is not None:
+        # nothing runs through the embeddings and head (no pass takes activations): they are read
+        # again when the writer stores them, so they are not beside the largest matrix's whitening
+        layer_stream(session.model).release_non_layer(session.model)
     with writer or contextlib.nullcontext():
         try:
             record = compress_model(session.model, plan, options, args.device, stats, windows, args.force_stats,
@@ -996,7 +1005,10 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
         if data is not None:  # the windows of the update / refinement
             compression["calibration_windows"] = {**data, "nsamples": int(windows.shape[0]),
                                                   "seq_len": int(windows.shape[1])}
-        target = _ppl_target_check(args, session, plan, options)
+        streamed = layer_stream(session.model) is not None
+        computed_in = next(session.model.parameters()).dtype  # before the save's cast
+        # a streamed model is measured on its output, once written (below)
+        target = None if streamed else _ppl_target_check(args, session, plan, options)
         if target is not None:
             compression["ppl_target"] = target
         if refine_cost is not None:  # the estimate printed before the refinement, and what it took
@@ -1016,8 +1028,26 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
             saved = True
         else:
             saved = _save_model(args, session, 3)
+    if streamed and writer is not None:  # once the output is in place
+        _stream_output(args, session, plan, options, computed_in)
     _print_summary(compression, session.timings, args.save_path if saved else None, method_registry(args))
     return compression
+
+
+def _stream_output(args: argparse.Namespace, session: Session, plan, options, dtype) -> None:
+    """After a streamed step 3: the session's model becomes its output, streamed (the walked model's
+    layers would be read from the original's files), in the dtype it was compressed in and unfused, so
+    it computes as the model step 3 built; a --ppl_target plan is measured on it and the figure added
+    to the output's compression block."""
+    import gc
+    from utils.io import add_to_compression, load_compressed
+    session.model = None  # its embeddings and head go before the output's are read
+    gc.collect()
+    session.model, _, _ = load_compressed(args.save_path, dtype, fuse=False, stream=True)
+    target = _ppl_target_check(args, session, plan, options)
+    if target is not None:
+        session.compression["ppl_target"] = target
+        add_to_compression(args.save_path, {"ppl_target": target})
 
 
 def disk_bytes(path: str) -> int:
@@ -1082,9 +1112,7 @@ def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options)
               "search_decompose": searched or None, "step3_differs": differs, "final_calibration_ppl": None}
     windows_spec = search.get("windows")
     from utils.model import layer_stream
-    if layer_stream(session.model) is not None:
-        record["not_measured"] = "the layers were streamed from disk, not held in memory; run step 4 on the output"
-    elif windows_spec is None:
+    if windows_spec is None:
         record["not_measured"] = "the plan does not say which windows the search measured on (an earlier version)"
     else:
         try:
@@ -1102,7 +1130,8 @@ def _ppl_target_check(args: argparse.Namespace, session: Session, plan, options)
             home = next(session.model.parameters()).device
             start = time.perf_counter()
             ppl = calibration_ppl(session.model, windows, args.device)
-            session.model.to(home)
+            if layer_stream(session.model) is None:  # a streamed model's layers are back on disk
+                session.model.to(home)
             session.timings["ppl_target_check_s"] = round(time.perf_counter() - start, 3)
             record.update(final_calibration_ppl=ppl, met=ppl < record["target"], windows=windows_spec)
     final = record["final_calibration_ppl"]

@@ -31,22 +31,21 @@ def streams_layers(steps: list[int] | set[int], save_path: str | None, dataset: 
                    whole_model: bool = False, allocation: str | None = None) -> bool:
     """Whether the model's decoder layers are read from disk one at a time (utils.model.LayerStream):
     when every step of the command goes layer by layer and writes, if it writes, layer by layer:
-    steps 1 (its Fisher backward included) and 3 (step 3's output a directory); steps 1 and 2 with an
-    allocation in STREAMED_ALLOCATIONS; or steps 4 and 8 (perplexity by a layer walk; step 8's output
-    a directory) after step 1 or alone. Step 3 followed by 4 or 8 hands them its model in memory,
-    whole; steps 2 and 3 in one command keep it whole too (step 3 measures the model a --ppl_target
-    search planned once built, and the session's model is the compressed one afterwards, what the
-    Python API's callers of the 1-3 chain read). Other steps, self-calibration's generation and
-    `whole_model` (a flag that runs the whole model: --ask, --device_map, --eval_chat) need the whole
-    model in memory."""
+    steps 1 (its Fisher backward included), 2 with an allocation in STREAMED_ALLOCATIONS and 3 (step 3's
+    output a directory; a streamed step 3 leaves the session its output, streamed, and measures a
+    --ppl_target plan on it); or steps 4 and 8 (perplexity by a layer walk; step 8's output a
+    directory) after step 1 or alone. Step 3 followed by 4 or 8 hands them its model in memory, whole
+    (they measure the model as computed, before the save's cast). Other steps, self-calibration's
+    generation and `whole_model` (a flag that runs the whole model: --ask, --device_map, --eval_chat)
+    need the whole model in memory."""
     from utils.data import SELF_DATASET
     steps = set(steps)
     pt_output = (save_path or "").endswith(".pt")
-    if whole_model or dataset == SELF_DATASET or (steps & {3, 8} and pt_output):
+    if whole_model or dataset == SELF_DATASET or (steps & {3, 8} and (pt_output or not save_path)):
         return False
-    if 2 in steps:
-        return allocation in STREAMED_ALLOCATIONS and steps <= {1, 2}
-    return steps <= {1, 3} or steps <= {1, 4, 8}
+    if 2 in steps and allocation not in STREAMED_ALLOCATIONS:
+        return False
+    return steps <= {1, 2, 3} or steps <= {1, 4, 8}
 
 
 def ensure_model(session: Session, model: str, dtype: str, seed: int = 0, num_layers: int | None = None,

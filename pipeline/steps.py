@@ -41,25 +41,26 @@ class PipelineError(ValueError):
 
 class Statistics:
     """Step 1's per-layer input statistics, on disk (one safetensors file per layer plus
-    meta.json) or in memory. layer(i) returns (tensors, module -> stream); on disk, layer i+1 is
-    read in a background thread while layer i is being used (at most three layers in memory)."""
+    meta.json) or in memory. layer(i) returns (tensors, module -> stream); on disk, with `prefetch`,
+    layer i+1 is read in a background thread while layer i is being used (at most three layers in
+    memory), without it when it is asked for."""
 
     def __init__(self, meta: dict, path: str | None = None, layers: dict[int, dict] | None = None,
-                 fisher: dict[str, torch.Tensor] | None = None):
+                 fisher: dict[str, torch.Tensor] | None = None, prefetch: bool = True):
         self.meta, self.path, self._layers = meta, path, layers
-        self._fisher = fisher
+        self._fisher, self.prefetch = fisher, prefetch
         self._reader = ThreadPoolExecutor(max_workers=1) if path else None
         self._reads: dict = {}
         self.wait_s = 0.0  # time the caller waited for a read (background reads hide the rest)
 
     @classmethod
-    def open(cls, path: str) -> "Statistics":
+    def open(cls, path: str, prefetch: bool = True) -> "Statistics":
         recover_interrupted_swap(path)  # a replacement of these statistics that a kill cut short
         meta_path = os.path.join(path, STATS_META)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"no statistics in {path}: run step 1 first "
                                     f"(or pass --stats_path to where step 1 wrote them)")
-        return cls(read_json(meta_path), path=path)
+        return cls(read_json(meta_path), path=path, prefetch=prefetch)
 
     def _read(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(os.path.join(self.path, f"layer_{index:04d}.safetensors"), device="cpu")
@@ -69,7 +70,7 @@ class Statistics:
         if self._layers is not None:
             return self._layers[index], streams
         future = self._reads.pop(index, None) or self._reader.submit(self._read, index)
-        if index + 1 < self.meta["num_layers"]:
+        if self.prefetch and index + 1 < self.meta["num_layers"]:
             self._reads[index + 1] = self._reader.submit(self._read, index + 1)
         start = time.perf_counter()
         tensors = future.result()

@@ -12,7 +12,7 @@ from tests.tiny_models import FAMILIES, save_tiny_model, tiny_model
 from utils.data import calibration_windows
 from utils.decompose import rank_for_ratio
 from utils.io import CompressedModelError, load_compressed
-from utils.model import count_parameters, decoder_layers, layer_prefix, target_linears
+from utils.model import count_parameters, decoder_layers, layer_prefix, load_all_layers, target_linears
 from utils.stats import pack_upper, saved_gram, unpack_upper
 
 EXPECTED_LINEARS = {
@@ -35,6 +35,7 @@ def run_steps(args) -> compress.Session:
     session = compress.Session()
     compress.run_profile(args, session)
     compress.run_compress(args, session)
+    load_all_layers(session.model)  # steps 1-3 to a directory stream: the session holds the output, read whole here
     return session
 
 

@@ -86,6 +86,31 @@ def test_steps_1_and_3_hold_at_most_two_layers(deep_dir, tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(out, "progress.json"))
 
 
+@pytest.mark.parametrize("extra, released", [([], True), (["--update", "closed_form", "--updating_nsamples", "4"], False)])
+def test_step3_lets_the_embeddings_go_while_nothing_runs_through_them(deep_dir, tmp_path, monkeypatch, extra, released):
+    """A walk with no activations (whitening alone) holds no embedding or head while it decomposes
+    (the writer reads them again, and its output has them: test_sharded_output_is_the_in_memory_result);
+    an update that runs windows through the model keeps them."""
+    from utils.model import LayerStream
+    embedding_at_load: list[bool] = []
+    original_load = LayerStream.load
+
+    def probing_load(self, model, index, *args, **kwargs):
+        original_load(self, model, index, *args, **kwargs)
+        embedding_at_load.append(model.get_input_embeddings().weight.is_meta)
+
+    monkeypatch.setattr(LayerStream, "load", probing_load)
+    out = str(tmp_path / "out")
+    assert compress.main(["--step", "1", *common(deep_dir, out)]) == 0
+    assert embedding_at_load and not any(embedding_at_load)  # step 1 runs the windows through them
+    embedding_at_load.clear()
+    assert compress.main(["--step", "3", *common(deep_dir, out, *extra)]) == 0
+    assert len(embedding_at_load) >= LAYERS and set(embedding_at_load) == {released}
+    tensors = all_tensors(out)
+    reference = all_tensors(deep_dir)
+    assert torch.equal(tensors["model.embed_tokens.weight"], reference["model.embed_tokens.weight"])
+
+
 def test_sharded_output_is_the_in_memory_result(deep_dir, tmp_path):
     """Streamed steps 1,3 (sharded output) against the same steps on the whole model in memory
     (api calls, unsharded model.safetensors): the same tensors bit for bit, the same logits."""

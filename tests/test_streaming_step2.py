@@ -100,5 +100,48 @@ def test_streams_layers_for_step2():
     assert streams([1, 3], "out", "wikitext2", allocation="v2")
     assert not streams([2], "out", "wikitext2", allocation=None)
     assert not streams([2], "out", "wikitext2", allocation="mine")  # a registered one may read the whole model
-    assert not streams([1, 2, 3], "out", "wikitext2", allocation="v2")  # the 1-3 chain's session model stays whole
+    assert streams([1, 2, 3], "out", "wikitext2", allocation="v2")  # step 3's output is read back streamed
+    assert not streams([1, 2, 3, 4], "out", "wikitext2", allocation="v2")  # step 4 measures the model in memory
+    assert not streams([2, 3], None, "wikitext2", allocation="v2") and not streams([2, 3], "o.pt", "wikitext2", allocation="v2")
     assert not streams([1, 2], "out", SELF_DATASET, allocation="v2")  # generation needs the whole model
+
+
+def test_step2_and_3_chained_stream_and_write_what_the_whole_chain_writes(deep_dir, statistics, tmp_path,  # noqa: F811
+                                                                         monkeypatch):
+    """--step 2,3 with asvd's --ppl_target search: at most two real layers at any read, the same
+    tensors as the whole model's chain, and the search's target measured on the written output
+    (recorded in its compression block) with the figure the whole chain measures in memory."""
+    from tests.test_streaming import all_tensors
+    from utils.io import load_compressed
+    real_at_read: list[int] = []
+    layers: dict[int, object] = {}
+    original_load = LayerStream.load
+
+    def counting_load(self, model, index, layer=None):
+        original_load(self, model, index, layer)
+        layers.update({id(x): x for x in decoder_layers(model) if any(True for _ in x.parameters())})
+        if layer is not None:
+            layers[id(layer)] = layer
+        real_at_read.append(real_layers(layers.values()))
+
+    monkeypatch.setattr(LayerStream, "load", counting_load)
+    stats = statistics + ".stats"
+
+    def chain(name: str) -> dict:
+        out = str(tmp_path / name)
+        args = ["--step", "2,3", *common(deep_dir, out), "--stats_path", stats, "--plan", str(tmp_path / f"plan_{name}.json"),
+                "--sensitivity_path", str(tmp_path / f"table_{name}.json"), *ALLOCATIONS["asvd_ppl"]]
+        assert compress.main(args) == 0
+        return load_compressed(out)[2]
+
+    streamed = chain("streamed")
+    assert len(real_at_read) >= 2 * LAYERS and max(real_at_read) <= 2  # step 2's walks, step 3's, the check's
+    monkeypatch.setattr(pipeline.session, "streams_layers", lambda *a, **k: False)
+    real_at_read.clear()
+    whole = chain("whole")
+    assert real_at_read == []
+    a, b = all_tensors(str(tmp_path / "streamed")), all_tensors(str(tmp_path / "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    measured = streamed["ppl_target"]["final_calibration_ppl"]
+    assert measured is not None and "not_measured" not in streamed["ppl_target"]
+    assert measured == pytest.approx(whole["ppl_target"]["final_calibration_ppl"], rel=1e-5)

@@ -181,11 +181,13 @@ def low_rank_factors(weight: torch.Tensor, rank: int, whitening: WhiteningFactor
     else:
         u, sigma, vh = randomized_svd(target, rank, oversamples, n_iter, generator)
         spectrum = sigma
+    del target  # W S is not beside the factors (the largest matrix's peak)
     sigma64 = sigma.to(torch.float64)
     left, right = {"UV": (sigma64.sqrt(), sigma64.sqrt()), "U": (sigma64, torch.ones_like(sigma64)),
                    "V": (torch.ones_like(sigma64), sigma64)}[sigma_fuse]
     u = u.to(torch.float64) * left
     v = right[:, None] * vh.to(torch.float64)
+    del vh
     if whitening is not None:
         v = whitening.right_solve(v)
     return Factors(u=u, v=v, kept_energy=float(sigma.to(torch.float64).square().sum()),

@@ -238,6 +238,15 @@ def _save_config_and_tokenizer(model: nn.Module, tokenizer, directory: str, comp
         tokenizer.save_pretrained(directory)
 
 
+def add_to_compression(path: str, entries: dict) -> None:
+    """Add `entries` to the compression block of the saved model directory `path` (config.json
+    rewritten atomically): what a step measures on a model after writing it."""
+    config_path = os.path.join(path, "config.json")
+    config = read_json(config_path)
+    config["compression"] = {**config["compression"], **entries}
+    _write_text_atomically(config_path, json.dumps(config, indent=2, default=str))
+
+
 def resumable(kind: str, identity: dict, overwrite: bool) -> Callable[[str], bool]:
     """atomic_path's adopt for a run that writes layer by layer: a killed run's temporary is
     continued when its progress.json is of this `kind` and records this `identity`; one of other
@@ -364,6 +373,9 @@ class ShardedModelWriter:
         from utils.model import layer_prefix
         if self.layers_done != self.num_layers:
             raise ValueError(f"{self.layers_done} of {self.num_layers} layers written")
+        from utils.model import layer_stream
+        if layer_stream(model) is not None:  # a walk that ran nothing through them let them go
+            layer_stream(model).load_non_layer(model)
         from component.low_rank_linear import unshare_inputs
         if unshare_inputs(model):  # fused v factors share one storage, which safetensors refuses
             try:

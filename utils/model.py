@@ -636,6 +636,26 @@ class LayerStream:
     def __init__(self, weight_map: dict[str, str], prefix: str, dtype: torch.dtype | None,
                  on_load: Callable[[nn.Module, int], None] | None = None):
         self.weight_map, self.prefix, self.dtype, self.on_load = weight_map, prefix, dtype, on_load
+        self.non_layer: list[str] = []  # the non-layer parameters read from the files (a tied one once)
+
+    def load_non_layer(self, model: nn.Module) -> None:
+        """Read the non-layer parameters (embeddings, final norm, head) from the files, unless they
+        are in memory (release_non_layer put them back on the meta device)."""
+        placeholders = {name: model.get_parameter(name) for name in self.non_layer}
+        wanted = {name: p for name, p in placeholders.items() if p.is_meta}
+        if wanted:
+            _assign(model, self.read(list(wanted), wanted))
+            model.tie_weights()
+
+    def release_non_layer(self, model: nn.Module) -> None:
+        """Put the non-layer parameters on the meta device (their memory is freed) for a walk that
+        runs nothing through them; load_non_layer reads them again (the writer does, at the end)."""
+        for name in self.non_layer:
+            owner_name, _, key = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            old = owner._parameters[key]
+            owner._parameters[key] = nn.Parameter(torch.empty_like(old, device="meta"), requires_grad=old.requires_grad)
+        model.tie_weights()
 
     def read(self, names: list[str], like: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The named tensors from the files, cast to the stream's dtype (or to that of the
@@ -777,6 +797,7 @@ def stream_layers_from(model: nn.Module, weight_map: dict[str, str], dtype: torc
         with torch.device("cpu"):
             rebuilt.append((module, type(module)(config=module.config)))
     stream = LayerStream(weight_map, prefix, dtype, on_load)
+    stream.non_layer = list(non_layer)
     _assign(model, stream.read(list(non_layer), non_layer))
     for module, fresh in rebuilt:
         for key, value in fresh.named_buffers(recurse=False):

@@ -102,9 +102,13 @@ def _direct_route(matrix: torch.Tensor, rank: int, width: int, n_iter: int,
     resolved = sigma > sigma[0] * 1e-7 if sigma[0] > 0 else torch.zeros_like(sigma, dtype=torch.bool)
     scale = torch.where(resolved, 1.0 / torch.where(resolved, sigma, torch.ones_like(sigma)),
                         torch.zeros_like(sigma))
-    vh = ((projected_t @ eigvecs) * scale).T  # Sigma^-1 W^T B, rank x n
+    right = projected_t @ eigvecs
+    del projected_t  # the n x k float64 products are the largest matrix's peak: one at a time
+    right *= scale
+    vh = right.T.to(dtype)  # Sigma^-1 W^T B, rank x n
+    del right
     u = basis @ eigvecs.to(dtype)
-    return u, sigma.to(dtype), vh.to(dtype)
+    return u, sigma.to(dtype), vh
 
 
 def _gram_route(matrix: torch.Tensor, rank: int, width: int, n_iter: int, generator: torch.Generator | None
