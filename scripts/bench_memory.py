@@ -98,6 +98,12 @@ def step_commands(work: str, args: argparse.Namespace) -> dict[str, list[str]]:
         "3_anchored_block": [*three, "--updating_nsamples", str(args.nsamples), "--update", "anchored", "--refine", "gradient", "--refine_target", "block",
                              "--refine_epochs", "1", "--save_path", os.path.join(work, "out3_refined")],
         "3_column_preserve": [*three, "--column_preserve", "--save_path", os.path.join(work, "out3_columns")],
+        # step 3's output for 7, 8 and 4 without step 1 and without the whitening's float64 products: a
+        # plain sketch (no power iteration) of every matrix at the same ranks, for the shapes where the
+        # whitened step 3 takes minutes a layer on the CPU (those steps' memory depends on the factors'
+        # shapes, not on their values)
+        "3_plain": [*common, "--ratio", str(args.ratio), "--step", "3", "--whitening", "none", "--decomposition", "rsvd",
+                    "--rsvd_n_iter", "0", "--save_path", out3],
         "7": [*compressed, "--step", "7", "--data_path", args.data_path, "--max_steps", "2", "--batch_size", "2",
               "--micro_batch_size", "1", "--cutoff_len", str(max(args.seq_len, 256)), "--val_set_size", "2",
               "--save_path", os.path.join(work, "out7")],
@@ -251,8 +257,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="llama2-7b")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--steps", nargs="+", default=list(STEPS), choices=STEPS, metavar="STEP",
-                        help=f"which of {', '.join(STEPS)} (default: all; 7, 8, 4 need 3)")
+    parser.add_argument("--steps", nargs="+", default=[s for s in STEPS if s != "3_plain"], choices=STEPS, metavar="STEP",
+                        help=f"which of {', '.join(STEPS)} (default: all but 3_plain; 7, 8, 4 need 3 or 3_plain)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--compute_dtype", default=None, choices=["float16", "bfloat16", "float32"],
                         help="the steps' --dtype, each layer cast to it when read (default: --dtype, the checkpoint's); "
@@ -285,8 +291,10 @@ def main() -> int:
         return 0
     if len(set(args.layers)) < 2:
         parser.error("--layers needs at least two depths to fit a growth per layer")
-    if {"7", "8", "4"} & set(args.steps) and "3" not in args.steps:
-        parser.error("--steps 7, 8 and 4 run on step 3's output: add 3")
+    if {"7", "7_offload", "8", "4"} & set(args.steps) and not {"3", "3_plain"} & set(args.steps):
+        parser.error("--steps 7, 8 and 4 run on step 3's output: add 3 (or 3_plain)")
+    if {"3", "3_plain"} <= set(args.steps):
+        parser.error("--steps 3 and 3_plain both write step 3's output: choose one")
     if {"2_v2", "2_duo", "2_asvd_ppl_search", "3", "3_anchored_block", "3_column_preserve"} & set(args.steps) \
             and "1" not in args.steps:
         parser.error("--steps 2 and 3 read step 1's statistics: add 1")

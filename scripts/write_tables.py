@@ -466,8 +466,10 @@ def table_chat() -> str:
 MEMORY_RESULTS = ("bench_memory/llama-1024_float32_4x128_steps.json", "bench_memory/llama-1024_float32_4x128_streamed.json",
                   "bench_memory/llama-1024_float32_4x128_rerun_7offload.json",
                   "bench_memory/llama-1024_float32_4x128_rerun_asvd.json",
+                  "bench_memory/llama-1024_float32_4x128_asvd.json",
                   "bench_memory/llama2-7b_float16_bf16_4x512_steps.json",
-                  "bench_memory/llama2-7b_float16_bf16_4x512_after.json")
+                  "bench_memory/llama2-7b_float16_bf16_4x512_after.json",
+                  "bench_memory/llama2-7b_float16_bf16_4x512_7offload.json")
 
 
 def table_memory() -> str:

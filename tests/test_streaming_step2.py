@@ -31,6 +31,25 @@ def real_layers(layers) -> int:
     return sum(not any(p.is_meta for p in layer.parameters()) for layer in layers)
 
 
+def count_real_layers_at_read(monkeypatch) -> tuple[list[int], dict[int, object]]:
+    """(a list that gets, at every LayerStream.load, how many decoder layers read so far hold real
+    tensors; those layers by id). Every layer read is tracked, not only the model's list: the
+    sensitivity walks swap layers in and out of it."""
+    real_at_read: list[int] = []
+    layers: dict[int, object] = {}
+    original_load = LayerStream.load
+
+    def counting_load(self, model, index, layer=None):
+        original_load(self, model, index, layer)
+        layers.update({id(x): x for x in decoder_layers(model) if any(True for _ in x.parameters())})
+        if layer is not None:
+            layers[id(layer)] = layer
+        real_at_read.append(real_layers(layers.values()))
+
+    monkeypatch.setattr(LayerStream, "load", counting_load)
+    return real_at_read, layers
+
+
 @pytest.fixture(scope="module")
 def statistics(deep_dir, tmp_path_factory):  # noqa: F811
     """Step 1 once for every allocation: the save path whose .stats folder holds them."""
@@ -42,17 +61,9 @@ def statistics(deep_dir, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("allocation", sorted(ALLOCATIONS))
 def test_step2_streams_at_most_two_layers_and_plans_as_the_whole_model(deep_dir, statistics, tmp_path,  # noqa: F811
                                                                       monkeypatch, allocation):
-    real_at_read: list[int] = []
+    real_at_read, layers = count_real_layers_at_read(monkeypatch)
     spilled_to: set[str] = set()  # where duo's base state waited
-    layers: dict[int, object] = {}  # every decoder layer read (the sensitivity walks swap the model's list)
-    original_load, original_spill_load = LayerStream.load, sensitivity._BaseStateSpill.load
-
-    def counting_load(self, model, index, layer=None):
-        original_load(self, model, index, layer)
-        layers.update({id(x): x for x in decoder_layers(model) if any(True for _ in x.parameters())})
-        if layer is not None:
-            layers[id(layer)] = layer
-        real_at_read.append(real_layers(layers.values()))
+    original_spill_load = sensitivity._BaseStateSpill.load
 
     def counting_spill_load(self, layer, index):
         spilled_to.add(os.path.dirname(self.directory))
@@ -60,7 +71,6 @@ def test_step2_streams_at_most_two_layers_and_plans_as_the_whole_model(deep_dir,
         real_at_read.append(real_layers(layers.values()))
         return undo
 
-    monkeypatch.setattr(LayerStream, "load", counting_load)
     monkeypatch.setattr(sensitivity._BaseStateSpill, "load", counting_spill_load)
 
     def step2(name: str) -> dict:
@@ -113,18 +123,7 @@ def test_step2_and_3_chained_stream_and_write_what_the_whole_chain_writes(deep_d
     (recorded in its compression block) with the figure the whole chain measures in memory."""
     from tests.test_streaming import all_tensors
     from utils.io import load_compressed
-    real_at_read: list[int] = []
-    layers: dict[int, object] = {}
-    original_load = LayerStream.load
-
-    def counting_load(self, model, index, layer=None):
-        original_load(self, model, index, layer)
-        layers.update({id(x): x for x in decoder_layers(model) if any(True for _ in x.parameters())})
-        if layer is not None:
-            layers[id(layer)] = layer
-        real_at_read.append(real_layers(layers.values()))
-
-    monkeypatch.setattr(LayerStream, "load", counting_load)
+    real_at_read, _ = count_real_layers_at_read(monkeypatch)
     stats = statistics + ".stats"
 
     def chain(name: str) -> dict:
