@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
         breakdown.seconds.clear()
         breakdown.calls.clear()
 
-        breakdown.wrap(stats_module, "batch_gram", "gram products")
+        breakdown.wrap(stats_module, "add_batch_gram", "gram products")
         breakdown.wrap(pipeline, "save_file", "statistics save (background thread)", sync=False)
         meter.run("profile", profile, windows)
         profile_breakdown = tables["profile"] = breakdown.table()

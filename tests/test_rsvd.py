@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils.gram import symmetric_gram
+from utils.gram import add_symmetric_gram, symmetric_gram
 from utils.rsvd import _gram_route, randomized_svd, route_cost
 
 
@@ -156,6 +156,17 @@ def test_symmetric_gram_matches_the_plain_product(shape, block):
     reference = x.double().T @ x.double()
     assert torch.allclose(gram, gram.T, rtol=0, atol=1e-6 * float(gram.abs().max()))
     assert float((gram.double() - reference).abs().max() / reference.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("shape,block", [((300, 100), 16), ((50, 130), 32), ((64, 40), 512)])
+def test_add_symmetric_gram_adds_exactly_what_symmetric_gram_makes(shape, block):
+    """The in-place sum (step 1's accumulation on the CPU) is bit for bit the product's, added."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=generator)
+    start = torch.randn(shape[1], shape[1], generator=generator, dtype=torch.float64)
+    out = start.clone()
+    add_symmetric_gram(out, x, block)
+    assert torch.equal(out, start + symmetric_gram(x, block))
 
 
 def test_low_rank_factors_take_the_exact_svd_when_the_sketch_covers_the_matrix():

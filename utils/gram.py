@@ -22,3 +22,18 @@ def symmetric_gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
         out[start:stop, start:] = rows
         out[stop:, start:stop] = rows[:, stop - start:].T
     return out
+
+
+def add_symmetric_gram(out: torch.Tensor, x: torch.Tensor, block: int = 512) -> None:
+    """out += symmetric_gram(x, block), one block row at a time, so that no n x n product is made
+    beside `out` (for a 7B's 11008-wide MLP input, 0.46 GiB in float32). The values added are
+    symmetric_gram's bit for bit (the same block products, added where it writes them)."""
+    n = x.shape[1]
+    if n < 2 * block:
+        out += x.T @ x
+        return
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        rows = x[:, start:stop].T @ x[:, start:]
+        out[start:stop, start:] += rows
+        out[stop:, start:stop] += rows[:, stop - start:].T

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.gram import symmetric_gram
+from utils.gram import add_symmetric_gram, symmetric_gram
 from utils.capture import recording_inputs
 
 
@@ -134,6 +134,15 @@ def batch_gram(x: torch.Tensor) -> torch.Tensor:
     return symmetric_gram(x.float())
 
 
+def add_batch_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """gram += batch_gram(x), bit for bit; on the CPU without its n x n float32 product (summed into
+    `gram` a block row at a time: host memory is where the float64 Grams already are)."""
+    if x.is_cuda:
+        gram += batch_gram(x)
+    else:
+        add_symmetric_gram(gram, x.float())
+
+
 class InputStatistics:
     """Running statistics of one input stream."""
 
@@ -145,7 +154,7 @@ class InputStatistics:
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
-        self.gram += batch_gram(x)
+        add_batch_gram(self.gram, x)
         absx = x.abs().float()
         self.abs_sum += absx.sum(0)
         torch.maximum(self.abs_max, absx.amax(0), out=self.abs_max)
