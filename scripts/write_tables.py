@@ -469,6 +469,7 @@ MEMORY_RESULTS = ("bench_memory/llama-1024_float32_4x128_steps.json", "bench_mem
                   "bench_memory/llama-1024_float32_4x128_asvd.json",
                   "bench_memory/llama2-7b_float16_bf16_4x512_steps.json",
                   "bench_memory/llama2-7b_float16_bf16_4x512_after.json",
+                  "bench_memory/llama2-7b_float16_bf16_4x512_16L.json",
                   "bench_memory/llama2-7b_float16_bf16_4x512_7offload.json")
 
 
