@@ -470,7 +470,8 @@ MEMORY_RESULTS = ("bench_memory/llama-1024_float32_4x128_steps.json", "bench_mem
                   "bench_memory/llama2-7b_float16_bf16_4x512_steps.json",
                   "bench_memory/llama2-7b_float16_bf16_4x512_after.json",
                   "bench_memory/llama2-7b_float16_bf16_4x512_16L.json",
-                  "bench_memory/llama2-7b_float16_bf16_4x512_7offload.json")
+                  "bench_memory/llama2-7b_float16_bf16_4x512_7offload.json",
+                  "bench_memory/llama2-7b_float16_bf16_4x512_step1.json")
 
 
 def table_memory() -> str:
