@@ -241,7 +241,8 @@ def merge(record: dict, other: dict, source: str) -> int:
     record["rows"] = [r for r in record["rows"] if (r["recipe"], r["ratio"]) not in
                       {(n["recipe"], n["ratio"]) for n in rows}] + rows
     entry = {"from": source, "rows": [f"{r['recipe']}@{r['ratio']:g}" for r in rows],
-             "settings": {k: other["settings"].get(k) for k in ("recipes", "note", "load_avg_start")}}
+             "settings": {k: other["settings"].get(k) for k in ("recipes", "note", "load_avg_start")},
+             "updated": other.get("finished") or other.get("updated")}
     record["merged"] = [m for m in record.get("merged", []) if m["from"] != source] + [entry]
     ratios = sorted({r["ratio"] for r in record["rows"] if r["recipe"] != "original"})
     summarize(record, ratios)
@@ -256,17 +257,20 @@ def _num(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown(record: dict) -> str:
-    """docs/recipes.md: the settings, the table (recipe x ratio) and the choice per ratio."""
+def markdown(record: dict, path: str | None = None) -> str:
+    """docs/recipes.md: the settings, the table (recipe x ratio) and the choice per ratio; `path`: the
+    JSON the table is written from (default: where the run wrote it)."""
     settings = record["settings"]
     rows = record["rows"]
     original = next((r for r in rows if r["recipe"] == "original" and r.get("ppl")), None)
     ratios = sorted({r["ratio"] for r in rows if r["recipe"] != "original"})
     names = [n for n in settings["recipes"].split(",") if any(r["recipe"] == n for r in rows)]
-    date = record.get("finished") or record.get("updated", "")
+    # the newest row's day, of this run's or a merged one's
+    date = max([record.get("finished") or record.get("updated", "")]
+               + [m.get("updated") or "" for m in record.get("merged", [])])
     lines = ["# Recipes measured: SmolLM2-135M on the CPU", "",
              "Written by `python scripts/bench_recipes.py --out "
-             f"{os.path.relpath(settings['out'], ROOT)}"
+             f"{os.path.relpath(path or settings['out'], ROOT)}"
              + "".join(f" --merge {m['from']}" for m in record.get("merged", []))
              + " --markdown docs/recipes.md` from that JSON "
              f"({'partial: rows still to come' if record.get('partial') else 'complete'}; last row {date} UTC). "
@@ -422,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                   + (" (in memory: for --markdown / --plot)" if opts.markdown or opts.plot else ""))
         if opts.markdown:
             with open(opts.markdown, "w", encoding="utf-8") as handle:
-                handle.write(markdown(record))
+                handle.write(markdown(record, opts.out))
             print(f"table -> {opts.markdown}")
         if opts.plot:
             plot(record, opts.plot)
