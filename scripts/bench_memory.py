@@ -17,7 +17,8 @@ and without the preset's random-weights mark in config.json, so that the steps t
 (2 with a perplexity search, 4, 7) run on it; the weights are still random (the JSON says so) and
 every figure but memory means nothing. Then each step of --steps runs in a fresh subprocess of
 compress.py, which reports its own peak resident memory (getrusage ru_maxrss) and, on CUDA, the
-device's peak allocation. Steps 7, 8 and 4 run on step 3's output. The growth of the peak per
+device's peak allocation. Steps 7, 8 and 4 run on step 3's output (or on `3_plain`'s, the same ranks
+without whitening, where the whitened step 3 would take minutes a layer). The growth of the peak per
 extra layer (least-squares slope over the depths) is compared with one decoder layer's weight
 bytes: with the layers streamed it should be a small fraction of it (target: 5%), where a model
 held whole grows by at least one layer's bytes per layer. Rows are written to the JSON as they
