@@ -706,8 +706,17 @@ def _protected_inputs(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(paths)
 
 
-def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
-    """Write the session's model to --save_path if `step` is the command's last model step."""
+def _sharded_writer(args: argparse.Namespace, session: Session, identity: dict):
+    """--save_path written layer by layer as the step finishes each (resumable; save_compressed's rules)."""
+    from utils.io import ShardedModelWriter
+    from utils.model import decoder_layers
+    return ShardedModelWriter(args.save_path, len(decoder_layers(session.model)), identity, args.overwrite,
+                              dtype=save_dtype_of(args, session), protected=_protected_inputs(args))
+
+
+def _save_model(args: argparse.Namespace, session: Session, step: int, writer=None) -> bool:
+    """Write the session's model to --save_path if `step` is the command's last model step: whole, or
+    through the `writer` (_sharded_writer) its layers were written to."""
     from utils.io import save_compressed
     if not writes_model(args, step):
         later = [s for s in args.steps if s in MODEL_STEPS and s > step]
@@ -717,8 +726,11 @@ def _save_model(args: argparse.Namespace, session: Session, step: int) -> bool:
     if getattr(args, "recipe_record", None) and session.compression is not None:
         session.compression["recipe"] = args.recipe_record  # the recipe and its expansion (README, "Recipes")
     start = time.perf_counter()
-    save_compressed(session.model, session.tokenizer, args.save_path, session.compression,
-                    save_dtype_of(args, session), args.overwrite, _protected_inputs(args))
+    if writer is not None:
+        writer.finish(session.model, session.tokenizer, session.compression)
+    else:
+        save_compressed(session.model, session.tokenizer, args.save_path, session.compression,
+                        save_dtype_of(args, session), args.overwrite, _protected_inputs(args))
     session.timings["save_s"] = round(time.perf_counter() - start, 3)
     return True
 
@@ -966,8 +978,8 @@ def _plan_for_step3(args: argparse.Namespace, session: Session, shapes: dict | N
 def run_compress(args: argparse.Namespace, session: Session) -> dict:
     """Step 3: apply the plan (decompose, optionally update u) and save the model (unless step 7 or
     8 follows in the same command)."""
-    from utils.io import ShardedModelWriter
-    from utils.model import decoder_layers
+    import torch
+    from utils.model import layer_stream
     from pipeline.steps import CompressOptions, Statistics, compress_identity, compress_model, compression_block
     from utils.presets import is_random_spec
     ensure_model(args, session)
@@ -975,18 +987,14 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     options = _compress_options(args)
     # on the CPU the next layer's statistics are not read ahead: they would sit beside the largest
     # matrix's float64 whitening in host memory, to save a read far shorter than a layer's SVDs
-    import torch
     prefetch = torch.device(args.device).type != "cpu"
     stats = Statistics.open(stats_path_of(args), prefetch) if options.decompose.needs_stats else None
     windows, data, heldout = _step3_windows(args, session, options, stats) if options.nsamples else (None, None, None)
     refine_cost = _refine_estimate(args, session, options.refine, len(plan.ranks)) if options.refine else None
     writer = None
     if writes_model(args, 3) and not args.save_path.endswith(".pt"):  # written layer by layer, resumable
-        writer = ShardedModelWriter(args.save_path, len(decoder_layers(session.model)),
-                                    compress_identity(session.model, plan, options, args.device, stats, windows),
-                                    args.overwrite, dtype=save_dtype_of(args, session),
-                                    protected=_protected_inputs(args))
-    from utils.model import layer_stream
+        writer = _sharded_writer(args, session, compress_identity(session.model, plan, options, args.device,
+                                                                  stats, windows))
     if writer is not None and windows is None and layer_stream(session.model) is not None:
         # nothing runs through the embeddings and head (no pass takes activations): they are read
         # again when the writer stores them, so they are not beside the largest matrix's whitening
@@ -1019,15 +1027,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
             compression["model_ratio"] = {"asked": args.model_ratio, "ratio": args.ratio,
                                           "removed_fraction": compression["parameters"]["removed_fraction"]}
         session.compression = compression
-        if writer is not None:
-            if getattr(args, "recipe_record", None):
-                compression["recipe"] = args.recipe_record  # the recipe and its expansion (README, "Recipes")
-            start = time.perf_counter()
-            writer.finish(session.model, session.tokenizer, compression)
-            session.timings["save_s"] = round(time.perf_counter() - start, 3)
-            saved = True
-        else:
-            saved = _save_model(args, session, 3)
+        saved = _save_model(args, session, 3, writer)
     if streamed and writer is not None:  # once the output is in place
         _stream_output(args, session, plan, options, computed_in)
     _print_summary(compression, session.timings, args.save_path if saved else None, method_registry(args))
@@ -1208,8 +1208,8 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     model step 3 left, of --model_path, or of the original --model; save it, packed. A model streamed
     from disk is written layer by layer as its layers are done (never whole in memory)."""
     from methods.quantize import QuantizeError
-    from utils.io import ShardedModelWriter, stored_tensor_bytes
-    from utils.model import decoder_layers, layer_stream
+    from utils.io import stored_tensor_bytes
+    from utils.model import layer_stream
     from pipeline.steps import PipelineError, linear_storage, quantize_identity, quantize_model, uncompressed_block
     from utils.presets import is_random_spec
     ensure_model(args, session, prefer_compressed=True)
@@ -1217,10 +1217,7 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
     windows, data = _windows(args, session, args.nsamples) if options.needs_activations else (None, None)
     writer = None
     if layer_stream(session.model) is not None:  # streams_layers: a directory output
-        writer = ShardedModelWriter(args.save_path, len(decoder_layers(session.model)),
-                                    quantize_identity(session.model, options, args.device, windows),
-                                    args.overwrite, dtype=save_dtype_of(args, session),
-                                    protected=_protected_inputs(args))
+        writer = _sharded_writer(args, session, quantize_identity(session.model, options, args.device, windows))
     with writer or contextlib.nullcontext():
         try:
             record = quantize_model(session.model, options, args.device, windows,
@@ -1231,14 +1228,7 @@ def run_quantize(args: argparse.Namespace, session: Session) -> dict:
         base = session.compression or uncompressed_block(args.model, session.model, args.seed, args.num_layers,
                                                          is_random_spec(args.model))
         session.compression = {**base, "quantization": record}
-        if writer is not None:
-            if getattr(args, "recipe_record", None):
-                session.compression["recipe"] = args.recipe_record  # the recipe and its expansion (README, "Recipes")
-            start = time.perf_counter()
-            writer.finish(session.model, session.tokenizer, session.compression)
-            session.timings["save_s"] = round(time.perf_counter() - start, 3)
-        else:
-            _save_model(args, session, 8)  # always the last model step
+        _save_model(args, session, 8, writer)  # always the last model step
     storage = record["linear_storage"]
     if not args.save_path.endswith(".pt"):  # the bytes as they are in the file(s)
         storage = linear_storage(session.model, stored_tensor_bytes(args.save_path))

@@ -16,12 +16,18 @@ def symmetric_gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
     if n < 2 * block:
         return x.T @ x
     out = torch.empty(n, n, dtype=x.dtype, device=x.device)
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        rows = x[:, start:stop].T @ x[:, start:]  # block x (n - start)
+    for start, stop, rows in _upper_block_rows(x, block):
         out[start:stop, start:] = rows
         out[stop:, start:stop] = rows[:, stop - start:].T
     return out
+
+
+def _upper_block_rows(x: torch.Tensor, block: int):
+    """(start, stop, x[:, start:stop]^T x[:, start:]) for each block row of x^T x's upper triangle
+    (block x (n - start): the diagonal block whole, the part right of it)."""
+    for start in range(0, x.shape[1], block):
+        stop = min(start + block, x.shape[1])
+        yield start, stop, x[:, start:stop].T @ x[:, start:]
 
 
 def add_symmetric_gram(out: torch.Tensor, x: torch.Tensor, block: int = 512) -> None:
@@ -32,8 +38,6 @@ def add_symmetric_gram(out: torch.Tensor, x: torch.Tensor, block: int = 512) -> 
     if n < 2 * block:
         out += x.T @ x
         return
-    for start in range(0, n, block):
-        stop = min(start + block, n)
-        rows = x[:, start:stop].T @ x[:, start:]
+    for start, stop, rows in _upper_block_rows(x, block):
         out[start:stop, start:] += rows
         out[stop:, start:stop] += rows[:, stop - start:].T

@@ -370,10 +370,9 @@ class ShardedModelWriter:
     def finish(self, model: nn.Module, tokenizer, compression: dict) -> None:
         """Write the non-layer tensors, the index, config and tokenizer, and rename into place."""
         from safetensors.torch import save_file
-        from utils.model import layer_prefix
+        from utils.model import layer_prefix, layer_stream
         if self.layers_done != self.num_layers:
             raise ValueError(f"{self.layers_done} of {self.num_layers} layers written")
-        from utils.model import layer_stream
         if layer_stream(model) is not None:  # a walk that ran nothing through them let them go
             layer_stream(model).load_non_layer(model)
         from component.low_rank_linear import unshare_inputs

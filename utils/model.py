@@ -631,16 +631,18 @@ class LayerStream:
     dtype: the dtype floating tensors are cast to as read (as from_pretrained does); None: each to
     the dtype of the meta tensor it replaces (a compressed model's quantized layers keep their
     float16 scales whatever the model's dtype, as a strict load into the built model gives them).
-    on_load(layer, index): called with each layer once it is read (checks, fusion)."""
+    on_load(layer, index): called with each layer once it is read (checks, fusion).
+    non_layer: the names of the parameters outside the decoder layers (a tied one once), which
+    load_non_layer reads from the files."""
 
     def __init__(self, weight_map: dict[str, str], prefix: str, dtype: torch.dtype | None,
-                 on_load: Callable[[nn.Module, int], None] | None = None):
+                 on_load: Callable[[nn.Module, int], None] | None = None, non_layer: list[str] | None = None):
         self.weight_map, self.prefix, self.dtype, self.on_load = weight_map, prefix, dtype, on_load
-        self.non_layer: list[str] = []  # the non-layer parameters read from the files (a tied one once)
+        self.non_layer = non_layer or []
 
     def load_non_layer(self, model: nn.Module) -> None:
-        """Read the non-layer parameters (embeddings, final norm, head) from the files, unless they
-        are in memory (release_non_layer put them back on the meta device)."""
+        """Read the non-layer parameters (embeddings, final norm, head) from the files, those that
+        are on the meta device (all of them when the model is built; after release_non_layer)."""
         placeholders = {name: model.get_parameter(name) for name in self.non_layer}
         wanted = {name: p for name, p in placeholders.items() if p.is_meta}
         if wanted:
@@ -775,13 +777,13 @@ def stream_layers_from(model: nn.Module, weight_map: dict[str, str], dtype: torc
     if any(f"{prefix}.{name}" not in weight_map for name, _ in layers.named_buffers()):
         return False
     layer_ids = {id(t) for t in layers.parameters()}
-    non_layer: dict[str, torch.Tensor] = {}
+    non_layer: list[str] = []
     seen: set[int] = set()
     for name, parameter in model.named_parameters(remove_duplicate=False):
         if id(parameter) in layer_ids or id(parameter) in seen:
             continue
         if name in weight_map:
-            non_layer[name] = parameter
+            non_layer.append(name)
             seen.add(id(parameter))
     missing = [name for name, p in model.named_parameters() if id(p) not in layer_ids and id(p) not in seen]
     if missing:
@@ -796,13 +798,11 @@ def stream_layers_from(model: nn.Module, weight_map: dict[str, str], dtype: torc
         # non-persistent tables (inv_freq): recomputed as constructing the module does
         with torch.device("cpu"):
             rebuilt.append((module, type(module)(config=module.config)))
-    stream = LayerStream(weight_map, prefix, dtype, on_load)
-    stream.non_layer = list(non_layer)
-    _assign(model, stream.read(list(non_layer), non_layer))
+    stream = LayerStream(weight_map, prefix, dtype, on_load, non_layer)
+    stream.load_non_layer(model)  # (and ties the head to the embeddings)
     for module, fresh in rebuilt:
         for key, value in fresh.named_buffers(recurse=False):
             module._buffers[key] = value
-    model.tie_weights()
     setattr(model, STREAM_ATTRIBUTE, stream)
     return True
 

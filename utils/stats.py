@@ -18,7 +18,6 @@ InputStatistics.tensors); `saved_gram` rebuilds the matrix and also reads the fu
 from __future__ import annotations
 
 from contextlib import ExitStack
-
 from dataclasses import dataclass
 
 import torch
