@@ -50,7 +50,9 @@ Training, as SVD-LLM's (transformers Trainer) defaults: AdamW (no weight decay),
 then linear decay to 0, gradient clipping at norm 1, micro-batches with gradient accumulation to
 --batch_size; the loss is the mean token cross-entropy over the whole batch. Differences, on
 purpose: the warm-up is at most a tenth of a stage's steps (SVD-LLM's 100 steps would never end in
-a short run), and the final adapters are merged (no best-checkpoint reload).
+a short run), and the final adapters are merged (no best-checkpoint reload). --lora_guard (off by
+default, as SVD-LLM) merges a stage only if its validation loss fell, else drops its adapters and keeps
+the factors it started from (the record says "merged": false): a diverged stage costs its time only.
 
 Data (--data_path):
   * chat data (utils.data: Alpaca rows, or rows with a "messages" list) and a tokenizer with a chat
@@ -122,6 +124,7 @@ class LoraOptions:
     device_map: str | None = None  # auto | balanced | sequential: accelerate dispatch over GPUs, CPU and disk
     max_memory: dict[int | str, int] | None = None  # budget per device for device_map (None: what each has free)
     offload_folder: str | None = None  # where device_map's disk-offloaded weights go (a fresh folder inside it)
+    guard: bool = False  # merge a stage only where it lowered the validation loss (else drop its adapters)
 
     def check(self) -> None:
         from utils.model import DEVICE_MAPS
@@ -154,6 +157,11 @@ class LoraOptions:
         need(not (self.device_map and self.offload_layers),
              "--device_map and --lora_offload_layers both place the decoder layers: choose one (--device_map "
              "spreads them over GPUs, CPU and disk; --lora_offload_layers brings one at a time to --device)")
+
+    def check_examples(self, examples: "Examples") -> None:
+        if self.guard and not examples.val:
+            raise LoraError("--lora_guard compares the validation loss before and after each stage: give "
+                            "--val_set_size > 0 (or leave it at its default)")
 
     @property
     def accumulation(self) -> int:
@@ -447,7 +455,10 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
         if unstream is not None:
             unstream, undo = None, unstream
             undo()
-        if stream is None:
+        record["merged"] = not (options.guard and record["val_loss_after"] >= record["val_loss_before"])
+        if not record["merged"]:  # the guard: the adapters are dropped and the factors stay as they came
+            peft_model.unload()
+        elif stream is None:
             _merge_in_float32(peft_model, factor)
         else:
             _merge_streamed(model, stream, factor)
@@ -462,7 +473,7 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     finally:
         if checkpointing:
             model.activation_checkpointing_disable()
-    merged = peft_model.unload()  # the adapters are merged already
+    merged = peft_model.unload()  # the adapters are merged (or dropped) already
     if merged is not model:
         raise AssertionError("peft returned a different model object after merging")
     for name, p in model.named_parameters():
@@ -785,6 +796,7 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
     place; returns the "lora" record. Ranks and parameter count are checked to be unchanged."""
     import peft
     options.check()
+    options.check_examples(examples)
     if not low_rank_modules(model):
         raise LoraError("the model has no low-rank modules: step 7 fine-tunes the factors of a compressed model "
                         "(run step 3 first)")
@@ -815,7 +827,8 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
             _restore_dtypes(model, home)
         print(f"LoRA {factor}: {stages[-1]['steps']} steps, train loss {_fmt(stages[-1]['train_loss_first'])} -> "
               f"{_fmt(stages[-1]['train_loss_final'])}, validation loss {_fmt(stages[-1]['val_loss_before'])} -> "
-              f"{_fmt(stages[-1]['val_loss_after'])} ({stages[-1]['seconds']:.1f} s)")
+              f"{_fmt(stages[-1]['val_loss_after'])} ({stages[-1]['seconds']:.1f} s)"
+              + ("" if stages[-1]["merged"] else "; not merged (--lora_guard: the validation loss did not fall)"))
     after = factor_fingerprint(model)
     if after != before:
         changed = sorted(k for k in before if before[k] != after.get(k))
@@ -949,6 +962,9 @@ def add_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     p.add_argument("--lora_offload_layers", action="store_true",
                    help="keep the decoder layers on the host and bring one at a time to the device (forward, and "
                         "again to recompute it in the backward pass): for a model larger than the device")
+    p.add_argument("--lora_guard", action="store_true",
+                   help="merge a stage's adapters only if they lowered the validation loss, else keep the factors "
+                        "as they were (SVD-LLM merges every stage)")
 
 
 def options_from_args(args: argparse.Namespace) -> LoraOptions:
@@ -967,7 +983,8 @@ def options_from_args(args: argparse.Namespace) -> LoraOptions:
                           stages=tuple(s.strip() for s in args.lora_stages.split(",") if s.strip()),
                           frozen_dtype=args.lora_frozen_dtype, gradient_checkpointing=args.gradient_checkpointing,
                           offload_layers=args.lora_offload_layers, device_map=getattr(args, "device_map", None),
-                          max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None))
+                          max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None),
+                          guard=getattr(args, "lora_guard", False))
     options.check()
     return options
 
@@ -984,6 +1001,9 @@ def validate_args(args: argparse.Namespace, chained: bool = False) -> LoraOption
         raise LoraError(f"--cutoff_len {args.cutoff_len}: must be at least 2 tokens")
     if args.val_set_size is not None and args.val_set_size < 0:
         raise LoraError(f"--val_set_size {args.val_set_size}: must be 0 or more")
+    if options.guard and args.val_set_size == 0:
+        raise LoraError("--lora_guard compares the validation loss before and after each stage: give "
+                        "--val_set_size > 0 (or leave it at its default)")
     check_data_path(args.data_path)
     if not args.save_path:
         raise LoraError("--save_path (--output_dir) is required: step 7 writes the fine-tuned model there")

@@ -74,7 +74,9 @@ def test_recipes_say_what_their_papers_say():
     assert (gpu("gsvd")["refine_target"], gpu("gsvd")["gradient_iters"]) == ("matrix", 500)
     aa = gpu("aa-svd")
     assert (aa["update"], aa["refine_target"], aa["refine_epochs"], aa["refine_lr"]) == ("anchored", "block", 25, 1e-4)
-    assert gpu("best", 0.2)["anchor_alpha"] == 0.5 and gpu("best", 0.6)["anchor_alpha"] == 1.0
+    assert gpu("best", 0.2)["anchor_alpha"] == 0.5 and gpu("best", 0.4)["anchor_alpha"] == 1.0
+    assert gpu("best", 0.6)["update"] == "none" and gpu("best", 0.6)["refine_epochs"] == 8  # no anchored fit
+    assert all(gpu("best", r)["lora_guard"] is True for r in (0.2, 0.4, 0.6))
     assert recipes.RECIPES["best"].steps == (1, 3, 7) and recipes.RECIPES["best"].provisional
 
 
