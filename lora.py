@@ -172,10 +172,12 @@ class LoraOptions:
 
 @dataclass
 class Examples:
-    """Tokenized training and validation examples: lists of (input_ids, labels) of equal lengths."""
+    """Tokenized training and validation examples: (input_ids, labels) of equal lengths, or with
+    distillation (input_ids, labels, targets): a teacher's top-k next-token log-probabilities at each
+    scored position (teacher_targets)."""
 
-    train: list[tuple[list[int], list[int]]]
-    val: list[tuple[list[int], list[int]]]
+    train: list[tuple]
+    val: list[tuple]
     info: dict
 
 
@@ -330,17 +332,27 @@ def load_examples(spec: str, tokenizer, cutoff_len: int, val_set_size: int | Non
     return Examples([examples[i] for i in train_index], [examples[i] for i in val_index], info)
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding)."""
-    length = max(len(ids) for ids, _ in batch)
+def collate(batch: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (IGNORE_INDEX on padding); with teacher
+    targets also teacher_ids and teacher_logprobs [batch, length - 1, k] (zero where not scored)."""
+    length = max(len(example[0]) for example in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, (ids, row_labels) in enumerate(batch):
+    for row, (ids, row_labels, *_) in enumerate(batch):
         input_ids[row, :len(ids)] = torch.tensor(ids)
         labels[row, :len(ids)] = torch.tensor(row_labels)
         mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if len(batch[0]) > 2:
+        k = batch[0][2][0].shape[1]
+        out["teacher_ids"] = torch.zeros((len(batch), length - 1, k), dtype=torch.long)
+        out["teacher_logprobs"] = torch.zeros((len(batch), length - 1, k), dtype=torch.float32)
+        scored = labels[:, 1:] != IGNORE_INDEX
+        for row, (_, _, (top_ids, top_logprobs)) in enumerate(batch):
+            out["teacher_ids"][row][scored[row]] = top_ids.long()
+            out["teacher_logprobs"][row][scored[row]] = top_logprobs.float()
+    return out
 
 
 def scored_tokens(labels: torch.Tensor) -> int:
@@ -349,12 +361,69 @@ def scored_tokens(labels: torch.Tensor) -> int:
 
 
 def summed_nll(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor:
-    """Sum over the scored tokens of -log p(token | tokens before), float32."""
+    """The training objective summed over the scored tokens, float32: -log p(token | tokens before),
+    or with teacher targets in the batch the divergence from the teacher (distillation_loss)."""
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                    use_cache=False).logits
     labels = batch["labels"].to(logits.device)  # dispatched (--device_map): where the head ran
+    if "teacher_ids" in batch:
+        scored = labels[:, 1:] != IGNORE_INDEX
+        return distillation_loss(logits[:, :-1][scored], batch["teacher_ids"].to(logits.device)[scored],
+                                 batch["teacher_logprobs"].to(logits.device)[scored])
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def distillation_loss(logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """Summed over positions: KL(p || q) of the teacher's distribution p from the student's q, both seen
+    through the teacher's k most likely tokens and one bucket for the rest of the vocabulary (k + 1
+    outcomes: the exact KL when k is the vocabulary, and never more than it otherwise). Its gradient
+    is that of the soft cross-entropy of Hinton et al.'s distillation at temperature 1; keeping k
+    log-probabilities per position keeps the teacher's targets small."""
+    student = torch.log_softmax(logits.float(), dim=-1)
+    student_top = student.gather(-1, teacher_ids)
+    teacher_top = teacher_logprobs.float()
+    kl = (teacher_top.exp() * (teacher_top - student_top)).sum(-1)
+    teacher_rest = (1 - teacher_top.exp().sum(-1)).clamp(min=0)
+    student_rest = torch.log1p(-torch.logsumexp(student_top, dim=-1).exp().clamp(max=1 - 1e-6))
+    rest = torch.where(teacher_rest > 0, teacher_rest * (teacher_rest.clamp(min=1e-30).log() - student_rest),
+                       torch.zeros_like(kl))
+    return (kl + rest).sum()
+
+
+@torch.no_grad()
+def teacher_targets(teacher: nn.Module, examples: list[tuple], top_k: int, micro_batch_size: int, pad_id: int,
+                    device: torch.device | str) -> list[tuple]:
+    """`examples` with the teacher's top_k next-token log-probabilities at each scored position:
+    (ids, labels, (top_ids int32 [scored, k], top_logprobs float32 [scored, k])). The teacher runs
+    once, in eval mode; k numbers per scored token are kept."""
+    was_training = teacher.training
+    teacher.eval()
+    out = []
+    for start in range(0, len(examples), micro_batch_size):
+        chunk = examples[start:start + micro_batch_size]
+        batch = collate([e[:2] for e in chunk], pad_id)
+        logits = teacher(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                         use_cache=False).logits[:, :-1].float()
+        scored = batch["labels"][:, 1:] != IGNORE_INDEX
+        for row, example in enumerate(chunk):
+            top = torch.log_softmax(logits[row][scored[row].to(logits.device)], dim=-1).topk(top_k, dim=-1)
+            out.append((example[0], example[1], (top.indices.to("cpu", torch.int32),
+                                                 top.values.to("cpu", torch.float32))))
+    teacher.train(was_training)
+    return out
+
+
+def distilled(examples: Examples, teacher: nn.Module, top_k: int, micro_batch_size: int, pad_id: int,
+              device: torch.device | str) -> Examples:
+    """Training and validation examples with the teacher's targets (teacher_targets): the LoRA stages
+    then fit the teacher's next-token distribution on the scored tokens instead of the data's tokens."""
+    if top_k < 1:
+        raise LoraError(f"--lora_distill_top_k {top_k}: must be at least 1 (the teacher's most likely tokens kept)")
+    return Examples(teacher_targets(teacher, examples.train, top_k, micro_batch_size, pad_id, device),
+                    teacher_targets(teacher, examples.val, top_k, micro_batch_size, pad_id, device),
+                    {**examples.info, "distillation": {"top_k": top_k, "loss": "KL(teacher || student) over the "
+                                                         "teacher's top-k tokens and the rest"}})
 
 
 @torch.no_grad()
@@ -718,7 +787,8 @@ def _train_adapters(peft_model: nn.Module, factor: str, n_modules: int, examples
     """The training loop of one stage on the model with its adapters; returns the stage's record."""
     from tqdm import tqdm
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    record = {"factor": factor, "modules": n_modules, "trainable_parameters": sum(p.numel() for p in trainable)}
+    record = {"factor": factor, "modules": n_modules, "trainable_parameters": sum(p.numel() for p in trainable),
+              "objective": "distillation KL" if examples.train and len(examples.train[0]) > 2 else "cross-entropy"}
     steps = stage_steps(len(examples.train), options)
     optimizer = torch.optim.AdamW(trainable, lr=options.learning_rate, weight_decay=0.0)
     # float16 frozen layers: scale the loss so that their gradients do not underflow (no-op otherwise)

@@ -23,7 +23,9 @@ epochs), then LoRA on u then v (--distill_lora_steps steps each) is trained on t
 original's answer tokens: the tokens the agreement scores, on other prompts. Its whitening is that
 of the row's DATA. After refinement it is measured by teacher forcing only (agreement, response
 ppl: no generation), after LoRA in full. distill_lora: the same LoRA on the whitened model, without
-refinement (what the distillation LoRA adds alone).
+refinement (what the distillation LoRA adds alone). distill_kl: distill with the LoRA loss the KL
+from the original's next-token distribution (its --distill_top_k most likely tokens and the rest, at
+every answer token: lora.distilled) instead of the cross-entropy of its greedy tokens.
 Each row is measured by fidelity.chat_fidelity on the 100 held-out prompts of
 data/chat_prompts.txt against the original's greedy responses (--max_new_tokens, cached), and by
 perplexity on the held-back wiki.valid.tokens[0.8:1] (first 16 windows of 512).
@@ -57,10 +59,11 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 WIKI = os.path.join(SHARED, "wikitext2", "wiki.valid.tokens")
 ALPACA = os.path.join(SHARED, "alpaca_demo", "alpaca_en_demo.jsonl")
 CALIBRATION = {"pydoc": "pydoc[0:0.9]", "wikitext": WIKI + "[0:0.8]", "chat": ALPACA + "[0:0.9]", "self": "self"}
-RECIPES = ("whitening", "block_lora", "distill", "distill_lora")
+RECIPES = ("whitening", "block_lora", "distill", "distill_lora", "distill_kl")
 DEFAULT_ROWS = ",".join([f"whitening@0.2:{d}" for d in ("chat", "self", "pydoc", "wikitext")] +
                         [f"whitening@0.4:{d}" for d in ("chat", "self", "pydoc", "wikitext")] +
-                        ["block_lora@0.2:chat", "distill_lora@0.2:chat", "distill@0.2:chat", "distill@0.2:self"])
+                        ["block_lora@0.2:chat", "distill_lora@0.2:chat", "distill@0.2:chat", "distill@0.2:self",
+                         "distill_kl@0.2:chat"])
 EXAMPLES = 3  # before/after answers kept per row: the first prompts of the file
 
 
@@ -89,7 +92,7 @@ def summarize(record: dict) -> None:
                         "wiki_ppl": round(r["ppl"]["ppl"], 3)} for r in record["runs"]]
     targets = {}
     for row in ("whitening@0.2:chat", "whitening@0.2:self", "block_lora@0.2:chat", "distill_lora@0.2:chat",
-                "distill@0.2:chat", "distill@0.2:self"):
+                "distill@0.2:chat", "distill@0.2:self", "distill_kl@0.2:chat"):
         found = next((r for r in record["table"] if r["row"] == row), None)
         targets[row] = None if found is None else {
             "empty_share": found["empty_share"], "agreement": found["agreement"],
@@ -142,6 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("--distill_tokens", type=int, default=64, help="distill: new tokens per answer at most")
     p.add_argument("--distill_refine_nsamples", type=int, default=32, help="distill: refinement windows")
     p.add_argument("--distill_lora_steps", type=int, default=16, help="distill: optimizer steps per LoRA stage")
+    p.add_argument("--distill_top_k", type=int, default=32, help="distill_kl: the original's tokens kept per position")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stats_dir", default="/work/cache/bench_chat", help="step-1 statistics per data set (reused)")
     p.add_argument("--cache_dir", default=None, help="the original's cached responses (default: fidelity's)")
@@ -308,7 +312,7 @@ def main(argv=None) -> int:
         model = copy.deepcopy(base)
         options = CompressOptions()
         stages = {}
-        if recipe in ("block_lora", "distill"):
+        if recipe in ("block_lora", "distill", "distill_kl"):
             nsamples = opts.refine_nsamples if recipe == "block_lora" else opts.distill_refine_nsamples
             options = CompressOptions(refine=RefineOptions(target="block", nsamples=nsamples,
                                                            epochs=opts.refine_epochs, lr=opts.refine_lr,
@@ -324,28 +328,35 @@ def main(argv=None) -> int:
             lora_record = lora.sequential_lora(model, tokenizer, examples, lora_options, "cpu", progress=False)
             seconds["lora"] = round(time.perf_counter() - start, 3)
             stages["lora"] = {"data": examples.info, "steps_per_stage": steps,
+                              "objective": lora_record["stage_records"][0]["objective"],
                               "val_loss": [(s["val_loss_before"], s["val_loss_after"])
                                            for s in lora_record["stage_records"]]}
 
-        if recipe in ("distill", "distill_lora"):
+        if recipe in ("distill", "distill_lora", "distill_kl"):
             distilled = distillation_set()
-            if recipe == "distill":
+            if recipe != "distill_lora":
                 windows = distillation_windows(distilled, opts.distill_refine_nsamples)
             stages["distillation_set"] = {k: v for k, v in distilled.items() if k not in ("prompt_ids", "answer_ids", "prompts")}
             stages["distillation_set"].update(prompts=len(distilled["prompts"]),
                                               answer_tokens=sum(map(len, distilled["answer_ids"])),
-                                              refine_windows=int(windows.shape[0]) if recipe == "distill" else 0)
+                                              refine_windows=0 if recipe == "distill_lora" else int(windows.shape[0]))
         stats = Statistics.open(stats_path)
         start = time.perf_counter()
         compression = compress_model(model, uniform_plan(model, ratio), options, "cpu", stats,
                                      windows if options.nsamples else None)
         stats.close()
         seconds = {"compress": round(time.perf_counter() - start, 3)}
-        if recipe in ("distill", "distill_lora"):
-            stage = "after_refinement" if recipe == "distill" else "before_lora"
+        if recipe in ("distill", "distill_lora", "distill_kl"):
+            stage = "before_lora" if recipe == "distill_lora" else "after_refinement"
             stages[stage] = {"teacher_forced": teacher_forced_only(model)}
             print(f"{name} {stage}: {stages[stage]}", flush=True)
-            run_lora(distillation_examples(distilled), opts.distill_lora_steps)
+            examples = distillation_examples(distilled)
+            if recipe == "distill_kl":  # the original's next-token distributions at the answer tokens
+                start = time.perf_counter()
+                examples = lora.distilled(examples, base, opts.distill_top_k, opts.lora_micro_batch_size,
+                                          lora._pad_id(tokenizer), "cpu")
+                stages["teacher_targets_s"] = round(time.perf_counter() - start, 3)
+            run_lora(examples, opts.distill_lora_steps)
         if recipe == "block_lora":
             stages["after_refinement"] = {"fidelity": {k: v for k, v in measure(model).items() if k != "per_prompt"}}
             if lora_examples is None:  # Alpaca rows in the chat template, loss on the assistant's tokens
