@@ -251,7 +251,6 @@ def validate(args: argparse.Namespace) -> None:
     """Every check that needs no model, before anything slow starts."""
     from utils.data import check_hub_datasets, validate_dataset
     from utils.io import is_compressed_model
-    from utils.model import resolve_model
     from utils.outputs import check_output_path
     args.steps = parse_steps(args.step)
     # the methods' checks and the defaults they resolve: --ratio / --param_ratio_target / --strategy first
@@ -518,7 +517,6 @@ def _validate_quantization(args: argparse.Namespace) -> None:
     if not args.save_path:
         raise UsageError("--save_path is required: step 8 writes the quantized model there")
     from utils.io import is_compressed_model, read_json
-    from utils.model import resolve_model
     from utils.outputs import check_output_path
     protected = []
     if 3 not in steps:
@@ -980,7 +978,7 @@ def run_compress(args: argparse.Namespace, session: Session) -> dict:
     8 follows in the same command)."""
     import torch
     from utils.model import layer_stream
-    from pipeline.steps import CompressOptions, Statistics, compress_identity, compress_model, compression_block
+    from pipeline.steps import Statistics, compress_identity, compress_model, compression_block
     from utils.presets import is_random_spec
     ensure_model(args, session)
     plan, plan_source = _plan_for_step3(args, session)
@@ -1257,8 +1255,11 @@ def run_lora(args: argparse.Namespace, session: Session) -> dict:
     if session.compression is None:
         raise PipelineError("step 7 fine-tunes a compressed model: give --model_path or run step 3 first")
     start = time.perf_counter()
+    def original():  # the teacher of --lora_distill_top_k, placed as evaluation places it
+        from evaluater import load_original
+        return load_original(args, session)[0]
     session.compression = lora.run(session.model, session.tokenizer, session.compression, args,
-                                   args.lora_options, args.device)
+                                   args.lora_options, args.device, original)
     session.timings["lora_s"] = round(time.perf_counter() - start, 3)
     if _save_model(args, session, 7):
         print(f"LoRA: saved -> {args.save_path}; times: " +

@@ -53,6 +53,9 @@ purpose: the warm-up is at most a tenth of a stage's steps (SVD-LLM's 100 steps 
 a short run), and the final adapters are merged (no best-checkpoint reload). --lora_guard (off by
 default, as SVD-LLM) merges a stage only if its validation loss fell, else drops its adapters and keeps
 the factors it started from (the record says "merged": false): a diverged stage costs its time only.
+--lora_distill_top_k K (ours) trains on the original model's next-token distributions at the scored
+tokens instead of the data's tokens: the original runs once over the examples (teacher_targets: its K
+most likely tokens' log-probabilities) and the loss is the KL from it (distillation_loss).
 
 Data (--data_path):
   * chat data (utils.data: Alpaca rows, or rows with a "messages" list) and a tokenizer with a chat
@@ -125,6 +128,7 @@ class LoraOptions:
     max_memory: dict[int | str, int] | None = None  # budget per device for device_map (None: what each has free)
     offload_folder: str | None = None  # where device_map's disk-offloaded weights go (a fresh folder inside it)
     guard: bool = False  # merge a stage only where it lowered the validation loss (else drop its adapters)
+    distill_top_k: int = 0  # > 0: fit the original model's next-token distributions (its top k tokens), not the data's
 
     def check(self) -> None:
         from utils.model import DEVICE_MAPS
@@ -152,6 +156,8 @@ class LoraOptions:
              f"--lora_frozen_dtype {self.frozen_dtype}: choose one of {', '.join(FROZEN_DTYPES)}")
         need(self.device_map in (None, *DEVICE_MAPS),
              f"--device_map {self.device_map}: choose one of {', '.join(DEVICE_MAPS)}")
+        need(self.distill_top_k >= 0, f"--lora_distill_top_k {self.distill_top_k}: 0 (off) or the number of the "
+             f"original's most likely tokens kept per position, e.g. 32")
         need(self.device_map is not None or (self.max_memory is None and self.offload_folder is None),
              "--max_memory and --offload_folder need --device_map auto, balanced or sequential")
         need(not (self.device_map and self.offload_layers),
@@ -1032,6 +1038,10 @@ def add_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     p.add_argument("--lora_offload_layers", action="store_true",
                    help="keep the decoder layers on the host and bring one at a time to the device (forward, and "
                         "again to recompute it in the backward pass): for a model larger than the device")
+    p.add_argument("--lora_distill_top_k", type=int, default=0, metavar="K",
+                   help="distillation: train on the original model's next-token distributions at the scored tokens "
+                        "(its K most likely tokens and the rest, KL) instead of the data's tokens; the original "
+                        "(the compressed model's base model) runs once over the data first (default 0: off)")
     p.add_argument("--lora_guard", action="store_true",
                    help="merge a stage's adapters only if they lowered the validation loss, else keep the factors "
                         "as they were (SVD-LLM merges every stage)")
@@ -1054,7 +1064,8 @@ def options_from_args(args: argparse.Namespace) -> LoraOptions:
                           frozen_dtype=args.lora_frozen_dtype, gradient_checkpointing=args.gradient_checkpointing,
                           offload_layers=args.lora_offload_layers, device_map=getattr(args, "device_map", None),
                           max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None),
-                          guard=getattr(args, "lora_guard", False))
+                          guard=getattr(args, "lora_guard", False),
+                          distill_top_k=getattr(args, "lora_distill_top_k", 0))
     options.check()
     return options
 
@@ -1101,8 +1112,9 @@ def validate_args(args: argparse.Namespace, chained: bool = False) -> LoraOption
 
 
 def run(model: nn.Module, tokenizer, compression: dict, args: argparse.Namespace, options: LoraOptions,
-        device: str) -> dict:
-    """Read the data, train both stages, return the new compression block (the caller saves)."""
+        device: str, teacher: Callable[[], nn.Module] | None = None) -> dict:
+    """Read the data, train both stages, return the new compression block (the caller saves).
+    teacher: loads the original model, for --lora_distill_top_k."""
     if compression.get("quantization"):
         raise LoraError("the model is quantized (step 8); LoRA trains float factors, so run step 7 before step 8")
     examples = load_examples(args.data_path, tokenizer, args.cutoff_len, args.val_set_size, args.seed,
@@ -1112,6 +1124,16 @@ def run(model: nn.Module, tokenizer, compression: dict, args: argparse.Namespace
           f"of {options.batch_size} ({options.micro_batch_size} x {options.accumulation})")
     cost = lora_estimate(model, len(examples.train), options, args.cutoff_len, device, args.seed)
     print(cost.message())
+    if options.distill_top_k:
+        if teacher is None:
+            raise LoraError("--lora_distill_top_k needs the original model: the compressed model names none")
+        start = time.perf_counter()
+        original = teacher()
+        examples = distilled(examples, original, options.distill_top_k, options.micro_batch_size,
+                             _pad_id(tokenizer), device)
+        del original
+        print(f"LoRA distillation: the original's top {options.distill_top_k} next-token log-probabilities at "
+              f"every scored token ({time.perf_counter() - start:.1f} s)")
     start = time.perf_counter()
     record = sequential_lora(model, tokenizer, examples, options, device)
     record["cost"] = cost.record(time.perf_counter() - start)  # the estimate printed before, and what it took
@@ -1175,7 +1197,13 @@ def main(argv: list[str] | None = None) -> int:
                                                         stream=streams_layers(options, args.model_path))
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
-        compression = run(model, tokenizer, compression, args, options, args.device)
+        def original() -> nn.Module:
+            from utils.model import load_model
+            base, _ = load_model(compression["base_model"], next(model.parameters()).dtype,
+                                 compression.get("seed", args.seed), compression.get("num_layers"))
+            return base.to(args.device).eval()
+        compression = run(model, tokenizer, compression, args, options, args.device,
+                          original if compression.get("base_model") else None)
         save_compressed(model, tokenizer, args.save_path, compression, overwrite=args.overwrite,
                         protected=(args.model_path,))
     except (LoraError, DatasetError, CompressedModelError, OutputError, FileNotFoundError) as error:

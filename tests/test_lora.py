@@ -382,6 +382,17 @@ def test_lora_cli_as_svd_llm_users_type_it(compressed_dir, text_file, tmp_path, 
     assert torch.allclose(logits(remote), logits(after), rtol=0, atol=1e-5)
 
 
+def test_lora_cli_distils_from_the_base_model_the_block_names(compressed_dir, text_file, tmp_path, capsys):
+    out = str(tmp_path / "tuned")
+    assert lora.main(["--prune_model", compressed_dir, "--data_path", text_file, "--output_dir", out,
+                      "--batch_size", "2", "--micro_batch_size", "2", "--cutoff_len", "32", "--max_steps", "1",
+                      "--val_set_size", "2", "--device", "cpu", "--lora_distill_top_k", "4"]) == 0
+    assert "the original's top 4 next-token log-probabilities" in capsys.readouterr().out
+    _, _, block = load_compressed(out)
+    assert [s["objective"] for s in block["lora"]["stage_records"]] == ["distillation KL"] * 2
+    assert 0 < block["lora"]["stage_records"][0]["val_loss_before"] < 1.0
+
+
 @pytest.mark.parametrize("extra", [[], ["--lora_offload_layers", "--gradient_checkpointing", "--lora_frozen_dtype", "float32"]])
 def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path, extra):
     out = str(tmp_path / "chained")
@@ -394,6 +405,23 @@ def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path, extr
     record = block["lora"]
     assert (record["offload_layers"], record["gradient_checkpointing"], record["frozen_dtype"]) == (
         (True, True, "float32") if extra else (False, False, "model"))
+
+
+def test_compress_step_7_distils_from_the_original(tiny_dir, text_file, tmp_path):
+    """--lora_distill_top_k: the original (the model step 3 compressed, loaded again) gives the targets;
+    the stages' loss is then the KL from it: positive before training, and the guard's records say merged."""
+    out = str(tmp_path / "distilled")
+    assert compress.main(["--step", "1-3,7", "--model", tiny_dir, "--dataset", "random", "--whitening_nsamples", "4",
+                          "--model_seq_len", "32", "--save_path", out, "--device", "cpu", "--data_path", text_file,
+                          "--cutoff_len", "32", "--batch_size", "2", "--micro_batch_size", "1", "--max_steps", "2",
+                          "--val_set_size", "2", "--lora_distill_top_k", "8", "--lora_guard", "--ratio", "0.6"]) == 0
+    _, _, block = load_compressed(out)
+    record = block["lora"]
+    assert record["distill_top_k"] == 8 and record["guard"] is True and record["data"]["distillation"]["top_k"] == 8
+    stages = record["stage_records"]
+    assert [s["objective"] for s in stages] == ["distillation KL"] * 2
+    assert 0 < stages[0]["val_loss_before"] < 1.0, stages  # a KL, not a cross-entropy of about ln 256
+    assert all(isinstance(s["merged"], bool) for s in stages)
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -410,6 +438,7 @@ def test_compress_step_7_chained_from_step_3(tiny_dir, text_file, tmp_path, extr
     (["--data_path", "TEXT", "--device_map", "auto", "--max_memory", "7=1GiB"], "CUDA device"),
     (["--data_path", "TEXT", "--device_map", "auto", "--lora_offload_layers"], "choose one"),
     (["--data_path", "TEXT", "--lora_guard", "--val_set_size", "0"], "--lora_guard"),
+    (["--data_path", "TEXT", "--lora_distill_top_k", "-1"], "--lora_distill_top_k"),
 ])
 def test_cli_errors_exit_2_before_loading(extra, needle, compressed_dir, text_file, tmp_path, capsys):
     extra = [compressed_dir if a == "MODEL" else text_file if a == "TEXT" else a for a in extra]
