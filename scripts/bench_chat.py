@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora_batch_size", type=int, default=8)
     p.add_argument("--lora_micro_batch_size", type=int, default=4)
     p.add_argument("--lora_learning_rate", type=float, default=3e-4)
+    p.add_argument("--lora_r", type=int, default=8, help="adapter rank (step 7's default)")
+    p.add_argument("--lora_guard", action="store_true", help="merge a LoRA stage only if its validation loss fell")
     p.add_argument("--cutoff_len", type=int, default=256)
     p.add_argument("--distill_prompts", type=int, default=192, help="distill: Alpaca instructions the original answers")
     p.add_argument("--distill_tokens", type=int, default=64, help="distill: new tokens per answer at most")
@@ -323,12 +325,15 @@ def main(argv=None) -> int:
             lora_options = lora.LoraOptions(learning_rate=opts.lora_learning_rate, num_epochs=1e9,
                                             batch_size=opts.lora_batch_size,
                                             micro_batch_size=opts.lora_micro_batch_size, max_steps=steps,
-                                            seed=opts.seed)
+                                            seed=opts.seed, r=opts.lora_r, alpha=2.0 * opts.lora_r,
+                                            guard=opts.lora_guard)
             start = time.perf_counter()
             lora_record = lora.sequential_lora(model, tokenizer, examples, lora_options, "cpu", progress=False)
             seconds["lora"] = round(time.perf_counter() - start, 3)
             stages["lora"] = {"data": examples.info, "steps_per_stage": steps,
-                              "objective": lora_record["stage_records"][0]["objective"],
+                              "objective": lora_record["stage_records"][0]["objective"], "r": opts.lora_r,
+                              "learning_rate": opts.lora_learning_rate,
+                              "merged": [s["merged"] for s in lora_record["stage_records"]],
                               "val_loss": [(s["val_loss_before"], s["val_loss_after"])
                                            for s in lora_record["stage_records"]]}
 
