@@ -4,6 +4,8 @@ as the one command a user types, and the choice of `best` on a validation slice.
     python scripts/bench_recipes.py --resume --out scripts/results/bench_recipes/bench_recipes_smollm2_cpu.json
     python scripts/bench_recipes.py --out JSON --markdown docs/recipes.md --plot PNG   # no runs: table and plot
     python scripts/bench_recipes.py --out JSON --merge OTHER_JSON   # no runs: rows a second process ran, added
+    python scripts/bench_recipes.py --recipes svd-llm,best --ratios 0.2,0.4 --out OTHER_JSON \
+        --tasks_rows original,svd-llm@0.2,svd-llm@0.4,best@0.2,best@0.4   # + zero-shot; --merge adds the scores
 
 Protocol: each row is `python compress.py --recipe NAME --ratio R --model M --dataset CALIBRATION
 --save_path WORK/NAME_R --stats_path WORK/NAME.stats` in its own process (the recipe's CPU settings
@@ -13,7 +15,10 @@ not depend on the ratio: the recipe's first ratio profiles them, the other two r
 pipeline skips step 1 when they match; the row records `stats_reused`, and its profile time is the
 first row's). Then step 4 (`--step 4 --model_path WORK/NAME_R`) in a second process scores the
 saved model on VALIDATION and TEST, --eval_limit windows of --eval_seq_len tokens each; the
-original model is scored once, as the row `original`. Bytes are the saved directory's files.
+original model is scored once, as the row `original`. Bytes are the saved directory's files. The
+rows named by --tasks_rows are also scored on the six local zero-shot tasks (step 6, --tasks_limit
+documents each) by the same process; --merge gives a row of --out the scores of the same recipe
+and ratio measured again in another JSON (its perplexity there is kept beside them).
 Calibration: wiki.valid.tokens[0:0.8]; validation: [0.8:0.9]; test: [0.9:1]. Nothing is tuned on
 the test slice. The first 16 windows of [0.8:0.9] are the first 16 of [0.8:1], the windows of
 docs/refinement.md and of issue 27's targets.
@@ -94,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default=None, help="recorded in the JSON's settings (why --extra, say)")
     p.add_argument("--out", default=os.path.join(ROOT, "scripts", "results", "bench_recipes",
                                                  "bench_recipes_smollm2_cpu.json"))
+    p.add_argument("--tasks_rows", default="", help="rows also scored on the zero-shot tasks (step 6 in the same "
+                   "process as step 4): comma list of original and NAME@RATIO, e.g. issue 27's "
+                   "original,svd-llm@0.2,svd-llm@0.4,best@0.2,best@0.4")
+    p.add_argument("--tasks_limit", type=int, default=200, help="documents per task (step 6's --limit)")
+    p.add_argument("--tasks_data", default=os.path.join(os.path.dirname(ROOT), "shared", "data"),
+                   help="the local tasks' folder (step 6's --tasks_data)")
     p.add_argument("--markdown", default=None, metavar="MD", help="no runs: write --out's table to MD")
     p.add_argument("--plot", default=None, metavar="PNG", help="no runs: plot --out's perplexity against bytes")
     p.add_argument("--merge", default=None, metavar="JSON",
@@ -123,12 +134,32 @@ def stats_name(opts, name: str) -> str:
     return f"{name}.stats"
 
 
-def eval_command(opts, model_path: str | None, results: str) -> list[str]:
-    """Step 4 on a saved model (or on --model when model_path is None) in a process of its own."""
-    command = [sys.executable, os.path.join(ROOT, "compress.py"), "--step", "4", "--model", opts.model,
-               "--device", opts.device, "--eval_datasets", f"{opts.validation},{opts.test}",
+def eval_command(opts, model_path: str | None, results: str, tasks: bool = False) -> list[str]:
+    """Step 4 on a saved model (or on --model when model_path is None) in a process of its own; with
+    tasks, step 6 too (the six local tasks, --tasks_limit documents each)."""
+    command = [sys.executable, os.path.join(ROOT, "compress.py"), "--step", "4,6" if tasks else "4",
+               "--model", opts.model, "--device", opts.device, "--eval_datasets", f"{opts.validation},{opts.test}",
                "--eval_limit", str(opts.eval_limit), "--model_seq_len", str(opts.eval_seq_len), "--results", results]
+    if tasks:
+        command += ["--limit", str(opts.tasks_limit), "--tasks_data", opts.tasks_data]
     return command + (["--model_path", model_path] if model_path else [])
+
+
+def wants_tasks(opts, name: str, ratio: float) -> bool:
+    wanted = {t.strip() for t in opts.tasks_rows.split(",") if t.strip()}
+    return (name == "original" and "original" in wanted) or f"{name}@{ratio:g}" in wanted
+
+
+def read_tasks(path: str) -> dict | None:
+    """Step 6's section of a results JSON: accuracy per task and the means (None when absent)."""
+    with open(path) as handle:
+        section = json.load(handle).get("tasks")
+    if not section:
+        return None
+    return {"tasks": {name: {k: entry.get(k) for k in ("acc", "acc_norm", "documents")}
+                      for name, entry in section["results"].items()},
+            "mean_acc": section["mean"]["acc"], "mean_acc_norm": section["mean"]["acc_norm"],
+            "limit": section["settings"]["limit"], "lm_eval": section["settings"]["lm_eval"]}
 
 
 def step_times(output: str) -> dict:
@@ -173,10 +204,11 @@ def run_original(opts, env: dict) -> dict:
     results = os.path.join(opts.work, "original.results.json")
     log = os.path.join(opts.work, "original.log")
     start = time.perf_counter()
-    code, output = run_logged(eval_command(opts, None, results), log, env, None)
+    code, output = run_logged(eval_command(opts, None, results, wants_tasks(opts, "original", 0.0)), log, env, None)
     row = {"recipe": "original", "ratio": 0.0, "returncode": code, "eval_seconds": round(time.perf_counter() - start, 1)}
     if code == 0:
         row["ppl"] = read_ppl(results, opts)
+        row["zero_shot"] = read_tasks(results)
     else:
         row["output_tail"] = output.splitlines()[-5:]
     return row
@@ -200,10 +232,11 @@ def run_row(opts, env: dict, name: str, ratio: float) -> dict:
         row.update(parameters=block.get("parameters"), bytes=disk_bytes(save), recipe_record=block.get("recipe"))
         results = os.path.join(opts.work, f"{name}_{ratio:g}.results.json")
         start = time.perf_counter()
-        code, output = run_logged(eval_command(opts, save, results), log, env, None)
+        code, output = run_logged(eval_command(opts, save, results, wants_tasks(opts, name, ratio)), log, env, None)
         row["eval_seconds"] = round(time.perf_counter() - start, 1)
         if code == 0:
             row["ppl"] = read_ppl(results, opts)
+            row["zero_shot"] = read_tasks(results)
         else:
             row["returncode"] = code
     if row.get("ppl"):
@@ -237,6 +270,11 @@ def merge(record: dict, other: dict, source: str) -> int:
     if differ:
         raise ValueError(f"--merge {source}: another protocol ({differ[0]} differs); run it with the same settings")
     have = {(r["recipe"], r["ratio"]) for r in record["rows"] if r.get("returncode") == 0}
+    for row in record["rows"]:  # zero-shot scores of a row measured again (same recipe, ratio and seed) elsewhere
+        again = next((r for r in other["rows"] if (r["recipe"], r["ratio"]) == (row["recipe"], row["ratio"])
+                      and r.get("returncode") == 0 and r.get("zero_shot")), None)
+        if again is not None and not row.get("zero_shot"):
+            row["zero_shot"] = {**again["zero_shot"], "from": source, "ppl_there": again.get("ppl")}
     rows = [r for r in other["rows"] if r.get("returncode") == 0 and (r["recipe"], r["ratio"]) not in have]
     record["rows"] = [r for r in record["rows"] if (r["recipe"], r["ratio"]) not in
                       {(n["recipe"], n["ratio"]) for n in rows}] + rows
@@ -285,7 +323,7 @@ def markdown(record: dict, path: str | None = None) -> str:
              "are issue 27's 16 held-back windows of `[0.8:1]`)",
              "- each compressed model is scored as saved, in its files' dtype (bfloat16: a de-quantized GGUF's "
              "save dtype), the original in float32; compression and scoring are separate processes",
-             f"- every recipe at its CPU settings (`--recipe NAME --print`)"
+             "- every recipe at its CPU settings (`--recipe NAME --print`)"
              + (f", plus `{settings['extra']}` on every row" if settings.get("extra") else "")
              + (f": {settings['note']}" if settings.get("note") else ""), ""]
     if original:
@@ -316,6 +354,18 @@ def markdown(record: dict, path: str | None = None) -> str:
                if not any(row["recipe"] == n and row["ratio"] == r and row.get("ppl") for row in rows)]
     if missing:
         lines += ["", f"Not in yet ({len(missing)} rows, in the order they run): " + ", ".join(missing) + "."]
+    shot = [r for r in rows if r.get("zero_shot")]
+    if shot:
+        tasks = sorted({t for r in shot for t in r["zero_shot"]["tasks"]})
+        lines += ["", f"Zero-shot accuracy (step 6, acc; {shot[0]['zero_shot']['limit']} documents per task, "
+                      f"lm-eval {shot[0]['zero_shot']['lm_eval']}):", "",
+                  "| recipe | --ratio | " + " | ".join(t.replace("_local", "") for t in tasks) + " | mean acc | "
+                  "mean acc_norm |", "|---|---|" + "---|" * (len(tasks) + 2)]
+        for r in shot:
+            z = r["zero_shot"]
+            lines.append(f"| `{r['recipe']}` | {r['ratio']:g} | "
+                         + " | ".join(_num((z["tasks"].get(t) or {}).get("acc"), 3) for t in tasks)
+                         + f" | {_num(z['mean_acc'], 3)} | {_num(z['mean_acc_norm'], 3)} |")
     lines += ["", "Chosen per ratio by validation perplexity (its test figure is the reported one):", "",
               "| removed | chosen | validation | test | issue 27's target (validation windows) | `best` validation / "
               "test | `best` is chosen | rows in |", "|---|---|---|---|---|---|---|---|"]

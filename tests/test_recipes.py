@@ -244,3 +244,39 @@ def test_a_recipe_run_with_perplexity_can_be_replaced_with_overwrite(tiny_dir, t
     (out / "notes.txt").write_text("mine")
     with pytest.raises(OutputError):
         check_output_path(str(out), "model", True)
+
+
+def test_bench_scores_the_zero_shot_rows_it_is_asked_for_and_merges_them(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_recipes", os.path.join(ROOT, "scripts", "bench_recipes.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    opts = bench.build_parser().parse_args(["--tasks_rows", "original,best@0.2", "--tasks_limit", "7"])
+    assert bench.wants_tasks(opts, "original", 0.0) and bench.wants_tasks(opts, "best", 0.2)
+    assert not bench.wants_tasks(opts, "best", 0.4) and not bench.wants_tasks(opts, "svd-llm", 0.2)
+    command = bench.eval_command(opts, "M", "R.json", tasks=True)
+    assert command[command.index("--step") + 1] == "4,6" and command[command.index("--limit") + 1] == "7"
+    assert "--step" in bench.eval_command(opts, "M", "R.json") and "--limit" not in bench.eval_command(opts, "M", "R.json")
+    results = tmp_path / "r.json"  # step 6's section as tasks_eval.evaluate_tasks writes it
+    results.write_text(json.dumps({"perplexity": {}, "tasks": {
+        "settings": {"limit": 7, "lm_eval": "0.4.13"},
+        "results": {"piqa_local": {"acc": 0.6, "acc_norm": 0.62, "documents": 7, "seconds": 1.0},
+                    "boolq_local": {"acc": 0.4, "acc_norm": None, "documents": 7}},
+        "mean": {"acc": 0.5, "acc_norm": 0.62, "tasks": ["piqa_local", "boolq_local"]}}}))
+    scores = bench.read_tasks(str(results))
+    assert scores["mean_acc"] == 0.5 and scores["tasks"]["piqa_local"] == {"acc": 0.6, "acc_norm": 0.62, "documents": 7}
+    settings = {**{k: "x" for k in ("model", "calibration", "validation", "test", "device")},
+                "eval_limit": 16, "eval_seq_len": 512, "extra": ""}
+    record = {"settings": dict(settings), "rows": [
+        {"recipe": "best", "ratio": 0.2, "returncode": 0, "ppl": {"validation": 30.0, "test": 48.0}}]}
+    other = {"settings": dict(settings), "rows": [
+        {"recipe": "best", "ratio": 0.2, "returncode": 0, "ppl": {"validation": 30.1, "test": 48.1}, "zero_shot": scores},
+        {"recipe": "original", "ratio": 0.0, "returncode": 0, "ppl": {"validation": 22.8, "test": 31.1},
+         "zero_shot": scores}]}
+    assert bench.merge(record, other, "other.json") == 1  # the original's row is new; best's gains its scores
+    best = next(r for r in record["rows"] if r["recipe"] == "best")
+    assert best["ppl"]["validation"] == 30.0 and best["zero_shot"]["from"] == "other.json"
+    assert best["zero_shot"]["ppl_there"]["validation"] == 30.1
+    record["settings"].update(recipes="best", out=str(tmp_path / "x.json"), threads=1, cpus=2, ratios="0.2")
+    table = bench.markdown(record)
+    assert "| `best` | 0.2 | 0.400 | 0.600 | 0.500 | 0.620 |" in table, table
