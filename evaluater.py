@@ -238,14 +238,20 @@ def place_like(model: nn.Module, args: argparse.Namespace):
                        parse_max_memory(getattr(args, "max_memory", None)), getattr(args, "offload_folder", None))
 
 
+def load_base(compression: dict, dtype: torch.dtype, seed: int, fallback: str | None = None) -> nn.Module:
+    """The original a compressed model was made from (its block's base_model, else `fallback`): its
+    first num_layers layers, for a random preset the same seeded weights, in `dtype`; on the CPU, in
+    eval mode."""
+    original, _ = load_model(compression.get("base_model") or fallback, dtype, compression.get("seed", seed),
+                             compression.get("num_layers"))
+    return original.eval()
+
+
 def load_original(args: argparse.Namespace, session):
-    """The original a compressed model was made from, placed by the same flags: its first
-    num_layers layers, for a random preset the same seeded weights, in the compressed model's
-    dtype (a like-for-like comparison). Returns (model, placement)."""
-    base = session.compression.get("base_model") or args.model
-    original, _ = load_model(base, next(session.model.parameters()).dtype, session.compression.get("seed", args.seed),
-                             session.compression.get("num_layers"))
-    return original.eval(), place_like(original, args)
+    """The original a compressed model was made from (load_base), in the compressed model's dtype (a
+    like-for-like comparison), placed by the same flags. Returns (model, placement)."""
+    original = load_base(session.compression, next(session.model.parameters()).dtype, args.seed, args.model)
+    return original, place_like(original, args)
 
 
 def _refuse_random(args: argparse.Namespace, session, what: str) -> None:

@@ -97,6 +97,8 @@ IGNORE_INDEX = -100  # label of a token that is not scored (the prompt of an Alp
 FACTORS = ("u", "v")
 FROZEN_DTYPES = ("model", "float32")
 DEFAULT_VAL_SET_SIZE = 2000  # SVD-LLM's; capped at a tenth of the examples
+GUARD_NEEDS_VALIDATION = ("--lora_guard compares the validation loss before and after each stage: give "
+                          "--val_set_size > 0 (or leave it at its default)")
 
 
 class LoraError(ValueError):
@@ -166,8 +168,7 @@ class LoraOptions:
 
     def check_examples(self, examples: "Examples") -> None:
         if self.guard and not examples.val:
-            raise LoraError("--lora_guard compares the validation loss before and after each stage: give "
-                            "--val_set_size > 0 (or leave it at its default)")
+            raise LoraError(GUARD_NEEDS_VALIDATION)
 
     @property
     def accumulation(self) -> int:
@@ -1082,9 +1083,8 @@ def validate_args(args: argparse.Namespace, chained: bool = False) -> LoraOption
         raise LoraError(f"--cutoff_len {args.cutoff_len}: must be at least 2 tokens")
     if args.val_set_size is not None and args.val_set_size < 0:
         raise LoraError(f"--val_set_size {args.val_set_size}: must be 0 or more")
-    if options.guard and args.val_set_size == 0:
-        raise LoraError("--lora_guard compares the validation loss before and after each stage: give "
-                        "--val_set_size > 0 (or leave it at its default)")
+    if options.guard and args.val_set_size == 0:  # (checked again on the examples: a default split may be empty)
+        raise LoraError(GUARD_NEEDS_VALIDATION)
     check_data_path(args.data_path)
     if not args.save_path:
         raise LoraError("--save_path (--output_dir) is required: step 7 writes the fine-tuned model there")
@@ -1198,10 +1198,8 @@ def main(argv: list[str] | None = None) -> int:
         if tokenizer is None:
             tokenizer = load_tokenizer(resolve_model(compression["base_model"]))
         def original() -> nn.Module:
-            from utils.model import load_model
-            base, _ = load_model(compression["base_model"], next(model.parameters()).dtype,
-                                 compression.get("seed", args.seed), compression.get("num_layers"))
-            return base.to(args.device).eval()
+            from evaluater import load_base
+            return load_base(compression, next(model.parameters()).dtype, args.seed).to(args.device)
         compression = run(model, tokenizer, compression, args, options, args.device,
                           original if compression.get("base_model") else None)
         save_compressed(model, tokenizer, args.save_path, compression, overwrite=args.overwrite,
