@@ -95,6 +95,10 @@ from utils.model import layer_stream, linear_units
 
 IGNORE_INDEX = -100  # label of a token that is not scored (the prompt of an Alpaca row, padding)
 FACTORS = ("u", "v")
+# a stage that trains the factors u and v themselves (every low-rank module's, no adapters): the whole
+# parameter budget of the compressed matrices learns, where a LoRA stage adds rank r to one factor
+FULL_FACTORS = "factors"
+STAGES = (*FACTORS, FULL_FACTORS)
 FROZEN_DTYPES = ("model", "float32")
 DEFAULT_VAL_SET_SIZE = 2000  # SVD-LLM's; capped at a tenth of the examples
 GUARD_NEEDS_VALIDATION = ("--lora_guard compares the validation loss before and after each stage: give "
@@ -152,8 +156,12 @@ class LoraOptions:
         need(self.max_grad_norm > 0, f"--max_grad_norm {self.max_grad_norm}: must be > 0")
         need(self.eval_steps is None or self.eval_steps >= 1, f"--eval_steps {self.eval_steps}: must be at least 1")
         need(self.logging_steps >= 1, f"--logging_steps {self.logging_steps}: must be at least 1")
-        need(len(self.stages) >= 1 and all(s in FACTORS for s in self.stages),
-             f"--lora_stages {','.join(self.stages)}: a comma list of u and v (SVD-LLM: u,v)")
+        need(len(self.stages) >= 1 and all(s in STAGES for s in self.stages),
+             f"--lora_stages {','.join(self.stages)}: a comma list of u, v (SVD-LLM: u,v) and {FULL_FACTORS} "
+             f"(u and v themselves trained, no adapters)")
+        need(FULL_FACTORS not in self.stages or not (self.offload_layers or self.device_map),
+             f"--lora_stages {FULL_FACTORS} trains every factor with its optimizer state on the device: it "
+             f"cannot stream layers (--lora_offload_layers, --device_map); use u,v there")
         need(self.frozen_dtype in FROZEN_DTYPES,
              f"--lora_frozen_dtype {self.frozen_dtype}: choose one of {', '.join(FROZEN_DTYPES)}")
         need(self.device_map in (None, *DEVICE_MAPS),
@@ -495,6 +503,8 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     `device` during the stage (with options.offload_layers its decoder layers stay where they are and
     come to the device one at a time; with options.device_map accelerate spreads it over the devices for
     the stage) in the dtype sequential_lora gave it. Returns the stage's record."""
+    if factor == FULL_FACTORS:
+        return train_factors(model, examples, options, device, pad_id, progress)
     from peft import LoraConfig, get_peft_model
     modules = low_rank_modules(model)
     targets = [f"{name}.{factor}" for name in modules]
@@ -503,7 +513,7 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
             raise LoraError(f"{target} is a {type(model.get_submodule(target)).__name__}, not a float linear: "
                             f"run step 7 before quantization (step 8)")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    torch.manual_seed(options.seed + FACTORS.index(factor))  # adapter init (A random, B zero) and dropout
+    torch.manual_seed(options.seed + STAGES.index(factor))  # adapter init (A random, B zero) and dropout
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=targets, bias="none")
     offload = next(model.parameters()).device  # where the layers stay with offload_layers
@@ -557,6 +567,52 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     leftover = [name for name, _ in model.named_modules() if "lora_" in name]
     if leftover:
         raise AssertionError(f"adapters left after merging: {leftover[:3]}")
+    return record
+
+
+def train_factors(model: nn.Module, examples: Examples, options: LoraOptions, device: torch.device | str,
+                  pad_id: int, progress: bool = True) -> dict:
+    """The `factors` stage: u and v of every low-rank module trained themselves (AdamW, the stage
+    loop of the LoRA stages), everything else frozen; with options.guard the factors are put back as
+    they came unless the validation loss fell. In place, on `device`, in float32; returns the record."""
+    modules = low_rank_modules(model)
+    factors = [getattr(module, f) for module in modules.values() for f in FACTORS]
+    for name, module in modules.items():
+        for f in FACTORS:
+            linear = getattr(module, f)
+            if type(linear) is not nn.Linear:
+                raise LoraError(f"{name}.{f} is a {type(linear).__name__}, not a float linear: run step 7 before "
+                                f"quantization (step 8)")
+            if linear.weight.dtype != torch.float32:
+                raise LoraError(f"--lora_stages {FULL_FACTORS} trains the factors themselves in float32; "
+                                f"{name}.{f} is {str(linear.weight.dtype).replace('torch.', '')}: add "
+                                f"--lora_frozen_dtype float32")
+    if layer_stream(model) is not None:
+        raise LoraError(f"the decoder layers are on disk (a streamed model): --lora_stages {FULL_FACTORS} needs "
+                        f"the model on the device; use u,v with --device_map")
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    trained = [p for linear in factors for p in linear.parameters()]  # (u's bias too, where it has one)
+    came = [p.detach().clone() for p in trained]
+    model.to(device)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in trained:
+            p.requires_grad_(True)
+        record = _train_adapters(model, FULL_FACTORS, len(modules), examples, options, device, pad_id, progress)
+        record["merged"] = not (options.guard and record["val_loss_after"] >= record["val_loss_before"])
+        if not record["merged"]:  # the guard: the factors as they came
+            with torch.no_grad():
+                for p, old in zip(trained, came):
+                    p.copy_(old)
+    except BaseException:  # an interrupted stage leaves the factors as they came
+        with torch.no_grad():
+            for p, old in zip(trained, came):
+                p.copy_(old)
+        raise
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(name, p.requires_grad))
     return record
 
 
@@ -802,7 +858,7 @@ def _train_adapters(peft_model: nn.Module, factor: str, n_modules: int, examples
     half = any(p.dtype == torch.float16 for p in peft_model.parameters() if not p.requires_grad)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=half)
     skipped = 0
-    generator = torch.Generator().manual_seed(options.seed + 10 + FACTORS.index(factor))
+    generator = torch.Generator().manual_seed(options.seed + 10 + STAGES.index(factor))
     batches = _batches(len(examples.train), options, generator)
     start = time.perf_counter()
     record["val_loss_before"] = mean_loss(peft_model, examples.val, options.micro_batch_size, pad_id, device)
@@ -892,11 +948,12 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
         fix_mmap_threshold()  # each layer read and freed in turn: as the streamed layer walk does (docs/scale.md)
     for factor in options.stages:
         # exact from float16 / bfloat16; without the upcast only the adapters are float32
+        float32 = upcast or factor == FULL_FACTORS  # (the factors themselves learn in float32, then are rounded once)
         model.to(device=None if options.offload_layers or options.device_map else device,
-                 dtype=torch.float32 if upcast else None)
+                 dtype=torch.float32 if float32 else None)
         try:
             stages.append(train_stage(model, factor, examples, options, device, pad_id, progress))
-            if upcast and home_dtype != torch.float32:
+            if float32 and home_dtype != torch.float32:
                 _check_fits(model, home_dtype, factor)
         finally:
             if stream is None:  # (streamed: the dispatch's undo put every tensor home; the layers are on meta)
@@ -914,8 +971,9 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
     settings["stages"] = list(options.stages)
     train_dtype = "float32" if upcast else f"frozen {str(home_dtype).replace('torch.', '')}, adapters float32"
     return {"data": examples.info, **settings, "train_dtype": train_dtype, "saved_dtype": str(home_dtype).replace("torch.", ""),
-            "peft_version": peft.__version__, "trained": "LoRA adapters on the factor of each stage only; "
-            "embeddings, norms, lm_head and dense linears frozen", "parameters": after["parameters"],
+            "peft_version": peft.__version__, "trained": ("LoRA adapters on the factor of each stage only"
+            + (f"; u and v themselves in the {FULL_FACTORS} stage" if FULL_FACTORS in options.stages else "")
+            + "; embeddings, norms, lm_head and dense linears frozen"), "parameters": after["parameters"],
             "stage_records": stages}
 
 
@@ -962,13 +1020,14 @@ def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> None:
                 module._buffers[key] = buffer.to(dtypes[prefix + key])
 
 
-def _check_fits(model: nn.Module, dtype: torch.dtype, factor: str) -> None:
+def _check_fits(model: nn.Module, dtype: torch.dtype, stage: str) -> None:
     from component.low_rank_linear import largest_entry_fits
     for name, module in low_rank_modules(model).items():
-        fits, largest = largest_entry_fits(dtype, getattr(module, factor).weight)
-        if not fits:
-            raise LoraError(f"after the LoRA {factor} stage {name}.{factor} has |entry| {largest:.4g}, which does not "
-                            f"fit in {dtype}; rerun with --dtype float32 or a lower --learning_rate")
+        for factor in (FACTORS if stage == FULL_FACTORS else (stage,)):
+            fits, largest = largest_entry_fits(dtype, getattr(module, factor).weight)
+            if not fits:
+                raise LoraError(f"after the LoRA {stage} stage {name}.{factor} has |entry| {largest:.4g}, which does "
+                                f"not fit in {dtype}; rerun with --dtype float32 or a lower --learning_rate")
 
 
 def _fmt(value: float | None) -> str:
@@ -1030,7 +1089,8 @@ def add_lora_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup
     p.add_argument("--train_on_inputs", action="store_true",
                    help="Alpaca data: score the prompt tokens too (default: the response only)")
     p.add_argument("--lora_stages", default="u,v",
-                   help="stages in order: u,v (SVD-LLM's sequential recipe), or one of them")
+                   help="stages in order: u,v (SVD-LLM's sequential recipe), or one of them; factors: u and v "
+                        "themselves trained (no adapters; float32, the model on the device)")
     p.add_argument("--lora_frozen_dtype", choices=FROZEN_DTYPES, default=defaults.frozen_dtype,
                    help="model: the frozen weights stay in the model's dtype, adapters float32; "
                         "float32: the whole model in float32 during training")

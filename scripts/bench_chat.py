@@ -25,7 +25,8 @@ of the row's DATA. After refinement it is measured by teacher forcing only (agre
 ppl: no generation), after LoRA in full. distill_lora: the same LoRA on the whitened model, without
 refinement (what the distillation LoRA adds alone). distill_kl: distill with the LoRA loss the KL
 from the original's next-token distribution (its --distill_top_k most likely tokens and the rest, at
-every answer token: lora.distilled) instead of the cross-entropy of its greedy tokens.
+every answer token: lora.distilled) instead of the cross-entropy of its greedy tokens. --lora_stages
+factors (a row tagged e.g. "#factors") trains u and v themselves in one stage instead of adapters.
 Each row is measured by fidelity.chat_fidelity on the 100 held-out prompts of
 data/chat_prompts.txt against the original's greedy responses (--max_new_tokens, cached), and by
 perplexity on the held-back wiki.valid.tokens[0.8:1] (first 16 windows of 512).
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--lora_learning_rate", type=float, default=3e-4)
     p.add_argument("--lora_r", type=int, default=8, help="adapter rank (step 7's default)")
     p.add_argument("--lora_guard", action="store_true", help="merge a LoRA stage only if its validation loss fell")
+    p.add_argument("--lora_stages", default="u,v", help="step 7's stages (u,v; factors: u and v themselves)")
     p.add_argument("--cutoff_len", type=int, default=256)
     p.add_argument("--distill_prompts", type=int, default=192, help="distill: Alpaca instructions the original answers")
     p.add_argument("--distill_tokens", type=int, default=64, help="distill: new tokens per answer at most")
@@ -326,11 +328,11 @@ def main(argv=None) -> int:
                                             batch_size=opts.lora_batch_size,
                                             micro_batch_size=opts.lora_micro_batch_size, max_steps=steps,
                                             seed=opts.seed, r=opts.lora_r, alpha=2.0 * opts.lora_r,
-                                            guard=opts.lora_guard)
+                                            guard=opts.lora_guard, stages=tuple(opts.lora_stages.split(",")))
             start = time.perf_counter()
             lora_record = lora.sequential_lora(model, tokenizer, examples, lora_options, "cpu", progress=False)
             seconds["lora"] = round(time.perf_counter() - start, 3)
-            stages["lora"] = {"data": examples.info, "steps_per_stage": steps,
+            stages["lora"] = {"data": examples.info, "steps_per_stage": steps, "stages": opts.lora_stages,
                               "objective": lora_record["stage_records"][0]["objective"], "r": opts.lora_r,
                               "learning_rate": opts.lora_learning_rate,
                               "merged": [s["merged"] for s in lora_record["stage_records"]],

@@ -439,6 +439,7 @@ def test_compress_step_7_distils_from_the_original(tiny_dir, text_file, tmp_path
     (["--data_path", "TEXT", "--device_map", "auto", "--lora_offload_layers"], "choose one"),
     (["--data_path", "TEXT", "--lora_guard", "--val_set_size", "0"], "--lora_guard"),
     (["--data_path", "TEXT", "--lora_distill_top_k", "-1"], "--lora_distill_top_k"),
+    (["--data_path", "TEXT", "--lora_stages", "factors", "--lora_offload_layers"], "cannot stream layers"),
 ])
 def test_cli_errors_exit_2_before_loading(extra, needle, compressed_dir, text_file, tmp_path, capsys):
     extra = [compressed_dir if a == "MODEL" else text_file if a == "TEXT" else a for a in extra]
@@ -798,3 +799,49 @@ def test_distillation_moves_the_student_toward_the_teacher():
     assert u["val_loss_before"] > 0.005 and v["val_loss_after"] < 0.3 * u["val_loss_before"], record["stage_records"]
     with pytest.raises(lora.LoraError, match="--lora_distill_top_k"):
         lora.distilled(pattern_examples(), teacher, 0, 2, 0, "cpu")
+
+
+def test_the_factors_stage_trains_u_and_v_themselves_and_nothing_else():
+    """--lora_stages factors: every u and v learns (no adapters), the rest stays bit-identical, and the
+    held-out loss of the learnable cycle falls (measured 5.56 -> 4.74 in 20 steps)."""
+    model, _ = low_rank()
+    u0, v0, rest0 = factors(model, "u"), factors(model, "v"), others(model)
+    params, names = count_parameters(model), sorted(model.state_dict())
+    record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(),
+                                  options(stages=("factors",), max_steps=20, num_epochs=20, learning_rate=2e-2),
+                                  progress=False)
+    stage = record["stage_records"][0]
+    u1, v1, rest = factors(model, "u"), factors(model, "v"), others(model)
+    assert sum(not torch.equal(u0[k], u1[k]) for k in u0) == 14 and sum(not torch.equal(v0[k], v1[k]) for k in v0) == 14
+    assert all(torch.equal(rest0[k], rest[k]) for k in rest0)
+    assert count_parameters(model) == params and sorted(model.state_dict()) == names
+    assert all(p.requires_grad for p in model.parameters())  # as they came
+    expected = sum(p.numel() for m in lora.low_rank_modules(model).values() for p in (m.u.weight, m.v.weight))
+    assert stage["factor"] == "factors" and stage["trainable_parameters"] == expected and stage["merged"]
+    assert stage["val_loss_before"] > 5.0 and stage["val_loss_after"] < stage["val_loss_before"] - 0.5, stage
+    assert lora.mean_loss(model, pattern_examples().val, 2, 0, "cpu") == pytest.approx(stage["val_loss_after"], rel=1e-4)
+
+
+def test_the_guard_puts_back_factors_that_raised_the_validation_loss():
+    model, _ = low_rank()
+    u0, v0 = factors(model, "u"), factors(model, "v")
+    train = pattern_examples()
+    other = [5, 33, 77, 150, 180, 210, 230] * 8
+    examples = lora.Examples(train.train, [(other[i:i + 48], other[i:i + 48]) for i in range(4)], train.info)
+    record = lora.sequential_lora(model, NoTokenizer(), examples,
+                                  options(max_steps=6, num_epochs=20, learning_rate=5e-2, guard=True,
+                                          stages=("factors",)), progress=False)
+    stage = record["stage_records"][0]
+    assert stage["val_loss_after"] > stage["val_loss_before"] + 0.03 and not stage["merged"], stage
+    assert all(torch.equal(u0[k], v) for k, v in factors(model, "u").items())
+    assert all(torch.equal(v0[k], v) for k, v in factors(model, "v").items())
+
+
+def test_the_factors_stage_of_a_float16_model_learns_in_float32_and_stays_float16():
+    model, _ = low_rank(dtype=torch.float16)
+    v0 = factors(model, "v")
+    record = lora.sequential_lora(model, NoTokenizer(), pattern_examples(),
+                                  options(stages=("factors",), max_steps=4), progress=False)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert record["stage_records"][0]["steps"] == 4
+    assert sum(not torch.equal(v0[k], v) for k, v in factors(model, "v").items()) == 14
