@@ -92,12 +92,10 @@ def summarize(record: dict) -> None:
                         "prefix_agreement_mean": round(r["fidelity"]["prefix_agreement_mean"], 4),
                         "wiki_ppl": round(r["ppl"]["ppl"], 3)} for r in record["runs"]]
     targets = {}
-    for row in ("whitening@0.2:chat", "whitening@0.2:self", "block_lora@0.2:chat", "distill_lora@0.2:chat",
-                "distill@0.2:chat", "distill@0.2:self", "distill_kl@0.2:chat"):
-        found = next((r for r in record["table"] if r["row"] == row), None)
-        targets[row] = None if found is None else {
-            "empty_share": found["empty_share"], "agreement": found["agreement"],
-            "met": found["empty_share"] == 0 and found["agreement"] >= 0.75}
+    for run, found in zip(record["runs"], record["table"]):  # every row the target speaks of, variants too
+        if run["ratio"] == 0.2 and run["data"] in ("chat", "self"):
+            targets[run["row"]] = {"empty_share": found["empty_share"], "agreement": found["agreement"],
+                                   "met": found["empty_share"] == 0 and found["agreement"] >= 0.75}
     record["targets"] = {"rule": "no empty answer on the held-out prompts and teacher-forced agreement >= 0.75",
                          "rows": targets}
 
