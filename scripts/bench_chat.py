@@ -382,7 +382,7 @@ def main(argv=None) -> int:
         print(f"{name}: agreement {result['agreement']:.3f}, response ppl {result['response_ppl']}, empty "
               f"{result['empty_share']:.2f}, same response {result['exact_match_share']:.2f}, wiki ppl "
               f"{ppl['ppl']:.2f} ({seconds})", flush=True)
-        del model
+        model = None  # (freed before the next row is copied)
         save()
     record["partial"] = any(name not in {x["row"] for x in record["runs"]} for name, *_ in rows)
     record["load_avg_end"] = list(os.getloadavg())
