@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--lora_r", type=int, default=8, help="adapter rank (step 7's default)")
     p.add_argument("--lora_guard", action="store_true", help="merge a LoRA stage only if its validation loss fell")
     p.add_argument("--lora_stages", default="u,v", help="step 7's stages (u,v; factors: u and v themselves)")
+    p.add_argument("--lora_eval_steps", type=int, default=None, help="also record the validation loss every N steps")
     p.add_argument("--cutoff_len", type=int, default=256)
     p.add_argument("--distill_prompts", type=int, default=192, help="distill: Alpaca instructions the original answers")
     p.add_argument("--distill_tokens", type=int, default=64, help="distill: new tokens per answer at most")
@@ -326,7 +327,8 @@ def main(argv=None) -> int:
                                             batch_size=opts.lora_batch_size,
                                             micro_batch_size=opts.lora_micro_batch_size, max_steps=steps,
                                             seed=opts.seed, r=opts.lora_r, alpha=2.0 * opts.lora_r,
-                                            guard=opts.lora_guard, stages=tuple(opts.lora_stages.split(",")))
+                                            guard=opts.lora_guard, stages=tuple(opts.lora_stages.split(",")),
+                                            eval_steps=opts.lora_eval_steps)
             start = time.perf_counter()
             lora_record = lora.sequential_lora(model, tokenizer, examples, lora_options, "cpu", progress=False)
             seconds["lora"] = round(time.perf_counter() - start, 3)
@@ -335,7 +337,9 @@ def main(argv=None) -> int:
                               "learning_rate": opts.lora_learning_rate,
                               "merged": [s["merged"] for s in lora_record["stage_records"]],
                               "val_loss": [(s["val_loss_before"], s["val_loss_after"])
-                                           for s in lora_record["stage_records"]]}
+                                           for s in lora_record["stage_records"]],
+                              "val_loss_curves": [s["val_loss_curve"] for s in lora_record["stage_records"]],
+                              "train_loss_curves": [s["train_loss_curve"] for s in lora_record["stage_records"]]}
 
         if recipe in ("distill", "distill_lora", "distill_kl"):
             distilled = distillation_set()
