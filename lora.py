@@ -508,10 +508,7 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     from peft import LoraConfig, get_peft_model
     modules = low_rank_modules(model)
     targets = [f"{name}.{factor}" for name in modules]
-    for target in targets:
-        if type(model.get_submodule(target)) is not nn.Linear:
-            raise LoraError(f"{target} is a {type(model.get_submodule(target)).__name__}, not a float linear: "
-                            f"run step 7 before quantization (step 8)")
+    _require_float_linears(model, targets)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     torch.manual_seed(options.seed + STAGES.index(factor))  # adapter init (A random, B zero) and dropout
     config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
@@ -541,7 +538,7 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
         if unstream is not None:
             unstream, undo = None, unstream
             undo()
-        record["merged"] = not (options.guard and record["val_loss_after"] >= record["val_loss_before"])
+        record["merged"] = _guard_keeps(record, options)
         if not record["merged"]:  # the guard: the adapters are dropped and the factors stay as they came
             peft_model.unload()
         elif stream is None:
@@ -570,45 +567,57 @@ def train_stage(model: nn.Module, factor: str, examples: Examples, options: Lora
     return record
 
 
+def _require_float_linears(model: nn.Module, names: list[str]) -> None:
+    """The linears a stage trains must be float nn.Linear: a quantized one cannot learn."""
+    for name in names:
+        module = model.get_submodule(name)
+        if type(module) is not nn.Linear:
+            raise LoraError(f"{name} is a {type(module).__name__}, not a float linear: run step 7 before "
+                            f"quantization (step 8)")
+
+
+def _guard_keeps(record: dict, options: LoraOptions) -> bool:
+    """--lora_guard: a stage is kept only where it lowered the validation loss (without it, always)."""
+    return not (options.guard and record["val_loss_after"] >= record["val_loss_before"])
+
+
 def train_factors(model: nn.Module, examples: Examples, options: LoraOptions, device: torch.device | str,
                   pad_id: int, progress: bool = True) -> dict:
     """The `factors` stage: u and v of every low-rank module trained themselves (AdamW, the stage
     loop of the LoRA stages), everything else frozen; with options.guard the factors are put back as
-    they came unless the validation loss fell. In place, on `device`, in float32; returns the record."""
+    they came unless the validation loss fell. In place; the model is on `device` in float32 (as
+    sequential_lora gives it); returns the record."""
     modules = low_rank_modules(model)
-    factors = [getattr(module, f) for module in modules.values() for f in FACTORS]
-    for name, module in modules.items():
-        for f in FACTORS:
-            linear = getattr(module, f)
-            if type(linear) is not nn.Linear:
-                raise LoraError(f"{name}.{f} is a {type(linear).__name__}, not a float linear: run step 7 before "
-                                f"quantization (step 8)")
-            if linear.weight.dtype != torch.float32:
-                raise LoraError(f"--lora_stages {FULL_FACTORS} trains the factors themselves in float32; "
-                                f"{name}.{f} is {str(linear.weight.dtype).replace('torch.', '')}: add "
-                                f"--lora_frozen_dtype float32")
+    names = [f"{name}.{f}" for name in modules for f in FACTORS]
+    _require_float_linears(model, names)
+    factors = [model.get_submodule(name) for name in names]
+    for name, linear in zip(names, factors):
+        if linear.weight.dtype != torch.float32:
+            raise LoraError(f"--lora_stages {FULL_FACTORS} trains the factors themselves in float32; "
+                            f"{name} is {str(linear.weight.dtype).replace('torch.', '')}: add "
+                            f"--lora_frozen_dtype float32")
     if layer_stream(model) is not None:
         raise LoraError(f"the decoder layers are on disk (a streamed model): --lora_stages {FULL_FACTORS} needs "
                         f"the model on the device; use u,v with --device_map")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     trained = [p for linear in factors for p in linear.parameters()]  # (u's bias too, where it has one)
     came = [p.detach().clone() for p in trained]
-    model.to(device)
+
+    def put_back() -> None:
+        with torch.no_grad():
+            for p, old in zip(trained, came):
+                p.copy_(old)
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for p in trained:
             p.requires_grad_(True)
         record = _train_adapters(model, FULL_FACTORS, len(modules), examples, options, device, pad_id, progress)
-        record["merged"] = not (options.guard and record["val_loss_after"] >= record["val_loss_before"])
+        record["merged"] = _guard_keeps(record, options)
         if not record["merged"]:  # the guard: the factors as they came
-            with torch.no_grad():
-                for p, old in zip(trained, came):
-                    p.copy_(old)
+            put_back()
     except BaseException:  # an interrupted stage leaves the factors as they came
-        with torch.no_grad():
-            for p, old in zip(trained, came):
-                p.copy_(old)
+        put_back()
         raise
     finally:
         for name, p in model.named_parameters():
