@@ -978,8 +978,14 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
         raise AssertionError(f"step 7 changed the architecture: {changed[:3]}")
     settings = asdict(options)
     settings["stages"] = list(options.stages)
-    train_dtype = "float32" if upcast else f"frozen {str(home_dtype).replace('torch.', '')}, adapters float32"
-    return {"data": examples.info, **settings, "train_dtype": train_dtype, "saved_dtype": str(home_dtype).replace("torch.", ""),
+    home_name = str(home_dtype).replace("torch.", "")
+    if upcast:
+        train_dtype = "float32"
+    else:  # per stage: a factors stage trains u and v themselves in float32, an adapter stage only its adapters
+        kinds = [f"{factor}: factors float32" if factor == FULL_FACTORS else f"{factor}: frozen {home_name}, adapters float32"
+                 for factor in options.stages]
+        train_dtype = kinds[0].split(": ", 1)[1] if len(set(k.split(": ", 1)[1] for k in kinds)) == 1 else "; ".join(kinds)
+    return {"data": examples.info, **settings, "train_dtype": train_dtype, "saved_dtype": home_name,
             "peft_version": peft.__version__, "trained": ("LoRA adapters on the factor of each stage only"
             + (f"; u and v themselves in the {FULL_FACTORS} stage" if FULL_FACTORS in options.stages else "")
             + "; embeddings, norms, lm_head and dense linears frozen"), "parameters": after["parameters"],

@@ -845,3 +845,4 @@ def test_the_factors_stage_of_a_float16_model_learns_in_float32_and_stays_float1
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     assert record["stage_records"][0]["steps"] == 4
     assert sum(not torch.equal(v0[k], v) for k, v in factors(model, "v").items()) == 14
+    assert record["train_dtype"] == "factors float32"
