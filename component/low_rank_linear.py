@@ -63,11 +63,12 @@ class LowRankLinear(nn.Module):
         return u.to(v.dtype) @ v if u.dtype != v.dtype else u @ v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factors = self._modules  # (not self.u / self.v: nn.Module's attribute lookup is slow at decode's sizes)
         if self.shared_input is not None:
             projected = self.shared_input.project(x, self)
             if projected is not None:
-                return self.u(projected)
-        return self.u(self.v(x))
+                return factors["u"](projected)
+        return factors["u"](factors["v"](x))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -84,12 +85,15 @@ class SharedInputProjection:
     parameters keep their names and shapes). A move or cast of the model gives each parameter
     a tensor of its own again; the next call concatenates anew. Members run unfused while
     gradients are wanted, while a v carries a forward hook, or once a v is no longer a plain linear
-    (quantized, LoRA-wrapped)."""
+    (quantized, LoRA-wrapped): checked for the whole group when an input's product is made (later
+    members of that forward check only their own weight)."""
 
     def __init__(self, members: list[LowRankLinear]):
         self.members = list(members)
         self.starts: dict[int, tuple[int, int]] = {}  # id(member) -> its rows of the fused weight
         self.fused: torch.Tensor | None = None
+        self._pointers: list[int] = []  # each member's v.weight.data_ptr() as fused
+        self._pointer_of: dict[int, int] = {}  # id(member) -> the same
         self._input: torch.Tensor | None = None
         self._input_version = -1
         self._output: torch.Tensor | None = None
@@ -98,22 +102,16 @@ class SharedInputProjection:
     def forget(self) -> None:
         """Let go of the fused weight and any product (the next call concatenates anew): after the
         members' weights were moved, cast or put back, it is a stale copy that only holds memory."""
-        self.fused, self.starts = None, {}
+        self.fused, self.starts, self._pointers, self._pointer_of = None, {}, [], {}
         self._input = self._output = None
         self._waiting = set()
 
     def _intact(self) -> bool:
-        fused = self.fused
-        if fused is None:
-            return False
-        row_bytes = fused.shape[1] * fused.element_size()
-        for member in self.members:
-            weight = member.v.weight
-            start, _ = self.starts[id(member)]
-            if (weight.device != fused.device or weight.dtype != fused.dtype
-                    or weight.data_ptr() != fused.data_ptr() + start * row_bytes):
-                return False
-        return True
+        # a move or cast gives a weight new storage while self.fused keeps the old alive, so a
+        # pointer at its place in self.fused means the weight is still that view
+        return self.fused is not None and all(
+            member._modules["v"]._parameters["weight"].data_ptr() == pointer
+            for member, pointer in zip(self.members, self._pointers))
 
     @torch.no_grad()
     def _fuse(self) -> None:
@@ -126,23 +124,38 @@ class SharedInputProjection:
             self.starts[id(member)] = (start, start + rows)
             start += rows
         self.fused = fused
+        self._pointers = [member.v.weight.data_ptr() for member in self.members]
+        self._pointer_of = {id(member): pointer for member, pointer in zip(self.members, self._pointers)}
 
     def project(self, x: torch.Tensor, member: LowRankLinear) -> torch.Tensor | None:
         """member.v(x) from the shared product, or None when the members must run unfused."""
-        if any(type(m.v) is not nn.Linear or m.v._forward_hooks or m.v._forward_pre_hooks for m in self.members):
+        key, own = id(member), member._modules["v"]
+        waiting = self._waiting
+        if (key in waiting and x is self._input and x._version == self._input_version and type(own) is nn.Linear
+                and own._parameters["weight"].data_ptr() == self._pointer_of[key]):
+            # a later member of the same forward: the product is this very input's, the group checked
+            # when it was made (those checks cost more than a decode step's matmul of a small rank,
+            # so they run once per input; only this member's weight is checked again)
+            waiting.discard(key)
+            start, end = self.starts[key]
+            projected = self._output[..., start:end]
+            if not waiting:  # all served: hold no activations between forwards
+                self._input = self._output = None
+            return projected
+        # (through _modules and _parameters: nn.Module's attribute lookup costs a decode step more than its matmuls)
+        factors = [m._modules["v"] for m in self.members]
+        if any(type(v) is not nn.Linear or v._forward_hooks or v._forward_pre_hooks for v in factors):
             return None  # a v replaced, or watched by a hook (GPTQ's input capture) that must see it run
-        if torch.is_grad_enabled() and any(m.v.weight.requires_grad for m in self.members):
+        if torch.is_grad_enabled() and any(v._parameters["weight"].requires_grad for v in factors):
             return None
         if not self._intact():
             self._fuse()
-        if x is not self._input or x._version != self._input_version or id(member) not in self._waiting:
-            self._output = F.linear(x, self.fused)
-            self._input, self._input_version = x, x._version
-            self._waiting = {id(m) for m in self.members}
-        start, end = self.starts[id(member)]
+        self._output = F.linear(x, self.fused)
+        self._input, self._input_version = x, x._version
+        self._waiting = {id(m) for m in self.members if m is not member}
+        start, end = self.starts[key]
         projected = self._output[..., start:end]
-        self._waiting.discard(id(member))
-        if not self._waiting:  # all served: hold no activations between forwards
+        if not self._waiting:
             self._input = self._output = None
         return projected
 

@@ -174,3 +174,22 @@ def test_perplexity_unchanged_by_fusion(tmp_path):
     fused = perplexity(load_compressed(str(tmp_path / "m"), fuse=True)[0], text, 32)["ppl"]
     assert plain == pytest.approx(fused, rel=1e-4)
     assert plain > 200  # a random model on random tokens: near the vocabulary size, so the check has teeth
+
+
+def test_a_fused_group_recomputes_for_a_changed_input_or_a_replaced_weight():
+    model, _ = low_rank_everywhere("llama")
+    assert fuse_shared_inputs(model) == 4
+    attn = decoder_layers(model)[0].self_attn
+    x = torch.randn(3, 64)
+
+    def error(member: LowRankLinear) -> float:  # against the member's own two matmuls, relative
+        expected = member.u(member.v(x))
+        return float((member(x) - expected).abs().max() / expected.abs().max())
+
+    with torch.no_grad():
+        attn.q_proj(x)  # the product made; k and v wait for their slices of it
+        x.mul_(2)  # changed in place: k must not take the stale product
+        assert error(attn.k_proj) <= 1e-6
+        attn.v_proj.v.weight.data = torch.randn_like(attn.v_proj.v.weight)  # v given storage of its own
+        assert error(attn.v_proj) <= 1e-6
+        assert error(attn.q_proj) <= 1e-6
