@@ -5,7 +5,7 @@ import torch
 
 from component import LowRankLinear
 from component.low_rank_linear import unshare_inputs
-from component.quant_linear import QuantLinear, quant_linear_from, set_low_bit_kernel
+from component.quant_linear import quant_linear_from, set_low_bit_kernel
 from gptq import QuantSpec, rtn
 from tests.tiny_models import FAMILIES, tiny_model
 from utils.io import load_compressed, save_compressed
