@@ -219,6 +219,10 @@ class RecipeError(ValueError):
 
 
 STEP_NEEDS = {7: "step 7 (LoRA)", 8: "step 8 (quantization)"}
+# flags that belong to one choice of another flag (their checks refuse them elsewhere): a recipe's
+# value is dropped when the user types that flag to another choice, e.g. `--recipe best --update none`
+BELONGS_TO = {"anchor_alpha": ("update", ("anchored",)), "anchor_holdout": ("update", ("anchored",)),
+              "sensitivity_metric": ("allocation", ("asvd", "duo"))}
 
 
 def resolve(name: str, typed: dict, ratio: float, cpu: bool, offline: bool, steps: tuple | None = None,
@@ -232,6 +236,11 @@ def resolve(name: str, typed: dict, ratio: float, cpu: bool, offline: bool, step
     steps = tuple(steps or recipe.steps)
     apply = {k: v for k, v in expansion.flags.items() if k not in typed}
     origin = {k: ("yours" if k in typed else o) for k, o in expansion.origin.items()}
+    dropped = {}
+    for dest, (control, choices) in BELONGS_TO.items():
+        if dest in apply and control in typed and typed[control] not in choices:
+            dropped[dest] = f"the recipe's --{dest} {apply.pop(dest)} belongs to --{control} {'/'.join(choices)}"
+            del origin[dest]
     for dest, other in recipe.same_as.items():
         if dest in typed:
             origin[dest] = "yours"
@@ -250,7 +259,7 @@ def resolve(name: str, typed: dict, ratio: float, cpu: bool, offline: bool, step
     final = {**expansion.flags, **apply, **{k: typed[k] for k in origin if k in typed}}
     record = {"name": name, "source": recipe.source, "steps": list(steps),
               "flags": {k: final[k] for k in origin}, "origin": origin,
-              "overridden": sorted(k for k, o in origin.items() if o == "yours"),
+              "overridden": sorted(k for k, o in origin.items() if o == "yours"), "dropped": dropped,
               "device": "cpu" if cpu else "gpu", "offline": bool(offline), "notes": expansion.notes}
     if recipe.provisional:
         record["provisional"] = recipe.provisional
@@ -265,6 +274,7 @@ def describe(record: dict, command: str) -> str:
     width = max(len(flag_text(k, v)) for k, v in record["flags"].items())
     for dest, value in record["flags"].items():
         lines.append(f"  {flag_text(dest, value):<{width}}  {record['origin'][dest]}")
+    lines += [f"dropped: {why} (you typed another)" for why in record.get("dropped", {}).values()]
     lines += [f"note: {n}" for n in record["notes"]]
     if record.get("provisional"):
         lines.append(record["provisional"])

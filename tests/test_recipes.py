@@ -107,6 +107,22 @@ def test_typed_flags_override_the_recipe_even_at_their_default(tmp_path):
     assert args.step == "3" and args.update == "closed_form" and not args.recipe_eval
 
 
+def test_a_typed_choice_drops_the_recipe_flags_that_belong_to_another(tmp_path, capsys):
+    # best's 20% band sets the anchored fit's flags; --update none must run without them, not fail
+    # on "--anchor_alpha is for --update anchored"
+    args = applied(["--recipe", "best", "--ratio", "0.2", "--update", "none", "--device", "cpu",
+                    "--save_path", str(tmp_path / "o")])
+    assert args.update == "none" and args.anchor_alpha is None and args.anchor_holdout is None
+    assert set(args.recipe_record["dropped"]) == {"anchor_alpha", "anchor_holdout"}
+    assert "anchor_alpha" not in args.recipe_record["flags"]
+    assert args.refine_epochs == 4  # the band's other flags stay
+    assert compress.main(["--recipe", "best", "--ratio", "0.2", "--update", "none", "--print", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("dropped: ") == 2
+    # the band's own choice keeps them
+    args = applied(["--recipe", "best", "--ratio", "0.2", "--device", "cpu", "--save_path", str(tmp_path / "p")])
+    assert args.anchor_alpha == 0.5 and args.recipe_record["dropped"] == {}
+
+
 def test_print_shows_the_expansion_and_exits_0(capsys):
     assert compress.main(["--recipe", "asvd", "--print", "--alpha", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
