@@ -262,6 +262,16 @@ def summarize(record: dict, ratios: list[float]) -> None:
     record["summary"] = summary
 
 
+def missing_rows(record: dict) -> list[tuple[str, float]]:
+    """(recipe, ratio) pairs that this run or a merged one asked for and that have no scored row yet."""
+    settings = record["settings"]
+    wanted = list(dict.fromkeys(n for source in [settings] + [m["settings"] for m in record.get("merged", [])]
+                                for n in (source.get("recipes") or "").split(",") if n))
+    ratios_asked = [float(r) for r in str(settings.get("ratios", "")).split(",") if r]
+    return [(n, r) for n in wanted for r in ratios_asked
+            if not any(row["recipe"] == n and row["ratio"] == r and row.get("ppl") for row in record["rows"])]
+
+
 def merge(record: dict, other: dict, source: str) -> int:
     """Add to record the successful rows of another run of the same protocol that record lacks (a
     second process that ran other recipes at the same time); the number of rows added."""
@@ -282,6 +292,8 @@ def merge(record: dict, other: dict, source: str) -> int:
              "settings": {k: other["settings"].get(k) for k in ("recipes", "note", "load_avg_start")},
              "updated": other.get("finished") or other.get("updated")}
     record["merged"] = [m for m in record.get("merged", []) if m["from"] != source] + [entry]
+    if record.get("partial") and not missing_rows(record):  # a run cut short, completed by the merged ones
+        record["partial"] = False
     ratios = sorted({r["ratio"] for r in record["rows"] if r["recipe"] != "original"})
     summarize(record, ratios)
     return len(rows)
@@ -347,11 +359,7 @@ def markdown(record: dict, path: str | None = None) -> str:
             lines.append(f"| `{name}` | {ratio:g} | {_num(params.get('removed_fraction'), 3)} | {_mib(row.get('bytes'))} "
                          f"| {row['ppl']['validation']:.2f} | {row['ppl']['test']:.2f} | {times} | "
                          f"{_num(row.get('seconds'), 0)} |")
-    wanted = list(dict.fromkeys(n for source in [settings] + [m["settings"] for m in record.get("merged", [])]
-                                for n in (source.get("recipes") or "").split(",") if n))
-    ratios_asked = [float(r) for r in str(settings.get("ratios", "")).split(",") if r]
-    missing = [f"`{n}` {r:g}" for n in wanted for r in ratios_asked
-               if not any(row["recipe"] == n and row["ratio"] == r and row.get("ppl") for row in rows)]
+    missing = [f"`{n}` {r:g}" for n, r in missing_rows(record)]
     if missing:
         lines += ["", f"Not in yet ({len(missing)} rows, in the order they run): " + ", ".join(missing) + "."]
     shot = [r for r in rows if r.get("zero_shot")]

@@ -77,7 +77,7 @@ def test_recipes_say_what_their_papers_say():
     assert gpu("best", 0.2)["anchor_alpha"] == 0.5 and gpu("best", 0.4)["anchor_alpha"] == 1.0
     assert gpu("best", 0.6)["update"] == "none" and gpu("best", 0.6)["refine_epochs"] == 8  # no anchored fit
     assert all(gpu("best", r)["lora_guard"] is True for r in (0.2, 0.4, 0.6))
-    assert recipes.RECIPES["best"].steps == (1, 3, 7) and recipes.RECIPES["best"].provisional
+    assert recipes.RECIPES["best"].steps == (1, 3, 7) and "validation slice" in recipes.RECIPES["best"].notes[-1]
 
 
 def test_readme_table_lists_every_recipe():
@@ -296,3 +296,24 @@ def test_bench_scores_the_zero_shot_rows_it_is_asked_for_and_merges_them(tmp_pat
     record["settings"].update(recipes="best", out=str(tmp_path / "x.json"), threads=1, cpus=2, ratios="0.2")
     table = bench.markdown(record)
     assert "| `best` | 0.2 | 0.400 | 0.600 | 0.500 | 0.620 |" in table, table
+
+
+def test_merging_the_last_missing_rows_completes_a_partial_run():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_recipes", os.path.join(ROOT, "scripts", "bench_recipes.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    settings = {**{k: "x" for k in ("model", "calibration", "validation", "test", "device")},
+                "eval_limit": 16, "eval_seq_len": 512, "extra": "", "ratios": "0.2,0.4"}
+    record = {"partial": True, "settings": {**settings, "recipes": "svd-llm,asvd"}, "rows": [
+        {"recipe": "svd-llm", "ratio": r, "returncode": 0, "ppl": {"validation": 50.0, "test": 80.0}}
+        for r in (0.2, 0.4)]}
+    assert bench.missing_rows(record) == [("asvd", 0.2), ("asvd", 0.4)]
+
+    def asvd_at(ratio: float) -> dict:
+        return {"settings": {**settings, "recipes": "asvd"}, "rows": [
+            {"recipe": "asvd", "ratio": ratio, "returncode": 0, "ppl": {"validation": 70.0, "test": 90.0}}]}
+
+    assert bench.merge(record, asvd_at(0.2), "a.json") == 1 and record["partial"]  # asvd 0.4 still to come
+    assert bench.merge(record, asvd_at(0.4), "b.json") == 1
+    assert record["partial"] is False and bench.missing_rows(record) == []
