@@ -434,10 +434,12 @@ def plot(record: dict, path: str) -> None:
     original = next((r for r in record["rows"] if r["recipe"] == "original" and r.get("ppl")), None)
     rows = [r for r in record["rows"] if r.get("ppl") and r.get("bytes")]
     if original:
-        for name in dict.fromkeys(r["recipe"] for r in rows):
+        for index, name in enumerate(dict.fromkeys(r["recipe"] for r in rows)):
             points = sorted((r["bytes"] / 2**20, r["ppl"]["test"] / original["ppl"]["test"])
                             for r in rows if r["recipe"] == name)
-            ax.plot(*zip(*points), marker="o", label=f"{name} ({', '.join(f'{r:g}' for r in sorted(r['ratio'] for r in rows if r['recipe'] == name))})")
+            # (more recipes than ten default colours: the eleventh on takes tab20's light hues and squares)
+            ax.plot(*zip(*points), marker="os"[index // 10 % 2],
+                    color=plt.get_cmap("tab20")(2 * index % 20 + index // 10 % 2), label=f"{name} ({', '.join(f'{r:g}' for r in sorted(r['ratio'] for r in rows if r['recipe'] == name))})")
     quant = [p for p in quant_points() if p["original_ppl"]]
     for point in quant:
         marker = "s" if point["of_original"] else "^"
