@@ -71,9 +71,12 @@ QUANT_RESULTS = (os.path.join(ROOT, "scripts", "results", "bench_quant_smollm2_c
 # issue 27's targets for `best` on the validation windows (the original: 22.83 there)
 TARGETS = {0.2: 30.0, 0.4: 58.0, 0.6: 80.0}
 # what to try next where the chosen row misses its target (docs/refinement.md, "What it says")
-NEXT_LEVER = ("the next lever: more windows for the block refinement and the anchored fit (more windows beat more "
-              "epochs there; the CPU settings use 8-16 of the 64-256 the methods were run with), then more LoRA "
-              "steps; `best`'s GPU settings (256 x 2048 windows) were not measured")
+NEXT_LEVER = ("the next lever: Duo-SVD's allocation with column preservation instead of uniform ranks under `best`'s "
+              "refinement and LoRA (tried at 20% with duo-svd's plan, without the anchored fit, which refits plain "
+              "low-rank layers only: bench_recipes_smollm2_cpu_best02_duoplan.json), more windows for the block "
+              "refinement and the anchored fit (more windows beat more epochs there; the CPU settings use 8-16 of "
+              "the 64-256 the methods were run with), then more LoRA steps; `best`'s GPU settings (256 x 2048 "
+              "windows) were not measured")
 TIMES = re.compile(r"(\w+)_s (\d+(?:\.\d+)?)s")
 
 
