@@ -982,9 +982,10 @@ def sequential_lora(model: nn.Module, tokenizer, examples: Examples, options: Lo
     if upcast:
         train_dtype = "float32"
     else:  # per stage: a factors stage trains u and v themselves in float32, an adapter stage only its adapters
-        kinds = [f"{factor}: factors float32" if factor == FULL_FACTORS else f"{factor}: frozen {home_name}, adapters float32"
+        kinds = [(factor, "factors float32" if factor == FULL_FACTORS else f"frozen {home_name}, adapters float32")
                  for factor in options.stages]
-        train_dtype = kinds[0].split(": ", 1)[1] if len(set(k.split(": ", 1)[1] for k in kinds)) == 1 else "; ".join(kinds)
+        distinct = {kind for _, kind in kinds}
+        train_dtype = distinct.pop() if len(distinct) == 1 else "; ".join(f"{f}: {kind}" for f, kind in kinds)
     return {"data": examples.info, **settings, "train_dtype": train_dtype, "saved_dtype": home_name,
             "peft_version": peft.__version__, "trained": ("LoRA adapters on the factor of each stage only"
             + (f"; u and v themselves in the {FULL_FACTORS} stage" if FULL_FACTORS in options.stages else "")

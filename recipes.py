@@ -45,7 +45,6 @@ class Recipe:
     needs: dict = field(default_factory=dict)  # destination -> why: flags the recipe cannot supply itself
     same_as: dict = field(default_factory=dict)  # destination -> destination whose final value it takes
     notes: tuple[str, ...] = ()
-    provisional: str | None = None
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
@@ -261,8 +260,6 @@ def resolve(name: str, typed: dict, ratio: float, cpu: bool, offline: bool, step
               "flags": {k: final[k] for k in origin}, "origin": origin,
               "overridden": sorted(k for k, o in origin.items() if o == "yours"), "dropped": dropped,
               "device": "cpu" if cpu else "gpu", "offline": bool(offline), "notes": expansion.notes}
-    if recipe.provisional:
-        record["provisional"] = recipe.provisional
     return {"set": apply, "record": record}
 
 
@@ -276,8 +273,6 @@ def describe(record: dict, command: str) -> str:
         lines.append(f"  {flag_text(dest, value):<{width}}  {record['origin'][dest]}")
     lines += [f"dropped: {why} (you typed another)" for why in record.get("dropped", {}).values()]
     lines += [f"note: {n}" for n in record["notes"]]
-    if record.get("provisional"):
-        lines.append(record["provisional"])
     lines.append(f"runs: {command}")
     return "\n".join(lines)
 

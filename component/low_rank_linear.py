@@ -92,8 +92,7 @@ class SharedInputProjection:
         self.members = list(members)
         self.starts: dict[int, tuple[int, int]] = {}  # id(member) -> its rows of the fused weight
         self.fused: torch.Tensor | None = None
-        self._pointers: list[int] = []  # each member's v.weight.data_ptr() as fused
-        self._pointer_of: dict[int, int] = {}  # id(member) -> the same
+        self._pointer_of: dict[int, int] = {}  # id(member) -> its v.weight.data_ptr() as fused
         self._input: torch.Tensor | None = None
         self._input_version = -1
         self._output: torch.Tensor | None = None
@@ -102,7 +101,7 @@ class SharedInputProjection:
     def forget(self) -> None:
         """Let go of the fused weight and any product (the next call concatenates anew): after the
         members' weights were moved, cast or put back, it is a stale copy that only holds memory."""
-        self.fused, self.starts, self._pointers, self._pointer_of = None, {}, [], {}
+        self.fused, self.starts, self._pointer_of = None, {}, {}
         self._input = self._output = None
         self._waiting = set()
 
@@ -110,8 +109,8 @@ class SharedInputProjection:
         # a move or cast gives a weight new storage while self.fused keeps the old alive, so a
         # pointer at its place in self.fused means the weight is still that view
         return self.fused is not None and all(
-            member._modules["v"]._parameters["weight"].data_ptr() == pointer
-            for member, pointer in zip(self.members, self._pointers))
+            member._modules["v"]._parameters["weight"].data_ptr() == self._pointer_of[id(member)]
+            for member in self.members)
 
     @torch.no_grad()
     def _fuse(self) -> None:
@@ -124,8 +123,7 @@ class SharedInputProjection:
             self.starts[id(member)] = (start, start + rows)
             start += rows
         self.fused = fused
-        self._pointers = [member.v.weight.data_ptr() for member in self.members]
-        self._pointer_of = {id(member): pointer for member, pointer in zip(self.members, self._pointers)}
+        self._pointer_of = {id(member): member.v.weight.data_ptr() for member in self.members}
 
     def project(self, x: torch.Tensor, member: LowRankLinear) -> torch.Tensor | None:
         """member.v(x) from the shared product, or None when the members must run unfused."""
