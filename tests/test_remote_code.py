@@ -89,6 +89,21 @@ def test_remote_code_gives_our_loaders_logits(saved, no_prompt):
     assert torch.equal(generated, ours.generate(ids[:1, :6], max_new_tokens=3, do_sample=False))
 
 
+def test_saved_model_generates_with_the_kv_cache(saved, no_prompt):
+    """Calibration turns the cache off on the model it compresses; the export must not keep that:
+    generate() would run the whole sequence for every new token."""
+    family, path, _ = saved
+    model, compression = make_low_rank(family)
+    model.config.use_cache = False  # as load_model leaves it
+    save_compressed(model, None, path + "-nocache", compression)
+    remote = AutoModelForCausalLM.from_pretrained(path + "-nocache", trust_remote_code=True)
+    lengths = []
+    hook = remote.get_input_embeddings().register_forward_hook(lambda m, i, o: lengths.append(i[0].shape[1]))
+    remote.generate(random_ids()[:1, :6], max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    hook.remove()
+    assert lengths == [6, 1, 1]  # one new token per step after the prompt
+
+
 def test_remote_base_model_gives_our_hidden_states(saved, no_prompt):
     """AutoModel (what vLLM's Transformers backend builds) must be the low-rank decoder, not the dense one."""
     from transformers import AutoModel

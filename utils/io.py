@@ -212,6 +212,10 @@ def _config_to_save(model: nn.Module, compression: dict) -> dict:
     """config.json's content (before remote_code_config): the model's config with the compression block."""
     config = model.config.to_dict()
     config["compression"] = compression
+    # our calibration passes turn the KV cache off on the model they load; a saved model is for
+    # generation, and transformers' generate() takes its default from here: left off, every new
+    # token would run the whole sequence again
+    config["use_cache"] = True
     if (config.get("quantization_config") or {}).get("quant_method") == "gguf":
         # a GGUF checkpoint is de-quantized on load: the saved tensors are plain floats, and engines
         # that read the entry (vLLM) would look for GGUF blocks
