@@ -15,7 +15,9 @@ Recipes: whitening (cholesky, exact SVD: steps 1 + 3), and block_lora: block ref
 first --refine_nsamples calibration windows (--refine_epochs epochs), then LoRA on u then v
 (--lora_steps steps each) on the chat-formatted Alpaca rows [0:0.9] (loss on the response tokens).
 distill: distillation from the original's own answers. The original answers --distill_prompts
-instructions of the Alpaca demo rows [0:0.9] (a seeded draw; none is a held-out prompt) greedily in
+instructions of the Alpaca demo rows [0:0.9] (a seeded draw; none is a held-out prompt), and with
+--distill_self_prompts N also up to N questions it writes itself (user turns sampled from its chat
+template, utils.self_calibration.user_turns; empty and repeated ones dropped), greedily in
 its chat template (at most --distill_tokens new tokens, as the references are made); these
 conversations (prompt and answer token ids, cached in STATS_DIR) are packed end to end into windows
 of --seq_len for block refinement (the first --distill_refine_nsamples windows, --refine_epochs
@@ -145,6 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--lora_eval_steps", type=int, default=None, help="also record the validation loss every N steps")
     p.add_argument("--cutoff_len", type=int, default=256)
     p.add_argument("--distill_prompts", type=int, default=192, help="distill: Alpaca instructions the original answers")
+    p.add_argument("--distill_self_prompts", type=int, default=0,
+                   help="distill: also this many questions the original writes itself (sampled user turns)")
+    p.add_argument("--distill_question_tokens", type=int, default=48, help="distill: tokens per self-written question at most")
     p.add_argument("--distill_tokens", type=int, default=64, help="distill: new tokens per answer at most")
     p.add_argument("--distill_refine_nsamples", type=int, default=32, help="distill: refinement windows")
     p.add_argument("--distill_lora_steps", type=int, default=16, help="distill: optimizer steps per LoRA stage")
@@ -254,7 +259,8 @@ def main(argv=None) -> int:
     def distillation_set() -> dict:
         """The original's greedy answers to --distill_prompts Alpaca instructions of rows [0:0.9]
         (cached in --stats_dir): prompts, prompt ids, answer ids."""
-        path = os.path.join(opts.stats_dir, f"distill_p{opts.distill_prompts}_t{opts.distill_tokens}_seed{opts.seed}.json")
+        extra = f"_self{opts.distill_self_prompts}q{opts.distill_question_tokens}" if opts.distill_self_prompts else ""
+        path = os.path.join(opts.stats_dir, f"distill_p{opts.distill_prompts}{extra}_t{opts.distill_tokens}_seed{opts.seed}.json")
         if os.path.isfile(path):
             with open(path) as handle:
                 return json.load(handle)
@@ -268,8 +274,16 @@ def main(argv=None) -> int:
         questions = [r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
                      for r in chosen[:opts.distill_prompts]]
         start = time.perf_counter()
+        source = ALPACA + "[0:0.9]"
+        if opts.distill_self_prompts:
+            from utils.self_calibration import user_turns
+            written = user_turns(base, tokenizer, opts.distill_self_prompts, opts.distill_question_tokens,
+                                 SelfCalibrationOptions(), opts.seed, "cpu")
+            questions += [q for q in written if q.strip().lower() not in held_out]
+            source += (f" and {len(questions) - opts.distill_prompts} questions the original wrote "
+                       f"(utils.self_calibration.user_turns, {opts.distill_self_prompts} sampled)")
         answers = fidelity.greedy_responses(base, tokenizer, questions, opts.distill_tokens)
-        data = {"source": ALPACA + "[0:0.9]", "seed": opts.seed, "max_new_tokens": opts.distill_tokens,
+        data = {"source": source, "seed": opts.seed, "max_new_tokens": opts.distill_tokens,
                 "seconds": round(time.perf_counter() - start, 3), "prompts": questions,
                 "prompt_ids": [prompt_ids(tokenizer, q, True)[0][0].tolist() for q in questions],
                 "answer_ids": [a["ids"] for a in answers],

@@ -153,6 +153,31 @@ def generate_sequences(model: nn.Module, starts: list[list[int]], seq_len: int, 
     return torch.tensor(rows, dtype=torch.long)
 
 
+def user_turns(model: nn.Module, tokenizer, count: int, max_tokens: int, options: SelfCalibrationOptions,
+               seed: int, device: torch.device | str, progress: bool = True) -> list[str]:
+    """`count` questions the chat model writes itself: sampled (options' temperature and top_p,
+    seeded per row) from its chat template opened at a user turn, cut at the end of the turn or
+    after max_tokens. Empty and repeated turns are dropped, so fewer than `count` may return.
+    For distillation on prompts no data set holds: the original then answers them."""
+    if tokenizer is None or not has_chat_template(tokenizer):
+        raise DatasetError("self-written user turns need the tokenizer's chat template: give a prompt file")
+    marker = "\u0000USER_TURN\u0000"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    start = list(tokenizer(rendered[:rendered.index(marker)], add_special_tokens=False)["input_ids"])
+    end_of_turn = list(tokenizer(rendered[rendered.index(marker) + len(marker):], add_special_tokens=False)["input_ids"])
+    stop = end_of_turn[0] if end_of_turn else tokenizer.eos_token_id
+    ids = generate_sequences(model, [start] * count, len(start) + max_tokens, options, seed, device, progress)
+    turns, seen = [], set()
+    for row in ids[:, len(start):].tolist():
+        if stop in row:
+            row = row[:row.index(stop)]
+        text = tokenizer.decode(row, skip_special_tokens=True).strip()
+        if text and text.lower() not in seen:
+            seen.add(text.lower())
+            turns.append(text)
+    return turns
+
+
 def _row_seed(seed: int, row: int) -> int:
     """A 32-bit seed of (seed, row): CPU generators keep only 32 bits of what they are given."""
     return int.from_bytes(hashlib.sha1(f"{seed}:{row}".encode()).digest()[:4], "little")
