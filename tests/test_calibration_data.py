@@ -420,3 +420,36 @@ def test_cli_self_calibration_held_out_rows_are_not_step_1s(tiny_dir, tmp_path, 
     extended, info = self_calibration_data(model, tokenizer, 5, 40, 0, options, "cpu", str(cache), progress=False)
     whole, _ = self_calibration_data(model, tokenizer, 5, 40, 0, options, "cpu", progress=False)
     assert info["rows_from_cache"] == 3 and torch.equal(extended, whole)
+
+
+class _EndsTurnAfter(torch.nn.Module):
+    """A tiny model that ends the user turn (the byte '<' opening "<|end|>") once `after` tokens are
+    written at positions past `start`, and samples freely before."""
+
+    def __init__(self, model, stop: int, start: int, after: int):
+        super().__init__()
+        self.model, self.stop, self.start, self.after = model, stop, start, after
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=True, cache=None):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=use_cache, cache=cache)
+        written = position_ids[:, -1] + 1 - self.start  # tokens after the start, this one included
+        out.logits[:, -1, self.stop] += torch.where(written >= self.after, 1e4, -1e4)
+        return out
+
+
+def test_self_written_user_turns_are_seeded_and_cut_at_the_end_of_the_turn(chat_tokenizer):
+    from tests.tiny_models import tiny_model
+    from utils.self_calibration import SelfCalibrationOptions, user_turns
+    start = len(chat_tokenizer("<|user|>", add_special_tokens=False)["input_ids"])
+    stop = chat_tokenizer("<", add_special_tokens=False)["input_ids"][0]
+    model = _EndsTurnAfter(tiny_model("llama"), stop, start, after=5).eval()
+    options = SelfCalibrationOptions(batch_size=3)
+    turns = user_turns(model, chat_tokenizer, 6, 12, options, 0, "cpu", progress=False)
+    assert turns == user_turns(model, chat_tokenizer, 6, 12, options, 0, "cpu", progress=False)
+    assert turns != user_turns(model, chat_tokenizer, 6, 12, options, 1, "cpu", progress=False)
+    assert 4 <= len(turns) <= 6 and len({t.lower() for t in turns}) == len(turns)  # repeats dropped
+    # five bytes (at most five characters) before the stop, none of the turn's end or what came after
+    assert all(0 < len(t) <= 5 and "<" not in t for t in turns)
+    free = user_turns(model.model, chat_tokenizer, 4, 12, options, 0, "cpu", progress=False)
+    assert min(len(t) for t in free) > 5  # a turn that never ends: the 12 tokens
