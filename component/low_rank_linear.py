@@ -24,6 +24,22 @@ def largest_entry_fits(dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[bool
     return (not dtype.is_floating_point or largest <= torch.finfo(dtype).max), largest  # NaN fails too
 
 
+def run_factor(factor: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """factor(x), as F.linear when the factor is a plain linear that no hook watches: nn.Module's
+    call costs more than a decode step's matmul of a small rank, and a low-rank layer makes two.
+    A forward replaced on the instance (accelerate's offload hooks load the weights there) is called."""
+    hooks = torch.nn.modules.module
+    if (type(factor) is nn.Linear and "forward" not in factor.__dict__ and not (factor._forward_hooks
+                                                                                or factor._forward_pre_hooks
+                                                                                or factor._backward_hooks
+                                                                                or factor._backward_pre_hooks)
+            and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                     or hooks._global_backward_pre_hooks)):
+        weights = factor._parameters
+        return F.linear(x, weights["weight"], weights["bias"])
+    return factor(x)
+
+
 class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
@@ -67,8 +83,8 @@ class LowRankLinear(nn.Module):
         if self.shared_input is not None:
             projected = self.shared_input.project(x, self)
             if projected is not None:
-                return factors["u"](projected)
-        return factors["u"](factors["v"](x))
+                return run_factor(factors["u"], projected)
+        return run_factor(factors["u"], run_factor(factors["v"], x))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -93,6 +109,7 @@ class SharedInputProjection:
         self.starts: dict[int, tuple[int, int]] = {}  # id(member) -> its rows of the fused weight
         self.fused: torch.Tensor | None = None
         self._pointer_of: dict[int, int] = {}  # id(member) -> its v.weight.data_ptr() as fused
+        self._others: dict[int, frozenset[int]] = {}  # id(member) -> the ids of the other members
         self._input: torch.Tensor | None = None
         self._input_version = -1
         self._output: torch.Tensor | None = None
@@ -101,16 +118,9 @@ class SharedInputProjection:
     def forget(self) -> None:
         """Let go of the fused weight and any product (the next call concatenates anew): after the
         members' weights were moved, cast or put back, it is a stale copy that only holds memory."""
-        self.fused, self.starts, self._pointer_of = None, {}, {}
+        self.fused, self.starts, self._pointer_of, self._others = None, {}, {}, {}
         self._input = self._output = None
         self._waiting = set()
-
-    def _intact(self) -> bool:
-        # a move or cast gives a weight new storage while self.fused keeps the old alive, so a
-        # pointer at its place in self.fused means the weight is still that view
-        return self.fused is not None and all(
-            member._modules["v"]._parameters["weight"].data_ptr() == self._pointer_of[id(member)]
-            for member in self.members)
 
     @torch.no_grad()
     def _fuse(self) -> None:
@@ -124,6 +134,7 @@ class SharedInputProjection:
             start += rows
         self.fused = fused
         self._pointer_of = {id(member): member.v.weight.data_ptr() for member in self.members}
+        self._others = {id(member): frozenset(id(m) for m in self.members if m is not member) for member in self.members}
 
     def project(self, x: torch.Tensor, member: LowRankLinear) -> torch.Tensor | None:
         """member.v(x) from the shared product, or None when the members must run unfused."""
@@ -140,17 +151,27 @@ class SharedInputProjection:
             if not waiting:  # all served: hold no activations between forwards
                 self._input = self._output = None
             return projected
-        # (through _modules and _parameters: nn.Module's attribute lookup costs a decode step more than its matmuls)
-        factors = [m._modules["v"] for m in self.members]
-        if any(type(v) is not nn.Linear or v._forward_hooks or v._forward_pre_hooks for v in factors):
-            return None  # a v replaced, or watched by a hook (GPTQ's input capture) that must see it run
-        if torch.is_grad_enabled() and any(v._parameters["weight"].requires_grad for v in factors):
-            return None
-        if not self._intact():
+        # (through _modules and _parameters: nn.Module's attribute lookup costs a decode step more than its
+        # matmuls; plain loops: a generator expression costs more than the checks it runs)
+        grad = torch.is_grad_enabled()
+        pointers = self._pointer_of
+        intact = self.fused is not None
+        for m in self.members:
+            v = m._modules["v"]
+            if type(v) is not nn.Linear or v._forward_hooks or v._forward_pre_hooks or "forward" in v.__dict__:
+                return None  # a v replaced, or watched by a hook (GPTQ's input capture) that must see it run
+            weight = v._parameters["weight"]
+            if grad and weight.requires_grad:
+                return None
+            # a move or cast gives a weight new storage while self.fused keeps the old alive, so a
+            # pointer at its place in self.fused means the weight is still that view
+            if intact and weight.data_ptr() != pointers[id(m)]:
+                intact = False
+        if not intact:
             self._fuse()
         self._output = F.linear(x, self.fused)
         self._input, self._input_version = x, x._version
-        self._waiting = {id(m) for m in self.members if m is not member}
+        self._waiting = set(self._others[key])
         start, end = self.starts[key]
         projected = self._output[..., start:end]
         if not self._waiting:

@@ -193,3 +193,26 @@ def test_a_fused_group_recomputes_for_a_changed_input_or_a_replaced_weight():
         attn.v_proj.v.weight.data = torch.randn_like(attn.v_proj.v.weight)  # v given storage of its own
         assert error(attn.v_proj) <= 1e-6
         assert error(attn.q_proj) <= 1e-6
+
+
+def test_factors_run_as_plain_matmuls_unless_something_watches_them():
+    """LowRankLinear runs a plain factor as F.linear (no module call); a hook on a factor, a global
+    hook or a forward replaced on the instance (accelerate's offload) must still see it run."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(12, 10, 4, bias=True)
+    x = torch.randn(3, 12)
+    expected = x @ layer.v.weight.T @ layer.u.weight.T + layer.u.bias
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    handle = layer.v.register_forward_hook(lambda m, i, o: o * 2)
+    assert torch.allclose(layer(x), 2 * (x @ layer.v.weight.T) @ layer.u.weight.T + layer.u.bias, atol=1e-6)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o + 1 if m is layer.u else None)
+    try:
+        assert torch.allclose(layer(x), expected + 1, atol=1e-6)
+    finally:
+        handle.remove()
+    plain = layer.u.forward
+    layer.u.forward = lambda inputs: plain(inputs) - 3
+    assert torch.allclose(layer(x), expected - 3, atol=1e-6)
+    del layer.u.forward
+    assert torch.allclose(layer(x), expected, atol=1e-6)
