@@ -19,7 +19,11 @@ The limit of a ratio is what the model's smaller work allows: for decode, the or
 bytes read per step (the decoder layers' linears, factors or packed codes with their scales, plus
 the lm_head) over the model's; for prefill, multiply-adds per token (the linears, and attention
 scores and values at the average causal context, which compression does not change; the lm_head
-runs once per prompt). Each ratio is reported with its limit and as a fraction of it. Perplexity
+runs once per prompt). Each ratio is reported with its limit and as a fraction of it. With
+--fixed_cost the original is also timed with every linear a free stub: the share of its step that
+compression cannot shrink (norms, rotary, attention over the cache, per-op overhead); a ratio is
+then also given against what the limit allows once that share is kept ("attainable": the
+original's step time over fixed + linear time / limit). Perplexity
 (held-back text) is measured for every row. The JSON is rewritten after every phase; a run cut
 short leaves "partial": true.
 
@@ -151,6 +155,39 @@ def build_models(names: list[str], args, tokenizer, original: nn.Module) -> dict
     return built
 
 
+class FreeLinear(nn.Module):
+    """A linear that costs nothing: the right shape of zeros, made once per input shape."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+        self.outputs: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.out_features)
+        if shape not in self.outputs:
+            self.outputs[shape] = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        return self.outputs[shape]
+
+
+def without_linears(original: nn.Module) -> nn.Module:
+    """A copy of `original` whose linears (the decoder layers' and the lm_head) are FreeLinear: its
+    time is the part of a step that compression does not shrink (norms, rotary, attention over the
+    cache, activations, residuals, the framework's per-op overhead)."""
+    model = copy.deepcopy(original)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, FreeLinear(child.out_features))
+    return model.eval()
+
+
+def attainable(ratio_limit: float, step_s: float, fixed_s: float) -> float:
+    """The ratio a model with `ratio_limit` times less linear work attains when the original's step
+    of step_s seconds holds fixed_s seconds that compression does not shrink."""
+    return step_s / (fixed_s + (step_s - fixed_s) / ratio_limit)
+
+
 def load_row(row: str, args, original: nn.Module) -> nn.Module:
     from component.quant_linear import set_low_bit_kernel
     from utils.io import load_compressed
@@ -201,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"comma list of {', '.join(ROWS)}")
     p.add_argument("--shapes", default="b1,p8,b16", help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--fixed_cost", action="store_true",
+                   help="also time the original with every linear free (a stub): what compression cannot shrink")
     p.add_argument("--num_layers", type=int, default=None, help="first N decoder layers only (quick checks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -292,8 +331,10 @@ def main(argv=None) -> int:
     for shape in shapes:
         prompts = prompts_for(shape, ids, args)
         gen_len = 1 if shape == "p8" else args.gen_len
-        figures = evaluater.measure_efficiency(models, prompts, gen_len, args.repeats, args.device, memory=False)
+        timed = {**models, "no_linears": without_linears(original)} if args.fixed_cost else models
+        figures = evaluater.measure_efficiency(timed, prompts, gen_len, args.repeats, args.device, memory=False)
         base = figures["original"]
+        free = figures.get("no_linears")
         for row in rows:
             f, entry = figures[row], result["rows"][row]
             batch, length = prompts.shape
@@ -309,6 +350,12 @@ def main(argv=None) -> int:
                 entry["shapes"][key] = {"tokens_per_s": value, "ratio": ratio, "limit": entry["limits"][kind],
                                         "fraction_of_limit": ratio / entry["limits"][kind],
                                         "runs_tokens_per_s": runs, "load_average_1min": round(os.getloadavg()[0], 2)}
+                if free is not None:
+                    # seconds per token of the original and of its steps without the linears' work
+                    fixed_share = reference / free[f"{kind}_tokens_per_s"]
+                    reach = attainable(entry["limits"][kind], 1.0, fixed_share)
+                    entry["shapes"][key].update({"fixed_share_of_original": fixed_share, "attainable": reach,
+                                                 "fraction_of_attainable": ratio / reach})
             if shape == "b1":
                 entry["decode_latency_ms"] = f["decode_latency_ms"]
         result["settings"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -346,7 +393,8 @@ def markdown(result: dict) -> str:
         cells = []
         for key in keys:
             f = entry.get("shapes", {}).get(key)
-            cells.append("" if f is None else f"{f['ratio']:.2f} / {f['limit']:.2f} ({f['fraction_of_limit']:.0%})")
+            cells.append("" if f is None else f"{f['ratio']:.2f} / {f['limit']:.2f} ({f['fraction_of_limit']:.0%})"
+                         + (f"; {f['attainable']:.2f} ({f['fraction_of_attainable']:.0%})" if "attainable" in f else ""))
         ppl = (entry.get("perplexity") or {}).get("ppl")
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {'' if ppl is None else f'{ppl:.3f}'} |")
     return "\n".join(lines)

@@ -216,3 +216,20 @@ def test_factors_run_as_plain_matmuls_unless_something_watches_them():
     assert torch.allclose(layer(x), expected - 3, atol=1e-6)
     del layer.u.forward
     assert torch.allclose(layer(x), expected, atol=1e-6)
+
+
+def test_fixed_cost_of_a_step_and_what_a_limit_attains_with_it():
+    """bench_speed --fixed_cost: the original with every linear free keeps its output shapes and
+    reads no weight matrix; a limit is attained only on the part of the step that shrinks."""
+    from scripts.bench_speed import attainable, decode_weight_bytes, without_linears
+    model = tiny_model("llama")
+    free = without_linears(model)
+    assert not any(type(m) is torch.nn.Linear for m in free.modules())
+    assert any(type(m) is torch.nn.Linear for m in model.modules())  # the copy, not the original
+    ids = torch.randint(0, 200, (2, 7))
+    with torch.no_grad():
+        assert free(ids).logits.shape == model(ids).logits.shape
+    assert decode_weight_bytes(model) > 0
+    assert attainable(2.0, 1.0, 0.0) == pytest.approx(2.0)
+    assert attainable(2.0, 1.0, 0.5) == pytest.approx(1 / (0.5 + 0.25))
+    assert attainable(1.0, 1.0, 0.3) == pytest.approx(1.0)
