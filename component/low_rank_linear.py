@@ -24,17 +24,21 @@ def largest_entry_fits(dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[bool
     return (not dtype.is_floating_point or largest <= torch.finfo(dtype).max), largest  # NaN fails too
 
 
-def run_factor(factor: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """factor(x), as F.linear when the factor is a plain linear that no hook watches: nn.Module's
-    call costs more than a decode step's matmul of a small rank, and a low-rank layer makes two.
-    A forward replaced on the instance (accelerate's offload hooks load the weights there) is called."""
+def is_plain_linear(factor: nn.Module) -> bool:
+    """A plain nn.Linear that nothing watches: no module or global hook, no forward replaced on the
+    instance (accelerate's offload hooks load the weights there), so F.linear on its weights is its call."""
     hooks = torch.nn.modules.module
-    if (type(factor) is nn.Linear and "forward" not in factor.__dict__ and not (factor._forward_hooks
-                                                                                or factor._forward_pre_hooks
-                                                                                or factor._backward_hooks
-                                                                                or factor._backward_pre_hooks)
+    return (type(factor) is nn.Linear and "forward" not in factor.__dict__
+            and not (factor._forward_hooks or factor._forward_pre_hooks or factor._backward_hooks
+                     or factor._backward_pre_hooks)
             and not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-                     or hooks._global_backward_pre_hooks)):
+                     or hooks._global_backward_pre_hooks))
+
+
+def run_factor(factor: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """factor(x), as F.linear when the factor is a plain linear nothing watches: nn.Module's call
+    costs more than a decode step's matmul of a small rank, and a low-rank layer makes two."""
+    if is_plain_linear(factor):
         weights = factor._parameters
         return F.linear(x, weights["weight"], weights["bias"])
     return factor(x)
@@ -158,7 +162,7 @@ class SharedInputProjection:
         intact = self.fused is not None
         for m in self.members:
             v = m._modules["v"]
-            if type(v) is not nn.Linear or v._forward_hooks or v._forward_pre_hooks or "forward" in v.__dict__:
+            if not is_plain_linear(v):
                 return None  # a v replaced, or watched by a hook (GPTQ's input capture) that must see it run
             weight = v._parameters["weight"]
             if grad and weight.requires_grad:

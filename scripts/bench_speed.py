@@ -328,10 +328,10 @@ def main(argv=None) -> int:
         entry.setdefault("shapes", {})
     write_json(args.out, result)
 
+    timed = {**models, "no_linears": without_linears(original)} if args.fixed_cost else models
     for shape in shapes:
         prompts = prompts_for(shape, ids, args)
         gen_len = 1 if shape == "p8" else args.gen_len
-        timed = {**models, "no_linears": without_linears(original)} if args.fixed_cost else models
         figures = evaluater.measure_efficiency(timed, prompts, gen_len, args.repeats, args.device, memory=False)
         base = figures["original"]
         free = figures.get("no_linears")

@@ -269,7 +269,7 @@ def _low_rank_source() -> str:
     """component/low_rank_linear.py's layer, its shared-input projection and share_inputs (torch only)."""
     import inspect
     from component import low_rank_linear as lr
-    return "\n\n".join(inspect.getsource(obj) for obj in (lr.largest_entry_fits, lr.run_factor, lr.LowRankLinear,
+    return "\n\n".join(inspect.getsource(obj) for obj in (lr.largest_entry_fits, lr.is_plain_linear, lr.run_factor, lr.LowRankLinear,
                                                             lr.SharedInputProjection, lr.share_inputs))
 
 
