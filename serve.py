@@ -37,6 +37,20 @@ def find_vllm_python(given: str | None) -> str | None:
     return sys.executable if vllm_importable() else None
 
 
+def plugin_serves(compression: dict) -> str | None:
+    """None when vllm_plugin/ (vLLM's own model code with our factors) serves this directory, else why not.
+
+    Mirrors vllm_plugin/svd_compress_vllm/llama.py's refusals, so step 10 sends those directories to vLLM's
+    Transformers backend instead of letting the plugin refuse them."""
+    if compression.get("base_model_type") != "llama":
+        return f"the plugin serves the Llama family only, not {compression.get('base_model_type')!r}"
+    if compression.get("quantization"):
+        return "quantized factors"
+    if compression.get("column_preserved"):
+        return "column-preserved layers"
+    return None
+
+
 def save_plain_original(model, tokenizer, path: str) -> None:
     """The original model as an ordinary Hugging Face directory (a GGUF-loaded one carries a quantizer
     that refuses save_pretrained, though its weights are de-quantized float tensors by then)."""
@@ -88,10 +102,19 @@ def serve_step(args: argparse.Namespace, session) -> dict:
                                                       session.compression.get("num_layers"))
             save_plain_original(original, original_tokenizer, dense_path)
             del original
-        engines = [{"name": "compressed", "model": os.path.abspath(args.model_path), "model_impl": "auto"},
+        # "auto": vLLM's own Llama through our plugin where it serves the directory (registered by
+        # serve_check.py from vllm_plugin/), else vLLM's Transformers backend on our modeling file
+        refused = plugin_serves(session.compression)
+        compressed = os.path.abspath(args.model_path)
+        engines = [{"name": "compressed", "model": compressed, "model_impl": "transformers" if refused else "auto"},
                    {"name": "dense", "model": os.path.abspath(dense_path), "model_impl": "auto"},
                    {"name": "dense_transformers_backend", "model": os.path.abspath(dense_path),
                     "model_impl": "transformers"}]
+        if refused:
+            print(f"serve: vLLM's Transformers backend serves this directory (the plugin does not serve {refused})")
+        else:
+            engines.append({"name": "compressed_transformers_backend", "model": compressed,
+                            "model_impl": "transformers"})
         request = {"engines": engines, "prompts": requests, "max_new_tokens": args.max_new_tokens,
                    "batch_size": args.serve_batch_size, "speed_new_tokens": args.gen_seq_len,
                    "repeats": args.repeats, "dtype": dtype, "max_model_len": args.serve_max_model_len,

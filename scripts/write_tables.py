@@ -426,24 +426,33 @@ def table_serve() -> str:
                      key=lambda record: record["compression"]["ratio"])
     settings = records[0]["serving"]["settings"]
     calibration = records[0]["compression"]["calibration"]
-    lines = [f"*vLLM {settings['vllm_version']}, {settings['dtype']}, eager, batch {settings['batch_size']}, "
+    mode = "eager" if settings["enforce_eager"] else "vLLM's torch.compile"
+    lines = [f"*vLLM {settings['vllm_version']}, {settings['dtype']}, {mode}, batch {settings['batch_size']}, "
              f"{settings['speed_new_tokens']} new tokens (decode tokens/s leave the prefill out), medians of "
              f"{settings['repeats']} rounds in turn; greedy text: {settings['max_new_tokens']} tokens; whitening from "
              f"{calibration['nsamples']} x {calibration['seq_len']} windows of {_slice(calibration['dataset'])}. "
              f"`scripts/results/{source}`, {_date(source)}.*",
              "",
-             "| model | greedy text = ours | decode tokens/s | vs dense (vLLM's Llama) | vs dense (Transformers backend) |",
-             "|---|---|---|---|---|"]
+             "| model | served by | greedy text = ours | decode tokens/s | vs dense (vLLM's Llama) "
+             "| vs dense (Transformers backend) |",
+             "|---|---|---|---|---|---|"]
+    served_by = {"SvdCompressLlamaForCausalLM": "vLLM's Llama + our factors (plugin)",
+                 "TransformersForCausalLM": "Transformers backend"}
     for record in records:
         engines = record["serving"]["engines"]
         speed = {name: engine["speed"]["decode_tokens_per_s"] for name, engine in engines.items()}
         text = engines["compressed"]["text"]
         compression = record["compression"]
-        lines.append(f"| whitened SVD {compression['ratio']:.0%} ({compression['parameters']['removed_fraction']:.1%} "
-                     f"of the model) | {text['equal']} of {text['prompts']} | {speed['compressed']:.1f} "
-                     f"| x{speed['compressed'] / speed['dense']:.3f} ({speed['dense']:.1f}) "
-                     f"| x{speed['compressed'] / speed['dense_transformers_backend']:.3f} "
-                     f"({speed['dense_transformers_backend']:.1f}) |")
+        model = (f"whitened SVD {compression['ratio']:.0%} ({compression['parameters']['removed_fraction']:.1%} "
+                 f"of the model)")
+        rows = [("compressed", f"{text['equal']} of {text['prompts']}")]
+        if "compressed_transformers_backend" in engines:
+            rows.append(("compressed_transformers_backend", "-"))
+        for name, equal in rows:
+            lines.append(f"| {model} | {served_by.get(engines[name]['architecture'], engines[name]['architecture'])} "
+                         f"| {equal} | {speed[name]:.1f} | x{speed[name] / speed['dense']:.3f} ({speed['dense']:.1f}) "
+                         f"| x{speed[name] / speed['dense_transformers_backend']:.3f} "
+                         f"({speed['dense_transformers_backend']:.1f}) |")
     return "\n".join(lines)
 
 

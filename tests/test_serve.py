@@ -91,16 +91,43 @@ def vllm_python() -> str:
     return python
 
 
+def test_the_plugin_serves_plain_low_rank_llamas_only():
+    block = {"base_model_type": "llama", "ranks": {"model.layers.0.self_attn.q_proj": 8}, "column_preserved": {}}
+    assert serve.plugin_serves(block) is None
+    assert "quantized" in serve.plugin_serves({**block, "quantization": {"method": "rtn"}})
+    assert "column-preserved" in serve.plugin_serves({**block, "column_preserved": {"model.layers.0.mlp.up_proj": 3}})
+    assert "Llama family" in serve.plugin_serves({**block, "base_model_type": "qwen2"})
+
+
+def mixed_plan_dir(compressed_dir: str, directory: str) -> str:
+    """The compressed tiny model again with some matrices kept dense: the plugin's merged V and merged
+    dense products must both be right, also with one member of q/k/v dense and a lone o_proj dense."""
+    from utils.plan import Plan
+    plan = Plan.from_dict(json.load(open(os.path.join(compressed_dir, "config.json")))["compression"]["plan"])
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj", "model.layers.1.mlp.up_proj",
+                 "model.layers.1.mlp.down_proj"):
+        plan.modules[name].rank = None
+    path = os.path.join(directory, "plan.json")
+    plan.save(path)
+    return path
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("quantized", [False, True], ids=["low_rank", "low_rank_int8"])
-def test_vllm_serves_the_compressed_directory_with_our_greedy_text(vllm_python, tiny_dir, compressed_dir, quantized,
+@pytest.mark.parametrize("kind", ["low_rank", "low_rank_int8", "partly_dense"])
+def test_vllm_serves_the_compressed_directory_with_our_greedy_text(vllm_python, tiny_dir, compressed_dir, kind,
                                                                    tmp_path):
     python = vllm_python
-    if quantized:  # QuantLinear's packed codes are buffers: vLLM must load them, not leave them on "meta"
+    if kind == "low_rank_int8":  # QuantLinear's packed codes are buffers: vLLM must load them, not leave them on "meta"
         quantized_dir = str(tmp_path / "q8")
         assert compress.main(["--step", "8", "--model_path", compressed_dir, "--quant", "rtn", "--wbits", "8",
                               "--save_path", quantized_dir, "--device", "cpu"]) == 0
         compressed_dir = quantized_dir
+    elif kind == "partly_dense":
+        mixed = str(tmp_path / "mixed")
+        assert compress.main(["--step", "3", "--model", tiny_dir, "--whitening", "none", "--save_path", mixed,
+                              "--plan", mixed_plan_dir(compressed_dir, str(tmp_path))]) == 0
+        assert len(json.load(open(os.path.join(mixed, "config.json")))["compression"]["dense_modules"]) == 4
+        compressed_dir = mixed
     results = tmp_path / "serve.json"
     prompts = ["The cat sat on", "Numbers: 1 2 3", "abc"]
     argv = ["--step", "10", "--model_path", compressed_dir, "--dense_path", tiny_dir, "--device", "cpu",
@@ -112,8 +139,13 @@ def test_vllm_serves_the_compressed_directory_with_our_greedy_text(vllm_python, 
     data = json.loads(results.read_text())["serving"]
     assert not data["failed"]
     served = data["engines"]["compressed"]
-    # served through the Transformers backend from the directory's own modeling file, not a dense Llama
-    assert served["architecture"] == "TransformersForCausalLM"
+    if kind == "low_rank_int8":
+        # the plugin does not serve packed codes: the Transformers backend on the directory's modeling file
+        assert served["architecture"] == "TransformersForCausalLM"
+        assert "compressed_transformers_backend" not in data["engines"]
+    else:  # vLLM's own Llama with the factors on its linears (the plugin), not a dense Llama
+        assert served["architecture"] == "SvdCompressLlamaForCausalLM"
+        assert data["engines"]["compressed_transformers_backend"]["architecture"] == "TransformersForCausalLM"
     assert served["text"]["equal"] == len(prompts), served["text"]["rows"]
     # speed is the benchmark's business (no wall-clock asserts here): only that every engine was timed
     assert all(len(engine["speed"]["rounds"]) == 1 for engine in data["engines"].values())
