@@ -419,23 +419,24 @@ def table_speed() -> str:
 
 
 def table_serve() -> str:
-    """vLLM serving the exported directory against the dense original (compress.py --step 10)."""
+    """vLLM serving the exported directory against the dense original (compress.py --step 10): one row per
+    engine that served the compressed model, for each record (ratio, and vLLM's compiled or eager mode)."""
     source = "serve_vllm/smollm2_cpu.json"
     data = _load(source)
     records = sorted((value for key, value in data.items() if key.startswith("ratio_")),
-                     key=lambda record: record["compression"]["ratio"])
+                     key=lambda record: (record["serving"]["settings"]["enforce_eager"], record["compression"]["ratio"]))
     settings = records[0]["serving"]["settings"]
     calibration = records[0]["compression"]["calibration"]
-    mode = "eager" if settings["enforce_eager"] else "vLLM's torch.compile"
-    lines = [f"*vLLM {settings['vllm_version']}, {settings['dtype']}, {mode}, batch {settings['batch_size']}, "
+    lines = [f"*vLLM {settings['vllm_version']}, {settings['dtype']}, batch {settings['batch_size']}, "
              f"{settings['speed_new_tokens']} new tokens (decode tokens/s leave the prefill out), medians of "
              f"{settings['repeats']} rounds in turn; greedy text: {settings['max_new_tokens']} tokens; whitening from "
-             f"{calibration['nsamples']} x {calibration['seq_len']} windows of {_slice(calibration['dataset'])}. "
+             f"{calibration['nsamples']} x {calibration['seq_len']} windows of {_slice(calibration['dataset'])}; "
+             f"vLLM's default mode compiles the model (torch.compile), `--serve_eager` does not. "
              f"`scripts/results/{source}`, {_date(source)}.*",
              "",
-             "| model | served by | greedy text = ours | decode tokens/s | vs dense (vLLM's Llama) "
+             "| model | vLLM mode | served by | greedy text = ours | decode tokens/s | vs dense (vLLM's Llama) "
              "| vs dense (Transformers backend) |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     served_by = {"SvdCompressLlamaForCausalLM": "vLLM's Llama + our factors (plugin)",
                  "TransformersForCausalLM": "Transformers backend"}
     for record in records:
@@ -443,13 +444,14 @@ def table_serve() -> str:
         speed = {name: engine["speed"]["decode_tokens_per_s"] for name, engine in engines.items()}
         text = engines["compressed"]["text"]
         compression = record["compression"]
+        mode = "eager" if record["serving"]["settings"]["enforce_eager"] else "compiled (default)"
         model = (f"whitened SVD {compression['ratio']:.0%} ({compression['parameters']['removed_fraction']:.1%} "
                  f"of the model)")
         rows = [("compressed", f"{text['equal']} of {text['prompts']}")]
         if "compressed_transformers_backend" in engines:
             rows.append(("compressed_transformers_backend", "-"))
         for name, equal in rows:
-            lines.append(f"| {model} | {served_by.get(engines[name]['architecture'], engines[name]['architecture'])} "
+            lines.append(f"| {model} | {mode} | {served_by.get(engines[name]['architecture'], engines[name]['architecture'])} "
                          f"| {equal} | {speed[name]:.1f} | x{speed[name] / speed['dense']:.3f} ({speed['dense']:.1f}) "
                          f"| x{speed[name] / speed['dense_transformers_backend']:.3f} "
                          f"({speed['dense_transformers_backend']:.1f}) |")
