@@ -52,18 +52,17 @@ class SharedInputProjections(nn.Module):
 
     def __init__(self, names: list[str], in_size: int, out_sizes: list[int], ranks: list[int | None], prefix: str):
         super().__init__()
-        self.names, self.ranks, self.out_sizes = names, ranks, out_sizes
+        self.names = names
         self.low = [n for n, r in zip(names, ranks) if r]
+        self.low_ranks = [r for r in ranks if r]
         self.dense_names = [n for n, r in zip(names, ranks) if not r]
-        self.v = (MergedColumnParallelLinear(in_size, [r for r in ranks if r], bias=False, return_bias=False,
+        self.dense_sizes = [s for s, r in zip(out_sizes, ranks) if not r]
+        self.v = (MergedColumnParallelLinear(in_size, self.low_ranks, bias=False, return_bias=False,
                                              prefix=f"{prefix}.v") if self.low else None)
         self.u = nn.ModuleDict({n: ReplicatedLinear(r, size, bias=False, return_bias=False, prefix=f"{prefix}.{n}.u")
                                 for n, size, r in zip(names, out_sizes, ranks) if r})
-        self.dense = (MergedColumnParallelLinear(in_size, [s for s, r in zip(out_sizes, ranks) if not r], bias=False,
-                                                 return_bias=False, prefix=f"{prefix}.dense")
-                      if self.dense_names else None)
-        self.low_ranks = [r for r in ranks if r]
-        self.dense_sizes = [s for s, r in zip(out_sizes, ranks) if not r]
+        self.dense = (MergedColumnParallelLinear(in_size, self.dense_sizes, bias=False, return_bias=False,
+                                                 prefix=f"{prefix}.dense") if self.dense_names else None)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = {}
