@@ -42,8 +42,8 @@ def plugin_serves(compression: dict) -> str | None:
 
     Mirrors vllm_plugin/svd_compress_vllm/llama.py's refusals, so step 10 sends those directories to vLLM's
     Transformers backend instead of letting the plugin refuse them."""
-    if compression.get("base_model_type") != "llama":
-        return f"the plugin serves the Llama family only, not {compression.get('base_model_type')!r}"
+    if compression.get("base_model_type") not in ("llama", "mistral"):
+        return f"the plugin serves the Llama and Mistral families only, not {compression.get('base_model_type')!r}"
     if compression.get("quantization"):
         return "quantized factors"
     if compression.get("column_preserved"):

@@ -20,17 +20,19 @@ from scripts.sweep import make_tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def save_served_tiny_llama(directory: str) -> str:
-    """A tiny random Llama that vLLM's CPU attention can serve (head_dim 64; the test families' 16 is
-    refused), with the byte-level tokenizer of scripts/sweep.py's tiny model."""
+def save_served_tiny_llama(directory: str, family: str = "llama") -> str:
+    """A tiny random Llama (or Mistral) that vLLM's CPU attention can serve (head_dim 64; the test
+    families' 16 is refused), with the byte-level tokenizer of scripts/sweep.py's tiny model."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    config_class, model_class = {"llama": (LlamaConfig, LlamaForCausalLM),
+                                 "mistral": (MistralConfig, MistralForCausalLM)}[family]
     path = make_tiny_model(directory)  # for its tokenizer files
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
-                         max_position_embeddings=512)
+    config = config_class(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
+                          max_position_embeddings=512)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     return path
 
 
@@ -96,7 +98,8 @@ def test_the_plugin_serves_plain_low_rank_llamas_only():
     assert serve.plugin_serves(block) is None
     assert "quantized" in serve.plugin_serves({**block, "quantization": {"method": "rtn"}})
     assert "column-preserved" in serve.plugin_serves({**block, "column_preserved": {"model.layers.0.mlp.up_proj": 3}})
-    assert "Llama family" in serve.plugin_serves({**block, "base_model_type": "qwen2"})
+    assert serve.plugin_serves({**block, "base_model_type": "mistral"}) is None
+    assert "Llama and Mistral" in serve.plugin_serves({**block, "base_model_type": "qwen2"})
 
 
 def mixed_plan_dir(compressed_dir: str, directory: str) -> str:
@@ -113,7 +116,7 @@ def mixed_plan_dir(compressed_dir: str, directory: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["low_rank", "low_rank_int8", "partly_dense"])
+@pytest.mark.parametrize("kind", ["low_rank", "low_rank_int8", "partly_dense", "mistral"])
 def test_vllm_serves_the_compressed_directory_with_our_greedy_text(vllm_python, tiny_dir, compressed_dir, kind,
                                                                    tmp_path):
     python = vllm_python
@@ -122,6 +125,11 @@ def test_vllm_serves_the_compressed_directory_with_our_greedy_text(vllm_python, 
         assert compress.main(["--step", "8", "--model_path", compressed_dir, "--quant", "rtn", "--wbits", "8",
                               "--save_path", quantized_dir, "--device", "cpu"]) == 0
         compressed_dir = quantized_dir
+    elif kind == "mistral":
+        tiny_dir = save_served_tiny_llama(str(tmp_path / "mistral"), "mistral")
+        compressed_dir = str(tmp_path / "mistral_c")
+        assert compress.main(["--step", "3", "--model", tiny_dir, "--whitening", "none", "--ratio", "0.4",
+                              "--save_path", compressed_dir]) == 0
     elif kind == "partly_dense":
         mixed = str(tmp_path / "mixed")
         assert compress.main(["--step", "3", "--model", tiny_dir, "--whitening", "none", "--save_path", mixed,
@@ -144,7 +152,7 @@ def test_vllm_serves_the_compressed_directory_with_our_greedy_text(vllm_python, 
         assert served["architecture"] == "TransformersForCausalLM"
         assert "compressed_transformers_backend" not in data["engines"]
     else:  # vLLM's own Llama with the factors on its linears (the plugin), not a dense Llama
-        assert served["architecture"] == "SvdCompressLlamaForCausalLM"
+        assert served["architecture"] == f"SvdCompress{'Mistral' if kind == 'mistral' else 'Llama'}ForCausalLM"
         assert data["engines"]["compressed_transformers_backend"]["architecture"] == "TransformersForCausalLM"
     assert served["text"]["equal"] == len(prompts), served["text"]["rows"]
     # speed is the benchmark's business (no wall-clock asserts here): only that every engine was timed

@@ -3,12 +3,15 @@
 Installed into the vLLM venv (scripts/install_vllm_cpu.sh does it), vLLM calls register() in every
 process; the architecture names our export writes into config.json then resolve to the classes in
 llama.py instead of the generic Transformers backend. Directories this plugin cannot serve
-(quantized or column-preserved layers, other families) say so and name model_impl="transformers".
+(quantized or column-preserved layers, families other than Llama and Mistral) say so and name model_impl="transformers".
 """
 
 # config.json architecture -> "module:class", imported by vLLM only when such a model is loaded
 ARCHITECTURES = {
     "SvdCompressLlamaForCausalLM": "svd_compress_vllm.llama:LowRankLlamaForCausalLM",
+    # a Hugging Face Mistral is a Llama with other defaults (vLLM's own Mistral class adds Mistral-format
+    # weights and Llama 4 attention scaling, which the plugin refuses)
+    "SvdCompressMistralForCausalLM": "svd_compress_vllm.llama:LowRankLlamaForCausalLM",
 }
 
 

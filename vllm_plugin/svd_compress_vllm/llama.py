@@ -148,6 +148,8 @@ class LowRankLlamaForCausalLM(LlamaForCausalLM):
         if (getattr(vllm_config.model_config.hf_config, "attention_bias", False)
                 or getattr(vllm_config.model_config.hf_config, "mlp_bias", False)):
             raise ValueError(f"projections with biases are not served by the plugin's Llama; {TRANSFORMERS_BACKEND}")
+        if getattr(vllm_config.model_config.hf_config, "llama_4_scaling", None):
+            raise ValueError(f"Llama 4 attention scaling is not served by the plugin's Llama; {TRANSFORMERS_BACKEND}")
         servable(getattr(vllm_config.model_config.hf_config, "compression", None))
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=LowRankDecoderLayer)
 
