@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # (utils.model, utils.io, utils.hf_remote) builds, loads and saves models made of them.
 LAYERS = ("gptq", "component", "utils", "methods", "pipeline")
 TOP_LEVEL = len(LAYERS)
-NOT_PROJECT = {"tests", "scripts", "docs", "data", "tasks", "shared", "out"}  # consumers and data, not modules
+# consumers and data, not modules; vllm_plugin/ is a package of its own, installed into vLLM's venv
+NOT_PROJECT = {"tests", "scripts", "docs", "data", "tasks", "shared", "out", "vllm_plugin"}
 ENTRY_POINT = "compress"  # the CLI: the top of the graph
 
 
@@ -168,6 +169,17 @@ def test_the_graph_sees_the_project_and_imports_inside_functions():
     # compress.py imports these only inside its functions (its --help loads no torch)
     assert {"evaluater", "lora", "pipeline.steps", "utils.model"} <= graph["compress"]
     assert "pipeline.session" in graph["evaluater"]  # evaluater.load_step_model's import inside the function
+
+
+def test_the_vllm_plugin_imports_nothing_of_the_project():
+    # it is pip-installed into vLLM's own venv, where none of this project's modules can be imported
+    modules = project_modules(ROOT)
+    plugin = ROOT / "vllm_plugin"
+    files = sorted(plugin.rglob("*.py"))
+    assert len(files) >= 2
+    for path in files:
+        name = ".".join(path.relative_to(plugin).with_suffix("").parts)
+        assert not imports_of(name, path, modules), f"{path} imports {imports_of(name, path, modules)}"
 
 
 # ---------------------------------------------------------------------------------------- the checker
