@@ -424,17 +424,18 @@ def table_serve() -> str:
     source = "serve_vllm/smollm2_cpu.json"
     data = _load(source)
     records = sorted((value for key, value in data.items() if key.startswith("ratio_")),
-                     key=lambda record: (record["serving"]["settings"]["enforce_eager"], record["compression"]["ratio"]))
+                     key=lambda record: (record["serving"]["settings"]["enforce_eager"], "idle" not in
+                                         record.get("machine_state", ""), record["compression"]["ratio"]))
     settings = records[0]["serving"]["settings"]
     calibration = records[0]["compression"]["calibration"]
     lines = [f"*vLLM {settings['vllm_version']}, {settings['dtype']}, batch {settings['batch_size']}, "
              f"{settings['speed_new_tokens']} new tokens (decode tokens/s leave the prefill out), medians of "
-             f"{settings['repeats']} rounds in turn; greedy text: {settings['max_new_tokens']} tokens; whitening from "
+             f"{' or '.join(str(n) for n in sorted({r['serving']['settings']['repeats'] for r in records}))} rounds in turn; greedy text: {settings['max_new_tokens']} tokens; whitening from "
              f"{calibration['nsamples']} x {calibration['seq_len']} windows of {_slice(calibration['dataset'])}; "
              f"vLLM's default mode compiles the model (torch.compile), `--serve_eager` does not. "
              f"`scripts/results/{source}`, {_date(source)}.*",
              "",
-             "| model | vLLM mode | served by | greedy text = ours | decode tokens/s | vs dense (vLLM's Llama) "
+             "| model | vLLM mode; machine | served by | greedy text = ours | decode tokens/s | vs dense (vLLM's Llama) "
              "| vs dense (Transformers backend) |",
              "|---|---|---|---|---|---|---|"]
     served_by = {"SvdCompressLlamaForCausalLM": "vLLM's Llama + our factors (plugin)",
@@ -445,6 +446,8 @@ def table_serve() -> str:
         text = engines["compressed"]["text"]
         compression = record["compression"]
         mode = "eager" if record["serving"]["settings"]["enforce_eager"] else "compiled (default)"
+        if record.get("machine_state"):
+            mode += f"; {record['machine_state']}"
         model = (f"whitened SVD {compression['ratio']:.0%} ({compression['parameters']['removed_fraction']:.1%} "
                  f"of the model)")
         rows = [("compressed", f"{text['equal']} of {text['prompts']}")]
