@@ -29,8 +29,15 @@ TENSOR_NAME = re.compile(r"^(.*)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.
 GROUP_OF = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
 
 
-def servable(compression: dict | None) -> None:
-    """Refuse, with the way out, what this plugin cannot serve."""
+def servable(config) -> None:
+    """Refuse, with the way out, what this plugin cannot serve (config: the directory's Hugging Face config)."""
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ValueError(f"projections with biases are not served by the plugin's Llama; {TRANSFORMERS_BACKEND}")
+    if getattr(config, "llama_4_scaling", None):
+        raise ValueError(f"Llama 4 attention scaling is not served by the plugin's Llama; {TRANSFORMERS_BACKEND}")
+    if config.hidden_act != "silu":
+        raise ValueError(f"activation {config.hidden_act!r}: the plugin's Llama runs silu only; {TRANSFORMERS_BACKEND}")
+    compression = getattr(config, "compression", None)
     if not isinstance(compression, dict) or "ranks" not in compression:
         raise ValueError(f"config.json has no compression block with ranks: not an svd-compress directory; "
                          f"{TRANSFORMERS_BACKEND}")
@@ -77,7 +84,7 @@ class SharedInputProjections(nn.Module):
             out.update(zip(self.dense_names, parts))
         return [out[n] for n in self.names]
 
-    def load(self, name: str, factor: str, tensor: torch.Tensor) -> list[nn.Parameter]:
+    def load(self, name: str, factor: str, tensor: torch.Tensor) -> nn.Parameter:
         """Put one tensor of ours (factor "u", "v" or "" for dense) where it belongs; the parameter it filled."""
         if factor == "u" and name in self.u:
             param = self.u[name].weight
@@ -92,7 +99,7 @@ class SharedInputProjections(nn.Module):
             kind = "a dense weight" if factor == "" else f"a {factor} factor"
             raise ValueError(f"the checkpoint has {kind} for {name}_proj, which config.json's ranks do not "
                              f"describe: the directory's weights and its compression block disagree")
-        return [param]
+        return param
 
 
 def _ranks(config, prefix: str, names: list[str]) -> list[int | None]:
@@ -120,9 +127,6 @@ class LowRankAttention(LlamaAttention):
 class LowRankMLP(nn.Module):
     def __init__(self, config, prefix: str):
         super().__init__()
-        if config.hidden_act != "silu":
-            raise ValueError(f"activation {config.hidden_act!r}: the plugin's Llama runs silu only; "
-                             f"{TRANSFORMERS_BACKEND}")
         hidden, inner = config.hidden_size, config.intermediate_size
         self.gate_up = SharedInputProjections(["gate", "up"], hidden, [inner, inner],
                                               _ranks(config, prefix, ["gate", "up"]), f"{prefix}.gate_up")
@@ -145,12 +149,7 @@ class LowRankLlamaForCausalLM(LlamaForCausalLM):
     packed_modules_mapping: dict = {}
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        if (getattr(vllm_config.model_config.hf_config, "attention_bias", False)
-                or getattr(vllm_config.model_config.hf_config, "mlp_bias", False)):
-            raise ValueError(f"projections with biases are not served by the plugin's Llama; {TRANSFORMERS_BACKEND}")
-        if getattr(vllm_config.model_config.hf_config, "llama_4_scaling", None):
-            raise ValueError(f"Llama 4 attention scaling is not served by the plugin's Llama; {TRANSFORMERS_BACKEND}")
-        servable(getattr(vllm_config.model_config.hf_config, "compression", None))
+        servable(vllm_config.model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=LowRankDecoderLayer)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -167,7 +166,7 @@ class LowRankLlamaForCausalLM(LlamaForCausalLM):
                 group = modules.get(f"{layer}.{block}.{GROUP_OF[projection]}")
                 if group is None:  # a layer another pipeline stage holds
                     continue
-                loaded.update(names[id(p)] for p in group.load(projection, factor or "", tensor))
+                loaded.add(names[id(group.load(projection, factor or "", tensor))])
             elif name in params:
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
