@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--distill_refine_nsamples", type=int, default=32, help="distill: refinement windows")
     p.add_argument("--distill_lora_steps", type=int, default=16, help="distill: optimizer steps per LoRA stage")
     p.add_argument("--distill_top_k", type=int, default=32, help="distill_kl: the original's tokens kept per position")
+    p.add_argument("--column_preserve", action="store_true",
+                   help="Duo-SVD's column level in every row's decomposition (kept input columns for rank)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stats_dir", default="/work/cache/bench_chat", help="step-1 statistics per data set (reused)")
     p.add_argument("--cache_dir", default=None, help="the original's cached responses (default: fidelity's)")
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     import evaluater
     import fidelity
     import lora
-    from api import CompressOptions, RefineOptions, SelfCalibrationOptions, Statistics, calibration_data, \
+    from api import CompressOptions, DecomposeOptions, RefineOptions, SelfCalibrationOptions, Statistics, calibration_data, \
         compress_model, count_parameters, load_model, load_text, profile_model, self_calibration_data, uniform_plan
     from generate import read_prompts
     from utils.data import tokenize
@@ -327,11 +329,12 @@ def main(argv=None) -> int:
             continue
         stats_path, windows, calibration = statistics_for(data)
         model = copy.deepcopy(base)
-        options = CompressOptions()
+        decompose = DecomposeOptions(column_preserve=opts.column_preserve)
+        options = CompressOptions(decompose=decompose)
         stages = {}
         if recipe in ("block_lora", "distill", "distill_kl"):
             nsamples = opts.refine_nsamples if recipe == "block_lora" else opts.distill_refine_nsamples
-            options = CompressOptions(refine=RefineOptions(target="block", nsamples=nsamples,
+            options = CompressOptions(decompose=decompose, refine=RefineOptions(target="block", nsamples=nsamples,
                                                            epochs=opts.refine_epochs, lr=opts.refine_lr,
                                                            batch_size=opts.refine_batch_size, seed=opts.seed))
 
