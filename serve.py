@@ -21,6 +21,8 @@ import tempfile
 from utils.data import DatasetError
 
 SERVE_CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "serve_check.py")
+PLUGIN_REFUSALS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_plugin", "svd_compress_vllm",
+                               "refusals.py")
 INSTALL_HINT = ("install vLLM in its own venv (CPU: bash scripts/install_vllm_cpu.sh; GPU: python -m venv V && "
                 "V/bin/pip install vllm) and pass --vllm_python V/bin/python or set VLLM_PYTHON")
 
@@ -37,18 +39,14 @@ def find_vllm_python(given: str | None) -> str | None:
     return sys.executable if vllm_importable() else None
 
 
-def plugin_serves(compression: dict) -> str | None:
-    """None when vllm_plugin/ (vLLM's own model code with our factors) serves this directory, else why not.
-
-    Mirrors vllm_plugin/svd_compress_vllm/llama.py's refusals, so step 10 sends those directories to vLLM's
-    Transformers backend instead of letting the plugin refuse them."""
-    if compression.get("base_model_type") not in ("llama", "mistral"):
-        return f"the plugin serves the Llama and Mistral families only, not {compression.get('base_model_type')!r}"
-    if compression.get("quantization"):
-        return "quantized factors"
-    if compression.get("column_preserved"):
-        return "column-preserved layers"
-    return None
+def plugin_serves(config: dict) -> str | None:
+    """None when vllm_plugin/ (vLLM's own model code with our factors) serves a directory with this
+    config.json (a dict), else why not: the plugin's own refusals (vllm_plugin/svd_compress_vllm/refusals.py,
+    read by path, so neither the plugin nor vLLM need be installed here)."""
+    spec = importlib.util.spec_from_file_location("svd_compress_vllm_refusals", PLUGIN_REFUSALS)
+    refusals = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(refusals)
+    return refusals.refusal(config)
 
 
 def save_plain_original(model, tokenizer, path: str) -> None:
@@ -104,8 +102,9 @@ def serve_step(args: argparse.Namespace, session) -> dict:
             del original
         # "auto": vLLM's own Llama through our plugin where it serves the directory (registered by
         # serve_check.py from vllm_plugin/), else vLLM's Transformers backend on our modeling file
-        refused = plugin_serves(session.compression)
         compressed = os.path.abspath(args.model_path)
+        with open(os.path.join(compressed, "config.json"), encoding="utf-8") as handle:
+            refused = plugin_serves(json.load(handle))
         engines = [{"name": "compressed", "model": compressed, "model_impl": "transformers" if refused else "auto"},
                    {"name": "dense", "model": os.path.abspath(dense_path), "model_impl": "auto"},
                    {"name": "dense_transformers_backend", "model": os.path.abspath(dense_path),

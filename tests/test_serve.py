@@ -94,12 +94,19 @@ def vllm_python() -> str:
 
 
 def test_the_plugin_serves_plain_low_rank_llamas_only():
+    """Step 10 reads the plugin's own refusals from config.json (no vLLM needed)."""
     block = {"base_model_type": "llama", "ranks": {"model.layers.0.self_attn.q_proj": 8}, "column_preserved": {}}
-    assert serve.plugin_serves(block) is None
-    assert "quantized" in serve.plugin_serves({**block, "quantization": {"method": "rtn"}})
-    assert "column-preserved" in serve.plugin_serves({**block, "column_preserved": {"model.layers.0.mlp.up_proj": 3}})
-    assert serve.plugin_serves({**block, "base_model_type": "mistral"}) is None
-    assert "Llama and Mistral" in serve.plugin_serves({**block, "base_model_type": "qwen2"})
+    config = {"architectures": ["SvdCompressLlamaForCausalLM"], "hidden_act": "silu", "attention_bias": False,
+              "mlp_bias": False, "compression": block}
+    assert serve.plugin_serves(config) is None
+    assert serve.plugin_serves({**config, "architectures": ["SvdCompressMistralForCausalLM"]}) is None
+    assert "quantized" in serve.plugin_serves({**config, "compression": {**block, "quantization": {"method": "rtn"}}})
+    assert "column-preserved" in serve.plugin_serves(
+        {**config, "compression": {**block, "column_preserved": {"model.layers.0.mlp.up_proj": 3}}})
+    assert "SvdCompressLlamaForCausalLM" in serve.plugin_serves({**config, "architectures": ["SvdCompressQwen2ForCausalLM"]})
+    assert "biases" in serve.plugin_serves({**config, "attention_bias": True})
+    assert "gelu" in serve.plugin_serves({**config, "hidden_act": "gelu"})
+    assert "compression block" in serve.plugin_serves({**config, "compression": None})
 
 
 def mixed_plan_dir(compressed_dir: str, directory: str) -> str:

@@ -22,8 +22,8 @@ from vllm.model_executor.layers.linear import MergedColumnParallelLinear, Replic
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
-TRANSFORMERS_BACKEND = "serve it with vLLM's Transformers backend instead: LLM(model=DIR, trust_remote_code=True, " \
-                       "model_impl=\"transformers\")"
+from svd_compress_vllm.refusals import TRANSFORMERS_BACKEND, refusal
+
 # a tensor of ours: (layer prefix, block, projection, "u" | "v" | "" for a dense weight)
 TENSOR_NAME = re.compile(r"^(.*)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.(?:(u|v)\.)?weight$")
 GROUP_OF = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
@@ -31,22 +31,9 @@ GROUP_OF = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up
 
 def servable(config) -> None:
     """Refuse, with the way out, what this plugin cannot serve (config: the directory's Hugging Face config)."""
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ValueError(f"projections with biases are not served by the plugin's Llama; {TRANSFORMERS_BACKEND}")
-    if getattr(config, "llama_4_scaling", None):
-        raise ValueError(f"Llama 4 attention scaling is not served by the plugin's Llama; {TRANSFORMERS_BACKEND}")
-    if config.hidden_act != "silu":
-        raise ValueError(f"activation {config.hidden_act!r}: the plugin's Llama runs silu only; {TRANSFORMERS_BACKEND}")
-    compression = getattr(config, "compression", None)
-    if not isinstance(compression, dict) or "ranks" not in compression:
-        raise ValueError(f"config.json has no compression block with ranks: not an svd-compress directory; "
-                         f"{TRANSFORMERS_BACKEND}")
-    if compression.get("quantization"):
-        raise ValueError(f"this directory has quantized factors, which the vLLM plugin does not serve; "
-                         f"{TRANSFORMERS_BACKEND}")
-    if compression.get("column_preserved"):
-        raise ValueError(f"this directory has column-preserved layers, which the vLLM plugin does not serve; "
-                         f"{TRANSFORMERS_BACKEND}")
+    why = refusal(config.to_dict())
+    if why:
+        raise ValueError(f"the vLLM plugin does not serve {why}; {TRANSFORMERS_BACKEND}")
     if get_tensor_model_parallel_world_size() != 1:
         raise ValueError("tensor parallelism of low-rank factors is not supported: use tensor_parallel_size=1")
 
