@@ -6,13 +6,10 @@ llama.py instead of the generic Transformers backend. Directories this plugin ca
 (quantized or column-preserved layers, families other than Llama and Mistral) say so and name model_impl="transformers".
 """
 
+from svd_compress_vllm.refusals import SERVED_ARCHITECTURES
+
 # config.json architecture -> "module:class", imported by vLLM only when such a model is loaded
-ARCHITECTURES = {
-    "SvdCompressLlamaForCausalLM": "svd_compress_vllm.llama:LowRankLlamaForCausalLM",
-    # a Hugging Face Mistral is a Llama with other defaults (vLLM's own Mistral class adds Mistral-format
-    # weights and Llama 4 attention scaling, which the plugin refuses)
-    "SvdCompressMistralForCausalLM": "svd_compress_vllm.llama:LowRankLlamaForCausalLM",
-}
+ARCHITECTURES = {architecture: "svd_compress_vllm.llama:LowRankLlamaForCausalLM" for architecture in SERVED_ARCHITECTURES}
 
 
 def register() -> None:

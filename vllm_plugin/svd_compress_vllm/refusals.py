@@ -9,7 +9,8 @@ from __future__ import annotations
 TRANSFORMERS_BACKEND = "serve it with vLLM's Transformers backend instead: LLM(model=DIR, trust_remote_code=True, " \
                        "model_impl=\"transformers\")"
 # the architecture names our export writes for the families the plugin's Llama serves (a Hugging Face
-# Mistral is a Llama with other defaults)
+# Mistral is a Llama with other defaults; vLLM's own Mistral class adds Mistral-format weights and Llama 4
+# attention scaling, which the plugin refuses); __init__.py registers each of them
 SERVED_ARCHITECTURES = ("SvdCompressLlamaForCausalLM", "SvdCompressMistralForCausalLM")
 
 
