@@ -176,8 +176,9 @@ def main(argv=None) -> int:
     import evaluater
     import fidelity
     import lora
-    from api import CompressOptions, DecomposeOptions, RefineOptions, SelfCalibrationOptions, Statistics, calibration_data, \
-        compress_model, count_parameters, load_model, load_text, profile_model, self_calibration_data, uniform_plan
+    from api import CompressOptions, DecomposeOptions, RefineOptions, SelfCalibrationOptions, Statistics, \
+        calibration_data, compress_model, count_parameters, load_model, load_text, profile_model, \
+        self_calibration_data, uniform_plan
     from generate import read_prompts
     from utils.data import tokenize
 
@@ -329,14 +330,13 @@ def main(argv=None) -> int:
             continue
         stats_path, windows, calibration = statistics_for(data)
         model = copy.deepcopy(base)
-        decompose = DecomposeOptions(column_preserve=opts.column_preserve)
-        options = CompressOptions(decompose=decompose)
         stages = {}
+        refine = None
         if recipe in ("block_lora", "distill", "distill_kl"):
             nsamples = opts.refine_nsamples if recipe == "block_lora" else opts.distill_refine_nsamples
-            options = CompressOptions(decompose=decompose, refine=RefineOptions(target="block", nsamples=nsamples,
-                                                           epochs=opts.refine_epochs, lr=opts.refine_lr,
-                                                           batch_size=opts.refine_batch_size, seed=opts.seed))
+            refine = RefineOptions(target="block", nsamples=nsamples, epochs=opts.refine_epochs, lr=opts.refine_lr,
+                                   batch_size=opts.refine_batch_size, seed=opts.seed)
+        options = CompressOptions(decompose=DecomposeOptions(column_preserve=opts.column_preserve), refine=refine)
 
         def run_lora(examples, steps: int) -> None:
             """SVD-LLM's sequential LoRA (u then v) for `steps` optimizer steps per stage, timed and recorded."""
